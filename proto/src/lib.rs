@@ -1,0 +1,26 @@
+//! Generated protocol types and gRPC stubs.
+//!
+//! - [`workload`]: the SPIFFE Workload API (`SpiffeWorkloadAPI`, no proto package).
+//! - [`node`]: node agent <-> server (`agentd.node.v1`).
+//! - [`admin`]: CLI <-> server (`agentd.admin.v1`).
+#![forbid(unsafe_code)]
+#![allow(missing_debug_implementations)] // generated clients and servers
+
+/// The SPIFFE Workload API. The proto has no package, so the generated file is `_.rs`.
+pub mod workload {
+    tonic::include_proto!("_");
+}
+
+/// Node agent <-> server protocol.
+pub mod node {
+    tonic::include_proto!("agentd.node.v1");
+}
+
+/// CLI <-> server admin protocol.
+pub mod admin {
+    tonic::include_proto!("agentd.admin.v1");
+}
+
+/// The metadata key every Workload API request must carry with the value `true`
+/// (SPIFFE Workload API, section "Transport").
+pub const WORKLOAD_HEADER: &str = "workload.spiffe.io";
