@@ -1,0 +1,3 @@
+//! Reading SVIDs: JWT-SVID validation against a bundle, X.509-SVID inspection.
+
+pub mod jwt;
