@@ -14,3 +14,4 @@ pub mod clock;
 pub mod keys;
 pub mod svid;
 pub mod ttl;
+pub mod datastore;

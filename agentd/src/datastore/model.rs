@@ -1,0 +1,118 @@
+//! The records the server keeps: registration entries, attested nodes and join tokens.
+
+use std::fmt;
+use std::str::FromStr;
+
+use agentd_attestor::Selector;
+use spiffe::SpiffeId;
+
+use crate::ttl::Ttl;
+
+/// A registration entry's id: 32 lowercase hex characters (128 random bits).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EntryId(String);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{input:?} is not an entry id (32 lowercase hex characters)")]
+pub struct EntryIdError {
+    pub input: String,
+}
+
+impl EntryId {
+    pub fn generate() -> Self {
+        Self(hex::encode(rand::random::<[u8; 16]>()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for EntryId {
+    type Err = EntryIdError;
+
+    fn from_str(s: &str) -> Result<Self, EntryIdError> {
+        if s.len() == 32
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            Ok(Self(s.to_string()))
+        } else {
+            Err(EntryIdError {
+                input: s.chars().take(80).collect(),
+            })
+        }
+    }
+}
+
+impl fmt::Display for EntryId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The fields an operator sets on an entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntrySpec {
+    pub spiffe_id: SpiffeId,
+    pub parent_id: SpiffeId,
+    /// Sorted and without duplicates.
+    pub selectors: Vec<Selector>,
+    pub x509_svid_ttl: Ttl,
+    pub jwt_svid_ttl: Ttl,
+    pub dns_names: Vec<String>,
+    pub hint: String,
+    pub scopes: Vec<String>,
+    pub owner: Option<String>,
+}
+
+/// A stored registration entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub id: EntryId,
+    pub spec: EntrySpec,
+    /// Bumps on every update; node agents use it to notice changes.
+    pub revision: u64,
+    pub created_at: i64,
+}
+
+/// A node that has attested to the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttestedNode {
+    pub spiffe_id: SpiffeId,
+    pub attestation_type: String,
+    /// Serial of the node's current SVID, lowercase hex.
+    pub serial: String,
+    pub svid_expires_at: i64,
+    pub attested_at: i64,
+    pub last_seen_at: i64,
+}
+
+/// A join token, stored by the SHA-256 of its secret so that the store never holds a usable
+/// token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinToken {
+    pub token_sha256: String,
+    pub spiffe_id: SpiffeId,
+    pub expires_at: i64,
+}
+
+/// Filters for listing entries; `None` matches everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EntryFilter {
+    pub spiffe_id: Option<SpiffeId>,
+    pub parent_id: Option<SpiffeId>,
+    /// The entry has this selector among its own.
+    pub selector: Option<Selector>,
+}
+
+impl EntryFilter {
+    pub fn matches(&self, e: &Entry) -> bool {
+        self.spiffe_id.as_ref().is_none_or(|id| *id == e.spec.spiffe_id)
+            && self.parent_id.as_ref().is_none_or(|id| *id == e.spec.parent_id)
+            && self
+                .selector
+                .as_ref()
+                .is_none_or(|s| e.spec.selectors.contains(s))
+    }
+}

@@ -1,0 +1,476 @@
+//! The embedded default store, on sled. Records are JSON, one tree per resource; every write
+//! is flushed to disk before it returns.
+
+use std::path::Path;
+
+use agentd_attestor::Selector;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use spiffe::SpiffeId;
+use tokio::sync::Mutex;
+
+use super::{
+    AttestedNode, DataStore, DataStoreError, Entry, EntryFilter, EntryId, EntrySpec, JoinToken,
+    Result,
+};
+use crate::ttl::Ttl;
+
+const ENTRIES: &str = "entries";
+const NODES: &str = "nodes";
+const JOIN_TOKENS: &str = "join_tokens";
+
+#[derive(Debug)]
+pub struct SledStore {
+    db: sled::Db,
+    entries: sled::Tree,
+    nodes: sled::Tree,
+    join_tokens: sled::Tree,
+    /// Serialises entry writes, so the duplicate check and the insert are one step.
+    entry_writes: Mutex<()>,
+}
+
+fn backend(e: impl std::fmt::Display) -> DataStoreError {
+    DataStoreError::Backend {
+        reason: e.to_string(),
+    }
+}
+
+impl SledStore {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let db = sled::Config::new()
+            .path(dir)
+            .open()
+            .map_err(|e| DataStoreError::Backend {
+                reason: format!("opening {}: {e}", dir.display()),
+            })?;
+        Ok(Self {
+            entries: db.open_tree(ENTRIES).map_err(backend)?,
+            nodes: db.open_tree(NODES).map_err(backend)?,
+            join_tokens: db.open_tree(JOIN_TOKENS).map_err(backend)?,
+            db,
+            entry_writes: Mutex::new(()),
+        })
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.db.flush_async().await.map_err(backend)?;
+        Ok(())
+    }
+
+    fn entry_records(&self) -> Result<Vec<Entry>> {
+        self.entries
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.map_err(backend)?;
+                decode::<EntryRecord>(&k, &v)?.into_entry(&k)
+            })
+            .collect()
+    }
+}
+
+fn key_name(key: &[u8]) -> String {
+    String::from_utf8_lossy(key).into_owned()
+}
+
+fn decode<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T> {
+    serde_json::from_slice(value).map_err(|e| DataStoreError::Corrupt {
+        key: key_name(key),
+        reason: e.to_string(),
+    })
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(backend)
+}
+
+fn corrupt(key: &[u8], field: &str, reason: impl std::fmt::Display) -> DataStoreError {
+    DataStoreError::Corrupt {
+        key: key_name(key),
+        reason: format!("{field}: {reason}"),
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct EntryRecord {
+    id: String,
+    spiffe_id: String,
+    parent_id: String,
+    selectors: Vec<String>,
+    x509_svid_ttl: u64,
+    jwt_svid_ttl: u64,
+    dns_names: Vec<String>,
+    hint: String,
+    scopes: Vec<String>,
+    owner: Option<String>,
+    revision: u64,
+    created_at: i64,
+}
+
+impl EntryRecord {
+    fn from_entry(e: &Entry) -> Self {
+        Self {
+            id: e.id.to_string(),
+            spiffe_id: e.spec.spiffe_id.to_string(),
+            parent_id: e.spec.parent_id.to_string(),
+            selectors: e.spec.selectors.iter().map(ToString::to_string).collect(),
+            x509_svid_ttl: e.spec.x509_svid_ttl.as_secs(),
+            jwt_svid_ttl: e.spec.jwt_svid_ttl.as_secs(),
+            dns_names: e.spec.dns_names.clone(),
+            hint: e.spec.hint.clone(),
+            scopes: e.spec.scopes.clone(),
+            owner: e.spec.owner.clone(),
+            revision: e.revision,
+            created_at: e.created_at,
+        }
+    }
+
+    /// Stored records are parsed again on the way out: a corrupt record is an error, not a
+    /// bad identity.
+    fn into_entry(self, key: &[u8]) -> Result<Entry> {
+        let selectors = self
+            .selectors
+            .iter()
+            .map(|s| s.parse::<Selector>())
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| corrupt(key, "selectors", e))?;
+        Ok(Entry {
+            id: self.id.parse().map_err(|e| corrupt(key, "id", e))?,
+            spec: EntrySpec {
+                spiffe_id: SpiffeId::new(&self.spiffe_id)
+                    .map_err(|e| corrupt(key, "spiffe_id", e))?,
+                parent_id: SpiffeId::new(&self.parent_id)
+                    .map_err(|e| corrupt(key, "parent_id", e))?,
+                selectors,
+                x509_svid_ttl: Ttl::from_secs(self.x509_svid_ttl)
+                    .map_err(|e| corrupt(key, "x509_svid_ttl", e))?,
+                jwt_svid_ttl: Ttl::from_secs(self.jwt_svid_ttl)
+                    .map_err(|e| corrupt(key, "jwt_svid_ttl", e))?,
+                dns_names: self.dns_names,
+                hint: self.hint,
+                scopes: self.scopes,
+                owner: self.owner,
+            },
+            revision: self.revision,
+            created_at: self.created_at,
+        })
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct NodeRecord {
+    spiffe_id: String,
+    attestation_type: String,
+    serial: String,
+    svid_expires_at: i64,
+    attested_at: i64,
+    last_seen_at: i64,
+}
+
+impl NodeRecord {
+    fn into_node(self, key: &[u8]) -> Result<AttestedNode> {
+        Ok(AttestedNode {
+            spiffe_id: SpiffeId::new(&self.spiffe_id).map_err(|e| corrupt(key, "spiffe_id", e))?,
+            attestation_type: self.attestation_type,
+            serial: self.serial,
+            svid_expires_at: self.svid_expires_at,
+            attested_at: self.attested_at,
+            last_seen_at: self.last_seen_at,
+        })
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct JoinTokenRecord {
+    spiffe_id: String,
+    expires_at: i64,
+}
+
+fn same_identity(a: &EntrySpec, b: &EntrySpec) -> bool {
+    a.spiffe_id == b.spiffe_id && a.parent_id == b.parent_id && a.selectors == b.selectors
+}
+
+#[async_trait::async_trait]
+impl DataStore for SledStore {
+    async fn create_entry(&self, spec: EntrySpec, now: i64) -> Result<Entry> {
+        let _guard = self.entry_writes.lock().await;
+        if let Some(dup) = self
+            .entry_records()?
+            .into_iter()
+            .find(|e| same_identity(&e.spec, &spec))
+        {
+            return Err(DataStoreError::DuplicateEntry {
+                id: dup.id.to_string(),
+            });
+        }
+        let entry = Entry {
+            id: EntryId::generate(),
+            spec,
+            revision: 1,
+            created_at: now,
+        };
+        self.entries
+            .insert(entry.id.as_str(), encode(&EntryRecord::from_entry(&entry))?)
+            .map_err(backend)?;
+        self.flush().await?;
+        Ok(entry)
+    }
+
+    async fn get_entry(&self, id: &EntryId) -> Result<Option<Entry>> {
+        match self.entries.get(id.as_str()).map_err(backend)? {
+            None => Ok(None),
+            Some(v) => Ok(Some(
+                decode::<EntryRecord>(id.as_str().as_bytes(), &v)?
+                    .into_entry(id.as_str().as_bytes())?,
+            )),
+        }
+    }
+
+    async fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<Entry>> {
+        let mut entries: Vec<Entry> = self
+            .entry_records()?
+            .into_iter()
+            .filter(|e| filter.matches(e))
+            .collect();
+        entries.sort_by(|a, b| {
+            (a.spec.spiffe_id.to_string(), &a.id).cmp(&(b.spec.spiffe_id.to_string(), &b.id))
+        });
+        Ok(entries)
+    }
+
+    async fn update_entry(&self, id: &EntryId, spec: EntrySpec) -> Result<Entry> {
+        let _guard = self.entry_writes.lock().await;
+        let current = self
+            .get_entry(id)
+            .await?
+            .ok_or_else(|| DataStoreError::EntryNotFound { id: id.to_string() })?;
+        if let Some(dup) = self
+            .entry_records()?
+            .into_iter()
+            .find(|e| e.id != *id && same_identity(&e.spec, &spec))
+        {
+            return Err(DataStoreError::DuplicateEntry {
+                id: dup.id.to_string(),
+            });
+        }
+        let updated = Entry {
+            id: current.id,
+            spec,
+            revision: current.revision + 1,
+            created_at: current.created_at,
+        };
+        self.entries
+            .insert(id.as_str(), encode(&EntryRecord::from_entry(&updated))?)
+            .map_err(backend)?;
+        self.flush().await?;
+        Ok(updated)
+    }
+
+    async fn delete_entry(&self, id: &EntryId) -> Result<Entry> {
+        let _guard = self.entry_writes.lock().await;
+        let old = self
+            .entries
+            .remove(id.as_str())
+            .map_err(backend)?
+            .ok_or_else(|| DataStoreError::EntryNotFound { id: id.to_string() })?;
+        self.flush().await?;
+        decode::<EntryRecord>(id.as_str().as_bytes(), &old)?.into_entry(id.as_str().as_bytes())
+    }
+
+    async fn upsert_node(&self, node: AttestedNode) -> Result<()> {
+        let record = NodeRecord {
+            spiffe_id: node.spiffe_id.to_string(),
+            attestation_type: node.attestation_type,
+            serial: node.serial,
+            svid_expires_at: node.svid_expires_at,
+            attested_at: node.attested_at,
+            last_seen_at: node.last_seen_at,
+        };
+        self.nodes
+            .insert(record.spiffe_id.as_bytes(), encode(&record)?)
+            .map_err(backend)?;
+        self.flush().await
+    }
+
+    async fn get_node(&self, spiffe_id: &SpiffeId) -> Result<Option<AttestedNode>> {
+        let key = spiffe_id.to_string();
+        match self.nodes.get(key.as_bytes()).map_err(backend)? {
+            None => Ok(None),
+            Some(v) => Ok(Some(
+                decode::<NodeRecord>(key.as_bytes(), &v)?.into_node(key.as_bytes())?,
+            )),
+        }
+    }
+
+    async fn list_nodes(&self) -> Result<Vec<AttestedNode>> {
+        self.nodes
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.map_err(backend)?;
+                decode::<NodeRecord>(&k, &v)?.into_node(&k)
+            })
+            .collect()
+    }
+
+    async fn delete_node(&self, spiffe_id: &SpiffeId) -> Result<AttestedNode> {
+        let key = spiffe_id.to_string();
+        let old = self
+            .nodes
+            .remove(key.as_bytes())
+            .map_err(backend)?
+            .ok_or_else(|| DataStoreError::NodeNotFound {
+                spiffe_id: key.clone(),
+            })?;
+        self.flush().await?;
+        decode::<NodeRecord>(key.as_bytes(), &old)?.into_node(key.as_bytes())
+    }
+
+    async fn create_join_token(&self, token: JoinToken) -> Result<()> {
+        let record = JoinTokenRecord {
+            spiffe_id: token.spiffe_id.to_string(),
+            expires_at: token.expires_at,
+        };
+        self.join_tokens
+            .insert(token.token_sha256.as_bytes(), encode(&record)?)
+            .map_err(backend)?;
+        self.flush().await
+    }
+
+    async fn take_join_token(&self, token_sha256: &str) -> Result<Option<JoinToken>> {
+        let Some(v) = self
+            .join_tokens
+            .remove(token_sha256.as_bytes())
+            .map_err(backend)?
+        else {
+            return Ok(None);
+        };
+        self.flush().await?;
+        let record: JoinTokenRecord = decode(token_sha256.as_bytes(), &v)?;
+        Ok(Some(JoinToken {
+            token_sha256: token_sha256.to_string(),
+            spiffe_id: SpiffeId::new(&record.spiffe_id)
+                .map_err(|e| corrupt(token_sha256.as_bytes(), "spiffe_id", e))?,
+            expires_at: record.expires_at,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(id: &str, sel: &str) -> EntrySpec {
+        EntrySpec {
+            spiffe_id: SpiffeId::new(id).unwrap(),
+            parent_id: SpiffeId::new("spiffe://example.org/node/a").unwrap(),
+            selectors: vec![sel.parse().unwrap()],
+            x509_svid_ttl: Ttl::from_secs(3600).unwrap(),
+            jwt_svid_ttl: Ttl::from_secs(300).unwrap(),
+            dns_names: vec![],
+            hint: String::new(),
+            scopes: vec!["crm:read".into()],
+            owner: Some("alice@example.com".into()),
+        }
+    }
+
+    #[tokio::test]
+    async fn entries_survive_reopen_and_revisions_bump() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = {
+            let store = SledStore::open(dir.path()).unwrap();
+            let e = store
+                .create_entry(spec("spiffe://example.org/a", "unix:uid:1"), 10)
+                .await
+                .unwrap();
+            assert_eq!(e.revision, 1);
+            let mut s = e.spec.clone();
+            s.hint = "primary".into();
+            let u = store.update_entry(&e.id, s).await.unwrap();
+            assert_eq!(u.revision, 2);
+            e.id
+        };
+        let store = SledStore::open(dir.path()).unwrap();
+        let e = store.get_entry(&id).await.unwrap().unwrap();
+        assert_eq!(e.spec.hint, "primary");
+        assert_eq!(e.revision, 2);
+        assert_eq!(e.spec.owner.as_deref(), Some("alice@example.com"));
+    }
+
+    #[tokio::test]
+    async fn duplicate_entries_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        store
+            .create_entry(spec("spiffe://example.org/a", "unix:uid:1"), 0)
+            .await
+            .unwrap();
+        let err = store
+            .create_entry(spec("spiffe://example.org/a", "unix:uid:1"), 0)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, DataStoreError::DuplicateEntry { .. }));
+        // Another selector is another entry.
+        store
+            .create_entry(spec("spiffe://example.org/a", "unix:uid:2"), 0)
+            .await
+            .unwrap();
+        assert_eq!(store.list_entries(&EntryFilter::default()).await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn filters_and_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let a = store
+            .create_entry(spec("spiffe://example.org/a", "unix:uid:1"), 0)
+            .await
+            .unwrap();
+        store
+            .create_entry(spec("spiffe://example.org/b", "unix:uid:2"), 0)
+            .await
+            .unwrap();
+        let by_sel = store
+            .list_entries(&EntryFilter {
+                selector: Some("unix:uid:2".parse().unwrap()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(by_sel.len(), 1);
+        assert_eq!(by_sel[0].spec.spiffe_id.path(), "/b");
+        store.delete_entry(&a.id).await.unwrap();
+        assert!(store.get_entry(&a.id).await.unwrap().is_none());
+        assert!(matches!(
+            store.delete_entry(&a.id).await,
+            Err(DataStoreError::EntryNotFound { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn join_token_is_taken_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        store
+            .create_join_token(JoinToken {
+                token_sha256: "abc".into(),
+                spiffe_id: SpiffeId::new("spiffe://example.org/node/a").unwrap(),
+                expires_at: 100,
+            })
+            .await
+            .unwrap();
+        assert!(store.take_join_token("abc").await.unwrap().is_some());
+        assert!(store.take_join_token("abc").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn corrupt_record_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        store
+            .entries
+            .insert("0123456789abcdef0123456789abcdef", b"{not json".to_vec())
+            .unwrap();
+        assert!(matches!(
+            store.list_entries(&EntryFilter::default()).await,
+            Err(DataStoreError::Corrupt { .. })
+        ));
+    }
+}
