@@ -15,3 +15,8 @@ pub mod keys;
 pub mod svid;
 pub mod ttl;
 pub mod datastore;
+pub mod config;
+pub mod convert;
+pub mod runtime;
+pub mod server;
+pub mod tls;

@@ -1,0 +1,376 @@
+//! The node API: node attestation, entry sync and SVID minting for node agents.
+//!
+//! `Attest` is the only call accepted without a client certificate. Every other call must
+//! come over mTLS with a node SVID of a node the server still knows (an evicted node must
+//! attest again), and may only touch entries parented to that node.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentd_proto::node as pb;
+use agentd_proto::node::node_server::{Node, NodeServer};
+use spiffe::SpiffeId;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use super::{ServerError, ServerState};
+use crate::ca::{CaError, IssuedX509Svid, X509SvidRequest};
+use crate::clock::unix_seconds;
+use crate::convert::bundle_to_proto;
+use crate::datastore::{AttestedNode, DataStoreError, Entry, EntryFilter, EntryId};
+use crate::tls::{PeerIdentity, ServerConfigSource};
+
+/// Most CSRs accepted in one `MintX509Svids` call.
+pub const MAX_BATCH: usize = 1000;
+/// Largest message the node API accepts.
+const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeApiError {
+    #[error("no client certificate: only Attest may be called without a node SVID")]
+    NoClientCertificate,
+    #[error("node {0} is not attested (evicted, or never attested): attest again")]
+    UnknownNode(String),
+    #[error("join token not found or already used")]
+    UnknownJoinToken,
+    #[error("join token expired")]
+    ExpiredJoinToken,
+    #[error("{field}: {reason}")]
+    InvalidField { field: &'static str, reason: String },
+    #[error("entry {0} is not served by this node")]
+    EntryNotAuthorized(String),
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error(transparent)]
+    Store(#[from] DataStoreError),
+}
+
+impl From<NodeApiError> for Status {
+    fn from(e: NodeApiError) -> Self {
+        let msg = e.to_string();
+        match e {
+            NodeApiError::NoClientCertificate => Status::unauthenticated(msg),
+            NodeApiError::UnknownNode(_)
+            | NodeApiError::UnknownJoinToken
+            | NodeApiError::ExpiredJoinToken
+            | NodeApiError::EntryNotAuthorized(_) => Status::permission_denied(msg),
+            NodeApiError::InvalidField { .. } => Status::invalid_argument(msg),
+            NodeApiError::Ca(CaError::Csr { .. })
+            | NodeApiError::Ca(CaError::ForeignTrustDomain { .. }) => {
+                Status::invalid_argument(msg)
+            }
+            NodeApiError::Ca(_) | NodeApiError::Store(_) => {
+                tracing::error!(error = %msg, "node API internal error");
+                Status::internal(msg)
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeApi {
+    state: Arc<ServerState>,
+}
+
+pub async fn serve(
+    state: Arc<ServerState>,
+    listener: TcpListener,
+    tls: ServerConfigSource,
+    stop: CancellationToken,
+) -> Result<(), ServerError> {
+    let incoming = crate::tls::incoming(listener, tls, stop.clone());
+    let svc = NodeServer::new(NodeApi { state })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(svc)
+        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+        .await
+        .map_err(|e| ServerError::Serve {
+            what: "node API",
+            reason: e.to_string(),
+        })
+}
+
+pub fn svid_to_proto(s: &IssuedX509Svid) -> pb::X509Svid {
+    pb::X509Svid {
+        spiffe_id: s.spiffe_id.to_string(),
+        cert_chain: s.cert_chain.clone(),
+        expires_at: unix_seconds(s.not_after),
+        serial: s.serial.clone(),
+    }
+}
+
+pub fn entry_to_proto(e: &Entry) -> pb::Entry {
+    pb::Entry {
+        id: e.id.to_string(),
+        spiffe_id: e.spec.spiffe_id.to_string(),
+        parent_id: e.spec.parent_id.to_string(),
+        selectors: e
+            .spec
+            .selectors
+            .iter()
+            .map(|s| pb::Selector {
+                r#type: s.kind().to_string(),
+                value: s.value().to_string(),
+            })
+            .collect(),
+        x509_svid_ttl_seconds: e.spec.x509_svid_ttl.as_secs() as i64,
+        jwt_svid_ttl_seconds: e.spec.jwt_svid_ttl.as_secs() as i64,
+        dns_names: e.spec.dns_names.clone(),
+        hint: e.spec.hint.clone(),
+        scopes: e.spec.scopes.clone(),
+        owner: e.spec.owner.clone().unwrap_or_default(),
+        revision: e.revision,
+    }
+}
+
+/// SHA-256 of a join token, hex: the form the store keeps.
+pub fn join_token_digest(token: &str) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()))
+}
+
+impl NodeApi {
+    /// The calling node, from its client certificate, if the server still knows it.
+    async fn caller(&self, peer: Option<&PeerIdentity>) -> Result<AttestedNode, NodeApiError> {
+        let id = peer
+            .and_then(|p| p.spiffe_id.clone())
+            .ok_or(NodeApiError::NoClientCertificate)?;
+        self.state
+            .store
+            .get_node(&id)
+            .await?
+            .ok_or_else(|| NodeApiError::UnknownNode(id.to_string()))
+    }
+
+    async fn entry_for_node(
+        &self,
+        node: &AttestedNode,
+        raw_id: &str,
+    ) -> Result<Entry, NodeApiError> {
+        let id: EntryId = raw_id.parse().map_err(|e| NodeApiError::InvalidField {
+            field: "entry_id",
+            reason: format!("{e}"),
+        })?;
+        match self.state.store.get_entry(&id).await? {
+            Some(e) if e.spec.parent_id == node.spiffe_id => Ok(e),
+            _ => Err(NodeApiError::EntryNotAuthorized(id.to_string())),
+        }
+    }
+
+    fn sign(&self, csr: &[u8], id: &SpiffeId, ttl: Duration, dns: &[String]) -> Result<IssuedX509Svid, NodeApiError> {
+        Ok(self.state.ca.sign_x509_svid(
+            &X509SvidRequest {
+                csr_der: csr,
+                spiffe_id: id,
+                ttl,
+                dns_names: dns,
+            },
+            self.state.clock.now(),
+        )?)
+    }
+}
+
+#[tonic::async_trait]
+impl Node for NodeApi {
+    async fn attest(
+        &self,
+        request: Request<pb::AttestRequest>,
+    ) -> Result<Response<pb::AttestResponse>, Status> {
+        let remote = request
+            .extensions()
+            .get::<PeerIdentity>()
+            .and_then(|p| p.remote_addr);
+        let req = request.into_inner();
+        let token = match req.attestation {
+            Some(pb::attest_request::Attestation::JoinToken(t)) => t.token,
+            None => {
+                return Err(NodeApiError::InvalidField {
+                    field: "attestation",
+                    reason: "missing: a join token is required".into(),
+                }
+                .into())
+            }
+        };
+        if token.is_empty() || token.len() > 256 {
+            return Err(NodeApiError::InvalidField {
+                field: "join_token",
+                reason: "must be 1 to 256 bytes".into(),
+            }
+            .into());
+        }
+        let now = self.state.clock.now();
+        let result: Result<_, NodeApiError> = async {
+            let record = self
+                .state
+                .store
+                .take_join_token(&join_token_digest(&token))
+                .await?
+                .ok_or(NodeApiError::UnknownJoinToken)?;
+            if record.expires_at <= unix_seconds(now) {
+                return Err(NodeApiError::ExpiredJoinToken);
+            }
+            let svid = self.sign(
+                &req.csr,
+                &record.spiffe_id,
+                self.state.config.node_svid_ttl.as_duration(),
+                &[],
+            )?;
+            self.state
+                .store
+                .upsert_node(AttestedNode {
+                    spiffe_id: record.spiffe_id.clone(),
+                    attestation_type: "join_token".into(),
+                    serial: svid.serial.clone(),
+                    svid_expires_at: unix_seconds(svid.not_after),
+                    attested_at: unix_seconds(now),
+                    last_seen_at: unix_seconds(now),
+                })
+                .await?;
+            Ok(svid)
+        }
+        .await;
+        match result {
+            Ok(svid) => {
+                tracing::info!(node = %svid.spiffe_id, serial = %svid.serial, ?remote, "node attested");
+                Ok(Response::new(pb::AttestResponse {
+                    svid: Some(svid_to_proto(&svid)),
+                    bundle: Some(bundle_to_proto(&self.state.ca.bundle())),
+                }))
+            }
+            Err(e) => {
+                tracing::warn!(?remote, reason = %e, "node attestation refused");
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn renew_node_svid(
+        &self,
+        request: Request<pb::RenewNodeSvidRequest>,
+    ) -> Result<Response<pb::RenewNodeSvidResponse>, Status> {
+        let mut node = self.caller(request.extensions().get::<PeerIdentity>()).await?;
+        let svid = self.sign(
+            &request.get_ref().csr,
+            &node.spiffe_id,
+            self.state.config.node_svid_ttl.as_duration(),
+            &[],
+        )?;
+        node.serial = svid.serial.clone();
+        node.svid_expires_at = unix_seconds(svid.not_after);
+        node.last_seen_at = unix_seconds(self.state.clock.now());
+        self.state
+            .store
+            .upsert_node(node)
+            .await
+            .map_err(NodeApiError::from)?;
+        tracing::info!(node = %svid.spiffe_id, serial = %svid.serial, "node SVID renewed");
+        Ok(Response::new(pb::RenewNodeSvidResponse {
+            svid: Some(svid_to_proto(&svid)),
+        }))
+    }
+
+    async fn sync_entries(
+        &self,
+        request: Request<pb::SyncEntriesRequest>,
+    ) -> Result<Response<pb::SyncEntriesResponse>, Status> {
+        let node = self.caller(request.extensions().get::<PeerIdentity>()).await?;
+        let entries = self
+            .state
+            .store
+            .list_entries(&EntryFilter {
+                parent_id: Some(node.spiffe_id.clone()),
+                ..Default::default()
+            })
+            .await
+            .map_err(NodeApiError::from)?;
+        Ok(Response::new(pb::SyncEntriesResponse {
+            entries: entries.iter().map(entry_to_proto).collect(),
+            bundle: Some(bundle_to_proto(&self.state.ca.bundle())),
+        }))
+    }
+
+    async fn mint_x509_svids(
+        &self,
+        request: Request<pb::MintX509SvidsRequest>,
+    ) -> Result<Response<pb::MintX509SvidsResponse>, Status> {
+        let node = self.caller(request.extensions().get::<PeerIdentity>()).await?;
+        let params = request.into_inner().params;
+        if params.len() > MAX_BATCH {
+            return Err(NodeApiError::InvalidField {
+                field: "params",
+                reason: format!("{} CSRs in one call; at most {MAX_BATCH}", params.len()),
+            }
+            .into());
+        }
+        let mut results = Vec::with_capacity(params.len());
+        for p in params {
+            let result = match self.entry_for_node(&node, &p.entry_id).await {
+                Ok(entry) => self
+                    .sign(
+                        &p.csr,
+                        &entry.spec.spiffe_id,
+                        entry.spec.x509_svid_ttl.as_duration(),
+                        &entry.spec.dns_names,
+                    )
+                    .map(|svid| {
+                        tracing::debug!(spiffe_id = %svid.spiffe_id, serial = %svid.serial, entry = %entry.id, node = %node.spiffe_id, "X.509-SVID issued");
+                        pb::mint_result::Result::Svid(svid_to_proto(&svid))
+                    }),
+                Err(e) => Err(e),
+            };
+            results.push(pb::MintResult {
+                result: Some(result.unwrap_or_else(|e| pb::mint_result::Result::Error(e.to_string()))),
+            });
+        }
+        Ok(Response::new(pb::MintX509SvidsResponse { results }))
+    }
+
+    async fn mint_jwt_svid(
+        &self,
+        request: Request<pb::MintJwtSvidRequest>,
+    ) -> Result<Response<pb::MintJwtSvidResponse>, Status> {
+        let node = self.caller(request.extensions().get::<PeerIdentity>()).await?;
+        let req = request.into_inner();
+        let entry = self.entry_for_node(&node, &req.entry_id).await?;
+        validate_audience(&req.audience)?;
+        let jwt = self
+            .state
+            .ca
+            .sign_jwt_svid(
+                &entry.spec.spiffe_id,
+                &req.audience,
+                entry.spec.jwt_svid_ttl.as_duration(),
+                self.state.clock.now(),
+            )
+            .map_err(NodeApiError::from)?;
+        tracing::debug!(spiffe_id = %entry.spec.spiffe_id, entry = %entry.id, "JWT-SVID issued");
+        Ok(Response::new(pb::MintJwtSvidResponse {
+            token: jwt.token,
+            expires_at: unix_seconds(jwt.expires_at),
+        }))
+    }
+}
+
+/// JWT-SVID spec, section 3: `aud` holds one or more audiences; we accept 1 to 32 non-empty
+/// printable strings of at most 1024 bytes.
+pub fn validate_audience(audience: &[String]) -> Result<(), NodeApiError> {
+    let bad = |reason: String| NodeApiError::InvalidField {
+        field: "audience",
+        reason,
+    };
+    if audience.is_empty() || audience.len() > 32 {
+        return Err(bad(format!("{} audiences; 1 to 32 required", audience.len())));
+    }
+    for a in audience {
+        if a.is_empty() || a.len() > 1024 || a.chars().any(char::is_control) {
+            return Err(bad(format!(
+                "{:?} must be 1 to 1024 printable bytes",
+                a.chars().take(40).collect::<String>()
+            )));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,388 @@
+//! TLS between node agents and the server.
+//!
+//! The server presents an X.509-SVID for `spiffe://<trust domain>/agentd/server`; node agents
+//! check it against the trust bundle and that exact SPIFFE ID (no DNS names involved). Node
+//! agents present their node SVID as a client certificate for every call but `Attest`; the
+//! server reads the caller's SPIFFE ID from it.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use spiffe::{SpiffeId, TrustDomain};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::keys::PrivateKey;
+
+/// The path of the server's own SPIFFE ID.
+pub const SERVER_ID_PATH: &str = "/agentd/server";
+
+/// How long a TLS handshake may take before the connection is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("TLS configuration: {0}")]
+    Config(String),
+    #[error("connecting to {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+}
+
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+pub fn server_spiffe_id(trust_domain: &TrustDomain) -> SpiffeId {
+    SpiffeId::new(format!("spiffe://{}{SERVER_ID_PATH}", trust_domain.as_str()))
+        .expect("a trust domain plus a fixed path is a valid SPIFFE ID")
+}
+
+fn root_store(roots: &[Vec<u8>]) -> Result<RootCertStore, TlsError> {
+    let mut store = RootCertStore::empty();
+    for der in roots {
+        store
+            .add(CertificateDer::from(der.clone()))
+            .map_err(|e| TlsError::Config(format!("trust bundle certificate: {e}")))?;
+    }
+    Ok(store)
+}
+
+fn key_der(key: &PrivateKey) -> PrivateKeyDer<'static> {
+    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.pkcs8_der().to_vec()))
+}
+
+fn chain_der(chain: &[Vec<u8>]) -> Vec<CertificateDer<'static>> {
+    chain.iter().map(|c| CertificateDer::from(c.clone())).collect()
+}
+
+/// The server's TLS config: its SVID, and client certificates verified against the bundle
+/// but optional (a node that is attesting has none yet).
+pub fn server_config(
+    chain: &[Vec<u8>],
+    key: &PrivateKey,
+    roots: &[Vec<u8>],
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let provider = provider();
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(roots)?), provider.clone())
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain_der(chain), key_der(key))
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// The node agent's TLS config. `expected_server` None means `--insecure-bootstrap`: any
+/// server certificate is accepted (only for the first attestation).
+pub fn client_config(
+    roots: &[Vec<u8>],
+    expected_server: Option<SpiffeId>,
+    client_cert: Option<(&[Vec<u8>], &PrivateKey)>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let provider = provider();
+    let verifier = Arc::new(SpiffeServerVerifier {
+        roots: roots
+            .iter()
+            .map(|r| {
+                webpki::anchor_from_trusted_cert(&CertificateDer::from(r.clone()))
+                    .map(|a| a.to_owned())
+                    .map_err(|e| TlsError::Config(format!("trust bundle certificate: {e}")))
+            })
+            .collect::<Result<_, _>>()?,
+        expected: expected_server,
+        provider: provider.clone(),
+    });
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut cfg = match client_cert {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain_der(chain), key_der(key))
+            .map_err(|e| TlsError::Config(e.to_string()))?,
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Verifies the server's certificate chain against the trust bundle and its SPIFFE ID
+/// against the expected one, instead of a DNS name.
+#[derive(Debug)]
+struct SpiffeServerVerifier {
+    roots: Vec<rustls::pki_types::TrustAnchor<'static>>,
+    expected: Option<SpiffeId>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let Some(expected) = &self.expected else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        let cert = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|e| rustls::Error::General(format!("server certificate: {e}")))?;
+        cert.verify_for_usage(
+            self.provider.signature_verification_algorithms.all,
+            &self.roots,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| rustls::Error::General(format!("server certificate: {e}")))?;
+        match spiffe_id_of(end_entity.as_ref()) {
+            Some(id) if &id == expected => Ok(ServerCertVerified::assertion()),
+            Some(id) => Err(rustls::Error::General(format!(
+                "server presented {id}, expected {expected}"
+            ))),
+            None => Err(rustls::Error::General(
+                "server certificate has no SPIFFE ID".into(),
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The SPIFFE ID in a certificate's URI SAN, if it has exactly one.
+pub fn spiffe_id_of(cert_der: &[u8]) -> Option<SpiffeId> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    let mut uris = san.value.general_names.iter().filter_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) => Some(*u),
+        _ => None,
+    });
+    let first = uris.next()?;
+    if uris.next().is_some() {
+        return None;
+    }
+    SpiffeId::new(first).ok()
+}
+
+/// Lowercase hex serial of a certificate.
+pub fn serial_of(cert_der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    Some(cert.tbs_certificate.serial.to_str_radix(16))
+}
+
+/// Who is on the other end of a server-side TLS connection.
+#[derive(Debug, Clone, Default)]
+pub struct PeerIdentity {
+    pub remote_addr: Option<SocketAddr>,
+    /// The SPIFFE ID of the client certificate, when one was presented (and verified).
+    pub spiffe_id: Option<SpiffeId>,
+    pub serial: Option<String>,
+}
+
+/// A server-side TLS connection, carrying the peer's identity to tonic handlers
+/// (`request.extensions().get::<PeerIdentity>()` via `Connected`).
+#[derive(Debug)]
+pub struct TlsConn {
+    inner: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: PeerIdentity,
+}
+
+impl tonic::transport::server::Connected for TlsConn {
+    type ConnectInfo = PeerIdentity;
+
+    fn connect_info(&self) -> PeerIdentity {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// The current server TLS config; replaced when the server's SVID or the bundle changes.
+pub type ServerConfigSource = Arc<std::sync::RwLock<Arc<rustls::ServerConfig>>>;
+
+/// Accepts TCP connections and completes TLS handshakes off the accept loop, yielding
+/// connections for tonic's `serve_with_incoming`. A failed or slow handshake is logged and
+/// dropped; it never stops the listener.
+pub fn incoming(
+    listener: TcpListener,
+    config: ServerConfigSource,
+    shutdown: CancellationToken,
+) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConn, io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, remote) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let cfg = config.read().unwrap_or_else(|p| p.into_inner()).clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let (_, conn) = tls.get_ref();
+                        let leaf = conn.peer_certificates().and_then(|c| c.first());
+                        let peer = PeerIdentity {
+                            remote_addr: Some(remote),
+                            spiffe_id: leaf.and_then(|c| spiffe_id_of(c.as_ref())),
+                            serial: leaf.and_then(|c| serial_of(c.as_ref())),
+                        };
+                        let _ = tx.send(Ok(TlsConn { inner: tls, peer })).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// A gRPC channel to the server over TLS with the given client config.
+pub async fn connect(
+    addr: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<tonic::transport::Channel, TlsError> {
+    let target = addr.to_string();
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| TlsError::Connect {
+            addr: target.clone(),
+            reason: e.to_string(),
+        })?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30))
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_while_idle(true);
+    let connector = tower::service_fn(move |_uri: tonic::transport::Uri| {
+        let config = config.clone();
+        let addr = target.clone();
+        async move {
+            let tcp = TcpStream::connect(&addr).await?;
+            let _ = tcp.set_nodelay(true);
+            let name = ServerName::try_from("agentd-server").map_err(io::Error::other)?;
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await?;
+            Ok::<_, io::Error>(TokioIo::new(tls))
+        }
+    });
+    endpoint
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| TlsError::Connect {
+            addr: addr.to_string(),
+            reason: format!("{e}: {}", source_chain(&e)),
+        })
+}
+
+/// The messages of an error's source chain, joined (tonic's transport errors hide the cause).
+pub fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut out = Vec::new();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push(s.to_string());
+        cur = s.source();
+    }
+    out.join(": ")
+}
