@@ -20,3 +20,5 @@ pub mod convert;
 pub mod runtime;
 pub mod server;
 pub mod tls;
+pub mod node;
+pub mod workload_api;

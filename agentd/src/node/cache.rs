@@ -1,0 +1,383 @@
+//! The node agent's cache: the entries this node serves, the trust bundle, and the current
+//! X.509-SVID (and JWT-SVIDs) of each entry. Workload API streams subscribe to its version
+//! counter and re-send when it moves.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use agentd_attestor::selector::all_present;
+use agentd_attestor::Selector;
+use spiffe::SpiffeId;
+use tokio::sync::watch;
+
+use crate::bundle::Bundle;
+use crate::keys::PrivateKey;
+
+/// A registration entry as the node agent sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeEntry {
+    pub id: String,
+    pub spiffe_id: SpiffeId,
+    pub selectors: Vec<Selector>,
+    pub x509_svid_ttl: Duration,
+    pub jwt_svid_ttl: Duration,
+    pub dns_names: Vec<String>,
+    pub hint: String,
+    pub revision: u64,
+}
+
+/// An X.509-SVID held for an entry. The key was generated on this node and never left it.
+#[derive(Debug)]
+pub struct CachedX509Svid {
+    pub entry_id: String,
+    pub entry_revision: u64,
+    pub spiffe_id: SpiffeId,
+    pub hint: String,
+    /// DER, leaf first.
+    pub chain: Vec<Vec<u8>>,
+    pub key: PrivateKey,
+    pub serial: String,
+    pub expires_at: SystemTime,
+    /// About half-way through the lifetime, with jitter, so that many SVIDs minted together
+    /// do not all come due in the same second.
+    pub rotate_at: SystemTime,
+}
+
+#[derive(Debug, Clone)]
+pub struct CachedJwtSvid {
+    pub token: String,
+    pub issued_at: SystemTime,
+    pub expires_at: SystemTime,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    bundle: Option<Bundle>,
+    /// Sorted by (SPIFFE ID, entry id): the order SVIDs are served in.
+    entries: Vec<NodeEntry>,
+    synced: bool,
+    x509: HashMap<String, Arc<CachedX509Svid>>,
+    jwt: HashMap<(String, Vec<String>), CachedJwtSvid>,
+}
+
+/// What a workload is entitled to right now.
+#[derive(Debug, Clone)]
+pub struct WorkloadView {
+    pub svids: Vec<Arc<CachedX509Svid>>,
+    /// Entries that match, whether or not an SVID is ready for them yet.
+    pub entries: Vec<NodeEntry>,
+    pub bundle: Option<Bundle>,
+}
+
+#[derive(Debug)]
+pub struct Cache {
+    inner: RwLock<Inner>,
+    version: watch::Sender<u64>,
+}
+
+impl Default for Cache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Cache {
+    pub fn new() -> Self {
+        Self {
+            inner: RwLock::new(Inner::default()),
+            version: watch::channel(0).0,
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bump(&self) {
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    /// A receiver that changes whenever anything in the cache changes.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    /// True once entries and the bundle have been synced at least once (or restored).
+    pub fn is_ready(&self) -> bool {
+        let g = self.read();
+        g.synced && g.bundle.is_some()
+    }
+
+    pub fn bundle(&self) -> Option<Bundle> {
+        self.read().bundle.clone()
+    }
+
+    pub fn entries(&self) -> Vec<NodeEntry> {
+        self.read().entries.clone()
+    }
+
+    pub fn svid_count(&self) -> usize {
+        self.read().x509.len()
+    }
+
+    /// Sets the bundle alone (at start, from the persisted identity).
+    pub fn set_bundle(&self, bundle: Bundle) {
+        let mut g = self.write();
+        if g.bundle.as_ref() != Some(&bundle) {
+            g.bundle = Some(bundle);
+            drop(g);
+            self.bump();
+        }
+    }
+
+    /// Replaces the entry set and bundle after a sync. SVIDs of entries that are gone are
+    /// dropped at once.
+    pub fn set_entries(&self, mut entries: Vec<NodeEntry>, bundle: Bundle) {
+        entries.sort_by(|a, b| (a.spiffe_id.to_string(), &a.id).cmp(&(b.spiffe_id.to_string(), &b.id)));
+        let mut g = self.write();
+        let mut changed = !g.synced;
+        g.synced = true;
+        if g.bundle.as_ref() != Some(&bundle) {
+            g.bundle = Some(bundle);
+            changed = true;
+        }
+        if g.entries != entries {
+            let live: std::collections::HashSet<&str> =
+                entries.iter().map(|e| e.id.as_str()).collect();
+            g.x509.retain(|id, _| live.contains(id.as_str()));
+            g.jwt.retain(|(id, _), _| live.contains(id.as_str()));
+            g.entries = entries;
+            changed = true;
+        }
+        drop(g);
+        if changed {
+            self.bump();
+        }
+    }
+
+    /// Entries that need a (new) X.509-SVID: none yet, due for rotation, or the entry
+    /// changed since the SVID was minted.
+    pub fn due_for_mint(&self, now: SystemTime) -> Vec<NodeEntry> {
+        let g = self.read();
+        g.entries
+            .iter()
+            .filter(|e| match g.x509.get(&e.id) {
+                None => true,
+                Some(s) => s.rotate_at <= now || s.entry_revision != e.revision,
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Stores freshly minted SVIDs (ignoring any whose entry went away meanwhile).
+    pub fn put_x509(&self, svids: Vec<CachedX509Svid>) {
+        if svids.is_empty() {
+            return;
+        }
+        let mut g = self.write();
+        for s in svids {
+            if g.entries.iter().any(|e| e.id == s.entry_id) {
+                g.x509.insert(s.entry_id.clone(), Arc::new(s));
+            }
+        }
+        drop(g);
+        self.bump();
+    }
+
+    /// Drops SVIDs past their expiry: a stale SVID is never served.
+    pub fn drop_expired(&self, now: SystemTime) {
+        let mut g = self.write();
+        let before = g.x509.len();
+        g.x509.retain(|_, s| s.expires_at > now);
+        g.jwt.retain(|_, j| j.expires_at > now);
+        let changed = g.x509.len() != before;
+        drop(g);
+        if changed {
+            self.bump();
+        }
+    }
+
+    /// The SVIDs and bundle for a workload with these selectors, in entry order.
+    pub fn view_for(&self, selectors: &[Selector], now: SystemTime) -> WorkloadView {
+        let g = self.read();
+        let entries: Vec<NodeEntry> = g
+            .entries
+            .iter()
+            .filter(|e| all_present(&e.selectors, selectors))
+            .cloned()
+            .collect();
+        let svids = entries
+            .iter()
+            .filter_map(|e| g.x509.get(&e.id))
+            .filter(|s| s.expires_at > now)
+            .cloned()
+            .collect();
+        WorkloadView {
+            svids,
+            entries,
+            bundle: g.bundle.clone(),
+        }
+    }
+
+    /// A cached JWT-SVID that still has more than half its lifetime left.
+    pub fn jwt(&self, entry_id: &str, audience: &[String], now: SystemTime) -> Option<String> {
+        let g = self.read();
+        let j = g.jwt.get(&(entry_id.to_string(), audience.to_vec()))?;
+        let lifetime = j.expires_at.duration_since(j.issued_at).ok()?;
+        let left = j.expires_at.duration_since(now).ok()?;
+        (left > lifetime / 2).then(|| j.token.clone())
+    }
+
+    pub fn put_jwt(&self, entry_id: &str, audience: &[String], jwt: CachedJwtSvid) {
+        let mut g = self.write();
+        if g.jwt.len() > 10_000 {
+            // Bound memory against workloads asking for endless distinct audiences.
+            g.jwt.clear();
+        }
+        g.jwt.insert((entry_id.to_string(), audience.to_vec()), jwt);
+    }
+}
+
+/// When to rotate an SVID that lives from `now` to `expires_at`: at half its lifetime,
+/// give or take up to a tenth of it.
+pub fn rotation_time(now: SystemTime, expires_at: SystemTime) -> SystemTime {
+    let lifetime = expires_at.duration_since(now).unwrap_or_default();
+    let half = lifetime / 2;
+    let spread = lifetime / 10;
+    let jitter_ms = spread.as_millis() as u64;
+    let offset = if jitter_ms == 0 {
+        0
+    } else {
+        rand::random_range(0..=2 * jitter_ms)
+    };
+    now + half + Duration::from_millis(offset) - spread.min(half)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::UNIX_EPOCH;
+
+    fn entry(id: &str, spiffe: &str, sel: &str, rev: u64) -> NodeEntry {
+        NodeEntry {
+            id: id.into(),
+            spiffe_id: SpiffeId::new(spiffe).unwrap(),
+            selectors: vec![sel.parse().unwrap()],
+            x509_svid_ttl: Duration::from_secs(60),
+            jwt_svid_ttl: Duration::from_secs(60),
+            dns_names: vec![],
+            hint: String::new(),
+            revision: rev,
+        }
+    }
+
+    fn bundle() -> Bundle {
+        Bundle {
+            trust_domain: spiffe::TrustDomain::new("example.org").unwrap(),
+            x509_authorities: vec![vec![1, 2, 3]],
+            jwt_authorities: vec![],
+            sequence: 1,
+            refresh_hint: Duration::from_secs(300),
+        }
+    }
+
+    fn svid(entry_id: &str, rev: u64, expires: SystemTime, rotate: SystemTime) -> CachedX509Svid {
+        CachedX509Svid {
+            entry_id: entry_id.into(),
+            entry_revision: rev,
+            spiffe_id: SpiffeId::new("spiffe://example.org/a").unwrap(),
+            hint: String::new(),
+            chain: vec![vec![0]],
+            key: PrivateKey::generate().unwrap(),
+            serial: "1".into(),
+            expires_at: expires,
+            rotate_at: rotate,
+        }
+    }
+
+    #[test]
+    fn rotation_is_about_half_way() {
+        let now = UNIX_EPOCH + Duration::from_secs(1000);
+        for _ in 0..100 {
+            let at = rotation_time(now, now + Duration::from_secs(100));
+            let secs = at.duration_since(now).unwrap().as_secs_f64();
+            assert!((40.0..=60.0).contains(&secs), "{secs}");
+        }
+    }
+
+    #[test]
+    fn mint_due_for_missing_rotating_and_changed_entries() {
+        let now = UNIX_EPOCH + Duration::from_secs(1000);
+        let cache = Cache::new();
+        cache.set_entries(
+            vec![
+                entry("a", "spiffe://example.org/a", "unix:uid:1", 1),
+                entry("b", "spiffe://example.org/b", "unix:uid:1", 1),
+            ],
+            bundle(),
+        );
+        assert_eq!(cache.due_for_mint(now).len(), 2);
+        let later = now + Duration::from_secs(60);
+        cache.put_x509(vec![
+            svid("a", 1, later, now + Duration::from_secs(30)),
+            svid("b", 1, later, now + Duration::from_secs(30)),
+        ]);
+        assert!(cache.due_for_mint(now).is_empty());
+        // Half-life passed: both due.
+        assert_eq!(cache.due_for_mint(now + Duration::from_secs(31)).len(), 2);
+        // Entry b changed: due at once.
+        cache.set_entries(
+            vec![
+                entry("a", "spiffe://example.org/a", "unix:uid:1", 1),
+                entry("b", "spiffe://example.org/b", "unix:uid:1", 2),
+            ],
+            bundle(),
+        );
+        let due: Vec<String> = cache.due_for_mint(now).into_iter().map(|e| e.id).collect();
+        assert_eq!(due, ["b"]);
+    }
+
+    #[test]
+    fn view_matches_selectors_drops_expired_and_notifies() {
+        let now = UNIX_EPOCH + Duration::from_secs(1000);
+        let cache = Cache::new();
+        let mut rx = cache.subscribe();
+        cache.set_entries(
+            vec![
+                entry("a", "spiffe://example.org/a", "unix:uid:1", 1),
+                entry("b", "spiffe://example.org/b", "unix:uid:2", 1),
+            ],
+            bundle(),
+        );
+        assert!(rx.has_changed().unwrap());
+        rx.mark_unchanged();
+        cache.put_x509(vec![svid("a", 1, now + Duration::from_secs(10), now)]);
+        assert!(rx.has_changed().unwrap());
+        let uid1: Vec<Selector> = vec!["unix:uid:1".parse().unwrap()];
+        assert_eq!(cache.view_for(&uid1, now).svids.len(), 1);
+        let uid3: Vec<Selector> = vec!["unix:uid:3".parse().unwrap()];
+        assert!(cache.view_for(&uid3, now).entries.is_empty());
+        // Expired SVIDs are never served, and dropping them notifies.
+        let after = now + Duration::from_secs(11);
+        assert!(cache.view_for(&uid1, after).svids.is_empty());
+        rx.mark_unchanged();
+        cache.drop_expired(after);
+        assert!(rx.has_changed().unwrap());
+    }
+
+    #[test]
+    fn removed_entries_lose_their_svids() {
+        let now = UNIX_EPOCH + Duration::from_secs(1000);
+        let cache = Cache::new();
+        cache.set_entries(vec![entry("a", "spiffe://example.org/a", "unix:uid:1", 1)], bundle());
+        cache.put_x509(vec![svid("a", 1, now + Duration::from_secs(10), now)]);
+        assert_eq!(cache.svid_count(), 1);
+        cache.set_entries(vec![], bundle());
+        assert_eq!(cache.svid_count(), 0);
+    }
+}

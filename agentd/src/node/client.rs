@@ -1,0 +1,127 @@
+//! The node agent's link to the server: attestation on first start, then mTLS with the node
+//! SVID for every call. The channel is rebuilt after transport errors and after the node SVID
+//! is renewed.
+
+use std::sync::Arc;
+
+use agentd_proto::node as pb;
+use agentd_proto::node::node_client::NodeClient;
+use spiffe::TrustDomain;
+use tokio::sync::Mutex;
+use tonic::transport::Channel;
+
+use super::identity::{IdentityError, NodeIdentity};
+use super::NodeError;
+use crate::bundle::Bundle;
+use crate::convert::bundle_from_proto;
+use crate::keys::PrivateKey;
+use crate::tls;
+
+/// Largest response we accept from the server.
+const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Attests with a join token; returns the new identity.
+pub async fn attest_with_join_token(
+    address: &str,
+    bootstrap_roots: Option<&[Vec<u8>]>,
+    expected_trust_domain: Option<&TrustDomain>,
+    token: &str,
+) -> Result<NodeIdentity, NodeError> {
+    let expected = expected_trust_domain.map(tls::server_spiffe_id);
+    let cfg = tls::client_config(bootstrap_roots.unwrap_or(&[]), expected, None)?;
+    let channel = tls::connect(address, cfg).await?;
+    let key = PrivateKey::generate()?;
+    let csr = key.csr_der()?;
+    let resp = NodeClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .attest(pb::AttestRequest {
+            attestation: Some(pb::attest_request::Attestation::JoinToken(
+                pb::JoinTokenAttestation {
+                    token: token.to_string(),
+                },
+            )),
+            csr,
+        })
+        .await
+        .map_err(|s| NodeError::Attestation(s.message().to_string()))?
+        .into_inner();
+    let bundle = resp
+        .bundle
+        .as_ref()
+        .ok_or_else(|| IdentityError::Response("no bundle in response".into()))
+        .and_then(|b| bundle_from_proto(b).map_err(|e| IdentityError::Response(e.to_string())))?;
+    Ok(NodeIdentity::from_response(resp.svid, key, bundle)?)
+}
+
+/// The authenticated link to the server.
+#[derive(Debug)]
+pub struct ServerLink {
+    address: String,
+    identity: std::sync::RwLock<Arc<NodeIdentity>>,
+    channel: Mutex<Option<Channel>>,
+}
+
+impl ServerLink {
+    pub fn new(address: String, identity: NodeIdentity) -> Self {
+        Self {
+            address,
+            identity: std::sync::RwLock::new(Arc::new(identity)),
+            channel: Mutex::new(None),
+        }
+    }
+
+    pub fn identity(&self) -> Arc<NodeIdentity> {
+        self.identity.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// A client over mTLS with the current node SVID, connecting if needed.
+    pub async fn client(&self) -> Result<NodeClient<Channel>, NodeError> {
+        let mut guard = self.channel.lock().await;
+        if let Some(ch) = guard.as_ref() {
+            return Ok(NodeClient::new(ch.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES));
+        }
+        let id = self.identity();
+        let cfg = tls::client_config(
+            &id.bundle.x509_authorities,
+            Some(tls::server_spiffe_id(&id.bundle.trust_domain)),
+            Some((&id.chain, &id.key)),
+        )?;
+        let ch = tls::connect(&self.address, cfg).await?;
+        *guard = Some(ch.clone());
+        Ok(NodeClient::new(ch).max_decoding_message_size(MAX_MESSAGE_BYTES))
+    }
+
+    /// Forgets the channel so that the next call reconnects.
+    pub async fn reset(&self) {
+        *self.channel.lock().await = None;
+    }
+
+    /// Switches to a renewed node SVID (new connections present it).
+    pub async fn replace_identity(&self, identity: NodeIdentity) {
+        *self.identity.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(identity);
+        self.reset().await;
+    }
+
+    /// Keeps the identity but trusts a new bundle (the server rotated its CA).
+    pub async fn update_bundle(&self, bundle: Bundle) {
+        let cur = self.identity();
+        if cur.bundle == bundle {
+            return;
+        }
+        let next = NodeIdentity {
+            spiffe_id: cur.spiffe_id.clone(),
+            chain: cur.chain.clone(),
+            key: match PrivateKey::from_pkcs8_der(cur.key.pkcs8_der()) {
+                Ok(k) => k,
+                Err(e) => {
+                    tracing::error!(error = %e, "copying the node key failed");
+                    return;
+                }
+            },
+            serial: cur.serial.clone(),
+            expires_at: cur.expires_at,
+            bundle,
+        };
+        self.replace_identity(next).await;
+    }
+}

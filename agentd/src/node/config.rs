@@ -1,0 +1,133 @@
+//! Node agent configuration: TOML file, overridden by flags, validated with every bad field
+//! reported at once.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::{default_data_dir, ConfigError, Errors};
+use crate::ttl::Ttl;
+
+pub const DEFAULT_SOCKET_PATH: &str = "/tmp/agentd-node/public/api.sock";
+pub const DEFAULT_SERVER_ADDRESS: &str = "127.0.0.1:8081";
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNodeConfig {
+    pub server_address: Option<String>,
+    pub join_token: Option<String>,
+    /// PEM or SPIFFE bundle (JSON) file with the server's trust bundle.
+    pub trust_bundle: Option<PathBuf>,
+    /// Accept any server certificate for the first attestation. Trial use only.
+    pub insecure_bootstrap: Option<bool>,
+    pub socket_path: Option<PathBuf>,
+    pub data_dir: Option<PathBuf>,
+    /// How often entries and the bundle are synced from the server.
+    pub sync_interval: Option<String>,
+}
+
+/// How the node agent authenticates the server on its first contact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bootstrap {
+    TrustBundle(PathBuf),
+    Insecure,
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub server_address: String,
+    pub join_token: Option<String>,
+    pub bootstrap: Option<Bootstrap>,
+    pub socket_path: PathBuf,
+    pub data_dir: PathBuf,
+    pub sync_interval: Duration,
+}
+
+impl TryFrom<RawNodeConfig> for NodeConfig {
+    type Error = ConfigError;
+
+    fn try_from(raw: RawNodeConfig) -> Result<Self, ConfigError> {
+        let mut errs = Errors::default();
+        let server_address = raw
+            .server_address
+            .unwrap_or_else(|| DEFAULT_SERVER_ADDRESS.to_string());
+        match server_address.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
+            _ => errs.push("server_address", format!("{server_address:?} is not HOST:PORT")),
+        }
+        let join_token = raw.join_token.filter(|t| !t.is_empty());
+        if let Some(t) = &join_token {
+            if t.len() > 256 || !t.bytes().all(|b| b.is_ascii_graphic()) {
+                errs.push("join_token", "must be at most 256 printable characters");
+            }
+        }
+        let bootstrap = match (raw.trust_bundle, raw.insecure_bootstrap.unwrap_or(false)) {
+            (Some(_), true) => {
+                errs.push(
+                    "insecure_bootstrap",
+                    "cannot be combined with trust_bundle: choose one",
+                );
+                None
+            }
+            (Some(p), false) => Some(Bootstrap::TrustBundle(p)),
+            (None, true) => Some(Bootstrap::Insecure),
+            (None, false) => None,
+        };
+        let sync_interval = match &raw.sync_interval {
+            Some(s) => errs
+                .parse("sync_interval", s.parse::<Ttl>())
+                .map(Ttl::as_duration)
+                .unwrap_or_default(),
+            None => Duration::from_secs(5),
+        };
+        let socket_path = raw
+            .socket_path
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET_PATH));
+        if !socket_path.is_absolute() {
+            errs.push("socket_path", "must be an absolute path");
+        }
+        errs.finish()?;
+        Ok(NodeConfig {
+            server_address,
+            join_token,
+            bootstrap,
+            socket_path,
+            data_dir: raw.data_dir.unwrap_or_else(|| default_data_dir("node")),
+            sync_interval,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let cfg = NodeConfig::try_from(RawNodeConfig::default()).unwrap();
+        assert_eq!(cfg.server_address, DEFAULT_SERVER_ADDRESS);
+        assert_eq!(cfg.sync_interval, Duration::from_secs(5));
+        assert_eq!(cfg.bootstrap, None);
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        let raw: RawNodeConfig = toml::from_str(
+            r#"
+            server_address = "nohost"
+            trust_bundle = "/b.pem"
+            insecure_bootstrap = true
+            sync_interval = "0s"
+            socket_path = "relative.sock"
+            "#,
+        )
+        .unwrap();
+        let err = NodeConfig::try_from(raw).unwrap_err();
+        let paths: Vec<&str> = err.errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["server_address", "insecure_bootstrap", "sync_interval", "socket_path"]
+        );
+    }
+}

@@ -1,0 +1,183 @@
+//! The node agent: attests to the server, keeps the SVIDs of the entries parented to it,
+//! and serves them to local workloads on the Workload API socket.
+
+pub mod cache;
+pub mod client;
+pub mod config;
+pub mod identity;
+pub mod sync;
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{Bootstrap, NodeConfig, RawNodeConfig};
+
+use crate::bundle::Bundle;
+use crate::clock::Clock;
+use crate::keys::KeyError;
+use crate::tls::TlsError;
+use cache::Cache;
+use client::ServerLink;
+use identity::{IdentityError, NodeIdentity};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("no node identity in {data_dir}: pass --join-token to attest this node")]
+    NoIdentity { data_dir: String },
+    #[error("no way to authenticate the server: pass --trust-bundle FILE (or --insecure-bootstrap for a trial)")]
+    NoBootstrap,
+    #[error("trust bundle {path}: {reason}")]
+    TrustBundle { path: String, reason: String },
+    #[error("node attestation failed: {0}")]
+    Attestation(String),
+    #[error("server: {0}")]
+    Server(String),
+    #[error("server refused: {0}")]
+    Refused(String),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Task(#[from] crate::runtime::TaskFailed),
+}
+
+impl NodeError {
+    pub fn from_status(s: tonic::Status) -> Self {
+        match s.code() {
+            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
+                NodeError::Refused(s.message().to_string())
+            }
+            _ => NodeError::Server(format!("{:?}: {}", s.code(), s.message())),
+        }
+    }
+}
+
+/// A configured node agent, not yet running.
+#[derive(Debug)]
+pub struct NodeAgent {
+    config: NodeConfig,
+    clock: Arc<dyn Clock>,
+}
+
+impl NodeAgent {
+    pub fn new(config: NodeConfig, clock: Arc<dyn Clock>) -> Self {
+        Self { config, clock }
+    }
+
+    /// Runs until `shutdown` is cancelled or a component fails.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), NodeError> {
+        let cfg = self.config;
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|source| NodeError::Io {
+            what: "data dir",
+            path: cfg.data_dir.display().to_string(),
+            source,
+        })?;
+        let _ = std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700));
+        let identity = obtain_identity(&cfg, self.clock.as_ref()).await?;
+        tracing::info!(node = %identity.spiffe_id, serial = %identity.serial, "node identity ready");
+
+        let cache = Arc::new(Cache::new());
+        cache.set_bundle(identity.bundle.clone());
+        let link = Arc::new(ServerLink::new(cfg.server_address.clone(), identity));
+        let listener = crate::workload_api::bind_socket(&cfg.socket_path)?;
+
+        let stop = shutdown.child_token();
+        let mut tasks: JoinSet<Result<(), NodeError>> = JoinSet::new();
+        let syncer = sync::Syncer {
+            link: link.clone(),
+            cache: cache.clone(),
+            clock: self.clock.clone(),
+            sync_interval: cfg.sync_interval,
+            data_dir: cfg.data_dir.clone(),
+        };
+        tasks.spawn(syncer.run(stop.clone()));
+        tasks.spawn(
+            crate::workload_api::WorkloadApi::new(
+                cache.clone(),
+                link.clone(),
+                self.clock.clone(),
+            )
+            .serve(listener, stop.clone()),
+        );
+        tracing::info!(socket = %cfg.socket_path.display(), server = %cfg.server_address, "node agent ready");
+        let result = crate::runtime::supervise(&mut tasks, &stop).await;
+        let _ = std::fs::remove_file(&cfg.socket_path);
+        result
+    }
+}
+
+/// The persisted identity if it is still valid; otherwise a fresh attestation with the join
+/// token.
+async fn obtain_identity(cfg: &NodeConfig, clock: &dyn Clock) -> Result<NodeIdentity, NodeError> {
+    match NodeIdentity::load(&cfg.data_dir) {
+        Ok(Some(id)) if id.expires_at > clock.now() => {
+            if cfg.join_token.is_some() {
+                tracing::info!("a persisted node identity exists; the join token is not used");
+            }
+            return Ok(id);
+        }
+        Ok(Some(id)) => {
+            tracing::warn!(node = %id.spiffe_id, "the persisted node SVID has expired; attesting again")
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "the persisted node identity is unreadable; attesting again"),
+    }
+    let token = cfg.join_token.as_deref().ok_or_else(|| NodeError::NoIdentity {
+        data_dir: cfg.data_dir.display().to_string(),
+    })?;
+    let identity = match cfg.bootstrap.as_ref().ok_or(NodeError::NoBootstrap)? {
+        Bootstrap::Insecure => {
+            tracing::warn!("insecure bootstrap: the server's certificate is not verified for attestation");
+            client::attest_with_join_token(&cfg.server_address, None, None, token).await?
+        }
+        Bootstrap::TrustBundle(path) => {
+            let (roots, td) = load_trust_bundle(path)?;
+            client::attest_with_join_token(&cfg.server_address, Some(&roots), Some(&td), token)
+                .await?
+        }
+    };
+    identity.save(&cfg.data_dir)?;
+    Ok(identity)
+}
+
+/// Reads a PEM trust bundle (as printed by `agentd bundle show --format pem`) or a SPIFFE
+/// bundle; the trust domain comes from the CA certificate's SPIFFE ID.
+fn load_trust_bundle(path: &std::path::Path) -> Result<(Vec<Vec<u8>>, spiffe::TrustDomain), NodeError> {
+    let err = |reason: String| NodeError::TrustBundle {
+        path: path.display().to_string(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let roots = if text.trim_start().starts_with('{') {
+        let td = spiffe::TrustDomain::new("placeholder.invalid").map_err(|e| err(e.to_string()))?;
+        Bundle::from_spiffe_json(td, &text)
+            .map_err(|e| err(e.to_string()))?
+            .x509_authorities
+    } else {
+        Bundle::x509_authorities_from_pem(&text).map_err(|e| err(e.to_string()))?
+    };
+    if roots.is_empty() {
+        return Err(err("no certificates".into()));
+    }
+    let td = roots
+        .iter()
+        .find_map(|r| crate::tls::spiffe_id_of(r))
+        .map(|id| spiffe::TrustDomain::new(id.trust_domain_name()))
+        .transpose()
+        .map_err(|e| err(e.to_string()))?
+        .ok_or_else(|| err("no CA certificate carries a SPIFFE ID (spiffe://<trust domain>)".into()))?;
+    Ok((roots, td))
+}

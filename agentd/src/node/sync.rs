@@ -1,0 +1,197 @@
+//! The node agent's loop: sync entries and the bundle from the server, mint X.509-SVIDs for
+//! new, changed and half-expired entries (keys made here; only CSRs travel), drop expired
+//! SVIDs, and renew the node SVID. When the server is unreachable, cached SVIDs keep being
+//! served until they expire, and the loop retries with exponential backoff.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use agentd_proto::node as pb;
+use spiffe::SpiffeId;
+use tokio_util::sync::CancellationToken;
+
+use super::cache::{rotation_time, Cache, CachedX509Svid, NodeEntry};
+use super::client::ServerLink;
+use super::identity::NodeIdentity;
+use super::NodeError;
+use crate::clock::{from_unix_seconds, Clock};
+use crate::convert::bundle_from_proto;
+use crate::keys::PrivateKey;
+
+/// How often the loop wakes to check rotation and expiry.
+const TICK: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// CSRs per MintX509Svids call.
+const MINT_BATCH: usize = 100;
+
+#[derive(Debug)]
+pub struct Syncer {
+    pub link: Arc<ServerLink>,
+    pub cache: Arc<Cache>,
+    pub clock: Arc<dyn Clock>,
+    pub sync_interval: Duration,
+    pub data_dir: std::path::PathBuf,
+}
+
+fn entry_from_proto(e: pb::Entry) -> Result<NodeEntry, String> {
+    let selectors = e
+        .selectors
+        .iter()
+        .map(|s| agentd_attestor::Selector::new(s.r#type.clone(), s.value.clone()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| format!("entry {}: selector: {err}", e.id))?;
+    Ok(NodeEntry {
+        spiffe_id: SpiffeId::new(&e.spiffe_id).map_err(|err| format!("entry {}: {err}", e.id))?,
+        id: e.id,
+        selectors,
+        x509_svid_ttl: Duration::from_secs(e.x509_svid_ttl_seconds.max(1).unsigned_abs()),
+        jwt_svid_ttl: Duration::from_secs(e.jwt_svid_ttl_seconds.max(1).unsigned_abs()),
+        dns_names: e.dns_names,
+        hint: e.hint,
+        revision: e.revision,
+    })
+}
+
+impl Syncer {
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), NodeError> {
+        let mut next_sync = SystemTime::UNIX_EPOCH;
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let now = self.clock.now();
+            if now >= next_sync {
+                match self.sync_once().await {
+                    Ok(()) => {
+                        backoff = Duration::from_secs(1);
+                        next_sync = self.clock.now() + self.sync_interval;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?backoff, "sync with the server failed; serving cached SVIDs");
+                        self.link.reset().await;
+                        next_sync = self.clock.now() + backoff;
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                    }
+                }
+            }
+            self.cache.drop_expired(self.clock.now());
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(TICK) => {}
+            }
+        }
+    }
+
+    /// One round: entries and bundle, then minting, then the node SVID.
+    pub async fn sync_once(&self) -> Result<(), NodeError> {
+        let mut client = self.link.client().await?;
+        let resp = client
+            .sync_entries(pb::SyncEntriesRequest {})
+            .await
+            .map_err(NodeError::from_status)?
+            .into_inner();
+        let bundle = resp
+            .bundle
+            .as_ref()
+            .ok_or_else(|| NodeError::Server("sync response without a bundle".into()))
+            .and_then(|b| bundle_from_proto(b).map_err(|e| NodeError::Server(e.to_string())))?;
+        let mut entries = Vec::with_capacity(resp.entries.len());
+        for e in resp.entries {
+            match entry_from_proto(e) {
+                Ok(e) => entries.push(e),
+                Err(reason) => tracing::warn!(%reason, "skipping an entry the server sent"),
+            }
+        }
+        if self.link.identity().bundle != bundle {
+            if let Err(e) = NodeIdentity::save_bundle(&self.data_dir, &bundle) {
+                tracing::warn!(error = %e, "persisting the new bundle failed");
+            }
+            self.link.update_bundle(bundle.clone()).await;
+        }
+        self.cache.set_entries(entries, bundle);
+        self.mint_due(&mut client).await?;
+        self.renew_node_svid_if_due().await
+    }
+
+    async fn mint_due(
+        &self,
+        client: &mut agentd_proto::node::node_client::NodeClient<tonic::transport::Channel>,
+    ) -> Result<(), NodeError> {
+        let due = self.cache.due_for_mint(self.clock.now());
+        for chunk in due.chunks(MINT_BATCH) {
+            let mut keys = Vec::with_capacity(chunk.len());
+            let mut params = Vec::with_capacity(chunk.len());
+            for e in chunk {
+                let key = PrivateKey::generate()?;
+                params.push(pb::X509SvidParams {
+                    entry_id: e.id.clone(),
+                    csr: key.csr_der()?,
+                });
+                keys.push(key);
+            }
+            let results = client
+                .mint_x509_svids(pb::MintX509SvidsRequest { params })
+                .await
+                .map_err(NodeError::from_status)?
+                .into_inner()
+                .results;
+            let now = self.clock.now();
+            let mut minted = Vec::with_capacity(chunk.len());
+            for ((entry, key), result) in chunk.iter().zip(keys).zip(results) {
+                match result.result {
+                    Some(pb::mint_result::Result::Svid(s)) => {
+                        let expires_at = from_unix_seconds(s.expires_at);
+                        tracing::info!(spiffe_id = %entry.spiffe_id, serial = %s.serial, entry = %entry.id, "X.509-SVID received");
+                        minted.push(CachedX509Svid {
+                            entry_id: entry.id.clone(),
+                            entry_revision: entry.revision,
+                            spiffe_id: entry.spiffe_id.clone(),
+                            hint: entry.hint.clone(),
+                            chain: s.cert_chain,
+                            key,
+                            serial: s.serial,
+                            expires_at,
+                            rotate_at: rotation_time(now, expires_at),
+                        });
+                    }
+                    Some(pb::mint_result::Result::Error(reason)) => {
+                        tracing::warn!(entry = %entry.id, %reason, "server refused to mint an SVID");
+                    }
+                    None => tracing::warn!(entry = %entry.id, "empty mint result"),
+                }
+            }
+            self.cache.put_x509(minted);
+        }
+        Ok(())
+    }
+
+    async fn renew_node_svid_if_due(&self) -> Result<(), NodeError> {
+        let id = self.link.identity();
+        let now = self.clock.now();
+        // Renew when less than half of a (typical) lifetime is left; we only know the expiry,
+        // so use the time since the last renewal recorded in the SVID's validity.
+        let not_before = cert_not_before(&id.chain[0]).unwrap_or(now);
+        let lifetime = id.expires_at.duration_since(not_before).unwrap_or_default();
+        if now < not_before + lifetime / 2 {
+            return Ok(());
+        }
+        let key = PrivateKey::generate()?;
+        let csr = key.csr_der()?;
+        let resp = self
+            .link
+            .client()
+            .await?
+            .renew_node_svid(pb::RenewNodeSvidRequest { csr })
+            .await
+            .map_err(NodeError::from_status)?
+            .into_inner();
+        let renewed = NodeIdentity::from_response(resp.svid, key, id.bundle.clone())?;
+        renewed.save(&self.data_dir)?;
+        tracing::info!(serial = %renewed.serial, "node SVID renewed");
+        self.link.replace_identity(renewed).await;
+        Ok(())
+    }
+}
+
+fn cert_not_before(der: &[u8]) -> Option<SystemTime> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(from_unix_seconds(cert.validity().not_before.timestamp()))
+}

@@ -1,0 +1,451 @@
+//! The SPIFFE Workload API, served by the node agent on its Unix socket
+//! (SPIFFE Workload API spec; X509-SVID and JWT-SVID profiles).
+//!
+//! - Every call must carry `workload.spiffe.io: true`, else InvalidArgument (spec 5.2).
+//! - The caller is identified out of band, by the socket's peer credentials, and attested
+//!   into selectors; entries whose selectors are all among them give its identities.
+//! - A caller with no identity gets PermissionDenied "no identity issued".
+//! - Streams send their first message at once and a full snapshot on every change.
+//! - The socket also serves `grpc.health.v1.Health` for `agentd healthcheck`.
+
+pub mod claims;
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentd_attestor::workload::unix::UnixAttestor;
+use agentd_attestor::workload::{PeerCredentials, WorkloadAttestor};
+use agentd_attestor::Selector;
+use agentd_proto::node as npb;
+use agentd_proto::workload as pb;
+use agentd_proto::workload::spiffe_workload_api_server::{
+    SpiffeWorkloadApi, SpiffeWorkloadApiServer,
+};
+use futures::Stream;
+use tokio::net::UnixListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Response, Status};
+
+use crate::clock::{from_unix_seconds, Clock};
+use crate::node::cache::{Cache, CachedJwtSvid, WorkloadView};
+use crate::node::client::ServerLink;
+use crate::node::NodeError;
+
+/// The message PermissionDenied carries when the caller has no identity; clients key off it.
+pub const NO_IDENTITY: &str = "no identity issued";
+/// How long a new stream waits for SVIDs of entries that match but are still being minted.
+const MINT_WAIT: Duration = Duration::from_secs(10);
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Binds the Workload API socket. Like SPIRE's, it is connectable by every local user: the
+/// caller is identified by its peer credentials, not by who may open the socket.
+pub fn bind_socket(path: &Path) -> Result<UnixListener, NodeError> {
+    let err = |source| NodeError::Io {
+        what: "workload API socket",
+        path: path.display().to_string(),
+        source,
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(err)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).map_err(err)?;
+    Ok(listener)
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkloadApi {
+    cache: Arc<Cache>,
+    link: Arc<ServerLink>,
+    clock: Arc<dyn Clock>,
+    attestors: Arc<Vec<Box<dyn WorkloadAttestor>>>,
+}
+
+impl WorkloadApi {
+    pub fn new(cache: Arc<Cache>, link: Arc<ServerLink>, clock: Arc<dyn Clock>) -> Self {
+        Self {
+            cache,
+            link,
+            clock,
+            attestors: Arc::new(vec![Box::new(UnixAttestor::default())]),
+        }
+    }
+
+    pub async fn serve(self, listener: UnixListener, stop: CancellationToken) -> Result<(), NodeError> {
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        let cache = self.cache.clone();
+        let watch_stop = stop.clone();
+        tokio::spawn(async move {
+            let mut rx = cache.subscribe();
+            loop {
+                let status = if cache.is_ready() {
+                    tonic_health::ServingStatus::Serving
+                } else {
+                    tonic_health::ServingStatus::NotServing
+                };
+                reporter.set_service_status("", status).await;
+                tokio::select! {
+                    _ = watch_stop.cancelled() => return,
+                    changed = rx.changed() => if changed.is_err() { return },
+                }
+            }
+        });
+        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+        tonic::transport::Server::builder()
+            .add_service(SpiffeWorkloadApiServer::new(self))
+            .add_service(health)
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+            .await
+            .map_err(|e| NodeError::Server(format!("workload API stopped: {e}")))
+    }
+
+    /// Selectors for the caller, from its peer credentials.
+    async fn attest<T>(&self, req: &Request<T>) -> Result<Vec<Selector>, Status> {
+        let cred = req
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|i| i.peer_cred)
+            .ok_or_else(|| Status::internal("no peer credentials on the connection"))?;
+        let peer = PeerCredentials {
+            pid: cred.pid(),
+            uid: cred.uid(),
+            gid: cred.gid(),
+        };
+        let attestors = self.attestors.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut selectors = Vec::new();
+            for a in attestors.iter() {
+                selectors.extend(a.attest(&peer)?);
+            }
+            Ok::<_, agentd_attestor::workload::AttestError>(selectors)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("attestation task: {e}")))?;
+        match result {
+            Ok(s) => {
+                tracing::debug!(pid = ?peer.pid, uid = peer.uid, selectors = ?s.iter().map(ToString::to_string).collect::<Vec<_>>(), "workload attested");
+                Ok(s)
+            }
+            Err(e) => {
+                tracing::warn!(pid = ?peer.pid, uid = peer.uid, reason = %e, "workload attestation failed");
+                Err(Status::permission_denied(NO_IDENTITY))
+            }
+        }
+    }
+
+    fn ready(&self) -> Result<(), Status> {
+        if self.cache.is_ready() {
+            Ok(())
+        } else {
+            Err(Status::unavailable("node agent is not ready: not yet synced with the server"))
+        }
+    }
+
+    /// The caller's view, waiting briefly when entries match but their SVIDs are still
+    /// being minted.
+    async fn view_with_svids(&self, selectors: &[Selector]) -> WorkloadView {
+        let mut rx = self.cache.subscribe();
+        let deadline = tokio::time::Instant::now() + MINT_WAIT;
+        loop {
+            let view = self.cache.view_for(selectors, self.clock.now());
+            if !view.svids.is_empty() || view.entries.is_empty() {
+                return view;
+            }
+            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                return view;
+            }
+        }
+    }
+}
+
+/// Spec 5.2: the security header must be present with the value `true`.
+fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
+    match req.metadata().get(agentd_proto::WORKLOAD_HEADER) {
+        Some(v) if v.as_bytes() == b"true" => Ok(()),
+        _ => Err(Status::invalid_argument(
+            "security header missing from request: workload.spiffe.io: true",
+        )),
+    }
+}
+
+fn x509_response(view: &WorkloadView) -> Option<pb::X509svidResponse> {
+    let bundle = view.bundle.as_ref()?;
+    if view.svids.is_empty() || bundle.x509_authorities.is_empty() {
+        return None;
+    }
+    let bundle_der = bundle.x509_der_concat();
+    Some(pb::X509svidResponse {
+        svids: view
+            .svids
+            .iter()
+            .map(|s| pb::X509svid {
+                spiffe_id: s.spiffe_id.to_string(),
+                x509_svid: s.chain.concat(),
+                x509_svid_key: s.key.pkcs8_der().to_vec(),
+                bundle: bundle_der.clone(),
+                hint: s.hint.clone(),
+            })
+            .collect(),
+        crl: vec![],
+        federated_bundles: HashMap::new(),
+    })
+}
+
+/// What identifies one X.509 snapshot, to send only on change.
+fn x509_fingerprint(view: &WorkloadView) -> (Vec<String>, u64, usize) {
+    (
+        view.svids.iter().map(|s| s.serial.clone()).collect(),
+        view.bundle.as_ref().map(|b| b.sequence).unwrap_or(0),
+        view.bundle
+            .as_ref()
+            .map(|b| b.x509_authorities.len())
+            .unwrap_or(0),
+    )
+}
+
+/// Runs a stream: sends `first`, then a new snapshot from `next` whenever the cache changes
+/// and the snapshot differs; stops when the client hangs up or `next` says to end.
+fn spawn_stream<T, K, F>(cache: Arc<Cache>, first: T, first_key: K, mut next: F) -> ResponseStream<T>
+where
+    T: Send + 'static,
+    K: PartialEq + Send + 'static,
+    F: FnMut() -> Result<(T, K), Status> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel::<Result<T, Status>>(4);
+    let mut rx_changes = cache.subscribe();
+    rx_changes.mark_unchanged();
+    tokio::spawn(async move {
+        if tx.send(Ok(first)).await.is_err() {
+            return;
+        }
+        let mut last = first_key;
+        loop {
+            tokio::select! {
+                _ = tx.closed() => return,
+                changed = rx_changes.changed() => if changed.is_err() { return },
+            }
+            match next() {
+                Ok((msg, key)) => {
+                    if key != last {
+                        last = key;
+                        if tx.send(Ok(msg)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(status) => {
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
+            }
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = ResponseStream<pb::X509svidResponse>;
+    type FetchX509BundlesStream = ResponseStream<pb::X509BundlesResponse>;
+    type FetchJWTBundlesStream = ResponseStream<pb::JwtBundlesResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        request: Request<pb::X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        check_header(&request)?;
+        let selectors = self.attest(&request).await?;
+        self.ready()?;
+        let view = self.view_with_svids(&selectors).await;
+        let first = x509_response(&view).ok_or_else(|| Status::permission_denied(NO_IDENTITY))?;
+        let key = x509_fingerprint(&view);
+        let cache = self.cache.clone();
+        let clock = self.clock.clone();
+        let stream = spawn_stream(self.cache.clone(), first, key, move || {
+            let view = cache.view_for(&selectors, clock.now());
+            match x509_response(&view) {
+                Some(msg) => Ok((msg, x509_fingerprint(&view))),
+                // Every identity is gone (entry deleted, expired): say so and end the stream.
+                None => Err(Status::permission_denied(NO_IDENTITY)),
+            }
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        request: Request<pb::X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        check_header(&request)?;
+        self.ready()?;
+        let make = |cache: &Cache| -> Result<(pb::X509BundlesResponse, Vec<u8>), Status> {
+            let bundle = cache
+                .bundle()
+                .filter(|b| !b.x509_authorities.is_empty())
+                .ok_or_else(|| Status::unavailable("no trust bundle yet"))?;
+            let der = bundle.x509_der_concat();
+            Ok((
+                pb::X509BundlesResponse {
+                    crl: vec![],
+                    bundles: HashMap::from([(bundle.trust_domain.id_string(), der.clone())]),
+                },
+                der,
+            ))
+        };
+        let (first, key) = make(&self.cache)?;
+        let cache = self.cache.clone();
+        Ok(Response::new(spawn_stream(
+            self.cache.clone(),
+            first,
+            key,
+            move || make(&cache),
+        )))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        request: Request<pb::JwtsvidRequest>,
+    ) -> Result<Response<pb::JwtsvidResponse>, Status> {
+        check_header(&request)?;
+        let selectors = self.attest(&request).await?;
+        self.ready()?;
+        let req = request.into_inner();
+        if req.audience.is_empty() {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        crate::server::node_api::validate_audience(&req.audience)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let wanted = if req.spiffe_id.is_empty() {
+            None
+        } else {
+            Some(
+                spiffe::SpiffeId::new(&req.spiffe_id)
+                    .map_err(|e| Status::invalid_argument(format!("spiffe_id: {e}")))?,
+            )
+        };
+        let now = self.clock.now();
+        let entries: Vec<_> = self
+            .cache
+            .view_for(&selectors, now)
+            .entries
+            .into_iter()
+            .filter(|e| wanted.as_ref().is_none_or(|w| *w == e.spiffe_id))
+            .collect();
+        if entries.is_empty() {
+            return Err(Status::permission_denied(NO_IDENTITY));
+        }
+        let mut svids = Vec::with_capacity(entries.len());
+        for e in entries {
+            let token = match self.cache.jwt(&e.id, &req.audience, now) {
+                Some(t) => t,
+                None => {
+                    let mut client = self.link.client().await.map_err(|e| {
+                        Status::unavailable(format!("cannot reach the server to mint a JWT-SVID: {e}"))
+                    })?;
+                    let resp = client
+                        .mint_jwt_svid(npb::MintJwtSvidRequest {
+                            entry_id: e.id.clone(),
+                            audience: req.audience.clone(),
+                        })
+                        .await
+                        .map_err(|s| {
+                            if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) {
+                                let link = self.link.clone();
+                                tokio::spawn(async move { link.reset().await });
+                            }
+                            Status::unavailable(format!("minting a JWT-SVID failed: {}", s.message()))
+                        })?
+                        .into_inner();
+                    self.cache.put_jwt(
+                        &e.id,
+                        &req.audience,
+                        CachedJwtSvid {
+                            token: resp.token.clone(),
+                            issued_at: now,
+                            expires_at: from_unix_seconds(resp.expires_at),
+                        },
+                    );
+                    resp.token
+                }
+            };
+            svids.push(pb::Jwtsvid {
+                spiffe_id: e.spiffe_id.to_string(),
+                svid: token,
+                hint: e.hint.clone(),
+            });
+        }
+        Ok(Response::new(pb::JwtsvidResponse { svids }))
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        request: Request<pb::JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        check_header(&request)?;
+        self.ready()?;
+        let make = |cache: &Cache| -> Result<(pb::JwtBundlesResponse, String), Status> {
+            let bundle = cache
+                .bundle()
+                .ok_or_else(|| Status::unavailable("no trust bundle yet"))?;
+            let jwks = bundle.jwt_jwks_json();
+            Ok((
+                pb::JwtBundlesResponse {
+                    bundles: HashMap::from([(
+                        bundle.trust_domain.id_string(),
+                        jwks.clone().into_bytes(),
+                    )]),
+                },
+                jwks,
+            ))
+        };
+        let (first, key) = make(&self.cache)?;
+        let cache = self.cache.clone();
+        Ok(Response::new(spawn_stream(
+            self.cache.clone(),
+            first,
+            key,
+            move || make(&cache),
+        )))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        request: Request<pb::ValidateJwtsvidRequest>,
+    ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
+        check_header(&request)?;
+        self.ready()?;
+        let req = request.into_inner();
+        if req.audience.is_empty() {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        if req.svid.is_empty() {
+            return Err(Status::invalid_argument("svid must be specified"));
+        }
+        let bundle = self
+            .cache
+            .bundle()
+            .ok_or_else(|| Status::unavailable("no trust bundle yet"))?;
+        let validated =
+            crate::svid::jwt::validate(&req.svid, &req.audience, &bundle, self.clock.now())
+                .map_err(|e| Status::invalid_argument(format!("invalid JWT-SVID: {e}")))?;
+        Ok(Response::new(pb::ValidateJwtsvidResponse {
+            spiffe_id: validated.spiffe_id.to_string(),
+            claims: Some(claims::to_struct(validated.claims)),
+        }))
+    }
+}
