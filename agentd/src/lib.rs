@@ -22,3 +22,4 @@ pub mod server;
 pub mod tls;
 pub mod node;
 pub mod workload_api;
+pub mod cli;

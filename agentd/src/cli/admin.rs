@@ -1,0 +1,333 @@
+//! Admin commands: talk to the server over its admin Unix socket.
+
+use std::path::Path;
+
+use agentd_proto::admin as pb;
+use agentd_proto::admin::admin_client::AdminClient;
+use anyhow::{anyhow, Context};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tonic::transport::Channel;
+
+use super::output::rfc3339;
+use super::{
+    BundleCommand, BundleFormat, EntryCommand, EntryFields, NodeCommand, Output, TokenCommand,
+};
+use crate::ttl::Ttl;
+
+/// A gRPC channel over a Unix socket.
+pub async fn unix_channel(path: &Path) -> anyhow::Result<Channel> {
+    let path = path.to_path_buf();
+    let shown = path.display().to_string();
+    tonic::transport::Endpoint::try_from("http://localhost")?
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+        .map_err(|e| anyhow!("cannot connect to {shown}: {}", crate::tls::source_chain(&e)))
+}
+
+async fn client(path: &Path) -> anyhow::Result<AdminClient<Channel>> {
+    Ok(AdminClient::new(
+        unix_channel(path)
+            .await
+            .context("is the server running? (--admin-socket)")?,
+    ))
+}
+
+/// A failed call as one clear line: the server's message says which field and why.
+fn status(s: tonic::Status) -> anyhow::Error {
+    anyhow!("{}", s.message())
+}
+
+fn ttl_secs(field: &str, raw: &Option<String>) -> anyhow::Result<Option<i64>> {
+    raw.as_deref()
+        .map(|s| {
+            s.parse::<Ttl>()
+                .map(|t| t.as_secs() as i64)
+                .map_err(|e| anyhow!("{field}: {e}"))
+        })
+        .transpose()
+}
+
+pub fn entry_json(e: &pb::Entry) -> serde_json::Value {
+    json!({
+        "id": e.id,
+        "spiffe_id": e.spiffe_id,
+        "parent_id": e.parent_id,
+        "selectors": e.selectors.iter().map(|s| format!("{}:{}", s.r#type, s.value)).collect::<Vec<_>>(),
+        "x509_svid_ttl": e.x509_svid_ttl_seconds,
+        "jwt_svid_ttl": e.jwt_svid_ttl_seconds,
+        "dns_names": e.dns_names,
+        "hint": e.hint,
+        "scopes": e.scopes,
+        "owner": if e.owner.is_empty() { serde_json::Value::Null } else { json!(e.owner) },
+        "revision": e.revision,
+        "created_at": e.created_at,
+    })
+}
+
+fn entry_text(e: &pb::Entry) -> String {
+    let mut s = format!(
+        "Entry ID      : {}\nSPIFFE ID     : {}\nParent ID     : {}\n",
+        e.id, e.spiffe_id, e.parent_id
+    );
+    for sel in &e.selectors {
+        s += &format!("Selector      : {}:{}\n", sel.r#type, sel.value);
+    }
+    s += &format!(
+        "X509-SVID TTL : {}\nJWT-SVID TTL  : {}\n",
+        e.x509_svid_ttl_seconds, e.jwt_svid_ttl_seconds
+    );
+    for d in &e.dns_names {
+        s += &format!("DNS name      : {d}\n");
+    }
+    for sc in &e.scopes {
+        s += &format!("Scope         : {sc}\n");
+    }
+    if !e.owner.is_empty() {
+        s += &format!("Owner         : {}\n", e.owner);
+    }
+    if !e.hint.is_empty() {
+        s += &format!("Hint          : {}\n", e.hint);
+    }
+    s += &format!("Revision      : {}\n", e.revision);
+    s
+}
+
+fn node_json(n: &pb::Node) -> serde_json::Value {
+    json!({
+        "spiffe_id": n.spiffe_id,
+        "attestation_type": n.attestation_type,
+        "serial": n.serial,
+        "svid_expires_at": n.svid_expires_at,
+        "attested_at": n.attested_at,
+        "last_seen_at": n.last_seen_at,
+    })
+}
+
+fn node_text(n: &pb::Node) -> String {
+    format!(
+        "SPIFFE ID        : {}\nAttestation type : {}\nSerial           : {}\nSVID expires at  : {}\nAttested at      : {}\n",
+        n.spiffe_id,
+        n.attestation_type,
+        n.serial,
+        rfc3339(n.svid_expires_at),
+        rfc3339(n.attested_at)
+    )
+}
+
+pub async fn token(cmd: TokenCommand, out: Output) -> anyhow::Result<()> {
+    let TokenCommand::Generate {
+        spiffe_id,
+        ttl,
+        admin,
+    } = cmd;
+    let ttl_seconds = ttl_secs("ttl", &ttl)?.unwrap_or(0);
+    let t = client(&admin.admin_socket)
+        .await?
+        .create_join_token(pb::CreateJoinTokenRequest {
+            spiffe_id,
+            ttl_seconds,
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    out.print(
+        &json!({"token": t.token, "spiffe_id": t.spiffe_id, "expires_at": t.expires_at}),
+        || t.token.clone(),
+    );
+    Ok(())
+}
+
+fn spec_from_fields(f: EntryFields) -> anyhow::Result<pb::EntrySpec> {
+    Ok(pb::EntrySpec {
+        spiffe_id: f.spiffe_id.ok_or_else(|| anyhow!("--spiffe-id is required"))?,
+        parent_id: f.parent_id.ok_or_else(|| anyhow!("--parent-id is required"))?,
+        selectors: f.selectors,
+        x509_svid_ttl_seconds: ttl_secs("x509_svid_ttl", &f.x509_svid_ttl)?.unwrap_or(0),
+        jwt_svid_ttl_seconds: ttl_secs("jwt_svid_ttl", &f.jwt_svid_ttl)?.unwrap_or(0),
+        dns_names: f.dns_names,
+        hint: f.hint.unwrap_or_default(),
+        scopes: f.scopes,
+        owner: f.owner.unwrap_or_default(),
+    })
+}
+
+pub async fn entry(cmd: EntryCommand, out: Output) -> anyhow::Result<()> {
+    match cmd {
+        EntryCommand::Create { fields, admin } => {
+            if fields.selectors.is_empty() {
+                return Err(anyhow!("selector: at least one --selector is required"));
+            }
+            let spec = spec_from_fields(fields)?;
+            let e = client(&admin.admin_socket)
+                .await?
+                .create_entry(spec)
+                .await
+                .map_err(status)?
+                .into_inner();
+            out.print(&entry_json(&e), || e.id.clone());
+        }
+        EntryCommand::Show {
+            id,
+            spiffe_id,
+            parent_id,
+            selector,
+            admin,
+        } => {
+            let mut c = client(&admin.admin_socket).await?;
+            if let Some(id) = id {
+                let e = c
+                    .get_entry(pb::GetEntryRequest { id })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                out.print(&entry_json(&e), || entry_text(&e));
+            } else {
+                let list = c
+                    .list_entries(pb::ListEntriesRequest {
+                        spiffe_id: spiffe_id.unwrap_or_default(),
+                        parent_id: parent_id.unwrap_or_default(),
+                        selector: selector.unwrap_or_default(),
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner()
+                    .entries;
+                out.print(
+                    &json!(list.iter().map(entry_json).collect::<Vec<_>>()),
+                    || {
+                        let mut s = format!("Found {} entries\n", list.len());
+                        for e in &list {
+                            s += "\n";
+                            s += &entry_text(e);
+                        }
+                        s
+                    },
+                );
+            }
+        }
+        EntryCommand::Update { id, fields, admin } => {
+            let list = |v: Vec<String>| (!v.is_empty()).then_some(pb::StringList { values: v });
+            let req = pb::UpdateEntryRequest {
+                id,
+                x509_svid_ttl_seconds: ttl_secs("x509_svid_ttl", &fields.x509_svid_ttl)?,
+                jwt_svid_ttl_seconds: ttl_secs("jwt_svid_ttl", &fields.jwt_svid_ttl)?,
+                spiffe_id: fields.spiffe_id,
+                parent_id: fields.parent_id,
+                selectors: list(fields.selectors),
+                dns_names: list(fields.dns_names),
+                hint: fields.hint,
+                scopes: list(fields.scopes),
+                owner: fields.owner,
+            };
+            let e = client(&admin.admin_socket)
+                .await?
+                .update_entry(req)
+                .await
+                .map_err(status)?
+                .into_inner();
+            out.print(&entry_json(&e), || entry_text(&e));
+        }
+        EntryCommand::Delete { id, admin } => {
+            let e = client(&admin.admin_socket)
+                .await?
+                .delete_entry(pb::DeleteEntryRequest { id })
+                .await
+                .map_err(status)?
+                .into_inner();
+            out.print(&entry_json(&e), || format!("Deleted entry {}", e.id));
+        }
+    }
+    Ok(())
+}
+
+pub async fn node(cmd: NodeCommand, out: Output) -> anyhow::Result<()> {
+    match cmd {
+        NodeCommand::Run(_) => unreachable!("dispatched to the daemon"),
+        NodeCommand::List(admin) => {
+            let nodes = client(&admin.admin_socket)
+                .await?
+                .list_nodes(pb::ListNodesRequest {})
+                .await
+                .map_err(status)?
+                .into_inner()
+                .nodes;
+            out.print(&json!(nodes.iter().map(node_json).collect::<Vec<_>>()), || {
+                let mut s = format!("Found {} attested nodes\n", nodes.len());
+                for n in &nodes {
+                    s += "\n";
+                    s += &node_text(n);
+                }
+                s
+            });
+        }
+        NodeCommand::Show { spiffe_id, admin } => {
+            let n = client(&admin.admin_socket)
+                .await?
+                .get_node(pb::GetNodeRequest { spiffe_id })
+                .await
+                .map_err(status)?
+                .into_inner();
+            out.print(&node_json(&n), || node_text(&n));
+        }
+        NodeCommand::Evict { spiffe_id, admin } => {
+            let n = client(&admin.admin_socket)
+                .await?
+                .evict_node(pb::EvictNodeRequest { spiffe_id })
+                .await
+                .map_err(status)?
+                .into_inner();
+            out.print(&node_json(&n), || format!("Evicted node {}", n.spiffe_id));
+        }
+    }
+    Ok(())
+}
+
+pub async fn bundle(cmd: BundleCommand, out: Output) -> anyhow::Result<()> {
+    let BundleCommand::Show { format, admin } = cmd;
+    let b = client(&admin.admin_socket)
+        .await?
+        .get_bundle(pb::GetBundleRequest {})
+        .await
+        .map_err(status)?
+        .into_inner();
+    match (out, format) {
+        (Output::Json, BundleFormat::Spiffe) | (Output::Text, BundleFormat::Spiffe) => {
+            // The SPIFFE format is JSON already: print it as the one value.
+            println!("{}", b.spiffe_json);
+        }
+        (Output::Json, BundleFormat::Pem) => {
+            println!(
+                "{}",
+                json!({"trust_domain": b.trust_domain, "sequence": b.sequence, "pem": b.pem})
+            );
+        }
+        (Output::Text, BundleFormat::Pem) => print!("{}", b.pem),
+    }
+    Ok(())
+}
+
+pub async fn healthcheck(path: &Path, out: Output) -> anyhow::Result<()> {
+    let info = client(path)
+        .await?
+        .get_server_info(pb::GetServerInfoRequest {})
+        .await
+        .map_err(status)?
+        .into_inner();
+    out.print(
+        &json!({
+            "healthy": true,
+            "trust_domain": info.trust_domain,
+            "node_api_address": info.node_api_address,
+            "version": info.version,
+            "bundle_sequence": info.bundle_sequence,
+        }),
+        || format!("Server is healthy (trust domain {}, node API {})", info.trust_domain, info.node_api_address),
+    );
+    Ok(())
+}

@@ -1,0 +1,319 @@
+//! The `agentd` command line. Names are fixed by the design (users and scripts rely on them):
+//! `server run`, `node run`, `token generate`, `entry ...`, `node list|show|evict`,
+//! `bundle show`, `api fetch|validate|watch`, `healthcheck`.
+
+mod admin;
+mod daemon;
+mod output;
+mod workload;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+pub use output::Output;
+
+#[derive(Debug, Parser)]
+#[command(name = "agentd", version, about = "SPIFFE workload identity for AI agents")]
+pub struct Cli {
+    /// Output format for commands that print data.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// The central server.
+    #[command(subcommand)]
+    Server(ServerCommand),
+    /// The node agent, and the server's view of attested nodes.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Join tokens for node attestation.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Registration entries.
+    #[command(subcommand)]
+    Entry(EntryCommand),
+    /// The trust bundle.
+    #[command(subcommand)]
+    Bundle(BundleCommand),
+    /// Workload API client commands (talk to the node agent's socket).
+    #[command(subcommand)]
+    Api(ApiCommand),
+    /// Checks that a node agent (socket) or the server (admin socket) is up and ready.
+    Healthcheck(HealthcheckArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// Log level (trace, debug, info, warn, error) or a tracing filter; RUST_LOG overrides.
+    #[arg(long, default_value = "info")]
+    pub log_level: String,
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServerCommand {
+    /// Runs the server.
+    Run(ServerRunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServerRunArgs {
+    /// TOML config file; flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub trust_domain: Option<String>,
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Node API address, HOST:PORT (port 0 picks a free one).
+    #[arg(long)]
+    pub bind_address: Option<String>,
+    #[arg(long, env = "AGENTD_ADMIN_SOCKET")]
+    pub admin_socket: Option<PathBuf>,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct AdminSocketArg {
+    /// The server's admin socket.
+    #[arg(long, env = "AGENTD_ADMIN_SOCKET", default_value = crate::server::config::DEFAULT_ADMIN_SOCKET)]
+    pub admin_socket: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Runs the node agent.
+    Run(NodeRunArgs),
+    /// Lists attested nodes.
+    List(AdminSocketArg),
+    /// Shows one attested node.
+    Show {
+        #[arg(long)]
+        spiffe_id: String,
+        #[command(flatten)]
+        admin: AdminSocketArg,
+    },
+    /// Evicts a node: it must attest again with a new join token.
+    Evict {
+        #[arg(long)]
+        spiffe_id: String,
+        #[command(flatten)]
+        admin: AdminSocketArg,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct NodeRunArgs {
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The server's node API, HOST:PORT.
+    #[arg(long)]
+    pub server_address: Option<String>,
+    #[arg(long, env = "AGENTD_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+    /// The server's trust bundle (PEM), to authenticate it on first contact.
+    #[arg(long, conflicts_with = "insecure_bootstrap")]
+    pub trust_bundle: Option<PathBuf>,
+    /// Trust any server on first contact. Trial use only.
+    #[arg(long)]
+    pub insecure_bootstrap: bool,
+    /// Workload API socket path.
+    #[arg(long)]
+    pub socket_path: Option<PathBuf>,
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// How often to sync with the server (seconds or a duration).
+    #[arg(long)]
+    pub sync_interval: Option<String>,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Creates a single-use join token; a node attested with it gets `--spiffe-id`.
+    Generate {
+        #[arg(long)]
+        spiffe_id: String,
+        /// Seconds or a duration (90s, 5m, 8h).
+        #[arg(long)]
+        ttl: Option<String>,
+        #[command(flatten)]
+        admin: AdminSocketArg,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct EntryFields {
+    #[arg(long)]
+    pub spiffe_id: Option<String>,
+    #[arg(long)]
+    pub parent_id: Option<String>,
+    /// TYPE:VALUE, e.g. unix:uid:1000; repeat for several (all must match).
+    #[arg(long = "selector")]
+    pub selectors: Vec<String>,
+    /// Tool/action permissions, e.g. crm:read; repeat for several.
+    #[arg(long = "scope")]
+    pub scopes: Vec<String>,
+    /// The accountable human owner.
+    #[arg(long)]
+    pub owner: Option<String>,
+    #[arg(long)]
+    pub x509_svid_ttl: Option<String>,
+    #[arg(long)]
+    pub jwt_svid_ttl: Option<String>,
+    #[arg(long = "dns-name")]
+    pub dns_names: Vec<String>,
+    #[arg(long)]
+    pub hint: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EntryCommand {
+    /// Creates an entry; prints its id.
+    Create {
+        #[command(flatten)]
+        fields: EntryFields,
+        #[command(flatten)]
+        admin: AdminSocketArg,
+    },
+    /// Shows one entry (--id) or the entries matching the filters.
+    Show {
+        #[arg(long)]
+        id: Option<String>,
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        #[arg(long)]
+        parent_id: Option<String>,
+        #[arg(long)]
+        selector: Option<String>,
+        #[command(flatten)]
+        admin: AdminSocketArg,
+    },
+    /// Updates the given fields of an entry; lists given replace the old ones.
+    Update {
+        #[arg(long)]
+        id: String,
+        #[command(flatten)]
+        fields: EntryFields,
+        #[command(flatten)]
+        admin: AdminSocketArg,
+    },
+    /// Deletes an entry.
+    Delete {
+        #[arg(long)]
+        id: String,
+        #[command(flatten)]
+        admin: AdminSocketArg,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BundleFormat {
+    Pem,
+    Spiffe,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BundleCommand {
+    /// Prints the trust bundle.
+    Show {
+        #[arg(long, value_enum, default_value_t = BundleFormat::Pem)]
+        format: BundleFormat,
+        #[command(flatten)]
+        admin: AdminSocketArg,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct SocketArg {
+    /// Workload API socket: a path, unix:///path or unix:/path. Default:
+    /// $SPIFFE_ENDPOINT_SOCKET, then /tmp/agentd-node/public/api.sock.
+    #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", default_value = crate::node::config::DEFAULT_SOCKET_PATH)]
+    pub socket_path: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApiCommand {
+    /// Fetches SVIDs from the Workload API.
+    #[command(subcommand)]
+    Fetch(FetchCommand),
+    /// Validates a token through the Workload API.
+    #[command(subcommand)]
+    Validate(ValidateCommand),
+    /// Streams X.509-SVID updates until interrupted.
+    Watch(SocketArg),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FetchCommand {
+    /// X.509-SVIDs; --write DIR stores svid.N.pem, svid.N.key and bundle.N.pem.
+    X509 {
+        #[arg(long)]
+        write: Option<PathBuf>,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// A JWT-SVID for an audience.
+    Jwt {
+        #[arg(long, required = true)]
+        audience: Vec<String>,
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ValidateCommand {
+    /// Validates a JWT-SVID for an audience.
+    Jwt {
+        #[arg(long)]
+        audience: String,
+        #[arg(long)]
+        svid: String,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct HealthcheckArgs {
+    /// Check the server through its admin socket instead of a node agent.
+    #[arg(long)]
+    pub admin_socket: Option<PathBuf>,
+    #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", default_value = crate::node::config::DEFAULT_SOCKET_PATH)]
+    pub socket_path: String,
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let out = cli.output;
+    match cli.command {
+        Command::Server(ServerCommand::Run(args)) => daemon::server_run(args).await,
+        Command::Node(NodeCommand::Run(args)) => daemon::node_run(args).await,
+        Command::Node(cmd) => admin::node(cmd, out).await,
+        Command::Token(cmd) => admin::token(cmd, out).await,
+        Command::Entry(cmd) => admin::entry(cmd, out).await,
+        Command::Bundle(cmd) => admin::bundle(cmd, out).await,
+        Command::Api(cmd) => workload::api(cmd, out).await,
+        Command::Healthcheck(args) => match &args.admin_socket {
+            Some(p) => admin::healthcheck(p, out).await,
+            None => workload::healthcheck(&args.socket_path, out).await,
+        },
+    }
+}

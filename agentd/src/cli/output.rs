@@ -1,0 +1,34 @@
+//! Printing: human text, or exactly one JSON value on stdout with `--output json`.
+
+use clap::ValueEnum;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+impl Output {
+    /// Prints `json` in JSON mode, `text` otherwise.
+    pub fn print(self, json: &serde_json::Value, text: impl FnOnce() -> String) {
+        match self {
+            Output::Json => println!("{json}"),
+            Output::Text => {
+                let t = text();
+                if t.ends_with('\n') {
+                    print!("{t}");
+                } else {
+                    println!("{t}");
+                }
+            }
+        }
+    }
+}
+
+/// RFC 3339 for a Unix timestamp (UTC).
+pub fn rfc3339(secs: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| secs.to_string())
+}

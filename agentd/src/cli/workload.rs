@@ -1,0 +1,318 @@
+//! Workload API commands: talk to the node agent's socket like any workload would.
+
+use std::path::{Path, PathBuf};
+
+use agentd_proto::workload as pb;
+use agentd_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use anyhow::{anyhow, Context};
+use futures::StreamExt;
+use serde_json::json;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use super::output::rfc3339;
+use super::{ApiCommand, FetchCommand, Output, ValidateCommand};
+
+type Client = SpiffeWorkloadApiClient<
+    InterceptedService<Channel, fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>>,
+>;
+
+/// `unix:///path`, `unix:/path` or a plain path, as in SPIFFE_ENDPOINT_SOCKET.
+pub fn socket_path(raw: &str) -> anyhow::Result<PathBuf> {
+    let path = if let Some(rest) = raw.strip_prefix("unix://") {
+        rest
+    } else if let Some(rest) = raw.strip_prefix("unix:") {
+        rest
+    } else if raw.starts_with("tcp:") {
+        return Err(anyhow!("socket_path: tcp endpoints are not supported by this CLI; use a unix socket"));
+    } else {
+        raw
+    };
+    if !path.starts_with('/') {
+        return Err(anyhow!("socket_path: {raw:?} must be an absolute path or unix:///path"));
+    }
+    Ok(PathBuf::from(path))
+}
+
+fn add_header(mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    req.metadata_mut().insert(
+        agentd_proto::WORKLOAD_HEADER,
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    Ok(req)
+}
+
+async fn client(raw: &str) -> anyhow::Result<Client> {
+    let path = socket_path(raw)?;
+    let ch = super::admin::unix_channel(&path)
+        .await
+        .context("is the node agent running? (--socket-path)")?;
+    Ok(SpiffeWorkloadApiClient::with_interceptor(
+        ch,
+        add_header as fn(_) -> _,
+    ))
+}
+
+fn status(s: tonic::Status) -> anyhow::Error {
+    anyhow!("{}", s.message())
+}
+
+struct CertInfo {
+    serial: String,
+    not_before: i64,
+    not_after: i64,
+}
+
+fn cert_info(der: &[u8]) -> Option<CertInfo> {
+    let (_, c) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(CertInfo {
+        serial: c.tbs_certificate.serial.to_str_radix(16),
+        not_before: c.validity().not_before.timestamp(),
+        not_after: c.validity().not_after.timestamp(),
+    })
+}
+
+/// Splits concatenated DER certificates.
+pub fn split_der_certs(mut der: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    while !der.is_empty() {
+        let (rest, _) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| anyhow!("malformed certificate in response: {e}"))?;
+        out.push(der[..der.len() - rest.len()].to_vec());
+        der = rest;
+    }
+    Ok(out)
+}
+
+fn pem_certs(ders: &[Vec<u8>]) -> String {
+    ders.iter()
+        .map(|d| pem::encode(&pem::Pem::new("CERTIFICATE", d.clone())))
+        .collect()
+}
+
+fn svid_json(s: &pb::X509svid) -> anyhow::Result<serde_json::Value> {
+    let chain = split_der_certs(&s.x509_svid)?;
+    let info = chain
+        .first()
+        .and_then(|c| cert_info(c))
+        .ok_or_else(|| anyhow!("SVID without a certificate"))?;
+    Ok(json!({
+        "spiffe_id": s.spiffe_id,
+        "hint": s.hint,
+        "serial": info.serial,
+        "not_before": info.not_before,
+        "not_after": info.not_after,
+        "chain_length": chain.len(),
+    }))
+}
+
+fn svid_text(i: usize, s: &pb::X509svid) -> String {
+    let chain = split_der_certs(&s.x509_svid).unwrap_or_default();
+    let info = chain.first().and_then(|c| cert_info(c));
+    let mut t = format!("SPIFFE ID     : {}\n", s.spiffe_id);
+    if let Some(info) = info {
+        t += &format!(
+            "SVID serial   : {}\nValid after   : {}\nValid until   : {}\n",
+            info.serial,
+            rfc3339(info.not_before),
+            rfc3339(info.not_after)
+        );
+    }
+    if !s.hint.is_empty() {
+        t += &format!("Hint          : {}\n", s.hint);
+    }
+    t += &format!("Index         : {i}\n");
+    t
+}
+
+fn write_svids(dir: &Path, resp: &pb::X509svidResponse) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (i, s) in resp.svids.iter().enumerate() {
+        let chain = split_der_certs(&s.x509_svid)?;
+        let bundle = split_der_certs(&s.bundle)?;
+        let write = |name: String, data: &[u8]| {
+            let p = dir.join(name);
+            std::fs::write(&p, data).with_context(|| format!("writing {}", p.display()))
+        };
+        write(format!("svid.{i}.pem"), pem_certs(&chain).as_bytes())?;
+        write(format!("bundle.{i}.pem"), pem_certs(&bundle).as_bytes())?;
+        let key = zeroize::Zeroizing::new(pem::encode(&pem::Pem::new(
+            "PRIVATE KEY",
+            s.x509_svid_key.clone(),
+        )));
+        crate::keys::write_secret_file(&dir.join(format!("svid.{i}.key")), key.as_bytes())?;
+    }
+    Ok(())
+}
+
+pub async fn api(cmd: ApiCommand, out: Output) -> anyhow::Result<()> {
+    match cmd {
+        ApiCommand::Fetch(FetchCommand::X509 { write, socket }) => {
+            let mut stream = client(&socket.socket_path)
+                .await?
+                .fetch_x509svid(pb::X509svidRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            let resp = stream
+                .next()
+                .await
+                .ok_or_else(|| anyhow!("the node agent closed the stream without an answer"))?
+                .map_err(status)?;
+            if let Some(dir) = &write {
+                write_svids(dir, &resp)?;
+            }
+            let svids = resp
+                .svids
+                .iter()
+                .map(svid_json)
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            out.print(&json!({"svids": svids}), || {
+                let mut t = format!("Received {} svid(s)\n", resp.svids.len());
+                for (i, s) in resp.svids.iter().enumerate() {
+                    t += "\n";
+                    t += &svid_text(i, s);
+                }
+                if let Some(dir) = &write {
+                    t += &format!("\nWritten to {}\n", dir.display());
+                }
+                t
+            });
+        }
+        ApiCommand::Fetch(FetchCommand::Jwt {
+            audience,
+            spiffe_id,
+            socket,
+        }) => {
+            let resp = client(&socket.socket_path)
+                .await?
+                .fetch_jwtsvid(pb::JwtsvidRequest {
+                    audience,
+                    spiffe_id: spiffe_id.unwrap_or_default(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            out.print(
+                &json!({"svids": resp.svids.iter().map(|s| json!({"spiffe_id": s.spiffe_id, "svid": s.svid, "hint": s.hint})).collect::<Vec<_>>()}),
+                || {
+                    resp.svids
+                        .iter()
+                        .map(|s| format!("token({}):\n{}\n", s.spiffe_id, s.svid))
+                        .collect()
+                },
+            );
+        }
+        ApiCommand::Validate(ValidateCommand::Jwt {
+            audience,
+            svid,
+            socket,
+        }) => {
+            let resp = client(&socket.socket_path)
+                .await?
+                .validate_jwtsvid(pb::ValidateJwtsvidRequest { audience, svid })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let claims = resp
+                .claims
+                .map(|c| struct_to_json(&c))
+                .unwrap_or(serde_json::Value::Null);
+            out.print(
+                &json!({"spiffe_id": resp.spiffe_id, "claims": claims}),
+                || format!("SVID is valid.\nSPIFFE ID : {}\nClaims    : {claims}", resp.spiffe_id),
+            );
+        }
+        ApiCommand::Watch(socket) => {
+            let mut stream = client(&socket.socket_path)
+                .await?
+                .fetch_x509svid(pb::X509svidRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            while let Some(msg) = stream.next().await {
+                let resp = msg.map_err(status)?;
+                let svids = resp
+                    .svids
+                    .iter()
+                    .map(svid_json)
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                match out {
+                    // One JSON value per update, one per line.
+                    Output::Json => println!("{}", json!({"svids": svids})),
+                    Output::Text => {
+                        println!("Received {} svid(s)", resp.svids.len());
+                        for (i, s) in resp.svids.iter().enumerate() {
+                            print!("{}", svid_text(i, s));
+                        }
+                    }
+                }
+            }
+            return Err(anyhow!("the node agent closed the stream"));
+        }
+    }
+    Ok(())
+}
+
+fn struct_to_json(s: &prost_types::Struct) -> serde_json::Value {
+    serde_json::Value::Object(
+        s.fields
+            .iter()
+            .map(|(k, v)| (k.clone(), value_to_json(v)))
+            .collect(),
+    )
+}
+
+fn value_to_json(v: &prost_types::Value) -> serde_json::Value {
+    use prost_types::value::Kind;
+    match &v.kind {
+        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+        Some(Kind::BoolValue(b)) => json!(b),
+        Some(Kind::NumberValue(n)) => {
+            if n.fract() == 0.0 && n.abs() < 9.0e15 {
+                json!(*n as i64)
+            } else {
+                json!(n)
+            }
+        }
+        Some(Kind::StringValue(s)) => json!(s),
+        Some(Kind::ListValue(l)) => {
+            serde_json::Value::Array(l.values.iter().map(value_to_json).collect())
+        }
+        Some(Kind::StructValue(s)) => struct_to_json(s),
+    }
+}
+
+pub async fn healthcheck(raw: &str, out: Output) -> anyhow::Result<()> {
+    let path = socket_path(raw)?;
+    let ch = super::admin::unix_channel(&path)
+        .await
+        .context("is the node agent running? (--socket-path)")?;
+    let resp = tonic_health::pb::health_client::HealthClient::new(ch)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let serving = resp.status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    if !serving {
+        return Err(anyhow!("node agent is not ready (not yet attested and synced)"));
+    }
+    out.print(&json!({"healthy": true}), || "Node agent is healthy".to_string());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_path_forms() {
+        assert_eq!(socket_path("unix:///tmp/a.sock").unwrap(), PathBuf::from("/tmp/a.sock"));
+        assert_eq!(socket_path("unix:/tmp/a.sock").unwrap(), PathBuf::from("/tmp/a.sock"));
+        assert_eq!(socket_path("/tmp/a.sock").unwrap(), PathBuf::from("/tmp/a.sock"));
+        assert!(socket_path("relative.sock").is_err());
+        assert!(socket_path("tcp://127.0.0.1:1").is_err());
+    }
+}
