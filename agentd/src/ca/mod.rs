@@ -251,3 +251,6 @@ impl CertificateAuthority {
             .sign(&self.trust_domain, spiffe_id, audience, ttl, now)
     }
 }
+
+#[cfg(test)]
+mod tests;
