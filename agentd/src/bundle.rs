@@ -198,8 +198,8 @@ impl Bundle {
                 refresh_hint: DEFAULT_REFRESH_HINT,
             });
         }
-        let doc: Map<String, Value> = serde_json::from_str(json)
-            .map_err(|e| invalid(format!("not a JSON object: {e}")))?;
+        let doc: Map<String, Value> =
+            serde_json::from_str(json).map_err(|e| invalid(format!("not a JSON object: {e}")))?;
         let keys = doc
             .get("keys")
             .and_then(Value::as_array)
@@ -243,8 +243,8 @@ impl Bundle {
                                 .decode(s)
                                 .map_err(|e| invalid(format!("{at}: x5c[0] is not base64: {e}")))
                         })?;
-                    let spki = cert_spki_der(&der)
-                        .map_err(|e| invalid(format!("{at}: x5c[0]: {e}")))?;
+                    let spki =
+                        cert_spki_der(&der).map_err(|e| invalid(format!("{at}: x5c[0]: {e}")))?;
                     if key.contains_key("x") || key.contains_key("n") {
                         if let Some(members) = jwk_key_members(&spki) {
                             for (name, value) in &members {
@@ -385,7 +385,13 @@ mod tests {
             STANDARD.decode(x["x5c"][0].as_str().unwrap()).unwrap(),
             b.x509_authorities[0]
         );
-        assert_eq!(URL_SAFE_NO_PAD.decode(x["x"].as_str().unwrap()).unwrap().len(), 32);
+        assert_eq!(
+            URL_SAFE_NO_PAD
+                .decode(x["x"].as_str().unwrap())
+                .unwrap()
+                .len(),
+            32
+        );
         let j = &keys[1];
         assert_eq!(j["use"], "jwt-svid");
         assert_eq!(j["kid"], "0123456789abcdef0123456789abcdef");
@@ -401,7 +407,10 @@ mod tests {
         let b = test_bundle();
         let pem = b.x509_pem();
         assert!(pem.starts_with("-----BEGIN CERTIFICATE-----\n"));
-        assert_eq!(Bundle::x509_authorities_from_pem(&pem).unwrap(), b.x509_authorities);
+        assert_eq!(
+            Bundle::x509_authorities_from_pem(&pem).unwrap(),
+            b.x509_authorities
+        );
         let from_pem = Bundle::from_spiffe_json(b.trust_domain.clone(), &pem).unwrap();
         assert_eq!(from_pem.x509_authorities, b.x509_authorities);
         assert!(Bundle::x509_authorities_from_pem("nothing").is_err());
@@ -439,7 +448,10 @@ mod tests {
             (r#"{"keys":[{"use":"x509-svid","x5c":["!!"]}]}"#, "base64"),
             (r#"{"keys":[{"use":"x509-svid","x5c":["AAAA"]}]}"#, "X.509"),
             (r#"{"keys":[{"use":"jwt-svid","kty":"EC"}]}"#, "kid"),
-            (r#"{"keys":[{"use":"jwt-svid","kid":"a","kty":"RSA"}]}"#, "not supported"),
+            (
+                r#"{"keys":[{"use":"jwt-svid","kid":"a","kty":"RSA"}]}"#,
+                "not supported",
+            ),
             (r#"{"keys":[],"spiffe_sequence":-1}"#, "spiffe_sequence"),
         ];
         for (doc, needle) in cases {

@@ -86,11 +86,10 @@ impl PrivateKey {
     pub fn from_pem(pem: &str) -> Result<Self, KeyError> {
         let mut rest = pem.as_bytes();
         loop {
-            let item = rustls_pemfile::read_one_from_slice(rest).map_err(|e| {
-                KeyError::Invalid {
+            let item =
+                rustls_pemfile::read_one_from_slice(rest).map_err(|e| KeyError::Invalid {
                     reason: format!("PEM: {e:?}"),
-                }
-            })?;
+                })?;
             let Some((item, next)) = item else {
                 return Err(KeyError::Invalid {
                     reason: "no PRIVATE KEY or EC PRIVATE KEY block in the PEM".into(),
@@ -134,7 +133,9 @@ impl PrivateKey {
         pkcs8.extend_from_slice(&body);
         Self::from_pkcs8_der(&pkcs8).map_err(|e| match e {
             KeyError::Invalid { reason } => KeyError::Invalid {
-                reason: format!("SEC1 EC PRIVATE KEY (must be P-256 and include the public key): {reason}"),
+                reason: format!(
+                    "SEC1 EC PRIVATE KEY (must be P-256 and include the public key): {reason}"
+                ),
             },
             other => other,
         })
@@ -300,7 +301,9 @@ fn pem_encode_secret(label: &str, der: &[u8]) -> Zeroizing<String> {
     let b64_len = der.len().div_ceil(3) * 4;
     // Reserve up front so that no reallocation leaves copies of the key behind.
     let mut b64 = Zeroizing::new(String::with_capacity(b64_len));
-    let mut out = Zeroizing::new(String::with_capacity(b64_len + b64_len / 64 + 2 * label.len() + 40));
+    let mut out = Zeroizing::new(String::with_capacity(
+        b64_len + b64_len / 64 + 2 * label.len() + 40,
+    ));
     pem_encode_into(&mut out, label, der, &mut b64);
     out
 }
@@ -399,7 +402,10 @@ mod tests {
         assert_eq!(again.pkcs8_der(), key.pkcs8_der());
         let spki = key.public_key_spki_der();
         assert_eq!(spki.len(), 91);
-        assert_eq!(p256_point_from_spki(&spki).unwrap(), &key.public_key_point()[..]);
+        assert_eq!(
+            p256_point_from_spki(&spki).unwrap(),
+            &key.public_key_point()[..]
+        );
         // Cross-check the SPKI with rcgen's own encoding.
         let kp = rcgen::KeyPair::try_from(key.pkcs8_der()).unwrap();
         assert_eq!(rcgen::PublicKeyData::subject_public_key_info(&kp), spki);
@@ -409,7 +415,10 @@ mod tests {
     fn debug_never_shows_key_material() {
         let key = PrivateKey::generate().unwrap();
         let hex_key = hex::encode(key.pkcs8_der());
-        for dbg in [format!("{key:?}"), format!("{:?}", key.cert_signer().unwrap())] {
+        for dbg in [
+            format!("{key:?}"),
+            format!("{:?}", key.cert_signer().unwrap()),
+        ] {
             assert!(dbg.contains("redacted"), "{dbg}");
             assert!(!dbg.contains(&hex_key[hex_key.len() - 16..]));
             assert!(dbg.len() < 40);
@@ -431,7 +440,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ec.pem");
         match std::process::Command::new("openssl")
-            .args(["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out"])
+            .args([
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out",
+            ])
             .arg(&path)
             .status()
         {
@@ -486,9 +502,7 @@ mod tests {
         assert_eq!(loaded.pkcs8_der(), key.pkcs8_der());
         // Overwriting keeps 0600 and leaves no temp files behind.
         key.save(&path).unwrap();
-        let entries: Vec<_> = std::fs::read_dir(path.parent().unwrap())
-            .unwrap()
-            .collect();
+        let entries: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().collect();
         assert_eq!(entries.len(), 1);
         // DER works too.
         let der_path = dir.path().join("key.der");

@@ -157,7 +157,8 @@ impl KeyStore {
 
     pub fn save_jwt(&self, meta: &JwtMeta, key: &PrivateKey) -> Result<(), CaError> {
         self.save_key(JWT_KEY, key)?;
-        let json = serde_json::to_vec_pretty(meta).map_err(|e| store_err(&self.path(JWT_META), e))?;
+        let json =
+            serde_json::to_vec_pretty(meta).map_err(|e| store_err(&self.path(JWT_META), e))?;
         self.write(JWT_META, &json, 0o644)
     }
 

@@ -88,10 +88,22 @@ fn root_certificate_has_the_ca_profile() {
         .iter()
         .any(|e| e.oid == x509_parser::oid_registry::OID_X509_EXT_SUBJECT_KEY_IDENTIFIER));
     let subject = root.subject().to_string();
-    assert!(subject.contains("O=agentd test") && subject.contains("CN=example.org"), "{subject}");
-    assert_eq!(root.validity().not_before.timestamp(), unix_seconds(now) - 10);
-    assert_eq!(root.validity().not_after.timestamp(), unix_seconds(now) + 86_400);
-    assert_eq!(ca.not_after(), crate::clock::from_unix_seconds(unix_seconds(now) + 86_400));
+    assert!(
+        subject.contains("O=agentd test") && subject.contains("CN=example.org"),
+        "{subject}"
+    );
+    assert_eq!(
+        root.validity().not_before.timestamp(),
+        unix_seconds(now) - 10
+    );
+    assert_eq!(
+        root.validity().not_after.timestamp(),
+        unix_seconds(now) + 86_400
+    );
+    assert_eq!(
+        ca.not_after(),
+        crate::clock::from_unix_seconds(unix_seconds(now) + 86_400)
+    );
     root.verify_signature(None).unwrap();
 }
 
@@ -219,19 +231,36 @@ fn foreign_trust_domain_and_pathless_ids_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (ca, now) = new_ca(dir.path(), Duration::from_secs(3600));
     let key = PrivateKey::generate().unwrap();
-    let err = mint(&ca, &key, &id("spiffe://other.org/a"), Duration::from_secs(60), now)
-        .unwrap_err();
+    let err = mint(
+        &ca,
+        &key,
+        &id("spiffe://other.org/a"),
+        Duration::from_secs(60),
+        now,
+    )
+    .unwrap_err();
     assert!(
         matches!(&err, CaError::ForeignTrustDomain { spiffe_id, trust_domain }
             if spiffe_id == "spiffe://other.org/a" && trust_domain == "example.org"),
         "{err:?}"
     );
     let err = ca
-        .sign_jwt_svid(&id("spiffe://other.org/a"), &["x".into()], Duration::from_secs(60), now)
+        .sign_jwt_svid(
+            &id("spiffe://other.org/a"),
+            &["x".into()],
+            Duration::from_secs(60),
+            now,
+        )
         .unwrap_err();
     assert!(matches!(err, CaError::ForeignTrustDomain { .. }), "{err:?}");
-    let err = mint(&ca, &key, &id("spiffe://example.org"), Duration::from_secs(60), now)
-        .unwrap_err();
+    let err = mint(
+        &ca,
+        &key,
+        &id("spiffe://example.org"),
+        Duration::from_secs(60),
+        now,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("path"), "{err}");
 }
 
@@ -265,11 +294,15 @@ fn bad_csrs_are_refused_with_a_reason() {
 
     // Ed25519 and P-384 keys.
     let ed = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
-    let ed_csr = rcgen::CertificateParams::default().serialize_request(&ed).unwrap();
+    let ed_csr = rcgen::CertificateParams::default()
+        .serialize_request(&ed)
+        .unwrap();
     let reason = csr_reason(sign(ed_csr.der()));
     assert!(reason.contains("P-256"), "{reason}");
     let p384 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
-    let p384_csr = rcgen::CertificateParams::default().serialize_request(&p384).unwrap();
+    let p384_csr = rcgen::CertificateParams::default()
+        .serialize_request(&p384)
+        .unwrap();
     let reason = csr_reason(sign(p384_csr.der()));
     assert!(reason.contains("P-256"), "{reason}");
 
@@ -323,8 +356,14 @@ fn restart_gives_the_same_bundle_and_key_files_are_0600() {
     }
     // An SVID from the reloaded CA chains to the first bundle.
     let key = PrivateKey::generate().unwrap();
-    let svid = mint(&second, &key, &id("spiffe://example.org/a"), Duration::from_secs(60), clock.now())
-        .unwrap();
+    let svid = mint(
+        &second,
+        &key,
+        &id("spiffe://example.org/a"),
+        Duration::from_secs(60),
+        clock.now(),
+    )
+    .unwrap();
     let first_root = first.bundle().x509_authorities[0].clone();
     let root = parse(&first_root);
     parse(&svid.cert_chain[0])
@@ -334,7 +373,10 @@ fn restart_gives_the_same_bundle_and_key_files_are_0600() {
     // Once the CA has expired, a restart makes a new CA and JWT key and bumps the sequence.
     clock.advance(Duration::from_secs(3600));
     let third = CertificateAuthority::load_or_create(&c, &clock).unwrap();
-    assert_ne!(third.bundle().x509_authorities, first.bundle().x509_authorities);
+    assert_ne!(
+        third.bundle().x509_authorities,
+        first.bundle().x509_authorities
+    );
     assert_ne!(third.jwt_key_id(), first.jwt_key_id());
     assert_eq!(third.bundle().sequence, 2);
 }
@@ -379,9 +421,15 @@ fn debug_output_shows_no_key_material() {
         assert_eq!(&der[34..36], &[0x04, 0x20]);
         let scalar = &der[36..68];
         for w in scalar.windows(6) {
-            assert!(!dbg.contains(&hex::encode(w)), "{name} leaked in Debug (hex)");
+            assert!(
+                !dbg.contains(&hex::encode(w)),
+                "{name} leaked in Debug (hex)"
+            );
             let list = format!("{w:?}");
-            assert!(!dbg.contains(&list[1..list.len() - 1]), "{name} leaked in Debug (bytes)");
+            assert!(
+                !dbg.contains(&list[1..list.len() - 1]),
+                "{name} leaked in Debug (bytes)"
+            );
         }
     }
     assert!(dbg.contains("redacted") || dbg.contains("elided"), "{dbg}");
@@ -441,8 +489,14 @@ fn self_signed_svid_is_accepted_by_openssl_and_the_spiffe_crate() {
     let dir = tempfile::tempdir().unwrap();
     let (ca, now) = new_ca(&dir.path().join("keys"), Duration::from_secs(3600));
     let key = PrivateKey::generate().unwrap();
-    let svid = mint(&ca, &key, &id("spiffe://example.org/agent"), Duration::from_secs(600), now)
-        .unwrap();
+    let svid = mint(
+        &ca,
+        &key,
+        &id("spiffe://example.org/agent"),
+        Duration::from_secs(600),
+        now,
+    )
+    .unwrap();
     spiffe_crate_accepts(&svid, &key);
     if openssl_available() {
         openssl_verify(dir.path(), &ca.bundle(), &svid);
@@ -492,7 +546,11 @@ fn openssl_upstream(dir: &Path, newkey: &[&str]) -> UpstreamCa {
         .arg(&cert_file)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     UpstreamCa {
         cert_file,
         key_file,
@@ -501,10 +559,9 @@ fn openssl_upstream(dir: &Path, newkey: &[&str]) -> UpstreamCa {
 }
 
 fn check_upstream_mode(dir: &Path, upstream: UpstreamCa) {
-    let up_der = Bundle::x509_authorities_from_pem(
-        &std::fs::read_to_string(&upstream.cert_file).unwrap(),
-    )
-    .unwrap();
+    let up_der =
+        Bundle::x509_authorities_from_pem(&std::fs::read_to_string(&upstream.cert_file).unwrap())
+            .unwrap();
     let clock = ManualClock::new(now_whole());
     let c = cfg(&dir.join("keys"), Duration::from_secs(3600), Some(upstream));
     let ca = CertificateAuthority::load_or_create(&c, &clock).unwrap();
@@ -513,11 +570,20 @@ fn check_upstream_mode(dir: &Path, upstream: UpstreamCa) {
 
     let inter = parse(ca.signing_cert_der());
     assert!(inter.basic_constraints().unwrap().unwrap().value.ca);
-    assert_eq!(inter.issuer().as_raw(), parse(&up_der[0]).subject().as_raw());
+    assert_eq!(
+        inter.issuer().as_raw(),
+        parse(&up_der[0]).subject().as_raw()
+    );
 
     let key = PrivateKey::generate().unwrap();
-    let svid = mint(&ca, &key, &id("spiffe://example.org/agent"), Duration::from_secs(600), clock.now())
-        .unwrap();
+    let svid = mint(
+        &ca,
+        &key,
+        &id("spiffe://example.org/agent"),
+        Duration::from_secs(600),
+        clock.now(),
+    )
+    .unwrap();
     assert_eq!(svid.cert_chain.len(), 2);
     assert_eq!(svid.cert_chain[1], ca.signing_cert_der());
     spiffe_crate_accepts(&svid, &key);
@@ -561,7 +627,11 @@ fn upstream_bundle_file_roots_are_added_and_bad_upstreams_refused() {
     let extra = rcgen_upstream(other.path());
     upstream.bundle_file = Some(extra.cert_file.clone());
     let ca = CertificateAuthority::load_or_create(
-        &cfg(&dir.path().join("keys"), Duration::from_secs(3600), Some(upstream.clone())),
+        &cfg(
+            &dir.path().join("keys"),
+            Duration::from_secs(3600),
+            Some(upstream.clone()),
+        ),
         &ManualClock::new(now_whole()),
     )
     .unwrap();
@@ -571,7 +641,11 @@ fn upstream_bundle_file_roots_are_added_and_bad_upstreams_refused() {
     let mut mismatched = upstream.clone();
     mismatched.key_file = extra.key_file.clone();
     let err = CertificateAuthority::load_or_create(
-        &cfg(&dir.path().join("keys2"), Duration::from_secs(3600), Some(mismatched)),
+        &cfg(
+            &dir.path().join("keys2"),
+            Duration::from_secs(3600),
+            Some(mismatched),
+        ),
         &ManualClock::new(now_whole()),
     )
     .unwrap_err();
@@ -581,7 +655,11 @@ fn upstream_bundle_file_roots_are_added_and_bad_upstreams_refused() {
     let mut missing = upstream;
     missing.cert_file = dir.path().join("nope.pem");
     let err = CertificateAuthority::load_or_create(
-        &cfg(&dir.path().join("keys3"), Duration::from_secs(3600), Some(missing)),
+        &cfg(
+            &dir.path().join("keys3"),
+            Duration::from_secs(3600),
+            Some(missing),
+        ),
         &ManualClock::new(now_whole()),
     )
     .unwrap_err();

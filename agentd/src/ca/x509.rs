@@ -13,7 +13,9 @@ use spiffe::TrustDomain;
 use time::OffsetDateTime;
 use x509_parser::certificate::X509Certificate;
 use x509_parser::certification_request::X509CertificationRequest;
-use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_SIG_ECDSA_WITH_SHA256};
+use x509_parser::oid_registry::{
+    OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_SIG_ECDSA_WITH_SHA256,
+};
 use x509_parser::prelude::FromDer;
 use zeroize::Zeroizing;
 
@@ -208,8 +210,8 @@ pub(crate) struct Upstream {
 }
 
 fn read_text(path: &Path, what: &str) -> Result<Zeroizing<String>, CaError> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| upstream_err(format!("{what} {}: {e}", path.display())))?;
+    let bytes =
+        std::fs::read(path).map_err(|e| upstream_err(format!("{what} {}: {e}", path.display())))?;
     String::from_utf8(bytes)
         .map(Zeroizing::new)
         .map_err(|_| upstream_err(format!("{what} {}: not PEM text", path.display())))
@@ -248,14 +250,14 @@ impl Upstream {
         let key_pem = read_text(&cfg.key_file, "key")?;
         let key = match PrivateKey::from_pem(&key_pem) {
             Ok(k) => UpstreamKey::P256(k.cert_signer()?),
-            Err(p256_err) => UpstreamKey::Other(rcgen::KeyPair::from_pem(&key_pem).map_err(
-                |e| {
+            Err(p256_err) => {
+                UpstreamKey::Other(rcgen::KeyPair::from_pem(&key_pem).map_err(|e| {
                     upstream_err(format!(
                         "{}: not a usable private key ({p256_err}; {e})",
                         cfg.key_file.display()
                     ))
-                },
-            )?),
+                })?)
+            }
         };
         let issuer = issuer_for(&cert_der, key).map_err(|e| {
             upstream_err(format!(
@@ -352,15 +354,15 @@ pub(crate) fn stored_cert_problem(
     }
     let want = trust_domain.id_string();
     let has_id = match cert.subject_alternative_name() {
-        Ok(Some(san)) => san.value.general_names.iter().any(
-            |n| matches!(n, x509_parser::extensions::GeneralName::URI(u) if *u == want),
-        ),
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .any(|n| matches!(n, x509_parser::extensions::GeneralName::URI(u) if *u == want)),
         _ => false,
     };
     if !has_id {
-        return Ok(Some(format!(
-            "the stored CA certificate is not for {want}"
-        )));
+        return Ok(Some(format!("the stored CA certificate is not for {want}")));
     }
     match upstream {
         Some(up) if !up.signed(&cert) => Ok(Some(

@@ -28,7 +28,10 @@ pub enum JwtError {
     #[error("token expired at {exp}")]
     Expired { exp: i64 },
     #[error("audience {expected:?} not in token audience {actual:?}")]
-    Audience { expected: String, actual: Vec<String> },
+    Audience {
+        expected: String,
+        actual: Vec<String>,
+    },
     #[error("claim {claim}: {reason}")]
     Claim { claim: &'static str, reason: String },
 }
@@ -50,10 +53,15 @@ pub const MAX_TOKEN_LEN: usize = 64 * 1024;
 #[serde(deny_unknown_fields)]
 struct Header {
     alg: serde_json::Value,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     kid: Option<serde_json::Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     typ: Option<serde_json::Value>,
+}
+
+/// A member that is present is `Some`, even when it is `null` (which is then refused).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    <Value as serde::Deserialize>::deserialize(d).map(Some)
 }
 
 struct Parts<'a> {
@@ -172,11 +180,10 @@ pub fn validate(
         .iter()
         .find(|a| a.key_id == kid)
         .ok_or_else(|| JwtError::UnknownKey { kid: kid.clone() })?;
-    let point = p256_point_from_spki(&authority.public_key_spki_der).ok_or_else(|| {
-        JwtError::Header {
+    let point =
+        p256_point_from_spki(&authority.public_key_spki_der).ok_or_else(|| JwtError::Header {
             reason: format!("the bundle key {kid:?} is not an EC P-256 key"),
-        }
-    })?;
+        })?;
     let signature = b64(parts.signature, "signature")?;
     UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, point)
         .verify(parts.signing_input.as_bytes(), &signature)
@@ -188,8 +195,7 @@ pub fn validate(
         .ok_or_else(|| claim_err("sub", "missing"))?
         .as_str()
         .ok_or_else(|| claim_err("sub", "not a string"))?;
-    let spiffe_id =
-        SpiffeId::new(sub).map_err(|e| claim_err("sub", format!("{sub:?}: {e}")))?;
+    let spiffe_id = SpiffeId::new(sub).map_err(|e| claim_err("sub", format!("{sub:?}: {e}")))?;
     if !spiffe_id.is_member_of(&bundle.trust_domain) {
         return Err(claim_err(
             "sub",
@@ -260,4 +266,364 @@ pub fn decode_header_unverified(
     let bytes = b64(parts.header, "header")?;
     serde_json::from_slice(&bytes)
         .map_err(|e| malformed(format!("header is not a JSON object: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use ring::rand::SystemRandom;
+    use spiffe::TrustDomain;
+
+    use super::*;
+    use crate::ca::{CaConfig, CertificateAuthority};
+    use crate::clock::{from_unix_seconds, ManualClock};
+    use crate::keys::PrivateKey;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        ca: CertificateAuthority,
+        jwt_key: PrivateKey,
+        now: SystemTime,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let now = from_unix_seconds(unix_seconds(SystemTime::now()));
+        let ca = CertificateAuthority::load_or_create(
+            &CaConfig {
+                trust_domain: TrustDomain::new("example.org").unwrap(),
+                key_dir: dir.path().to_path_buf(),
+                ca_ttl: Duration::from_secs(3600),
+                upstream: None,
+                organization: "test".into(),
+            },
+            &ManualClock::new(now),
+        )
+        .unwrap();
+        let jwt_key = PrivateKey::load(&dir.path().join("jwt.key")).unwrap();
+        Fixture {
+            _dir: dir,
+            ca,
+            jwt_key,
+            now,
+        }
+    }
+
+    impl Fixture {
+        fn token(&self, aud: &[&str], ttl: u64) -> String {
+            let aud: Vec<String> = aud.iter().map(|s| s.to_string()).collect();
+            self.ca
+                .sign_jwt_svid(
+                    &SpiffeId::new("spiffe://example.org/agent").unwrap(),
+                    &aud,
+                    Duration::from_secs(ttl),
+                    self.now,
+                )
+                .unwrap()
+                .token
+        }
+
+        /// A token with an arbitrary header and claims, validly signed by the CA's JWT key.
+        fn forge(&self, header: &Value, claims: &Value) -> String {
+            let mut t = URL_SAFE_NO_PAD.encode(header.to_string());
+            t.push('.');
+            t.push_str(&URL_SAFE_NO_PAD.encode(claims.to_string()));
+            let sig = self
+                .jwt_key
+                .jws_key_pair()
+                .unwrap()
+                .sign(&SystemRandom::new(), t.as_bytes())
+                .unwrap();
+            t.push('.');
+            t.push_str(&URL_SAFE_NO_PAD.encode(sig.as_ref()));
+            t
+        }
+
+        fn claims(&self) -> Value {
+            serde_json::json!({
+                "sub": "spiffe://example.org/agent",
+                "aud": "svc",
+                "exp": unix_seconds(self.now) + 60,
+            })
+        }
+
+        fn header(&self) -> Value {
+            serde_json::json!({"alg": "ES256", "kid": self.ca.jwt_key_id(), "typ": "JWT"})
+        }
+
+        fn validate(&self, token: &str) -> Result<ValidatedJwtSvid, JwtError> {
+            validate(token, "svc", &self.ca.bundle(), self.now)
+        }
+    }
+
+    #[test]
+    fn signed_token_validates() {
+        let f = fixture();
+        let v = f.validate(&f.token(&["svc"], 300)).unwrap();
+        assert_eq!(v.spiffe_id.to_string(), "spiffe://example.org/agent");
+        assert_eq!(v.expires_at, unix_seconds(f.now) + 300);
+        assert_eq!(v.claims["aud"], "svc");
+        // Several audiences.
+        let v = f.validate(&f.token(&["x", "svc"], 300)).unwrap();
+        assert_eq!(v.claims["aud"], serde_json::json!(["x", "svc"]));
+        // A forged-but-valid token with typ JOSE and no typ passes too.
+        let mut h = f.header();
+        h["typ"] = "JOSE".into();
+        f.validate(&f.forge(&h, &f.claims())).unwrap();
+        h.as_object_mut().unwrap().remove("typ");
+        f.validate(&f.forge(&h, &f.claims())).unwrap();
+        // decode_unverified gives the claims.
+        let claims = decode_unverified(&f.token(&["svc"], 300)).unwrap();
+        assert_eq!(claims["sub"], "spiffe://example.org/agent");
+    }
+
+    #[test]
+    fn wrong_audience_is_refused() {
+        let f = fixture();
+        let err = f.validate(&f.token(&["other", "more"], 300)).unwrap_err();
+        assert_eq!(
+            err,
+            JwtError::Audience {
+                expected: "svc".into(),
+                actual: vec!["other".into(), "more".into()],
+            }
+        );
+    }
+
+    #[test]
+    fn expired_token_is_refused() {
+        let f = fixture();
+        let token = f.token(&["svc"], 60);
+        let exp = unix_seconds(f.now) + 60;
+        assert!(validate(&token, "svc", &f.ca.bundle(), from_unix_seconds(exp - 1)).is_ok());
+        for at in [exp, exp + 1, exp + 3600] {
+            let err = validate(&token, "svc", &f.ca.bundle(), from_unix_seconds(at)).unwrap_err();
+            assert_eq!(err, JwtError::Expired { exp });
+        }
+        // Through a ManualClock as well.
+        let clock = ManualClock::new(f.now);
+        clock.advance(Duration::from_secs(61));
+        use crate::clock::Clock;
+        assert!(matches!(
+            validate(&token, "svc", &f.ca.bundle(), clock.now()),
+            Err(JwtError::Expired { .. })
+        ));
+    }
+
+    #[test]
+    fn tampered_payload_is_refused() {
+        let f = fixture();
+        let token = f.token(&["svc"], 300);
+        let parts: Vec<&str> = token.split('.').collect();
+        let mut claims: Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
+        claims["sub"] = "spiffe://example.org/admin".into();
+        let tampered = format!(
+            "{}.{}.{}",
+            parts[0],
+            URL_SAFE_NO_PAD.encode(claims.to_string()),
+            parts[2]
+        );
+        assert_eq!(f.validate(&tampered).unwrap_err(), JwtError::BadSignature);
+        // A flipped signature bit too.
+        let mut sig = URL_SAFE_NO_PAD.decode(parts[2]).unwrap();
+        sig[5] ^= 1;
+        let bad = format!("{}.{}.{}", parts[0], parts[1], URL_SAFE_NO_PAD.encode(sig));
+        assert_eq!(f.validate(&bad).unwrap_err(), JwtError::BadSignature);
+    }
+
+    #[test]
+    fn unknown_kid_is_refused() {
+        let f = fixture();
+        let mut h = f.header();
+        h["kid"] = "nope".into();
+        assert_eq!(
+            f.validate(&f.forge(&h, &f.claims())).unwrap_err(),
+            JwtError::UnknownKey { kid: "nope".into() }
+        );
+        // A bundle without our key.
+        let mut b = f.ca.bundle();
+        b.jwt_authorities.clear();
+        assert!(matches!(
+            validate(&f.token(&["svc"], 60), "svc", &b, f.now),
+            Err(JwtError::UnknownKey { .. })
+        ));
+    }
+
+    #[test]
+    fn alg_none_and_other_algs_are_refused() {
+        let f = fixture();
+        for alg in ["none", "HS256", "RS256", "ES384", "es256"] {
+            let mut h = f.header();
+            h["alg"] = alg.into();
+            let err = f.validate(&f.forge(&h, &f.claims())).unwrap_err();
+            assert!(matches!(err, JwtError::Header { .. }), "{alg}: {err:?}");
+            // Unsigned `none` token with an empty signature part.
+            let unsigned = format!(
+                "{}.{}.",
+                URL_SAFE_NO_PAD.encode(h.to_string()),
+                URL_SAFE_NO_PAD.encode(f.claims().to_string())
+            );
+            assert!(f.validate(&unsigned).is_err());
+        }
+    }
+
+    #[test]
+    fn extra_or_bad_header_fields_are_refused() {
+        let f = fixture();
+        let mut h = f.header();
+        h["x5u"] = "https://evil.example/key".into();
+        let err = f.validate(&f.forge(&h, &f.claims())).unwrap_err();
+        assert!(
+            matches!(&err, JwtError::Header { reason } if reason.contains("x5u")),
+            "{err:?}"
+        );
+
+        let mut h = f.header();
+        h["typ"] = "at+jwt".into();
+        assert!(matches!(
+            f.validate(&f.forge(&h, &f.claims())),
+            Err(JwtError::Header { .. })
+        ));
+        let mut h = f.header();
+        h["typ"] = Value::Null;
+        assert!(matches!(
+            f.validate(&f.forge(&h, &f.claims())),
+            Err(JwtError::Header { .. })
+        ));
+        let mut h = f.header();
+        h.as_object_mut().unwrap().remove("kid");
+        assert!(matches!(
+            f.validate(&f.forge(&h, &f.claims())),
+            Err(JwtError::Header { .. })
+        ));
+        // A duplicated member.
+        let raw = format!(
+            r#"{{"alg":"ES256","alg":"ES256","kid":"{}"}}"#,
+            f.ca.jwt_key_id()
+        );
+        let mut t = URL_SAFE_NO_PAD.encode(raw);
+        t.push('.');
+        t.push_str(&URL_SAFE_NO_PAD.encode(f.claims().to_string()));
+        t.push_str(".AAAA");
+        assert!(matches!(f.validate(&t), Err(JwtError::Header { .. })));
+    }
+
+    #[test]
+    fn bad_claims_name_the_claim() {
+        let f = fixture();
+        let cases: Vec<(Value, &str)> = vec![
+            (
+                serde_json::json!({"aud": "svc", "exp": unix_seconds(f.now) + 60}),
+                "sub",
+            ),
+            (
+                serde_json::json!({"sub": "spiffe://other.org/a", "aud": "svc", "exp": unix_seconds(f.now) + 60}),
+                "sub",
+            ),
+            (
+                serde_json::json!({"sub": "not an id", "aud": "svc", "exp": unix_seconds(f.now) + 60}),
+                "sub",
+            ),
+            (
+                serde_json::json!({"sub": "spiffe://example.org/a", "aud": "svc", "exp": 1.5e12}),
+                "exp",
+            ),
+            (
+                serde_json::json!({"sub": "spiffe://example.org/a", "aud": "svc", "exp": "soon"}),
+                "exp",
+            ),
+            (
+                serde_json::json!({"sub": "spiffe://example.org/a", "aud": "svc"}),
+                "exp",
+            ),
+            (
+                serde_json::json!({"sub": "spiffe://example.org/a", "exp": unix_seconds(f.now) + 60}),
+                "aud",
+            ),
+            (
+                serde_json::json!({"sub": "spiffe://example.org/a", "aud": [], "exp": unix_seconds(f.now) + 60}),
+                "aud",
+            ),
+            (
+                serde_json::json!({"sub": "spiffe://example.org/a", "aud": [1], "exp": unix_seconds(f.now) + 60}),
+                "aud",
+            ),
+            (
+                serde_json::json!({"sub": "spiffe://example.org/a", "aud": "svc", "exp": unix_seconds(f.now) + 60, "nbf": unix_seconds(f.now) + 30}),
+                "nbf",
+            ),
+        ];
+        for (claims, name) in cases {
+            match f.validate(&f.forge(&f.header(), &claims)) {
+                Err(JwtError::Claim { claim, .. }) => assert_eq!(claim, name, "{claims}"),
+                other => panic!("{claims}: expected a {name} claim error, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let f = fixture();
+        let bundle = f.ca.bundle();
+        let good = f.token(&["svc"], 60);
+        let huge = "a".repeat(MAX_TOKEN_LEN + 1);
+        let huge_dots = format!("{}.{}.{}", "A".repeat(40_000), "B".repeat(20_000), "C");
+        let mut inputs: Vec<String> = vec![
+            String::new(),
+            ".".into(),
+            "..".into(),
+            "...".into(),
+            "a.b".into(),
+            "a.b.c.d".into(),
+            "a.b.c".into(),
+            "!!!.???.***".into(),
+            "eyJ.eyJ.eyJ".into(),
+            "e30.e30.e30".into(),
+            "bnVsbA.bnVsbA.bnVsbA".into(),
+            "W10.W10.AAAA".into(),
+            "\u{0}\u{1}.\u{ff}.é".into(),
+            good.replace('.', ".."),
+            format!("{good}."),
+            format!("{good}=="),
+            good[..good.len() / 2].to_string(),
+            huge,
+            huge_dots,
+        ];
+        // Every single-character truncation and a sprinkling of byte flips.
+        for cut in (0..good.len()).step_by(7) {
+            inputs.push(good[..cut].to_string());
+        }
+        let bytes = good.as_bytes();
+        for i in (0..bytes.len()).step_by(5) {
+            let mut b = bytes.to_vec();
+            b[i] = b"A-_.=+/~"[i % 8];
+            inputs.push(String::from_utf8_lossy(&b).into_owned());
+        }
+        // Random junk.
+        for n in 0..200 {
+            let len = (n * 37) % 300;
+            let junk: Vec<u8> = (0..len).map(|_| rand::random::<u8>()).collect();
+            inputs.push(String::from_utf8_lossy(&junk).into_owned());
+            inputs
+                .push(URL_SAFE_NO_PAD.encode(&junk) + "." + &URL_SAFE_NO_PAD.encode(&junk) + ".x");
+        }
+        for input in &inputs {
+            if input == &good {
+                continue;
+            }
+            let r = validate(input, "svc", &bundle, f.now);
+            assert!(r.is_err() || input.trim() == good, "accepted {input:?}");
+            let _ = decode_unverified(input);
+            let _ = decode_header_unverified(input);
+        }
+        let err = validate(&"a".repeat(MAX_TOKEN_LEN + 1), "svc", &bundle, f.now).unwrap_err();
+        assert!(matches!(err, JwtError::Malformed { .. }));
+        let err = validate("a.b", "svc", &bundle, f.now).unwrap_err();
+        assert!(
+            matches!(&err, JwtError::Malformed { reason } if reason.contains("3")),
+            "{err:?}"
+        );
+    }
 }
