@@ -206,6 +206,28 @@ fn x509_svid_meets_the_spec() {
 }
 
 #[test]
+fn empty_organization_gives_an_empty_subject_and_a_critical_san() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = now_whole();
+    let mut c = cfg(dir.path(), Duration::from_secs(3600), None);
+    c.organization = String::new();
+    let ca = CertificateAuthority::load_or_create(&c, &ManualClock::new(now)).unwrap();
+    let key = PrivateKey::generate().unwrap();
+    let svid = mint(
+        &ca,
+        &key,
+        &id("spiffe://example.org/a"),
+        Duration::from_secs(60),
+        now,
+    )
+    .unwrap();
+    let leaf = parse(&svid.cert_chain[0]);
+    assert_eq!(leaf.subject().iter().count(), 0);
+    assert!(leaf.subject_alternative_name().unwrap().unwrap().critical);
+    spiffe_crate_accepts(&svid, &key);
+}
+
+#[test]
 fn ttl_is_capped_at_the_ca_not_after_and_an_expired_ca_refuses() {
     let dir = tempfile::tempdir().unwrap();
     let (ca, now) = new_ca(dir.path(), Duration::from_secs(120));
@@ -759,4 +781,52 @@ fn jwt_svid_is_accepted_by_the_spiffe_crate() {
             .unwrap(),
     );
     spiffe::JwtSvid::parse_and_validate(&token, &set, &["svc-b"]).unwrap();
+}
+
+/// Rough cost check of the hot path against one raw ECDSA sign + verify (run with
+/// `cargo test -p agentd --lib --release -- --ignored sign_cost --nocapture`).
+#[test]
+#[ignore]
+fn sign_cost_compared_with_raw_ecdsa() {
+    use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1};
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, now) = new_ca(dir.path(), Duration::from_secs(3600));
+    let key = PrivateKey::generate().unwrap();
+    let csr = key.csr_der().unwrap();
+    let spiffe_id = id("spiffe://example.org/bench");
+    let req = X509SvidRequest {
+        csr_der: &csr,
+        spiffe_id: &spiffe_id,
+        ttl: Duration::from_secs(3600),
+        dns_names: &[],
+    };
+    let kp = key
+        .ecdsa_key_pair(&ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING)
+        .unwrap();
+    let rng = ring::rand::SystemRandom::new();
+    let point = key.public_key_point();
+    let msg = [7u8; 300];
+    let n = 500;
+    for _ in 0..50 {
+        ca.sign_x509_svid(&req, now).unwrap();
+    }
+    let t = std::time::Instant::now();
+    for _ in 0..n {
+        let sig = kp.sign(&rng, &msg).unwrap();
+        UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, &point)
+            .verify(&msg, sig.as_ref())
+            .unwrap();
+    }
+    let raw = t.elapsed();
+    let t = std::time::Instant::now();
+    for _ in 0..n {
+        ca.sign_x509_svid(&req, now).unwrap();
+    }
+    let ours = t.elapsed();
+    println!(
+        "raw sign+verify {:?}/op, sign_x509_svid {:?}/op, ratio {:.2}",
+        raw / n,
+        ours / n,
+        ours.as_secs_f64() / raw.as_secs_f64()
+    );
 }

@@ -76,7 +76,9 @@ fn spiffe_uri_san(uri: String) -> Result<SanType, CaError> {
 
 fn ca_dn(trust_domain: &TrustDomain, organization: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::OrganizationName, organization);
+    if !organization.is_empty() {
+        dn.push(DnType::OrganizationName, organization);
+    }
     dn.push(DnType::CommonName, trust_domain.as_str());
     dn
 }
@@ -491,8 +493,12 @@ impl SigningCa {
         let not_after_secs = parse_cert(&cert_der)?.validity().not_after.timestamp();
         let signer = key.cert_signer().map_err(|e| e.to_string())?;
         let issuer = issuer_for(&cert_der, signer)?;
+        // With no organization the subject is empty, and rcgen then marks the SAN
+        // extension critical, as RFC 5280 and the X509-SVID spec require.
         let mut leaf_dn = DistinguishedName::new();
-        leaf_dn.push(DnType::OrganizationName, organization);
+        if !organization.is_empty() {
+            leaf_dn.push(DnType::OrganizationName, organization);
+        }
         Ok(Self {
             issuer,
             chain_tail: if intermediate {
