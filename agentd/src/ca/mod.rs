@@ -8,8 +8,16 @@ use std::time::{Duration, SystemTime};
 
 use spiffe::{SpiffeId, TrustDomain};
 
-use crate::bundle::Bundle;
-use crate::clock::Clock;
+use crate::bundle::{Bundle, DEFAULT_REFRESH_HINT};
+use crate::clock::{from_unix_seconds, unix_seconds, Clock};
+use crate::keys::PrivateKey;
+
+mod jwt;
+mod keystore;
+mod x509;
+
+pub use jwt::MAX_AUDIENCES;
+pub use x509::{BACKDATE, MAX_CSR_LEN};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
@@ -85,29 +93,138 @@ pub struct IssuedJwtSvid {
 /// The CA. Cheap to share behind an `Arc`; signing takes `&self`.
 #[derive(Debug)]
 pub struct CertificateAuthority {
-    _private: (),
+    trust_domain: TrustDomain,
+    x509: x509::SigningCa,
+    jwt: jwt::JwtSigner,
+    bundle: Bundle,
 }
 
 impl CertificateAuthority {
     /// Loads the CA and JWT keys from `cfg.key_dir`, or creates and persists them on first
     /// start (keys 0600). A restart with the same key dir gives the same bundle.
+    ///
+    /// A stored CA certificate that has expired, names another trust domain, or does not
+    /// match the configured upstream CA is replaced (with a warning); the JWT key is replaced
+    /// with it, and when it has expired. Each replacement bumps the bundle sequence.
     pub fn load_or_create(cfg: &CaConfig, clock: &dyn Clock) -> Result<Self, CaError> {
-        let _ = (cfg, clock);
-        todo!("CA helper")
+        let now = clock.now();
+        let td = &cfg.trust_domain;
+        let store = keystore::KeyStore::open(&cfg.key_dir)?;
+        let upstream = cfg
+            .upstream
+            .as_ref()
+            .map(|u| x509::Upstream::load(u, now))
+            .transpose()?;
+        let mut state = store.load_state()?;
+        let mut changed = false;
+
+        let stored = match store.load_x509()? {
+            Some((cert, key)) => {
+                let path = store.path(keystore::X509_CERT);
+                match x509::stored_cert_problem(&cert, td, upstream.as_ref(), now)
+                    .map_err(|e| keystore::store_err(&path, e))?
+                {
+                    None => Some((cert, key)),
+                    Some(problem) => {
+                        tracing::warn!(path = %path.display(), %problem, "creating a new X.509 CA");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        let (cert_der, key) = match stored {
+            Some(ck) => ck,
+            None => {
+                let key = PrivateKey::generate()?;
+                let cert = x509::new_ca_cert(
+                    td,
+                    &cfg.organization,
+                    &key,
+                    upstream.as_ref(),
+                    now,
+                    cfg.ca_ttl,
+                )?;
+                store.save_x509(&cert, &key)?;
+                changed = true;
+                tracing::info!(trust_domain = %td, upstream = upstream.is_some(), "created a new X.509 CA");
+                (cert, key)
+            }
+        };
+        let signing = x509::SigningCa::new(cert_der, &key, &cfg.organization, upstream.is_some())
+            .map_err(|e| keystore::store_err(&store.path(keystore::X509_CERT), e))?;
+        drop(key);
+
+        let now_secs = unix_seconds(now);
+        let stored_jwt = match store.load_jwt()? {
+            Some(_) if changed => None,
+            Some((meta, _)) if meta.not_after <= now_secs => {
+                tracing::warn!(kid = %meta.kid, "the stored JWT key has expired; creating a new one");
+                None
+            }
+            other => other,
+        };
+        let jwt = match stored_jwt {
+            Some((meta, key)) => {
+                jwt::JwtSigner::new(meta.kid, &key, from_unix_seconds(meta.not_after))?
+            }
+            None => {
+                let key = PrivateKey::generate()?;
+                let meta = keystore::JwtMeta {
+                    kid: jwt::random_kid(),
+                    not_after: unix_seconds(signing.not_after),
+                };
+                store.save_jwt(&meta, &key)?;
+                changed = true;
+                tracing::info!(kid = %meta.kid, "created a new JWT signing key");
+                jwt::JwtSigner::new(meta.kid, &key, from_unix_seconds(meta.not_after))?
+            }
+        };
+
+        if changed || state.sequence == 0 {
+            state.sequence += 1;
+            store.save_state(&state)?;
+        }
+        let bundle = Bundle {
+            trust_domain: td.clone(),
+            x509_authorities: match &upstream {
+                Some(up) => up.roots.clone(),
+                None => vec![signing.cert_der.clone()],
+            },
+            jwt_authorities: vec![jwt.authority()],
+            sequence: state.sequence,
+            refresh_hint: DEFAULT_REFRESH_HINT,
+        };
+        Ok(Self {
+            trust_domain: td.clone(),
+            x509: signing,
+            jwt,
+            bundle,
+        })
     }
 
     pub fn trust_domain(&self) -> &TrustDomain {
-        todo!("CA helper")
+        &self.trust_domain
     }
 
     /// The current bundle.
     pub fn bundle(&self) -> Bundle {
-        todo!("CA helper")
+        self.bundle.clone()
     }
 
     /// The signing CA certificate's notAfter: no SVID outlives it.
     pub fn not_after(&self) -> SystemTime {
-        todo!("CA helper")
+        self.x509.not_after
+    }
+
+    /// The signing CA certificate (DER): the root, or the intermediate under an upstream CA.
+    pub fn signing_cert_der(&self) -> &[u8] {
+        &self.x509.cert_der
+    }
+
+    /// The `kid` of the current JWT signing key.
+    pub fn jwt_key_id(&self) -> &str {
+        self.jwt.kid()
     }
 
     /// Signs an X.509-SVID for `req.spiffe_id` over the CSR's public key.
@@ -117,8 +234,7 @@ impl CertificateAuthority {
         req: &X509SvidRequest<'_>,
         now: SystemTime,
     ) -> Result<IssuedX509Svid, CaError> {
-        let _ = (req, now);
-        todo!("CA helper")
+        self.x509.sign(&self.trust_domain, req, now)
     }
 
     /// Signs an ES256 JWT-SVID: header exactly `alg`, `kid`, `typ: JWT`; claims `sub`, `aud`
@@ -131,7 +247,10 @@ impl CertificateAuthority {
         ttl: Duration,
         now: SystemTime,
     ) -> Result<IssuedJwtSvid, CaError> {
-        let _ = (spiffe_id, audience, ttl, now);
-        todo!("CA helper")
+        self.jwt
+            .sign(&self.trust_domain, spiffe_id, audience, ttl, now)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,137 @@
+//! The JWT side of the CA: an ES256 key with a random `kid`, expiring with the X.509 CA, and
+//! the minting of JWT-SVIDs (JWS compact serialization).
+
+use std::time::{Duration, SystemTime};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use ring::rand::SystemRandom;
+use ring::signature::EcdsaKeyPair;
+use serde_json::{json, Value};
+use spiffe::{SpiffeId, TrustDomain};
+
+use super::{CaError, IssuedJwtSvid};
+use crate::bundle::JwtAuthority;
+use crate::clock::{from_unix_seconds, unix_seconds};
+use crate::keys::PrivateKey;
+
+/// Most audiences in one JWT-SVID (the SPIFFE clients refuse more).
+pub const MAX_AUDIENCES: usize = 32;
+
+/// A fresh random key id: 32 lowercase hex characters.
+pub(crate) fn random_kid() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
+}
+
+pub(crate) struct JwtSigner {
+    kid: String,
+    key_pair: EcdsaKeyPair,
+    spki_der: Vec<u8>,
+    not_after: SystemTime,
+    rng: SystemRandom,
+}
+
+impl std::fmt::Debug for JwtSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtSigner")
+            .field("kid", &self.kid)
+            .field("not_after", &self.not_after)
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+fn sign_err(reason: impl Into<String>) -> CaError {
+    CaError::Sign {
+        reason: reason.into(),
+    }
+}
+
+impl JwtSigner {
+    pub fn new(kid: String, key: &PrivateKey, not_after: SystemTime) -> Result<Self, CaError> {
+        Ok(Self {
+            kid,
+            key_pair: key.jws_key_pair()?,
+            spki_der: key.public_key_spki_der(),
+            not_after,
+            rng: SystemRandom::new(),
+        })
+    }
+
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    pub fn authority(&self) -> JwtAuthority {
+        JwtAuthority {
+            key_id: self.kid.clone(),
+            public_key_spki_der: self.spki_der.clone(),
+            expires_at: self.not_after,
+        }
+    }
+
+    pub fn sign(
+        &self,
+        trust_domain: &TrustDomain,
+        spiffe_id: &SpiffeId,
+        audience: &[String],
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<IssuedJwtSvid, CaError> {
+        if !spiffe_id.is_member_of(trust_domain) {
+            return Err(CaError::ForeignTrustDomain {
+                spiffe_id: spiffe_id.to_string(),
+                trust_domain: trust_domain.to_string(),
+            });
+        }
+        if audience.is_empty() {
+            return Err(sign_err("a JWT-SVID needs at least one audience"));
+        }
+        if audience.len() > MAX_AUDIENCES {
+            return Err(sign_err(format!(
+                "{} audiences, more than the limit of {MAX_AUDIENCES}",
+                audience.len()
+            )));
+        }
+        if audience.iter().any(String::is_empty) {
+            return Err(sign_err("an audience is empty"));
+        }
+        let iat = unix_seconds(now);
+        let key_exp = unix_seconds(self.not_after);
+        if iat >= key_exp {
+            return Err(CaError::Expired {
+                not_after: self.not_after,
+            });
+        }
+        let ttl = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+        if ttl == 0 {
+            return Err(sign_err("the TTL must be at least 1 second"));
+        }
+        let exp = iat.saturating_add(ttl).min(key_exp);
+        let aud = match audience {
+            [one] => Value::String(one.clone()),
+            many => json!(many),
+        };
+        let header = json!({"alg": "ES256", "kid": self.kid, "typ": "JWT"});
+        let claims = json!({
+            "sub": spiffe_id.to_string(),
+            "aud": aud,
+            "exp": exp,
+            "iat": iat,
+            "jti": hex::encode(rand::random::<[u8; 16]>()),
+        });
+        let mut token = URL_SAFE_NO_PAD.encode(header.to_string());
+        token.push('.');
+        token.push_str(&URL_SAFE_NO_PAD.encode(claims.to_string()));
+        let sig = self
+            .key_pair
+            .sign(&self.rng, token.as_bytes())
+            .map_err(|_| sign_err("ES256 signing failed"))?;
+        token.push('.');
+        token.push_str(&URL_SAFE_NO_PAD.encode(sig.as_ref()));
+        Ok(IssuedJwtSvid {
+            token,
+            expires_at: from_unix_seconds(exp),
+        })
+    }
+}

@@ -1,0 +1,832 @@
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, SystemTime};
+
+use spiffe::{SpiffeId, TrustDomain};
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::X509Certificate;
+
+use super::*;
+use crate::clock::{unix_seconds, ManualClock};
+use crate::keys::{pem_encode, PrivateKey};
+
+const ORG: &str = "agentd test";
+
+fn now_whole() -> SystemTime {
+    crate::clock::from_unix_seconds(unix_seconds(SystemTime::now()))
+}
+
+fn cfg(dir: &Path, ca_ttl: Duration, upstream: Option<UpstreamCa>) -> CaConfig {
+    CaConfig {
+        trust_domain: TrustDomain::new("example.org").unwrap(),
+        key_dir: dir.to_path_buf(),
+        ca_ttl,
+        upstream,
+        organization: ORG.into(),
+    }
+}
+
+fn new_ca(dir: &Path, ca_ttl: Duration) -> (CertificateAuthority, SystemTime) {
+    let now = now_whole();
+    let ca = CertificateAuthority::load_or_create(&cfg(dir, ca_ttl, None), &ManualClock::new(now))
+        .unwrap();
+    (ca, now)
+}
+
+fn id(s: &str) -> SpiffeId {
+    SpiffeId::new(s).unwrap()
+}
+
+fn parse(der: &[u8]) -> X509Certificate<'_> {
+    x509_parser::parse_x509_certificate(der).unwrap().1
+}
+
+fn mint(
+    ca: &CertificateAuthority,
+    key: &PrivateKey,
+    spiffe_id: &SpiffeId,
+    ttl: Duration,
+    now: SystemTime,
+) -> Result<IssuedX509Svid, CaError> {
+    let csr = key.csr_der().unwrap();
+    ca.sign_x509_svid(
+        &X509SvidRequest {
+            csr_der: &csr,
+            spiffe_id,
+            ttl,
+            dns_names: &[],
+        },
+        now,
+    )
+}
+
+#[test]
+fn ca_is_send_and_sync() {
+    fn assert<T: Send + Sync>() {}
+    assert::<CertificateAuthority>();
+}
+
+#[test]
+fn root_certificate_has_the_ca_profile() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, now) = new_ca(dir.path(), Duration::from_secs(86_400));
+    let bundle = ca.bundle();
+    assert_eq!(bundle.x509_authorities.len(), 1);
+    let root = parse(&bundle.x509_authorities[0]);
+    let bc = root.basic_constraints().unwrap().unwrap();
+    assert!(bc.value.ca);
+    let ku = root.key_usage().unwrap().unwrap();
+    assert!(ku.critical && ku.value.key_cert_sign() && ku.value.crl_sign());
+    let san = root.subject_alternative_name().unwrap().unwrap();
+    assert_eq!(
+        san.value.general_names,
+        vec![GeneralName::URI("spiffe://example.org")]
+    );
+    assert!(root
+        .extensions()
+        .iter()
+        .any(|e| e.oid == x509_parser::oid_registry::OID_X509_EXT_SUBJECT_KEY_IDENTIFIER));
+    let subject = root.subject().to_string();
+    assert!(
+        subject.contains("O=agentd test") && subject.contains("CN=example.org"),
+        "{subject}"
+    );
+    assert_eq!(
+        root.validity().not_before.timestamp(),
+        unix_seconds(now) - 10
+    );
+    assert_eq!(
+        root.validity().not_after.timestamp(),
+        unix_seconds(now) + 86_400
+    );
+    assert_eq!(
+        ca.not_after(),
+        crate::clock::from_unix_seconds(unix_seconds(now) + 86_400)
+    );
+    root.verify_signature(None).unwrap();
+}
+
+#[test]
+fn x509_svid_meets_the_spec() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, now) = new_ca(dir.path(), Duration::from_secs(86_400));
+    let key = PrivateKey::generate().unwrap();
+    let csr = key.csr_der().unwrap();
+    let spiffe_id = id("spiffe://example.org/agent/planner");
+    let dns = vec!["planner.example.org".to_string()];
+    let svid = ca
+        .sign_x509_svid(
+            &X509SvidRequest {
+                csr_der: &csr,
+                spiffe_id: &spiffe_id,
+                ttl: Duration::from_secs(3600),
+                dns_names: &dns,
+            },
+            now,
+        )
+        .unwrap();
+    assert_eq!(svid.cert_chain.len(), 1);
+    assert_eq!(svid.spiffe_id, spiffe_id);
+    let leaf = parse(&svid.cert_chain[0]);
+
+    // Exactly one URI SAN, plus the DNS name; SAN non-critical since the subject is set.
+    let san = leaf.subject_alternative_name().unwrap().unwrap();
+    let uris: Vec<_> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(u) => Some(*u),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(uris, vec!["spiffe://example.org/agent/planner"]);
+    assert!(san
+        .value
+        .general_names
+        .contains(&GeneralName::DNSName("planner.example.org")));
+    assert!(!san.critical);
+    assert_eq!(leaf.subject().to_string(), "O=agentd test");
+
+    // CA=false, present.
+    let bc = leaf.basic_constraints().unwrap().unwrap();
+    assert!(!bc.value.ca);
+    // KeyUsage critical, digitalSignature only.
+    let ku = leaf.key_usage().unwrap().unwrap();
+    assert!(ku.critical);
+    assert!(ku.value.digital_signature());
+    assert_eq!(ku.value.flags, 1, "only digitalSignature: {}", ku.value);
+    // EKU serverAuth + clientAuth.
+    let eku = leaf.extended_key_usage().unwrap().unwrap();
+    assert!(eku.value.server_auth && eku.value.client_auth);
+
+    // Serial: positive, at most 16 bytes, at least 64 bits, matches the reported hex.
+    let serial = leaf.tbs_certificate.raw_serial();
+    assert!(serial.len() <= 16 && serial[0] & 0x80 == 0);
+    assert!(leaf.serial.bits() >= 64, "{} bits", leaf.serial.bits());
+    assert_eq!(leaf.serial.to_str_radix(16), svid.serial);
+
+    // Validity.
+    let now_s = unix_seconds(now);
+    assert_eq!(leaf.validity().not_before.timestamp(), now_s - 10);
+    assert_eq!(leaf.validity().not_after.timestamp(), now_s + 3600);
+    assert_eq!(unix_seconds(svid.not_before), now_s - 10);
+    assert_eq!(unix_seconds(svid.not_after), now_s + 3600);
+
+    // Key from the CSR; AKI = CA SKI; signed by the CA.
+    assert_eq!(leaf.public_key().raw, &key.public_key_spki_der()[..]);
+    let root_der = ca.bundle().x509_authorities[0].clone();
+    let root = parse(&root_der);
+    let ski = root
+        .extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(k) => Some(k.0),
+            _ => None,
+        })
+        .unwrap();
+    let aki = leaf
+        .extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(a) => {
+                a.key_identifier.as_ref().map(|k| k.0)
+            }
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(aki, ski);
+    assert_eq!(leaf.issuer().as_raw(), root.subject().as_raw());
+    leaf.verify_signature(Some(root.public_key())).unwrap();
+
+    // Serials differ between SVIDs.
+    let other = mint(&ca, &key, &spiffe_id, Duration::from_secs(60), now).unwrap();
+    assert_ne!(other.serial, svid.serial);
+}
+
+#[test]
+fn empty_organization_gives_an_empty_subject_and_a_critical_san() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = now_whole();
+    let mut c = cfg(dir.path(), Duration::from_secs(3600), None);
+    c.organization = String::new();
+    let ca = CertificateAuthority::load_or_create(&c, &ManualClock::new(now)).unwrap();
+    let key = PrivateKey::generate().unwrap();
+    let svid = mint(
+        &ca,
+        &key,
+        &id("spiffe://example.org/a"),
+        Duration::from_secs(60),
+        now,
+    )
+    .unwrap();
+    let leaf = parse(&svid.cert_chain[0]);
+    assert_eq!(leaf.subject().iter().count(), 0);
+    assert!(leaf.subject_alternative_name().unwrap().unwrap().critical);
+    spiffe_crate_accepts(&svid, &key);
+}
+
+#[test]
+fn ttl_is_capped_at_the_ca_not_after_and_an_expired_ca_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, now) = new_ca(dir.path(), Duration::from_secs(120));
+    let key = PrivateKey::generate().unwrap();
+    let spiffe_id = id("spiffe://example.org/a");
+    let svid = mint(&ca, &key, &spiffe_id, Duration::from_secs(3600), now).unwrap();
+    assert_eq!(svid.not_after, ca.not_after());
+    assert_eq!(
+        parse(&svid.cert_chain[0]).validity().not_after.timestamp(),
+        unix_seconds(now) + 120
+    );
+    let later = now + Duration::from_secs(121);
+    match mint(&ca, &key, &spiffe_id, Duration::from_secs(60), later) {
+        Err(CaError::Expired { not_after }) => assert_eq!(not_after, ca.not_after()),
+        other => panic!("expected Expired, got {other:?}"),
+    }
+    let jwt = ca.sign_jwt_svid(&spiffe_id, &["a".into()], Duration::from_secs(60), later);
+    assert!(matches!(jwt, Err(CaError::Expired { .. })), "{jwt:?}");
+}
+
+#[test]
+fn foreign_trust_domain_and_pathless_ids_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, now) = new_ca(dir.path(), Duration::from_secs(3600));
+    let key = PrivateKey::generate().unwrap();
+    let err = mint(
+        &ca,
+        &key,
+        &id("spiffe://other.org/a"),
+        Duration::from_secs(60),
+        now,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, CaError::ForeignTrustDomain { spiffe_id, trust_domain }
+            if spiffe_id == "spiffe://other.org/a" && trust_domain == "example.org"),
+        "{err:?}"
+    );
+    let err = ca
+        .sign_jwt_svid(
+            &id("spiffe://other.org/a"),
+            &["x".into()],
+            Duration::from_secs(60),
+            now,
+        )
+        .unwrap_err();
+    assert!(matches!(err, CaError::ForeignTrustDomain { .. }), "{err:?}");
+    let err = mint(
+        &ca,
+        &key,
+        &id("spiffe://example.org"),
+        Duration::from_secs(60),
+        now,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("path"), "{err}");
+}
+
+#[test]
+fn bad_csrs_are_refused_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, now) = new_ca(dir.path(), Duration::from_secs(3600));
+    let spiffe_id = id("spiffe://example.org/a");
+    let sign = |csr: &[u8]| {
+        ca.sign_x509_svid(
+            &X509SvidRequest {
+                csr_der: csr,
+                spiffe_id: &spiffe_id,
+                ttl: Duration::from_secs(60),
+                dns_names: &[],
+            },
+            now,
+        )
+    };
+    let csr_reason = |r: Result<IssuedX509Svid, CaError>| match r {
+        Err(CaError::Csr { reason }) => reason,
+        other => panic!("expected CaError::Csr, got {other:?}"),
+    };
+
+    // Flipped signature byte (the signature is the last thing in the DER).
+    let mut csr = PrivateKey::generate().unwrap().csr_der().unwrap();
+    let last = csr.len() - 1;
+    csr[last] ^= 0x01;
+    let reason = csr_reason(sign(&csr));
+    assert!(reason.contains("signature"), "{reason}");
+
+    // Ed25519 and P-384 keys.
+    let ed = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let ed_csr = rcgen::CertificateParams::default()
+        .serialize_request(&ed)
+        .unwrap();
+    let reason = csr_reason(sign(ed_csr.der()));
+    assert!(reason.contains("P-256"), "{reason}");
+    let p384 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+    let p384_csr = rcgen::CertificateParams::default()
+        .serialize_request(&p384)
+        .unwrap();
+    let reason = csr_reason(sign(p384_csr.der()));
+    assert!(reason.contains("P-256"), "{reason}");
+
+    // Garbage, empty, oversized, trailing bytes.
+    for bad in [
+        Vec::new(),
+        b"not a csr".to_vec(),
+        vec![0x30; MAX_CSR_LEN + 1],
+        [PrivateKey::generate().unwrap().csr_der().unwrap(), vec![0]].concat(),
+    ] {
+        csr_reason(sign(&bad));
+    }
+
+    // A bad DNS name is refused too.
+    let good = PrivateKey::generate().unwrap().csr_der().unwrap();
+    let err = ca
+        .sign_x509_svid(
+            &X509SvidRequest {
+                csr_der: &good,
+                spiffe_id: &spiffe_id,
+                ttl: Duration::from_secs(60),
+                dns_names: &["bad name".into()],
+            },
+            now,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("bad name"), "{err}");
+}
+
+#[test]
+fn restart_gives_the_same_bundle_and_key_files_are_0600() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(now_whole());
+    let c = cfg(dir.path(), Duration::from_secs(3600), None);
+    let first = CertificateAuthority::load_or_create(&c, &clock).unwrap();
+    clock.advance(Duration::from_secs(30));
+    let second = CertificateAuthority::load_or_create(&c, &clock).unwrap();
+    assert_eq!(first.bundle(), second.bundle());
+    assert_eq!(first.jwt_key_id(), second.jwt_key_id());
+    assert_eq!(first.jwt_key_id().len(), 32);
+    assert_eq!(first.bundle().sequence, 1);
+    for name in ["x509-ca.key", "jwt.key"] {
+        let mode = std::fs::metadata(dir.path().join(name))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{name}");
+    }
+    for name in ["x509-ca.pem", "jwt.json", "bundle.json"] {
+        assert!(dir.path().join(name).exists(), "{name}");
+    }
+    // An SVID from the reloaded CA chains to the first bundle.
+    let key = PrivateKey::generate().unwrap();
+    let svid = mint(
+        &second,
+        &key,
+        &id("spiffe://example.org/a"),
+        Duration::from_secs(60),
+        clock.now(),
+    )
+    .unwrap();
+    let first_root = first.bundle().x509_authorities[0].clone();
+    let root = parse(&first_root);
+    parse(&svid.cert_chain[0])
+        .verify_signature(Some(root.public_key()))
+        .unwrap();
+
+    // Once the CA has expired, a restart makes a new CA and JWT key and bumps the sequence.
+    clock.advance(Duration::from_secs(3600));
+    let third = CertificateAuthority::load_or_create(&c, &clock).unwrap();
+    assert_ne!(
+        third.bundle().x509_authorities,
+        first.bundle().x509_authorities
+    );
+    assert_ne!(third.jwt_key_id(), first.jwt_key_id());
+    assert_eq!(third.bundle().sequence, 2);
+}
+
+#[test]
+fn corrupt_store_files_are_errors_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let _ = new_ca(dir.path(), Duration::from_secs(3600));
+    std::fs::write(dir.path().join("x509-ca.pem"), "garbage").unwrap();
+    let err = CertificateAuthority::load_or_create(
+        &cfg(dir.path(), Duration::from_secs(3600), None),
+        &ManualClock::new(now_whole()),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("x509-ca.pem"), "{err}");
+
+    // A key that does not belong to the certificate is caught.
+    let dir = tempfile::tempdir().unwrap();
+    let _ = new_ca(dir.path(), Duration::from_secs(3600));
+    PrivateKey::generate()
+        .unwrap()
+        .save(&dir.path().join("x509-ca.key"))
+        .unwrap();
+    let err = CertificateAuthority::load_or_create(
+        &cfg(dir.path(), Duration::from_secs(3600), None),
+        &ManualClock::new(now_whole()),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("does not belong"), "{err}");
+}
+
+#[test]
+fn debug_output_shows_no_key_material() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, _) = new_ca(dir.path(), Duration::from_secs(3600));
+    let dbg = format!("{ca:?}");
+    for name in ["x509-ca.key", "jwt.key"] {
+        let key = PrivateKey::load(&dir.path().join(name)).unwrap();
+        let der = key.pkcs8_der();
+        // ring's PKCS#8 layout puts the 32-byte private scalar at bytes 36..68 (after the
+        // `04 20` OCTET STRING header); the rest (OIDs, public key) is public.
+        assert_eq!(&der[34..36], &[0x04, 0x20]);
+        let scalar = &der[36..68];
+        for w in scalar.windows(6) {
+            assert!(
+                !dbg.contains(&hex::encode(w)),
+                "{name} leaked in Debug (hex)"
+            );
+            let list = format!("{w:?}");
+            assert!(
+                !dbg.contains(&list[1..list.len() - 1]),
+                "{name} leaked in Debug (bytes)"
+            );
+        }
+    }
+    assert!(dbg.contains("redacted") || dbg.contains("elided"), "{dbg}");
+}
+
+// ---- interop: OpenSSL and the `spiffe` crate ----
+
+fn openssl_available() -> bool {
+    match Command::new("openssl").arg("version").output() {
+        Ok(o) if o.status.success() => true,
+        _ => {
+            println!("openssl binary not found: skipping the OpenSSL interop check");
+            false
+        }
+    }
+}
+
+fn openssl_verify(dir: &Path, bundle: &Bundle, svid: &IssuedX509Svid) {
+    let bundle_pem = dir.join("bundle.pem");
+    let leaf_pem = dir.join("leaf.pem");
+    let chain_pem = dir.join("chain.pem");
+    std::fs::write(&bundle_pem, bundle.x509_pem()).unwrap();
+    std::fs::write(&leaf_pem, pem_encode("CERTIFICATE", &svid.cert_chain[0])).unwrap();
+    let chain: String = svid.cert_chain[1..]
+        .iter()
+        .map(|c| pem_encode("CERTIFICATE", c))
+        .collect();
+    for purpose in [None, Some("sslclient"), Some("sslserver")] {
+        let mut cmd = Command::new("openssl");
+        cmd.arg("verify").arg("-CAfile").arg(&bundle_pem);
+        if !chain.is_empty() {
+            std::fs::write(&chain_pem, &chain).unwrap();
+            cmd.arg("-untrusted").arg(&chain_pem);
+        }
+        if let Some(p) = purpose {
+            cmd.args(["-purpose", p]);
+        }
+        let out = cmd.arg(&leaf_pem).output().unwrap();
+        assert!(
+            out.status.success(),
+            "openssl verify {purpose:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+fn spiffe_crate_accepts(svid: &IssuedX509Svid, key: &PrivateKey) {
+    let parsed = spiffe::X509Svid::parse_from_der(&svid.cert_chain.concat(), key.pkcs8_der())
+        .expect("the spiffe crate accepts the X.509-SVID");
+    assert_eq!(parsed.spiffe_id(), &svid.spiffe_id);
+    assert_eq!(parsed.cert_chain().len(), svid.cert_chain.len());
+}
+
+#[test]
+fn self_signed_svid_is_accepted_by_openssl_and_the_spiffe_crate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, now) = new_ca(&dir.path().join("keys"), Duration::from_secs(3600));
+    let key = PrivateKey::generate().unwrap();
+    let svid = mint(
+        &ca,
+        &key,
+        &id("spiffe://example.org/agent"),
+        Duration::from_secs(600),
+        now,
+    )
+    .unwrap();
+    spiffe_crate_accepts(&svid, &key);
+    if openssl_available() {
+        openssl_verify(dir.path(), &ca.bundle(), &svid);
+    }
+}
+
+/// An upstream root made by rcgen (P-256), written as PEM files.
+fn rcgen_upstream(dir: &Path) -> UpstreamCa {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "Upstream Root");
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    p.not_before = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
+    p.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(30);
+    let cert = p.self_signed(&key).unwrap();
+    let cert_file = dir.join("upstream.pem");
+    let key_file = dir.join("upstream.key");
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    UpstreamCa {
+        cert_file,
+        key_file,
+        bundle_file: None,
+    }
+}
+
+/// An upstream root made by OpenSSL (PrintableString country, UTF8 names), `newkey` e.g.
+/// `ec -pkeyopt ec_paramgen_curve:P-256` or `rsa:2048`.
+fn openssl_upstream(dir: &Path, newkey: &[&str]) -> UpstreamCa {
+    let cert_file = dir.join("os-upstream.pem");
+    let key_file = dir.join("os-upstream.key");
+    let out = Command::new("openssl")
+        .args(["req", "-x509", "-nodes", "-days", "30", "-newkey"])
+        .args(newkey)
+        .args(["-subj", "/C=US/O=Upstream Org/CN=Upstream OpenSSL Root"])
+        .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+        .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+        .arg("-keyout")
+        .arg(&key_file)
+        .arg("-out")
+        .arg(&cert_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    UpstreamCa {
+        cert_file,
+        key_file,
+        bundle_file: None,
+    }
+}
+
+fn check_upstream_mode(dir: &Path, upstream: UpstreamCa) {
+    let up_der =
+        Bundle::x509_authorities_from_pem(&std::fs::read_to_string(&upstream.cert_file).unwrap())
+            .unwrap();
+    let clock = ManualClock::new(now_whole());
+    let c = cfg(&dir.join("keys"), Duration::from_secs(3600), Some(upstream));
+    let ca = CertificateAuthority::load_or_create(&c, &clock).unwrap();
+    let bundle = ca.bundle();
+    assert_eq!(bundle.x509_authorities, up_der);
+
+    let inter = parse(ca.signing_cert_der());
+    assert!(inter.basic_constraints().unwrap().unwrap().value.ca);
+    assert_eq!(
+        inter.issuer().as_raw(),
+        parse(&up_der[0]).subject().as_raw()
+    );
+
+    let key = PrivateKey::generate().unwrap();
+    let svid = mint(
+        &ca,
+        &key,
+        &id("spiffe://example.org/agent"),
+        Duration::from_secs(600),
+        clock.now(),
+    )
+    .unwrap();
+    assert_eq!(svid.cert_chain.len(), 2);
+    assert_eq!(svid.cert_chain[1], ca.signing_cert_der());
+    spiffe_crate_accepts(&svid, &key);
+    if openssl_available() {
+        openssl_verify(dir, &bundle, &svid);
+    }
+
+    // Restart: same intermediate, same bundle.
+    let again = CertificateAuthority::load_or_create(&c, &clock).unwrap();
+    assert_eq!(again.signing_cert_der(), ca.signing_cert_der());
+    assert_eq!(again.bundle(), bundle);
+}
+
+#[test]
+fn upstream_mode_svid_is_accepted_by_openssl_and_the_spiffe_crate() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = rcgen_upstream(dir.path());
+    check_upstream_mode(dir.path(), upstream);
+}
+
+#[test]
+fn upstream_made_by_openssl_works_with_ec_and_rsa_keys() {
+    if !openssl_available() {
+        return;
+    }
+    for newkey in [
+        &["ec", "-pkeyopt", "ec_paramgen_curve:P-256"][..],
+        &["rsa:2048"][..],
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let upstream = openssl_upstream(dir.path(), newkey);
+        check_upstream_mode(dir.path(), upstream);
+    }
+}
+
+#[test]
+fn upstream_bundle_file_roots_are_added_and_bad_upstreams_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut upstream = rcgen_upstream(dir.path());
+    let other = tempfile::tempdir().unwrap();
+    let extra = rcgen_upstream(other.path());
+    upstream.bundle_file = Some(extra.cert_file.clone());
+    let ca = CertificateAuthority::load_or_create(
+        &cfg(
+            &dir.path().join("keys"),
+            Duration::from_secs(3600),
+            Some(upstream.clone()),
+        ),
+        &ManualClock::new(now_whole()),
+    )
+    .unwrap();
+    assert_eq!(ca.bundle().x509_authorities.len(), 2);
+
+    // A key that does not match the upstream certificate.
+    let mut mismatched = upstream.clone();
+    mismatched.key_file = extra.key_file.clone();
+    let err = CertificateAuthority::load_or_create(
+        &cfg(
+            &dir.path().join("keys2"),
+            Duration::from_secs(3600),
+            Some(mismatched),
+        ),
+        &ManualClock::new(now_whole()),
+    )
+    .unwrap_err();
+    assert!(matches!(err, CaError::Upstream { .. }), "{err:?}");
+
+    // A missing file is named.
+    let mut missing = upstream;
+    missing.cert_file = dir.path().join("nope.pem");
+    let err = CertificateAuthority::load_or_create(
+        &cfg(
+            &dir.path().join("keys3"),
+            Duration::from_secs(3600),
+            Some(missing),
+        ),
+        &ManualClock::new(now_whole()),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("nope.pem"), "{err}");
+}
+
+#[test]
+fn jwt_svid_has_the_exact_header_and_claims() {
+    use base64::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, now) = new_ca(dir.path(), Duration::from_secs(3600));
+    let spiffe_id = id("spiffe://example.org/agent");
+    let decode = |part: &str| -> serde_json::Value {
+        serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(part)
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    let one = ca
+        .sign_jwt_svid(&spiffe_id, &["svc-b".into()], Duration::from_secs(300), now)
+        .unwrap();
+    let parts: Vec<&str> = one.token.split('.').collect();
+    assert_eq!(parts.len(), 3);
+    let header = decode(parts[0]);
+    assert_eq!(
+        header,
+        serde_json::json!({"alg": "ES256", "kid": ca.jwt_key_id(), "typ": "JWT"})
+    );
+    let claims = decode(parts[1]);
+    assert_eq!(claims["sub"], "spiffe://example.org/agent");
+    assert_eq!(claims["aud"], "svc-b");
+    assert_eq!(claims["exp"], unix_seconds(now) + 300);
+    assert_eq!(claims["iat"], unix_seconds(now));
+    assert_eq!(claims["jti"].as_str().unwrap().len(), 32);
+    assert_eq!(unix_seconds(one.expires_at), unix_seconds(now) + 300);
+
+    let two = ca
+        .sign_jwt_svid(
+            &spiffe_id,
+            &["a".into(), "b".into()],
+            Duration::from_secs(10 * 3600),
+            now,
+        )
+        .unwrap();
+    let claims = decode(two.token.split('.').nth(1).unwrap());
+    assert_eq!(claims["aud"], serde_json::json!(["a", "b"]));
+    // Capped at the key's expiry (the CA's notAfter).
+    assert_eq!(two.expires_at, ca.not_after());
+
+    assert!(ca
+        .sign_jwt_svid(&spiffe_id, &[], Duration::from_secs(60), now)
+        .is_err());
+}
+
+#[test]
+fn jwt_svid_is_accepted_by_the_spiffe_crate() {
+    let dir = tempfile::tempdir().unwrap();
+    // The spiffe crate checks expiry against the real clock.
+    let now = SystemTime::now();
+    let ca = CertificateAuthority::load_or_create(
+        &cfg(dir.path(), Duration::from_secs(3600), None),
+        &ManualClock::new(now),
+    )
+    .unwrap();
+    let spiffe_id = id("spiffe://example.org/agent");
+    let token = ca
+        .sign_jwt_svid(&spiffe_id, &["svc-b".into()], Duration::from_secs(300), now)
+        .unwrap()
+        .token;
+    let bundle = ca.bundle();
+    let jwt_bundle = spiffe::JwtBundle::from_jwt_authorities(
+        bundle.trust_domain.clone(),
+        bundle.jwt_jwks_json().as_bytes(),
+    )
+    .unwrap();
+    let mut set = spiffe::JwtBundleSet::new();
+    set.add_bundle(jwt_bundle);
+    let svid = spiffe::JwtSvid::parse_and_validate(&token, &set, &["svc-b"]).unwrap();
+    assert_eq!(svid.spiffe_id(), &spiffe_id);
+    assert!(spiffe::JwtSvid::parse_and_validate(&token, &set, &["other"]).is_err());
+
+    // The SPIFFE bundle document's jwt-svid keys work the same way.
+    let doc: serde_json::Value = serde_json::from_str(&bundle.to_spiffe_json()).unwrap();
+    let jwt_keys: Vec<_> = doc["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["use"] == "jwt-svid")
+        .cloned()
+        .collect();
+    let jwks = serde_json::json!({ "keys": jwt_keys }).to_string();
+    let mut set = spiffe::JwtBundleSet::new();
+    set.add_bundle(
+        spiffe::JwtBundle::from_jwt_authorities(bundle.trust_domain.clone(), jwks.as_bytes())
+            .unwrap(),
+    );
+    spiffe::JwtSvid::parse_and_validate(&token, &set, &["svc-b"]).unwrap();
+}
+
+/// Rough cost check of the hot path against one raw ECDSA sign + verify (run with
+/// `cargo test -p agentd --lib --release -- --ignored sign_cost --nocapture`).
+#[test]
+#[ignore]
+fn sign_cost_compared_with_raw_ecdsa() {
+    use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1};
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, now) = new_ca(dir.path(), Duration::from_secs(3600));
+    let key = PrivateKey::generate().unwrap();
+    let csr = key.csr_der().unwrap();
+    let spiffe_id = id("spiffe://example.org/bench");
+    let req = X509SvidRequest {
+        csr_der: &csr,
+        spiffe_id: &spiffe_id,
+        ttl: Duration::from_secs(3600),
+        dns_names: &[],
+    };
+    let kp = key
+        .ecdsa_key_pair(&ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING)
+        .unwrap();
+    let rng = ring::rand::SystemRandom::new();
+    let point = key.public_key_point();
+    let msg = [7u8; 300];
+    let n = 500;
+    for _ in 0..50 {
+        ca.sign_x509_svid(&req, now).unwrap();
+    }
+    let t = std::time::Instant::now();
+    for _ in 0..n {
+        let sig = kp.sign(&rng, &msg).unwrap();
+        UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, &point)
+            .verify(&msg, sig.as_ref())
+            .unwrap();
+    }
+    let raw = t.elapsed();
+    let t = std::time::Instant::now();
+    for _ in 0..n {
+        ca.sign_x509_svid(&req, now).unwrap();
+    }
+    let ours = t.elapsed();
+    println!(
+        "raw sign+verify {:?}/op, sign_x509_svid {:?}/op, ratio {:.2}",
+        raw / n,
+        ours / n,
+        ours.as_secs_f64() / raw.as_secs_f64()
+    );
+}
