@@ -1,2 +1,432 @@
-//! Harness for end-to-end tests.
+//! Harness for end-to-end tests: starts real `agentd server` and `agentd node` processes in
+//! a temp dir (port 0, per-test sockets), drives the real CLI, and kills everything on drop.
 #![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+
+/// The `agentd` binary, built once per test run if it is missing or stale.
+pub fn agentd_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
+        // Always ask cargo: it is a no-op when the binary is up to date.
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-q", "-p", "agentd", "--bin", "agentd"])
+            .current_dir(&root)
+            .status()
+            .expect("running cargo build for the agentd binary");
+        assert!(status.success(), "building agentd failed");
+        target.join("debug").join("agentd")
+    })
+    .clone()
+}
+
+/// A running daemon; killed (and reaped) on drop. Its stderr goes to a log file that the
+/// test prints when it fails.
+#[derive(Debug)]
+pub struct Daemon {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    fn spawn(args: &[String], log: PathBuf) -> anyhow::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let child = Command::new(agentd_bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .context("spawning agentd")?;
+        Ok(Self {
+            child: Some(child),
+            log,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// SIGTERM, then wait (bounded); SIGKILL if it does not stop. Returns the exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        child.wait().ok()
+    }
+
+    /// Waits for the process to exit by itself (bounded).
+    pub fn wait_exit(&mut self, within: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let child = self.child.as_mut().ok_or_else(|| anyhow!("not running"))?;
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("process did not exit within {within:?}")
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs the CLI to completion.
+pub fn agentd(args: &[&str]) -> Output {
+    Command::new(agentd_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running agentd")
+}
+
+/// Runs the CLI and returns stdout; fails with stderr when the command fails.
+pub fn agentd_ok(args: &[&str]) -> anyhow::Result<String> {
+    let out = agentd(args);
+    if !out.status.success() {
+        bail!(
+            "agentd {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Polls `f` until it returns true or `within` passes.
+pub fn wait_until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A test's private directory; removed on drop.
+#[derive(Debug)]
+pub struct Env {
+    pub dir: tempfile::TempDir,
+}
+
+impl Env {
+    pub fn new() -> Self {
+        // Short paths: Unix socket paths are limited to 108 bytes.
+        let dir = tempfile::Builder::new()
+            .prefix("agentd-e2e-")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
+        Self { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Default for Env {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A server process and how to reach it.
+#[derive(Debug)]
+pub struct Server {
+    pub data_dir: PathBuf,
+    pub admin_socket: PathBuf,
+    /// HOST:PORT of the node API.
+    pub address: String,
+    pub daemon: Daemon,
+    extra: Vec<String>,
+}
+
+impl Server {
+    /// Starts a server on 127.0.0.1 with a free port, and waits until it answers.
+    pub fn start(env: &Env) -> anyhow::Result<Self> {
+        Self::start_with(env, &[])
+    }
+
+    pub fn start_with(env: &Env, extra: &[&str]) -> anyhow::Result<Self> {
+        let data_dir = env.path().join("server");
+        let admin_socket = env.path().join("admin.sock");
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let (daemon, address) = Self::launch(&data_dir, &admin_socket, "127.0.0.1:0", &extra)?;
+        Ok(Self {
+            data_dir,
+            admin_socket,
+            address,
+            daemon,
+            extra,
+        })
+    }
+
+    fn launch(
+        data_dir: &Path,
+        admin_socket: &Path,
+        bind: &str,
+        extra: &[String],
+    ) -> anyhow::Result<(Daemon, String)> {
+        let mut args: Vec<String> = vec![
+            "server".into(),
+            "run".into(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--admin-socket".into(),
+            admin_socket.display().to_string(),
+            "--bind-address".into(),
+            bind.into(),
+        ];
+        args.extend(extra.iter().cloned());
+        let log = data_dir.with_extension("log");
+        let mut daemon = Daemon::spawn(&args, log)?;
+        let sock = admin_socket.display().to_string();
+        let mut address = None;
+        let ok = wait_until(Duration::from_secs(20), || {
+            if !daemon.is_running() {
+                return true;
+            }
+            let out = agentd(&["healthcheck", "--admin-socket", &sock, "--output", "json"]);
+            if out.status.success() {
+                let v: serde_json::Value =
+                    serde_json::from_slice(&out.stdout).unwrap_or_default();
+                address = v["node_api_address"].as_str().map(str::to_string);
+                return address.is_some();
+            }
+            false
+        });
+        match address {
+            Some(a) if ok => Ok((daemon, a)),
+            _ => bail!("server did not become healthy:\n{}", daemon.log_text()),
+        }
+    }
+
+    /// Stops the server (SIGTERM).
+    pub fn stop(&mut self) {
+        self.daemon.stop();
+    }
+
+    /// Starts the server again on the same data dir and port.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.daemon.stop();
+        let (daemon, address) =
+            Self::launch(&self.data_dir, &self.admin_socket, &self.address, &self.extra)?;
+        self.daemon = daemon;
+        anyhow::ensure!(address == self.address, "server came back on {address}");
+        Ok(())
+    }
+
+    /// Runs an admin command against this server (`--admin-socket` appended).
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let sock = self.admin_socket.display().to_string();
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--admin-socket", &sock]);
+        agentd(&all)
+    }
+
+    pub fn cli_ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.cli(args);
+        if !out.status.success() {
+            bail!(
+                "agentd {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub fn join_token(&self, node_id: &str) -> anyhow::Result<String> {
+        Ok(self
+            .cli_ok(&["token", "generate", "--spiffe-id", node_id])?
+            .trim()
+            .to_string())
+    }
+
+    /// Writes the trust bundle (PEM) into `path`.
+    pub fn write_bundle(&self, path: &Path) -> anyhow::Result<()> {
+        std::fs::write(path, self.cli_ok(&["bundle", "show", "--format", "pem"])?)?;
+        Ok(())
+    }
+
+    /// Creates an entry; returns its id.
+    pub fn create_entry(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut all = vec!["entry", "create"];
+        all.extend_from_slice(args);
+        Ok(self.cli_ok(&all)?.trim().to_string())
+    }
+}
+
+/// Starts `agentd node run` verifying the server with `bundle`; returns without waiting.
+pub fn spawn_node(
+    server_address: &str,
+    bundle: &Path,
+    data_dir: &Path,
+    socket: &Path,
+    token: Option<&str>,
+) -> anyhow::Result<Daemon> {
+    let mut args: Vec<String> = vec![
+        "node".into(),
+        "run".into(),
+        "--server-address".into(),
+        server_address.into(),
+        "--trust-bundle".into(),
+        bundle.display().to_string(),
+        "--data-dir".into(),
+        data_dir.display().to_string(),
+        "--socket-path".into(),
+        socket.display().to_string(),
+        "--sync-interval".into(),
+        "1s".into(),
+        "--log-level".into(),
+        "debug".into(),
+    ];
+    if let Some(t) = token {
+        args.extend(["--join-token".into(), t.into()]);
+    }
+    Daemon::spawn(&args, data_dir.with_extension("log"))
+}
+
+/// The uid of this test process (from /proc, no libc).
+pub fn current_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0)
+}
+
+/// A node agent process.
+#[derive(Debug)]
+pub struct Node {
+    pub spiffe_id: String,
+    pub data_dir: PathBuf,
+    pub socket: PathBuf,
+    pub bundle: PathBuf,
+    pub server_address: String,
+    pub daemon: Daemon,
+}
+
+impl Node {
+    /// Generates a join token and starts a node agent with it, verifying the server with
+    /// its PEM bundle; waits until it is healthy.
+    pub fn start(env: &Env, server: &Server, name: &str) -> anyhow::Result<Self> {
+        let spiffe_id = format!("spiffe://example.org/node/{name}");
+        let token = server.join_token(&spiffe_id)?;
+        let bundle = env.path().join(format!("{name}-bundle.pem"));
+        server.write_bundle(&bundle)?;
+        let data_dir = env.path().join(name);
+        let socket = env.path().join(format!("{name}.sock"));
+        let daemon = spawn_node(&server.address, &bundle, &data_dir, &socket, Some(&token))?;
+        let mut node = Self {
+            spiffe_id,
+            data_dir,
+            socket,
+            bundle,
+            server_address: server.address.clone(),
+            daemon,
+        };
+        node.wait_healthy()?;
+        Ok(node)
+    }
+
+    /// Starts another node agent process on this node's data dir; returns without waiting.
+    pub fn launch(&self, token: Option<&str>) -> anyhow::Result<Daemon> {
+        spawn_node(
+            &self.server_address,
+            &self.bundle,
+            &self.data_dir,
+            &self.socket,
+            token,
+        )
+    }
+
+
+    pub fn wait_healthy(&mut self) -> anyhow::Result<()> {
+        let sock = self.socket.display().to_string();
+        let daemon = &mut self.daemon;
+        let ok = wait_until(Duration::from_secs(20), || {
+            if !daemon.is_running() {
+                return true;
+            }
+            agentd(&["healthcheck", "--socket-path", &sock]).status.success()
+        });
+        if !ok || !self.daemon.is_running() {
+            bail!("node agent did not become healthy:\n{}", self.daemon.log_text());
+        }
+        Ok(())
+    }
+
+    /// Stops and starts the node agent again, without a join token.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.daemon.stop();
+        self.daemon = self.launch(None)?;
+        self.wait_healthy()
+    }
+
+    /// `unix:///...` for SPIFFE clients.
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    pub fn socket_arg(&self) -> String {
+        self.socket.display().to_string()
+    }
+
+    /// Waits until `api fetch x509` returns an SVID for `spiffe_id`.
+    pub fn wait_for_svid(&self, spiffe_id: &str) -> anyhow::Result<()> {
+        let sock = self.socket_arg();
+        let ok = wait_until(Duration::from_secs(20), || {
+            let out = agentd(&["api", "fetch", "x509", "--socket-path", &sock, "--output", "json"]);
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains(spiffe_id)
+        });
+        if !ok {
+            bail!("no SVID for {spiffe_id}:\n{}", self.daemon.log_text());
+        }
+        Ok(())
+    }
+}

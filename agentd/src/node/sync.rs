@@ -54,20 +54,27 @@ fn entry_from_proto(e: pb::Entry) -> Result<NodeEntry, String> {
 
 impl Syncer {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), NodeError> {
+        // Next regular sync, and the earliest retry after a failure (backoff).
         let mut next_sync = SystemTime::UNIX_EPOCH;
+        let mut not_before = SystemTime::UNIX_EPOCH;
         let mut backoff = Duration::from_secs(1);
         loop {
             let now = self.clock.now();
-            if now >= next_sync {
+            // A sync also mints, so an SVID coming due for rotation triggers one at once
+            // rather than waiting for the regular interval.
+            let due = !self.cache.due_for_mint(now).is_empty();
+            if now >= not_before && (now >= next_sync || due) {
                 match self.sync_once().await {
                     Ok(()) => {
                         backoff = Duration::from_secs(1);
                         next_sync = self.clock.now() + self.sync_interval;
+                        not_before = self.clock.now();
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, retry_in = ?backoff, "sync with the server failed; serving cached SVIDs");
                         self.link.reset().await;
-                        next_sync = self.clock.now() + backoff;
+                        not_before = self.clock.now() + backoff;
+                        next_sync = not_before;
                         backoff = (backoff * 2).min(MAX_BACKOFF);
                     }
                 }
