@@ -27,6 +27,8 @@ use crate::keys::PrivateKey;
 
 /// The path of the server's own SPIFFE ID.
 pub const SERVER_ID_PATH: &str = "/agentd/server";
+/// IDs under this path are the server's; no entry or join token may name one.
+pub const RESERVED_PATH_PREFIX: &str = "/agentd/";
 
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -381,7 +383,10 @@ pub fn source_chain(e: &dyn std::error::Error) -> String {
     let mut out = Vec::new();
     let mut cur = e.source();
     while let Some(s) = cur {
-        out.push(s.to_string());
+        let msg = s.to_string();
+        if out.last() != Some(&msg) {
+            out.push(msg);
+        }
         cur = s.source();
     }
     out.join(": ")

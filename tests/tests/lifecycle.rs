@@ -117,6 +117,28 @@ fn an_evicted_node_is_refused_until_it_attests_again() -> anyhow::Result<()> {
         node.daemon.log_text().contains("is not attested")
     });
     assert!(log_has_refusal, "{}", node.daemon.log_text());
+
+    // The same SPIFFE ID attested again by another machine: the evicted node's old SVID
+    // stays refused, because it is not the node's current SVID.
+    let token = server.join_token(&node.spiffe_id)?;
+    let mut replacement = spawn_node(
+        &server.address,
+        &node.bundle,
+        &env.path().join("replacement"),
+        &env.path().join("replacement.sock"),
+        Some(&token),
+    )?;
+    let sock = env.path().join("replacement.sock").display().to_string();
+    assert!(
+        wait_until(Duration::from_secs(20), || agentd(&["healthcheck", "--socket-path", &sock]).status.success()),
+        "{}",
+        replacement.log_text()
+    );
+    let stale = wait_until(Duration::from_secs(10), || {
+        node.daemon.log_text().contains("is not the node's current SVID")
+    });
+    assert!(stale, "{}", node.daemon.log_text());
+    assert!(replacement.is_running());
     Ok(())
 }
 

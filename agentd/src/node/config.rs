@@ -25,6 +25,9 @@ pub struct RawNodeConfig {
     pub data_dir: Option<PathBuf>,
     /// How often entries and the bundle are synced from the server.
     pub sync_interval: Option<String>,
+    /// The server's trust domain. Needed with a trust bundle whose CA carries no SPIFFE ID
+    /// (an upstream CA); otherwise taken from the bundle.
+    pub trust_domain: Option<String>,
 }
 
 /// How the node agent authenticates the server on its first contact.
@@ -42,6 +45,7 @@ pub struct NodeConfig {
     pub socket_path: PathBuf,
     pub data_dir: PathBuf,
     pub sync_interval: Duration,
+    pub trust_domain: Option<spiffe::TrustDomain>,
 }
 
 impl TryFrom<RawNodeConfig> for NodeConfig {
@@ -87,8 +91,13 @@ impl TryFrom<RawNodeConfig> for NodeConfig {
         if !socket_path.is_absolute() {
             errs.push("socket_path", "must be an absolute path");
         }
+        let trust_domain = raw
+            .trust_domain
+            .as_deref()
+            .and_then(|t| errs.parse("trust_domain", spiffe::TrustDomain::new(t)));
         errs.finish()?;
         Ok(NodeConfig {
+            trust_domain,
             server_address,
             join_token,
             bootstrap,

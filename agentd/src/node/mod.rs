@@ -144,7 +144,7 @@ async fn obtain_identity(cfg: &NodeConfig, clock: &dyn Clock) -> Result<NodeIden
             client::attest_with_join_token(&cfg.server_address, None, None, token).await?
         }
         Bootstrap::TrustBundle(path) => {
-            let (roots, td) = load_trust_bundle(path)?;
+            let (roots, td) = load_trust_bundle(path, cfg.trust_domain.as_ref())?;
             client::attest_with_join_token(&cfg.server_address, Some(&roots), Some(&td), token)
                 .await?
         }
@@ -155,7 +155,10 @@ async fn obtain_identity(cfg: &NodeConfig, clock: &dyn Clock) -> Result<NodeIden
 
 /// Reads a PEM trust bundle (as printed by `agentd bundle show --format pem`) or a SPIFFE
 /// bundle; the trust domain comes from the CA certificate's SPIFFE ID.
-fn load_trust_bundle(path: &std::path::Path) -> Result<(Vec<Vec<u8>>, spiffe::TrustDomain), NodeError> {
+fn load_trust_bundle(
+    path: &std::path::Path,
+    configured: Option<&spiffe::TrustDomain>,
+) -> Result<(Vec<Vec<u8>>, spiffe::TrustDomain), NodeError> {
     let err = |reason: String| NodeError::TrustBundle {
         path: path.display().to_string(),
         reason,
@@ -172,12 +175,17 @@ fn load_trust_bundle(path: &std::path::Path) -> Result<(Vec<Vec<u8>>, spiffe::Tr
     if roots.is_empty() {
         return Err(err("no certificates".into()));
     }
+    if let Some(td) = configured {
+        return Ok((roots, td.clone()));
+    }
     let td = roots
         .iter()
         .find_map(|r| crate::tls::spiffe_id_of(r))
         .map(|id| spiffe::TrustDomain::new(id.trust_domain_name()))
         .transpose()
         .map_err(|e| err(e.to_string()))?
-        .ok_or_else(|| err("no CA certificate carries a SPIFFE ID (spiffe://<trust domain>)".into()))?;
+        .ok_or_else(|| {
+            err("no CA certificate carries a SPIFFE ID (spiffe://<trust domain>): set trust_domain in the node config".into())
+        })?;
     Ok((roots, td))
 }

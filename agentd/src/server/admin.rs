@@ -115,6 +115,21 @@ impl AdminApi {
         Ok(id)
     }
 
+    /// An identity to issue (a node's or a workload's): never in the reserved `/agentd/`
+    /// namespace, which holds the server's own identity that node agents trust.
+    fn issuable_id(&self, field: &str, raw: &str) -> Result<SpiffeId, AdminError> {
+        let id = self.spiffe_id_in_domain(field, raw)?;
+        if id.path() == crate::tls::RESERVED_PATH_PREFIX.trim_end_matches('/')
+            || id.path().starts_with(crate::tls::RESERVED_PATH_PREFIX)
+        {
+            return Err(invalid(
+                field,
+                format!("{id} is reserved for the server's own identity"),
+            ));
+        }
+        Ok(id)
+    }
+
     fn ttl(&self, field: &str, secs: i64, default: Ttl) -> Result<Ttl, AdminError> {
         Ok(Ttl::from_proto_secs(secs)
             .map_err(|e| invalid(field, e))?
@@ -124,7 +139,7 @@ impl AdminApi {
     fn spec_from_proto(&self, p: pb::EntrySpec) -> Result<EntrySpec, AdminError> {
         let cfg = &self.state.config;
         Ok(EntrySpec {
-            spiffe_id: self.spiffe_id_in_domain("spiffe_id", &p.spiffe_id)?,
+            spiffe_id: self.issuable_id("spiffe_id", &p.spiffe_id)?,
             parent_id: self.spiffe_id_in_domain("parent_id", &p.parent_id)?,
             selectors: parse_selectors(&p.selectors)?,
             x509_svid_ttl: self.ttl(
@@ -285,7 +300,7 @@ impl Admin for AdminApi {
     ) -> Result<Response<pb::JoinToken>, Status> {
         let uid = caller_uid(&request);
         let req = request.into_inner();
-        let spiffe_id = self.spiffe_id_in_domain("spiffe_id", &req.spiffe_id)?;
+        let spiffe_id = self.issuable_id("spiffe_id", &req.spiffe_id)?;
         let ttl = self.ttl("ttl", req.ttl_seconds, self.state.config.join_token_ttl)?;
         // 128 random bits from the system CSPRNG.
         let token = hex::encode(rand::random::<[u8; 16]>());
@@ -388,7 +403,7 @@ impl Admin for AdminApi {
             .ok_or_else(|| AdminError::EntryNotFound(id.to_string()))?;
         let mut spec = current.spec;
         if let Some(v) = &req.spiffe_id {
-            spec.spiffe_id = self.spiffe_id_in_domain("spiffe_id", v)?;
+            spec.spiffe_id = self.issuable_id("spiffe_id", v)?;
         }
         if let Some(v) = &req.parent_id {
             spec.parent_id = self.spiffe_id_in_domain("parent_id", v)?;

@@ -32,6 +32,8 @@ pub enum NodeApiError {
     NoClientCertificate,
     #[error("node {0} is not attested (evicted, or never attested): attest again")]
     UnknownNode(String),
+    #[error("node {spiffe_id}: certificate serial {presented} is not the node's current SVID (evicted and re-attested, or not a node SVID)")]
+    StaleNodeSvid { spiffe_id: String, presented: String },
     #[error("join token not found or already used")]
     UnknownJoinToken,
     #[error("join token expired")]
@@ -52,6 +54,7 @@ impl From<NodeApiError> for Status {
         match e {
             NodeApiError::NoClientCertificate => Status::unauthenticated(msg),
             NodeApiError::UnknownNode(_)
+            | NodeApiError::StaleNodeSvid { .. }
             | NodeApiError::UnknownJoinToken
             | NodeApiError::ExpiredJoinToken
             | NodeApiError::EntryNotAuthorized(_) => Status::permission_denied(msg),
@@ -133,16 +136,27 @@ pub fn join_token_digest(token: &str) -> String {
 }
 
 impl NodeApi {
-    /// The calling node, from its client certificate, if the server still knows it.
+    /// The calling node, from its client certificate: the server must still know the node,
+    /// and the certificate must be the node SVID it issued last. A workload SVID that
+    /// happens to carry a node's SPIFFE ID, or the old SVID of an evicted node, is refused.
     async fn caller(&self, peer: Option<&PeerIdentity>) -> Result<AttestedNode, NodeApiError> {
-        let id = peer
-            .and_then(|p| p.spiffe_id.clone())
+        let (id, serial) = peer
+            .and_then(|p| Some((p.spiffe_id.clone()?, p.serial.clone()?)))
             .ok_or(NodeApiError::NoClientCertificate)?;
-        self.state
+        let node = self
+            .state
             .store
             .get_node(&id)
             .await?
-            .ok_or_else(|| NodeApiError::UnknownNode(id.to_string()))
+            .ok_or_else(|| NodeApiError::UnknownNode(id.to_string()))?;
+        if node.serial != serial {
+            tracing::warn!(node = %id, presented = %serial, "node API call with a certificate that is not the node's current SVID");
+            return Err(NodeApiError::StaleNodeSvid {
+                spiffe_id: id.to_string(),
+                presented: serial,
+            });
+        }
+        Ok(node)
     }
 
     async fn entry_for_node(
