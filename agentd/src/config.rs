@@ -43,11 +43,7 @@ impl Errors {
     }
 
     /// Parses `value` with `parse`, recording an error under `path` on failure.
-    pub fn parse<T, E: fmt::Display>(
-        &mut self,
-        path: &str,
-        value: Result<T, E>,
-    ) -> Option<T> {
+    pub fn parse<T, E: fmt::Display>(&mut self, path: &str, value: Result<T, E>) -> Option<T> {
         match value {
             Ok(v) => Some(v),
             Err(e) => {
@@ -89,9 +85,9 @@ pub fn default_data_dir(name: &str) -> PathBuf {
         return PathBuf::from("/var/lib/agentd").join(name);
     }
     match std::env::var_os("HOME") {
-        Some(home) if !home.is_empty() => PathBuf::from(home)
-            .join(".local/share/agentd")
-            .join(name),
+        Some(home) if !home.is_empty() => {
+            PathBuf::from(home).join(".local/share/agentd").join(name)
+        }
         _ => PathBuf::from(".agentd").join(name),
     }
 }
@@ -99,7 +95,9 @@ pub fn default_data_dir(name: &str) -> PathBuf {
 fn is_root() -> bool {
     // The owner of our /proc entry is our effective uid; no libc call needed.
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
 }
 
 #[cfg(test)]

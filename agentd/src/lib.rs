@@ -10,16 +10,16 @@
 
 pub mod bundle;
 pub mod ca;
+pub mod cli;
 pub mod clock;
-pub mod keys;
-pub mod svid;
-pub mod ttl;
-pub mod datastore;
 pub mod config;
 pub mod convert;
+pub mod datastore;
+pub mod keys;
+pub mod node;
 pub mod runtime;
 pub mod server;
+pub mod svid;
 pub mod tls;
-pub mod node;
+pub mod ttl;
 pub mod workload_api;
-pub mod cli;

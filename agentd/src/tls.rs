@@ -46,8 +46,11 @@ pub fn provider() -> Arc<CryptoProvider> {
 }
 
 pub fn server_spiffe_id(trust_domain: &TrustDomain) -> SpiffeId {
-    SpiffeId::new(format!("spiffe://{}{SERVER_ID_PATH}", trust_domain.as_str()))
-        .expect("a trust domain plus a fixed path is a valid SPIFFE ID")
+    SpiffeId::new(format!(
+        "spiffe://{}{SERVER_ID_PATH}",
+        trust_domain.as_str()
+    ))
+    .expect("a trust domain plus a fixed path is a valid SPIFFE ID")
 }
 
 fn root_store(roots: &[Vec<u8>]) -> Result<RootCertStore, TlsError> {
@@ -65,7 +68,10 @@ fn key_der(key: &PrivateKey) -> PrivateKeyDer<'static> {
 }
 
 fn chain_der(chain: &[Vec<u8>]) -> Vec<CertificateDer<'static>> {
-    chain.iter().map(|c| CertificateDer::from(c.clone())).collect()
+    chain
+        .iter()
+        .map(|c| CertificateDer::from(c.clone()))
+        .collect()
 }
 
 /// The server's TLS config: its SVID, and client certificates verified against the bundle

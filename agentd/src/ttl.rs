@@ -114,12 +114,18 @@ mod tests {
         assert_eq!("0".parse::<Ttl>(), Err(TtlError::Zero));
         assert_eq!("0s".parse::<Ttl>(), Err(TtlError::Zero));
         assert_eq!("-5".parse::<Ttl>(), Err(TtlError::Negative));
-        assert!(matches!("400d".parse::<Ttl>(), Err(TtlError::TooLong { .. })));
+        assert!(matches!(
+            "400d".parse::<Ttl>(),
+            Err(TtlError::TooLong { .. })
+        ));
         assert!(matches!(
             "99999999999999999999999".parse::<Ttl>(),
             Err(TtlError::TooLong { .. })
         ));
-        assert!(matches!("soon".parse::<Ttl>(), Err(TtlError::Syntax { .. })));
+        assert!(matches!(
+            "soon".parse::<Ttl>(),
+            Err(TtlError::Syntax { .. })
+        ));
         assert!(matches!("".parse::<Ttl>(), Err(TtlError::Syntax { .. })));
     }
 

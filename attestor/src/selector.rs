@@ -137,7 +137,10 @@ mod tests {
         let uid: Selector = "unix:uid:1000".parse().unwrap();
         let gid: Selector = "unix:gid:1000".parse().unwrap();
         let other: Selector = "unix:uid:0".parse().unwrap();
-        assert!(all_present(&[uid.clone()], &[uid.clone(), gid.clone()]));
+        assert!(all_present(
+            std::slice::from_ref(&uid),
+            &[uid.clone(), gid.clone()]
+        ));
         assert!(all_present(
             &[uid.clone(), gid.clone()],
             &[gid.clone(), uid.clone()]

@@ -235,8 +235,7 @@ impl Server {
             }
             let out = agentd(&["healthcheck", "--admin-socket", &sock, "--output", "json"]);
             if out.status.success() {
-                let v: serde_json::Value =
-                    serde_json::from_slice(&out.stdout).unwrap_or_default();
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
                 address = v["node_api_address"].as_str().map(str::to_string);
                 return address.is_some();
             }
@@ -256,8 +255,12 @@ impl Server {
     /// Starts the server again on the same data dir and port.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.daemon.stop();
-        let (daemon, address) =
-            Self::launch(&self.data_dir, &self.admin_socket, &self.address, &self.extra)?;
+        let (daemon, address) = Self::launch(
+            &self.data_dir,
+            &self.admin_socket,
+            &self.address,
+            &self.extra,
+        )?;
         self.daemon = daemon;
         anyhow::ensure!(address == self.address, "server came back on {address}");
         Ok(())
@@ -337,7 +340,9 @@ pub fn spawn_node(
 /// The uid of this test process (from /proc, no libc).
 pub fn current_uid() -> u32 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0)
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(0)
 }
 
 /// A node agent process.
@@ -385,7 +390,6 @@ impl Node {
         )
     }
 
-
     pub fn wait_healthy(&mut self) -> anyhow::Result<()> {
         let sock = self.socket.display().to_string();
         let daemon = &mut self.daemon;
@@ -393,10 +397,15 @@ impl Node {
             if !daemon.is_running() {
                 return true;
             }
-            agentd(&["healthcheck", "--socket-path", &sock]).status.success()
+            agentd(&["healthcheck", "--socket-path", &sock])
+                .status
+                .success()
         });
         if !ok || !self.daemon.is_running() {
-            bail!("node agent did not become healthy:\n{}", self.daemon.log_text());
+            bail!(
+                "node agent did not become healthy:\n{}",
+                self.daemon.log_text()
+            );
         }
         Ok(())
     }
@@ -421,7 +430,15 @@ impl Node {
     pub fn wait_for_svid(&self, spiffe_id: &str) -> anyhow::Result<()> {
         let sock = self.socket_arg();
         let ok = wait_until(Duration::from_secs(20), || {
-            let out = agentd(&["api", "fetch", "x509", "--socket-path", &sock, "--output", "json"]);
+            let out = agentd(&[
+                "api",
+                "fetch",
+                "x509",
+                "--socket-path",
+                &sock,
+                "--output",
+                "json",
+            ]);
             out.status.success() && String::from_utf8_lossy(&out.stdout).contains(spiffe_id)
         });
         if !ok {

@@ -52,18 +52,30 @@ async fn x509_source_gets_the_svid_and_sees_it_rotate() -> anyhow::Result<()> {
     tokio::time::timeout(Duration::from_secs(15), updates.changed()).await??;
     let second = source.svid()?;
     assert_eq!(second.spiffe_id().to_string(), id);
-    assert_ne!(serial_of(second.leaf().as_bytes()), first_serial, "a rotation brings a new certificate");
+    assert_ne!(
+        serial_of(second.leaf().as_bytes()),
+        first_serial,
+        "a rotation brings a new certificate"
+    );
     source.shutdown().await;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jwt_svid_validates_with_the_spiffe_crate_against_the_fetched_bundle() -> anyhow::Result<()> {
+async fn jwt_svid_validates_with_the_spiffe_crate_against_the_fetched_bundle() -> anyhow::Result<()>
+{
     let env = Env::new();
     let server = Server::start(&env)?;
     let node = Node::start(&env, &server, "n1")?;
     let id = "spiffe://example.org/agent/jwt";
-    server.create_entry(&["--parent-id", &node.spiffe_id, "--spiffe-id", id, "--selector", &uid_selector()])?;
+    server.create_entry(&[
+        "--parent-id",
+        &node.spiffe_id,
+        "--spiffe-id",
+        id,
+        "--selector",
+        &uid_selector(),
+    ])?;
     node.wait_for_svid(id)?;
 
     let client = WorkloadApiClient::connect_to(node.endpoint()).await?;
@@ -73,12 +85,19 @@ async fn jwt_svid_validates_with_the_spiffe_crate_against_the_fetched_bundle() -
     let validated = spiffe::JwtSvid::parse_and_validate(svid.token(), &bundles, &["my_audience"])?;
     assert_eq!(validated.spiffe_id().to_string(), id);
     // The wrong audience is refused by the independent validator too.
-    assert!(spiffe::JwtSvid::parse_and_validate(svid.token(), &bundles, &["other_audience"]).is_err());
+    assert!(
+        spiffe::JwtSvid::parse_and_validate(svid.token(), &bundles, &["other_audience"]).is_err()
+    );
 
     // ValidateJWTSVID on the node agent agrees, and reports the claims.
-    let validated = client.validate_jwt_token("my_audience", svid.token()).await?;
+    let validated = client
+        .validate_jwt_token("my_audience", svid.token())
+        .await?;
     assert_eq!(validated.spiffe_id().to_string(), id);
-    assert!(client.validate_jwt_token("other_audience", svid.token()).await.is_err());
+    assert!(client
+        .validate_jwt_token("other_audience", svid.token())
+        .await
+        .is_err());
 
     // JwtSource, the other client the spec names.
     let jwt_source = spiffe::JwtSource::builder()
@@ -86,7 +105,11 @@ async fn jwt_svid_validates_with_the_spiffe_crate_against_the_fetched_bundle() -
         .build()
         .await?;
     let from_source = jwt_source.fetch_jwt_svid(["my_audience"]).await?;
-    spiffe::JwtSvid::parse_and_validate(from_source.token(), &*jwt_source.bundle_set()?, &["my_audience"])?;
+    spiffe::JwtSvid::parse_and_validate(
+        from_source.token(),
+        &*jwt_source.bundle_set()?,
+        &["my_audience"],
+    )?;
     jwt_source.shutdown().await;
     Ok(())
 }
@@ -111,7 +134,14 @@ async fn spiffe_rustls_endpoints_complete_an_mtls_handshake() -> anyhow::Result<
     let agent = "spiffe://example.org/agent/scheduler";
     for (id, hint) in [(tool, "tool"), (agent, "agent")] {
         server.create_entry(&[
-            "--parent-id", &node.spiffe_id, "--spiffe-id", id, "--selector", &uid_selector(), "--hint", hint,
+            "--parent-id",
+            &node.spiffe_id,
+            "--spiffe-id",
+            id,
+            "--selector",
+            &uid_selector(),
+            "--hint",
+            hint,
         ])?;
         node.wait_for_svid(id)?;
     }
@@ -142,7 +172,12 @@ async fn spiffe_rustls_endpoints_complete_an_mtls_handshake() -> anyhow::Result<
     let server_task = tokio::spawn(async move {
         let (tcp, _) = listener.accept().await?;
         let mut tls = acceptor.accept(tcp).await?;
-        let peer = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec());
+        let peer = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.to_vec());
         let mut buf = [0u8; 4];
         tls.read_exact(&mut buf).await?;
         tls.write_all(b"pong").await?;
@@ -160,11 +195,16 @@ async fn spiffe_rustls_endpoints_complete_an_mtls_handshake() -> anyhow::Result<
     let (got, peer) = server_task.await??;
     assert_eq!(&got, b"ping");
     let peer = peer.expect("client presented a certificate");
-    assert_eq!(agentd::tls::spiffe_id_of(&peer), Some(SpiffeId::new(agent)?));
+    assert_eq!(
+        agentd::tls::spiffe_id_of(&peer),
+        Some(SpiffeId::new(agent)?)
+    );
 
     // The exact-ID authorizer really decides: a client expecting another ID refuses the tool.
     let wrong = spiffe_rustls::mtls_client(agent_source.clone())
-        .authorize(spiffe_rustls::authorizer::exact(["spiffe://example.org/tool/other"])?)
+        .authorize(spiffe_rustls::authorizer::exact([
+            "spiffe://example.org/tool/other",
+        ])?)
         .build()?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -180,7 +220,10 @@ async fn spiffe_rustls_endpoints_complete_an_mtls_handshake() -> anyhow::Result<
     });
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     let name = rustls::pki_types::ServerName::try_from("calendar.example.org")?;
-    assert!(tokio_rustls::TlsConnector::from(Arc::new(wrong)).connect(name, tcp).await.is_err());
+    assert!(tokio_rustls::TlsConnector::from(Arc::new(wrong))
+        .connect(name, tcp)
+        .await
+        .is_err());
     tool_source.shutdown().await;
     agent_source.shutdown().await;
     Ok(())
@@ -192,17 +235,41 @@ fn openssl_verify_accepts_what_api_fetch_x509_wrote() -> anyhow::Result<()> {
     let server = Server::start(&env)?;
     let node = Node::start(&env, &server, "n1")?;
     let id = "spiffe://example.org/agent/files";
-    server.create_entry(&["--parent-id", &node.spiffe_id, "--spiffe-id", id, "--selector", &uid_selector(), "--dns-name", "files.example.org"])?;
+    server.create_entry(&[
+        "--parent-id",
+        &node.spiffe_id,
+        "--spiffe-id",
+        id,
+        "--selector",
+        &uid_selector(),
+        "--dns-name",
+        "files.example.org",
+    ])?;
     node.wait_for_svid(id)?;
     let out_dir = env.path().join("out");
     let sock = node.socket_arg();
-    let out = agentd(&["api", "fetch", "x509", "--socket-path", &sock, "--write", out_dir.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = agentd(&[
+        "api",
+        "fetch",
+        "x509",
+        "--socket-path",
+        &sock,
+        "--write",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for f in ["svid.0.pem", "svid.0.key", "bundle.0.pem"] {
         assert!(out_dir.join(f).exists(), "{f} written");
     }
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(out_dir.join("svid.0.key"))?.permissions().mode() & 0o777;
+    let mode = std::fs::metadata(out_dir.join("svid.0.key"))?
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o600, "the key file is private");
 
     let verify = |purpose: &str| {
@@ -215,11 +282,20 @@ fn openssl_verify_accepts_what_api_fetch_x509_wrote() -> anyhow::Result<()> {
     };
     for purpose in ["sslclient", "sslserver"] {
         let v = verify(purpose);
-        assert!(v.status.success(), "openssl verify -purpose {purpose}: {}{}", String::from_utf8_lossy(&v.stdout), String::from_utf8_lossy(&v.stderr));
+        assert!(
+            v.status.success(),
+            "openssl verify -purpose {purpose}: {}{}",
+            String::from_utf8_lossy(&v.stdout),
+            String::from_utf8_lossy(&v.stderr)
+        );
     }
     // The key matches the certificate.
     let pubkey = |args: &[&str], file: &str| {
-        let o = std::process::Command::new("openssl").args(args).arg(out_dir.join(file)).output().unwrap();
+        let o = std::process::Command::new("openssl")
+            .args(args)
+            .arg(out_dir.join(file))
+            .output()
+            .unwrap();
         assert!(o.status.success());
         o.stdout
     };
@@ -236,7 +312,10 @@ fn openssl_verify_accepts_what_api_fetch_x509_wrote() -> anyhow::Result<()> {
         .arg(other.path().join("other.pem"))
         .arg(out_dir.join("svid.0.pem"))
         .output()?;
-    assert!(!v.status.success(), "a foreign bundle must not verify our SVID");
+    assert!(
+        !v.status.success(),
+        "a foreign bundle must not verify our SVID"
+    );
     Ok(())
 }
 
@@ -256,38 +335,69 @@ async fn missing_security_header_is_invalid_argument() -> anyhow::Result<()> {
             }
         }))
         .await?;
-    let mut client = agentd_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel);
+    let mut client =
+        agentd_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel);
     let err = client
         .fetch_x509svid(agentd_proto::workload::X509svidRequest {})
         .await
         .expect_err("no header: refused");
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     let err = client
-        .fetch_jwtsvid(agentd_proto::workload::JwtsvidRequest { audience: vec!["a".into()], spiffe_id: String::new() })
+        .fetch_jwtsvid(agentd_proto::workload::JwtsvidRequest {
+            audience: vec!["a".into()],
+            spiffe_id: String::new(),
+        })
         .await
         .expect_err("no header: refused");
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     // A wrong value is as bad as none.
     let mut req = tonic::Request::new(agentd_proto::workload::X509BundlesRequest {});
-    req.metadata_mut().insert("workload.spiffe.io", "false".parse()?);
-    let err = client.fetch_x509_bundles(req).await.expect_err("wrong header value");
+    req.metadata_mut()
+        .insert("workload.spiffe.io", "false".parse()?);
+    let err = client
+        .fetch_x509_bundles(req)
+        .await
+        .expect_err("wrong header value");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_workload_with_no_entry_gets_permission_denied_no_identity_issued() -> anyhow::Result<()> {
+async fn a_workload_with_no_entry_gets_permission_denied_no_identity_issued() -> anyhow::Result<()>
+{
     let env = Env::new();
     let server = Server::start(&env)?;
     let node = Node::start(&env, &server, "n1")?;
     // An entry for somebody else only.
-    server.create_entry(&["--parent-id", &node.spiffe_id, "--spiffe-id", "spiffe://example.org/agent/other", "--selector", "unix:uid:4294967000"])?;
+    server.create_entry(&[
+        "--parent-id",
+        &node.spiffe_id,
+        "--spiffe-id",
+        "spiffe://example.org/agent/other",
+        "--selector",
+        "unix:uid:4294967000",
+    ])?;
     std::thread::sleep(Duration::from_secs(2));
     let client = WorkloadApiClient::connect_to(node.endpoint()).await?;
     let err = client.fetch_x509_svid().await.expect_err("no identity");
-    assert!(matches!(err, spiffe::workload_api::error::WorkloadApiError::NoIdentityIssued), "{err:?}");
-    let err = client.fetch_jwt_svid(["aud"], None).await.expect_err("no identity");
-    assert!(matches!(err, spiffe::workload_api::error::WorkloadApiError::NoIdentityIssued), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            spiffe::workload_api::error::WorkloadApiError::NoIdentityIssued
+        ),
+        "{err:?}"
+    );
+    let err = client
+        .fetch_jwt_svid(["aud"], None)
+        .await
+        .expect_err("no identity");
+    assert!(
+        matches!(
+            err,
+            spiffe::workload_api::error::WorkloadApiError::NoIdentityIssued
+        ),
+        "{err:?}"
+    );
     // The CLI says so in one line and exits non-zero.
     let out = agentd(&["api", "fetch", "x509", "--socket-path", &node.socket_arg()]);
     assert!(!out.status.success());

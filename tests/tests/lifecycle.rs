@@ -9,7 +9,15 @@ fn uid_selector() -> String {
 }
 
 fn fetch_json(node: &Node) -> Option<serde_json::Value> {
-    let out = agentd(&["api", "fetch", "x509", "--socket-path", &node.socket_arg(), "--output", "json"]);
+    let out = agentd(&[
+        "api",
+        "fetch",
+        "x509",
+        "--socket-path",
+        &node.socket_arg(),
+        "--output",
+        "json",
+    ]);
     out.status
         .success()
         .then(|| serde_json::from_slice(&out.stdout).ok())
@@ -22,21 +30,42 @@ fn server_restart_keeps_bundle_entries_nodes_and_tokens() -> anyhow::Result<()> 
     let mut server = Server::start(&env)?;
     let node = Node::start(&env, &server, "n1")?;
     let id = "spiffe://example.org/agent/persisted";
-    let entry_id = server.create_entry(&["--parent-id", &node.spiffe_id, "--spiffe-id", id, "--selector", &uid_selector()])?;
+    let entry_id = server.create_entry(&[
+        "--parent-id",
+        &node.spiffe_id,
+        "--spiffe-id",
+        id,
+        "--selector",
+        &uid_selector(),
+    ])?;
     let unused_token = server.join_token("spiffe://example.org/node/later")?;
     let bundle_before = server.cli_ok(&["bundle", "show", "--format", "spiffe"])?;
     node.wait_for_svid(id)?;
 
     server.restart()?;
-    assert_eq!(server.cli_ok(&["bundle", "show", "--format", "spiffe"])?, bundle_before, "same trust bundle");
-    let entry: serde_json::Value = serde_json::from_str(&server.cli_ok(&["entry", "show", "--id", &entry_id, "--output", "json"])?)?;
+    assert_eq!(
+        server.cli_ok(&["bundle", "show", "--format", "spiffe"])?,
+        bundle_before,
+        "same trust bundle"
+    );
+    let entry: serde_json::Value = serde_json::from_str(
+        &server.cli_ok(&["entry", "show", "--id", &entry_id, "--output", "json"])?,
+    )?;
     assert_eq!(entry["spiffe_id"], id);
-    let nodes: serde_json::Value = serde_json::from_str(&server.cli_ok(&["node", "list", "--output", "json"])?)?;
+    let nodes: serde_json::Value =
+        serde_json::from_str(&server.cli_ok(&["node", "list", "--output", "json"])?)?;
     assert_eq!(nodes[0]["spiffe_id"], node.spiffe_id.as_str());
 
     // The node agent keeps working against the restarted server: a new entry reaches it.
     let id2 = "spiffe://example.org/agent/after-restart";
-    server.create_entry(&["--parent-id", &node.spiffe_id, "--spiffe-id", id2, "--selector", &uid_selector()])?;
+    server.create_entry(&[
+        "--parent-id",
+        &node.spiffe_id,
+        "--spiffe-id",
+        id2,
+        "--selector",
+        &uid_selector(),
+    ])?;
     node.wait_for_svid(id2)?;
 
     // A token created before the restart still attests a node.
@@ -46,7 +75,13 @@ fn server_restart_keeps_bundle_entries_nodes_and_tokens() -> anyhow::Result<()> 
         socket: env.path().join("later.sock"),
         bundle: node.bundle.clone(),
         server_address: server.address.clone(),
-        daemon: spawn_node(&server.address, &node.bundle, &env.path().join("later"), &env.path().join("later.sock"), Some(&unused_token))?,
+        daemon: spawn_node(
+            &server.address,
+            &node.bundle,
+            &env.path().join("later"),
+            &env.path().join("later.sock"),
+            Some(&unused_token),
+        )?,
     };
     later.wait_healthy()?;
     Ok(())
@@ -58,13 +93,21 @@ fn node_restart_needs_no_new_token() -> anyhow::Result<()> {
     let server = Server::start(&env)?;
     let mut node = Node::start(&env, &server, "n1")?;
     let id = "spiffe://example.org/agent/a";
-    server.create_entry(&["--parent-id", &node.spiffe_id, "--spiffe-id", id, "--selector", &uid_selector()])?;
+    server.create_entry(&[
+        "--parent-id",
+        &node.spiffe_id,
+        "--spiffe-id",
+        id,
+        "--selector",
+        &uid_selector(),
+    ])?;
     node.wait_for_svid(id)?;
     node.restart()?; // no --join-token
     node.wait_for_svid(id)?;
     assert!(node.daemon.log_text().contains("node identity ready"));
     // Still one node on the server, attested once.
-    let nodes: serde_json::Value = serde_json::from_str(&server.cli_ok(&["node", "list", "--output", "json"])?)?;
+    let nodes: serde_json::Value =
+        serde_json::from_str(&server.cli_ok(&["node", "list", "--output", "json"])?)?;
     assert_eq!(nodes.as_array().map(Vec::len), Some(1));
     Ok(())
 }
@@ -76,15 +119,40 @@ fn a_used_join_token_is_refused() -> anyhow::Result<()> {
     let token = server.join_token("spiffe://example.org/node/n1")?;
     let bundle = env.path().join("bundle.pem");
     server.write_bundle(&bundle)?;
-    let mut first = spawn_node(&server.address, &bundle, &env.path().join("a"), &env.path().join("a.sock"), Some(&token))?;
+    let mut first = spawn_node(
+        &server.address,
+        &bundle,
+        &env.path().join("a"),
+        &env.path().join("a.sock"),
+        Some(&token),
+    )?;
     let sock = env.path().join("a.sock").display().to_string();
-    assert!(wait_until(Duration::from_secs(20), || agentd(&["healthcheck", "--socket-path", &sock]).status.success()), "{}", first.log_text());
+    assert!(
+        wait_until(Duration::from_secs(20), || agentd(&[
+            "healthcheck",
+            "--socket-path",
+            &sock
+        ])
+        .status
+        .success()),
+        "{}",
+        first.log_text()
+    );
     // A second node presenting the same token fails with one clear line.
-    let mut second = spawn_node(&server.address, &bundle, &env.path().join("b"), &env.path().join("b.sock"), Some(&token))?;
+    let mut second = spawn_node(
+        &server.address,
+        &bundle,
+        &env.path().join("b"),
+        &env.path().join("b.sock"),
+        Some(&token),
+    )?;
     let status = second.wait_exit(Duration::from_secs(20))?;
     assert!(!status.success());
     let log = second.log_text();
-    assert!(log.contains("join token not found or already used"), "{log}");
+    assert!(
+        log.contains("join token not found or already used"),
+        "{log}"
+    );
     assert!(first.is_running());
     Ok(())
 }
@@ -94,16 +162,33 @@ fn an_expired_join_token_is_refused() -> anyhow::Result<()> {
     let env = Env::new();
     let server = Server::start(&env)?;
     let token = server
-        .cli_ok(&["token", "generate", "--spiffe-id", "spiffe://example.org/node/n1", "--ttl", "1s"])?
+        .cli_ok(&[
+            "token",
+            "generate",
+            "--spiffe-id",
+            "spiffe://example.org/node/n1",
+            "--ttl",
+            "1s",
+        ])?
         .trim()
         .to_string();
     std::thread::sleep(Duration::from_millis(2100));
     let bundle = env.path().join("bundle.pem");
     server.write_bundle(&bundle)?;
-    let mut node = spawn_node(&server.address, &bundle, &env.path().join("a"), &env.path().join("a.sock"), Some(&token))?;
+    let mut node = spawn_node(
+        &server.address,
+        &bundle,
+        &env.path().join("a"),
+        &env.path().join("a.sock"),
+        Some(&token),
+    )?;
     let status = node.wait_exit(Duration::from_secs(20))?;
     assert!(!status.success());
-    assert!(node.log_text().contains("join token expired"), "{}", node.log_text());
+    assert!(
+        node.log_text().contains("join token expired"),
+        "{}",
+        node.log_text()
+    );
     Ok(())
 }
 
@@ -130,12 +215,20 @@ fn an_evicted_node_is_refused_until_it_attests_again() -> anyhow::Result<()> {
     )?;
     let sock = env.path().join("replacement.sock").display().to_string();
     assert!(
-        wait_until(Duration::from_secs(20), || agentd(&["healthcheck", "--socket-path", &sock]).status.success()),
+        wait_until(Duration::from_secs(20), || agentd(&[
+            "healthcheck",
+            "--socket-path",
+            &sock
+        ])
+        .status
+        .success()),
         "{}",
         replacement.log_text()
     );
     let stale = wait_until(Duration::from_secs(10), || {
-        node.daemon.log_text().contains("is not the node's current SVID")
+        node.daemon
+            .log_text()
+            .contains("is not the node's current SVID")
     });
     assert!(stale, "{}", node.daemon.log_text());
     assert!(replacement.is_running());
@@ -143,12 +236,20 @@ fn an_evicted_node_is_refused_until_it_attests_again() -> anyhow::Result<()> {
 }
 
 #[test]
-fn server_down_then_up_cached_svids_keep_being_served_and_the_node_reconnects() -> anyhow::Result<()> {
+fn server_down_then_up_cached_svids_keep_being_served_and_the_node_reconnects() -> anyhow::Result<()>
+{
     let env = Env::new();
     let mut server = Server::start(&env)?;
     let node = Node::start(&env, &server, "n1")?;
     let id = "spiffe://example.org/agent/steady";
-    server.create_entry(&["--parent-id", &node.spiffe_id, "--spiffe-id", id, "--selector", &uid_selector()])?;
+    server.create_entry(&[
+        "--parent-id",
+        &node.spiffe_id,
+        "--spiffe-id",
+        id,
+        "--selector",
+        &uid_selector(),
+    ])?;
     node.wait_for_svid(id)?;
     let serial = fetch_json(&node).unwrap()["svids"][0]["serial"].clone();
 
@@ -158,12 +259,22 @@ fn server_down_then_up_cached_svids_keep_being_served_and_the_node_reconnects() 
     let v = fetch_json(&node).expect("served from cache while the server is down");
     assert_eq!(v["svids"][0]["serial"], serial);
     let health = agentd(&["healthcheck", "--socket-path", &node.socket_arg()]);
-    assert!(health.status.success(), "serving from cache counts as healthy");
+    assert!(
+        health.status.success(),
+        "serving from cache counts as healthy"
+    );
 
     server.restart()?;
     // The node reconnects (with backoff) and picks up new work.
     let id2 = "spiffe://example.org/agent/new";
-    server.create_entry(&["--parent-id", &node.spiffe_id, "--spiffe-id", id2, "--selector", &uid_selector()])?;
+    server.create_entry(&[
+        "--parent-id",
+        &node.spiffe_id,
+        "--spiffe-id",
+        id2,
+        "--selector",
+        &uid_selector(),
+    ])?;
     node.wait_for_svid(id2)?;
     Ok(())
 }
@@ -174,7 +285,14 @@ fn entry_changes_reach_the_workload_and_deletion_withdraws_the_svid() -> anyhow:
     let server = Server::start(&env)?;
     let node = Node::start(&env, &server, "n1")?;
     let id = "spiffe://example.org/agent/changing";
-    let entry = server.create_entry(&["--parent-id", &node.spiffe_id, "--spiffe-id", id, "--selector", &uid_selector()])?;
+    let entry = server.create_entry(&[
+        "--parent-id",
+        &node.spiffe_id,
+        "--spiffe-id",
+        id,
+        "--selector",
+        &uid_selector(),
+    ])?;
     node.wait_for_svid(id)?;
     server.cli_ok(&["entry", "update", "--id", &entry, "--hint", "primary"])?;
     assert!(wait_until(Duration::from_secs(15), || {

@@ -27,7 +27,12 @@ pub async fn unix_channel(path: &Path) -> anyhow::Result<Channel> {
             }
         }))
         .await
-        .map_err(|e| anyhow!("cannot connect to {shown}: {}", crate::tls::source_chain(&e)))
+        .map_err(|e| {
+            anyhow!(
+                "cannot connect to {shown}: {}",
+                crate::tls::source_chain(&e)
+            )
+        })
 }
 
 async fn client(path: &Path) -> anyhow::Result<AdminClient<Channel>> {
@@ -145,8 +150,12 @@ pub async fn token(cmd: TokenCommand, out: Output) -> anyhow::Result<()> {
 
 fn spec_from_fields(f: EntryFields) -> anyhow::Result<pb::EntrySpec> {
     Ok(pb::EntrySpec {
-        spiffe_id: f.spiffe_id.ok_or_else(|| anyhow!("--spiffe-id is required"))?,
-        parent_id: f.parent_id.ok_or_else(|| anyhow!("--parent-id is required"))?,
+        spiffe_id: f
+            .spiffe_id
+            .ok_or_else(|| anyhow!("--spiffe-id is required"))?,
+        parent_id: f
+            .parent_id
+            .ok_or_else(|| anyhow!("--parent-id is required"))?,
         selectors: f.selectors,
         x509_svid_ttl_seconds: ttl_secs("x509_svid_ttl", &f.x509_svid_ttl)?.unwrap_or(0),
         jwt_svid_ttl_seconds: ttl_secs("jwt_svid_ttl", &f.jwt_svid_ttl)?.unwrap_or(0),
@@ -257,14 +266,17 @@ pub async fn node(cmd: NodeCommand, out: Output) -> anyhow::Result<()> {
                 .map_err(status)?
                 .into_inner()
                 .nodes;
-            out.print(&json!(nodes.iter().map(node_json).collect::<Vec<_>>()), || {
-                let mut s = format!("Found {} attested nodes\n", nodes.len());
-                for n in &nodes {
-                    s += "\n";
-                    s += &node_text(n);
-                }
-                s
-            });
+            out.print(
+                &json!(nodes.iter().map(node_json).collect::<Vec<_>>()),
+                || {
+                    let mut s = format!("Found {} attested nodes\n", nodes.len());
+                    for n in &nodes {
+                        s += "\n";
+                        s += &node_text(n);
+                    }
+                    s
+                },
+            );
         }
         NodeCommand::Show { spiffe_id, admin } => {
             let n = client(&admin.admin_socket)
@@ -327,7 +339,12 @@ pub async fn healthcheck(path: &Path, out: Output) -> anyhow::Result<()> {
             "version": info.version,
             "bundle_sequence": info.bundle_sequence,
         }),
-        || format!("Server is healthy (trust domain {}, node API {})", info.trust_domain, info.node_api_address),
+        || {
+            format!(
+                "Server is healthy (trust domain {}, node API {})",
+                info.trust_domain, info.node_api_address
+            )
+        },
     );
     Ok(())
 }

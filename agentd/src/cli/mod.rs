@@ -14,7 +14,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 pub use output::Output;
 
 #[derive(Debug, Parser)]
-#[command(name = "agentd", version, about = "SPIFFE workload identity for AI agents")]
+#[command(
+    name = "agentd",
+    version,
+    about = "SPIFFE workload identity for AI agents"
+)]
 pub struct Cli {
     /// Output format for commands that print data.
     #[arg(long, global = true, value_enum, default_value_t = Output::Text)]

@@ -14,7 +14,10 @@ use super::output::rfc3339;
 use super::{ApiCommand, FetchCommand, Output, ValidateCommand};
 
 type Client = SpiffeWorkloadApiClient<
-    InterceptedService<Channel, fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>>,
+    InterceptedService<
+        Channel,
+        fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>,
+    >,
 >;
 
 /// `unix:///path`, `unix:/path` or a plain path, as in SPIFFE_ENDPOINT_SOCKET.
@@ -24,12 +27,16 @@ pub fn socket_path(raw: &str) -> anyhow::Result<PathBuf> {
     } else if let Some(rest) = raw.strip_prefix("unix:") {
         rest
     } else if raw.starts_with("tcp:") {
-        return Err(anyhow!("socket_path: tcp endpoints are not supported by this CLI; use a unix socket"));
+        return Err(anyhow!(
+            "socket_path: tcp endpoints are not supported by this CLI; use a unix socket"
+        ));
     } else {
         raw
     };
     if !path.starts_with('/') {
-        return Err(anyhow!("socket_path: {raw:?} must be an absolute path or unix:///path"));
+        return Err(anyhow!(
+            "socket_path: {raw:?} must be an absolute path or unix:///path"
+        ));
     }
     Ok(PathBuf::from(path))
 }
@@ -220,7 +227,12 @@ pub async fn api(cmd: ApiCommand, out: Output) -> anyhow::Result<()> {
                 .unwrap_or(serde_json::Value::Null);
             out.print(
                 &json!({"spiffe_id": resp.spiffe_id, "claims": claims}),
-                || format!("SVID is valid.\nSPIFFE ID : {}\nClaims    : {claims}", resp.spiffe_id),
+                || {
+                    format!(
+                        "SVID is valid.\nSPIFFE ID : {}\nClaims    : {claims}",
+                        resp.spiffe_id
+                    )
+                },
             );
         }
         ApiCommand::Watch(socket) => {
@@ -295,11 +307,16 @@ pub async fn healthcheck(raw: &str, out: Output) -> anyhow::Result<()> {
         .await
         .map_err(status)?
         .into_inner();
-    let serving = resp.status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    let serving =
+        resp.status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
     if !serving {
-        return Err(anyhow!("node agent is not ready (not yet attested and synced)"));
+        return Err(anyhow!(
+            "node agent is not ready (not yet attested and synced)"
+        ));
     }
-    out.print(&json!({"healthy": true}), || "Node agent is healthy".to_string());
+    out.print(&json!({"healthy": true}), || {
+        "Node agent is healthy".to_string()
+    });
     Ok(())
 }
 
@@ -309,9 +326,18 @@ mod tests {
 
     #[test]
     fn socket_path_forms() {
-        assert_eq!(socket_path("unix:///tmp/a.sock").unwrap(), PathBuf::from("/tmp/a.sock"));
-        assert_eq!(socket_path("unix:/tmp/a.sock").unwrap(), PathBuf::from("/tmp/a.sock"));
-        assert_eq!(socket_path("/tmp/a.sock").unwrap(), PathBuf::from("/tmp/a.sock"));
+        assert_eq!(
+            socket_path("unix:///tmp/a.sock").unwrap(),
+            PathBuf::from("/tmp/a.sock")
+        );
+        assert_eq!(
+            socket_path("unix:/tmp/a.sock").unwrap(),
+            PathBuf::from("/tmp/a.sock")
+        );
+        assert_eq!(
+            socket_path("/tmp/a.sock").unwrap(),
+            PathBuf::from("/tmp/a.sock")
+        );
         assert!(socket_path("relative.sock").is_err());
         assert!(socket_path("tcp://127.0.0.1:1").is_err());
     }

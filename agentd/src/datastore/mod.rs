@@ -7,9 +7,7 @@ pub mod sled_store;
 
 use std::fmt::Debug;
 
-pub use model::{
-    AttestedNode, Entry, EntryFilter, EntryId, EntryIdError, EntrySpec, JoinToken,
-};
+pub use model::{AttestedNode, Entry, EntryFilter, EntryId, EntryIdError, EntrySpec, JoinToken};
 pub use sled_store::SledStore;
 
 use spiffe::SpiffeId;

@@ -412,7 +412,14 @@ mod tests {
             .create_entry(spec("spiffe://example.org/a", "unix:uid:2"), 0)
             .await
             .unwrap();
-        assert_eq!(store.list_entries(&EntryFilter::default()).await.unwrap().len(), 2);
+        assert_eq!(
+            store
+                .list_entries(&EntryFilter::default())
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
     }
 
     #[tokio::test]

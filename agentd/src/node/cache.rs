@@ -138,7 +138,9 @@ impl Cache {
     /// Replaces the entry set and bundle after a sync. SVIDs of entries that are gone are
     /// dropped at once.
     pub fn set_entries(&self, mut entries: Vec<NodeEntry>, bundle: Bundle) {
-        entries.sort_by(|a, b| (a.spiffe_id.to_string(), &a.id).cmp(&(b.spiffe_id.to_string(), &b.id)));
+        entries.sort_by(|a, b| {
+            (a.spiffe_id.to_string(), &a.id).cmp(&(b.spiffe_id.to_string(), &b.id))
+        });
         let mut g = self.write();
         let mut changed = !g.synced;
         g.synced = true;
@@ -374,7 +376,10 @@ mod tests {
     fn removed_entries_lose_their_svids() {
         let now = UNIX_EPOCH + Duration::from_secs(1000);
         let cache = Cache::new();
-        cache.set_entries(vec![entry("a", "spiffe://example.org/a", "unix:uid:1", 1)], bundle());
+        cache.set_entries(
+            vec![entry("a", "spiffe://example.org/a", "unix:uid:1", 1)],
+            bundle(),
+        );
         cache.put_x509(vec![svid("a", 1, now + Duration::from_secs(10), now)]);
         assert_eq!(cache.svid_count(), 1);
         cache.set_entries(vec![], bundle());

@@ -71,7 +71,10 @@ impl ServerLink {
     }
 
     pub fn identity(&self) -> Arc<NodeIdentity> {
-        self.identity.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.identity
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// A client over mTLS with the current node SVID, connecting if needed.

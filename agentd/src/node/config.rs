@@ -58,7 +58,10 @@ impl TryFrom<RawNodeConfig> for NodeConfig {
             .unwrap_or_else(|| DEFAULT_SERVER_ADDRESS.to_string());
         match server_address.rsplit_once(':') {
             Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
-            _ => errs.push("server_address", format!("{server_address:?} is not HOST:PORT")),
+            _ => errs.push(
+                "server_address",
+                format!("{server_address:?} is not HOST:PORT"),
+            ),
         }
         let join_token = raw.join_token.filter(|t| !t.is_empty());
         if let Some(t) = &join_token {
@@ -136,7 +139,12 @@ mod tests {
         let paths: Vec<&str> = err.errors.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(
             paths,
-            ["server_address", "insecure_bootstrap", "sync_interval", "socket_path"]
+            [
+                "server_address",
+                "insecure_bootstrap",
+                "sync_interval",
+                "socket_path"
+            ]
         );
     }
 }

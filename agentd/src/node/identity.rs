@@ -109,7 +109,10 @@ impl NodeIdentity {
 
     /// Persists only a new bundle.
     pub fn save_bundle(dir: &Path, bundle: &Bundle) -> Result<(), IdentityError> {
-        write_secret_file(&dir.join(BUNDLE_FILE), &bundle_to_proto(bundle).encode_to_vec())?;
+        write_secret_file(
+            &dir.join(BUNDLE_FILE),
+            &bundle_to_proto(bundle).encode_to_vec(),
+        )?;
         Ok(())
     }
 }

@@ -105,12 +105,8 @@ impl NodeAgent {
         };
         tasks.spawn(syncer.run(stop.clone()));
         tasks.spawn(
-            crate::workload_api::WorkloadApi::new(
-                cache.clone(),
-                link.clone(),
-                self.clock.clone(),
-            )
-            .serve(listener, stop.clone()),
+            crate::workload_api::WorkloadApi::new(cache.clone(), link.clone(), self.clock.clone())
+                .serve(listener, stop.clone()),
         );
         tracing::info!(socket = %cfg.socket_path.display(), server = %cfg.server_address, "node agent ready");
         let result = crate::runtime::supervise(&mut tasks, &stop).await;
@@ -133,14 +129,21 @@ async fn obtain_identity(cfg: &NodeConfig, clock: &dyn Clock) -> Result<NodeIden
             tracing::warn!(node = %id.spiffe_id, "the persisted node SVID has expired; attesting again")
         }
         Ok(None) => {}
-        Err(e) => tracing::warn!(error = %e, "the persisted node identity is unreadable; attesting again"),
+        Err(e) => {
+            tracing::warn!(error = %e, "the persisted node identity is unreadable; attesting again")
+        }
     }
-    let token = cfg.join_token.as_deref().ok_or_else(|| NodeError::NoIdentity {
-        data_dir: cfg.data_dir.display().to_string(),
-    })?;
+    let token = cfg
+        .join_token
+        .as_deref()
+        .ok_or_else(|| NodeError::NoIdentity {
+            data_dir: cfg.data_dir.display().to_string(),
+        })?;
     let identity = match cfg.bootstrap.as_ref().ok_or(NodeError::NoBootstrap)? {
         Bootstrap::Insecure => {
-            tracing::warn!("insecure bootstrap: the server's certificate is not verified for attestation");
+            tracing::warn!(
+                "insecure bootstrap: the server's certificate is not verified for attestation"
+            );
             client::attest_with_join_token(&cfg.server_address, None, None, token).await?
         }
         Bootstrap::TrustBundle(path) => {

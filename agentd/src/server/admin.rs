@@ -187,7 +187,10 @@ pub fn parse_dns_names(raw: &[String]) -> Result<Vec<String>, AdminError> {
                     && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
             });
         if !ok {
-            return Err(invalid("dns_name", format!("{name:?} is not a valid DNS name")));
+            return Err(invalid(
+                "dns_name",
+                format!("{name:?} is not a valid DNS name"),
+            ));
         }
         let lower = name.to_ascii_lowercase();
         if !out.contains(&lower) {
@@ -526,8 +529,12 @@ mod tests {
 
     #[test]
     fn selectors_are_sorted_deduplicated_and_required() {
-        let got = parse_selectors(&["unix:uid:1".into(), "unix:gid:2".into(), "unix:uid:1".into()])
-            .unwrap();
+        let got = parse_selectors(&[
+            "unix:uid:1".into(),
+            "unix:gid:2".into(),
+            "unix:uid:1".into(),
+        ])
+        .unwrap();
         let got: Vec<String> = got.iter().map(ToString::to_string).collect();
         assert_eq!(got, ["unix:gid:2", "unix:uid:1"]);
         assert!(parse_selectors(&[]).is_err());

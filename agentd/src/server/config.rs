@@ -91,8 +91,12 @@ impl TryFrom<RawServerConfig> for ServerConfig {
             &raw.default_x509_svid_ttl,
             3600,
         );
-        let default_jwt_svid_ttl =
-            ttl_or(&mut errs, "default_jwt_svid_ttl", &raw.default_jwt_svid_ttl, 300);
+        let default_jwt_svid_ttl = ttl_or(
+            &mut errs,
+            "default_jwt_svid_ttl",
+            &raw.default_jwt_svid_ttl,
+            300,
+        );
         let node_svid_ttl = ttl_or(&mut errs, "node_svid_ttl", &raw.node_svid_ttl, 3600);
         let join_token_ttl = ttl_or(&mut errs, "join_token_ttl", &raw.join_token_ttl, 600);
         if ca_ttl.as_duration() < Duration::from_secs(60) {

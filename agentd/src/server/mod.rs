@@ -103,14 +103,13 @@ impl Server {
             self.clock.as_ref(),
         )?);
 
-        let listener =
-            TcpListener::bind(cfg.bind_address)
-                .await
-                .map_err(|source| ServerError::Bind {
-                    what: "node API",
-                    addr: cfg.bind_address.to_string(),
-                    source,
-                })?;
+        let listener = TcpListener::bind(cfg.bind_address)
+            .await
+            .map_err(|source| ServerError::Bind {
+                what: "node API",
+                addr: cfg.bind_address.to_string(),
+                source,
+            })?;
         let node_api_address = listener.local_addr().map_err(|source| ServerError::Bind {
             what: "node API",
             addr: cfg.bind_address.to_string(),

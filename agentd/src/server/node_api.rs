@@ -33,7 +33,10 @@ pub enum NodeApiError {
     #[error("node {0} is not attested (evicted, or never attested): attest again")]
     UnknownNode(String),
     #[error("node {spiffe_id}: certificate serial {presented} is not the node's current SVID (evicted and re-attested, or not a node SVID)")]
-    StaleNodeSvid { spiffe_id: String, presented: String },
+    StaleNodeSvid {
+        spiffe_id: String,
+        presented: String,
+    },
     #[error("join token not found or already used")]
     UnknownJoinToken,
     #[error("join token expired")]
@@ -60,9 +63,7 @@ impl From<NodeApiError> for Status {
             | NodeApiError::EntryNotAuthorized(_) => Status::permission_denied(msg),
             NodeApiError::InvalidField { .. } => Status::invalid_argument(msg),
             NodeApiError::Ca(CaError::Csr { .. })
-            | NodeApiError::Ca(CaError::ForeignTrustDomain { .. }) => {
-                Status::invalid_argument(msg)
-            }
+            | NodeApiError::Ca(CaError::ForeignTrustDomain { .. }) => Status::invalid_argument(msg),
             NodeApiError::Ca(_) | NodeApiError::Store(_) => {
                 tracing::error!(error = %msg, "node API internal error");
                 Status::internal(msg)
@@ -132,7 +133,10 @@ pub fn entry_to_proto(e: &Entry) -> pb::Entry {
 
 /// SHA-256 of a join token, hex: the form the store keeps.
 pub fn join_token_digest(token: &str) -> String {
-    hex::encode(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()))
+    hex::encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        token.as_bytes(),
+    ))
 }
 
 impl NodeApi {
@@ -174,7 +178,13 @@ impl NodeApi {
         }
     }
 
-    fn sign(&self, csr: &[u8], id: &SpiffeId, ttl: Duration, dns: &[String]) -> Result<IssuedX509Svid, NodeApiError> {
+    fn sign(
+        &self,
+        csr: &[u8],
+        id: &SpiffeId,
+        ttl: Duration,
+        dns: &[String],
+    ) -> Result<IssuedX509Svid, NodeApiError> {
         Ok(self.state.ca.sign_x509_svid(
             &X509SvidRequest {
                 csr_der: csr,
@@ -265,7 +275,9 @@ impl Node for NodeApi {
         &self,
         request: Request<pb::RenewNodeSvidRequest>,
     ) -> Result<Response<pb::RenewNodeSvidResponse>, Status> {
-        let mut node = self.caller(request.extensions().get::<PeerIdentity>()).await?;
+        let mut node = self
+            .caller(request.extensions().get::<PeerIdentity>())
+            .await?;
         let svid = self.sign(
             &request.get_ref().csr,
             &node.spiffe_id,
@@ -290,7 +302,9 @@ impl Node for NodeApi {
         &self,
         request: Request<pb::SyncEntriesRequest>,
     ) -> Result<Response<pb::SyncEntriesResponse>, Status> {
-        let node = self.caller(request.extensions().get::<PeerIdentity>()).await?;
+        let node = self
+            .caller(request.extensions().get::<PeerIdentity>())
+            .await?;
         let entries = self
             .state
             .store
@@ -310,7 +324,9 @@ impl Node for NodeApi {
         &self,
         request: Request<pb::MintX509SvidsRequest>,
     ) -> Result<Response<pb::MintX509SvidsResponse>, Status> {
-        let node = self.caller(request.extensions().get::<PeerIdentity>()).await?;
+        let node = self
+            .caller(request.extensions().get::<PeerIdentity>())
+            .await?;
         let params = request.into_inner().params;
         if params.len() > MAX_BATCH {
             return Err(NodeApiError::InvalidField {
@@ -336,7 +352,9 @@ impl Node for NodeApi {
                 Err(e) => Err(e),
             };
             results.push(pb::MintResult {
-                result: Some(result.unwrap_or_else(|e| pb::mint_result::Result::Error(e.to_string()))),
+                result: Some(
+                    result.unwrap_or_else(|e| pb::mint_result::Result::Error(e.to_string())),
+                ),
             });
         }
         Ok(Response::new(pb::MintX509SvidsResponse { results }))
@@ -346,7 +364,9 @@ impl Node for NodeApi {
         &self,
         request: Request<pb::MintJwtSvidRequest>,
     ) -> Result<Response<pb::MintJwtSvidResponse>, Status> {
-        let node = self.caller(request.extensions().get::<PeerIdentity>()).await?;
+        let node = self
+            .caller(request.extensions().get::<PeerIdentity>())
+            .await?;
         let req = request.into_inner();
         let entry = self.entry_for_node(&node, &req.entry_id).await?;
         validate_audience(&req.audience)?;
@@ -376,7 +396,10 @@ pub fn validate_audience(audience: &[String]) -> Result<(), NodeApiError> {
         reason,
     };
     if audience.is_empty() || audience.len() > 32 {
-        return Err(bad(format!("{} audiences; 1 to 32 required", audience.len())));
+        return Err(bad(format!(
+            "{} audiences; 1 to 32 required",
+            audience.len()
+        )));
     }
     for a in audience {
         if a.is_empty() || a.len() > 1024 || a.chars().any(char::is_control) {

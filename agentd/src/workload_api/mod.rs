@@ -83,7 +83,11 @@ impl WorkloadApi {
         }
     }
 
-    pub async fn serve(self, listener: UnixListener, stop: CancellationToken) -> Result<(), NodeError> {
+    pub async fn serve(
+        self,
+        listener: UnixListener,
+        stop: CancellationToken,
+    ) -> Result<(), NodeError> {
         let (reporter, health) = tonic_health::server::health_reporter();
         reporter
             .set_service_status("", tonic_health::ServingStatus::NotServing)
@@ -152,7 +156,9 @@ impl WorkloadApi {
         if self.cache.is_ready() {
             Ok(())
         } else {
-            Err(Status::unavailable("node agent is not ready: not yet synced with the server"))
+            Err(Status::unavailable(
+                "node agent is not ready: not yet synced with the server",
+            ))
         }
     }
 
@@ -166,7 +172,10 @@ impl WorkloadApi {
             if !view.svids.is_empty() || view.entries.is_empty() {
                 return view;
             }
-            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
                 return view;
             }
         }
@@ -220,7 +229,12 @@ fn x509_fingerprint(view: &WorkloadView) -> (Vec<String>, u64, usize) {
 
 /// Runs a stream: sends `first`, then a new snapshot from `next` whenever the cache changes
 /// and the snapshot differs; stops when the client hangs up or `next` says to end.
-fn spawn_stream<T, K, F>(cache: Arc<Cache>, first: T, first_key: K, mut next: F) -> ResponseStream<T>
+fn spawn_stream<T, K, F>(
+    cache: Arc<Cache>,
+    first: T,
+    first_key: K,
+    mut next: F,
+) -> ResponseStream<T>
 where
     T: Send + 'static,
     K: PartialEq + Send + 'static,
@@ -355,7 +369,9 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 Some(t) => t,
                 None => {
                     let mut client = self.link.client().await.map_err(|e| {
-                        Status::unavailable(format!("cannot reach the server to mint a JWT-SVID: {e}"))
+                        Status::unavailable(format!(
+                            "cannot reach the server to mint a JWT-SVID: {e}"
+                        ))
                     })?;
                     let resp = client
                         .mint_jwt_svid(npb::MintJwtSvidRequest {
@@ -368,7 +384,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
                                 let link = self.link.clone();
                                 tokio::spawn(async move { link.reset().await });
                             }
-                            Status::unavailable(format!("minting a JWT-SVID failed: {}", s.message()))
+                            Status::unavailable(format!(
+                                "minting a JWT-SVID failed: {}",
+                                s.message()
+                            ))
                         })?
                         .into_inner();
                     self.cache.put_jwt(

@@ -77,8 +77,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let passwd = dir.path().join("passwd");
         let group = dir.path().join("group");
-        std::fs::write(&passwd, "root:x:0:0::/root:/bin/sh\nalice:x:1000:1000::/h:/bin/sh\n")
-            .unwrap();
+        std::fs::write(
+            &passwd,
+            "root:x:0:0::/root:/bin/sh\nalice:x:1000:1000::/h:/bin/sh\n",
+        )
+        .unwrap();
         std::fs::write(&group, "root:x:0:\nstaff:x:1000:alice\n").unwrap();
         let attestor = UnixAttestor::with_account_files(passwd, group);
         let got = attestor

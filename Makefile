@@ -1,0 +1,39 @@
+# The two commands: `make demo` and `make test`. Everything else is a convenience.
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.PHONY: demo test lint bench ci build clean tools
+
+## Start a server and a node agent in a temp dir, register the current user, fetch and
+## print an SVID, show a rotation, stop cleanly.
+demo: build
+	./scripts/demo.sh
+
+## Every test: unit tests beside the code, end-to-end tests with real processes.
+test: tools build
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		$(CARGO) nextest run --workspace --no-fail-fast; \
+	else \
+		$(CARGO) test --workspace --no-fail-fast; \
+	fi
+
+## Formatting and clippy, warnings as errors (settings in [workspace.lints]).
+lint: tools
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## Benchmarks (release build); figures are recorded in docs/PERFORMANCE.md.
+bench:
+	$(CARGO) bench -p agentd --bench agentd_bench
+
+ci: lint test
+
+build:
+	$(CARGO) build -p agentd --bin agentd
+
+## What the tests need besides Rust: openssl (for `openssl verify`), rustfmt and clippy.
+tools:
+	@./scripts/install-tools.sh
+
+clean:
+	$(CARGO) clean
