@@ -45,6 +45,8 @@ use tonic::transport::Channel;
 /// Every rate is measured for `RUN` after `WARMUP`.
 const WARMUP: Duration = Duration::from_millis(500);
 const RUN: Duration = Duration::from_secs(2);
+/// Slices the (a) measurements are interleaved in.
+const ROUNDS: u32 = 20;
 /// Distinct pre-generated CSRs, cycled through by (a).
 const CSR_POOL: usize = 256;
 /// CSRs per `MintX509Svids` call in (b) (the node agent's own batch size).
@@ -110,7 +112,7 @@ fn print_header() {
     println!("machine : {model}, {cpus} CPUs (nproc)");
     println!("date    : {date}");
     println!(
-        "rates   : {:.1} s warm-up, then {:.1} s measured, one thread unless stated",
+        "rates   : {:.1} s warm-up, then {:.1} s measured ((a): interleaved in {ROUNDS} slices)",
         WARMUP.as_secs_f64(),
         RUN.as_secs_f64()
     );
@@ -154,22 +156,41 @@ impl CaFigures {
     }
 }
 
-/// Calls `op` for `WARMUP`, then counts calls for `RUN`; returns calls per second.
-fn rate(mut op: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
-    let warm_end = Instant::now() + WARMUP;
-    while Instant::now() < warm_end {
-        op()?;
-    }
-    let start = Instant::now();
-    let mut n = 0u64;
-    loop {
-        op()?;
-        n += 1;
-        let elapsed = start.elapsed();
-        if elapsed >= RUN {
-            return Ok(n as f64 / elapsed.as_secs_f64());
+/// Measures several operations fairly on a noisy machine: each is warmed up for `WARMUP`,
+/// then they take turns in `ROUNDS` slices until each has run for `RUN` in total, so that
+/// a slow or fast spell of the machine touches all of them alike. Returns calls per second
+/// of each.
+fn interleaved_rates(
+    ops: &mut [&mut dyn FnMut() -> anyhow::Result<()>],
+) -> anyhow::Result<Vec<f64>> {
+    for op in ops.iter_mut() {
+        let warm_end = Instant::now() + WARMUP;
+        while Instant::now() < warm_end {
+            op()?;
         }
     }
+    let slice = RUN / ROUNDS;
+    let mut counts = vec![0u64; ops.len()];
+    let mut times = vec![Duration::ZERO; ops.len()];
+    for _ in 0..ROUNDS {
+        for (k, op) in ops.iter_mut().enumerate() {
+            let start = Instant::now();
+            loop {
+                op()?;
+                counts[k] += 1;
+                let elapsed = start.elapsed();
+                if elapsed >= slice {
+                    times[k] += elapsed;
+                    break;
+                }
+            }
+        }
+    }
+    Ok(counts
+        .iter()
+        .zip(&times)
+        .map(|(n, t)| *n as f64 / t.as_secs_f64())
+        .collect())
 }
 
 fn csrs(n: usize) -> anyhow::Result<Vec<Vec<u8>>> {
@@ -219,25 +240,29 @@ fn bench_ca(dir: &Path) -> anyhow::Result<CaFigures> {
         .sign(&rng, &msg)
         .map_err(|_| anyhow!("ECDSA signing failed"))?;
 
-    let sign = rate(|| {
+    let mut sign = || {
         let sig = key
             .sign(&rng, std::hint::black_box(&msg))
             .map_err(|_| anyhow!("ECDSA signing failed"))?;
         std::hint::black_box(sig);
         Ok(())
-    })?;
-    let verify = rate(|| {
+    };
+    let mut verify = || {
         public
             .verify(std::hint::black_box(&msg), signature.as_ref())
             .map_err(|_| anyhow!("ECDSA verification failed"))
-    })?;
+    };
     let mut i = 0usize;
-    let mint = rate(|| {
+    let mut mint = || {
         let svid = sign_one(std::hint::black_box(&pool[i % pool.len()]))?;
         std::hint::black_box(svid);
         i += 1;
         Ok(())
-    })?;
+    };
+    let rates = interleaved_rates(&mut [&mut sign, &mut verify, &mut mint])?;
+    let [sign, verify, mint] = rates[..] else {
+        bail!("three rates expected");
+    };
     Ok(CaFigures { sign, verify, mint })
 }
 
@@ -514,7 +539,7 @@ async fn run_online(dir: &Path, a: &CaFigures) -> anyhow::Result<()> {
     create_entries(&mut admin, &parent, "bench/rss", 0..NODE_ENTRIES, &selector).await?;
     wait_for_svids(&mut node, &socket, NODE_ENTRIES).await?;
     let idle = proc_status(&mut node)?;
-    let serving = node_rss(&mut node, &socket).await?;
+    let (serving, message_bytes) = node_rss(&mut node, &socket).await?;
     drop(node);
     row(
         "(d) node agent VmRSS, 100 SVIDs, 100 open streams",
@@ -537,6 +562,12 @@ async fn run_online(dir: &Path, a: &CaFigures) -> anyhow::Result<()> {
     row(
         "(d) node agent VmRSS, 100 SVIDs, before the 100 streams",
         format!("{:.1} MB", idle.rss_mb),
+        "",
+        None,
+    );
+    row(
+        "(d) size of each stream's first message (100 SVIDs)",
+        format!("{:.0} kB", message_bytes as f64 / 1e3),
         "",
         None,
     );
@@ -833,7 +864,8 @@ fn status_mb(status: &str, field: &str) -> anyhow::Result<f64> {
 
 /// Opens `CLIENTS` FetchX509SVID streams (each on its own connection, each first message
 /// carrying all `NODE_ENTRIES` SVIDs), keeps them open and reads the node agent's RSS.
-async fn node_rss(node: &mut ChildGuard, socket: &Path) -> anyhow::Result<ProcStatus> {
+/// Also returns the encoded size of the first stream message.
+async fn node_rss(node: &mut ChildGuard, socket: &Path) -> anyhow::Result<(ProcStatus, usize)> {
     let mut open = Vec::with_capacity(CLIENTS);
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..CLIENTS {
@@ -847,15 +879,18 @@ async fn node_rss(node: &mut ChildGuard, socket: &Path) -> anyhow::Result<ProcSt
                     msg.svids.len()
                 );
             }
-            Ok::<_, anyhow::Error>((client, stream))
+            Ok::<_, anyhow::Error>((client, stream, prost::Message::encoded_len(&msg)))
         });
     }
+    let mut message_bytes = 0;
     while let Some(r) = tasks.join_next().await {
-        open.push(r??);
+        let (client, stream, len) = r??;
+        message_bytes = message_bytes.max(len);
+        open.push((client, stream));
     }
     // Let allocations settle after the burst.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let status = proc_status(node)?;
     drop(open);
-    Ok(status)
+    Ok((status, message_bytes))
 }
