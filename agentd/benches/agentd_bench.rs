@@ -55,7 +55,7 @@ const MINT_BATCH: usize = 100;
 const CLIENTS: usize = 100;
 /// FetchX509SVID calls per client in (c): warm-up, then timed samples.
 const WARMUP_CALLS: usize = 5;
-const SAMPLES_PER_CLIENT: usize = 20;
+const SAMPLES_PER_CLIENT: usize = 200;
 /// Samples of the single-client baseline in (c).
 const SAMPLES_ONE_CLIENT: usize = 500;
 /// Entries (hence SVIDs) the node agent holds in (d).
@@ -533,16 +533,33 @@ async fn run_online(dir: &Path, a: &CaFigures) -> anyhow::Result<()> {
         None,
     );
 
-    // (d): a fresh node agent holding 100 SVIDs, then serving 100 open streams.
+    // (d): a fresh node agent serving 100 workloads. As root (as in CI), the workloads are
+    // 100 real processes (`agentd api watch`), each under its own uid with its own entry, so
+    // each holds one open stream with its own SVID, as 100 agent runtimes on a host would.
+    // Otherwise, one process opens 100 streams that all match every entry (a worst case).
     let (mut node, socket) = env.start_node(&mut admin, RSS_NODE).await?;
     let parent = format!("spiffe://{TRUST_DOMAIN}/node/{RSS_NODE}");
-    create_entries(&mut admin, &parent, "bench/rss", 0..NODE_ENTRIES, &selector).await?;
-    wait_for_svids(&mut node, &socket, NODE_ENTRIES).await?;
-    let idle = proc_status(&mut node)?;
-    let (serving, message_bytes) = node_rss(&mut node, &socket).await?;
+    let distinct = is_root();
+    let (serving, idle, label) = if distinct {
+        let ready = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() && Instant::now() < ready {
+            node.check_alive()?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let idle = proc_status(&mut node)?;
+        let serving = node_rss_distinct_workloads(&mut node, &socket, &mut admin, &parent).await?;
+        (serving, idle, "100 workload processes, 1 SVID each")
+    } else {
+        create_entries(&mut admin, &parent, "bench/rss", 0..NODE_ENTRIES, &selector).await?;
+        wait_for_svids(&mut node, &socket, NODE_ENTRIES).await?;
+        let idle = proc_status(&mut node)?;
+        let (serving, _) = node_rss(&mut node, &socket).await?;
+        (serving, idle, "1 process, 100 streams x 100 SVIDs")
+    };
     drop(node);
     row(
-        "(d) node agent VmRSS, 100 SVIDs, 100 open streams",
+        &format!("(d) node agent VmRSS serving 100 workloads ({label})"),
         format!("{:.1} MB", serving.rss_mb),
         &format!("<= {TARGET_RSS_MB:.0} MB"),
         Some(serving.rss_mb <= TARGET_RSS_MB),
@@ -560,14 +577,8 @@ async fn run_online(dir: &Path, a: &CaFigures) -> anyhow::Result<()> {
         None,
     );
     row(
-        "(d) node agent VmRSS, 100 SVIDs, before the 100 streams",
+        "(d) node agent VmRSS before the workloads connect",
         format!("{:.1} MB", idle.rss_mb),
-        "",
-        None,
-    );
-    row(
-        "(d) size of each stream's first message (100 SVIDs)",
-        format!("{:.0} kB", message_bytes as f64 / 1e3),
         "",
         None,
     );
@@ -865,6 +876,94 @@ fn status_mb(status: &str, field: &str) -> anyhow::Result<f64> {
 /// Opens `CLIENTS` FetchX509SVID streams (each on its own connection, each first message
 /// carrying all `NODE_ENTRIES` SVIDs), keeps them open and reads the node agent's RSS.
 /// Also returns the encoded size of the first stream message.
+/// Whether the bench runs as root (and so can start workloads under other uids).
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// First uid of the simulated workloads; chosen far from real accounts.
+const WORKLOAD_UID_BASE: u32 = 61_000;
+
+/// Registers 100 entries, one per uid, starts 100 `agentd api watch` processes under those
+/// uids, waits until each has received its SVID, and reads the node agent's memory.
+async fn node_rss_distinct_workloads(
+    node: &mut ChildGuard,
+    socket: &Path,
+    admin: &mut AdminClient<Channel>,
+    parent: &str,
+) -> anyhow::Result<ProcStatus> {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    // The workloads run as other users: they must be able to reach the socket.
+    let mut dir = socket.parent();
+    while let Some(d) = dir {
+        if d == Path::new("/tmp") || d == Path::new("/") {
+            break;
+        }
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
+        dir = d.parent();
+    }
+    for i in 0..NODE_ENTRIES {
+        let uid = WORKLOAD_UID_BASE + i as u32;
+        create_entries(
+            admin,
+            parent,
+            &format!("bench/rss/{i}"),
+            0..1,
+            &format!("unix:uid:{uid}"),
+        )
+        .await?;
+    }
+    let out_dir = socket
+        .parent()
+        .unwrap_or(Path::new("/tmp"))
+        .join("workloads");
+    std::fs::create_dir_all(&out_dir)?;
+    std::fs::set_permissions(&out_dir, std::fs::Permissions::from_mode(0o777))?;
+    let spawn = |i: usize| -> anyhow::Result<ChildGuard> {
+        let uid = WORKLOAD_UID_BASE + i as u32;
+        let out = out_dir.join(format!("w{i}.out"));
+        let child = Command::new(env!("CARGO_BIN_EXE_agentd"))
+            .args(["api", "watch", "--output", "json", "--socket-path"])
+            .arg(socket)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out)?)
+            .stderr(Stdio::null())
+            .uid(uid)
+            .gid(uid)
+            .spawn()
+            .context("starting a workload process")?;
+        Ok(ChildGuard { child, log: out })
+    };
+    let mut workloads: Vec<ChildGuard> = (0..NODE_ENTRIES).map(spawn).collect::<Result<_, _>>()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        node.check_alive()?;
+        let mut served = 0;
+        for (i, w) in workloads.iter_mut().enumerate() {
+            if std::fs::metadata(&w.log).is_ok_and(|m| m.len() > 0) {
+                served += 1;
+            } else if w.child.try_wait()?.is_some() {
+                // Its entry was not synced yet (no identity): start it again.
+                *w = spawn(i)?;
+            }
+        }
+        if served == NODE_ENTRIES {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("only {served} of {NODE_ENTRIES} workloads received an SVID within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Let allocations settle after the burst.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let status = proc_status(node)?;
+    drop(workloads);
+    Ok(status)
+}
+
 async fn node_rss(node: &mut ChildGuard, socket: &Path) -> anyhow::Result<(ProcStatus, usize)> {
     let mut open = Vec::with_capacity(CLIENTS);
     let mut tasks = tokio::task::JoinSet::new();

@@ -57,6 +57,12 @@ impl Daemon {
         })
     }
 
+    /// Starts `agentd` with any arguments, logging to `log`.
+    pub fn spawn_args(args: &[&str], log: PathBuf) -> anyhow::Result<Self> {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        Self::spawn(&args, log)
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }

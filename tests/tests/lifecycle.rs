@@ -305,3 +305,224 @@ fn entry_changes_reach_the_workload_and_deletion_withdraws_the_svid() -> anyhow:
     }));
     Ok(())
 }
+
+#[test]
+fn insecure_bootstrap_attests_and_then_verifies_the_server() -> anyhow::Result<()> {
+    let env = Env::new();
+    let server = Server::start(&env)?;
+    let token = server.join_token("spiffe://example.org/node/trial")?;
+    let data_dir = env.path().join("trial");
+    let socket = env.path().join("trial.sock");
+    let mut node = agentd_e2e::Daemon::spawn_args(
+        &[
+            "node",
+            "run",
+            "--server-address",
+            &server.address,
+            "--insecure-bootstrap",
+            "--join-token",
+            &token,
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+            "--socket-path",
+            socket.to_str().unwrap(),
+            "--sync-interval",
+            "1s",
+        ],
+        env.path().join("trial.log"),
+    )?;
+    let sock = socket.display().to_string();
+    assert!(
+        wait_until(Duration::from_secs(20), || agentd(&[
+            "healthcheck",
+            "--socket-path",
+            &sock
+        ])
+        .status
+        .success()),
+        "{}",
+        node.log_text()
+    );
+    assert!(
+        node.log_text().contains("insecure bootstrap"),
+        "the trial mode is announced"
+    );
+    assert!(node.is_running());
+    Ok(())
+}
+
+#[test]
+fn a_node_refuses_a_server_its_trust_bundle_does_not_vouch_for() -> anyhow::Result<()> {
+    let env = Env::new();
+    let server = Server::start(&env)?;
+    let other_env = Env::new();
+    let other = Server::start(&other_env)?;
+    // The bundle of another server (same trust domain name, other CA).
+    let wrong_bundle = env.path().join("wrong.pem");
+    other.write_bundle(&wrong_bundle)?;
+    let token = server.join_token("spiffe://example.org/node/n1")?;
+    let mut node = spawn_node(
+        &server.address,
+        &wrong_bundle,
+        &env.path().join("n1"),
+        &env.path().join("n1.sock"),
+        Some(&token),
+    )?;
+    let status = node.wait_exit(Duration::from_secs(30))?;
+    assert!(!status.success());
+    let log = node.log_text();
+    assert!(log.contains("server certificate"), "{log}");
+    // The token was never presented to a server it could not verify, so it still works.
+    let good = spawn_node(
+        &server.address,
+        &node_bundle(&env, &server)?,
+        &env.path().join("n2"),
+        &env.path().join("n2.sock"),
+        Some(&token),
+    )?;
+    let sock = env.path().join("n2.sock").display().to_string();
+    assert!(
+        wait_until(Duration::from_secs(20), || agentd(&[
+            "healthcheck",
+            "--socket-path",
+            &sock
+        ])
+        .status
+        .success()),
+        "{}",
+        good.log_text()
+    );
+    Ok(())
+}
+
+fn node_bundle(env: &Env, server: &Server) -> anyhow::Result<std::path::PathBuf> {
+    let p = env.path().join("good.pem");
+    server.write_bundle(&p)?;
+    Ok(p)
+}
+
+#[test]
+fn upstream_ca_chain_is_served_and_verifies_against_the_upstream_root() -> anyhow::Result<()> {
+    let env = Env::new();
+    let up_key = env.path().join("upstream.key");
+    let up_cert = env.path().join("upstream.pem");
+    let gen = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/O=Example/CN=Upstream Root",
+        ])
+        .args([
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ])
+        .arg("-keyout")
+        .arg(&up_key)
+        .arg("-out")
+        .arg(&up_cert)
+        .output()?;
+    anyhow::ensure!(
+        gen.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&gen.stderr)
+    );
+    let cfg = env.path().join("server.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[upstream_ca]\ncert_file = {:?}\nkey_file = {:?}\n",
+            up_cert, up_key
+        ),
+    )?;
+    let server = Server::start_with(&env, &["--config", cfg.to_str().unwrap()])?;
+
+    // The node trusts only the upstream root, which carries no SPIFFE ID: the trust domain
+    // comes from its config file.
+    let node_cfg = env.path().join("node.toml");
+    std::fs::write(&node_cfg, "trust_domain = \"example.org\"\n")?;
+    let token = server.join_token("spiffe://example.org/node/up")?;
+    let socket = env.path().join("up.sock");
+    let mut node = agentd_e2e::Daemon::spawn_args(
+        &[
+            "node",
+            "run",
+            "--config",
+            node_cfg.to_str().unwrap(),
+            "--server-address",
+            &server.address,
+            "--trust-bundle",
+            up_cert.to_str().unwrap(),
+            "--join-token",
+            &token,
+            "--data-dir",
+            env.path().join("up").to_str().unwrap(),
+            "--socket-path",
+            socket.to_str().unwrap(),
+            "--sync-interval",
+            "1s",
+        ],
+        env.path().join("up.log"),
+    )?;
+    let sock = socket.display().to_string();
+    assert!(
+        wait_until(Duration::from_secs(20), || agentd(&[
+            "healthcheck",
+            "--socket-path",
+            &sock
+        ])
+        .status
+        .success()),
+        "{}",
+        node.log_text()
+    );
+    server.create_entry(&[
+        "--parent-id",
+        "spiffe://example.org/node/up",
+        "--spiffe-id",
+        "spiffe://example.org/agent/up",
+        "--selector",
+        &uid_selector(),
+    ])?;
+    let out_dir = env.path().join("out");
+    assert!(wait_until(Duration::from_secs(20), || {
+        agentd(&[
+            "api",
+            "fetch",
+            "x509",
+            "--socket-path",
+            &sock,
+            "--write",
+            out_dir.to_str().unwrap(),
+        ])
+        .status
+        .success()
+    }));
+    // svid.0.pem holds the leaf and the intermediate; the bundle is the upstream root.
+    let chain = std::fs::read_to_string(out_dir.join("svid.0.pem"))?;
+    assert_eq!(chain.matches("BEGIN CERTIFICATE").count(), 2);
+    let v = std::process::Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(&up_cert)
+        .arg("-untrusted")
+        .arg(out_dir.join("svid.0.pem"))
+        .arg(out_dir.join("svid.0.pem"))
+        .output()?;
+    assert!(
+        v.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+    assert!(node.is_running());
+    Ok(())
+}

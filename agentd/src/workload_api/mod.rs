@@ -130,16 +130,15 @@ impl WorkloadApi {
             uid: cred.uid(),
             gid: cred.gid(),
         };
-        let attestors = self.attestors.clone();
-        let result = tokio::task::spawn_blocking(move || {
+        // Attestors only stat and read small kernel-provided files (cached where they can
+        // be), so they run inline: a blocking-pool hop would cost more than the work.
+        let result = (|| {
             let mut selectors = Vec::new();
-            for a in attestors.iter() {
+            for a in self.attestors.iter() {
                 selectors.extend(a.attest(&peer)?);
             }
             Ok::<_, agentd_attestor::workload::AttestError>(selectors)
-        })
-        .await
-        .map_err(|e| Status::internal(format!("attestation task: {e}")))?;
+        })();
         match result {
             Ok(s) => {
                 tracing::debug!(pid = ?peer.pid, uid = peer.uid, selectors = ?s.iter().map(ToString::to_string).collect::<Vec<_>>(), "workload attested");
