@@ -2,7 +2,12 @@
 //! machine builds the workspace without a system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["workload.proto", "node.proto", "admin.proto"];
+    let files = [
+        "workload.proto",
+        "node.proto",
+        "admin.proto",
+        "agentd_workload.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -3,6 +3,7 @@
 //! - [`workload`]: the SPIFFE Workload API (`SpiffeWorkloadAPI`, no proto package).
 //! - [`node`]: node agent <-> server (`agentd.node.v1`).
 //! - [`admin`]: CLI <-> server (`agentd.admin.v1`).
+//! - [`agentd_workload`]: agentd's additions on the Workload API socket (`agentd.workload.v1`).
 #![forbid(unsafe_code)]
 #![allow(missing_debug_implementations)] // generated clients and servers
 
@@ -14,6 +15,11 @@ pub mod workload {
 /// Node agent <-> server protocol.
 pub mod node {
     tonic::include_proto!("agentd.node.v1");
+}
+
+/// agentd's own services on the Workload API socket (`agentd.workload.v1`).
+pub mod agentd_workload {
+    tonic::include_proto!("agentd.workload.v1");
 }
 
 /// CLI <-> server admin protocol.

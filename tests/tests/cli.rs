@@ -319,8 +319,15 @@ fn output_json_is_one_value_for_every_data_command() -> anyhow::Result<()> {
 fn admin_socket_is_private_and_workload_socket_is_open() -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let env = Env::new();
+    // The admin socket goes into an existing, shared directory: its mode is left alone.
+    std::fs::set_permissions(env.path(), std::fs::Permissions::from_mode(0o755))?;
     let server = Server::start(&env)?;
     let node = Node::start(&env, &server, "n1")?;
+    let dir_mode = std::fs::metadata(env.path())?.permissions().mode() & 0o777;
+    assert_eq!(
+        dir_mode, 0o755,
+        "the server must not change the mode of a directory it did not create"
+    );
     let admin_mode = std::fs::metadata(&server.admin_socket)?
         .permissions()
         .mode()

@@ -260,6 +260,8 @@ pub enum ApiCommand {
     Validate(ValidateCommand),
     /// Streams X.509-SVID updates until interrupted.
     Watch(SocketArg),
+    /// Shows the selectors this process is attested with, and the identities they match.
+    Selectors(SocketArg),
 }
 
 #[derive(Debug, Subcommand)]

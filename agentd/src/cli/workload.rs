@@ -235,6 +235,44 @@ pub async fn api(cmd: ApiCommand, out: Output) -> anyhow::Result<()> {
                 },
             );
         }
+        ApiCommand::Selectors(socket) => {
+            let path = socket_path(&socket.socket_path)?;
+            let ch = super::admin::unix_channel(&path)
+                .await
+                .context("is the node agent running? (--socket-path)")?;
+            let resp =
+                agentd_proto::agentd_workload::selectors_client::SelectorsClient::with_interceptor(
+                    ch,
+                    add_header as fn(_) -> _,
+                )
+                .get_selectors(agentd_proto::agentd_workload::GetSelectorsRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            let selectors: Vec<String> = resp
+                .selectors
+                .iter()
+                .map(|s| format!("{}:{}", s.r#type, s.value))
+                .collect();
+            out.print(
+                &json!({"selectors": selectors, "spiffe_ids": resp.spiffe_ids}),
+                || {
+                    let mut t = String::from("Selectors of this process:\n");
+                    for s in &selectors {
+                        t += &format!("  {s}\n");
+                    }
+                    if resp.spiffe_ids.is_empty() {
+                        t += "No entry matches them (no identity issued).\n";
+                    } else {
+                        t += "Matching identities:\n";
+                        for id in &resp.spiffe_ids {
+                            t += &format!("  {id}\n");
+                        }
+                    }
+                    t
+                },
+            );
+        }
         ApiCommand::Watch(socket) => {
             let mut stream = client(&socket.socket_path)
                 .await?

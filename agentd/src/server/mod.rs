@@ -164,8 +164,12 @@ fn bind_admin_socket(path: &Path) -> Result<UnixListener, ServerError> {
         addr: path.display().to_string(),
         source,
     };
+    // A directory we create is private (0700). An existing one is left as it is: it may be
+    // shared (say /run), and the socket's own mode (0600) is what guards the admin API.
     if let Some(parent) = path.parent() {
-        create_private_dir(parent)?;
+        if !parent.as_os_str().is_empty() && !parent.exists() {
+            create_private_dir(parent)?;
+        }
     }
     match std::fs::remove_file(path) {
         Ok(()) => {}

@@ -20,6 +20,8 @@ use std::time::Duration;
 use agentd_attestor::workload::unix::UnixAttestor;
 use agentd_attestor::workload::{PeerCredentials, WorkloadAttestor};
 use agentd_attestor::Selector;
+use agentd_proto::agentd_workload as apb;
+use agentd_proto::agentd_workload::selectors_server::{Selectors, SelectorsServer};
 use agentd_proto::node as npb;
 use agentd_proto::workload as pb;
 use agentd_proto::workload::spiffe_workload_api_server::{
@@ -110,8 +112,10 @@ impl WorkloadApi {
             }
         });
         let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+        let selectors = SelectorsServer::new(SelectorsService { api: self.clone() });
         tonic::transport::Server::builder()
             .add_service(SpiffeWorkloadApiServer::new(self))
+            .add_service(selectors)
             .add_service(health)
             .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
             .await
@@ -464,6 +468,38 @@ impl SpiffeWorkloadApi for WorkloadApi {
         Ok(Response::new(pb::ValidateJwtsvidResponse {
             spiffe_id: validated.spiffe_id.to_string(),
             claims: Some(claims::to_struct(validated.claims)),
+        }))
+    }
+}
+
+/// `agentd.workload.v1.Selectors`: shows a caller how it was attested.
+#[derive(Debug, Clone)]
+pub struct SelectorsService {
+    api: WorkloadApi,
+}
+
+#[tonic::async_trait]
+impl Selectors for SelectorsService {
+    async fn get_selectors(
+        &self,
+        request: Request<apb::GetSelectorsRequest>,
+    ) -> Result<Response<apb::GetSelectorsResponse>, Status> {
+        check_header(&request)?;
+        let selectors = self.api.attest(&request).await?;
+        let view = self.api.cache.view_for(&selectors, self.api.clock.now());
+        Ok(Response::new(apb::GetSelectorsResponse {
+            selectors: selectors
+                .iter()
+                .map(|s| apb::Selector {
+                    r#type: s.kind().to_string(),
+                    value: s.value().to_string(),
+                })
+                .collect(),
+            spiffe_ids: view
+                .entries
+                .iter()
+                .map(|e| e.spiffe_id.to_string())
+                .collect(),
         }))
     }
 }
