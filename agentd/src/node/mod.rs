@@ -102,6 +102,7 @@ impl NodeAgent {
             clock: self.clock.clone(),
             sync_interval: cfg.sync_interval,
             data_dir: cfg.data_dir.clone(),
+            mint_retry: Default::default(),
         };
         tasks.spawn(syncer.run(stop.clone()));
         tasks.spawn(

@@ -31,7 +31,13 @@ pub struct Syncer {
     pub clock: Arc<dyn Clock>,
     pub sync_interval: Duration,
     pub data_dir: std::path::PathBuf,
+    /// Entries the server refused to mint, and when to ask again: a refusal must not turn
+    /// into a request every tick.
+    pub mint_retry: std::sync::Mutex<std::collections::HashMap<String, SystemTime>>,
 }
+
+/// How long to wait before asking again for an entry the server refused to mint.
+const MINT_RETRY: Duration = Duration::from_secs(10);
 
 fn entry_from_proto(e: pb::Entry) -> Result<NodeEntry, String> {
     let selectors = e
@@ -62,7 +68,7 @@ impl Syncer {
             let now = self.clock.now();
             // A sync also mints, so an SVID coming due for rotation triggers one at once
             // rather than waiting for the regular interval.
-            let due = !self.cache.due_for_mint(now).is_empty();
+            let due = !self.due_for_mint(now).is_empty();
             if now >= not_before && (now >= next_sync || due) {
                 match self.sync_once().await {
                     Ok(()) => {
@@ -118,11 +124,22 @@ impl Syncer {
         self.renew_node_svid_if_due().await
     }
 
+    /// Entries due for an SVID, less those waiting out a refusal.
+    fn due_for_mint(&self, now: SystemTime) -> Vec<NodeEntry> {
+        let mut retry = self.mint_retry.lock().unwrap_or_else(|p| p.into_inner());
+        retry.retain(|_, at| *at > now);
+        self.cache
+            .due_for_mint(now)
+            .into_iter()
+            .filter(|e| !retry.contains_key(&e.id))
+            .collect()
+    }
+
     async fn mint_due(
         &self,
         client: &mut agentd_proto::node::node_client::NodeClient<tonic::transport::Channel>,
     ) -> Result<(), NodeError> {
-        let due = self.cache.due_for_mint(self.clock.now());
+        let due = self.due_for_mint(self.clock.now());
         for chunk in due.chunks(MINT_BATCH) {
             let mut keys = Vec::with_capacity(chunk.len());
             let mut params = Vec::with_capacity(chunk.len());
@@ -160,7 +177,11 @@ impl Syncer {
                         });
                     }
                     Some(pb::mint_result::Result::Error(reason)) => {
-                        tracing::warn!(entry = %entry.id, %reason, "server refused to mint an SVID");
+                        tracing::warn!(entry = %entry.id, %reason, retry_in = ?MINT_RETRY, "server refused to mint an SVID");
+                        self.mint_retry
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(entry.id.clone(), now + MINT_RETRY);
                     }
                     None => tracing::warn!(entry = %entry.id, "empty mint result"),
                 }
