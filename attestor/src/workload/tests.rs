@@ -286,9 +286,18 @@ fn binary_hash_is_cached_by_file_version_and_redone_when_it_changes() {
     assert_eq!(first, Some(format!("unix:sha256:{HELLO_SHA256}")));
     assert_eq!(sha(&attestors), first);
     assert_eq!(fake.exe_opens.load(Ordering::SeqCst), 1);
-    // Same size, new content: ctime (and usually mtime) change, so it is hashed again.
-    std::thread::sleep(std::time::Duration::from_millis(5));
-    std::fs::write(&f.exe, b"HELLO").unwrap();
+    // Same size, new content, same inode: ctime (and mtime) change, so it is hashed again.
+    // Timestamps may be as coarse as a clock tick: rewrite until the version differs.
+    let version = |p: &PathBuf| FileVersion::of(&std::fs::metadata(p).unwrap());
+    let before = version(&f.exe);
+    for _ in 0..100 {
+        std::fs::write(&f.exe, b"HELLO").unwrap();
+        if version(&f.exe) != before {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert_ne!(version(&f.exe), before);
     let second = sha(&attestors).unwrap();
     assert_ne!(Some(second), first);
     assert_eq!(fake.exe_opens.load(Ordering::SeqCst), 2);
