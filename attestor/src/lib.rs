@@ -5,10 +5,13 @@
 //! entry's identity when all of the entry's selectors are among its own.
 //!
 //! - [`selector`]: the `Selector` type and its parsing.
+//! - [`registry`]: every known selector type and key, to check an entry's selectors.
 //! - [`workload`]: workload attestors, run by the node agent on each Workload API caller.
 #![forbid(unsafe_code)]
 
+pub mod registry;
 pub mod selector;
 pub mod workload;
 
+pub use registry::{validate_selector, SELECTOR_TYPES};
 pub use selector::{Selector, SelectorError};

@@ -27,6 +27,22 @@ pub enum SelectorError {
     ValueTooLong { kind: String, max: usize },
     #[error("selector {kind}: value contains a control character")]
     ControlCharacter { kind: String },
+    #[error("unknown selector type {kind:?}: valid types are {valid}")]
+    UnknownType { kind: String, valid: String },
+    #[error("selector {kind}: value must be key:value; valid keys are {valid}")]
+    MissingKey { kind: String, valid: String },
+    #[error("unknown key {key:?} for selector type {kind}: valid keys are {valid}")]
+    UnknownKey {
+        kind: String,
+        key: String,
+        valid: String,
+    },
+    #[error("selector {kind}:{key}: {reason}")]
+    BadValue {
+        kind: String,
+        key: String,
+        reason: String,
+    },
 }
 
 impl Selector {

@@ -1,8 +1,28 @@
 //! Workload attestors: given the peer credentials of a Workload API caller, return the
 //! selectors that describe it. Selectors come only from the kernel (peer credentials, /proc),
 //! never from anything the caller says about itself.
+//!
+//! The node agent builds a [`WorkloadAttestors`] from its config
+//! ([`WorkloadAttestors::from_config`]) and calls [`WorkloadAttestors::attest`] (or
+//! [`WorkloadAttestors::attest_connection`]) once per request. That reads the caller's /proc
+//! facts once, into a [`ProcessSnapshot`] shared by every attestor, and refuses the whole
+//! call ([`AttestError::ProcessGone`]) when the pid no longer names the same process by the
+//! end (see [`process`] for how).
 
+pub mod cgroup;
+pub mod config;
+pub mod container;
+pub mod process;
+pub mod systemd;
 pub mod unix;
+
+use std::sync::{Arc, LazyLock};
+
+pub use config::{ByteSize, WorkloadAttestorsConfig};
+pub use container::ContainerAttestor;
+pub use process::{ProcFs, ProcSource, ProcessSnapshot};
+pub use systemd::SystemdAttestor;
+pub use unix::UnixAttestor;
 
 use crate::Selector;
 
@@ -24,13 +44,202 @@ pub enum AttestError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{path} is malformed")]
+    Malformed { path: String },
+    #[error(
+        "process {pid} now runs as uid {uid} gid {gid}, not as uid {peer_uid} gid {peer_gid} \
+         that connected: its pid was reused or it changed credentials"
+    )]
+    CredentialsChanged {
+        pid: i32,
+        peer_uid: u32,
+        peer_gid: u32,
+        uid: u32,
+        gid: u32,
+    },
 }
 
 /// A workload attestor.
 pub trait WorkloadAttestor: Send + Sync + std::fmt::Debug {
-    /// The selector type it produces, e.g. `unix`.
+    /// The attestor's name, e.g. `unix` (the selector type of most of what it produces).
     fn kind(&self) -> &'static str;
 
-    /// Selectors for the caller.
-    fn attest(&self, peer: &PeerCredentials) -> Result<Vec<Selector>, AttestError>;
+    /// Selectors for the caller, from its peer credentials and, when its pid is known, the
+    /// snapshot of its /proc facts. The caller of this method must
+    /// [`ProcessSnapshot::verify`] the snapshot before it uses the selectors.
+    fn attest_process(
+        &self,
+        peer: &PeerCredentials,
+        process: Option<&ProcessSnapshot>,
+    ) -> Result<Vec<Selector>, AttestError>;
+
+    /// Selectors for the caller, read from the real /proc with the same checks as
+    /// [`WorkloadAttestors::attest`]. When several attestors run on one call, use
+    /// [`WorkloadAttestors`] instead, so that /proc is read once for all of them.
+    fn attest(&self, peer: &PeerCredentials) -> Result<Vec<Selector>, AttestError> {
+        attest_checked(peer, None, &REAL_PROC, |p| self.attest_process(peer, p))
+    }
 }
+
+static REAL_PROC: LazyLock<Arc<dyn ProcSource>> = LazyLock::new(|| Arc::new(ProcFs::default()));
+
+/// Takes the snapshot, checks the credentials, runs `attest`, checks the start time again.
+fn attest_checked(
+    peer: &PeerCredentials,
+    connected_at: Option<u64>,
+    source: &Arc<dyn ProcSource>,
+    attest: impl FnOnce(Option<&ProcessSnapshot>) -> Result<Vec<Selector>, AttestError>,
+) -> Result<Vec<Selector>, AttestError> {
+    // No pid (or 0: the caller is in a pid namespace we cannot see into): only the peer
+    // credentials are known, and only selectors from them are given.
+    let snapshot = match peer.pid {
+        Some(pid) if pid > 0 => Some(ProcessSnapshot::take_from(source.clone(), pid)?),
+        _ => None,
+    };
+    if let Some(process) = &snapshot {
+        if connected_at.is_some_and(|at| process.start_time() > at) {
+            // Started after the connection was made: not the process that made it.
+            return Err(AttestError::ProcessGone { pid: process.pid() });
+        }
+        check_credentials(peer, process)?;
+    }
+    let selectors = attest(snapshot.as_ref())?;
+    if let Some(process) = &snapshot {
+        process.verify()?;
+    }
+    Ok(selectors)
+}
+
+/// The process must still run with the effective uid and gid the kernel saw at connect
+/// time; anything else is another process on a reused pid, or one that changed identity.
+fn check_credentials(peer: &PeerCredentials, process: &ProcessSnapshot) -> Result<(), AttestError> {
+    let status = match process.status() {
+        Ok(s) => s,
+        Err(reason) => {
+            process.verify()?;
+            return Err(AttestError::Proc {
+                path: format!("/proc/{}/status", process.pid()),
+                source: std::io::Error::other(reason.to_string()),
+            });
+        }
+    };
+    let (Some(uids), Some(gids)) = (status.uids, status.gids) else {
+        process.verify()?;
+        return Err(AttestError::Malformed {
+            path: format!("/proc/{}/status", process.pid()),
+        });
+    };
+    if uids[1] != peer.uid || gids[1] != peer.gid {
+        process.verify()?;
+        return Err(AttestError::CredentialsChanged {
+            pid: process.pid(),
+            peer_uid: peer.uid,
+            peer_gid: peer.gid,
+            uid: uids[1],
+            gid: gids[1],
+        });
+    }
+    Ok(())
+}
+
+/// Clock ticks (1/100 s, the kernel's USER_HZ) since boot, from /proc/uptime: the clock
+/// of the start times in /proc/<pid>/stat. Record it when a connection is accepted and pass
+/// it to [`WorkloadAttestors::attest_connection`].
+pub fn boot_time_ticks() -> Result<u64, AttestError> {
+    let path = "/proc/uptime";
+    let text = std::fs::read_to_string(path).map_err(|source| AttestError::Proc {
+        path: path.into(),
+        source,
+    })?;
+    parse_uptime_ticks(&text).ok_or_else(|| AttestError::Malformed { path: path.into() })
+}
+
+/// `12345.67 54321.00` -> 1234567.
+fn parse_uptime_ticks(text: &str) -> Option<u64> {
+    let first = text.split_ascii_whitespace().next()?;
+    let (secs, frac) = first.split_once('.').unwrap_or((first, "0"));
+    let secs: u64 = secs.parse().ok()?;
+    if frac.is_empty() || frac.len() > 9 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let hundredths: u64 = format!("{frac:0<2}")[..2].parse().ok()?;
+    secs.checked_mul(100)?.checked_add(hundredths)
+}
+
+/// The enabled workload attestors, run together on one snapshot of the caller.
+#[derive(Debug)]
+pub struct WorkloadAttestors {
+    attestors: Vec<Box<dyn WorkloadAttestor>>,
+    source: Arc<dyn ProcSource>,
+}
+
+impl Default for WorkloadAttestors {
+    /// Every attestor, with its default settings.
+    fn default() -> Self {
+        Self::from_config(&WorkloadAttestorsConfig::default())
+    }
+}
+
+impl WorkloadAttestors {
+    /// The attestors the config enables, in the order unix, container, systemd.
+    pub fn from_config(config: &WorkloadAttestorsConfig) -> Self {
+        let mut attestors: Vec<Box<dyn WorkloadAttestor>> = Vec::new();
+        if config.unix.enabled {
+            attestors.push(Box::new(
+                UnixAttestor::default().with_max_binary_size(config.unix.max_binary_size.bytes()),
+            ));
+        }
+        if config.container.enabled {
+            attestors.push(Box::new(
+                ContainerAttestor::default().with_user_trees(config.container.rootless_containers),
+            ));
+        }
+        if config.systemd.enabled {
+            attestors.push(Box::new(SystemdAttestor));
+        }
+        Self::new(attestors)
+    }
+
+    pub fn new(attestors: Vec<Box<dyn WorkloadAttestor>>) -> Self {
+        Self {
+            attestors,
+            source: REAL_PROC.clone(),
+        }
+    }
+
+    /// Reads process facts from `source` instead of /proc (tests).
+    pub fn with_proc_source(mut self, source: Arc<dyn ProcSource>) -> Self {
+        self.source = source;
+        self
+    }
+
+    /// The names of the enabled attestors.
+    pub fn kinds(&self) -> Vec<&'static str> {
+        self.attestors.iter().map(|a| a.kind()).collect()
+    }
+
+    /// Selectors for the caller from every enabled attestor, or an error and none at all.
+    pub fn attest(&self, peer: &PeerCredentials) -> Result<Vec<Selector>, AttestError> {
+        self.attest_connection(peer, None)
+    }
+
+    /// As [`Self::attest`], and also refuses a process that started after `connected_at`
+    /// ([`boot_time_ticks`] taken when the connection was accepted): the pid was reused
+    /// between the connection and this call.
+    pub fn attest_connection(
+        &self,
+        peer: &PeerCredentials,
+        connected_at: Option<u64>,
+    ) -> Result<Vec<Selector>, AttestError> {
+        attest_checked(peer, connected_at, &self.source, |process| {
+            let mut selectors = Vec::new();
+            for a in &self.attestors {
+                selectors.extend(a.attest_process(peer, process)?);
+            }
+            Ok(selectors)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,20 +1,41 @@
-//! The `unix` workload attestor: `unix:uid:N`, `unix:gid:N` from the socket's peer
-//! credentials, plus `unix:user:NAME` and `unix:group:NAME` when the ids resolve in
-//! /etc/passwd and /etc/group.
+//! The `unix` workload attestor.
+//!
+//! - `unix:uid:N`, `unix:gid:N` from the socket's peer credentials (what the kernel saw at
+//!   connect time), `unix:user:NAME` and `unix:group:NAME` when the ids resolve in
+//!   /etc/passwd and /etc/group;
+//! - `unix:supplementary_gid:N` and `unix:supplementary_group:NAME` from the `Groups:` line
+//!   of /proc/<pid>/status;
+//! - `unix:path:/usr/bin/x` where /proc/<pid>/exe points (none when that file was deleted
+//!   or replaced since the process started: the path names another file now);
+//! - `unix:sha256:<hex>` of the binary, read through /proc/<pid>/exe (the inode the process
+//!   runs, whatever now sits at its path), up to a configurable size, cached by the file's
+//!   (device, inode, size, mtime, ctime).
 
 use std::collections::HashMap;
+use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use super::process::{FileVersion, ProcessSnapshot};
 use super::{AttestError, PeerCredentials, WorkloadAttestor};
 use crate::Selector;
+
+/// Binaries larger than this get no `unix:sha256` selector unless configured otherwise.
+pub const DEFAULT_MAX_BINARY_SIZE: u64 = 128 * 1024 * 1024;
+
+/// Binary hashes kept; the cache is emptied when it would grow past this.
+const MAX_CACHED_HASHES: usize = 4096;
 
 /// The unix attestor. The account files are configurable for tests.
 #[derive(Debug)]
 pub struct UnixAttestor {
     passwd: AccountFile,
     group: AccountFile,
+    max_binary_size: u64,
+    /// Binary version -> its SHA-256 in hex, or `None` when it is too large to hash (so
+    /// the warning is logged once per binary, not once per call).
+    hashes: Mutex<HashMap<FileVersion, Option<Arc<str>>>>,
 }
 
 impl Default for UnixAttestor {
@@ -28,12 +49,108 @@ impl UnixAttestor {
         Self {
             passwd: AccountFile::new(passwd),
             group: AccountFile::new(group),
+            max_binary_size: DEFAULT_MAX_BINARY_SIZE,
+            hashes: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Binaries larger than `bytes` get no `unix:sha256` selector; 0 turns it off.
+    pub fn with_max_binary_size(mut self, bytes: u64) -> Self {
+        self.max_binary_size = bytes;
+        self
+    }
+
+    pub fn max_binary_size(&self) -> u64 {
+        self.max_binary_size
+    }
+
+    /// The SHA-256 (hex) of the binary `process` runs, from the cache when that version of
+    /// the file was hashed before.
+    fn binary_sha256(&self, process: &ProcessSnapshot) -> Option<Arc<str>> {
+        if self.max_binary_size == 0 {
+            return None;
+        }
+        let version = match process.exe_version() {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::debug!(pid = process.pid(), reason = e, "no unix:sha256 selector");
+                return None;
+            }
+        };
+        if let Some(hit) = self.lock_hashes().get(&version) {
+            return hit.clone();
+        }
+        let hash = if version.size > self.max_binary_size {
+            tracing::warn!(
+                pid = process.pid(),
+                size = version.size,
+                max_binary_size = self.max_binary_size,
+                "binary is larger than max_binary_size: no unix:sha256 selector"
+            );
+            None
+        } else {
+            match hash_binary(process, version, self.max_binary_size) {
+                Ok(h) => Some(Arc::<str>::from(h)),
+                Err(reason) => {
+                    // Not cached: the file may be readable next time.
+                    tracing::warn!(pid = process.pid(), %reason, "no unix:sha256 selector");
+                    return None;
+                }
+            }
+        };
+        let mut hashes = self.lock_hashes();
+        if hashes.len() >= MAX_CACHED_HASHES {
+            hashes.clear();
+        }
+        hashes.insert(version, hash.clone());
+        hash
+    }
+
+    fn lock_hashes(&self) -> std::sync::MutexGuard<'_, HashMap<FileVersion, Option<Arc<str>>>> {
+        self.hashes.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-/// What identifies one version of a file: a change of any of these means a re-read.
-type FileVersion = (u64, u64, i64, i64, u64);
+/// Hashes the binary through /proc/<pid>/exe, making sure that what was read is the
+/// version `expected` from start to end (a file rewritten meanwhile is not hashed).
+fn hash_binary(
+    process: &ProcessSnapshot,
+    expected: FileVersion,
+    max: u64,
+) -> Result<String, String> {
+    let file = process
+        .open_exe()
+        .map_err(|e| format!("opening the binary: {e}"))?;
+    let version_now = |f: &std::fs::File| {
+        f.metadata()
+            .map(|m| FileVersion::of(&m))
+            .map_err(|e| format!("reading the binary's metadata: {e}"))
+    };
+    if version_now(&file)? != expected {
+        return Err("the binary changed while it was being read".into());
+    }
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total: u64 = 0;
+    let mut reader = (&file).take(max.saturating_add(1));
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("reading the binary: {e}")),
+        };
+        ctx.update(&buf[..n]);
+        total += n as u64;
+    }
+    if total != expected.size || version_now(&file)? != expected {
+        return Err("the binary changed while it was being read".into());
+    }
+    Ok(hex::encode(ctx.finish().as_ref()))
+}
+
+/// What identifies one version of an account file: a change of any of these means a re-read.
+type AccountVersion = (u64, u64, i64, i64, u64);
 /// id -> name.
 type Names = Arc<HashMap<u32, String>>;
 
@@ -43,7 +160,7 @@ type Names = Arc<HashMap<u32, String>>;
 #[derive(Debug)]
 struct AccountFile {
     path: PathBuf,
-    cache: Mutex<Option<(FileVersion, Names)>>,
+    cache: Mutex<Option<(AccountVersion, Names)>>,
 }
 
 impl AccountFile {
@@ -54,7 +171,7 @@ impl AccountFile {
         }
     }
 
-    fn version(path: &Path) -> Option<FileVersion> {
+    fn version(path: &Path) -> Option<AccountVersion> {
         let m = std::fs::metadata(path).ok()?;
         Some((m.dev(), m.ino(), m.mtime(), m.mtime_nsec(), m.len()))
     }
@@ -102,8 +219,12 @@ impl WorkloadAttestor for UnixAttestor {
         "unix"
     }
 
-    fn attest(&self, peer: &PeerCredentials) -> Result<Vec<Selector>, AttestError> {
-        let mut out = Vec::with_capacity(4);
+    fn attest_process(
+        &self,
+        peer: &PeerCredentials,
+        process: Option<&ProcessSnapshot>,
+    ) -> Result<Vec<Selector>, AttestError> {
+        let mut out = Vec::with_capacity(8);
         let mut push = |value: String| {
             // Values built here are always valid; an invalid account name is skipped.
             if let Ok(s) = Selector::new("unix", value) {
@@ -118,8 +239,51 @@ impl WorkloadAttestor for UnixAttestor {
         if let Some(group) = self.group.name_for_id(peer.gid) {
             push(format!("group:{group}"));
         }
+        let Some(process) = process else {
+            return Ok(out);
+        };
+        match process.status() {
+            Ok(status) => {
+                for gid in &status.groups {
+                    push(format!("supplementary_gid:{gid}"));
+                }
+                for gid in &status.groups {
+                    if let Some(group) = self.group.name_for_id(*gid) {
+                        push(format!("supplementary_group:{group}"));
+                    }
+                }
+            }
+            Err(reason) => {
+                tracing::debug!(
+                    pid = process.pid(),
+                    reason,
+                    "no supplementary group selectors"
+                )
+            }
+        }
+        match process.exe_path() {
+            // The kernel appends " (deleted)" when the file is gone from its path; the
+            // path would then name another file (or none).
+            Ok(path) if is_usable_path(path) => push(format!("path:{}", path.display())),
+            Ok(path) => tracing::debug!(
+                pid = process.pid(),
+                path = %path.display(),
+                "binary no longer at its path: no unix:path selector"
+            ),
+            Err(reason) => tracing::debug!(pid = process.pid(), reason, "no unix:path selector"),
+        }
+        if let Some(hash) = self.binary_sha256(process) {
+            push(format!("sha256:{hash}"));
+        }
         Ok(out)
     }
+}
+
+fn is_usable_path(path: &Path) -> bool {
+    path.is_absolute()
+        && path
+            .to_str()
+            .is_some_and(|p| !p.ends_with(" (deleted)") && !p.chars().any(char::is_control))
 }
 
 #[cfg(test)]
@@ -192,7 +356,7 @@ mod tests {
         );
         let got = attestor
             .attest(&PeerCredentials {
-                pid: Some(1),
+                pid: None,
                 uid: 4242,
                 gid: 4343,
             })

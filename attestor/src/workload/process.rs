@@ -1,0 +1,401 @@
+//! Reading the facts of one process from /proc, once per attestation, between two reads of
+//! its start time.
+//!
+//! The Workload API knows its caller by pid (from the socket's peer credentials). A pid can
+//! be reused once its process has exited, so every fact read from /proc/<pid>/... could
+//! belong to another process. [`ProcessSnapshot`] reads the start time (field 22 of
+//! /proc/<pid>/stat) when it is taken, each fact at most once when an attestor first asks
+//! for it, and [`ProcessSnapshot::verify`] reads the start time again: when the two differ,
+//! or the process is gone or a zombie, the whole attestation fails with
+//! [`AttestError::ProcessGone`] and no selector from it is used.
+
+use std::cell::OnceCell;
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::AttestError;
+
+/// What identifies one version of a file: device, inode, size, mtime and ctime. The ctime
+/// cannot be set by a user, so rewriting a file in place and restoring its mtime still
+/// changes the version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileVersion {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime: (i64, i64),
+    pub ctime: (i64, i64),
+}
+
+impl FileVersion {
+    pub fn of(m: &std::fs::Metadata) -> Self {
+        Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+}
+
+/// Where process facts come from: the real /proc, or a fake in tests.
+pub trait ProcSource: Send + Sync + fmt::Debug {
+    /// The text of `/proc/<pid>/<name>` (`stat`, `status`, `cgroup`).
+    fn read(&self, pid: i32, name: &str) -> io::Result<String>;
+    /// The target of `/proc/<pid>/exe`.
+    fn exe_path(&self, pid: i32) -> io::Result<PathBuf>;
+    /// The version of the file `/proc/<pid>/exe` points to (the inode the process runs,
+    /// even when its path was since replaced or deleted).
+    fn exe_version(&self, pid: i32) -> io::Result<FileVersion>;
+    /// The binary itself, opened through `/proc/<pid>/exe`.
+    fn open_exe(&self, pid: i32) -> io::Result<File>;
+}
+
+/// The real /proc (or another procfs mount).
+#[derive(Debug, Clone)]
+pub struct ProcFs {
+    root: PathBuf,
+}
+
+impl Default for ProcFs {
+    fn default() -> Self {
+        Self::new("/proc")
+    }
+}
+
+impl ProcFs {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    fn path(&self, pid: i32, name: &str) -> PathBuf {
+        let mut p = self.root.join(pid.to_string());
+        p.push(name);
+        p
+    }
+}
+
+/// Longest /proc text file we read; a larger one is an error, not an allocation.
+const MAX_PROC_FILE: u64 = 256 * 1024;
+
+impl ProcSource for ProcFs {
+    fn read(&self, pid: i32, name: &str) -> io::Result<String> {
+        use std::io::Read;
+        let mut text = String::new();
+        File::open(self.path(pid, name))?
+            .take(MAX_PROC_FILE)
+            .read_to_string(&mut text)?;
+        Ok(text)
+    }
+
+    fn exe_path(&self, pid: i32) -> io::Result<PathBuf> {
+        std::fs::read_link(self.path(pid, "exe"))
+    }
+
+    fn exe_version(&self, pid: i32) -> io::Result<FileVersion> {
+        std::fs::metadata(self.path(pid, "exe")).map(|m| FileVersion::of(&m))
+    }
+
+    fn open_exe(&self, pid: i32) -> io::Result<File> {
+        File::open(self.path(pid, "exe"))
+    }
+}
+
+/// The fields of /proc/<pid>/stat we use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stat {
+    /// Field 3: `R`, `S`, `Z`...
+    pub state: char,
+    /// Field 22: start time in clock ticks after boot.
+    pub start_time: u64,
+}
+
+/// Parses /proc/<pid>/stat. The command name (field 2) is in parentheses and may itself
+/// contain spaces and parentheses, so fields are counted from after the last `)`.
+pub fn parse_stat(text: &str) -> Option<Stat> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut fields = rest.split_ascii_whitespace();
+    // After ')' come fields 3 (state) to 52; start time is field 22.
+    let state = fields.next()?;
+    let mut state_chars = state.chars();
+    let state_char = state_chars.next()?;
+    if state_chars.next().is_some() {
+        return None;
+    }
+    let start_time = fields.nth(22 - 4)?.parse().ok()?;
+    Some(Stat {
+        state: state_char,
+        start_time,
+    })
+}
+
+/// The lines of /proc/<pid>/status we use.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Status {
+    /// `Uid:` real, effective, saved, filesystem.
+    pub uids: Option<[u32; 4]>,
+    /// `Gid:` real, effective, saved, filesystem.
+    pub gids: Option<[u32; 4]>,
+    /// `Groups:` supplementary group ids, in the kernel's order, without repeats.
+    pub groups: Vec<u32>,
+}
+
+/// Parses /proc/<pid>/status; unknown or malformed lines are ignored, a malformed `Uid:` or
+/// `Gid:` line is left `None`, a malformed id in `Groups:` is skipped.
+pub fn parse_status(text: &str) -> Status {
+    fn four(v: &str) -> Option<[u32; 4]> {
+        let mut it = v.split_ascii_whitespace().map(|s| s.parse::<u32>().ok());
+        let out = [it.next()??, it.next()??, it.next()??, it.next()??];
+        it.next().is_none().then_some(out)
+    }
+    let mut status = Status::default();
+    for line in text.lines() {
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        match key {
+            "Uid" => status.uids = four(value),
+            "Gid" => status.gids = four(value),
+            "Groups" => {
+                for g in value.split_ascii_whitespace() {
+                    if let Ok(g) = g.parse::<u32>() {
+                        if !status.groups.contains(&g) {
+                            status.groups.push(g);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    status
+}
+
+/// A fact read once: the value, or why it could not be read.
+type Fact<T> = OnceCell<Result<T, String>>;
+
+/// The facts of one process, each read at most once, all covered by one start-time check.
+///
+/// Take one per attestation ([`ProcessSnapshot::take`]), hand it to every attestor, then call
+/// [`ProcessSnapshot::verify`] before using any selector.
+pub struct ProcessSnapshot {
+    pid: i32,
+    source: Arc<dyn ProcSource>,
+    start_time: u64,
+    status: Fact<Status>,
+    cgroup: Fact<String>,
+    exe_path: Fact<PathBuf>,
+    exe_version: Fact<FileVersion>,
+}
+
+impl fmt::Debug for ProcessSnapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProcessSnapshot")
+            .field("pid", &self.pid)
+            .field("start_time", &self.start_time)
+            .finish_non_exhaustive()
+    }
+}
+
+fn read_stat(source: &dyn ProcSource, pid: i32) -> Result<Stat, AttestError> {
+    let text = source
+        .read(pid, "stat")
+        .map_err(|e| gone_or(pid, "stat", e))?;
+    let stat = parse_stat(&text).ok_or_else(|| AttestError::Malformed {
+        path: format!("/proc/{pid}/stat"),
+    })?;
+    // A zombie has exited: whoever holds its connection now, it is not that process.
+    if matches!(stat.state, 'Z' | 'X' | 'x') {
+        return Err(AttestError::ProcessGone { pid });
+    }
+    Ok(stat)
+}
+
+fn gone_or(pid: i32, name: &str, e: io::Error) -> AttestError {
+    // ESRCH: the process went away while the file was open.
+    if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(3) {
+        AttestError::ProcessGone { pid }
+    } else {
+        AttestError::Proc {
+            path: format!("/proc/{pid}/{name}"),
+            source: e,
+        }
+    }
+}
+
+impl ProcessSnapshot {
+    /// Starts a snapshot of `pid` from the real /proc: reads its start time.
+    pub fn take(pid: i32) -> Result<Self, AttestError> {
+        Self::take_from(Arc::new(ProcFs::default()), pid)
+    }
+
+    /// Starts a snapshot of `pid` from `source`.
+    pub fn take_from(source: Arc<dyn ProcSource>, pid: i32) -> Result<Self, AttestError> {
+        if pid <= 0 {
+            return Err(AttestError::ProcessGone { pid });
+        }
+        let start_time = read_stat(source.as_ref(), pid)?.start_time;
+        Ok(Self {
+            pid,
+            source,
+            start_time,
+            status: OnceCell::new(),
+            cgroup: OnceCell::new(),
+            exe_path: OnceCell::new(),
+            exe_version: OnceCell::new(),
+        })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Start time (clock ticks after boot) read when the snapshot was taken.
+    pub fn start_time(&self) -> u64 {
+        self.start_time
+    }
+
+    fn fact<'a, T>(
+        &self,
+        cell: &'a Fact<T>,
+        what: &str,
+        read: impl FnOnce() -> io::Result<T>,
+    ) -> Result<&'a T, &'a str> {
+        cell.get_or_init(|| read().map_err(|e| format!("/proc/{}/{what}: {e}", self.pid)))
+            .as_ref()
+            .map_err(String::as_str)
+    }
+
+    /// /proc/<pid>/status, parsed.
+    pub fn status(&self) -> Result<&Status, &str> {
+        self.fact(&self.status, "status", || {
+            self.source
+                .read(self.pid, "status")
+                .map(|t| parse_status(&t))
+        })
+    }
+
+    /// /proc/<pid>/cgroup, as text.
+    pub fn cgroup(&self) -> Result<&str, &str> {
+        self.fact(&self.cgroup, "cgroup", || {
+            self.source.read(self.pid, "cgroup")
+        })
+        .map(String::as_str)
+    }
+
+    /// Where /proc/<pid>/exe points.
+    pub fn exe_path(&self) -> Result<&Path, &str> {
+        self.fact(&self.exe_path, "exe", || self.source.exe_path(self.pid))
+            .map(PathBuf::as_path)
+    }
+
+    /// The version of the binary the process runs.
+    pub fn exe_version(&self) -> Result<FileVersion, &str> {
+        self.fact(&self.exe_version, "exe", || {
+            self.source.exe_version(self.pid)
+        })
+        .copied()
+    }
+
+    /// The binary the process runs, opened through /proc/<pid>/exe.
+    pub fn open_exe(&self) -> io::Result<File> {
+        self.source.open_exe(self.pid)
+    }
+
+    /// Reads the start time again: `Ok` when the process is still the one the snapshot
+    /// started with, so every fact read in between is its own.
+    pub fn verify(&self) -> Result<(), AttestError> {
+        let now = read_stat(self.source.as_ref(), self.pid)?;
+        if now.start_time != self.start_time {
+            return Err(AttestError::ProcessGone { pid: self.pid });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STAT: &str = "1234 (sleep) S 1 1234 1234 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 \
+                        987654 8634368 200 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0";
+
+    #[test]
+    fn stat_start_time_is_field_22() {
+        let s = parse_stat(STAT).unwrap();
+        assert_eq!(s.state, 'S');
+        assert_eq!(s.start_time, 987654);
+    }
+
+    #[test]
+    fn stat_command_name_may_hold_spaces_and_parentheses() {
+        let evil = STAT.replace(
+            "(sleep)",
+            "(a) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 (b)",
+        );
+        assert_eq!(parse_stat(&evil).unwrap().start_time, 987654);
+        let evil = STAT.replace("(sleep)", "(() ) (()");
+        assert_eq!(parse_stat(&evil).unwrap().start_time, 987654);
+    }
+
+    #[test]
+    fn stat_garbage_is_none_never_a_panic() {
+        for text in [
+            "",
+            ")",
+            "(",
+            "1 (x)",
+            "1 (x) S",
+            "1 (x) SS 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20",
+            "1 (x) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 -5",
+            "1 (x) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 99999999999999999999999",
+            "\u{0}\u{ffff})é",
+            "1 (x)é S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20",
+        ] {
+            let _ = parse_stat(text);
+        }
+        assert!(parse_stat("1 (x) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18").is_none());
+        assert_eq!(
+            parse_stat("1 (x) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 42")
+                .unwrap()
+                .start_time,
+            42
+        );
+    }
+
+    #[test]
+    fn status_uids_gids_and_groups() {
+        let s = parse_status(
+            "Name:\tsleep\nUid:\t1000\t1001\t1002\t1003\nGid:\t10\t11\t12\t13\n\
+             Groups:\t4 24 27 24 \nVmRSS:\t1 kB\n",
+        );
+        assert_eq!(s.uids, Some([1000, 1001, 1002, 1003]));
+        assert_eq!(s.gids, Some([10, 11, 12, 13]));
+        assert_eq!(s.groups, [4, 24, 27]);
+        assert_eq!(parse_status("Groups:\n").groups, Vec::<u32>::new());
+    }
+
+    #[test]
+    fn status_garbage_never_panics() {
+        for text in [
+            "",
+            ":",
+            "Uid:",
+            "Uid:\t1 2 3",
+            "Uid:\t1 2 3 4 5",
+            "Uid:\ta b c d",
+            "Groups:\t-1 x 4294967296 7",
+            "Gid\n\n\n::::",
+            "\u{0}Groups:\u{0}",
+        ] {
+            let s = parse_status(text);
+            assert!(s.uids.is_none() && s.gids.is_none());
+        }
+        assert_eq!(parse_status("Groups:\t-1 x 4294967296 7").groups, [7]);
+    }
+}
