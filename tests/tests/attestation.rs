@@ -147,3 +147,174 @@ fn each_process_gets_only_the_svids_whose_selectors_match_it() -> anyhow::Result
     assert_eq!(v["spiffe_ids"], serde_json::json!([nobody, both]));
     Ok(())
 }
+
+/// Starts a node agent with a config file (the debug `agentd` binary is larger than the
+/// default hashing limit, so the limit is raised).
+fn node_with_config(
+    env: &Env,
+    server: &Server,
+    name: &str,
+    config: &str,
+) -> anyhow::Result<(agentd_e2e::Daemon, String, String)> {
+    let node_id = format!("spiffe://example.org/node/{name}");
+    let token = server.join_token(&node_id)?;
+    let bundle = env.path().join(format!("{name}.pem"));
+    server.write_bundle(&bundle)?;
+    let cfg = env.path().join(format!("{name}.toml"));
+    std::fs::write(&cfg, config)?;
+    let socket = env
+        .path()
+        .join(format!("{name}.sock"))
+        .display()
+        .to_string();
+    let node = agentd_e2e::Daemon::spawn_args(
+        &[
+            "node",
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--server-address",
+            &server.address,
+            "--trust-bundle",
+            bundle.to_str().unwrap(),
+            "--join-token",
+            &token,
+            "--data-dir",
+            env.path().join(name).to_str().unwrap(),
+            "--socket-path",
+            &socket,
+            "--sync-interval",
+            "1s",
+        ],
+        env.path().join(format!("{name}.log")),
+    )?;
+    anyhow::ensure!(
+        agentd_e2e::wait_until(std::time::Duration::from_secs(20), || {
+            agentd_e2e::agentd(&["healthcheck", "--socket-path", &socket])
+                .status
+                .success()
+        }),
+        "node agent not healthy: {}",
+        node.log_text()
+    );
+    Ok((node, node_id, socket))
+}
+
+fn sha256_hex(path: &std::path::Path) -> anyhow::Result<String> {
+    let out = Command::new("sha256sum").arg(path).output()?;
+    anyhow::ensure!(out.status.success());
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
+fn ids_from(bin: &std::path::Path, socket: &str) -> Vec<String> {
+    let out = Command::new(bin)
+        .args([
+            "api",
+            "fetch",
+            "x509",
+            "--output",
+            "json",
+            "--socket-path",
+            socket,
+        ])
+        .output()
+        .expect("run");
+    if !out.status.success() {
+        return vec![];
+    }
+    fetched_ids(&out)
+}
+
+#[test]
+fn path_and_sha256_selectors_match_only_the_named_binary() -> anyhow::Result<()> {
+    let env = Env::new();
+    let server = Server::start(&env)?;
+    let (_node, node_id, socket) = node_with_config(
+        &env,
+        &server,
+        "bin",
+        "[workload_attestors.unix]\nmax_binary_size = \"2GiB\"\n",
+    )?;
+    let original = std::fs::canonicalize(agentd_bin())?;
+    let same_bytes = env.path().join("agentd-copy");
+    std::fs::copy(&original, &same_bytes)?;
+    let changed = env.path().join("agentd-changed");
+    std::fs::copy(&original, &changed)?;
+    {
+        use std::io::Write;
+        // Appending to an ELF file leaves it runnable and changes its hash.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&changed)?
+            .write_all(b"x")?;
+    }
+    let by_path = "spiffe://example.org/agent/by-path";
+    let by_hash = "spiffe://example.org/agent/by-hash";
+    server.create_entry(&[
+        "--parent-id",
+        &node_id,
+        "--spiffe-id",
+        by_path,
+        "--selector",
+        &format!("unix:path:{}", original.display()),
+    ])?;
+    server.create_entry(&[
+        "--parent-id",
+        &node_id,
+        "--spiffe-id",
+        by_hash,
+        "--selector",
+        &format!("unix:sha256:{}", sha256_hex(&original)?),
+    ])?;
+
+    let mut got = vec![];
+    assert!(
+        agentd_e2e::wait_until(std::time::Duration::from_secs(30), || {
+            got = ids_from(&original, &socket);
+            got.len() == 2
+        }),
+        "the original binary gets both: {got:?}"
+    );
+    assert_eq!(got, [by_hash, by_path]);
+    // Same bytes, another path: the hash matches, the path does not.
+    assert_eq!(ids_from(&same_bytes, &socket), [by_hash]);
+    // Another binary altogether: neither.
+    assert!(ids_from(&changed, &socket).is_empty());
+    Ok(())
+}
+
+#[test]
+fn entry_selectors_are_checked_against_the_known_attestors() -> anyhow::Result<()> {
+    let env = Env::new();
+    let server = Server::start(&env)?;
+    let create = |sel: &str| {
+        server.cli(&[
+            "entry",
+            "create",
+            "--parent-id",
+            "spiffe://example.org/node/n",
+            "--spiffe-id",
+            "spiffe://example.org/a",
+            "--selector",
+            sel,
+        ])
+    };
+    let out = create("dockr:id:abc");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("selector") && err.contains("unix") && err.contains("container"),
+        "lists the valid types: {err}"
+    );
+    let out = create("unix:uid:alice");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("uid"));
+    let out = create("unix:sha256:xyz");
+    assert!(!out.status.success());
+    assert!(create("unix:uid:1000").status.success());
+    Ok(())
+}

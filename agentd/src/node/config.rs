@@ -28,6 +28,9 @@ pub struct RawNodeConfig {
     /// The server's trust domain. Needed with a trust bundle whose CA carries no SPIFFE ID
     /// (an upstream CA); otherwise taken from the bundle.
     pub trust_domain: Option<String>,
+    /// `[workload_attestors.unix|container|systemd]`; all enabled by default.
+    #[serde(default)]
+    pub workload_attestors: agentd_attestor::workload::WorkloadAttestorsConfig,
 }
 
 /// How the node agent authenticates the server on its first contact.
@@ -46,6 +49,7 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     pub sync_interval: Duration,
     pub trust_domain: Option<spiffe::TrustDomain>,
+    pub workload_attestors: agentd_attestor::workload::WorkloadAttestorsConfig,
 }
 
 impl TryFrom<RawNodeConfig> for NodeConfig {
@@ -101,6 +105,7 @@ impl TryFrom<RawNodeConfig> for NodeConfig {
         errs.finish()?;
         Ok(NodeConfig {
             trust_domain,
+            workload_attestors: raw.workload_attestors,
             server_address,
             join_token,
             bootstrap,
@@ -121,6 +126,21 @@ mod tests {
         assert_eq!(cfg.server_address, DEFAULT_SERVER_ADDRESS);
         assert_eq!(cfg.sync_interval, Duration::from_secs(5));
         assert_eq!(cfg.bootstrap, None);
+    }
+
+    #[test]
+    fn workload_attestors_are_configured_per_attestor() {
+        let raw: RawNodeConfig = toml::from_str(
+            "[workload_attestors.container]\nenabled = false\n[workload_attestors.unix]\nmax_binary_size = \"1MiB\"\n",
+        )
+        .unwrap();
+        let cfg = NodeConfig::try_from(raw).unwrap();
+        assert!(!cfg.workload_attestors.container.enabled);
+        assert!(cfg.workload_attestors.unix.enabled);
+        assert!(cfg.workload_attestors.systemd.enabled);
+        let err = toml::from_str::<RawNodeConfig>("[workload_attestors.docker]\nenabled = true\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("docker"), "{err}");
     }
 
     #[test]

@@ -106,8 +106,15 @@ impl NodeAgent {
         };
         tasks.spawn(syncer.run(stop.clone()));
         tasks.spawn(
-            crate::workload_api::WorkloadApi::new(cache.clone(), link.clone(), self.clock.clone())
-                .serve(listener, stop.clone()),
+            crate::workload_api::WorkloadApi::new(
+                cache.clone(),
+                link.clone(),
+                self.clock.clone(),
+                Arc::new(agentd_attestor::workload::WorkloadAttestors::from_config(
+                    &cfg.workload_attestors,
+                )),
+            )
+            .serve(listener, stop.clone()),
         );
         tracing::info!(socket = %cfg.socket_path.display(), server = %cfg.server_address, "node agent ready");
         let result = crate::runtime::supervise(&mut tasks, &stop).await;

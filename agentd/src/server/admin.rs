@@ -167,6 +167,8 @@ pub fn parse_selectors(raw: &[String]) -> Result<Vec<Selector>, AdminError> {
     let mut set = BTreeSet::new();
     for s in raw {
         let sel: Selector = s.parse().map_err(|e| invalid("selector", e))?;
+        // Only selectors some attestor can produce: a typo would never match anything.
+        agentd_attestor::validate_selector(&sel).map_err(|e| invalid("selector", e))?;
         set.insert(sel);
     }
     Ok(set.into_iter().collect())

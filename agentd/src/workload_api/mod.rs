@@ -17,8 +17,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentd_attestor::workload::unix::UnixAttestor;
-use agentd_attestor::workload::{PeerCredentials, WorkloadAttestor};
+use agentd_attestor::workload::{PeerCredentials, WorkloadAttestors};
 use agentd_attestor::Selector;
 use agentd_proto::agentd_workload as apb;
 use agentd_proto::agentd_workload::selectors_server::{Selectors, SelectorsServer};
@@ -72,16 +71,21 @@ pub struct WorkloadApi {
     cache: Arc<Cache>,
     link: Arc<ServerLink>,
     clock: Arc<dyn Clock>,
-    attestors: Arc<Vec<Box<dyn WorkloadAttestor>>>,
+    attestors: Arc<WorkloadAttestors>,
 }
 
 impl WorkloadApi {
-    pub fn new(cache: Arc<Cache>, link: Arc<ServerLink>, clock: Arc<dyn Clock>) -> Self {
+    pub fn new(
+        cache: Arc<Cache>,
+        link: Arc<ServerLink>,
+        clock: Arc<dyn Clock>,
+        attestors: Arc<WorkloadAttestors>,
+    ) -> Self {
         Self {
             cache,
             link,
             clock,
-            attestors: Arc::new(vec![Box::new(UnixAttestor::default())]),
+            attestors,
         }
     }
 
@@ -134,15 +138,10 @@ impl WorkloadApi {
             uid: cred.uid(),
             gid: cred.gid(),
         };
-        // Attestors only stat and read small kernel-provided files (cached where they can
-        // be), so they run inline: a blocking-pool hop would cost more than the work.
-        let result = (|| {
-            let mut selectors = Vec::new();
-            for a in self.attestors.iter() {
-                selectors.extend(a.attest(&peer)?);
-            }
-            Ok::<_, agentd_attestor::workload::AttestError>(selectors)
-        })();
+        // One /proc snapshot of the caller, checked against its start time, serves every
+        // enabled attestor. It reads small kernel-provided files (the binary's hash is
+        // cached by file version), so it runs inline: a blocking-pool hop costs more.
+        let result = self.attestors.attest(&peer);
         match result {
             Ok(s) => {
                 tracing::debug!(pid = ?peer.pid, uid = peer.uid, selectors = ?s.iter().map(ToString::to_string).collect::<Vec<_>>(), "workload attested");
