@@ -97,6 +97,8 @@ pub struct AdminSocketArg {
     pub admin_socket: PathBuf,
 }
 
+// Parsed once per process: the size of `Run` does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum NodeCommand {
     /// Runs the node agent.

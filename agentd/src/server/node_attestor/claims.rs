@@ -297,7 +297,7 @@ impl ClaimsAttestor {
                 ))
             }
         };
-        if !aud.iter().any(|a| *a == self.config.audience) {
+        if !aud.contains(&self.config.audience) {
             return Err(ClaimsError::Audience {
                 expected: self.config.audience.clone(),
                 actual: aud.into_iter().take(8).collect(),
@@ -351,9 +351,11 @@ impl ClaimsAttestor {
         message: &[u8],
         sig: &[u8],
     ) -> Result<(), ClaimsError> {
-        let fits = |k: &JwkKey| match (alg, k) {
-            ("RS256", JwkKey::Rsa { .. }) | ("ES256", JwkKey::EcP256 { .. }) => true,
-            _ => false,
+        let fits = |k: &JwkKey| {
+            matches!(
+                (alg, k),
+                ("RS256", JwkKey::Rsa { .. }) | ("ES256", JwkKey::EcP256 { .. })
+            )
         };
         let candidates: Vec<&Jwk> = self
             .config

@@ -577,13 +577,18 @@ pub(crate) mod tests {
         let a = attestor(&trusted, DEFAULT_TEMPLATE);
         let node = node_cert(&other, "host-1");
         let err = a
-            .challenge(&[node.der.clone()], SystemTime::now())
+            .challenge(std::slice::from_ref(&node.der), SystemTime::now())
             .unwrap_err();
         assert!(matches!(err, X509PopError::Untrusted { .. }), "{err}");
         assert!(err.to_string().contains("not in the bundle"), "{err}");
         // Straight to Attest with a made-up nonce: refused too.
         let err = a
-            .attest(&[node.der.clone()], &[0; 32], b"sig", SystemTime::now())
+            .attest(
+                std::slice::from_ref(&node.der),
+                &[0; 32],
+                b"sig",
+                SystemTime::now(),
+            )
             .unwrap_err();
         assert!(matches!(err, X509PopError::BadNonce { .. }), "{err}");
     }
@@ -595,7 +600,7 @@ pub(crate) mod tests {
         let past = time::OffsetDateTime::now_utc() - time::Duration::days(1);
         let node = node_cert_with(&ca, "host-1", &rcgen::PKCS_ECDSA_P256_SHA256, Some(past));
         let err = a
-            .challenge(&[node.der.clone()], SystemTime::now())
+            .challenge(std::slice::from_ref(&node.der), SystemTime::now())
             .unwrap_err();
         assert!(matches!(err, X509PopError::Expired { .. }), "{err}");
         assert!(err.to_string().contains("expired"), "{err}");
@@ -656,10 +661,10 @@ pub(crate) mod tests {
         let n1 = node_cert(&ca, "host-1");
         let n2 = node_cert(&ca, "host-2");
         let now = SystemTime::now();
-        let c = a.challenge(&[n1.der.clone()], now).unwrap();
+        let c = a.challenge(std::slice::from_ref(&n1.der), now).unwrap();
         let sig = n2.key.sign(&signed_message(&c.nonce, &c.context)).unwrap();
         let err = a
-            .attest(&[n2.der.clone()], &c.nonce, &sig, now)
+            .attest(std::slice::from_ref(&n2.der), &c.nonce, &sig, now)
             .unwrap_err();
         assert!(matches!(err, X509PopError::BadNonce { .. }), "{err}");
     }
@@ -679,7 +684,7 @@ pub(crate) mod tests {
             assert!(err.is_malformed(), "{err}");
         }
         // The CA itself is not an end-entity certificate.
-        assert!(a.challenge(&[ca.der.clone()], now).is_err());
+        assert!(a.challenge(std::slice::from_ref(&ca.der), now).is_err());
         assert!(matches!(
             a.attest(&[], &[1, 2], b"", now),
             Err(X509PopError::BadNonce { .. })
