@@ -111,18 +111,23 @@ fn node_json(n: &pb::Node) -> serde_json::Value {
         "svid_expires_at": n.svid_expires_at,
         "attested_at": n.attested_at,
         "last_seen_at": n.last_seen_at,
+        "selectors": n.selectors,
     })
 }
 
 fn node_text(n: &pb::Node) -> String {
-    format!(
+    let mut s = format!(
         "SPIFFE ID        : {}\nAttestation type : {}\nSerial           : {}\nSVID expires at  : {}\nAttested at      : {}\n",
         n.spiffe_id,
         n.attestation_type,
         n.serial,
         rfc3339(n.svid_expires_at),
         rfc3339(n.attested_at)
-    )
+    );
+    for sel in &n.selectors {
+        s += &format!("Selector         : {sel}\n");
+    }
+    s
 }
 
 pub async fn token(cmd: TokenCommand, out: Output) -> anyhow::Result<()> {

@@ -85,6 +85,19 @@ pub async fn node_run(args: NodeRunArgs) -> anyhow::Result<()> {
     if let Some(v) = args.join_token {
         raw.join_token = Some(v);
     }
+    if let (Some(cert), Some(key)) = (args.x509pop_cert, args.x509pop_key) {
+        let a = raw.node_attestor.get_or_insert_with(Default::default);
+        a.x509pop = Some(crate::node::config::RawNodeX509Pop {
+            cert_file: Some(cert),
+            key_file: Some(key),
+        });
+    }
+    if let Some(token_file) = args.claims_token_file {
+        let a = raw.node_attestor.get_or_insert_with(Default::default);
+        a.claims = Some(crate::node::config::RawNodeClaims {
+            token_file: Some(token_file),
+        });
+    }
     if let Some(v) = args.trust_bundle {
         raw.trust_bundle = Some(v);
         raw.insecure_bootstrap = Some(false);

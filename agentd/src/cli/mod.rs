@@ -97,6 +97,8 @@ pub struct AdminSocketArg {
     pub admin_socket: PathBuf,
 }
 
+// Parsed once per process: the size of `Run` does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum NodeCommand {
     /// Runs the node agent.
@@ -128,6 +130,15 @@ pub struct NodeRunArgs {
     pub server_address: Option<String>,
     #[arg(long, env = "AGENTD_JOIN_TOKEN", hide_env_values = true)]
     pub join_token: Option<String>,
+    /// x509pop node attestation: the node certificate (PEM, leaf first); with --x509pop-key.
+    #[arg(long, requires = "x509pop_key")]
+    pub x509pop_cert: Option<PathBuf>,
+    /// x509pop node attestation: the certificate's private key (PEM).
+    #[arg(long, requires = "x509pop_cert")]
+    pub x509pop_key: Option<PathBuf>,
+    /// Platform claims node attestation: file holding the platform-issued JWT.
+    #[arg(long)]
+    pub claims_token_file: Option<PathBuf>,
     /// The server's trust bundle (PEM), to authenticate it on first contact.
     #[arg(long, conflicts_with = "insecure_bootstrap")]
     pub trust_bundle: Option<PathBuf>,

@@ -86,6 +86,8 @@ pub struct AttestedNode {
     pub svid_expires_at: i64,
     pub attested_at: i64,
     pub last_seen_at: i64,
+    /// Selectors from node attestation (x509pop, claims); empty for join tokens.
+    pub selectors: Vec<Selector>,
 }
 
 /// A join token, stored by the SHA-256 of its secret so that the store never holds a usable

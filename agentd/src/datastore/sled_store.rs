@@ -163,6 +163,9 @@ struct NodeRecord {
     svid_expires_at: i64,
     attested_at: i64,
     last_seen_at: i64,
+    /// Absent in records written before node selectors existed.
+    #[serde(default)]
+    selectors: Vec<String>,
 }
 
 impl NodeRecord {
@@ -174,6 +177,11 @@ impl NodeRecord {
             svid_expires_at: self.svid_expires_at,
             attested_at: self.attested_at,
             last_seen_at: self.last_seen_at,
+            selectors: self
+                .selectors
+                .iter()
+                .map(|s| s.parse().map_err(|e| corrupt(key, "selectors", e)))
+                .collect::<Result<_>>()?,
         })
     }
 }
@@ -283,6 +291,7 @@ impl DataStore for SledStore {
             svid_expires_at: node.svid_expires_at,
             attested_at: node.attested_at,
             last_seen_at: node.last_seen_at,
+            selectors: node.selectors.iter().map(ToString::to_string).collect(),
         };
         self.nodes
             .insert(record.spiffe_id.as_bytes(), encode(&record)?)
@@ -465,6 +474,37 @@ mod tests {
             .unwrap();
         assert!(store.take_join_token("abc").await.unwrap().is_some());
         assert!(store.take_join_token("abc").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn node_selectors_round_trip_and_old_records_stay_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let id = SpiffeId::new("spiffe://example.org/node/x509pop/ab").unwrap();
+        let node = AttestedNode {
+            spiffe_id: id.clone(),
+            attestation_type: "x509pop".into(),
+            serial: "01".into(),
+            svid_expires_at: 10,
+            attested_at: 1,
+            last_seen_at: 1,
+            selectors: vec!["x509pop:subject:cn:host-1".parse().unwrap()],
+        };
+        store.upsert_node(node.clone()).await.unwrap();
+        assert_eq!(store.get_node(&id).await.unwrap(), Some(node));
+
+        // A record written before node selectors existed.
+        let old = SpiffeId::new("spiffe://example.org/node/old").unwrap();
+        store
+            .nodes
+            .insert(
+                old.to_string().as_bytes(),
+                br#"{"spiffe_id":"spiffe://example.org/node/old","attestation_type":"join_token","serial":"02","svid_expires_at":10,"attested_at":1,"last_seen_at":1}"#.to_vec(),
+            )
+            .unwrap();
+        let got = store.get_node(&old).await.unwrap().unwrap();
+        assert!(got.selectors.is_empty());
+        assert_eq!(got.attestation_type, "join_token");
     }
 
     #[tokio::test]

@@ -10,6 +10,7 @@ use spiffe::TrustDomain;
 use tokio::sync::Mutex;
 use tonic::transport::Channel;
 
+use super::attestor::{self, AttestorConfig, PopKey};
 use super::identity::{IdentityError, NodeIdentity};
 use super::NodeError;
 use crate::bundle::Bundle;
@@ -27,23 +28,69 @@ pub async fn attest_with_join_token(
     expected_trust_domain: Option<&TrustDomain>,
     token: &str,
 ) -> Result<NodeIdentity, NodeError> {
+    attest(
+        address,
+        bootstrap_roots,
+        expected_trust_domain,
+        &AttestorConfig::JoinToken(token.to_string()),
+    )
+    .await
+}
+
+/// Attests with the configured attestor (files are read now); returns the new identity.
+pub async fn attest(
+    address: &str,
+    bootstrap_roots: Option<&[Vec<u8>]>,
+    expected_trust_domain: Option<&TrustDomain>,
+    attestor: &AttestorConfig,
+) -> Result<NodeIdentity, NodeError> {
     let expected = expected_trust_domain.map(tls::server_spiffe_id);
     let cfg = tls::client_config(bootstrap_roots.unwrap_or(&[]), expected, None)?;
     let channel = tls::connect(address, cfg).await?;
+    let mut client = NodeClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let refused = |s: tonic::Status| NodeError::Attestation(s.message().to_string());
+    let attestation = match attestor {
+        AttestorConfig::JoinToken(token) => {
+            pb::attest_request::Attestation::JoinToken(pb::JoinTokenAttestation {
+                token: token.clone(),
+            })
+        }
+        AttestorConfig::Claims { token_file } => {
+            pb::attest_request::Attestation::Claims(pb::ClaimsAttestation {
+                token: attestor::read_token(token_file)?,
+            })
+        }
+        AttestorConfig::X509Pop {
+            cert_file,
+            key_file,
+        } => {
+            let cert_chain = attestor::read_cert_chain(cert_file)?;
+            let pop_key = PopKey::load(key_file)?;
+            let challenge = client
+                .x509_pop_challenge(pb::X509PopChallengeRequest {
+                    cert_chain: cert_chain.clone(),
+                })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            let mut message = challenge.nonce.clone();
+            message.extend_from_slice(challenge.context.as_bytes());
+            pb::attest_request::Attestation::X509pop(pb::X509PopAttestation {
+                cert_chain,
+                nonce: challenge.nonce,
+                signature: pop_key.sign(&message)?,
+            })
+        }
+    };
     let key = PrivateKey::generate()?;
     let csr = key.csr_der()?;
-    let resp = NodeClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    let resp = client
         .attest(pb::AttestRequest {
-            attestation: Some(pb::attest_request::Attestation::JoinToken(
-                pb::JoinTokenAttestation {
-                    token: token.to_string(),
-                },
-            )),
+            attestation: Some(attestation),
             csr,
         })
         .await
-        .map_err(|s| NodeError::Attestation(s.message().to_string()))?
+        .map_err(refused)?
         .into_inner();
     let bundle = resp
         .bundle

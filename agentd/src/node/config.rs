@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::attestor::AttestorConfig;
 use crate::config::{default_data_dir, ConfigError, Errors};
 use crate::ttl::Ttl;
 
@@ -31,6 +32,31 @@ pub struct RawNodeConfig {
     /// `[workload_attestors.unix|container|systemd]`; all enabled by default.
     #[serde(default)]
     pub workload_attestors: agentd_attestor::workload::WorkloadAttestorsConfig,
+    /// Node attestors besides the join token; used when no join token is given.
+    pub node_attestor: Option<RawNodeAttestor>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNodeAttestor {
+    pub x509pop: Option<RawNodeX509Pop>,
+    pub claims: Option<RawNodeClaims>,
+}
+
+/// `[node_attestor.x509pop]`: a certificate (PEM, leaf first, intermediates may follow) and
+/// its private key.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNodeX509Pop {
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+/// `[node_attestor.claims]`: the platform token file, read at each attestation.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNodeClaims {
+    pub token_file: Option<PathBuf>,
 }
 
 /// How the node agent authenticates the server on its first contact.
@@ -43,7 +69,9 @@ pub enum Bootstrap {
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     pub server_address: String,
-    pub join_token: Option<String>,
+    /// How to attest when there is no valid persisted identity: the join token if one is
+    /// given, else x509pop if configured, else claims if configured.
+    pub attestor: Option<AttestorConfig>,
     pub bootstrap: Option<Bootstrap>,
     pub socket_path: PathBuf,
     pub data_dir: PathBuf,
@@ -73,6 +101,48 @@ impl TryFrom<RawNodeConfig> for NodeConfig {
                 errs.push("join_token", "must be at most 256 printable characters");
             }
         }
+        let x509pop = raw.node_attestor.as_ref().and_then(|a| a.x509pop.as_ref());
+        let x509pop = x509pop.and_then(|x| {
+            let cert = x.cert_file.clone().or_else(|| {
+                errs.push(
+                    "node_attestor.x509pop.cert_file",
+                    "is required with [node_attestor.x509pop]",
+                );
+                None
+            });
+            let key = x.key_file.clone().or_else(|| {
+                errs.push(
+                    "node_attestor.x509pop.key_file",
+                    "is required with [node_attestor.x509pop]",
+                );
+                None
+            });
+            Some(AttestorConfig::X509Pop {
+                cert_file: cert?,
+                key_file: key?,
+            })
+        });
+        let claims = raw
+            .node_attestor
+            .as_ref()
+            .and_then(|a| a.claims.as_ref())
+            .and_then(|c| match &c.token_file {
+                Some(p) => Some(AttestorConfig::Claims {
+                    token_file: p.clone(),
+                }),
+                None => {
+                    errs.push(
+                        "node_attestor.claims.token_file",
+                        "is required with [node_attestor.claims]",
+                    );
+                    None
+                }
+            });
+        let attestor = join_token
+            .clone()
+            .map(AttestorConfig::JoinToken)
+            .or(x509pop)
+            .or(claims);
         let bootstrap = match (raw.trust_bundle, raw.insecure_bootstrap.unwrap_or(false)) {
             (Some(_), true) => {
                 errs.push(
@@ -107,7 +177,7 @@ impl TryFrom<RawNodeConfig> for NodeConfig {
             trust_domain,
             workload_attestors: raw.workload_attestors,
             server_address,
-            join_token,
+            attestor,
             bootstrap,
             socket_path,
             data_dir: raw.data_dir.unwrap_or_else(|| default_data_dir("node")),
@@ -141,6 +211,58 @@ mod tests {
         let err = toml::from_str::<RawNodeConfig>("[workload_attestors.docker]\nenabled = true\n")
             .unwrap_err();
         assert!(err.to_string().contains("docker"), "{err}");
+    }
+
+    #[test]
+    fn attestor_choice_join_token_then_x509pop_then_claims() {
+        let both = r#"
+            [node_attestor.x509pop]
+            cert_file = "/n.pem"
+            key_file = "/n.key"
+            [node_attestor.claims]
+            token_file = "/t"
+        "#;
+        let raw: RawNodeConfig = toml::from_str(both).unwrap();
+        let cfg = NodeConfig::try_from(raw.clone()).unwrap();
+        assert_eq!(
+            cfg.attestor,
+            Some(AttestorConfig::X509Pop {
+                cert_file: "/n.pem".into(),
+                key_file: "/n.key".into()
+            })
+        );
+        let cfg = NodeConfig::try_from(RawNodeConfig {
+            join_token: Some("tok".into()),
+            ..raw
+        })
+        .unwrap();
+        assert_eq!(cfg.attestor, Some(AttestorConfig::JoinToken("tok".into())));
+        let raw: RawNodeConfig =
+            toml::from_str("[node_attestor.claims]\ntoken_file = \"/t\"").unwrap();
+        assert_eq!(
+            NodeConfig::try_from(raw).unwrap().attestor,
+            Some(AttestorConfig::Claims {
+                token_file: "/t".into()
+            })
+        );
+        assert_eq!(
+            NodeConfig::try_from(RawNodeConfig::default())
+                .unwrap()
+                .attestor,
+            None
+        );
+        let raw: RawNodeConfig =
+            toml::from_str("[node_attestor.x509pop]\n[node_attestor.claims]").unwrap();
+        let err = NodeConfig::try_from(raw).unwrap_err();
+        let paths: Vec<&str> = err.errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "node_attestor.x509pop.cert_file",
+                "node_attestor.x509pop.key_file",
+                "node_attestor.claims.token_file"
+            ]
+        );
     }
 
     #[test]

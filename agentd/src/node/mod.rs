@@ -1,6 +1,7 @@
 //! The node agent: attests to the server, keeps the SVIDs of the entries parented to it,
 //! and serves them to local workloads on the Workload API socket.
 
+pub mod attestor;
 pub mod cache;
 pub mod client;
 pub mod config;
@@ -25,7 +26,7 @@ use identity::{IdentityError, NodeIdentity};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    #[error("no node identity in {data_dir}: pass --join-token to attest this node")]
+    #[error("no node identity in {data_dir}: pass --join-token, or configure [node_attestor.x509pop] (--x509pop-cert/--x509pop-key) or [node_attestor.claims] (--claims-token-file) to attest this node")]
     NoIdentity { data_dir: String },
     #[error("no way to authenticate the server: pass --trust-bundle FILE (or --insecure-bootstrap for a trial)")]
     NoBootstrap,
@@ -44,6 +45,8 @@ pub enum NodeError {
         #[source]
         source: std::io::Error,
     },
+    #[error("node attestation: {0}")]
+    Attestor(#[from] attestor::NodeAttestorError),
     #[error(transparent)]
     Identity(#[from] IdentityError),
     #[error(transparent)]
@@ -123,13 +126,16 @@ impl NodeAgent {
     }
 }
 
-/// The persisted identity if it is still valid; otherwise a fresh attestation with the join
-/// token.
+/// The persisted identity if it is still valid; otherwise a fresh attestation with the
+/// configured attestor (join token, else x509pop, else platform claims).
 async fn obtain_identity(cfg: &NodeConfig, clock: &dyn Clock) -> Result<NodeIdentity, NodeError> {
     match NodeIdentity::load(&cfg.data_dir) {
         Ok(Some(id)) if id.expires_at > clock.now() => {
-            if cfg.join_token.is_some() {
-                tracing::info!("a persisted node identity exists; the join token is not used");
+            if let Some(a) = &cfg.attestor {
+                tracing::info!(
+                    attestor = a.name(),
+                    "a persisted node identity exists; the node attestor is not used"
+                );
             }
             return Ok(id);
         }
@@ -141,23 +147,20 @@ async fn obtain_identity(cfg: &NodeConfig, clock: &dyn Clock) -> Result<NodeIden
             tracing::warn!(error = %e, "the persisted node identity is unreadable; attesting again")
         }
     }
-    let token = cfg
-        .join_token
-        .as_deref()
-        .ok_or_else(|| NodeError::NoIdentity {
-            data_dir: cfg.data_dir.display().to_string(),
-        })?;
+    let attestor = cfg.attestor.as_ref().ok_or_else(|| NodeError::NoIdentity {
+        data_dir: cfg.data_dir.display().to_string(),
+    })?;
+    tracing::info!(attestor = attestor.name(), "attesting this node");
     let identity = match cfg.bootstrap.as_ref().ok_or(NodeError::NoBootstrap)? {
         Bootstrap::Insecure => {
             tracing::warn!(
                 "insecure bootstrap: the server's certificate is not verified for attestation"
             );
-            client::attest_with_join_token(&cfg.server_address, None, None, token).await?
+            client::attest(&cfg.server_address, None, None, attestor).await?
         }
         Bootstrap::TrustBundle(path) => {
             let (roots, td) = load_trust_bundle(path, cfg.trust_domain.as_ref())?;
-            client::attest_with_join_token(&cfg.server_address, Some(&roots), Some(&td), token)
-                .await?
+            client::attest(&cfg.server_address, Some(&roots), Some(&td), attestor).await?
         }
     };
     identity.save(&cfg.data_dir)?;

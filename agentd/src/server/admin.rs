@@ -282,6 +282,7 @@ fn node_to_proto(n: &AttestedNode) -> pb::Node {
         svid_expires_at: n.svid_expires_at,
         attested_at: n.attested_at,
         last_seen_at: n.last_seen_at,
+        selectors: n.selectors.iter().map(ToString::to_string).collect(),
     }
 }
 

@@ -8,6 +8,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use spiffe::TrustDomain;
 
+use super::node_attestor::{
+    claims, template::IdTemplate, x509pop, ClaimsConfig, NodeAttestorsConfig, X509PopConfig,
+};
+use crate::bundle::Bundle;
 use crate::ca::UpstreamCa;
 use crate::config::{default_data_dir, ConfigError, Errors};
 use crate::ttl::Ttl;
@@ -33,6 +37,41 @@ pub struct RawServerConfig {
     /// O= of the CA and SVID subjects.
     pub organization: Option<String>,
     pub upstream_ca: Option<RawUpstreamCa>,
+    /// Node attestors besides join tokens (which are always enabled).
+    pub node_attestors: Option<RawNodeAttestors>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNodeAttestors {
+    pub x509pop: Option<RawX509Pop>,
+    pub claims: Option<RawClaims>,
+}
+
+/// `[node_attestors.x509pop]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawX509Pop {
+    /// PEM file of the CA certificates node certificates must chain to.
+    pub ca_bundle: Option<PathBuf>,
+    /// Default `spiffe://{trust_domain}/node/x509pop/{sha256}`.
+    pub spiffe_id_template: Option<String>,
+}
+
+/// `[node_attestors.claims]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClaims {
+    /// JWKS (JSON) file with the platform's token signing keys.
+    pub jwks_file: Option<PathBuf>,
+    /// Required `iss`.
+    pub issuer: Option<String>,
+    /// Required member of `aud`.
+    pub audience: Option<String>,
+    /// Default `spiffe://{trust_domain}/node/claims/{sub}`.
+    pub spiffe_id_template: Option<String>,
+    /// Claims turned into `claims:<name>:<value>` selectors. Default `["sub"]`.
+    pub selector_claims: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -57,6 +96,7 @@ pub struct ServerConfig {
     pub join_token_ttl: Ttl,
     pub organization: String,
     pub upstream_ca: Option<UpstreamCa>,
+    pub node_attestors: NodeAttestorsConfig,
 }
 
 fn ttl_or(errs: &mut Errors, path: &str, raw: &Option<String>, default: u64) -> Ttl {
@@ -121,6 +161,17 @@ impl TryFrom<RawServerConfig> for ServerConfig {
                 bundle_file: u.bundle_file,
             })
         });
+        let node_attestors = raw
+            .node_attestors
+            .map(|n| NodeAttestorsConfig {
+                x509pop: n
+                    .x509pop
+                    .and_then(|x| x509pop_config(&mut errs, x, trust_domain.as_ref())),
+                claims: n
+                    .claims
+                    .and_then(|c| claims_config(&mut errs, c, trust_domain.as_ref())),
+            })
+            .unwrap_or_default();
         errs.finish()?;
         Ok(ServerConfig {
             trust_domain: trust_domain.expect("checked"),
@@ -136,8 +187,147 @@ impl TryFrom<RawServerConfig> for ServerConfig {
             join_token_ttl,
             organization,
             upstream_ca,
+            node_attestors,
         })
     }
+}
+
+/// Parses a template and, when the trust domain is known, checks that it yields a node ID.
+fn id_template(
+    errs: &mut Errors,
+    path: &str,
+    raw: Option<String>,
+    default: &str,
+    known: &[&str],
+    trust_domain: Option<&TrustDomain>,
+) -> Option<IdTemplate> {
+    let raw = raw.unwrap_or_else(|| default.to_string());
+    let t = errs.parse(path, IdTemplate::parse(&raw, known))?;
+    if let Some(td) = trust_domain {
+        errs.parse(path, t.check(td))?;
+    }
+    Some(t)
+}
+
+fn x509pop_config(
+    errs: &mut Errors,
+    raw: RawX509Pop,
+    trust_domain: Option<&TrustDomain>,
+) -> Option<X509PopConfig> {
+    const P: &str = "node_attestors.x509pop";
+    let ca_bundle = match raw.ca_bundle {
+        None => {
+            errs.push(
+                &format!("{P}.ca_bundle"),
+                "is required with [node_attestors.x509pop]",
+            );
+            None
+        }
+        Some(path) => {
+            let loaded = std::fs::read_to_string(&path)
+                .map_err(|e| format!("{}: {e}", path.display()))
+                .and_then(|text| {
+                    Bundle::x509_authorities_from_pem(&text)
+                        .map_err(|e| format!("{}: {e}", path.display()))
+                })
+                .and_then(|certs| {
+                    if certs.is_empty() {
+                        return Err(format!("{}: no certificates", path.display()));
+                    }
+                    for (i, c) in certs.iter().enumerate() {
+                        let der = rustls_pki_types::CertificateDer::from(c.as_slice());
+                        webpki::anchor_from_trusted_cert(&der).map_err(|e| {
+                            format!("{}: certificate {i} is unusable: {e}", path.display())
+                        })?;
+                    }
+                    Ok(certs)
+                });
+            errs.parse(&format!("{P}.ca_bundle"), loaded)
+        }
+    };
+    let template = id_template(
+        errs,
+        &format!("{P}.spiffe_id_template"),
+        raw.spiffe_id_template,
+        x509pop::DEFAULT_TEMPLATE,
+        x509pop::TEMPLATE_VARIABLES,
+        trust_domain,
+    );
+    Some(X509PopConfig {
+        ca_bundle: ca_bundle?,
+        template: template?,
+    })
+}
+
+fn claims_config(
+    errs: &mut Errors,
+    raw: RawClaims,
+    trust_domain: Option<&TrustDomain>,
+) -> Option<ClaimsConfig> {
+    const P: &str = "node_attestors.claims";
+    let keys = match raw.jwks_file {
+        None => {
+            errs.push(
+                &format!("{P}.jwks_file"),
+                "is required with [node_attestors.claims]",
+            );
+            None
+        }
+        Some(path) => errs.parse(
+            &format!("{P}.jwks_file"),
+            std::fs::read_to_string(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|t| claims::parse_jwks(&t))
+                .map_err(|e| format!("{}: {e}", path.display())),
+        ),
+    };
+    let mut required = |field: &str, v: Option<String>| -> Option<String> {
+        match v {
+            Some(v) if !v.is_empty() && !v.chars().any(char::is_control) => Some(v),
+            Some(_) => {
+                errs.push(&format!("{P}.{field}"), "must be non-empty printable text");
+                None
+            }
+            None => {
+                errs.push(
+                    &format!("{P}.{field}"),
+                    "is required with [node_attestors.claims]",
+                );
+                None
+            }
+        }
+    };
+    let issuer = required("issuer", raw.issuer);
+    let audience = required("audience", raw.audience);
+    let template = id_template(
+        errs,
+        &format!("{P}.spiffe_id_template"),
+        raw.spiffe_id_template,
+        claims::DEFAULT_TEMPLATE,
+        claims::TEMPLATE_VARIABLES,
+        trust_domain,
+    );
+    let selector_claims = raw.selector_claims.unwrap_or_else(|| {
+        claims::DEFAULT_SELECTOR_CLAIMS
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    });
+    for c in &selector_claims {
+        if c.is_empty() || c.len() > 128 || c.contains(':') || c.chars().any(char::is_control) {
+            errs.push(
+                &format!("{P}.selector_claims"),
+                format!("{c:?} must be a claim name of 1 to 128 printable characters without ':'"),
+            );
+        }
+    }
+    Some(ClaimsConfig {
+        keys: keys?,
+        issuer: issuer?,
+        audience: audience?,
+        template: template?,
+        selector_claims,
+    })
 }
 
 #[cfg(test)]
@@ -177,6 +367,77 @@ mod tests {
                 "upstream_ca.key_file"
             ]
         );
+    }
+
+    #[test]
+    fn node_attestors_are_loaded_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = crate::server::node_attestor::x509pop::tests::ca("Node CA");
+        let bundle = dir.path().join("ca.pem");
+        std::fs::write(&bundle, &ca.pem).unwrap();
+        let key = crate::server::node_attestor::claims::tests::ec_key();
+        let jwks = dir.path().join("jwks.json");
+        std::fs::write(
+            &jwks,
+            serde_json::json!({"keys": [key.jwk("k1")]}).to_string(),
+        )
+        .unwrap();
+        let raw: RawServerConfig = toml::from_str(&format!(
+            r#"
+            [node_attestors.x509pop]
+            ca_bundle = "{}"
+            [node_attestors.claims]
+            jwks_file = "{}"
+            issuer = "https://issuer.example"
+            audience = "agentd"
+            selector_claims = ["sub", "repository"]
+            "#,
+            bundle.display(),
+            jwks.display()
+        ))
+        .unwrap();
+        let cfg = ServerConfig::try_from(raw).unwrap();
+        let x = cfg.node_attestors.x509pop.unwrap();
+        assert_eq!(x.ca_bundle, vec![ca.der.clone()]);
+        assert_eq!(x.template.as_str(), x509pop::DEFAULT_TEMPLATE);
+        let c = cfg.node_attestors.claims.unwrap();
+        assert_eq!(c.keys.len(), 1);
+        assert_eq!(c.template.as_str(), claims::DEFAULT_TEMPLATE);
+        assert_eq!(c.selector_claims, ["sub", "repository"]);
+    }
+
+    #[test]
+    fn bad_node_attestor_fields_are_named() {
+        let raw: RawServerConfig = toml::from_str(
+            r#"
+            [node_attestors.x509pop]
+            ca_bundle = "/nonexistent/ca.pem"
+            spiffe_id_template = "spiffe://{trust_domain}/agentd/x509pop/{fingerprint}"
+            [node_attestors.claims]
+            issuer = ""
+            spiffe_id_template = "spiffe://{trust_domain}/agentd/{sub}"
+            selector_claims = ["a:b"]
+            "#,
+        )
+        .unwrap();
+        let err = ServerConfig::try_from(raw).unwrap_err();
+        let paths: Vec<&str> = err.errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "node_attestors.x509pop.ca_bundle",
+                "node_attestors.x509pop.spiffe_id_template",
+                "node_attestors.claims.jwks_file",
+                "node_attestors.claims.issuer",
+                "node_attestors.claims.audience",
+                "node_attestors.claims.spiffe_id_template",
+                "node_attestors.claims.selector_claims",
+            ],
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(text.contains("unknown variable {fingerprint}"), "{text}");
+        assert!(text.contains("reserved"), "{text}");
     }
 
     #[test]

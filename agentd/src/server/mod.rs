@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod config;
 pub mod node_api;
+pub mod node_attestor;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;

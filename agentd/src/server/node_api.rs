@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use super::node_attestor::{ClaimsError, NodeAttestation, NodeAttestors, X509PopError};
 use super::{ServerError, ServerState};
 use crate::ca::{CaError, IssuedX509Svid, X509SvidRequest};
 use crate::clock::unix_seconds;
@@ -43,6 +44,18 @@ pub enum NodeApiError {
     ExpiredJoinToken,
     #[error("{field}: {reason}")]
     InvalidField { field: &'static str, reason: String },
+    #[error("node attestor {0} is not enabled on this server")]
+    AttestorNotEnabled(&'static str),
+    #[error("x509pop: {0}")]
+    X509Pop(#[from] X509PopError),
+    #[error("claims: {0}")]
+    Claims(#[from] ClaimsError),
+    #[error("node {spiffe_id} was attested with {existing}, not {presented}: evict it first")]
+    AttestationTypeMismatch {
+        spiffe_id: String,
+        existing: String,
+        presented: &'static str,
+    },
     #[error("entry {0} is not served by this node")]
     EntryNotAuthorized(String),
     #[error(transparent)]
@@ -62,6 +75,15 @@ impl From<NodeApiError> for Status {
             | NodeApiError::ExpiredJoinToken
             | NodeApiError::EntryNotAuthorized(_) => Status::permission_denied(msg),
             NodeApiError::InvalidField { .. } => Status::invalid_argument(msg),
+            NodeApiError::AttestorNotEnabled(_) => Status::failed_precondition(msg),
+            NodeApiError::X509Pop(X509PopError::Busy) | NodeApiError::Claims(ClaimsError::Busy) => {
+                Status::resource_exhausted(msg)
+            }
+            NodeApiError::X509Pop(e) if e.is_malformed() => Status::invalid_argument(msg),
+            NodeApiError::Claims(e) if e.is_malformed() => Status::invalid_argument(msg),
+            NodeApiError::X509Pop(_)
+            | NodeApiError::Claims(_)
+            | NodeApiError::AttestationTypeMismatch { .. } => Status::permission_denied(msg),
             NodeApiError::Ca(CaError::Csr { .. })
             | NodeApiError::Ca(CaError::ForeignTrustDomain { .. }) => Status::invalid_argument(msg),
             NodeApiError::Ca(_) | NodeApiError::Store(_) => {
@@ -75,6 +97,17 @@ impl From<NodeApiError> for Status {
 #[derive(Debug, Clone)]
 pub struct NodeApi {
     state: Arc<ServerState>,
+    attestors: Arc<NodeAttestors>,
+}
+
+impl NodeApi {
+    pub fn new(state: Arc<ServerState>) -> Self {
+        let attestors = Arc::new(NodeAttestors::new(
+            &state.config.node_attestors,
+            &state.config.trust_domain,
+        ));
+        Self { state, attestors }
+    }
 }
 
 pub async fn serve(
@@ -84,7 +117,7 @@ pub async fn serve(
     stop: CancellationToken,
 ) -> Result<(), ServerError> {
     let incoming = crate::tls::incoming(listener, tls, stop.clone());
-    let svc = NodeServer::new(NodeApi { state })
+    let svc = NodeServer::new(NodeApi::new(state))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     tonic::transport::Server::builder()
@@ -163,6 +196,34 @@ impl NodeApi {
         Ok(node)
     }
 
+    /// Takes a join token (single use) and checks its expiry.
+    async fn check_join_token(
+        &self,
+        token: &str,
+        now: std::time::SystemTime,
+    ) -> Result<NodeAttestation, NodeApiError> {
+        if token.is_empty() || token.len() > 256 {
+            return Err(NodeApiError::InvalidField {
+                field: "join_token",
+                reason: "must be 1 to 256 bytes".into(),
+            });
+        }
+        let record = self
+            .state
+            .store
+            .take_join_token(&join_token_digest(token))
+            .await?
+            .ok_or(NodeApiError::UnknownJoinToken)?;
+        if record.expires_at <= unix_seconds(now) {
+            return Err(NodeApiError::ExpiredJoinToken);
+        }
+        Ok(NodeAttestation {
+            spiffe_id: record.spiffe_id,
+            attestation_type: "join_token",
+            selectors: Vec::new(),
+        })
+    }
+
     async fn entry_for_node(
         &self,
         node: &AttestedNode,
@@ -208,49 +269,66 @@ impl Node for NodeApi {
             .get::<PeerIdentity>()
             .and_then(|p| p.remote_addr);
         let req = request.into_inner();
-        let token = match req.attestation {
-            Some(pb::attest_request::Attestation::JoinToken(t)) => t.token,
-            None => {
-                return Err(NodeApiError::InvalidField {
-                    field: "attestation",
-                    reason: "missing: a join token is required".into(),
-                }
-                .into())
-            }
-        };
-        if token.is_empty() || token.len() > 256 {
-            return Err(NodeApiError::InvalidField {
-                field: "join_token",
-                reason: "must be 1 to 256 bytes".into(),
-            }
-            .into());
-        }
         let now = self.state.clock.now();
+        let kind = match &req.attestation {
+            Some(pb::attest_request::Attestation::JoinToken(_)) => "join_token",
+            Some(pb::attest_request::Attestation::X509pop(_)) => "x509pop",
+            Some(pb::attest_request::Attestation::Claims(_)) => "claims",
+            None => "none",
+        };
         let result: Result<_, NodeApiError> = async {
-            let record = self
-                .state
-                .store
-                .take_join_token(&join_token_digest(&token))
-                .await?
-                .ok_or(NodeApiError::UnknownJoinToken)?;
-            if record.expires_at <= unix_seconds(now) {
-                return Err(NodeApiError::ExpiredJoinToken);
+            let attested = match req.attestation {
+                Some(pb::attest_request::Attestation::JoinToken(t)) => {
+                    self.check_join_token(&t.token, now).await?
+                }
+                Some(pb::attest_request::Attestation::X509pop(x)) => self
+                    .attestors
+                    .x509pop
+                    .as_ref()
+                    .ok_or(NodeApiError::AttestorNotEnabled("x509pop"))?
+                    .attest(&x.cert_chain, &x.nonce, &x.signature, now)?,
+                Some(pb::attest_request::Attestation::Claims(c)) => self
+                    .attestors
+                    .claims
+                    .as_ref()
+                    .ok_or(NodeApiError::AttestorNotEnabled("claims"))?
+                    .attest(&c.token, now)?,
+                None => {
+                    return Err(NodeApiError::InvalidField {
+                        field: "attestation",
+                        reason: "missing: a join token, x509pop or claims attestation is required"
+                            .into(),
+                    })
+                }
+            };
+            if attested.attestation_type != "join_token" {
+                // A derived ID never takes over a node attested another way.
+                if let Some(existing) = self.state.store.get_node(&attested.spiffe_id).await? {
+                    if existing.attestation_type != attested.attestation_type {
+                        return Err(NodeApiError::AttestationTypeMismatch {
+                            spiffe_id: attested.spiffe_id.to_string(),
+                            existing: existing.attestation_type,
+                            presented: attested.attestation_type,
+                        });
+                    }
+                }
             }
             let svid = self.sign(
                 &req.csr,
-                &record.spiffe_id,
+                &attested.spiffe_id,
                 self.state.config.node_svid_ttl.as_duration(),
                 &[],
             )?;
             self.state
                 .store
                 .upsert_node(AttestedNode {
-                    spiffe_id: record.spiffe_id.clone(),
-                    attestation_type: "join_token".into(),
+                    spiffe_id: attested.spiffe_id.clone(),
+                    attestation_type: attested.attestation_type.into(),
                     serial: svid.serial.clone(),
                     svid_expires_at: unix_seconds(svid.not_after),
                     attested_at: unix_seconds(now),
                     last_seen_at: unix_seconds(now),
+                    selectors: attested.selectors,
                 })
                 .await?;
             Ok(svid)
@@ -258,14 +336,44 @@ impl Node for NodeApi {
         .await;
         match result {
             Ok(svid) => {
-                tracing::info!(node = %svid.spiffe_id, serial = %svid.serial, ?remote, "node attested");
+                tracing::info!(node = %svid.spiffe_id, serial = %svid.serial, attestation = kind, ?remote, "node attested");
                 Ok(Response::new(pb::AttestResponse {
                     svid: Some(svid_to_proto(&svid)),
                     bundle: Some(bundle_to_proto(&self.state.ca.bundle())),
                 }))
             }
             Err(e) => {
-                tracing::warn!(?remote, reason = %e, "node attestation refused");
+                tracing::warn!(?remote, attestation = kind, reason = %e, "node attestation refused");
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn x509_pop_challenge(
+        &self,
+        request: Request<pb::X509PopChallengeRequest>,
+    ) -> Result<Response<pb::X509PopChallengeResponse>, Status> {
+        let remote = request
+            .extensions()
+            .get::<PeerIdentity>()
+            .and_then(|p| p.remote_addr);
+        let result = self
+            .attestors
+            .x509pop
+            .as_ref()
+            .ok_or(NodeApiError::AttestorNotEnabled("x509pop"))
+            .and_then(|a| {
+                a.challenge(&request.get_ref().cert_chain, self.state.clock.now())
+                    .map_err(NodeApiError::from)
+            });
+        match result {
+            Ok(c) => Ok(Response::new(pb::X509PopChallengeResponse {
+                nonce: c.nonce,
+                context: c.context,
+                expires_at: c.expires_at,
+            })),
+            Err(e) => {
+                tracing::warn!(?remote, attestation = "x509pop", reason = %e, "node attestation refused");
                 Err(e.into())
             }
         }

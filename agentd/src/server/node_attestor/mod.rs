@@ -1,0 +1,54 @@
+//! Server-side node attestors beyond join tokens: `x509pop` (proof of possession of a
+//! certificate's key, challenge-response) and `claims` (a platform-issued JWT checked against
+//! a JWKS file). Each returns the node's SPIFFE ID, derived from a configured template so that
+//! the same machine always gets the same ID, and the selectors it was attested with.
+
+pub mod claims;
+pub mod template;
+pub mod x509pop;
+
+use agentd_attestor::Selector;
+use spiffe::{SpiffeId, TrustDomain};
+
+pub use claims::{ClaimsAttestor, ClaimsConfig, ClaimsError};
+pub use template::{IdTemplate, TemplateError};
+pub use x509pop::{X509PopAttestor, X509PopConfig, X509PopError};
+
+/// What a node attestor established about a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeAttestation {
+    pub spiffe_id: SpiffeId,
+    /// `x509pop` or `claims`; stored on the node record.
+    pub attestation_type: &'static str,
+    /// Sorted, without duplicates.
+    pub selectors: Vec<Selector>,
+}
+
+/// The node attestors this server has enabled (join tokens are always on).
+#[derive(Debug, Default)]
+pub struct NodeAttestors {
+    pub x509pop: Option<X509PopAttestor>,
+    pub claims: Option<ClaimsAttestor>,
+}
+
+/// Node attestor settings from the server config.
+#[derive(Debug, Clone, Default)]
+pub struct NodeAttestorsConfig {
+    pub x509pop: Option<X509PopConfig>,
+    pub claims: Option<ClaimsConfig>,
+}
+
+impl NodeAttestors {
+    pub fn new(config: &NodeAttestorsConfig, trust_domain: &TrustDomain) -> Self {
+        Self {
+            x509pop: config
+                .x509pop
+                .clone()
+                .map(|c| X509PopAttestor::new(c, trust_domain.clone())),
+            claims: config
+                .claims
+                .clone()
+                .map(|c| ClaimsAttestor::new(c, trust_domain.clone())),
+        }
+    }
+}
