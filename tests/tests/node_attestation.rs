@@ -170,6 +170,27 @@ fn x509pop_node_attests_and_serves_svids() -> anyhow::Result<()> {
     let text = server.cli_ok(&["node", "show", "--spiffe-id", node_id])?;
     assert!(text.contains("x509pop:subject:cn:host-1"), "{text}");
 
+    // A node-set alias: every node whose certificate was issued by "Node CA". A workload
+    // entry parented to the alias reaches this node without naming it.
+    server.create_entry(&[
+        "--parent-id",
+        "spiffe://example.org/agentd/server",
+        "--spiffe-id",
+        "spiffe://example.org/nodes/node-ca",
+        "--selector",
+        "x509pop:issuer:cn:Node CA",
+    ])?;
+    let fleet_workload = "spiffe://example.org/agent/fleet-wide";
+    server.create_entry(&[
+        "--parent-id",
+        "spiffe://example.org/nodes/node-ca",
+        "--spiffe-id",
+        fleet_workload,
+        "--selector",
+        &uid_selector(),
+    ])?;
+    node.wait_for_svid(fleet_workload)?;
+
     // Re-attestation of the same machine (identity lost): same ID, new serial, one record.
     let first_serial = shown["serial"].clone();
     node.daemon.stop();

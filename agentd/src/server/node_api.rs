@@ -233,8 +233,9 @@ impl NodeApi {
             field: "entry_id",
             reason: format!("{e}"),
         })?;
+        let server_id = crate::tls::server_spiffe_id(&self.state.config.trust_domain);
         match self.state.store.get_entry(&id).await? {
-            Some(e) if e.spec.parent_id == node.spiffe_id => Ok(e),
+            Some(e) if node_serves(self.state.store.as_ref(), &server_id, node, &e).await? => Ok(e),
             _ => Err(NodeApiError::EntryNotAuthorized(id.to_string())),
         }
     }
@@ -413,13 +414,8 @@ impl Node for NodeApi {
         let node = self
             .caller(request.extensions().get::<PeerIdentity>())
             .await?;
-        let entries = self
-            .state
-            .store
-            .list_entries(&EntryFilter {
-                parent_id: Some(node.spiffe_id.clone()),
-                ..Default::default()
-            })
+        let server_id = crate::tls::server_spiffe_id(&self.state.config.trust_domain);
+        let entries = entries_for_node(self.state.store.as_ref(), &server_id, &node)
             .await
             .map_err(NodeApiError::from)?;
         Ok(Response::new(pb::SyncEntriesResponse {
@@ -496,6 +492,66 @@ impl Node for NodeApi {
     }
 }
 
+/// Node-set aliases (as SPIRE's node aliases): an entry whose parent is the server's own ID
+/// names a set of nodes by node selectors (`x509pop:...`, `claims:...`). Its SPIFFE ID can
+/// then be the parent of workload entries, which every node whose attested selectors include
+/// all of the alias's selectors serves. A node with no selectors (join token) is in no set.
+fn aliases_of<'a>(
+    all: &'a [Entry],
+    server_id: &SpiffeId,
+    node: &AttestedNode,
+) -> impl Iterator<Item = &'a Entry> {
+    let server_id = server_id.clone();
+    let node_selectors = node.selectors.clone();
+    all.iter().filter(move |e| {
+        e.spec.parent_id == server_id
+            && agentd_attestor::selector::all_present(&e.spec.selectors, &node_selectors)
+    })
+}
+
+/// The entries a node serves: those parented to the node itself, and those parented to a
+/// node-set alias the node belongs to.
+pub async fn entries_for_node(
+    store: &dyn crate::datastore::DataStore,
+    server_id: &SpiffeId,
+    node: &AttestedNode,
+) -> Result<Vec<Entry>, DataStoreError> {
+    let all = store.list_entries(&EntryFilter::default()).await?;
+    let aliases: std::collections::HashSet<&SpiffeId> = aliases_of(&all, server_id, node)
+        .map(|e| &e.spec.spiffe_id)
+        .collect();
+    let served = all
+        .iter()
+        .filter(|e| e.spec.parent_id == node.spiffe_id || aliases.contains(&e.spec.parent_id))
+        .cloned()
+        .collect();
+    Ok(served)
+}
+
+/// Whether `node` may obtain SVIDs for `entry`.
+pub async fn node_serves(
+    store: &dyn crate::datastore::DataStore,
+    server_id: &SpiffeId,
+    node: &AttestedNode,
+    entry: &Entry,
+) -> Result<bool, DataStoreError> {
+    if entry.spec.parent_id == node.spiffe_id {
+        return Ok(true);
+    }
+    if node.selectors.is_empty() {
+        return Ok(false);
+    }
+    let candidates = store
+        .list_entries(&EntryFilter {
+            spiffe_id: Some(entry.spec.parent_id.clone()),
+            parent_id: Some(server_id.clone()),
+            ..Default::default()
+        })
+        .await?;
+    let is_member = aliases_of(&candidates, server_id, node).next().is_some();
+    Ok(is_member)
+}
+
 /// JWT-SVID spec, section 3: `aud` holds one or more audiences; we accept 1 to 32 non-empty
 /// printable strings of at most 1024 bytes.
 pub fn validate_audience(audience: &[String]) -> Result<(), NodeApiError> {
@@ -518,4 +574,131 @@ pub fn validate_audience(audience: &[String]) -> Result<(), NodeApiError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datastore::{DataStore, EntrySpec, SledStore};
+    use crate::ttl::Ttl;
+
+    fn spec(id: &str, parent: &str, selectors: &[&str]) -> EntrySpec {
+        EntrySpec {
+            spiffe_id: SpiffeId::new(id).unwrap(),
+            parent_id: SpiffeId::new(parent).unwrap(),
+            selectors: selectors.iter().map(|s| s.parse().unwrap()).collect(),
+            x509_svid_ttl: Ttl::from_secs(3600).unwrap(),
+            jwt_svid_ttl: Ttl::from_secs(300).unwrap(),
+            dns_names: vec![],
+            hint: String::new(),
+            scopes: vec![],
+            owner: None,
+        }
+    }
+
+    fn node(id: &str, selectors: &[&str]) -> AttestedNode {
+        AttestedNode {
+            spiffe_id: SpiffeId::new(id).unwrap(),
+            attestation_type: "x509pop".into(),
+            serial: "1".into(),
+            svid_expires_at: 0,
+            attested_at: 0,
+            last_seen_at: 0,
+            selectors: selectors.iter().map(|s| s.parse().unwrap()).collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn node_set_aliases_give_entries_to_every_matching_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let server = "spiffe://example.org/agentd/server";
+        let server_id = SpiffeId::new(server).unwrap();
+        let ca = "x509pop:ca:fingerprint:aa";
+        // Alias: every node whose certificate comes from CA aa.
+        store
+            .create_entry(spec("spiffe://example.org/nodes/fleet", server, &[ca]), 0)
+            .await
+            .unwrap();
+        // Alias: only node a, by its CN, and CA.
+        store
+            .create_entry(
+                spec(
+                    "spiffe://example.org/nodes/a-only",
+                    server,
+                    &[ca, "x509pop:subject:cn:a"],
+                ),
+                0,
+            )
+            .await
+            .unwrap();
+        let fleet_wide = store
+            .create_entry(
+                spec(
+                    "spiffe://example.org/agent/everywhere",
+                    "spiffe://example.org/nodes/fleet",
+                    &["unix:uid:1"],
+                ),
+                0,
+            )
+            .await
+            .unwrap();
+        let a_only = store
+            .create_entry(
+                spec(
+                    "spiffe://example.org/agent/on-a",
+                    "spiffe://example.org/nodes/a-only",
+                    &["unix:uid:1"],
+                ),
+                0,
+            )
+            .await
+            .unwrap();
+        let direct = store
+            .create_entry(
+                spec(
+                    "spiffe://example.org/agent/direct-b",
+                    "spiffe://example.org/node/b",
+                    &["unix:uid:1"],
+                ),
+                0,
+            )
+            .await
+            .unwrap();
+
+        let a = node("spiffe://example.org/node/a", &[ca, "x509pop:subject:cn:a"]);
+        let b = node("spiffe://example.org/node/b", &[ca, "x509pop:subject:cn:b"]);
+        let joined = node("spiffe://example.org/node/j", &[]);
+        let ids = |v: Vec<Entry>| {
+            let mut v: Vec<String> = v
+                .iter()
+                .map(|e| e.spec.spiffe_id.path().to_string())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(
+            ids(entries_for_node(&store, &server_id, &a).await.unwrap()),
+            ["/agent/everywhere", "/agent/on-a"]
+        );
+        assert_eq!(
+            ids(entries_for_node(&store, &server_id, &b).await.unwrap()),
+            ["/agent/direct-b", "/agent/everywhere"]
+        );
+        assert!(entries_for_node(&store, &server_id, &joined)
+            .await
+            .unwrap()
+            .is_empty());
+        // Minting follows the same rule.
+        assert!(node_serves(&store, &server_id, &a, &a_only).await.unwrap());
+        assert!(!node_serves(&store, &server_id, &b, &a_only).await.unwrap());
+        assert!(node_serves(&store, &server_id, &b, &fleet_wide)
+            .await
+            .unwrap());
+        assert!(node_serves(&store, &server_id, &b, &direct).await.unwrap());
+        assert!(!node_serves(&store, &server_id, &a, &direct).await.unwrap());
+        assert!(!node_serves(&store, &server_id, &joined, &fleet_wide)
+            .await
+            .unwrap());
+    }
 }
