@@ -32,6 +32,9 @@ pub const RESERVED_PATH_PREFIX: &str = "/agentd/";
 
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress at once; beyond it the accept loop waits (backpressure), so a
+/// flood of idle connections cannot exhaust tasks and file descriptors.
+const MAX_PENDING_HANDSHAKES: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -87,8 +90,10 @@ pub fn server_config(
             .allow_unauthenticated()
             .build()
             .map_err(|e| TlsError::Config(e.to_string()))?;
+    // TLS 1.3 only: in 1.2 client certificates travel in clear, and a node SVID's serial is
+    // part of how the server recognises the node.
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain_der(chain), key_der(key))
@@ -118,7 +123,7 @@ pub fn client_config(
         provider: provider.clone(),
     });
     let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?
         .dangerous()
         .with_custom_certificate_verifier(verifier);
@@ -309,8 +314,16 @@ pub fn incoming(
     shutdown: CancellationToken,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConn, io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
     tokio::spawn(async move {
         loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                permit = pending.clone().acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
             let (tcp, remote) = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 accepted = listener.accept() => match accepted {
@@ -326,6 +339,7 @@ pub fn incoming(
             let cfg = config.read().unwrap_or_else(|p| p.into_inner()).clone();
             let tx = tx.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {

@@ -226,6 +226,23 @@ fn output_json_is_one_value_for_every_data_command() -> anyhow::Result<()> {
     assert_eq!(created["scopes"], serde_json::json!(["crm:read"]));
     assert_eq!(created["owner"], "alice@example.com");
     node.wait_for_svid("spiffe://example.org/agent/j")?;
+    // An entry may not take an attested node's ID (that node would serve its children).
+    let out = server.cli(&[
+        "entry",
+        "create",
+        "--parent-id",
+        "spiffe://example.org/node/other",
+        "--spiffe-id",
+        &node.spiffe_id,
+        "--selector",
+        &sel,
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("attested node"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let sock = node.socket_arg();
     let admin: Vec<Vec<&str>> = vec![
         vec!["entry", "show", "--id", &id],

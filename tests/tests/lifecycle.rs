@@ -526,3 +526,57 @@ fn upstream_ca_chain_is_served_and_verifies_against_the_upstream_root() -> anyho
     assert!(node.is_running());
     Ok(())
 }
+
+#[test]
+fn the_node_svid_renews_at_half_life_and_the_node_keeps_working() -> anyhow::Result<()> {
+    let env = Env::new();
+    let cfg = env.path().join("server.toml");
+    std::fs::write(&cfg, "node_svid_ttl = \"4s\"\n")?;
+    let server = Server::start_with(&env, &["--config", cfg.to_str().unwrap()])?;
+    let node = Node::start(&env, &server, "n1")?;
+    let serial = |server: &Server| -> anyhow::Result<serde_json::Value> {
+        let v: serde_json::Value = serde_json::from_str(&server.cli_ok(&[
+            "node",
+            "show",
+            "--spiffe-id",
+            "spiffe://example.org/node/n1",
+            "--output",
+            "json",
+        ])?)?;
+        Ok(v["serial"].clone())
+    };
+    let first = serial(&server)?;
+    let mut seen = vec![first.clone()];
+    // Several lifetimes: each renewal must leave the node able to call the server.
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            if let Ok(s) = serial(&server) {
+                if !seen.contains(&s) {
+                    seen.push(s);
+                }
+            }
+            seen.len() >= 3
+        }),
+        "renewals seen: {seen:?}\n{}",
+        node.daemon.log_text()
+    );
+    let id = "spiffe://example.org/agent/after-renewals";
+    server.create_entry(&[
+        "--parent-id",
+        &node.spiffe_id,
+        "--spiffe-id",
+        id,
+        "--selector",
+        &uid_selector(),
+    ])?;
+    node.wait_for_svid(id)?;
+    assert!(
+        !node
+            .daemon
+            .log_text()
+            .contains("not the node's current SVID"),
+        "{}",
+        node.daemon.log_text()
+    );
+    Ok(())
+}

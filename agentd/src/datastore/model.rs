@@ -88,6 +88,10 @@ pub struct AttestedNode {
     pub last_seen_at: i64,
     /// Selectors from node attestation (x509pop, claims); empty for join tokens.
     pub selectors: Vec<Selector>,
+    /// Serial of the SVID before the last renewal. Still accepted, so that a node that never
+    /// received its renewed SVID (a lost response, a crash before it was saved) is not locked
+    /// out; cleared by a new attestation.
+    pub previous_serial: Option<String>,
 }
 
 /// A join token, stored by the SHA-256 of its secret so that the store never holds a usable

@@ -166,6 +166,8 @@ struct NodeRecord {
     /// Absent in records written before node selectors existed.
     #[serde(default)]
     selectors: Vec<String>,
+    #[serde(default)]
+    previous_serial: Option<String>,
 }
 
 impl NodeRecord {
@@ -182,6 +184,7 @@ impl NodeRecord {
                 .iter()
                 .map(|s| s.parse().map_err(|e| corrupt(key, "selectors", e)))
                 .collect::<Result<_>>()?,
+            previous_serial: self.previous_serial,
         })
     }
 }
@@ -292,6 +295,7 @@ impl DataStore for SledStore {
             attested_at: node.attested_at,
             last_seen_at: node.last_seen_at,
             selectors: node.selectors.iter().map(ToString::to_string).collect(),
+            previous_serial: node.previous_serial,
         };
         self.nodes
             .insert(record.spiffe_id.as_bytes(), encode(&record)?)
@@ -489,6 +493,7 @@ mod tests {
             attested_at: 1,
             last_seen_at: 1,
             selectors: vec!["x509pop:subject:cn:host-1".parse().unwrap()],
+            previous_serial: Some("00".into()),
         };
         store.upsert_node(node.clone()).await.unwrap();
         assert_eq!(store.get_node(&id).await.unwrap(), Some(node));

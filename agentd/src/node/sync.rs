@@ -212,7 +212,11 @@ impl Syncer {
             .map_err(NodeError::from_status)?
             .into_inner();
         let renewed = NodeIdentity::from_response(resp.svid, key, id.bundle.clone())?;
-        renewed.save(&self.data_dir)?;
+        // Use the new SVID even if persisting it fails: the server now expects it (it still
+        // accepts the old one until the next renewal, which covers a restart in between).
+        if let Err(e) = renewed.save(&self.data_dir) {
+            tracing::error!(error = %e, "persisting the renewed node SVID failed; using it anyway");
+        }
         tracing::info!(serial = %renewed.serial, "node SVID renewed");
         self.link.replace_identity(renewed).await;
         Ok(())

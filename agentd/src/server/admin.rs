@@ -75,7 +75,29 @@ pub async fn serve(
     listener: UnixListener,
     stop: CancellationToken,
 ) -> Result<(), ServerError> {
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    // Only the server's own user (and root) may administer it, whatever the socket's mode
+    // or the directory it sits in.
+    let own_uid = own_uid();
+    let incoming = {
+        use tokio_stream::StreamExt as _;
+        tokio_stream::wrappers::UnixListenerStream::new(listener).filter(move |conn| match conn {
+            Ok(stream) => match stream.peer_cred() {
+                Ok(cred) if cred.uid() == own_uid || cred.uid() == 0 => true,
+                Ok(cred) => {
+                    tracing::warn!(
+                        uid = cred.uid(),
+                        "admin connection from another user refused"
+                    );
+                    false
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin connection without peer credentials refused");
+                    false
+                }
+            },
+            Err(_) => true,
+        })
+    };
     tonic::transport::Server::builder()
         .add_service(AdminServer::new(AdminApi { state }))
         .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
@@ -84,6 +106,14 @@ pub async fn serve(
             what: "admin API",
             reason: e.to_string(),
         })
+}
+
+/// This process's uid (the owner of /proc/self), without a libc call.
+fn own_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(0)
 }
 
 /// The uid of the admin caller, for the log (and the audit trail).
@@ -128,6 +158,18 @@ impl AdminApi {
             ));
         }
         Ok(id)
+    }
+
+    /// An entry must not carry an attested node's ID: that node would then also receive
+    /// every entry parented to the entry.
+    async fn refuse_node_id(&self, id: &SpiffeId) -> Result<(), AdminError> {
+        if self.state.store.get_node(id).await?.is_some() {
+            return Err(invalid(
+                "spiffe_id",
+                format!("{id} is the SPIFFE ID of an attested node"),
+            ));
+        }
+        Ok(())
     }
 
     fn ttl(&self, field: &str, secs: i64, default: Ttl) -> Result<Ttl, AdminError> {
@@ -334,6 +376,7 @@ impl Admin for AdminApi {
     ) -> Result<Response<pb::Entry>, Status> {
         let uid = caller_uid(&request);
         let spec = self.spec_from_proto(request.into_inner())?;
+        self.refuse_node_id(&spec.spiffe_id).await?;
         let entry = self
             .state
             .store
@@ -437,6 +480,7 @@ impl Admin for AdminApi {
         if let Some(v) = &req.owner {
             spec.owner = parse_owner(v)?;
         }
+        self.refuse_node_id(&spec.spiffe_id).await?;
         let entry = self
             .state
             .store

@@ -186,8 +186,17 @@ impl NodeApi {
             .get_node(&id)
             .await?
             .ok_or_else(|| NodeApiError::UnknownNode(id.to_string()))?;
-        if node.serial != serial {
+        // The current node SVID, or the one before the last renewal (see `previous_serial`).
+        if node.serial != serial && node.previous_serial.as_deref() != Some(serial.as_str()) {
             tracing::warn!(node = %id, presented = %serial, "node API call with a certificate that is not the node's current SVID");
+            return Err(NodeApiError::StaleNodeSvid {
+                spiffe_id: id.to_string(),
+                presented: serial,
+            });
+        }
+        if serial == node.serial && node.svid_expires_at <= unix_seconds(self.state.clock.now()) {
+            // rustls checks expiry at the handshake only; a long-lived connection must not
+            // outlive the SVID it was opened with.
             return Err(NodeApiError::StaleNodeSvid {
                 spiffe_id: id.to_string(),
                 presented: serial,
@@ -302,6 +311,27 @@ impl Node for NodeApi {
                     })
                 }
             };
+            // A node ID that is also an entry's SPIFFE ID (a node-set alias, a workload) would
+            // receive every entry parented to it: refuse it (a template fed by a certificate
+            // CN or a claim must not be able to pick such an ID).
+            if !self
+                .state
+                .store
+                .list_entries(&EntryFilter {
+                    spiffe_id: Some(attested.spiffe_id.clone()),
+                    ..Default::default()
+                })
+                .await?
+                .is_empty()
+            {
+                return Err(NodeApiError::InvalidField {
+                    field: "spiffe_id",
+                    reason: format!(
+                        "{} is the SPIFFE ID of a registration entry, not a node",
+                        attested.spiffe_id
+                    ),
+                });
+            }
             if attested.attestation_type != "join_token" {
                 // A derived ID never takes over a node attested another way.
                 if let Some(existing) = self.state.store.get_node(&attested.spiffe_id).await? {
@@ -330,6 +360,7 @@ impl Node for NodeApi {
                     attested_at: unix_seconds(now),
                     last_seen_at: unix_seconds(now),
                     selectors: attested.selectors,
+                    previous_serial: None,
                 })
                 .await?;
             Ok(svid)
@@ -384,6 +415,10 @@ impl Node for NodeApi {
         &self,
         request: Request<pb::RenewNodeSvidRequest>,
     ) -> Result<Response<pb::RenewNodeSvidResponse>, Status> {
+        let presented = request
+            .extensions()
+            .get::<PeerIdentity>()
+            .and_then(|p| p.serial.clone());
         let mut node = self
             .caller(request.extensions().get::<PeerIdentity>())
             .await?;
@@ -393,6 +428,12 @@ impl Node for NodeApi {
             self.state.config.node_svid_ttl.as_duration(),
             &[],
         )?;
+        // Keep accepting the SVID the node holds now until its next renewal: if this answer
+        // is lost, the node can still call (and renew) with it. A node that renews with its
+        // previous SVID never received the current one, so that one is dropped.
+        if presented.as_deref() == Some(node.serial.as_str()) {
+            node.previous_serial = Some(std::mem::take(&mut node.serial));
+        }
         node.serial = svid.serial.clone();
         node.svid_expires_at = unix_seconds(svid.not_after);
         node.last_seen_at = unix_seconds(self.state.clock.now());
@@ -565,6 +606,13 @@ pub fn validate_audience(audience: &[String]) -> Result<(), NodeApiError> {
             audience.len()
         )));
     }
+    // Bounds what one cached JWT-SVID can cost the node agent.
+    let total: usize = audience.iter().map(String::len).sum();
+    if total > 4096 {
+        return Err(bad(format!(
+            "{total} bytes of audiences; at most 4096 in all"
+        )));
+    }
     for a in audience {
         if a.is_empty() || a.len() > 1024 || a.chars().any(char::is_control) {
             return Err(bad(format!(
@@ -605,7 +653,19 @@ mod tests {
             attested_at: 0,
             last_seen_at: 0,
             selectors: selectors.iter().map(|s| s.parse().unwrap()).collect(),
+            previous_serial: None,
         }
+    }
+
+    #[test]
+    fn audiences_are_bounded_in_number_and_in_bytes() {
+        assert!(validate_audience(&["a".into()]).is_ok());
+        assert!(validate_audience(&[]).is_err());
+        assert!(validate_audience(&vec!["a".to_string(); 33]).is_err());
+        assert!(validate_audience(&["".into()]).is_err());
+        let big = vec!["x".repeat(1000); 5];
+        let err = validate_audience(&big).unwrap_err().to_string();
+        assert!(err.contains("4096"), "{err}");
     }
 
     #[tokio::test]

@@ -30,7 +30,6 @@ use futures::Stream;
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use crate::clock::{from_unix_seconds, Clock};
@@ -44,6 +43,80 @@ pub const NO_IDENTITY: &str = "no identity issued";
 const MINT_WAIT: Duration = Duration::from_secs(10);
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// What the kernel told us about a Workload API connection when it was accepted.
+#[derive(Debug, Clone, Default)]
+pub struct WorkloadConnInfo {
+    /// SO_PEERCRED: the process that connected.
+    pub peer: Option<PeerCredentials>,
+    /// Clock ticks since boot at accept time: a process that started later is not the one
+    /// that connected (its pid was reused), and is refused.
+    pub connected_at: Option<u64>,
+}
+
+/// A Workload API connection, carrying [`WorkloadConnInfo`] to the handlers.
+#[derive(Debug)]
+pub struct WorkloadConn {
+    inner: tokio::net::UnixStream,
+    info: WorkloadConnInfo,
+}
+
+impl WorkloadConn {
+    fn accept(inner: tokio::net::UnixStream) -> Self {
+        let connected_at = agentd_attestor::workload::boot_time_ticks().ok();
+        let peer = inner.peer_cred().ok().map(|c| PeerCredentials {
+            pid: c.pid(),
+            uid: c.uid(),
+            gid: c.gid(),
+        });
+        Self {
+            inner,
+            info: WorkloadConnInfo { peer, connected_at },
+        }
+    }
+}
+
+impl tonic::transport::server::Connected for WorkloadConn {
+    type ConnectInfo = WorkloadConnInfo;
+
+    fn connect_info(&self) -> WorkloadConnInfo {
+        self.info.clone()
+    }
+}
+
+impl tokio::io::AsyncRead for WorkloadConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for WorkloadConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
 
 /// Binds the Workload API socket. Like SPIRE's, it is connectable by every local user: the
 /// caller is identified by its peer credentials, not by who may open the socket.
@@ -115,7 +188,11 @@ impl WorkloadApi {
                 }
             }
         });
-        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+        let incoming = {
+            use tokio_stream::StreamExt as _;
+            tokio_stream::wrappers::UnixListenerStream::new(listener)
+                .map(|conn| conn.map(WorkloadConn::accept))
+        };
         let selectors = SelectorsServer::new(SelectorsService { api: self.clone() });
         tonic::transport::Server::builder()
             .add_service(SpiffeWorkloadApiServer::new(self))
@@ -126,22 +203,24 @@ impl WorkloadApi {
             .map_err(|e| NodeError::Server(format!("workload API stopped: {e}")))
     }
 
-    /// Selectors for the caller, from its peer credentials.
+    /// Selectors for the caller, from its peer credentials and a /proc snapshot checked
+    /// against the connection's accept time. Attestation reads files (and may hash a binary
+    /// the first time it is seen), so it runs on the blocking pool, never on the runtime.
     async fn attest<T>(&self, req: &Request<T>) -> Result<Vec<Selector>, Status> {
-        let cred = req
+        let info = req
             .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|i| i.peer_cred)
+            .get::<WorkloadConnInfo>()
+            .cloned()
+            .unwrap_or_default();
+        let peer = info
+            .peer
             .ok_or_else(|| Status::internal("no peer credentials on the connection"))?;
-        let peer = PeerCredentials {
-            pid: cred.pid(),
-            uid: cred.uid(),
-            gid: cred.gid(),
-        };
-        // One /proc snapshot of the caller, checked against its start time, serves every
-        // enabled attestor. It reads small kernel-provided files (the binary's hash is
-        // cached by file version), so it runs inline: a blocking-pool hop costs more.
-        let result = self.attestors.attest(&peer);
+        let attestors = self.attestors.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            attestors.attest_connection(&peer, info.connected_at)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("attestation task: {e}")))?;
         match result {
             Ok(s) => {
                 tracing::debug!(pid = ?peer.pid, uid = peer.uid, selectors = ?s.iter().map(ToString::to_string).collect::<Vec<_>>(), "workload attested");

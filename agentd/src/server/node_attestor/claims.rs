@@ -265,11 +265,11 @@ impl ClaimsAttestor {
             .map_err(|e| malformed(format!("payload is not a JSON object: {e}")))?;
         let now_s = unix_seconds(now);
         let exp = int_claim(&claims, "exp")?.ok_or_else(|| claim_err("exp", "missing"))?;
-        if exp + LEEWAY_SECS <= now_s {
+        if exp.saturating_add(LEEWAY_SECS) <= now_s {
             return Err(ClaimsError::Expired { exp });
         }
         if let Some(nbf) = int_claim(&claims, "nbf")? {
-            if nbf - LEEWAY_SECS > now_s {
+            if nbf.saturating_sub(LEEWAY_SECS) > now_s {
                 return Err(ClaimsError::NotYetValid { nbf });
             }
         }
@@ -324,13 +324,16 @@ impl ClaimsAttestor {
                 .as_str()
                 .ok_or_else(|| claim_err("jti", "not a string"))?;
             let mut seen = self.seen_jti.lock().unwrap_or_else(|p| p.into_inner());
-            if seen.get(jti).is_some_and(|e| *e + LEEWAY_SECS > now_s) {
+            if seen
+                .get(jti)
+                .is_some_and(|e| e.saturating_add(LEEWAY_SECS) > now_s)
+            {
                 return Err(ClaimsError::Replayed {
                     jti: jti.chars().take(100).collect(),
                 });
             }
             if seen.len() >= MAX_SEEN_JTI {
-                seen.retain(|_, e| *e + LEEWAY_SECS > now_s);
+                seen.retain(|_, e| e.saturating_add(LEEWAY_SECS) > now_s);
             }
             if seen.len() >= MAX_SEEN_JTI {
                 return Err(ClaimsError::Busy);
