@@ -82,7 +82,12 @@ fn example_programs_fetch_svids_and_complete_mtls() -> anyhow::Result<()> {
 
     let out = run(
         &bins.join("fetch-jwt"),
-        &["--socket", &endpoint, "--audience", "https://api.example.com"],
+        &[
+            "--socket",
+            &endpoint,
+            "--audience",
+            "https://api.example.com",
+        ],
     );
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "fetch-jwt: {}", text(&out.stderr));

@@ -46,10 +46,6 @@ async fn main() -> anyhow::Result<()> {
     let validated = JwtSvid::parse_and_validate(svid.token(), &bundles, &audience)
         .context("validating the JWT-SVID")?;
 
-    println!(
-        "{}  expires {}",
-        validated.spiffe_id(),
-        validated.expiry()
-    );
+    println!("{}  expires {}", validated.spiffe_id(), validated.expiry());
     Ok(())
 }
