@@ -4,7 +4,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-use agentd_e2e::{current_uid, Env, Node, Server};
+use agentd_e2e::{cargo_command, current_uid, Env, Node, Server};
 
 /// The directory holding the example binaries, built once (a no-op when up to date).
 fn example_bins() -> PathBuf {
@@ -12,8 +12,7 @@ fn example_bins() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
+    let status = cargo_command()
         .args(["build", "-q", "-p", "agentd-examples", "--bins"])
         .current_dir(&root)
         .status()
