@@ -18,8 +18,7 @@ pub fn agentd_bin() -> PathBuf {
             .map(PathBuf::from)
             .unwrap_or_else(|| root.join("target"));
         // Always ask cargo: it is a no-op when the binary is up to date.
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let status = Command::new(cargo)
+        let status = cargo_command()
             .args(["build", "-q", "-p", "agentd", "--bin", "agentd"])
             .current_dir(&root)
             .status()
@@ -28,6 +27,32 @@ pub fn agentd_bin() -> PathBuf {
         target.join("debug").join("agentd")
     })
     .clone()
+}
+
+/// `cargo` (the one running the tests, if any) for a nested build, without the per-package
+/// variables cargo sets for a test process: build scripts that watch them (ring's watches
+/// `CARGO_PKG_NAME`) would otherwise rebuild on every switch between the outer and the
+/// nested cargo.
+pub fn cargo_command() -> Command {
+    const PER_PACKAGE: &[&str] = &[
+        "CARGO_PKG_",
+        "CARGO_MANIFEST_",
+        "CARGO_BIN_",
+        "CARGO_CRATE_",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "CARGO_RUSTC_CURRENT_DIR",
+        "OUT_DIR",
+    ];
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    for (name, _) in std::env::vars_os() {
+        if let Some(name) = name.to_str() {
+            if PER_PACKAGE.iter().any(|p| name.starts_with(p)) {
+                cmd.env_remove(name);
+            }
+        }
+    }
+    cmd
 }
 
 /// A running daemon; killed (and reaped) on drop. Its stderr goes to a log file that the
