@@ -7,9 +7,20 @@ use std::process::{Command, Output};
 
 use agentd_e2e::{agentd_bin, current_uid, Env, Node, Server};
 
-/// Runs `agentd <args>` as `uid`/`gid`.
-fn agentd_as(uid: u32, args: &[&str]) -> Output {
-    Command::new(agentd_bin())
+/// A copy of the `agentd` binary in the test's own directory, runnable by every user: the
+/// checkout (and its target dir) may sit under a directory other users cannot enter.
+fn world_runnable_agentd(env: &Env) -> std::path::PathBuf {
+    let copy = env.path().join("agentd-for-all");
+    if !copy.exists() {
+        std::fs::copy(agentd_bin(), &copy).expect("copying the agentd binary");
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    copy
+}
+
+/// Runs `agentd <args>` (the world-runnable copy) as `uid`/`gid`.
+fn agentd_as(bin: &std::path::Path, uid: u32, args: &[&str]) -> Output {
+    Command::new(bin)
         .args(args)
         .uid(uid)
         .gid(uid)
@@ -88,13 +99,14 @@ fn each_process_gets_only_the_svids_whose_selectors_match_it() -> anyhow::Result
         "--socket-path",
         sock.as_str(),
     ];
+    let bin = world_runnable_agentd(&env);
 
     // uid 65534: its two entries, in a stable order, and never ours.
     let mut got = Vec::new();
     assert!(agentd_e2e::wait_until(
         std::time::Duration::from_secs(15),
         || {
-            let out = agentd_as(65534, &fetch);
+            let out = agentd_as(&bin, 65534, &fetch);
             out.status.success() && {
                 got = fetched_ids(&out);
                 got.len() == 2
@@ -103,7 +115,7 @@ fn each_process_gets_only_the_svids_whose_selectors_match_it() -> anyhow::Result
     ));
     assert_eq!(got, [nobody, both], "sorted by SPIFFE ID");
     assert_eq!(
-        fetched_ids(&agentd_as(65534, &fetch)),
+        fetched_ids(&agentd_as(&bin, 65534, &fetch)),
         got,
         "the same order every time"
     );
@@ -112,12 +124,13 @@ fn each_process_gets_only_the_svids_whose_selectors_match_it() -> anyhow::Result
     assert_eq!(fetched_ids(&agentd_e2e::agentd(&fetch)), [mine]);
 
     // A uid with no entry: PermissionDenied, "no identity issued".
-    let out = agentd_as(65533, &fetch);
+    let out = agentd_as(&bin, 65533, &fetch);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no identity issued"));
 
     // `api selectors` shows a process what it was attested with.
     let out = agentd_as(
+        &bin,
         65534,
         &[
             "api",
