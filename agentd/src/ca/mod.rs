@@ -227,6 +227,12 @@ impl CertificateAuthority {
         self.jwt.kid()
     }
 
+    /// Checks a CSR as `sign_x509_svid` would (P-256 key, valid signature) without signing:
+    /// lets a caller refuse bad input before spending something single-use on it.
+    pub fn check_csr(&self, csr_der: &[u8]) -> Result<(), CaError> {
+        x509::parse_csr(csr_der).map(|_| ())
+    }
+
     /// Signs an X.509-SVID for `req.spiffe_id` over the CSR's public key.
     /// NotBefore = now - 10 s; NotAfter = min(now + ttl, CA notAfter).
     pub fn sign_x509_svid(

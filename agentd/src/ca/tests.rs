@@ -782,3 +782,20 @@ fn jwt_svid_is_accepted_by_the_spiffe_crate() {
     );
     spiffe::JwtSvid::parse_and_validate(&token, &set, &["svc-b"]).unwrap();
 }
+
+#[test]
+fn check_csr_accepts_what_signing_accepts_and_refuses_garbage() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, _) = new_ca(dir.path(), Duration::from_secs(3600));
+    let key = crate::keys::PrivateKey::generate().unwrap();
+    assert!(ca.check_csr(&key.csr_der().unwrap()).is_ok());
+    assert!(matches!(ca.check_csr(b""), Err(CaError::Csr { .. })));
+    assert!(matches!(
+        ca.check_csr(b"not a csr"),
+        Err(CaError::Csr { .. })
+    ));
+    let mut tampered = key.csr_der().unwrap();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 1;
+    assert!(matches!(ca.check_csr(&tampered), Err(CaError::Csr { .. })));
+}

@@ -287,6 +287,9 @@ impl Node for NodeApi {
             None => "none",
         };
         let result: Result<_, NodeApiError> = async {
+            // A bad CSR is refused before any single-use credential (join token, nonce,
+            // token jti) is spent on it.
+            self.state.ca.check_csr(&req.csr)?;
             let attested = match req.attestation {
                 Some(pb::attest_request::Attestation::JoinToken(t)) => {
                     self.check_join_token(&t.token, now).await?

@@ -127,6 +127,7 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener, NodeError> {
         source,
     };
     if let Some(parent) = path.parent() {
+        crate::runtime::check_socket_dir(parent).map_err(|r| err(std::io::Error::other(r)))?;
         std::fs::create_dir_all(parent).map_err(err)?;
     }
     match std::fs::remove_file(path) {
