@@ -13,7 +13,6 @@
 //! Temp dirs are removed and the child process is killed on every exit path (Drop guards).
 #![forbid(unsafe_code)]
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -31,7 +30,6 @@ use agentd_proto::node::node_client::NodeClient;
 use agentd_proto::workload as wpb;
 use agentd_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use anyhow::{anyhow, bail, Context};
-use hyper_util::rt::TokioIo;
 use ring::rand::SystemRandom;
 use ring::signature::{
     EcdsaKeyPair, KeyPair, UnparsedPublicKey, ECDSA_P256_SHA256_ASN1,
@@ -361,15 +359,7 @@ impl Drop for ServerGuard {
 
 /// A gRPC channel over a Unix socket.
 async fn unix_channel(path: &Path) -> anyhow::Result<Channel> {
-    let path = path.to_path_buf();
-    Ok(tonic::transport::Endpoint::try_from("http://localhost")?
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
-        .await?)
+    Ok(agentd::net::unix_channel(path).await?)
 }
 
 async fn start_server(dir: &Path) -> anyhow::Result<(ServerGuard, AdminClient<Channel>)> {
@@ -479,7 +469,7 @@ async fn run_online(dir: &Path, a: &CaFigures) -> anyhow::Result<()> {
 
     let bundle_file = dir.join("bundle.pem");
     std::fs::write(&bundle_file, &bundle.pem)?;
-    let uid = std::fs::metadata("/proc/self")?.uid();
+    let uid = agentd::net::own_uid();
     let selector = format!("unix:uid:{uid}");
     let env = NodeEnv {
         dir,
@@ -878,8 +868,7 @@ fn status_mb(status: &str, field: &str) -> anyhow::Result<f64> {
 /// Also returns the encoded size of the first stream message.
 /// Whether the bench runs as root (and so can start workloads under other uids).
 fn is_root() -> bool {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+    agentd::net::own_uid() == 0
 }
 
 /// First uid of the simulated workloads; chosen far from real accounts.

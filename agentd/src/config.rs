@@ -81,7 +81,7 @@ pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Confi
 /// The default data directory for a daemon: `/var/lib/agentd/<name>` for root, else
 /// `$HOME/.local/share/agentd/<name>` (or `./.agentd/<name>` with no home).
 pub fn default_data_dir(name: &str) -> PathBuf {
-    if is_root() {
+    if crate::net::own_uid() == 0 {
         return PathBuf::from("/var/lib/agentd").join(name);
     }
     match std::env::var_os("HOME") {
@@ -90,14 +90,6 @@ pub fn default_data_dir(name: &str) -> PathBuf {
         }
         _ => PathBuf::from(".agentd").join(name),
     }
-}
-
-fn is_root() -> bool {
-    // The owner of our /proc entry is our effective uid; no libc call needed.
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self")
-        .map(|m| m.uid() == 0)
-        .unwrap_or(false)
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ pub mod config;
 pub mod convert;
 pub mod datastore;
 pub mod keys;
+pub mod net;
 pub mod node;
 pub mod runtime;
 pub mod server;

@@ -46,59 +46,9 @@ pub async fn supervise<E: From<TaskFailed> + 'static>(
     result
 }
 
-/// Refuses to put a socket into an existing directory that another user controls: whoever
-/// owns (or may write to) the directory could swap the socket for their own. A directory
-/// owned by us or root, not writable by others (or sticky, like /tmp), is fine.
-pub fn check_socket_dir(dir: &std::path::Path) -> Result<(), String> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = match std::fs::metadata(dir) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e.to_string()),
-    };
-    let own = std::fs::metadata("/proc/self")
-        .map(|m| m.uid())
-        .unwrap_or(0);
-    if meta.uid() != own && meta.uid() != 0 {
-        return Err(format!(
-            "{} is owned by uid {}, not by this user or root",
-            dir.display(),
-            meta.uid()
-        ));
-    }
-    let mode = meta.mode();
-    let sticky = mode & 0o1000 != 0;
-    if mode & 0o022 != 0 && !sticky {
-        return Err(format!(
-            "{} is writable by other users (mode {:o})",
-            dir.display(),
-            mode & 0o7777
-        ));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn socket_dirs_of_others_or_writable_by_others_are_refused() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().join("sockets");
-        assert!(check_socket_dir(&d).is_ok(), "missing: will be created");
-        std::fs::create_dir(&d).unwrap();
-        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
-        assert!(check_socket_dir(&d).is_ok());
-        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o777)).unwrap();
-        assert!(check_socket_dir(&d)
-            .unwrap_err()
-            .contains("writable by other users"));
-        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o1777)).unwrap();
-        assert!(check_socket_dir(&d).is_ok(), "sticky, like /tmp");
-        assert!(check_socket_dir(std::path::Path::new("/tmp")).is_ok());
-    }
 
     #[tokio::test]
     async fn first_failure_cancels_the_rest() {

@@ -7,9 +7,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
@@ -19,7 +17,6 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::server::WebPkiClientVerifier;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use spiffe::{SpiffeId, TrustDomain};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -247,60 +244,9 @@ pub struct PeerIdentity {
 }
 
 /// A server-side TLS connection, carrying the peer's identity to tonic handlers
-/// (`request.extensions().get::<PeerIdentity>()` via `Connected`).
-#[derive(Debug)]
-pub struct TlsConn {
-    inner: tokio_rustls::server::TlsStream<TcpStream>,
-    peer: PeerIdentity,
-}
-
-impl tonic::transport::server::Connected for TlsConn {
-    type ConnectInfo = PeerIdentity;
-
-    fn connect_info(&self) -> PeerIdentity {
-        self.peer.clone()
-    }
-}
-
-impl AsyncRead for TlsConn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TlsConn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
+/// (`request.extensions().get::<PeerIdentity>()`).
+pub type TlsConn =
+    crate::net::ConnWithInfo<tokio_rustls::server::TlsStream<TcpStream>, PeerIdentity>;
 
 /// The current server TLS config; replaced when the server's SVID or the bundle changes.
 pub type ServerConfigSource = Arc<std::sync::RwLock<Arc<rustls::ServerConfig>>>;
@@ -350,7 +296,7 @@ pub fn incoming(
                             spiffe_id: leaf.and_then(|c| spiffe_id_of(c.as_ref())),
                             serial: leaf.and_then(|c| serial_of(c.as_ref())),
                         };
-                        let _ = tx.send(Ok(TlsConn { inner: tls, peer })).await;
+                        let _ = tx.send(Ok(TlsConn::new(tls, peer))).await;
                     }
                     Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),

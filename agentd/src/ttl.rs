@@ -31,6 +31,12 @@ impl Ttl {
         Self::try_from(Duration::from_secs(seconds))
     }
 
+    /// A TTL from a constant number of seconds, clamped into [1 s, MAX]: for defaults, which
+    /// need no error path.
+    pub fn clamped(seconds: u64) -> Self {
+        Ttl(Duration::from_secs(seconds.clamp(1, Self::MAX.as_secs())))
+    }
+
     pub fn as_duration(self) -> Duration {
         self.0
     }
@@ -127,6 +133,13 @@ mod tests {
             Err(TtlError::Syntax { .. })
         ));
         assert!(matches!("".parse::<Ttl>(), Err(TtlError::Syntax { .. })));
+    }
+
+    #[test]
+    fn clamped_stays_in_range() {
+        assert_eq!(Ttl::clamped(0).as_secs(), 1);
+        assert_eq!(Ttl::clamped(300).as_secs(), 300);
+        assert_eq!(Ttl::clamped(u64::MAX).as_duration(), Ttl::MAX);
     }
 
     #[test]

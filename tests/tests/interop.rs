@@ -324,17 +324,7 @@ async fn missing_security_header_is_invalid_argument() -> anyhow::Result<()> {
     let env = Env::new();
     let server = Server::start(&env)?;
     let node = Node::start(&env, &server, "n1")?;
-    let path = node.socket.clone();
-    let channel = tonic::transport::Endpoint::try_from("http://localhost")?
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await?;
+    let channel = agentd::net::unix_channel(&node.socket).await?;
     let mut client =
         agentd_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel);
     let err = client

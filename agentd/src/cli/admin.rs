@@ -5,7 +5,6 @@ use std::path::Path;
 use agentd_proto::admin as pb;
 use agentd_proto::admin::admin_client::AdminClient;
 use anyhow::{anyhow, Context};
-use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tonic::transport::Channel;
 
@@ -15,24 +14,9 @@ use super::{
 };
 use crate::ttl::Ttl;
 
-/// A gRPC channel over a Unix socket.
+/// A gRPC channel over a Unix socket, as a CLI error.
 pub async fn unix_channel(path: &Path) -> anyhow::Result<Channel> {
-    let path = path.to_path_buf();
-    let shown = path.display().to_string();
-    tonic::transport::Endpoint::try_from("http://localhost")?
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
-        .await
-        .map_err(|e| {
-            anyhow!(
-                "cannot connect to {shown}: {}",
-                crate::tls::source_chain(&e)
-            )
-        })
+    Ok(crate::net::unix_channel(path).await?)
 }
 
 async fn client(path: &Path) -> anyhow::Result<AdminClient<Channel>> {

@@ -241,9 +241,7 @@ impl DataStore for SledStore {
             .into_iter()
             .filter(|e| filter.matches(e))
             .collect();
-        entries.sort_by(|a, b| {
-            (a.spec.spiffe_id.to_string(), &a.id).cmp(&(b.spec.spiffe_id.to_string(), &b.id))
-        });
+        entries.sort_by(|a, b| (&a.spec.spiffe_id, &a.id).cmp(&(&b.spec.spiffe_id, &b.id)));
         Ok(entries)
     }
 

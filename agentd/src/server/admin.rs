@@ -77,7 +77,7 @@ pub async fn serve(
 ) -> Result<(), ServerError> {
     // Only the server's own user (and root) may administer it, whatever the socket's mode
     // or the directory it sits in.
-    let own_uid = own_uid();
+    let own_uid = crate::net::own_uid();
     let incoming = {
         use tokio_stream::StreamExt as _;
         tokio_stream::wrappers::UnixListenerStream::new(listener).filter(move |conn| match conn {
@@ -106,14 +106,6 @@ pub async fn serve(
             what: "admin API",
             reason: e.to_string(),
         })
-}
-
-/// This process's uid (the owner of /proc/self), without a libc call.
-fn own_uid() -> u32 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self")
-        .map(|m| m.uid())
-        .unwrap_or(0)
 }
 
 /// The uid of the admin caller, for the log (and the audit trail).
@@ -158,6 +150,14 @@ impl AdminApi {
             ));
         }
         Ok(id)
+    }
+
+    async fn load_entry(&self, id: &EntryId) -> Result<Entry, AdminError> {
+        self.state
+            .store
+            .get_entry(id)
+            .await?
+            .ok_or_else(|| AdminError::EntryNotFound(id.to_string()))
     }
 
     /// An entry must not carry an attested node's ID: that node would then also receive
@@ -287,6 +287,10 @@ pub fn parse_owner(raw: &str) -> Result<Option<String>, AdminError> {
     Ok(Some(raw.to_string()))
 }
 
+fn parse_node_id(raw: &str) -> Result<SpiffeId, AdminError> {
+    SpiffeId::new(raw).map_err(|e| invalid("spiffe_id", format!("{raw:?}: {e}")))
+}
+
 fn parse_entry_id(raw: &str) -> Result<EntryId, AdminError> {
     raw.parse().map_err(|e| invalid("id", e))
 }
@@ -392,13 +396,7 @@ impl Admin for AdminApi {
         request: Request<pb::GetEntryRequest>,
     ) -> Result<Response<pb::Entry>, Status> {
         let id = parse_entry_id(&request.get_ref().id)?;
-        let entry = self
-            .state
-            .store
-            .get_entry(&id)
-            .await
-            .map_err(AdminError::from)?
-            .ok_or_else(|| AdminError::EntryNotFound(id.to_string()))?;
+        let entry = self.load_entry(&id).await?;
         Ok(Response::new(entry_to_proto(&entry)))
     }
 
@@ -443,13 +441,7 @@ impl Admin for AdminApi {
         let uid = caller_uid(&request);
         let req = request.into_inner();
         let id = parse_entry_id(&req.id)?;
-        let current = self
-            .state
-            .store
-            .get_entry(&id)
-            .await
-            .map_err(AdminError::from)?
-            .ok_or_else(|| AdminError::EntryNotFound(id.to_string()))?;
+        let current = self.load_entry(&id).await?;
         let mut spec = current.spec;
         if let Some(v) = &req.spiffe_id {
             spec.spiffe_id = self.issuable_id("spiffe_id", v)?;
@@ -526,8 +518,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<pb::GetNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
-        let raw = &request.get_ref().spiffe_id;
-        let id = SpiffeId::new(raw).map_err(|e| invalid("spiffe_id", format!("{raw:?}: {e}")))?;
+        let id = parse_node_id(&request.get_ref().spiffe_id)?;
         let node = self
             .state
             .store
@@ -543,8 +534,7 @@ impl Admin for AdminApi {
         request: Request<pb::EvictNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
         let uid = caller_uid(&request);
-        let raw = &request.get_ref().spiffe_id;
-        let id = SpiffeId::new(raw).map_err(|e| invalid("spiffe_id", format!("{raw:?}: {e}")))?;
+        let id = parse_node_id(&request.get_ref().spiffe_id)?;
         let node = self
             .state
             .store

@@ -104,7 +104,7 @@ fn ttl_or(errs: &mut Errors, path: &str, raw: &Option<String>, default: u64) -> 
         Some(s) => errs.parse(path, s.parse::<Ttl>()),
         None => None,
     };
-    parsed.unwrap_or_else(|| Ttl::from_secs(default).expect("default TTLs are valid"))
+    parsed.unwrap_or_else(|| Ttl::clamped(default))
 }
 
 impl TryFrom<RawServerConfig> for ServerConfig {
@@ -172,11 +172,16 @@ impl TryFrom<RawServerConfig> for ServerConfig {
                     .and_then(|c| claims_config(&mut errs, c, trust_domain.as_ref())),
             })
             .unwrap_or_default();
+        // Both are `Some` unless an error was recorded for them, which `finish` reports.
+        let (Some(trust_domain), Some(bind_address)) = (trust_domain, bind_address) else {
+            errs.finish()?;
+            return Err(ConfigError { errors: vec![] });
+        };
         errs.finish()?;
         Ok(ServerConfig {
-            trust_domain: trust_domain.expect("checked"),
+            trust_domain,
             data_dir: raw.data_dir.unwrap_or_else(|| default_data_dir("server")),
-            bind_address: bind_address.expect("checked"),
+            bind_address,
             admin_socket: raw
                 .admin_socket
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET)),

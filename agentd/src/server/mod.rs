@@ -171,7 +171,7 @@ fn bind_admin_socket(path: &Path) -> Result<UnixListener, ServerError> {
         if !parent.as_os_str().is_empty() && !parent.exists() {
             create_private_dir(parent)?;
         }
-        crate::runtime::check_socket_dir(parent)
+        crate::net::check_socket_dir(parent)
             .map_err(|reason| bind_err(std::io::Error::other(reason)))?;
     }
     match std::fs::remove_file(path) {

@@ -54,68 +54,17 @@ pub struct WorkloadConnInfo {
     pub connected_at: Option<u64>,
 }
 
-/// A Workload API connection, carrying [`WorkloadConnInfo`] to the handlers.
-#[derive(Debug)]
-pub struct WorkloadConn {
+/// Records what the kernel says about a Workload API connection as it is accepted.
+fn accept_workload_conn(
     inner: tokio::net::UnixStream,
-    info: WorkloadConnInfo,
-}
-
-impl WorkloadConn {
-    fn accept(inner: tokio::net::UnixStream) -> Self {
-        let connected_at = agentd_attestor::workload::boot_time_ticks().ok();
-        let peer = inner.peer_cred().ok().map(|c| PeerCredentials {
-            pid: c.pid(),
-            uid: c.uid(),
-            gid: c.gid(),
-        });
-        Self {
-            inner,
-            info: WorkloadConnInfo { peer, connected_at },
-        }
-    }
-}
-
-impl tonic::transport::server::Connected for WorkloadConn {
-    type ConnectInfo = WorkloadConnInfo;
-
-    fn connect_info(&self) -> WorkloadConnInfo {
-        self.info.clone()
-    }
-}
-
-impl tokio::io::AsyncRead for WorkloadConn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for WorkloadConn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
+) -> crate::net::ConnWithInfo<tokio::net::UnixStream, WorkloadConnInfo> {
+    let connected_at = agentd_attestor::workload::boot_time_ticks().ok();
+    let peer = inner.peer_cred().ok().map(|c| PeerCredentials {
+        pid: c.pid(),
+        uid: c.uid(),
+        gid: c.gid(),
+    });
+    crate::net::ConnWithInfo::new(inner, WorkloadConnInfo { peer, connected_at })
 }
 
 /// Binds the Workload API socket. Like SPIRE's, it is connectable by every local user: the
@@ -127,7 +76,7 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener, NodeError> {
         source,
     };
     if let Some(parent) = path.parent() {
-        crate::runtime::check_socket_dir(parent).map_err(|r| err(std::io::Error::other(r)))?;
+        crate::net::check_socket_dir(parent).map_err(|r| err(std::io::Error::other(r)))?;
         std::fs::create_dir_all(parent).map_err(err)?;
     }
     match std::fs::remove_file(path) {
@@ -192,7 +141,7 @@ impl WorkloadApi {
         let incoming = {
             use tokio_stream::StreamExt as _;
             tokio_stream::wrappers::UnixListenerStream::new(listener)
-                .map(|conn| conn.map(WorkloadConn::accept))
+                .map(|conn| conn.map(accept_workload_conn))
         };
         let selectors = SelectorsServer::new(SelectorsService { api: self.clone() });
         tonic::transport::Server::builder()
