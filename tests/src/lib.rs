@@ -131,6 +131,22 @@ impl Daemon {
         bail!("process did not exit within {within:?}")
     }
 
+    /// Waits until this node agent process answers `agentd healthcheck` on `socket`; fails
+    /// with its log if it exits or takes longer than 20 s.
+    pub fn wait_node_healthy(&mut self, socket: &Path) -> anyhow::Result<()> {
+        let sock = socket.display().to_string();
+        let ok = wait_until(Duration::from_secs(20), || {
+            !self.is_running()
+                || agentd(&["healthcheck", "--socket-path", &sock])
+                    .status
+                    .success()
+        });
+        if !ok || !self.is_running() {
+            bail!("node agent did not become healthy:\n{}", self.log_text());
+        }
+        Ok(())
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -422,23 +438,7 @@ impl Node {
     }
 
     pub fn wait_healthy(&mut self) -> anyhow::Result<()> {
-        let sock = self.socket.display().to_string();
-        let daemon = &mut self.daemon;
-        let ok = wait_until(Duration::from_secs(20), || {
-            if !daemon.is_running() {
-                return true;
-            }
-            agentd(&["healthcheck", "--socket-path", &sock])
-                .status
-                .success()
-        });
-        if !ok || !self.daemon.is_running() {
-            bail!(
-                "node agent did not become healthy:\n{}",
-                self.daemon.log_text()
-            );
-        }
-        Ok(())
+        self.daemon.wait_node_healthy(&self.socket)
     }
 
     /// Stops and starts the node agent again, without a join token.

@@ -180,7 +180,7 @@ fn node_with_config(
         .join(format!("{name}.sock"))
         .display()
         .to_string();
-    let node = agentd_e2e::Daemon::spawn_args(
+    let mut node = agentd_e2e::Daemon::spawn_args(
         &[
             "node",
             "run",
@@ -201,15 +201,7 @@ fn node_with_config(
         ],
         env.path().join(format!("{name}.log")),
     )?;
-    anyhow::ensure!(
-        agentd_e2e::wait_until(std::time::Duration::from_secs(20), || {
-            agentd_e2e::agentd(&["healthcheck", "--socket-path", &socket])
-                .status
-                .success()
-        }),
-        "node agent not healthy: {}",
-        node.log_text()
-    );
+    node.wait_node_healthy(std::path::Path::new(&socket))?;
     Ok((node, node_id, socket))
 }
 

@@ -126,18 +126,7 @@ fn a_used_join_token_is_refused() -> anyhow::Result<()> {
         &env.path().join("a.sock"),
         Some(&token),
     )?;
-    let sock = env.path().join("a.sock").display().to_string();
-    assert!(
-        wait_until(Duration::from_secs(20), || agentd(&[
-            "healthcheck",
-            "--socket-path",
-            &sock
-        ])
-        .status
-        .success()),
-        "{}",
-        first.log_text()
-    );
+    first.wait_node_healthy(&env.path().join("a.sock"))?;
     // A second node presenting the same token fails with one clear line.
     let mut second = spawn_node(
         &server.address,
@@ -213,18 +202,7 @@ fn an_evicted_node_is_refused_until_it_attests_again() -> anyhow::Result<()> {
         &env.path().join("replacement.sock"),
         Some(&token),
     )?;
-    let sock = env.path().join("replacement.sock").display().to_string();
-    assert!(
-        wait_until(Duration::from_secs(20), || agentd(&[
-            "healthcheck",
-            "--socket-path",
-            &sock
-        ])
-        .status
-        .success()),
-        "{}",
-        replacement.log_text()
-    );
+    replacement.wait_node_healthy(&env.path().join("replacement.sock"))?;
     let stale = wait_until(Duration::from_secs(10), || {
         node.daemon
             .log_text()
@@ -331,18 +309,7 @@ fn insecure_bootstrap_attests_and_then_verifies_the_server() -> anyhow::Result<(
         ],
         env.path().join("trial.log"),
     )?;
-    let sock = socket.display().to_string();
-    assert!(
-        wait_until(Duration::from_secs(20), || agentd(&[
-            "healthcheck",
-            "--socket-path",
-            &sock
-        ])
-        .status
-        .success()),
-        "{}",
-        node.log_text()
-    );
+    node.wait_node_healthy(&socket)?;
     assert!(
         node.log_text().contains("insecure bootstrap"),
         "the trial mode is announced"
@@ -373,25 +340,14 @@ fn a_node_refuses_a_server_its_trust_bundle_does_not_vouch_for() -> anyhow::Resu
     let log = node.log_text();
     assert!(log.contains("server certificate"), "{log}");
     // The token was never presented to a server it could not verify, so it still works.
-    let good = spawn_node(
+    let mut good = spawn_node(
         &server.address,
         &node_bundle(&env, &server)?,
         &env.path().join("n2"),
         &env.path().join("n2.sock"),
         Some(&token),
     )?;
-    let sock = env.path().join("n2.sock").display().to_string();
-    assert!(
-        wait_until(Duration::from_secs(20), || agentd(&[
-            "healthcheck",
-            "--socket-path",
-            &sock
-        ])
-        .status
-        .success()),
-        "{}",
-        good.log_text()
-    );
+    good.wait_node_healthy(&env.path().join("n2.sock"))?;
     Ok(())
 }
 
@@ -473,18 +429,8 @@ fn upstream_ca_chain_is_served_and_verifies_against_the_upstream_root() -> anyho
         ],
         env.path().join("up.log"),
     )?;
+    node.wait_node_healthy(&socket)?;
     let sock = socket.display().to_string();
-    assert!(
-        wait_until(Duration::from_secs(20), || agentd(&[
-            "healthcheck",
-            "--socket-path",
-            &sock
-        ])
-        .status
-        .success()),
-        "{}",
-        node.log_text()
-    );
     server.create_entry(&[
         "--parent-id",
         "spiffe://example.org/node/up",
