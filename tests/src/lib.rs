@@ -346,6 +346,27 @@ impl Server {
         Ok(())
     }
 
+    /// Registers this test process (its uid) as `spiffe_id` under `parent_id`; `extra` are
+    /// more `entry create` flags. Returns the entry id.
+    pub fn register_own_uid(
+        &self,
+        parent_id: &str,
+        spiffe_id: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<String> {
+        let selector = format!("unix:uid:{}", current_uid());
+        let mut args = vec![
+            "--parent-id",
+            parent_id,
+            "--spiffe-id",
+            spiffe_id,
+            "--selector",
+            &selector,
+        ];
+        args.extend_from_slice(extra);
+        self.create_entry(&args)
+    }
+
     /// Creates an entry; returns its id.
     pub fn create_entry(&self, args: &[&str]) -> anyhow::Result<String> {
         let mut all = vec!["entry", "create"];

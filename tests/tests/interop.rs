@@ -4,12 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentd_e2e::{agentd, current_uid, Env, Node, Server};
+use agentd_e2e::{agentd, Env, Node, Server};
 use spiffe::{SpiffeId, WorkloadApiClient, X509Source};
-
-fn uid_selector() -> String {
-    format!("unix:uid:{}", current_uid())
-}
 
 fn serial_of(der: &[u8]) -> String {
     let (_, c) = x509_parser::parse_x509_certificate(der).expect("leaf parses");
@@ -30,16 +26,7 @@ async fn x509_source_gets_the_svid_and_sees_it_rotate() -> anyhow::Result<()> {
     let server = Server::start(&env)?;
     let node = Node::start(&env, &server, "n1")?;
     let id = "spiffe://example.org/agent/rotating";
-    server.create_entry(&[
-        "--parent-id",
-        &node.spiffe_id,
-        "--spiffe-id",
-        id,
-        "--selector",
-        &uid_selector(),
-        "--x509-svid-ttl",
-        "6s",
-    ])?;
+    server.register_own_uid(&node.spiffe_id, id, &["--x509-svid-ttl", "6s"])?;
     node.wait_for_svid(id)?;
 
     let source = source(&node).await?;
@@ -68,14 +55,7 @@ async fn jwt_svid_validates_with_the_spiffe_crate_against_the_fetched_bundle() -
     let server = Server::start(&env)?;
     let node = Node::start(&env, &server, "n1")?;
     let id = "spiffe://example.org/agent/jwt";
-    server.create_entry(&[
-        "--parent-id",
-        &node.spiffe_id,
-        "--spiffe-id",
-        id,
-        "--selector",
-        &uid_selector(),
-    ])?;
+    server.register_own_uid(&node.spiffe_id, id, &[])?;
     node.wait_for_svid(id)?;
 
     let client = WorkloadApiClient::connect_to(node.endpoint()).await?;
@@ -133,16 +113,7 @@ async fn spiffe_rustls_endpoints_complete_an_mtls_handshake() -> anyhow::Result<
     let tool = "spiffe://example.org/tool/calendar";
     let agent = "spiffe://example.org/agent/scheduler";
     for (id, hint) in [(tool, "tool"), (agent, "agent")] {
-        server.create_entry(&[
-            "--parent-id",
-            &node.spiffe_id,
-            "--spiffe-id",
-            id,
-            "--selector",
-            &uid_selector(),
-            "--hint",
-            hint,
-        ])?;
+        server.register_own_uid(&node.spiffe_id, id, &["--hint", hint])?;
         node.wait_for_svid(id)?;
     }
     let tool_source = X509Source::builder()
@@ -235,16 +206,7 @@ fn openssl_verify_accepts_what_api_fetch_x509_wrote() -> anyhow::Result<()> {
     let server = Server::start(&env)?;
     let node = Node::start(&env, &server, "n1")?;
     let id = "spiffe://example.org/agent/files";
-    server.create_entry(&[
-        "--parent-id",
-        &node.spiffe_id,
-        "--spiffe-id",
-        id,
-        "--selector",
-        &uid_selector(),
-        "--dns-name",
-        "files.example.org",
-    ])?;
+    server.register_own_uid(&node.spiffe_id, id, &["--dns-name", "files.example.org"])?;
     node.wait_for_svid(id)?;
     let out_dir = env.path().join("out");
     let sock = node.socket_arg();

@@ -2,11 +2,7 @@
 
 use std::time::Duration;
 
-use agentd_e2e::{agentd, current_uid, spawn_node, wait_until, Env, Node, Server};
-
-fn uid_selector() -> String {
-    format!("unix:uid:{}", current_uid())
-}
+use agentd_e2e::{agentd, spawn_node, wait_until, Env, Node, Server};
 
 fn fetch_json(node: &Node) -> Option<serde_json::Value> {
     let out = agentd(&[
@@ -30,14 +26,7 @@ fn server_restart_keeps_bundle_entries_nodes_and_tokens() -> anyhow::Result<()> 
     let mut server = Server::start(&env)?;
     let node = Node::start(&env, &server, "n1")?;
     let id = "spiffe://example.org/agent/persisted";
-    let entry_id = server.create_entry(&[
-        "--parent-id",
-        &node.spiffe_id,
-        "--spiffe-id",
-        id,
-        "--selector",
-        &uid_selector(),
-    ])?;
+    let entry_id = server.register_own_uid(&node.spiffe_id, id, &[])?;
     let unused_token = server.join_token("spiffe://example.org/node/later")?;
     let bundle_before = server.cli_ok(&["bundle", "show", "--format", "spiffe"])?;
     node.wait_for_svid(id)?;
@@ -58,14 +47,7 @@ fn server_restart_keeps_bundle_entries_nodes_and_tokens() -> anyhow::Result<()> 
 
     // The node agent keeps working against the restarted server: a new entry reaches it.
     let id2 = "spiffe://example.org/agent/after-restart";
-    server.create_entry(&[
-        "--parent-id",
-        &node.spiffe_id,
-        "--spiffe-id",
-        id2,
-        "--selector",
-        &uid_selector(),
-    ])?;
+    server.register_own_uid(&node.spiffe_id, id2, &[])?;
     node.wait_for_svid(id2)?;
 
     // A token created before the restart still attests a node.
@@ -93,14 +75,7 @@ fn node_restart_needs_no_new_token() -> anyhow::Result<()> {
     let server = Server::start(&env)?;
     let mut node = Node::start(&env, &server, "n1")?;
     let id = "spiffe://example.org/agent/a";
-    server.create_entry(&[
-        "--parent-id",
-        &node.spiffe_id,
-        "--spiffe-id",
-        id,
-        "--selector",
-        &uid_selector(),
-    ])?;
+    server.register_own_uid(&node.spiffe_id, id, &[])?;
     node.wait_for_svid(id)?;
     node.restart()?; // no --join-token
     node.wait_for_svid(id)?;
@@ -220,14 +195,7 @@ fn server_down_then_up_cached_svids_keep_being_served_and_the_node_reconnects() 
     let mut server = Server::start(&env)?;
     let node = Node::start(&env, &server, "n1")?;
     let id = "spiffe://example.org/agent/steady";
-    server.create_entry(&[
-        "--parent-id",
-        &node.spiffe_id,
-        "--spiffe-id",
-        id,
-        "--selector",
-        &uid_selector(),
-    ])?;
+    server.register_own_uid(&node.spiffe_id, id, &[])?;
     node.wait_for_svid(id)?;
     let serial = fetch_json(&node).unwrap()["svids"][0]["serial"].clone();
 
@@ -245,14 +213,7 @@ fn server_down_then_up_cached_svids_keep_being_served_and_the_node_reconnects() 
     server.restart()?;
     // The node reconnects (with backoff) and picks up new work.
     let id2 = "spiffe://example.org/agent/new";
-    server.create_entry(&[
-        "--parent-id",
-        &node.spiffe_id,
-        "--spiffe-id",
-        id2,
-        "--selector",
-        &uid_selector(),
-    ])?;
+    server.register_own_uid(&node.spiffe_id, id2, &[])?;
     node.wait_for_svid(id2)?;
     Ok(())
 }
@@ -263,14 +224,7 @@ fn entry_changes_reach_the_workload_and_deletion_withdraws_the_svid() -> anyhow:
     let server = Server::start(&env)?;
     let node = Node::start(&env, &server, "n1")?;
     let id = "spiffe://example.org/agent/changing";
-    let entry = server.create_entry(&[
-        "--parent-id",
-        &node.spiffe_id,
-        "--spiffe-id",
-        id,
-        "--selector",
-        &uid_selector(),
-    ])?;
+    let entry = server.register_own_uid(&node.spiffe_id, id, &[])?;
     node.wait_for_svid(id)?;
     server.cli_ok(&["entry", "update", "--id", &entry, "--hint", "primary"])?;
     assert!(wait_until(Duration::from_secs(15), || {
@@ -431,14 +385,11 @@ fn upstream_ca_chain_is_served_and_verifies_against_the_upstream_root() -> anyho
     )?;
     node.wait_node_healthy(&socket)?;
     let sock = socket.display().to_string();
-    server.create_entry(&[
-        "--parent-id",
+    server.register_own_uid(
         "spiffe://example.org/node/up",
-        "--spiffe-id",
         "spiffe://example.org/agent/up",
-        "--selector",
-        &uid_selector(),
-    ])?;
+        &[],
+    )?;
     let out_dir = env.path().join("out");
     assert!(wait_until(Duration::from_secs(20), || {
         agentd(&[
@@ -507,14 +458,7 @@ fn the_node_svid_renews_at_half_life_and_the_node_keeps_working() -> anyhow::Res
         node.daemon.log_text()
     );
     let id = "spiffe://example.org/agent/after-renewals";
-    server.create_entry(&[
-        "--parent-id",
-        &node.spiffe_id,
-        "--spiffe-id",
-        id,
-        "--selector",
-        &uid_selector(),
-    ])?;
+    server.register_own_uid(&node.spiffe_id, id, &[])?;
     node.wait_for_svid(id)?;
     assert!(
         !node

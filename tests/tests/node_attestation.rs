@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use agentd_e2e::{agentd, current_uid, wait_until, Daemon, Env, Node, Server};
+use agentd_e2e::{agentd, wait_until, Daemon, Env, Node, Server};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use rcgen::{
@@ -15,10 +15,6 @@ use rcgen::{
 use ring::rand::SystemRandom;
 use ring::signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_FIXED_SIGNING};
 use serde_json::json;
-
-fn uid_selector() -> String {
-    format!("unix:uid:{}", current_uid())
-}
 
 struct Ca {
     pem: String,
@@ -149,14 +145,7 @@ fn x509pop_node_attests_and_serves_svids() -> anyhow::Result<()> {
     node.wait_healthy()?;
 
     let workload_id = "spiffe://example.org/agent/on-x509pop-node";
-    server.create_entry(&[
-        "--parent-id",
-        node_id,
-        "--spiffe-id",
-        workload_id,
-        "--selector",
-        &uid_selector(),
-    ])?;
+    server.register_own_uid(node_id, workload_id, &[])?;
     node.wait_for_svid(workload_id)?;
 
     let shown = node_json(&server, node_id);
@@ -181,14 +170,7 @@ fn x509pop_node_attests_and_serves_svids() -> anyhow::Result<()> {
         "x509pop:issuer:cn:Node CA",
     ])?;
     let fleet_workload = "spiffe://example.org/agent/fleet-wide";
-    server.create_entry(&[
-        "--parent-id",
-        "spiffe://example.org/nodes/node-ca",
-        "--spiffe-id",
-        fleet_workload,
-        "--selector",
-        &uid_selector(),
-    ])?;
+    server.register_own_uid("spiffe://example.org/nodes/node-ca", fleet_workload, &[])?;
     node.wait_for_svid(fleet_workload)?;
 
     // Re-attestation of the same machine (identity lost): same ID, new serial, one record.
@@ -316,14 +298,7 @@ fn claims_node_attests_and_serves_svids() -> anyhow::Result<()> {
     );
     node.wait_healthy()?;
     let workload_id = "spiffe://example.org/agent/on-claims-node";
-    server.create_entry(&[
-        "--parent-id",
-        node_id,
-        "--spiffe-id",
-        workload_id,
-        "--selector",
-        &uid_selector(),
-    ])?;
+    server.register_own_uid(node_id, workload_id, &[])?;
     node.wait_for_svid(workload_id)?;
     let shown = node_json(&server, node_id);
     assert_eq!(shown["attestation_type"], "claims");
