@@ -297,7 +297,8 @@ pub fn pem_encode(label: &str, der: &[u8]) -> String {
     out
 }
 
-fn pem_encode_secret(label: &str, der: &[u8]) -> Zeroizing<String> {
+/// PEM of secret material (a private key), built in zeroizing memory.
+pub fn pem_encode_secret(label: &str, der: &[u8]) -> Zeroizing<String> {
     let b64_len = der.len().div_ceil(3) * 4;
     // Reserve up front so that no reallocation leaves copies of the key behind.
     let mut b64 = Zeroizing::new(String::with_capacity(b64_len));

@@ -93,7 +93,7 @@ pub fn split_der_certs(mut der: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
 
 fn pem_certs(ders: &[Vec<u8>]) -> String {
     ders.iter()
-        .map(|d| pem::encode(&pem::Pem::new("CERTIFICATE", d.clone())))
+        .map(|d| crate::keys::pem_encode("CERTIFICATE", d))
         .collect()
 }
 
@@ -143,10 +143,7 @@ fn write_svids(dir: &Path, resp: &pb::X509svidResponse) -> anyhow::Result<()> {
         };
         write(format!("svid.{i}.pem"), pem_certs(&chain).as_bytes())?;
         write(format!("bundle.{i}.pem"), pem_certs(&bundle).as_bytes())?;
-        let key = zeroize::Zeroizing::new(pem::encode(&pem::Pem::new(
-            "PRIVATE KEY",
-            s.x509_svid_key.clone(),
-        )));
+        let key = crate::keys::pem_encode_secret("PRIVATE KEY", &s.x509_svid_key);
         crate::keys::write_secret_file(&dir.join(format!("svid.{i}.key")), key.as_bytes())?;
     }
     Ok(())

@@ -443,8 +443,10 @@ pub(crate) mod tests {
     }
 
     pub fn rsa_key() -> TestKey {
-        let der = pem::parse(RSA_PEM).unwrap();
-        TestKey::Rsa(RsaKeyPair::from_pkcs8(der.contents()).unwrap())
+        let der = rustls_pemfile::private_key(&mut RSA_PEM.as_bytes())
+            .unwrap()
+            .expect("a PRIVATE KEY block");
+        TestKey::Rsa(RsaKeyPair::from_pkcs8(der.secret_der()).unwrap())
     }
 
     impl TestKey {
