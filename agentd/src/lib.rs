@@ -4,6 +4,7 @@
 //! - [`datastore`]: registration entries, attested nodes, join tokens.
 //! - [`server`]: the central server (admin API, node API).
 //! - [`node`]: the node agent (attestation to the server, SVID cache, rotation).
+//! - [`revocation`]: revocation handles, the server's log and push feed, the node side.
 //! - [`workload_api`]: the SPIFFE Workload API served by the node agent.
 //! - [`cli`]: the `agentd` command line.
 #![forbid(unsafe_code)]
@@ -18,6 +19,7 @@ pub mod datastore;
 pub mod keys;
 pub mod net;
 pub mod node;
+pub mod revocation;
 pub mod runtime;
 pub mod server;
 pub mod svid;

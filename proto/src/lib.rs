@@ -3,6 +3,7 @@
 //! - [`workload`]: the SPIFFE Workload API (`SpiffeWorkloadAPI`, no proto package).
 //! - [`node`]: node agent <-> server (`agentd.node.v1`).
 //! - [`admin`]: CLI <-> server (`agentd.admin.v1`).
+//! - [`revocation`]: revocation events, shared by the others (`agentd.revocation.v1`).
 //! - [`agentd_workload`]: agentd's additions on the Workload API socket (`agentd.workload.v1`).
 #![forbid(unsafe_code)]
 #![allow(missing_debug_implementations)] // generated clients and servers
@@ -20,6 +21,11 @@ pub mod node {
 /// agentd's own services on the Workload API socket (`agentd.workload.v1`).
 pub mod agentd_workload {
     tonic::include_proto!("agentd.workload.v1");
+}
+
+/// Revocation events, shared by the node, admin and agentd workload protocols.
+pub mod revocation {
+    tonic::include_proto!("agentd.revocation.v1");
 }
 
 /// CLI <-> server admin protocol.

@@ -113,12 +113,13 @@ impl JwtSigner {
             many => json!(many),
         };
         let header = json!({"alg": "ES256", "kid": self.kid, "typ": "JWT"});
+        let jti = hex::encode(rand::random::<[u8; 16]>());
         let claims = json!({
             "sub": spiffe_id.to_string(),
             "aud": aud,
             "exp": exp,
             "iat": iat,
-            "jti": hex::encode(rand::random::<[u8; 16]>()),
+            "jti": jti,
         });
         let mut token = URL_SAFE_NO_PAD.encode(header.to_string());
         token.push('.');
@@ -132,6 +133,8 @@ impl JwtSigner {
         Ok(IssuedJwtSvid {
             token,
             expires_at: from_unix_seconds(exp),
+            jti,
+            key_id: self.kid.clone(),
         })
     }
 }

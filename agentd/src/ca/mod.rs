@@ -81,6 +81,8 @@ pub struct IssuedX509Svid {
     pub serial: String,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
+    /// The signing CA's authority id (its subject key identifier, hex).
+    pub authority_id: String,
 }
 
 /// A signed JWT-SVID.
@@ -88,6 +90,9 @@ pub struct IssuedX509Svid {
 pub struct IssuedJwtSvid {
     pub token: String,
     pub expires_at: SystemTime,
+    pub jti: String,
+    /// The signing key's `kid`: the JWT authority id.
+    pub key_id: String,
 }
 
 /// The CA. Cheap to share behind an `Arc`; signing takes `&self`.
@@ -220,6 +225,11 @@ impl CertificateAuthority {
     /// The signing CA certificate (DER): the root, or the intermediate under an upstream CA.
     pub fn signing_cert_der(&self) -> &[u8] {
         &self.x509.cert_der
+    }
+
+    /// The signing CA's authority id (subject key identifier, hex).
+    pub fn x509_authority_id(&self) -> &str {
+        &self.x509.authority_id
     }
 
     /// The `kid` of the current JWT signing key.

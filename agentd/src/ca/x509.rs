@@ -471,6 +471,8 @@ pub(crate) struct SigningCa {
     pub not_after: SystemTime,
     not_after_secs: i64,
     leaf_dn: DistinguishedName,
+    /// The CA certificate's subject key identifier, hex: the X.509 authority id.
+    pub authority_id: String,
 }
 
 impl std::fmt::Debug for SigningCa {
@@ -490,7 +492,9 @@ impl SigningCa {
         organization: &str,
         intermediate: bool,
     ) -> Result<Self, String> {
-        let not_after_secs = parse_cert(&cert_der)?.validity().not_after.timestamp();
+        let parsed = parse_cert(&cert_der)?;
+        let not_after_secs = parsed.validity().not_after.timestamp();
+        let authority_id = authority_id_of(&parsed);
         let signer = key.cert_signer().map_err(|e| e.to_string())?;
         let issuer = issuer_for(&cert_der, signer)?;
         // With no organization the subject is empty, and rcgen then marks the SAN
@@ -510,6 +514,7 @@ impl SigningCa {
             not_after: from_unix_seconds(not_after_secs),
             not_after_secs,
             leaf_dn,
+            authority_id,
         })
     }
 
@@ -593,6 +598,22 @@ impl SigningCa {
             serial: serial_hex(&serial),
             not_before: from_unix_seconds(not_before),
             not_after: from_unix_seconds(not_after),
+            authority_id: self.authority_id.clone(),
         })
     }
+}
+
+/// A CA certificate's authority id: its subject key identifier in lowercase hex (as SPIRE's
+/// authority id), or, for a certificate without one, the SHA-256 of its public key, cut to
+/// 20 bytes.
+pub fn authority_id_of(cert: &x509_parser::certificate::X509Certificate<'_>) -> String {
+    for ext in cert.extensions() {
+        if let x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(ki) =
+            ext.parsed_extension()
+        {
+            return hex::encode(ki.0);
+        }
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, cert.public_key().raw);
+    hex::encode(&digest.as_ref()[..20])
 }

@@ -19,7 +19,7 @@ pub async fn unix_channel(path: &Path) -> anyhow::Result<Channel> {
     Ok(crate::net::unix_channel(path).await?)
 }
 
-async fn client(path: &Path) -> anyhow::Result<AdminClient<Channel>> {
+pub async fn client(path: &Path) -> anyhow::Result<AdminClient<Channel>> {
     Ok(AdminClient::new(
         unix_channel(path)
             .await
@@ -28,7 +28,7 @@ async fn client(path: &Path) -> anyhow::Result<AdminClient<Channel>> {
 }
 
 /// A failed call as one clear line: the server's message says which field and why.
-fn status(s: tonic::Status) -> anyhow::Error {
+pub fn status(s: tonic::Status) -> anyhow::Error {
     anyhow!("{}", s.message())
 }
 
@@ -56,6 +56,7 @@ pub fn entry_json(e: &pb::Entry) -> serde_json::Value {
         "owner": if e.owner.is_empty() { serde_json::Value::Null } else { json!(e.owner) },
         "revision": e.revision,
         "created_at": e.created_at,
+        "revoked_by": if e.revoked_by == 0 { serde_json::Value::Null } else { json!(e.revoked_by) },
     })
 }
 
@@ -76,6 +77,9 @@ fn entry_text(e: &pb::Entry) -> String {
     }
     for sc in &e.scopes {
         s += &format!("Scope         : {sc}\n");
+    }
+    if e.revoked_by != 0 {
+        s += &format!("Revoked       : yes (revocation {})\n", e.revoked_by);
     }
     if !e.owner.is_empty() {
         s += &format!("Owner         : {}\n", e.owner);

@@ -5,6 +5,7 @@
 mod admin;
 mod daemon;
 mod output;
+mod revoke;
 mod workload;
 
 use std::path::PathBuf;
@@ -44,6 +45,9 @@ pub enum Command {
     /// The trust bundle.
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// Revocations: kill an SVID, entry, node, grant, task or CA authority everywhere.
+    #[command(subcommand)]
+    Revoke(RevokeCommand),
     /// Workload API client commands (talk to the node agent's socket).
     #[command(subcommand)]
     Api(ApiCommand),
@@ -254,6 +258,83 @@ pub enum BundleCommand {
 }
 
 #[derive(Debug, Args)]
+pub struct RevokeArgs {
+    /// Why: kept in the revocation log and shown to relying parties.
+    #[arg(long, default_value = "")]
+    pub reason: String,
+    #[command(flatten)]
+    pub admin: AdminSocketArg,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RevokeCommand {
+    /// An entry: its SVIDs are dropped everywhere and none is issued until the revocation is
+    /// lifted or the entry deleted.
+    Entry {
+        #[arg(long)]
+        id: String,
+        #[command(flatten)]
+        args: RevokeArgs,
+    },
+    /// One SVID by serial (hex, as `agentd svid inspect` or openssl print it); the workload
+    /// receives a fresh one. A JWT-SVID's jti is accepted too.
+    Svid {
+        #[arg(long)]
+        serial: String,
+        #[command(flatten)]
+        args: RevokeArgs,
+    },
+    /// A node (kill switch): its node SVID stops working, every SVID it obtained is
+    /// revoked, and it may not attest again until the revocation is lifted or a new join
+    /// token is generated for it.
+    Node {
+        #[arg(long)]
+        spiffe_id: String,
+        #[command(flatten)]
+        args: RevokeArgs,
+    },
+    /// A grant, and every SVID and grant derived from it.
+    Grant {
+        #[arg(long)]
+        id: String,
+        #[command(flatten)]
+        args: RevokeArgs,
+    },
+    /// A task: every SVID issued for it.
+    Task {
+        #[arg(long)]
+        id: String,
+        #[command(flatten)]
+        args: RevokeArgs,
+    },
+    /// A CA authority (not the active one): dropped from the bundle, everything it signed
+    /// is re-issued.
+    Authority {
+        #[arg(long)]
+        id: String,
+        #[command(flatten)]
+        args: RevokeArgs,
+    },
+    /// Lists standing revocations (with --all, every event still kept, lifts included).
+    List {
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        admin: AdminSocketArg,
+    },
+    /// Ends a standing revocation.
+    Lift {
+        /// The revocation's sequence number, as `revoke` and `revoke list` print it.
+        #[arg(long)]
+        sequence: u64,
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        admin: AdminSocketArg,
+    },
+}
+
+#[derive(Debug, Args)]
 pub struct SocketArg {
     /// Workload API socket: a path, unix:///path or unix:/path. Default:
     /// $SPIFFE_ENDPOINT_SOCKET, then /tmp/agentd-node/public/api.sock.
@@ -273,6 +354,17 @@ pub enum ApiCommand {
     Watch(SocketArg),
     /// Shows the selectors this process is attested with, and the identities they match.
     Selectors(SocketArg),
+    /// Revocations the node agent has applied (for relying parties); --follow keeps
+    /// printing new ones (one JSON value per line with --output json).
+    Revocations {
+        /// Only events after this sequence.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        #[arg(long)]
+        follow: bool,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -327,6 +419,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token(cmd) => admin::token(cmd, out).await,
         Command::Entry(cmd) => admin::entry(cmd, out).await,
         Command::Bundle(cmd) => admin::bundle(cmd, out).await,
+        Command::Revoke(cmd) => revoke::revoke(cmd, out).await,
         Command::Api(cmd) => workload::api(cmd, out).await,
         Command::Healthcheck(args) => match &args.admin_socket {
             Some(p) => admin::healthcheck(p, out).await,

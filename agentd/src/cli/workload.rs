@@ -232,6 +232,53 @@ pub async fn api(cmd: ApiCommand, out: Output) -> anyhow::Result<()> {
                 },
             );
         }
+        ApiCommand::Revocations {
+            after,
+            follow,
+            socket,
+        } => {
+            let path = socket_path(&socket.socket_path)?;
+            let ch = super::admin::unix_channel(&path)
+                .await
+                .context("is the node agent running? (--socket-path)")?;
+            let mut stream =
+                agentd_proto::agentd_workload::revocations_client::RevocationsClient::with_interceptor(
+                    ch,
+                    add_header as fn(_) -> _,
+                )
+                .watch(agentd_proto::revocation::WatchRevocationsRequest {
+                    after_sequence: after,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            loop {
+                let Some(msg) = stream.message().await.map_err(status)? else {
+                    return Ok(());
+                };
+                if follow && msg.events.is_empty() {
+                    continue; // a heartbeat
+                }
+                out.print(
+                    &json!({
+                        "head_sequence": msg.head_sequence,
+                        "events": msg.events.iter().map(super::revoke::event_json).collect::<Vec<_>>(),
+                    }),
+                    || {
+                        if msg.events.is_empty() {
+                            return format!("no revocations (head {})", msg.head_sequence);
+                        }
+                        msg.events
+                            .iter()
+                            .map(|e| super::revoke::event_line(e) + "\n")
+                            .collect()
+                    },
+                );
+                if !follow {
+                    return Ok(());
+                }
+            }
+        }
         ApiCommand::Selectors(socket) => {
             let path = socket_path(&socket.socket_path)?;
             let ch = super::admin::unix_channel(&path)

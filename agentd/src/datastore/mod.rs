@@ -3,6 +3,7 @@
 //! operation is one transaction, durable when it returns.
 
 mod model;
+mod revocation_records;
 pub mod sled_store;
 
 use std::fmt::Debug;
@@ -11,6 +12,8 @@ pub use model::{AttestedNode, Entry, EntryFilter, EntryId, EntryIdError, EntrySp
 pub use sled_store::SledStore;
 
 use spiffe::SpiffeId;
+
+use crate::revocation::{IssuedSvid, RevocationEvent};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataStoreError {
@@ -48,4 +51,25 @@ pub trait DataStore: Send + Sync + Debug + 'static {
     /// Removes and returns the token in one step, so a token is used at most once even when
     /// two nodes present it at the same moment.
     async fn take_join_token(&self, token_sha256: &str) -> Result<Option<JoinToken>>;
+
+    // Issued SVIDs: what each revocation handle resolves to.
+    /// Records issued SVIDs. Unlike the other writes this one is not flushed before it
+    /// returns (it is on the minting path); the backend makes it durable within a second.
+    async fn record_issued(&self, svids: &[IssuedSvid]) -> Result<()>;
+    /// Issued SVIDs that have not expired at `now`.
+    async fn list_issued(&self, now: i64) -> Result<Vec<IssuedSvid>>;
+    /// Removes expired issuance records; returns how many.
+    async fn prune_issued(&self, now: i64) -> Result<usize>;
+
+    // The revocation log.
+    /// Appends an event under the next sequence number (the `sequence` passed in is
+    /// ignored) and returns it; durable before it returns. Sequence numbers are gap-free
+    /// and never reused, even after compaction.
+    async fn append_revocation(&self, event: RevocationEvent) -> Result<RevocationEvent>;
+    /// Every event still kept, in sequence order.
+    async fn list_revocations(&self) -> Result<Vec<RevocationEvent>>;
+    /// The last sequence number handed out (0 when none).
+    async fn revocation_head(&self) -> Result<u64>;
+    /// Removes events that no longer matter (see `revocation::log::compactable`).
+    async fn compact_revocations(&self, sequences: &[u64]) -> Result<()>;
 }

@@ -5,18 +5,26 @@ use std::path::Path;
 
 use agentd_attestor::Selector;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use sled::Transactional;
 use spiffe::SpiffeId;
 use tokio::sync::Mutex;
 
+use super::revocation_records::{issued_key, EventRecord, IssuedRecord};
 use super::{
     AttestedNode, DataStore, DataStoreError, Entry, EntryFilter, EntryId, EntrySpec, JoinToken,
     Result,
 };
+use crate::revocation::{IssuedSvid, RevocationEvent};
 use crate::ttl::Ttl;
 
 const ENTRIES: &str = "entries";
 const NODES: &str = "nodes";
 const JOIN_TOKENS: &str = "join_tokens";
+const ISSUED: &str = "issued_svids";
+const REVOCATIONS: &str = "revocations";
+const META: &str = "meta";
+/// Key in META: the last revocation sequence handed out (u64 big-endian).
+const REVOCATION_HEAD: &[u8] = b"revocation_head";
 
 #[derive(Debug)]
 pub struct SledStore {
@@ -24,6 +32,12 @@ pub struct SledStore {
     entries: sled::Tree,
     nodes: sled::Tree,
     join_tokens: sled::Tree,
+    issued: sled::Tree,
+    /// Revocation events keyed by sequence (u64 big-endian, so iteration is in order).
+    revocations: sled::Tree,
+    meta: sled::Tree,
+    /// Serialises revocation appends: read head, write event and head, as one step.
+    revocation_writes: Mutex<()>,
     /// Serialises entry writes, so the duplicate check and the insert are one step.
     entry_writes: Mutex<()>,
 }
@@ -46,6 +60,10 @@ impl SledStore {
             entries: db.open_tree(ENTRIES).map_err(backend)?,
             nodes: db.open_tree(NODES).map_err(backend)?,
             join_tokens: db.open_tree(JOIN_TOKENS).map_err(backend)?,
+            issued: db.open_tree(ISSUED).map_err(backend)?,
+            revocations: db.open_tree(REVOCATIONS).map_err(backend)?,
+            meta: db.open_tree(META).map_err(backend)?,
+            revocation_writes: Mutex::new(()),
             db,
             entry_writes: Mutex::new(()),
         })
@@ -361,6 +379,94 @@ impl DataStore for SledStore {
                 .map_err(|e| corrupt(token_sha256.as_bytes(), "spiffe_id", e))?,
             expires_at: record.expires_at,
         }))
+    }
+
+    async fn record_issued(&self, svids: &[IssuedSvid]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for svid in svids {
+            batch.insert(
+                issued_key(svid.kind, &svid.id),
+                encode(&IssuedRecord::from_issued(svid))?,
+            );
+        }
+        self.issued.apply_batch(batch).map_err(backend)
+    }
+
+    async fn list_issued(&self, now: i64) -> Result<Vec<IssuedSvid>> {
+        let mut out = Vec::new();
+        for kv in self.issued.iter() {
+            let (k, v) = kv.map_err(backend)?;
+            let record: IssuedRecord = decode(&k, &v)?;
+            if record.expires_at() > now {
+                out.push(record.into_issued(&k)?);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn prune_issued(&self, now: i64) -> Result<usize> {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for kv in self.issued.iter() {
+            let (k, v) = kv.map_err(backend)?;
+            if decode::<IssuedRecord>(&k, &v)?.expires_at() <= now {
+                batch.remove(k);
+                n += 1;
+            }
+        }
+        self.issued.apply_batch(batch).map_err(backend)?;
+        Ok(n)
+    }
+
+    async fn append_revocation(&self, mut event: RevocationEvent) -> Result<RevocationEvent> {
+        let _guard = self.revocation_writes.lock().await;
+        let head = self.revocation_head().await?;
+        event.sequence = head + 1;
+        let value = encode(&EventRecord::from_event(&event))?;
+        // Event and head in one transaction: a crash leaves both or neither.
+        let key = event.sequence.to_be_bytes();
+        (&self.revocations, &self.meta)
+            .transaction(|(revocations, meta)| {
+                revocations.insert(&key, value.as_slice())?;
+                meta.insert(REVOCATION_HEAD, &key)?;
+                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| backend(format!("{e:?}")))?;
+        self.flush().await?;
+        Ok(event)
+    }
+
+    async fn list_revocations(&self) -> Result<Vec<RevocationEvent>> {
+        self.revocations
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.map_err(backend)?;
+                decode::<EventRecord>(&k, &v)?.into_event(&k)
+            })
+            .collect()
+    }
+
+    async fn revocation_head(&self) -> Result<u64> {
+        match self.meta.get(REVOCATION_HEAD).map_err(backend)? {
+            None => Ok(0),
+            Some(v) => {
+                let bytes: [u8; 8] =
+                    v.as_ref().try_into().map_err(|_| DataStoreError::Corrupt {
+                        key: "revocation_head".into(),
+                        reason: format!("{} bytes, expected 8", v.len()),
+                    })?;
+                Ok(u64::from_be_bytes(bytes))
+            }
+        }
+    }
+
+    async fn compact_revocations(&self, sequences: &[u64]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for seq in sequences {
+            batch.remove(&seq.to_be_bytes());
+        }
+        self.revocations.apply_batch(batch).map_err(backend)?;
+        self.flush().await
     }
 }
 

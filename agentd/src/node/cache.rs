@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use crate::bundle::Bundle;
 use crate::keys::PrivateKey;
+use crate::revocation::{RevocationAction, RevocationEvent, RevocationHandle};
 
 /// A registration entry as the node agent sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +60,14 @@ struct Inner {
     synced: bool,
     x509: HashMap<String, Arc<CachedX509Svid>>,
     jwt: HashMap<(String, Vec<String>), CachedJwtSvid>,
+    /// Entries revoked by the feed: dropped, kept out of later syncs, never minted again
+    /// until the revocation is lifted.
+    revoked_entries: std::collections::HashSet<String>,
+    /// Entries whose SVID was revoked (by serial, authority, grant): a new one is being
+    /// minted, so a stream waits for it rather than ending.
+    remint: std::collections::HashSet<String>,
+    /// This node itself was revoked: nothing is served.
+    node_revoked: bool,
 }
 
 /// What a workload is entitled to right now.
@@ -68,12 +77,16 @@ pub struct WorkloadView {
     /// Entries that match, whether or not an SVID is ready for them yet.
     pub entries: Vec<NodeEntry>,
     pub bundle: Option<Bundle>,
+    /// A matching entry's SVID was revoked and its replacement is on its way.
+    pub reminting: bool,
 }
 
 #[derive(Debug)]
 pub struct Cache {
     inner: RwLock<Inner>,
     version: watch::Sender<u64>,
+    /// Wakes the sync loop when an SVID must be minted now (a revoked one was dropped).
+    mint_now: tokio::sync::Notify,
 }
 
 impl Default for Cache {
@@ -87,6 +100,7 @@ impl Cache {
         Self {
             inner: RwLock::new(Inner::default()),
             version: watch::channel(0).0,
+            mint_now: tokio::sync::Notify::new(),
         }
     }
 
@@ -138,6 +152,14 @@ impl Cache {
     /// Replaces the entry set and bundle after a sync. SVIDs of entries that are gone are
     /// dropped at once.
     pub fn set_entries(&self, mut entries: Vec<NodeEntry>, bundle: Bundle) {
+        {
+            // A sync answered before a revocation arrived must not bring the entry back.
+            let g = self.read();
+            if g.node_revoked {
+                entries.clear();
+            }
+            entries.retain(|e| !g.revoked_entries.contains(&e.id));
+        }
         // Every entry of a node is in one trust domain, so ordering by `SpiffeId` is ordering
         // by path, as by the string, without building strings per comparison.
         entries.sort_by(|a, b| (&a.spiffe_id, &a.id).cmp(&(&b.spiffe_id, &b.id)));
@@ -152,6 +174,7 @@ impl Cache {
             let live: std::collections::HashSet<&str> =
                 entries.iter().map(|e| e.id.as_str()).collect();
             g.x509.retain(|id, _| live.contains(id.as_str()));
+            g.remint.retain(|id| live.contains(id.as_str()));
             g.jwt.retain(|(id, _), _| live.contains(id.as_str()));
             g.entries = entries;
             changed = true;
@@ -184,6 +207,7 @@ impl Cache {
         let mut g = self.write();
         for s in svids {
             if g.entries.iter().any(|e| e.id == s.entry_id) {
+                g.remint.remove(&s.entry_id);
                 g.x509.insert(s.entry_id.clone(), Arc::new(s));
             }
         }
@@ -219,11 +243,82 @@ impl Cache {
             .filter(|s| s.expires_at > now)
             .cloned()
             .collect();
+        let reminting = entries.iter().any(|e| g.remint.contains(&e.id));
         WorkloadView {
             svids,
             entries,
             bundle: g.bundle.clone(),
+            reminting,
         }
+    }
+
+    /// Applies a revocation event from the feed (DESIGN.md section 4): drops every cached
+    /// SVID it covers at once. An SVID revoked by serial or authority is minted again (a
+    /// fresh serial); a revoked entry is dropped with its SVIDs and not asked for again until
+    /// the revocation is lifted; a revocation of this node drops everything. Cached JWT-SVIDs
+    /// are all dropped (they are minted again on demand), so no revoked one is handed out.
+    /// Returns whether anything changed.
+    pub fn apply_revocation(&self, event: &RevocationEvent, own_id: &SpiffeId) -> bool {
+        let mut g = self.write();
+        let mut changed = !g.jwt.is_empty();
+        g.jwt.clear();
+        match (&event.action, &event.handle) {
+            (RevocationAction::Revoke, handle) => {
+                let serials: std::collections::HashSet<&str> =
+                    event.serials.iter().map(|s| s.serial.as_str()).collect();
+                if let RevocationHandle::Entry(id) = handle {
+                    g.revoked_entries.insert(id.to_string());
+                    let before = g.entries.len();
+                    g.entries.retain(|e| e.id != id.as_str());
+                    changed |= g.entries.len() != before;
+                    changed |= g.x509.remove(id.as_str()).is_some();
+                }
+                if matches!(handle, RevocationHandle::Node(n) if n == own_id) {
+                    g.node_revoked = true;
+                    changed |= !g.entries.is_empty() || !g.x509.is_empty();
+                    g.entries.clear();
+                    g.x509.clear();
+                }
+                let hit: Vec<String> = g
+                    .x509
+                    .values()
+                    .filter(|s| {
+                        serials.contains(s.serial.as_str())
+                            || matches!(handle, RevocationHandle::Svid(x) if *x == s.serial)
+                    })
+                    .map(|s| s.entry_id.clone())
+                    .collect();
+                for entry_id in hit {
+                    g.x509.remove(&entry_id);
+                    g.remint.insert(entry_id);
+                    changed = true;
+                    self.mint_now.notify_one();
+                }
+            }
+            (RevocationAction::Lift { .. }, RevocationHandle::Entry(id)) => {
+                // The next sync brings the entry back.
+                g.revoked_entries.remove(id.as_str());
+            }
+            (RevocationAction::Lift { .. }, RevocationHandle::Node(n)) if n == own_id => {
+                g.node_revoked = false;
+            }
+            (RevocationAction::Lift { .. }, _) => {}
+        }
+        drop(g);
+        if changed {
+            self.bump();
+        }
+        changed
+    }
+
+    /// Completes when an SVID should be minted without waiting for the next tick.
+    pub async fn mint_wanted(&self) {
+        self.mint_now.notified().await
+    }
+
+    /// Whether this node was revoked (a kill switch): it serves nothing until re-admitted.
+    pub fn node_revoked(&self) -> bool {
+        self.read().node_revoked
     }
 
     /// A cached JWT-SVID that still has more than half its lifetime left.
@@ -383,6 +478,99 @@ mod tests {
         cache.put_x509(vec![svid("a", 1, now + Duration::from_secs(10), now)]);
         assert_eq!(cache.svid_count(), 1);
         cache.set_entries(vec![], bundle());
+        assert_eq!(cache.svid_count(), 0);
+    }
+
+    fn revoke(seq: u64, handle: RevocationHandle, serials: &[&str]) -> RevocationEvent {
+        RevocationEvent {
+            sequence: seq,
+            action: RevocationAction::Revoke,
+            handle,
+            reason: String::new(),
+            at: 0,
+            serials: serials
+                .iter()
+                .map(|s| crate::revocation::RevokedSerial {
+                    serial: s.to_string(),
+                    authority_id: String::new(),
+                    expires_at: 0,
+                })
+                .collect(),
+            jwt_ids: vec![],
+            expires_at: 0,
+        }
+    }
+
+    #[test]
+    fn revocations_drop_svids_and_keep_revoked_entries_out() {
+        let now = UNIX_EPOCH + Duration::from_secs(1000);
+        let own = SpiffeId::new("spiffe://example.org/node/self").unwrap();
+        let a_id = "a".repeat(32);
+        let b_id = "b".repeat(32);
+        let entries = || {
+            vec![
+                entry(&a_id, "spiffe://example.org/a", "unix:uid:1", 1),
+                entry(&b_id, "spiffe://example.org/b", "unix:uid:1", 1),
+            ]
+        };
+        let cache = Cache::new();
+        cache.set_entries(entries(), bundle());
+        let mut a = svid(
+            &a_id,
+            1,
+            now + Duration::from_secs(60),
+            now + Duration::from_secs(30),
+        );
+        a.serial = "a1".into();
+        let mut b = svid(
+            &b_id,
+            1,
+            now + Duration::from_secs(60),
+            now + Duration::from_secs(30),
+        );
+        b.serial = "b1".into();
+        cache.put_x509(vec![a, b]);
+        let uid1: Vec<Selector> = vec!["unix:uid:1".parse().unwrap()];
+
+        // By serial: dropped at once, due for a new mint, and the view says one is coming.
+        let mut rx = cache.subscribe();
+        rx.mark_unchanged();
+        assert!(cache.apply_revocation(
+            &revoke(1, RevocationHandle::Svid("a1".into()), &["a1"]),
+            &own
+        ));
+        assert!(rx.has_changed().unwrap());
+        let view = cache.view_for(&uid1, now);
+        assert_eq!(view.svids.len(), 1);
+        assert!(view.reminting);
+        let due: Vec<String> = cache.due_for_mint(now).into_iter().map(|e| e.id).collect();
+        assert_eq!(due, std::slice::from_ref(&a_id));
+
+        // By entry: the entry goes, and a sync answered before the event cannot bring it back.
+        let entry_b = RevocationHandle::Entry(b_id.parse().unwrap());
+        cache.apply_revocation(&revoke(2, entry_b.clone(), &["b1"]), &own);
+        cache.set_entries(entries(), bundle());
+        let view = cache.view_for(&uid1, now);
+        assert_eq!(
+            view.entries
+                .iter()
+                .map(|e| e.id.clone())
+                .collect::<Vec<_>>(),
+            std::slice::from_ref(&a_id)
+        );
+        assert!(cache.due_for_mint(now).iter().all(|e| e.id != b_id));
+        // Lifted: the next sync brings it back.
+        let mut lift = revoke(3, entry_b, &[]);
+        lift.action = RevocationAction::Lift { revocation: 2 };
+        cache.apply_revocation(&lift, &own);
+        cache.set_entries(entries(), bundle());
+        assert_eq!(cache.view_for(&uid1, now).entries.len(), 2);
+
+        // This node revoked: nothing at all.
+        cache.apply_revocation(&revoke(4, RevocationHandle::Node(own.clone()), &[]), &own);
+        assert!(cache.node_revoked());
+        cache.set_entries(entries(), bundle());
+        assert!(cache.view_for(&uid1, now).entries.is_empty());
         assert_eq!(cache.svid_count(), 0);
     }
 }

@@ -12,6 +12,8 @@ use crate::ttl::Ttl;
 
 pub const DEFAULT_SOCKET_PATH: &str = "/tmp/agentd-node/public/api.sock";
 pub const DEFAULT_SERVER_ADDRESS: &str = "127.0.0.1:8081";
+/// How long the revocation feed may be lost before the node agent reports unhealthy.
+pub const DEFAULT_FEED_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -34,6 +36,20 @@ pub struct RawNodeConfig {
     pub workload_attestors: agentd_attestor::workload::WorkloadAttestorsConfig,
     /// Node attestors besides the join token; used when no join token is given.
     pub node_attestor: Option<RawNodeAttestor>,
+    /// `[revocation]`: how the node agent treats a lost revocation feed.
+    pub revocation: Option<RawRevocationConfig>,
+}
+
+/// `[revocation]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRevocationConfig {
+    /// How long the feed may be lost before the node agent reports unhealthy (default 30s).
+    pub feed_timeout: Option<String>,
+    /// When the feed has been lost for longer than `feed_timeout`, stop serving SVIDs
+    /// (Workload API answers Unavailable) instead of serving what may have been revoked.
+    /// Default false: availability first, as SPIRE.
+    pub fail_closed: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -76,6 +92,10 @@ pub struct NodeConfig {
     pub socket_path: PathBuf,
     pub data_dir: PathBuf,
     pub sync_interval: Duration,
+    /// How long the revocation feed may be lost before the node agent reports unhealthy.
+    pub revocation_feed_timeout: Duration,
+    /// Stop serving while the revocation feed is lost for longer than the timeout.
+    pub revocation_fail_closed: bool,
     pub trust_domain: Option<spiffe::TrustDomain>,
     pub workload_attestors: agentd_attestor::workload::WorkloadAttestorsConfig,
 }
@@ -162,6 +182,14 @@ impl TryFrom<RawNodeConfig> for NodeConfig {
                 .unwrap_or_default(),
             None => Duration::from_secs(5),
         };
+        let revocation = raw.revocation.clone().unwrap_or_default();
+        let revocation_feed_timeout = match &revocation.feed_timeout {
+            Some(s) => errs
+                .parse("revocation.feed_timeout", s.parse::<Ttl>())
+                .map(Ttl::as_duration)
+                .unwrap_or_default(),
+            None => DEFAULT_FEED_TIMEOUT,
+        };
         let socket_path = raw
             .socket_path
             .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET_PATH));
@@ -182,6 +210,8 @@ impl TryFrom<RawNodeConfig> for NodeConfig {
             socket_path,
             data_dir: raw.data_dir.unwrap_or_else(|| default_data_dir("node")),
             sync_interval,
+            revocation_feed_timeout,
+            revocation_fail_closed: revocation.fail_closed.unwrap_or(false),
         })
     }
 }

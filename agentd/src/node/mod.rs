@@ -97,8 +97,21 @@ impl NodeAgent {
         let link = Arc::new(ServerLink::new(cfg.server_address.clone(), identity));
         let listener = crate::workload_api::bind_socket(&cfg.socket_path)?;
 
+        let revocations = Arc::new(crate::revocation::subscriber::NodeRevocations::new(
+            cfg.revocation_feed_timeout,
+            cfg.revocation_fail_closed,
+        ));
         let stop = shutdown.child_token();
         let mut tasks: JoinSet<Result<(), NodeError>> = JoinSet::new();
+        tasks.spawn(
+            crate::revocation::subscriber::RevocationSubscriber {
+                link: link.clone(),
+                cache: cache.clone(),
+                revocations: revocations.clone(),
+                clock: self.clock.clone(),
+            }
+            .run(stop.clone()),
+        );
         let syncer = sync::Syncer {
             link: link.clone(),
             cache: cache.clone(),
@@ -116,6 +129,7 @@ impl NodeAgent {
                 Arc::new(agentd_attestor::workload::WorkloadAttestors::from_config(
                     &cfg.workload_attestors,
                 )),
+                revocations,
             )
             .serve(listener, stop.clone()),
         );

@@ -89,6 +89,7 @@ impl Syncer {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(TICK) => {}
+                _ = self.cache.mint_wanted() => {}
             }
         }
     }

@@ -19,6 +19,8 @@ use crate::clock::unix_seconds;
 use crate::datastore::{
     AttestedNode, DataStoreError, Entry, EntryFilter, EntryId, EntrySpec, JoinToken,
 };
+use crate::revocation::log::RevocationLogError;
+use crate::revocation::{event_to_proto, RevocationError, RevocationHandle};
 use crate::ttl::Ttl;
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +35,17 @@ pub enum AdminError {
     DuplicateEntry(String),
     #[error("store: {0}")]
     Store(String),
+    #[error(transparent)]
+    Revocation(#[from] RevocationError),
+}
+
+impl From<RevocationLogError> for AdminError {
+    fn from(e: RevocationLogError) -> Self {
+        match e {
+            RevocationLogError::Revocation(e) => AdminError::Revocation(e),
+            RevocationLogError::Store(e) => e.into(),
+        }
+    }
 }
 
 impl From<DataStoreError> for AdminError {
@@ -54,6 +67,14 @@ impl From<AdminError> for Status {
             AdminError::EntryNotFound(_) | AdminError::NodeNotFound(_) => Status::not_found(msg),
             AdminError::DuplicateEntry(_) => Status::already_exists(msg),
             AdminError::Store(_) => Status::internal(msg),
+            AdminError::Revocation(e) => match e {
+                RevocationError::InvalidField { .. } => Status::invalid_argument(msg),
+                RevocationError::AlreadyRevoked { .. } => Status::already_exists(msg),
+                RevocationError::NotStanding { .. }
+                | RevocationError::UnknownSerial { .. }
+                | RevocationError::UnknownEntry { .. } => Status::not_found(msg),
+                RevocationError::Refused(_) => Status::failed_precondition(msg),
+            },
         }
     }
 }
@@ -150,6 +171,17 @@ impl AdminApi {
             ));
         }
         Ok(id)
+    }
+
+    /// An entry as the CLI sees it, with its standing revocation if any.
+    fn entry_out(&self, e: &Entry) -> pb::Entry {
+        let mut out = entry_to_proto(e);
+        out.revoked_by = self
+            .state
+            .revocations
+            .standing(&RevocationHandle::Entry(e.id.clone()))
+            .unwrap_or(0);
+        out
     }
 
     async fn load_entry(&self, id: &EntryId) -> Result<Entry, AdminError> {
@@ -317,6 +349,7 @@ fn entry_to_proto(e: &Entry) -> pb::Entry {
         owner: e.spec.owner.clone().unwrap_or_default(),
         revision: e.revision,
         created_at: e.created_at,
+        revoked_by: 0,
     }
 }
 
@@ -354,6 +387,26 @@ impl Admin for AdminApi {
         let req = request.into_inner();
         let spiffe_id = self.issuable_id("spiffe_id", &req.spiffe_id)?;
         let ttl = self.ttl("ttl", req.ttl_seconds, self.state.config.join_token_ttl)?;
+        // A new token for a revoked node is the operator re-admitting it: the revocation is
+        // lifted (a lift event is logged), so the node can attest with this token. Tokens
+        // made before the revocation stay refused while it stands.
+        let now_secs = unix_seconds(self.state.clock.now());
+        if let Some(sequence) = self
+            .state
+            .revocations
+            .standing(&RevocationHandle::Node(spiffe_id.clone()))
+        {
+            self.state
+                .revocations
+                .lift(
+                    sequence,
+                    "a new join token was generated for the node",
+                    now_secs,
+                )
+                .await
+                .map_err(AdminError::from)?;
+            tracing::info!(?uid, node = %spiffe_id, revocation = sequence, "node revocation lifted by a new join token");
+        }
         // 128 random bits from the system CSPRNG.
         let token = hex::encode(rand::random::<[u8; 16]>());
         let expires_at = unix_seconds(self.state.clock.now()) + ttl.as_secs() as i64;
@@ -397,7 +450,7 @@ impl Admin for AdminApi {
     ) -> Result<Response<pb::Entry>, Status> {
         let id = parse_entry_id(&request.get_ref().id)?;
         let entry = self.load_entry(&id).await?;
-        Ok(Response::new(entry_to_proto(&entry)))
+        Ok(Response::new(self.entry_out(&entry)))
     }
 
     async fn list_entries(
@@ -430,7 +483,7 @@ impl Admin for AdminApi {
             .await
             .map_err(AdminError::from)?;
         Ok(Response::new(pb::ListEntriesResponse {
-            entries: entries.iter().map(entry_to_proto).collect(),
+            entries: entries.iter().map(|e| self.entry_out(e)).collect(),
         }))
     }
 
@@ -543,6 +596,90 @@ impl Admin for AdminApi {
             .map_err(AdminError::from)?;
         tracing::info!(?uid, node = %node.spiffe_id, "node evicted");
         Ok(Response::new(node_to_proto(&node)))
+    }
+
+    async fn revoke(
+        &self,
+        request: Request<pb::RevokeRequest>,
+    ) -> Result<Response<agentd_proto::revocation::RevocationEvent>, Status> {
+        let uid = caller_uid(&request);
+        let req = request.into_inner();
+        let raw = req.handle.ok_or_else(|| invalid("handle", "is required"))?;
+        let handle = RevocationHandle::parse(&raw.kind, &raw.id).map_err(AdminError::from)?;
+        let now = unix_seconds(self.state.clock.now());
+        match &handle {
+            RevocationHandle::Entry(id) => {
+                self.load_entry(id).await?;
+            }
+            RevocationHandle::Authority(id) => {
+                // The active authority signs everything; revoking it would stop issuance.
+                if id == self.state.ca.x509_authority_id() || id == self.state.ca.jwt_key_id() {
+                    return Err(AdminError::from(RevocationError::Refused(format!(
+                        "authority {id} is the active one: prepare and activate a new authority first"
+                    )))
+                    .into());
+                }
+                return Err(AdminError::from(RevocationError::Refused(format!(
+                    "authority {id} is not an authority of this server"
+                )))
+                .into());
+            }
+            _ => {}
+        }
+        let event = self
+            .state
+            .revocations
+            .revoke(handle.clone(), &req.reason, now)
+            .await
+            .map_err(AdminError::from)?;
+        if let RevocationHandle::Node(id) = &handle {
+            // The kill switch: the node's record goes, so it must attest again, and while the
+            // revocation stands it may not (see node_api::check_node_not_revoked).
+            match self.state.store.delete_node(id).await {
+                Ok(_) | Err(DataStoreError::NodeNotFound { .. }) => {}
+                Err(e) => return Err(AdminError::from(e).into()),
+            }
+        }
+        tracing::info!(?uid, sequence = event.sequence, %handle, reason = %event.reason, svids = event.serials.len(), jwts = event.jwt_ids.len(), "revoked");
+        Ok(Response::new(event_to_proto(&event)))
+    }
+
+    async fn lift_revocation(
+        &self,
+        request: Request<pb::LiftRevocationRequest>,
+    ) -> Result<Response<agentd_proto::revocation::RevocationEvent>, Status> {
+        let uid = caller_uid(&request);
+        let req = request.into_inner();
+        if req.sequence == 0 {
+            return Err(invalid("sequence", "is required").into());
+        }
+        let event = self
+            .state
+            .revocations
+            .lift(
+                req.sequence,
+                &req.reason,
+                unix_seconds(self.state.clock.now()),
+            )
+            .await
+            .map_err(AdminError::from)?;
+        tracing::info!(?uid, sequence = event.sequence, lifted = req.sequence, handle = %event.handle, "revocation lifted");
+        Ok(Response::new(event_to_proto(&event)))
+    }
+
+    async fn list_revocations(
+        &self,
+        request: Request<pb::ListRevocationsRequest>,
+    ) -> Result<Response<pb::ListRevocationsResponse>, Status> {
+        let log = &self.state.revocations;
+        Ok(Response::new(pb::ListRevocationsResponse {
+            events: log
+                .list(request.get_ref().all)
+                .iter()
+                .map(event_to_proto)
+                .collect(),
+            head_sequence: log.head(),
+        }))
     }
 
     async fn get_bundle(

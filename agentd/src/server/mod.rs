@@ -22,6 +22,7 @@ use crate::ca::{CaConfig, CaError, CertificateAuthority, X509SvidRequest};
 use crate::clock::Clock;
 use crate::datastore::{DataStore, DataStoreError, SledStore};
 use crate::keys::PrivateKey;
+use crate::revocation::log::RevocationLog;
 use crate::tls::{self, ServerConfigSource, TlsError};
 
 /// How long the server's own TLS certificate lives; it is re-issued at half-life.
@@ -63,6 +64,7 @@ pub struct ServerState {
     pub clock: Arc<dyn Clock>,
     /// The node API address actually bound (differs from the config with port 0).
     pub node_api_address: SocketAddr,
+    pub revocations: Arc<RevocationLog>,
 }
 
 /// A configured server, not yet running.
@@ -117,6 +119,7 @@ impl Server {
             source,
         })?;
         let admin_listener = bind_admin_socket(&cfg.admin_socket)?;
+        let revocations = Arc::new(RevocationLog::open(store.clone()).await?);
 
         let state = Arc::new(ServerState {
             config: cfg.clone(),
@@ -124,6 +127,7 @@ impl Server {
             ca,
             clock: self.clock.clone(),
             node_api_address,
+            revocations,
         });
         let (tls_config, renew_at) = issue_server_tls(&state)?;
         let tls_source: ServerConfigSource = Arc::new(std::sync::RwLock::new(tls_config));
@@ -137,6 +141,7 @@ impl Server {
             stop.clone(),
         ));
         tasks.spawn(admin::serve(state.clone(), admin_listener, stop.clone()));
+        tasks.spawn(compact_revocations(state.clone(), stop.clone()));
         tasks.spawn(renew_server_tls(
             state.clone(),
             tls_source,
@@ -236,6 +241,33 @@ async fn renew_server_tls(
                 tracing::error!(error = %e, "renewing the server TLS certificate failed");
                 renew_at = state.clock.now() + Duration::from_secs(30);
             }
+        }
+    }
+}
+
+/// How often expired issuance records and revocation events that no longer matter are
+/// removed.
+const COMPACT_EVERY: Duration = Duration::from_secs(600);
+
+async fn compact_revocations(
+    state: Arc<ServerState>,
+    stop: CancellationToken,
+) -> Result<(), ServerError> {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(COMPACT_EVERY) => {}
+        }
+        let now = crate::clock::unix_seconds(state.clock.now());
+        match state.revocations.compact(now).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(events = n, "compacted the revocation log"),
+            Err(e) => tracing::warn!(error = %e, "compacting the revocation log failed"),
+        }
+        match state.store.prune_issued(now).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(records = n, "pruned expired issuance records"),
+            Err(e) => tracing::warn!(error = %e, "pruning issuance records failed"),
         }
     }
 }

@@ -20,6 +20,8 @@ use crate::ca::{CaError, IssuedX509Svid, X509SvidRequest};
 use crate::clock::unix_seconds;
 use crate::convert::bundle_to_proto;
 use crate::datastore::{AttestedNode, DataStoreError, Entry, EntryFilter, EntryId};
+use crate::revocation::feed::{feed_stream, FeedStream, HEARTBEAT};
+use crate::revocation::{IssuedSvid, RevocationHandle, SvidKind};
 use crate::tls::{PeerIdentity, ServerConfigSource};
 
 /// Most CSRs accepted in one `MintX509Svids` call.
@@ -58,6 +60,12 @@ pub enum NodeApiError {
     },
     #[error("entry {0} is not served by this node")]
     EntryNotAuthorized(String),
+    #[error("node {spiffe_id} is revoked (revocation {sequence}): lift the revocation or generate a new join token for it")]
+    NodeRevoked { spiffe_id: String, sequence: u64 },
+    #[error("entry {id} is revoked (revocation {sequence})")]
+    EntryRevoked { id: String, sequence: u64 },
+    #[error("certificate serial {serial} is revoked")]
+    SvidRevoked { serial: String },
     #[error(transparent)]
     Ca(#[from] CaError),
     #[error(transparent)]
@@ -73,7 +81,10 @@ impl From<NodeApiError> for Status {
             | NodeApiError::StaleNodeSvid { .. }
             | NodeApiError::UnknownJoinToken
             | NodeApiError::ExpiredJoinToken
-            | NodeApiError::EntryNotAuthorized(_) => Status::permission_denied(msg),
+            | NodeApiError::EntryNotAuthorized(_)
+            | NodeApiError::NodeRevoked { .. }
+            | NodeApiError::EntryRevoked { .. }
+            | NodeApiError::SvidRevoked { .. } => Status::permission_denied(msg),
             NodeApiError::InvalidField { .. } => Status::invalid_argument(msg),
             NodeApiError::AttestorNotEnabled(_) => Status::failed_precondition(msg),
             NodeApiError::X509Pop(X509PopError::Busy) | NodeApiError::Claims(ClaimsError::Busy) => {
@@ -98,15 +109,21 @@ impl From<NodeApiError> for Status {
 pub struct NodeApi {
     state: Arc<ServerState>,
     attestors: Arc<NodeAttestors>,
+    /// Ends revocation feed streams when the server stops.
+    stop: CancellationToken,
 }
 
 impl NodeApi {
-    pub fn new(state: Arc<ServerState>) -> Self {
+    pub fn new(state: Arc<ServerState>, stop: CancellationToken) -> Self {
         let attestors = Arc::new(NodeAttestors::new(
             &state.config.node_attestors,
             &state.config.trust_domain,
         ));
-        Self { state, attestors }
+        Self {
+            state,
+            attestors,
+            stop,
+        }
     }
 }
 
@@ -117,7 +134,7 @@ pub async fn serve(
     stop: CancellationToken,
 ) -> Result<(), ServerError> {
     let incoming = crate::tls::incoming(listener, tls, stop.clone());
-    let svc = NodeServer::new(NodeApi::new(state))
+    let svc = NodeServer::new(NodeApi::new(state, stop.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     tonic::transport::Server::builder()
@@ -164,6 +181,21 @@ pub fn entry_to_proto(e: &Entry) -> pb::Entry {
     }
 }
 
+/// The issuance record of a node SVID: the node itself is its node.
+fn node_svid_record(svid: &IssuedX509Svid) -> IssuedSvid {
+    IssuedSvid {
+        kind: SvidKind::Node,
+        id: svid.serial.clone(),
+        spiffe_id: svid.spiffe_id.to_string(),
+        entry_id: None,
+        node_id: Some(svid.spiffe_id.clone()),
+        grant_chain: vec![],
+        task_id: None,
+        authority_id: svid.authority_id.clone(),
+        expires_at: unix_seconds(svid.not_after),
+    }
+}
+
 /// SHA-256 of a join token, hex: the form the store keeps.
 pub fn join_token_digest(token: &str) -> String {
     hex::encode(ring::digest::digest(
@@ -180,6 +212,10 @@ impl NodeApi {
         let (id, serial) = peer
             .and_then(|p| Some((p.spiffe_id.clone()?, p.serial.clone()?)))
             .ok_or(NodeApiError::NoClientCertificate)?;
+        self.check_node_not_revoked(&id)?;
+        if self.state.revocations.is_serial_revoked(&serial) {
+            return Err(NodeApiError::SvidRevoked { serial });
+        }
         let node = self
             .state
             .store
@@ -203,6 +239,31 @@ impl NodeApi {
             });
         }
         Ok(node)
+    }
+
+    /// The kill switch: a revoked node may not call, nor attest again, while the revocation
+    /// stands.
+    fn check_node_not_revoked(&self, id: &SpiffeId) -> Result<(), NodeApiError> {
+        match self
+            .state
+            .revocations
+            .standing(&RevocationHandle::Node(id.clone()))
+        {
+            Some(sequence) => Err(NodeApiError::NodeRevoked {
+                spiffe_id: id.to_string(),
+                sequence,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Records issued SVIDs so that revocation handles find them. Issuing fails if this
+    /// fails: an SVID nobody could revoke by entry, node or grant is not handed out.
+    async fn record_issued(&self, svids: &[IssuedSvid]) -> Result<(), NodeApiError> {
+        if svids.is_empty() {
+            return Ok(());
+        }
+        Ok(self.state.store.record_issued(svids).await?)
     }
 
     /// Takes a join token (single use) and checks its expiry.
@@ -243,10 +304,22 @@ impl NodeApi {
             reason: format!("{e}"),
         })?;
         let server_id = crate::tls::server_spiffe_id(&self.state.config.trust_domain);
-        match self.state.store.get_entry(&id).await? {
-            Some(e) if node_serves(self.state.store.as_ref(), &server_id, node, &e).await? => Ok(e),
-            _ => Err(NodeApiError::EntryNotAuthorized(id.to_string())),
+        let entry = match self.state.store.get_entry(&id).await? {
+            Some(e) if node_serves(self.state.store.as_ref(), &server_id, node, &e).await? => e,
+            _ => return Err(NodeApiError::EntryNotAuthorized(id.to_string())),
+        };
+        // A revoked handle is never re-issued while it stands.
+        if let Some(sequence) = self
+            .state
+            .revocations
+            .standing(&RevocationHandle::Entry(entry.id.clone()))
+        {
+            return Err(NodeApiError::EntryRevoked {
+                id: entry.id.to_string(),
+                sequence,
+            });
         }
+        Ok(entry)
     }
 
     fn sign(
@@ -347,12 +420,14 @@ impl Node for NodeApi {
                     }
                 }
             }
+            self.check_node_not_revoked(&attested.spiffe_id)?;
             let svid = self.sign(
                 &req.csr,
                 &attested.spiffe_id,
                 self.state.config.node_svid_ttl.as_duration(),
                 &[],
             )?;
+            self.record_issued(&[node_svid_record(&svid)]).await?;
             self.state
                 .store
                 .upsert_node(AttestedNode {
@@ -431,6 +506,7 @@ impl Node for NodeApi {
             self.state.config.node_svid_ttl.as_duration(),
             &[],
         )?;
+        self.record_issued(&[node_svid_record(&svid)]).await?;
         // Keep accepting the SVID the node holds now until its next renewal: if this answer
         // is lost, the node can still call (and renew) with it. A node that renews with its
         // previous SVID never received the current one, so that one is dropped.
@@ -462,8 +538,17 @@ impl Node for NodeApi {
         let entries = entries_for_node(self.state.store.as_ref(), &server_id, &node)
             .await
             .map_err(NodeApiError::from)?;
+        let revocations = &self.state.revocations;
         Ok(Response::new(pb::SyncEntriesResponse {
-            entries: entries.iter().map(entry_to_proto).collect(),
+            entries: entries
+                .iter()
+                .filter(|e| {
+                    revocations
+                        .standing(&RevocationHandle::Entry(e.id.clone()))
+                        .is_none()
+                })
+                .map(entry_to_proto)
+                .collect(),
             bundle: Some(bundle_to_proto(&self.state.ca.bundle())),
         }))
     }
@@ -484,6 +569,7 @@ impl Node for NodeApi {
             .into());
         }
         let mut results = Vec::with_capacity(params.len());
+        let mut issued = Vec::with_capacity(params.len());
         for p in params {
             let result = match self.entry_for_node(&node, &p.entry_id).await {
                 Ok(entry) => self
@@ -495,6 +581,17 @@ impl Node for NodeApi {
                     )
                     .map(|svid| {
                         tracing::debug!(spiffe_id = %svid.spiffe_id, serial = %svid.serial, entry = %entry.id, node = %node.spiffe_id, "X.509-SVID issued");
+                        issued.push(IssuedSvid {
+                            kind: SvidKind::X509,
+                            id: svid.serial.clone(),
+                            spiffe_id: svid.spiffe_id.to_string(),
+                            entry_id: Some(entry.id.to_string()),
+                            node_id: Some(node.spiffe_id.clone()),
+                            grant_chain: vec![],
+                            task_id: None,
+                            authority_id: svid.authority_id.clone(),
+                            expires_at: unix_seconds(svid.not_after),
+                        });
                         pb::mint_result::Result::Svid(svid_to_proto(&svid))
                     }),
                 Err(e) => Err(e),
@@ -505,6 +602,7 @@ impl Node for NodeApi {
                 ),
             });
         }
+        self.record_issued(&issued).await?;
         Ok(Response::new(pb::MintX509SvidsResponse { results }))
     }
 
@@ -528,11 +626,42 @@ impl Node for NodeApi {
                 self.state.clock.now(),
             )
             .map_err(NodeApiError::from)?;
+        self.record_issued(&[IssuedSvid {
+            kind: SvidKind::Jwt,
+            id: jwt.jti.clone(),
+            spiffe_id: entry.spec.spiffe_id.to_string(),
+            entry_id: Some(entry.id.to_string()),
+            node_id: Some(node.spiffe_id.clone()),
+            grant_chain: vec![],
+            task_id: None,
+            authority_id: jwt.key_id.clone(),
+            expires_at: unix_seconds(jwt.expires_at),
+        }])
+        .await?;
         tracing::debug!(spiffe_id = %entry.spec.spiffe_id, entry = %entry.id, "JWT-SVID issued");
         Ok(Response::new(pb::MintJwtSvidResponse {
             token: jwt.token,
             expires_at: unix_seconds(jwt.expires_at),
         }))
+    }
+
+    type WatchRevocationsStream = FeedStream;
+
+    async fn watch_revocations(
+        &self,
+        request: Request<agentd_proto::revocation::WatchRevocationsRequest>,
+    ) -> Result<Response<FeedStream>, Status> {
+        let node = self
+            .caller(request.extensions().get::<PeerIdentity>())
+            .await?;
+        let after = request.get_ref().after_sequence;
+        tracing::debug!(node = %node.spiffe_id, after, "revocation feed subscribed");
+        Ok(Response::new(feed_stream(
+            self.state.revocations.clone(),
+            after,
+            HEARTBEAT,
+            self.stop.clone(),
+        )))
     }
 }
 

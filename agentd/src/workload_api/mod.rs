@@ -20,6 +20,7 @@ use std::time::Duration;
 use agentd_attestor::workload::{PeerCredentials, WorkloadAttestors};
 use agentd_attestor::Selector;
 use agentd_proto::agentd_workload as apb;
+use agentd_proto::agentd_workload::revocations_server::{Revocations, RevocationsServer};
 use agentd_proto::agentd_workload::selectors_server::{Selectors, SelectorsServer};
 use agentd_proto::node as npb;
 use agentd_proto::workload as pb;
@@ -36,6 +37,8 @@ use crate::clock::{from_unix_seconds, Clock};
 use crate::node::cache::{Cache, CachedJwtSvid, WorkloadView};
 use crate::node::client::ServerLink;
 use crate::node::NodeError;
+use crate::revocation::feed::{feed_stream, EventSource, FeedStream, HEARTBEAT};
+use crate::revocation::subscriber::NodeRevocations;
 
 /// The message PermissionDenied carries when the caller has no identity; clients key off it.
 pub const NO_IDENTITY: &str = "no identity issued";
@@ -95,6 +98,7 @@ pub struct WorkloadApi {
     link: Arc<ServerLink>,
     clock: Arc<dyn Clock>,
     attestors: Arc<WorkloadAttestors>,
+    revocations: Arc<NodeRevocations>,
 }
 
 impl WorkloadApi {
@@ -103,13 +107,23 @@ impl WorkloadApi {
         link: Arc<ServerLink>,
         clock: Arc<dyn Clock>,
         attestors: Arc<WorkloadAttestors>,
+        revocations: Arc<NodeRevocations>,
     ) -> Self {
         Self {
             cache,
             link,
             clock,
             attestors,
+            revocations,
         }
+    }
+
+    /// Healthy: synced, caught up with the revocation feed, and the feed heard from within
+    /// its timeout.
+    fn healthy(&self) -> bool {
+        self.cache.is_ready()
+            && self.revocations.caught_up()
+            && self.revocations.connected(std::time::Instant::now())
     }
 
     pub async fn serve(
@@ -121,20 +135,34 @@ impl WorkloadApi {
         reporter
             .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
-        let cache = self.cache.clone();
+        let api = self.clone();
         let watch_stop = stop.clone();
         tokio::spawn(async move {
-            let mut rx = cache.subscribe();
+            let mut rx = api.cache.subscribe();
+            let mut feed = api.revocations.subscribe();
+            let mut last = None;
             loop {
-                let status = if cache.is_ready() {
-                    tonic_health::ServingStatus::Serving
-                } else {
-                    tonic_health::ServingStatus::NotServing
-                };
-                reporter.set_service_status("", status).await;
+                let healthy = api.healthy();
+                if last != Some(healthy) {
+                    if !healthy && last.is_some() {
+                        tracing::warn!(
+                            "node agent unhealthy: not synced, or the revocation feed is lost"
+                        );
+                    }
+                    let status = if healthy {
+                        tonic_health::ServingStatus::Serving
+                    } else {
+                        tonic_health::ServingStatus::NotServing
+                    };
+                    reporter.set_service_status("", status).await;
+                    last = Some(healthy);
+                }
+                // Feed silence is a matter of time, so look again every second too.
                 tokio::select! {
                     _ = watch_stop.cancelled() => return,
                     changed = rx.changed() => if changed.is_err() { return },
+                    changed = feed.changed() => if changed.is_err() { return },
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
             }
         });
@@ -144,9 +172,14 @@ impl WorkloadApi {
                 .map(|conn| conn.map(accept_workload_conn))
         };
         let selectors = SelectorsServer::new(SelectorsService { api: self.clone() });
+        let revocations = RevocationsServer::new(RevocationsService {
+            revocations: self.revocations.clone(),
+            stop: stop.clone(),
+        });
         tonic::transport::Server::builder()
             .add_service(SpiffeWorkloadApiServer::new(self))
             .add_service(selectors)
+            .add_service(revocations)
             .add_service(health)
             .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
             .await
@@ -184,13 +217,23 @@ impl WorkloadApi {
     }
 
     fn ready(&self) -> Result<(), Status> {
-        if self.cache.is_ready() {
-            Ok(())
-        } else {
-            Err(Status::unavailable(
+        if !self.cache.is_ready() {
+            return Err(Status::unavailable(
                 "node agent is not ready: not yet synced with the server",
-            ))
+            ));
         }
+        // Revocations made while this node agent was away are applied before it serves.
+        if !self.revocations.caught_up() {
+            return Err(Status::unavailable(
+                "node agent is not ready: catching up with the revocation feed",
+            ));
+        }
+        if self.revocations.fail_closed && !self.revocations.connected(std::time::Instant::now()) {
+            return Err(Status::unavailable(
+                "node agent has lost the revocation feed (fail_closed is set)",
+            ));
+        }
+        Ok(())
     }
 
     /// The caller's view, waiting briefly when entries match but their SVIDs are still
@@ -259,7 +302,8 @@ fn x509_fingerprint(view: &WorkloadView) -> (Vec<String>, u64, usize) {
 }
 
 /// Runs a stream: sends `first`, then a new snapshot from `next` whenever the cache changes
-/// and the snapshot differs; stops when the client hangs up or `next` says to end.
+/// and the snapshot differs (`next` gives `None` when there is nothing to send yet); stops
+/// when the client hangs up or `next` says to end.
 fn spawn_stream<T, K, F>(
     cache: Arc<Cache>,
     first: T,
@@ -269,7 +313,7 @@ fn spawn_stream<T, K, F>(
 where
     T: Send + 'static,
     K: PartialEq + Send + 'static,
-    F: FnMut() -> Result<(T, K), Status> + Send + 'static,
+    F: FnMut() -> Result<Option<(T, K)>, Status> + Send + 'static,
 {
     let (tx, rx) = mpsc::channel::<Result<T, Status>>(4);
     let mut rx_changes = cache.subscribe();
@@ -285,7 +329,8 @@ where
                 changed = rx_changes.changed() => if changed.is_err() { return },
             }
             match next() {
-                Ok((msg, key)) => {
+                Ok(None) => {}
+                Ok(Some((msg, key))) => {
                     if key != last {
                         last = key;
                         if tx.send(Ok(msg)).await.is_err() {
@@ -321,11 +366,17 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let key = x509_fingerprint(&view);
         let cache = self.cache.clone();
         let clock = self.clock.clone();
+        let api = self.clone();
         let stream = spawn_stream(self.cache.clone(), first, key, move || {
+            api.ready()?;
             let view = cache.view_for(&selectors, clock.now());
             match x509_response(&view) {
-                Some(msg) => Ok((msg, x509_fingerprint(&view))),
-                // Every identity is gone (entry deleted, expired): say so and end the stream.
+                Some(msg) => Ok(Some((msg, x509_fingerprint(&view)))),
+                // A revoked SVID was dropped and its replacement is being minted: the next
+                // change brings it.
+                None if view.reminting => Ok(None),
+                // Every identity is gone (entry deleted or revoked, expired): say so and end
+                // the stream.
                 None => Err(Status::permission_denied(NO_IDENTITY)),
             }
         });
@@ -358,7 +409,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             self.cache.clone(),
             first,
             key,
-            move || make(&cache),
+            move || make(&cache).map(Some),
         )))
     }
 
@@ -469,7 +520,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             self.cache.clone(),
             first,
             key,
-            move || make(&cache),
+            move || make(&cache).map(Some),
         )))
     }
 
@@ -493,6 +544,13 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let validated =
             crate::svid::jwt::validate(&req.svid, &req.audience, &bundle, self.clock.now())
                 .map_err(|e| Status::invalid_argument(format!("invalid JWT-SVID: {e}")))?;
+        // Revoked by the feed: by its own jti, or under a handle (entry, node, grant, task)
+        // the server resolved to it.
+        if let Some(jti) = validated.claims.get("jti").and_then(|v| v.as_str()) {
+            if self.revocations.is_jwt_revoked(jti) {
+                return Err(Status::invalid_argument("invalid JWT-SVID: revoked"));
+            }
+        }
         Ok(Response::new(pb::ValidateJwtsvidResponse {
             spiffe_id: validated.spiffe_id.to_string(),
             claims: Some(claims::to_struct(validated.claims)),
@@ -529,5 +587,31 @@ impl Selectors for SelectorsService {
                 .map(|e| e.spiffe_id.to_string())
                 .collect(),
         }))
+    }
+}
+
+/// `agentd.workload.v1.Revocations`: the revocations this node agent applied, for local
+/// relying parties. Needs the security header but no identity.
+#[derive(Debug, Clone)]
+pub struct RevocationsService {
+    revocations: Arc<NodeRevocations>,
+    stop: CancellationToken,
+}
+
+#[tonic::async_trait]
+impl Revocations for RevocationsService {
+    type WatchStream = FeedStream;
+
+    async fn watch(
+        &self,
+        request: Request<agentd_proto::revocation::WatchRevocationsRequest>,
+    ) -> Result<Response<FeedStream>, Status> {
+        check_header(&request)?;
+        Ok(Response::new(feed_stream(
+            self.revocations.clone(),
+            request.get_ref().after_sequence,
+            HEARTBEAT,
+            self.stop.clone(),
+        )))
     }
 }

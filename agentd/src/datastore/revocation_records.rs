@@ -1,0 +1,154 @@
+//! How the sled store keeps issuance records and revocation events: JSON records, parsed
+//! again on the way out so that a corrupt record is an error, not a wrong answer.
+
+use serde::{Deserialize, Serialize};
+use spiffe::SpiffeId;
+
+use super::{DataStoreError, Result};
+use crate::revocation::{
+    IssuedSvid, RevocationAction, RevocationEvent, RevocationHandle, RevokedSerial, SvidKind,
+};
+
+fn corrupt(key: &[u8], field: &str, reason: impl std::fmt::Display) -> DataStoreError {
+    DataStoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: format!("{field}: {reason}"),
+    }
+}
+
+/// Key of an issuance record: kind, then id, so that the same serial never collides with a
+/// jti.
+pub fn issued_key(kind: SvidKind, id: &str) -> Vec<u8> {
+    format!("{}:{id}", kind.as_str()).into_bytes()
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct IssuedRecord {
+    kind: String,
+    id: String,
+    spiffe_id: String,
+    entry_id: Option<String>,
+    node_id: Option<String>,
+    #[serde(default)]
+    grant_chain: Vec<String>,
+    task_id: Option<String>,
+    authority_id: String,
+    expires_at: i64,
+}
+
+impl IssuedRecord {
+    pub fn from_issued(s: &IssuedSvid) -> Self {
+        Self {
+            kind: s.kind.as_str().into(),
+            id: s.id.clone(),
+            spiffe_id: s.spiffe_id.clone(),
+            entry_id: s.entry_id.clone(),
+            node_id: s.node_id.as_ref().map(ToString::to_string),
+            grant_chain: s.grant_chain.clone(),
+            task_id: s.task_id.clone(),
+            authority_id: s.authority_id.clone(),
+            expires_at: s.expires_at,
+        }
+    }
+
+    pub fn expires_at(&self) -> i64 {
+        self.expires_at
+    }
+
+    pub fn into_issued(self, key: &[u8]) -> Result<IssuedSvid> {
+        Ok(IssuedSvid {
+            kind: SvidKind::parse(&self.kind)
+                .ok_or_else(|| corrupt(key, "kind", format!("{:?}", self.kind)))?,
+            id: self.id,
+            spiffe_id: self.spiffe_id,
+            entry_id: self.entry_id,
+            node_id: self
+                .node_id
+                .map(|n| SpiffeId::new(&n).map_err(|e| corrupt(key, "node_id", e)))
+                .transpose()?,
+            grant_chain: self.grant_chain,
+            task_id: self.task_id,
+            authority_id: self.authority_id,
+            expires_at: self.expires_at,
+        })
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SerialRecord {
+    serial: String,
+    authority_id: String,
+    expires_at: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EventRecord {
+    sequence: u64,
+    /// `revoke` or `lift`.
+    action: String,
+    /// For a lift: the revocation it ends.
+    lifts: Option<u64>,
+    kind: String,
+    id: String,
+    reason: String,
+    at: i64,
+    serials: Vec<SerialRecord>,
+    jwt_ids: Vec<String>,
+    expires_at: i64,
+}
+
+impl EventRecord {
+    pub fn from_event(e: &RevocationEvent) -> Self {
+        let (action, lifts) = match e.action {
+            RevocationAction::Revoke => ("revoke", None),
+            RevocationAction::Lift { revocation } => ("lift", Some(revocation)),
+        };
+        Self {
+            sequence: e.sequence,
+            action: action.into(),
+            lifts,
+            kind: e.handle.kind().into(),
+            id: e.handle.id(),
+            reason: e.reason.clone(),
+            at: e.at,
+            serials: e
+                .serials
+                .iter()
+                .map(|s| SerialRecord {
+                    serial: s.serial.clone(),
+                    authority_id: s.authority_id.clone(),
+                    expires_at: s.expires_at,
+                })
+                .collect(),
+            jwt_ids: e.jwt_ids.clone(),
+            expires_at: e.expires_at,
+        }
+    }
+
+    pub fn into_event(self, key: &[u8]) -> Result<RevocationEvent> {
+        let action = match (self.action.as_str(), self.lifts) {
+            ("revoke", None) => RevocationAction::Revoke,
+            ("lift", Some(revocation)) => RevocationAction::Lift { revocation },
+            (other, _) => return Err(corrupt(key, "action", format!("{other:?}"))),
+        };
+        Ok(RevocationEvent {
+            sequence: self.sequence,
+            action,
+            handle: RevocationHandle::parse(&self.kind, &self.id)
+                .map_err(|e| corrupt(key, "handle", e))?,
+            reason: self.reason,
+            at: self.at,
+            serials: self
+                .serials
+                .into_iter()
+                .map(|s| RevokedSerial {
+                    serial: s.serial,
+                    authority_id: s.authority_id,
+                    expires_at: s.expires_at,
+                })
+                .collect(),
+            jwt_ids: self.jwt_ids,
+            expires_at: self.expires_at,
+        })
+    }
+}

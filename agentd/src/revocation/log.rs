@@ -1,0 +1,404 @@
+//! The server's revocation log: resolves a handle to the SVIDs it covers, commits the event to
+//! the store (durable before the caller hears back), keeps the standing set that minting
+//! consults, and wakes every feed subscriber.
+
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::{watch, Mutex};
+
+use super::{
+    check_reason, IssuedSvid, RevocationAction, RevocationError, RevocationEvent, RevocationHandle,
+    RevocationSet, RevokedSerial, SvidKind,
+};
+use crate::datastore::{DataStore, DataStoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RevocationLogError {
+    #[error(transparent)]
+    Revocation(#[from] RevocationError),
+    #[error(transparent)]
+    Store(#[from] DataStoreError),
+}
+
+#[derive(Debug, Default)]
+struct LogState {
+    /// Every kept event, in sequence order.
+    events: Vec<Arc<RevocationEvent>>,
+    set: RevocationSet,
+}
+
+/// Kept events after a sequence, for a feed subscriber.
+#[derive(Debug, Clone)]
+pub struct EventsAfter {
+    pub events: Vec<Arc<RevocationEvent>>,
+    pub head: u64,
+    /// Some events after the asked sequence were compacted away.
+    pub compacted: bool,
+}
+
+#[derive(Debug)]
+pub struct RevocationLog {
+    store: Arc<dyn DataStore>,
+    state: RwLock<LogState>,
+    /// The newest committed sequence; feed subscribers wait on it.
+    head: watch::Sender<u64>,
+    /// Serialises appends, so events reach memory in sequence order.
+    writes: Mutex<()>,
+}
+
+impl RevocationLog {
+    /// Loads the kept events from the store.
+    pub async fn open(store: Arc<dyn DataStore>) -> Result<Self, DataStoreError> {
+        let events = store.list_revocations().await?;
+        let head = store.revocation_head().await?;
+        let mut set = RevocationSet::new();
+        for e in &events {
+            set.apply(e);
+        }
+        set.applied = head;
+        Ok(Self {
+            store,
+            state: RwLock::new(LogState {
+                events: events.into_iter().map(Arc::new).collect(),
+                set,
+            }),
+            head: watch::channel(head).0,
+            writes: Mutex::new(()),
+        })
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, LogState> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, LogState> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.head.subscribe()
+    }
+
+    pub fn head(&self) -> u64 {
+        *self.head.borrow()
+    }
+
+    /// Revokes `handle`: finds the unexpired SVIDs it covers, commits the event, and wakes
+    /// the feed. `extra` are SVIDs the caller knows to be covered besides the store's
+    /// records (none today; grants will add their derived SVIDs).
+    pub async fn revoke(
+        &self,
+        handle: RevocationHandle,
+        reason: &str,
+        now: i64,
+    ) -> Result<RevocationEvent, RevocationLogError> {
+        check_reason(reason)?;
+        let _guard = self.writes.lock().await;
+        if let Some(existing) = self.read().set.standing(&handle) {
+            return Err(RevocationError::AlreadyRevoked {
+                handle: handle.to_string(),
+                sequence: existing.sequence,
+            }
+            .into());
+        }
+        let covered: Vec<IssuedSvid> = self
+            .store
+            .list_issued(now)
+            .await?
+            .into_iter()
+            .filter(|s| handle.covers(s))
+            .collect();
+        if let RevocationHandle::Svid(serial) = &handle {
+            if covered.is_empty() {
+                return Err(RevocationError::UnknownSerial {
+                    serial: serial.clone(),
+                }
+                .into());
+            }
+        }
+        let event = RevocationEvent {
+            sequence: 0,
+            action: RevocationAction::Revoke,
+            expires_at: covered.iter().map(|s| s.expires_at).max().unwrap_or(now),
+            serials: covered
+                .iter()
+                .filter(|s| s.kind != SvidKind::Jwt)
+                .map(|s| RevokedSerial {
+                    serial: s.id.clone(),
+                    authority_id: s.authority_id.clone(),
+                    expires_at: s.expires_at,
+                })
+                .collect(),
+            jwt_ids: covered
+                .iter()
+                .filter(|s| s.kind == SvidKind::Jwt)
+                .map(|s| s.id.clone())
+                .collect(),
+            handle,
+            reason: reason.to_string(),
+            at: now,
+        };
+        let committed = self.store.append_revocation(event).await?;
+        self.publish(&committed);
+        Ok(committed)
+    }
+
+    /// Ends the standing revocation with this sequence number.
+    pub async fn lift(
+        &self,
+        sequence: u64,
+        reason: &str,
+        now: i64,
+    ) -> Result<RevocationEvent, RevocationLogError> {
+        check_reason(reason)?;
+        let _guard = self.writes.lock().await;
+        let handle = self
+            .read()
+            .set
+            .standing_events()
+            .into_iter()
+            .find(|e| e.sequence == sequence)
+            .map(|e| e.handle.clone())
+            .ok_or(RevocationError::NotStanding { sequence })?;
+        let event = RevocationEvent {
+            sequence: 0,
+            action: RevocationAction::Lift {
+                revocation: sequence,
+            },
+            handle,
+            reason: reason.to_string(),
+            at: now,
+            serials: vec![],
+            jwt_ids: vec![],
+            expires_at: now,
+        };
+        let committed = self.store.append_revocation(event).await?;
+        self.publish(&committed);
+        Ok(committed)
+    }
+
+    fn publish(&self, event: &RevocationEvent) {
+        {
+            let mut g = self.write();
+            g.set.apply(event);
+            g.events.push(Arc::new(event.clone()));
+        }
+        self.head.send_replace(event.sequence);
+        tracing::info!(sequence = event.sequence, handle = %event.handle, lift = !event.is_revoke(), svids = event.serials.len(), jwts = event.jwt_ids.len(), "revocation committed");
+    }
+
+    /// The standing revocation of `handle`, if any: its sequence number.
+    pub fn standing(&self, handle: &RevocationHandle) -> Option<u64> {
+        self.read().set.standing(handle).map(|e| e.sequence)
+    }
+
+    pub fn is_serial_revoked(&self, serial: &str) -> bool {
+        self.read().set.is_serial_revoked(serial)
+    }
+
+    /// Every kept event (with `all`), or the standing revocations only.
+    pub fn list(&self, all: bool) -> Vec<RevocationEvent> {
+        let g = self.read();
+        if all {
+            g.events.iter().map(|e| (**e).clone()).collect()
+        } else {
+            g.set.standing_events().into_iter().cloned().collect()
+        }
+    }
+
+    /// Unexpired revoked serials signed by `authority_id`, with when they were revoked.
+    pub fn revoked_serials_of(&self, authority_id: &str, now: i64) -> Vec<(String, i64)> {
+        self.read().set.revoked_serials_of(authority_id, now)
+    }
+
+    /// Kept events after `after`.
+    pub fn events_after(&self, after: u64) -> EventsAfter {
+        let g = self.read();
+        let head = g.set.applied;
+        let start = g.events.partition_point(|e| e.sequence <= after);
+        let events: Vec<Arc<RevocationEvent>> = g.events[start..].to_vec();
+        // Gap-free numbering: anything missing between `after` and the head was compacted.
+        let expected = head.saturating_sub(after);
+        EventsAfter {
+            compacted: (events.len() as u64) < expected,
+            events,
+            head,
+        }
+    }
+
+    /// Removes events that can no longer matter (see [`compactable`]) from the store and
+    /// from memory; returns how many.
+    pub async fn compact(&self, now: i64) -> Result<usize, DataStoreError> {
+        let _guard = self.writes.lock().await;
+        let drop: Vec<u64> = {
+            let g = self.read();
+            let events: Vec<&RevocationEvent> = g.events.iter().map(|e| e.as_ref()).collect();
+            compactable(&events, &g.set, now)
+        };
+        if drop.is_empty() {
+            return Ok(0);
+        }
+        self.store.compact_revocations(&drop).await?;
+        let gone: HashSet<u64> = drop.iter().copied().collect();
+        let mut g = self.write();
+        g.events.retain(|e| !gone.contains(&e.sequence));
+        g.set.forget_expired(now);
+        Ok(drop.len())
+    }
+}
+
+/// Which kept events no longer matter at `now`: a revocation whose SVIDs have all expired
+/// and that no longer stands (it was lifted), or that named one SVID (a serial is random and
+/// never issued again); and a lift whose revocation goes too. Standing revocations of
+/// entries, nodes, grants, tasks and authorities are kept: they still refuse issuance.
+pub fn compactable(events: &[&RevocationEvent], set: &RevocationSet, now: i64) -> Vec<u64> {
+    let mut out: Vec<u64> = Vec::new();
+    let mut gone_revocations: HashSet<u64> = HashSet::new();
+    for e in events {
+        if e.is_revoke() && e.expires_at < now {
+            let standing = set.standing(&e.handle).map(|s| s.sequence) == Some(e.sequence);
+            if !standing || matches!(e.handle, RevocationHandle::Svid(_)) {
+                out.push(e.sequence);
+                gone_revocations.insert(e.sequence);
+            }
+        }
+    }
+    for e in events {
+        if let RevocationAction::Lift { revocation } = e.action {
+            if gone_revocations.contains(&revocation) {
+                out.push(e.sequence);
+            }
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datastore::SledStore;
+
+    fn issued(kind: SvidKind, id: &str, entry: &str, expires_at: i64) -> IssuedSvid {
+        IssuedSvid {
+            kind,
+            id: id.into(),
+            spiffe_id: "spiffe://example.org/a".into(),
+            entry_id: Some(entry.into()),
+            node_id: Some(spiffe::SpiffeId::new("spiffe://example.org/node/n").unwrap()),
+            grant_chain: vec![],
+            task_id: None,
+            authority_id: "aa".into(),
+            expires_at,
+        }
+    }
+
+    async fn open() -> (tempfile::TempDir, Arc<dyn DataStore>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn DataStore> = Arc::new(SledStore::open(dir.path()).unwrap());
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn revoking_resolves_commits_and_survives_reopen() {
+        let (dir, store) = open().await;
+        let entry = "0".repeat(32);
+        store
+            .record_issued(&[
+                issued(SvidKind::X509, "a1", &entry, 200),
+                issued(SvidKind::Jwt, "0ab1", &entry, 150),
+                issued(SvidKind::X509, "b1", &"1".repeat(32), 200),
+                issued(SvidKind::X509, "old", &entry, 50),
+            ])
+            .await
+            .unwrap();
+        let log = RevocationLog::open(store.clone()).await.unwrap();
+        let rx = log.subscribe();
+        let handle = RevocationHandle::Entry(entry.parse().unwrap());
+        let e = log
+            .revoke(handle.clone(), "compromised", 100)
+            .await
+            .unwrap();
+        assert_eq!(e.sequence, 1);
+        assert_eq!(e.serials.len(), 1, "only the unexpired SVID of that entry");
+        assert_eq!(e.serials[0].serial, "a1");
+        assert_eq!(e.jwt_ids, ["0ab1"]);
+        assert_eq!(e.expires_at, 200);
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(log.standing(&handle), Some(1));
+        assert!(log.is_serial_revoked("a1"));
+        // Twice is refused, and nothing is written.
+        let err = log.revoke(handle.clone(), "", 100).await.unwrap_err();
+        assert!(err.to_string().contains("already revoked"), "{err}");
+        assert_eq!(store.revocation_head().await.unwrap(), 1);
+        // An unknown serial is refused.
+        let err = log
+            .revoke(RevocationHandle::Svid("dead".into()), "", 100)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("dead"), "{err}");
+        // A jti is found by `svid` with its leading zero dropped, as a serial would be.
+        let jwt = log
+            .revoke(RevocationHandle::Svid("ab1".into()), "", 100)
+            .await
+            .unwrap();
+        assert_eq!(jwt.jwt_ids, ["0ab1"]);
+
+        drop(log);
+        drop(store);
+        let store: Arc<dyn DataStore> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let log = RevocationLog::open(store.clone()).await.unwrap();
+        assert_eq!(log.head(), 2);
+        assert_eq!(log.standing(&handle), Some(1));
+        let lift = log.lift(1, "cleared", 110).await.unwrap();
+        assert_eq!(lift.sequence, 3);
+        assert_eq!(log.standing(&handle), None);
+        assert!(!log.is_serial_revoked("a1"));
+        let err = log.lift(1, "", 110).await.unwrap_err();
+        assert!(err.to_string().contains("not a standing"), "{err}");
+        let after = log.events_after(1);
+        assert_eq!(
+            after.events.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+            [2, 3]
+        );
+        assert!(!after.compacted);
+    }
+
+    #[tokio::test]
+    async fn compaction_keeps_standing_handles_and_numbering() {
+        let (_dir, store) = open().await;
+        let entry = "0".repeat(32);
+        store
+            .record_issued(&[
+                issued(SvidKind::X509, "a1", &entry, 200),
+                issued(SvidKind::X509, "a2", &entry, 200),
+            ])
+            .await
+            .unwrap();
+        let log = RevocationLog::open(store.clone()).await.unwrap();
+        let standing = RevocationHandle::Entry(entry.parse().unwrap());
+        log.revoke(RevocationHandle::Svid("a1".into()), "", 100)
+            .await
+            .unwrap();
+        log.revoke(standing.clone(), "", 100).await.unwrap();
+        let node = RevocationHandle::Node(spiffe::SpiffeId::new("spiffe://example.org/x").unwrap());
+        log.revoke(node.clone(), "", 100).await.unwrap();
+        log.lift(3, "", 100).await.unwrap();
+        // The lifted node revocation covered nothing: it and its lift go at once; the
+        // serial's SVID has not expired yet.
+        assert_eq!(log.compact(150).await.unwrap(), 2);
+        // After expiry the serial goes too; the standing entry revocation stays.
+        assert_eq!(log.compact(300).await.unwrap(), 1);
+        let kept: Vec<u64> = log.list(true).iter().map(|e| e.sequence).collect();
+        assert_eq!(kept, [2]);
+        assert_eq!(log.standing(&standing), Some(2));
+        let after = log.events_after(0);
+        assert!(after.compacted);
+        assert_eq!(after.head, 4);
+        // Numbering continues after compaction.
+        let next = log.revoke(node, "", 300).await.unwrap();
+        assert_eq!(next.sequence, 5);
+        assert_eq!(store.list_revocations().await.unwrap().len(), 2);
+    }
+}

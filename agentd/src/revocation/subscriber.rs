@@ -1,0 +1,300 @@
+//! The node agent's side of the feed: follows the server's revocation stream from the last
+//! sequence it applied, applies each event to the SVID cache at once, keeps the events for
+//! local relying parties (`agentd.workload.v1.Revocations`), and tracks whether the feed is
+//! alive, so that a node agent cut off from revocations for too long reports unhealthy (and,
+//! when configured to fail closed, stops serving).
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use agentd_proto::revocation as rpb;
+use spiffe::SpiffeId;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::feed::{EventSource, HEARTBEAT};
+use super::log::EventsAfter;
+use super::{event_from_proto, RevocationEvent, RevocationSet};
+use crate::node::cache::Cache;
+use crate::node::client::ServerLink;
+use crate::node::NodeError;
+
+/// A feed that has been silent this long is treated as lost, and the subscriber reconnects.
+const SILENCE: Duration = Duration::from_secs(3 * HEARTBEAT.as_secs());
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Default)]
+struct Applied {
+    set: RevocationSet,
+    /// Events applied, in order, for local watchers (expired ones are forgotten).
+    events: Vec<Arc<RevocationEvent>>,
+    /// When the feed last delivered a message (events or heartbeat).
+    last_heard: Option<Instant>,
+    /// The server's head is at or below what we applied: nothing is pending.
+    caught_up: bool,
+}
+
+/// What the node agent knows of revocations. Shared by the subscriber (writes), the
+/// Workload API (ValidateJWTSVID, readiness) and the local watch service (reads).
+#[derive(Debug)]
+pub struct NodeRevocations {
+    applied: RwLock<Applied>,
+    head: watch::Sender<u64>,
+    /// How long the feed may be lost before the node agent reports unhealthy.
+    pub max_silence: Duration,
+    /// Stop serving SVIDs while the feed is lost for longer than `max_silence`.
+    pub fail_closed: bool,
+}
+
+impl NodeRevocations {
+    pub fn new(max_silence: Duration, fail_closed: bool) -> Self {
+        Self {
+            applied: RwLock::new(Applied::default()),
+            head: watch::channel(0).0,
+            max_silence,
+            fail_closed,
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Applied> {
+        self.applied.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Applied> {
+        self.applied.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The last sequence applied.
+    pub fn applied(&self) -> u64 {
+        self.read().set.applied
+    }
+
+    /// True once the feed has delivered everything the server had when we connected.
+    pub fn caught_up(&self) -> bool {
+        self.read().caught_up
+    }
+
+    /// Whether the feed has been heard from within `max_silence` (a node that never reached
+    /// the feed is not connected).
+    pub fn connected(&self, now: Instant) -> bool {
+        self.read()
+            .last_heard
+            .is_some_and(|t| now.duration_since(t) <= self.max_silence)
+    }
+
+    pub fn is_jwt_revoked(&self, jti: &str) -> bool {
+        self.read().set.is_jwt_revoked(jti)
+    }
+
+    pub fn is_serial_revoked(&self, serial: &str) -> bool {
+        self.read().set.is_serial_revoked(serial)
+    }
+
+    /// Applies one feed message: events to the cache first, then to the set.
+    fn apply_message(
+        &self,
+        msg: rpb::RevocationFeed,
+        cache: &Cache,
+        own_id: &SpiffeId,
+        now: Instant,
+        unix_now: i64,
+    ) -> usize {
+        let mut applied_count = 0;
+        for raw in msg.events {
+            let event = match event_from_proto(raw) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(error = %e, "skipping a malformed revocation event");
+                    continue;
+                }
+            };
+            if event.sequence <= self.applied() {
+                continue;
+            }
+            cache.apply_revocation(&event, own_id);
+            tracing::info!(sequence = event.sequence, handle = %event.handle, lift = !event.is_revoke(), "revocation applied");
+            let mut g = self.write();
+            g.set.apply(&event);
+            g.events.push(Arc::new(event));
+            applied_count += 1;
+        }
+        let mut g = self.write();
+        if msg.head_sequence > g.set.applied {
+            // Compacted events below the head no longer matter; move past them.
+            g.set.applied = msg.head_sequence;
+        }
+        g.last_heard = Some(now);
+        g.caught_up = true;
+        g.set.forget_expired(unix_now);
+        let live = |e: &RevocationEvent| {
+            !e.is_revoke() || e.expires_at >= unix_now || g.set.is_standing(&e.handle)
+        };
+        let keep: Vec<Arc<RevocationEvent>> =
+            g.events.iter().filter(|e| live(e)).cloned().collect();
+        g.events = keep;
+        let head = g.set.applied;
+        drop(g);
+        self.head.send_replace(head);
+        applied_count
+    }
+
+    /// The server's log was reset (a new data dir): start again from zero.
+    fn reset(&self) {
+        let mut g = self.write();
+        g.set = RevocationSet::new();
+        g.events.clear();
+    }
+}
+
+impl EventSource for NodeRevocations {
+    fn events_after(&self, after: u64) -> EventsAfter {
+        let g = self.read();
+        let start = g.events.partition_point(|e| e.sequence <= after);
+        let events: Vec<Arc<RevocationEvent>> = g.events[start..].to_vec();
+        let head = g.set.applied;
+        EventsAfter {
+            compacted: (events.len() as u64) < head.saturating_sub(after),
+            events,
+            head,
+        }
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.head.subscribe()
+    }
+}
+
+/// Follows the server's feed for as long as the node agent runs.
+#[derive(Debug)]
+pub struct RevocationSubscriber {
+    pub link: Arc<ServerLink>,
+    pub cache: Arc<Cache>,
+    pub revocations: Arc<NodeRevocations>,
+    pub clock: Arc<dyn crate::clock::Clock>,
+}
+
+impl RevocationSubscriber {
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), NodeError> {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let result = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                r = self.follow() => r,
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %e, retry_in = ?backoff, applied = self.revocations.applied(), "revocation feed lost; reconnecting");
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// One connection to the feed, until it fails or goes silent.
+    async fn follow(&self) -> Result<(), NodeError> {
+        let own_id = self.link.identity().spiffe_id.clone();
+        let mut client = self.link.client().await?;
+        let mut stream = client
+            .watch_revocations(rpb::WatchRevocationsRequest {
+                after_sequence: self.revocations.applied(),
+            })
+            .await
+            .map_err(NodeError::from_status)?
+            .into_inner();
+        loop {
+            let msg = match tokio::time::timeout(SILENCE, stream.message()).await {
+                Err(_) => return Err(NodeError::Server("revocation feed went silent".into())),
+                Ok(Err(status)) => return Err(NodeError::from_status(status)),
+                Ok(Ok(None)) => return Err(NodeError::Server("revocation feed ended".into())),
+                Ok(Ok(Some(msg))) => msg,
+            };
+            if msg.head_sequence < self.revocations.applied() {
+                tracing::warn!(server_head = msg.head_sequence, applied = self.revocations.applied(), "the server's revocation log is behind this node; starting over from its beginning");
+                self.revocations.reset();
+                return Err(NodeError::Server("revocation log reset".into()));
+            }
+            let unix_now = crate::clock::unix_seconds(self.clock.now());
+            self.revocations
+                .apply_message(msg, &self.cache, &own_id, Instant::now(), unix_now);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::revocation::{event_to_proto, RevocationAction, RevocationHandle};
+
+    fn event(seq: u64, handle: RevocationHandle) -> rpb::RevocationEvent {
+        event_to_proto(&RevocationEvent {
+            sequence: seq,
+            action: RevocationAction::Revoke,
+            handle,
+            reason: String::new(),
+            at: 10,
+            serials: vec![],
+            jwt_ids: vec!["jj".into()],
+            expires_at: 100,
+        })
+    }
+
+    #[test]
+    fn messages_are_applied_once_in_order_and_kept_for_watchers() {
+        let revs = NodeRevocations::new(Duration::from_secs(5), false);
+        let cache = Cache::new();
+        let own = SpiffeId::new("spiffe://example.org/node/a").unwrap();
+        let now = Instant::now();
+        assert!(!revs.connected(now));
+        let entry = RevocationHandle::Entry("0".repeat(32).parse().unwrap());
+        let n = revs.apply_message(
+            rpb::RevocationFeed {
+                events: vec![
+                    event(1, entry.clone()),
+                    event(2, RevocationHandle::Task("t".into())),
+                ],
+                head_sequence: 2,
+                compacted: false,
+            },
+            &cache,
+            &own,
+            now,
+            10,
+        );
+        assert_eq!(n, 2);
+        assert!(revs.caught_up());
+        assert!(revs.connected(now));
+        assert!(!revs.connected(now + Duration::from_secs(6)));
+        assert!(revs.is_jwt_revoked("jj"));
+        // A replayed event is skipped.
+        let n = revs.apply_message(
+            rpb::RevocationFeed {
+                events: vec![event(2, RevocationHandle::Task("t".into()))],
+                head_sequence: 2,
+                compacted: false,
+            },
+            &cache,
+            &own,
+            now,
+            10,
+        );
+        assert_eq!(n, 0);
+        let after = revs.events_after(1);
+        assert_eq!(after.events.len(), 1);
+        assert_eq!(after.head, 2);
+        // A heartbeat beyond what we hold moves the applied sequence (compacted events).
+        revs.apply_message(
+            rpb::RevocationFeed {
+                events: vec![],
+                head_sequence: 5,
+                compacted: true,
+            },
+            &cache,
+            &own,
+            now,
+            10,
+        );
+        assert_eq!(revs.applied(), 5);
+    }
+}

@@ -1,0 +1,379 @@
+//! Revocation end to end: the server's log and push feed, node agents applying it, and the
+//! `spiffe` crate's `X509Source` seeing the result.
+
+use std::time::{Duration, Instant};
+
+use agentd_e2e::{agentd, spawn_node, wait_until, Env, Node, Server};
+use spiffe::{X509Source, X509SourceError};
+
+fn serial_of(der: &[u8]) -> String {
+    let (_, c) = x509_parser::parse_x509_certificate(der).expect("leaf parses");
+    c.tbs_certificate.serial.to_str_radix(16)
+}
+
+async fn source(node: &Node) -> anyhow::Result<X509Source> {
+    Ok(X509Source::builder()
+        .endpoint(node.endpoint())
+        .initial_sync_timeout(Duration::from_secs(20))
+        .build()
+        .await?)
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+type SvidResult = Result<std::sync::Arc<spiffe::X509Svid>, X509SourceError>;
+
+/// Waits (at most `within`) until the source's current SVID satisfies `want`; returns it.
+async fn source_until(
+    source: &X509Source,
+    within: Duration,
+    want: impl Fn(&SvidResult) -> bool,
+) -> anyhow::Result<SvidResult> {
+    let deadline = Instant::now() + within;
+    loop {
+        let now = source.svid();
+        if want(&now) {
+            return Ok(now);
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("the source did not change as expected; last: {now:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn withdrawn(r: &SvidResult) -> bool {
+    matches!(r, Err(X509SourceError::Withdrawn(_)))
+}
+
+fn fetch_x509(node: &Node) -> std::process::Output {
+    agentd(&[
+        "api",
+        "fetch",
+        "x509",
+        "--socket-path",
+        &node.socket_arg(),
+        "--output",
+        "json",
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_an_entry_withdraws_its_svid_and_jwt_until_lifted() -> anyhow::Result<()> {
+    let env = Env::new();
+    let server = Server::start(&env)?;
+    let node = Node::start(&env, &server, "n1")?;
+    let id = "spiffe://example.org/agent/revoked";
+    let entry = server.register_own_uid(&node.spiffe_id, id, &[])?;
+    node.wait_for_svid(id)?;
+    let source = source(&node).await?;
+    assert_eq!(source.svid()?.spiffe_id().to_string(), id);
+
+    // A JWT-SVID fetched before the revocation validates now, and not after.
+    let sock = node.socket_arg();
+    let token = agentd(&[
+        "api",
+        "fetch",
+        "jwt",
+        "--audience",
+        "tools",
+        "--socket-path",
+        &sock,
+        "--output",
+        "json",
+    ]);
+    assert!(
+        token.status.success(),
+        "{}",
+        String::from_utf8_lossy(&token.stderr)
+    );
+    let token = json(&String::from_utf8_lossy(&token.stdout))["svids"][0]["svid"]
+        .as_str()
+        .expect("a token")
+        .to_string();
+    let validate = || {
+        agentd(&[
+            "api",
+            "validate",
+            "jwt",
+            "--audience",
+            "tools",
+            "--svid",
+            &token,
+            "--socket-path",
+            &sock,
+        ])
+    };
+    assert!(validate().status.success());
+
+    let revoked_at = Instant::now();
+    let out = server.cli_ok(&[
+        "revoke",
+        "entry",
+        "--id",
+        &entry,
+        "--reason",
+        "key leaked",
+        "--output",
+        "json",
+    ])?;
+    let event = json(&out);
+    assert_eq!(event["kind"], "entry");
+    assert_eq!(event["action"], "revoke");
+    assert_eq!(
+        event["serials"].as_array().map(Vec::len),
+        Some(1),
+        "{event}"
+    );
+    assert_eq!(
+        event["jwt_ids"].as_array().map(Vec::len),
+        Some(1),
+        "{event}"
+    );
+    let sequence = event["sequence"].as_u64().expect("sequence");
+
+    // The workload's stream is updated: the source reports the SVID withdrawn.
+    let _ = source_until(&source, Duration::from_secs(5), withdrawn).await?;
+    assert!(revoked_at.elapsed() < Duration::from_secs(5));
+    let out = fetch_x509(&node);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no identity issued"));
+    let v = validate();
+    assert!(!v.status.success());
+    assert!(
+        String::from_utf8_lossy(&v.stderr).contains("revoked"),
+        "{}",
+        String::from_utf8_lossy(&v.stderr)
+    );
+
+    // The entry stays, marked revoked, and no SVID is issued for it across syncs.
+    let shown = json(&server.cli_ok(&["entry", "show", "--id", &entry, "--output", "json"])?);
+    assert_eq!(shown["revoked_by"].as_u64(), Some(sequence), "{shown}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !fetch_x509(&node).status.success(),
+        "never re-issued while it stands"
+    );
+    let listed = json(&server.cli_ok(&["revoke", "list", "--output", "json"])?);
+    assert_eq!(listed["events"][0]["sequence"].as_u64(), Some(sequence));
+    // Revoking twice is refused with a clear line.
+    let again = server.cli(&["revoke", "entry", "--id", &entry]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already revoked"));
+
+    // Relying parties see the event on the node agent's watch service.
+    let seen = json(&String::from_utf8_lossy(
+        &agentd(&[
+            "api",
+            "revocations",
+            "--socket-path",
+            &sock,
+            "--output",
+            "json",
+        ])
+        .stdout,
+    ));
+    assert_eq!(
+        seen["events"][0]["sequence"].as_u64(),
+        Some(sequence),
+        "{seen}"
+    );
+
+    // Lifted: the entry serves again, with a new SVID.
+    server.cli_ok(&["revoke", "lift", "--sequence", &sequence.to_string()])?;
+    node.wait_for_svid(id)?;
+    let back = source_until(&source, Duration::from_secs(10), Result::is_ok).await?;
+    assert_eq!(back?.spiffe_id().to_string(), id);
+    source.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_an_svid_by_serial_brings_a_fresh_one() -> anyhow::Result<()> {
+    let env = Env::new();
+    let server = Server::start(&env)?;
+    let node = Node::start(&env, &server, "n1")?;
+    let id = "spiffe://example.org/agent/reissued";
+    server.register_own_uid(&node.spiffe_id, id, &["--x509-svid-ttl", "1h"])?;
+    node.wait_for_svid(id)?;
+    let source = source(&node).await?;
+    let old = serial_of(source.svid()?.leaf().as_bytes());
+
+    // openssl prints serials in upper case with colons; both forms are accepted.
+    let pasted = old.to_uppercase();
+    let out = json(&server.cli_ok(&["revoke", "svid", "--serial", &pasted, "--output", "json"])?);
+    assert_eq!(out["id"], old.as_str());
+
+    let fresh = source_until(&source, Duration::from_secs(10), |r| {
+        r.as_ref()
+            .is_ok_and(|s| serial_of(s.leaf().as_bytes()) != old)
+    })
+    .await??;
+    let new = serial_of(fresh.leaf().as_bytes());
+    assert_ne!(new, old, "a fresh SVID, with a new serial");
+    assert_eq!(fresh.spiffe_id().to_string(), id);
+    // The revoked serial is never served again.
+    let served = json(&String::from_utf8_lossy(&fetch_x509(&node).stdout));
+    assert_ne!(served["svids"][0]["serial"], old.as_str(), "{served}");
+
+    // An unknown serial is refused and nothing is logged.
+    let bad = server.cli(&["revoke", "svid", "--serial", "0xdeadbeef"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("deadbeef"));
+    let bad = server.cli(&["revoke", "svid", "--serial", "zz"]);
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).starts_with("error: serial:")
+            || String::from_utf8_lossy(&bad.stderr).contains("serial: ")
+    );
+    let listed = json(&server.cli_ok(&["revoke", "list", "--output", "json"])?);
+    assert_eq!(listed["head_sequence"].as_u64(), Some(1), "{listed}");
+    source.shutdown().await;
+    Ok(())
+}
+
+#[test]
+fn a_node_offline_during_a_revocation_applies_it_before_serving() -> anyhow::Result<()> {
+    let env = Env::new();
+    let server = Server::start(&env)?;
+    let mut node = Node::start(&env, &server, "n1")?;
+    let kept = "spiffe://example.org/agent/kept";
+    let gone = "spiffe://example.org/agent/gone";
+    server.register_own_uid(&node.spiffe_id, kept, &[])?;
+    let gone_entry = server.register_own_uid(&node.spiffe_id, gone, &[])?;
+    node.wait_for_svid(gone)?;
+
+    node.daemon.stop();
+    let event =
+        json(&server.cli_ok(&["revoke", "entry", "--id", &gone_entry, "--output", "json"])?);
+    let sequence = event["sequence"].as_u64().expect("sequence");
+    node.restart()?;
+    // Healthy means caught up with the feed: the event is applied before anything is served.
+    let seen = json(&String::from_utf8_lossy(
+        &agentd(&[
+            "api",
+            "revocations",
+            "--socket-path",
+            &node.socket_arg(),
+            "--output",
+            "json",
+        ])
+        .stdout,
+    ));
+    assert_eq!(seen["head_sequence"].as_u64(), Some(sequence), "{seen}");
+    node.wait_for_svid(kept)?;
+    let served = String::from_utf8_lossy(&fetch_x509(&node).stdout).into_owned();
+    assert!(served.contains(kept));
+    assert!(!served.contains(gone), "{served}");
+    Ok(())
+}
+
+#[test]
+fn revocations_survive_a_server_restart() -> anyhow::Result<()> {
+    let env = Env::new();
+    let mut server = Server::start(&env)?;
+    let node = Node::start(&env, &server, "n1")?;
+    let id = "spiffe://example.org/agent/persisted";
+    let entry = server.register_own_uid(&node.spiffe_id, id, &[])?;
+    node.wait_for_svid(id)?;
+    server.cli_ok(&["revoke", "entry", "--id", &entry, "--reason", "audit"])?;
+    server.cli_ok(&["revoke", "task", "--id", "task-7"])?;
+    server.restart()?;
+
+    let listed = json(&server.cli_ok(&["revoke", "list", "--output", "json"])?);
+    let events = listed["events"].as_array().expect("events");
+    assert_eq!(events.len(), 2, "{listed}");
+    assert_eq!(events[0]["reason"], "audit");
+    assert_eq!(listed["head_sequence"].as_u64(), Some(2));
+    // Still refused after the restart, and numbering continues.
+    assert!(wait_until(Duration::from_secs(10), || !fetch_x509(&node)
+        .status
+        .success()));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!fetch_x509(&node).status.success());
+    let next = json(&server.cli_ok(&["revoke", "lift", "--sequence", "1", "--output", "json"])?);
+    assert_eq!(next["sequence"].as_u64(), Some(3));
+    node.wait_for_svid(id)?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_node_is_a_kill_switch() -> anyhow::Result<()> {
+    let env = Env::new();
+    let server = Server::start(&env)?;
+    let node = Node::start(&env, &server, "n1")?;
+    let other = Node::start(&env, &server, "n2")?;
+    let id = "spiffe://example.org/agent/on-n1";
+    server.register_own_uid(&node.spiffe_id, id, &[])?;
+    let other_id = "spiffe://example.org/agent/on-n2";
+    server.register_own_uid(&other.spiffe_id, other_id, &[])?;
+    node.wait_for_svid(id)?;
+    other.wait_for_svid(other_id)?;
+    let source = source(&node).await?;
+    // A token made before the revocation, never used.
+    let old_token = server.join_token(&node.spiffe_id)?;
+
+    let event = json(&server.cli_ok(&[
+        "revoke",
+        "node",
+        "--spiffe-id",
+        &node.spiffe_id,
+        "--output",
+        "json",
+    ])?);
+    // The node's own SVID and its workload's SVID are covered.
+    assert_eq!(
+        event["serials"].as_array().map(Vec::len),
+        Some(2),
+        "{event}"
+    );
+    let _ = source_until(&source, Duration::from_secs(5), withdrawn).await?;
+    // The node is gone from the server and its SVID no longer works there.
+    let nodes = server.cli_ok(&["node", "list", "--output", "json"])?;
+    assert!(!nodes.contains(&node.spiffe_id), "{nodes}");
+    assert!(wait_until(Duration::from_secs(10), || node
+        .daemon
+        .log_text()
+        .contains("is revoked")));
+    // Another node is untouched.
+    assert!(fetch_x509(&other).status.success());
+
+    // A join token made before the revocation cannot bring it back...
+    let bundle = env.path().join("readmit-bundle.pem");
+    server.write_bundle(&bundle)?;
+    let fresh_dir = env.path().join("readmit");
+    let socket = env.path().join("readmit.sock");
+    let mut refused = spawn_node(
+        &server.address,
+        &bundle,
+        &fresh_dir,
+        &socket,
+        Some(&old_token),
+    )?;
+    let status = refused.wait_exit(Duration::from_secs(20))?;
+    assert!(!status.success());
+    assert!(
+        refused.log_text().contains("is revoked"),
+        "{}",
+        refused.log_text()
+    );
+    // ...a new one is the operator re-admitting it: the revocation is lifted.
+    let new_token = server.join_token(&node.spiffe_id)?;
+    let listed = json(&server.cli_ok(&["revoke", "list", "--output", "json"])?);
+    assert_eq!(
+        listed["events"].as_array().map(Vec::len),
+        Some(0),
+        "{listed}"
+    );
+    let mut readmitted = spawn_node(
+        &server.address,
+        &bundle,
+        &fresh_dir,
+        &socket,
+        Some(&new_token),
+    )?;
+    readmitted.wait_node_healthy(&socket)?;
+    source.shutdown().await;
+    Ok(())
+}
