@@ -2,12 +2,14 @@
 //!
 //! - [`ca`]: the server's certificate authority (X.509-SVIDs, JWT-SVIDs).
 //! - [`datastore`]: registration entries, attested nodes, join tokens.
+//! - [`audit`]: the hash-chained audit trail.
 //! - [`server`]: the central server (admin API, node API).
 //! - [`node`]: the node agent (attestation to the server, SVID cache, rotation).
 //! - [`workload_api`]: the SPIFFE Workload API served by the node agent.
 //! - [`cli`]: the `agentd` command line.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod bundle;
 pub mod ca;
 pub mod cli;

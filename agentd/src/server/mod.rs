@@ -5,6 +5,7 @@ pub mod admin;
 pub mod config;
 pub mod node_api;
 pub mod node_attestor;
+pub mod ownership;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -52,6 +53,8 @@ pub enum ServerError {
     Serve { what: &'static str, reason: String },
     #[error(transparent)]
     Task(#[from] crate::runtime::TaskFailed),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
 }
 
 /// What the admin and node APIs share.
@@ -63,6 +66,8 @@ pub struct ServerState {
     pub clock: Arc<dyn Clock>,
     /// The node API address actually bound (differs from the config with port 0).
     pub node_api_address: SocketAddr,
+    /// The audit trail every API records into.
+    pub audit: Arc<crate::audit::Audit>,
 }
 
 /// A configured server, not yet running.
@@ -118,12 +123,18 @@ impl Server {
         })?;
         let admin_listener = bind_admin_socket(&cfg.admin_socket)?;
 
+        let audit = Arc::new(crate::audit::Audit::new(
+            store.clone(),
+            self.clock.clone(),
+            cfg.audit_export_file.as_deref(),
+        )?);
         let state = Arc::new(ServerState {
             config: cfg.clone(),
             store,
             ca,
             clock: self.clock.clone(),
             node_api_address,
+            audit,
         });
         let (tls_config, renew_at) = issue_server_tls(&state)?;
         let tls_source: ServerConfigSource = Arc::new(std::sync::RwLock::new(tls_config));

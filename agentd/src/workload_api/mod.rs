@@ -318,13 +318,20 @@ impl SpiffeWorkloadApi for WorkloadApi {
         self.ready()?;
         let view = self.view_with_svids(&selectors).await;
         let first = x509_response(&view).ok_or_else(|| Status::permission_denied(NO_IDENTITY))?;
+        self.cache
+            .note_fetched(view.svids.iter().map(|s| s.entry_id.clone()));
         let key = x509_fingerprint(&view);
         let cache = self.cache.clone();
         let clock = self.clock.clone();
         let stream = spawn_stream(self.cache.clone(), first, key, move || {
             let view = cache.view_for(&selectors, clock.now());
             match x509_response(&view) {
-                Some(msg) => Ok((msg, x509_fingerprint(&view))),
+                Some(msg) => {
+                    // A rotated SVID pushed on a stream is a fetch too. Noted even when the
+                    // snapshot is unchanged: the workload still holds and uses them.
+                    cache.note_fetched(view.svids.iter().map(|s| s.entry_id.clone()));
+                    Ok((msg, x509_fingerprint(&view)))
+                }
                 // Every identity is gone (entry deleted, expired): say so and end the stream.
                 None => Err(Status::permission_denied(NO_IDENTITY)),
             }
@@ -433,6 +440,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                     resp.token
                 }
             };
+            self.cache.note_fetched([e.id.clone()]);
             svids.push(pb::Jwtsvid {
                 spiffe_id: e.spiffe_id.to_string(),
                 svid: token,
