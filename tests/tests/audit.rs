@@ -363,12 +363,12 @@ fn stale_orphaned_and_inventory_from_the_cli() -> anyhow::Result<()> {
     // Orphaned: no owner, or the owner is disabled.
     assert_eq!(
         entry_ids(&json(&server, &["entry", "show", "--orphaned"])?),
-        [idle.clone()]
+        [idle.as_str()]
     );
     let out = json(&server, &["owner", "disable", "bob@example.com"])?;
     assert_eq!(out["disabled"], true);
     assert_eq!(out["suspended"], false);
-    assert_eq!(entry_ids(&out["entries"]), [bobs.clone()]);
+    assert_eq!(entry_ids(&out["entries"]), [bobs.as_str()]);
     assert_eq!(
         entry_ids(&json(&server, &["entry", "show", "--orphaned"])?),
         want
