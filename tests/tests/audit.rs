@@ -154,6 +154,10 @@ fn every_kind_of_event_is_recorded_with_its_fields() -> anyhow::Result<()> {
     assert_eq!(j["fields"]["audience"], serde_json::json!(["mcp://tools"]));
     assert_eq!(j["fields"]["scopes"], serde_json::json!(["crm:read"]));
     assert_eq!(j["fields"]["ttl"], 300);
+    assert!(
+        j["fields"]["jti"].as_str().is_some_and(|s| s.len() == 32),
+        "{j}"
+    );
     assert!(!token.is_empty() && !all.iter().any(|r| r.to_string().contains(&token)));
 
     let r = the_record(&all, "entry.update", Some(id));

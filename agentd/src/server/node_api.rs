@@ -673,10 +673,13 @@ impl Node for NodeApi {
             .map_err(NodeApiError::from)?;
         tracing::debug!(spiffe_id = %entry.spec.spiffe_id, entry = %entry.id, "JWT-SVID issued");
         let expires_at = unix_seconds(jwt.expires_at);
+        // The token's id, not the token: the log must not hold a usable credential.
+        let jti = jwt_id(&jwt.token).unwrap_or_default();
         self.state
             .audit
             .record(
                 issuance_record("jwtsvid.issue", &node, &entry, expires_at)
+                    .field("jti", &jti)
                     .field("audience", &req.audience)
                     .field("ttl", entry.spec.jwt_svid_ttl.as_secs()),
             )
@@ -685,7 +688,7 @@ impl Node for NodeApi {
         self.note_issued(vec![IssuedSvid {
             entry_id: entry.id.clone(),
             kind: "jwt",
-            serial: String::new(),
+            serial: jti,
             node: node.spiffe_id.to_string(),
             expires_at,
         }])
@@ -711,6 +714,17 @@ fn issuance_record(
         .field("scopes", &entry.spec.scopes)
         .field("owner", &entry.spec.owner)
         .field("expires_at", expires_at)
+}
+
+/// The `jti` claim of a JWT we just signed.
+fn jwt_id(token: &str) -> Option<String> {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    claims["jti"].as_str().map(str::to_string)
 }
 
 /// Most fetched entry ids taken from one sync request.
@@ -874,6 +888,114 @@ mod tests {
             selectors: selectors.iter().map(|s| s.parse().unwrap()).collect(),
             previous_serial: None,
         }
+    }
+
+    /// A server state on a temp dir, with `suspend_disabled_owners` as given.
+    fn state(dir: &std::path::Path, suspend: bool) -> Arc<ServerState> {
+        use crate::clock::{Clock, ManualClock};
+        let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(
+            std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+        ));
+        let config = crate::server::ServerConfig::try_from(crate::server::RawServerConfig {
+            suspend_disabled_owners: Some(suspend),
+            data_dir: Some(dir.to_path_buf()),
+            ..Default::default()
+        })
+        .unwrap();
+        let store: Arc<dyn crate::datastore::DataStore> =
+            Arc::new(SledStore::open(&dir.join("datastore")).unwrap());
+        let ca = crate::ca::CertificateAuthority::load_or_create(
+            &crate::ca::CaConfig {
+                trust_domain: config.trust_domain.clone(),
+                key_dir: dir.join("keys"),
+                ca_ttl: config.ca_ttl,
+                upstream: None,
+                organization: config.organization.clone(),
+            },
+            clock.as_ref(),
+        )
+        .unwrap();
+        let audit = Arc::new(crate::audit::Audit::new(store.clone(), clock.clone(), None).unwrap());
+        Arc::new(ServerState {
+            config,
+            store,
+            ca: Arc::new(ca),
+            clock,
+            node_api_address: "127.0.0.1:0".parse().unwrap(),
+            audit,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_suspended_entry_is_refused_and_the_refusal_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = state(dir.path(), true);
+        let api = NodeApi::new(st.clone());
+        let n = node("spiffe://example.org/node/a", &[]);
+        let mut s = spec(
+            "spiffe://example.org/agent/x",
+            "spiffe://example.org/node/a",
+            &["unix:uid:1"],
+        );
+        s.owner = Some("alice@example.com".into());
+        let entry = st.store.create_entry(s, 0).await.unwrap();
+        api.check_not_suspended(&n, &entry, "x509svid")
+            .await
+            .unwrap();
+
+        st.store
+            .set_owner_disabled("alice@example.com", true, 1)
+            .await
+            .unwrap();
+        let err = api
+            .check_not_suspended(&n, &entry, "x509svid")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, NodeApiError::EntrySuspended { .. }), "{err}");
+        assert_eq!(Status::from(err).code(), tonic::Code::PermissionDenied);
+        let records = st
+            .audit
+            .query(&crate::audit::AuditQuery {
+                action: Some("x509svid.refuse".into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].actor, "spiffe://example.org/node/a");
+        assert_eq!(
+            records[0].subject.as_deref(),
+            Some("spiffe://example.org/agent/x")
+        );
+        assert_eq!(records[0].fields["owner"], "alice@example.com");
+
+        // Without the setting, a disabled owner's entry is only flagged.
+        let dir = tempfile::tempdir().unwrap();
+        let st = state(dir.path(), false);
+        let api = NodeApi::new(st.clone());
+        let entry = st.store.create_entry(entry.spec.clone(), 0).await.unwrap();
+        st.store
+            .set_owner_disabled("alice@example.com", true, 1)
+            .await
+            .unwrap();
+        api.check_not_suspended(&n, &entry, "jwtsvid")
+            .await
+            .unwrap();
+    }
+
+    #[test]
+    fn the_jwt_id_is_read_from_the_token() {
+        use base64::Engine as _;
+        let enc = |v: serde_json::Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+        };
+        let token = format!(
+            "{}.{}.sig",
+            enc(serde_json::json!({"alg": "ES256"})),
+            enc(serde_json::json!({"jti": "abc", "sub": "spiffe://example.org/a"}))
+        );
+        assert_eq!(jwt_id(&token).as_deref(), Some("abc"));
+        assert_eq!(jwt_id("garbage"), None);
     }
 
     #[test]
