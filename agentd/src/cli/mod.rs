@@ -268,10 +268,10 @@ pub enum EntryCommand {
         #[arg(long)]
         selector: Option<String>,
         /// Only zombies: entries none of whose SVIDs was fetched within this window (30d).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "id")]
         stale: Option<String>,
         /// Only entries without an owner or whose owner is disabled.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "id")]
         orphaned: bool,
         #[command(flatten)]
         admin: AdminSocketArg,
