@@ -2,6 +2,7 @@
 //!
 //! - [`ca`]: the server's certificate authority (X.509-SVIDs, JWT-SVIDs).
 //! - [`datastore`]: registration entries, attested nodes, join tokens.
+//! - [`audit`]: the hash-chained audit trail.
 //! - [`server`]: the central server (admin API, node API).
 //! - [`node`]: the node agent (attestation to the server, SVID cache, rotation).
 //! - [`revocation`]: revocation handles, the server's log and push feed, the node side.
@@ -9,6 +10,7 @@
 //! - [`cli`]: the `agentd` command line.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod bundle;
 pub mod ca;
 pub mod cli;

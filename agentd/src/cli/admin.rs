@@ -32,7 +32,7 @@ pub fn status(s: tonic::Status) -> anyhow::Error {
     anyhow!("{}", s.message())
 }
 
-fn ttl_secs(field: &str, raw: &Option<String>) -> anyhow::Result<Option<i64>> {
+pub(super) fn ttl_secs(field: &str, raw: &Option<String>) -> anyhow::Result<Option<i64>> {
     raw.as_deref()
         .map(|s| {
             s.parse::<Ttl>()
@@ -57,6 +57,10 @@ pub fn entry_json(e: &pb::Entry) -> serde_json::Value {
         "revision": e.revision,
         "created_at": e.created_at,
         "revoked_by": if e.revoked_by == 0 { serde_json::Value::Null } else { json!(e.revoked_by) },
+        "last_issued": (e.last_issued != 0).then_some(e.last_issued),
+        "last_fetched": (e.last_fetched != 0).then_some(e.last_fetched),
+        "owner_disabled": e.owner_disabled,
+        "suspended": e.suspended,
     })
 }
 
@@ -83,6 +87,17 @@ fn entry_text(e: &pb::Entry) -> String {
     }
     if !e.owner.is_empty() {
         s += &format!("Owner         : {}\n", e.owner);
+    }
+    if e.suspended {
+        s += "Status        : suspended (owner disabled)\n";
+    } else if e.owner_disabled {
+        s += "Status        : orphaned (owner disabled)\n";
+    }
+    if e.last_issued != 0 {
+        s += &format!("Last issued   : {}\n", rfc3339(e.last_issued));
+    }
+    if e.last_fetched != 0 {
+        s += &format!("Last fetched  : {}\n", rfc3339(e.last_fetched));
     }
     if !e.hint.is_empty() {
         s += &format!("Hint          : {}\n", e.hint);
@@ -179,8 +194,11 @@ pub async fn entry(cmd: EntryCommand, out: Output) -> anyhow::Result<()> {
             spiffe_id,
             parent_id,
             selector,
+            stale,
+            orphaned,
             admin,
         } => {
+            let stale_seconds = ttl_secs("stale", &stale)?.unwrap_or(0);
             let mut c = client(&admin.admin_socket).await?;
             if let Some(id) = id {
                 let e = c
@@ -195,6 +213,8 @@ pub async fn entry(cmd: EntryCommand, out: Output) -> anyhow::Result<()> {
                         spiffe_id: spiffe_id.unwrap_or_default(),
                         parent_id: parent_id.unwrap_or_default(),
                         selector: selector.unwrap_or_default(),
+                        stale_seconds,
+                        orphaned,
                     })
                     .await
                     .map_err(status)?

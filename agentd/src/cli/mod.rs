@@ -3,6 +3,7 @@
 //! `bundle show`, `api fetch|validate|watch`, `healthcheck`.
 
 mod admin;
+mod audit;
 mod daemon;
 mod output;
 mod revoke;
@@ -53,6 +54,57 @@ pub enum Command {
     Api(ApiCommand),
     /// Checks that a node agent (socket) or the server (admin socket) is up and ready.
     Healthcheck(HealthcheckArgs),
+    /// The hash-chained audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Accountable owners of entries.
+    #[command(subcommand)]
+    Owner(OwnerCommand),
+    /// Entries, nodes, live SVIDs, grants and revocations, by owner and by node.
+    Inventory {
+        /// The window for the count of stale entries (seconds or a duration); default 30d.
+        #[arg(long)]
+        stale: Option<String>,
+        #[command(flatten)]
+        admin: AdminSocketArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Prints audit records, oldest first.
+    Show {
+        /// Records since a time: RFC 3339 (2026-01-31T12:00:00Z) or a duration ago (90s, 8h, 7d).
+        #[arg(long)]
+        since: Option<String>,
+        /// Records whose subject or actor is this SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        /// An action (x509svid.issue), or a prefix ending in * (entry.*).
+        #[arg(long)]
+        action: Option<String>,
+        #[command(flatten)]
+        admin: AdminSocketArg,
+    },
+    /// Checks the hash chain; names the first altered or missing record and exits non-zero.
+    Verify(AdminSocketArg),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OwnerCommand {
+    /// Disables an owner: flags the owner's entries (and, with suspend_disabled_owners in the
+    /// server config, the server mints nothing for them).
+    Disable {
+        owner: String,
+        #[command(flatten)]
+        admin: AdminSocketArg,
+    },
+    /// Enables an owner again.
+    Enable {
+        owner: String,
+        #[command(flatten)]
+        admin: AdminSocketArg,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -219,6 +271,12 @@ pub enum EntryCommand {
         parent_id: Option<String>,
         #[arg(long)]
         selector: Option<String>,
+        /// Only zombies: entries none of whose SVIDs was fetched within this window (30d).
+        #[arg(long, conflicts_with = "id")]
+        stale: Option<String>,
+        /// Only entries without an owner or whose owner is disabled.
+        #[arg(long, conflicts_with = "id")]
+        orphaned: bool,
         #[command(flatten)]
         admin: AdminSocketArg,
     },
@@ -425,5 +483,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Some(p) => admin::healthcheck(p, out).await,
             None => workload::healthcheck(&args.socket_path, out).await,
         },
+        Command::Audit(cmd) => audit::audit(cmd, out).await,
+        Command::Owner(cmd) => audit::owner(cmd, out).await,
+        Command::Inventory { stale, admin } => audit::inventory(stale, &admin, out).await,
     }
 }

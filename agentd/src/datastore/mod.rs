@@ -2,6 +2,7 @@
 //! that another store (PostgreSQL, shared by several servers) can sit behind it. Every
 //! operation is one transaction, durable when it returns.
 
+mod lifecycle;
 mod model;
 mod revocation_records;
 pub mod sled_store;
@@ -10,6 +11,12 @@ use std::fmt::Debug;
 
 pub use model::{AttestedNode, Entry, EntryFilter, EntryId, EntryIdError, EntrySpec, JoinToken};
 pub use sled_store::SledStore;
+
+pub use lifecycle::{EntryActivity, EntryIssuance, LiveSvid, OwnerState};
+
+use std::collections::HashMap;
+
+use crate::audit::{AuditHead, AuditRecord, SealedAuditRecord, StoredAuditRecord};
 
 use spiffe::SpiffeId;
 
@@ -72,4 +79,41 @@ pub trait DataStore: Send + Sync + Debug + 'static {
     async fn revocation_head(&self) -> Result<u64>;
     /// Removes events that no longer matter (see `revocation::log::compactable`).
     async fn compact_revocations(&self, sequences: &[u64]) -> Result<()>;
+
+    // Audit log (see `crate::audit`).
+    /// Seals `records` in order (numbered after the current head, each chained to the one
+    /// before, all timed `time`), stores them and moves the checkpointed head, in one
+    /// transaction: a sequence number is never used twice or skipped.
+    async fn append_audit(
+        &self,
+        records: Vec<AuditRecord>,
+        time: i64,
+    ) -> Result<Vec<SealedAuditRecord>>;
+    /// Up to `limit` records with a sequence number above `after_seq`, in order, unparsed.
+    async fn audit_records(&self, after_seq: u64, limit: usize) -> Result<Vec<StoredAuditRecord>>;
+    /// The checkpointed head; `None` before the first record.
+    async fn audit_head(&self) -> Result<Option<AuditHead>>;
+
+    // Entry activity and owners (ownership and lifecycle).
+    /// Sets `last_issued` and adds the SVIDs to the live set of their entries.
+    async fn note_issued(&self, issued: Vec<EntryIssuance>, now: i64) -> Result<()>;
+    /// Sets `last_fetched` of the entries.
+    async fn note_fetched(&self, entries: Vec<EntryId>, now: i64) -> Result<()>;
+    /// Activity of every entry that has any.
+    async fn entry_activity(&self) -> Result<HashMap<EntryId, EntryActivity>>;
+    async fn set_owner_disabled(&self, owner: &str, disabled: bool, now: i64)
+        -> Result<OwnerState>;
+    async fn get_owner(&self, owner: &str) -> Result<Option<OwnerState>>;
+    async fn list_owners(&self) -> Result<Vec<OwnerState>>;
+
+    // Inventory hooks for resources other parts of the server own. The defaults count
+    // nothing; the store that keeps grants (revocations) overrides them.
+    /// Grants not yet expired at `now`.
+    async fn count_live_grants(&self, _now: i64) -> Result<u64> {
+        Ok(0)
+    }
+    /// Revocations standing in the revocation log.
+    async fn count_revocations(&self) -> Result<u64> {
+        Ok(0)
+    }
 }

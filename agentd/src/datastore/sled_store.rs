@@ -14,6 +14,8 @@ use super::{
     AttestedNode, DataStore, DataStoreError, Entry, EntryFilter, EntryId, EntrySpec, JoinToken,
     Result,
 };
+use super::{EntryActivity, EntryIssuance, LiveSvid, OwnerState};
+use crate::audit::{AuditHead, AuditRecord, SealedAuditRecord, StoredAuditRecord};
 use crate::revocation::{IssuedSvid, RevocationEvent};
 use crate::ttl::Ttl;
 
@@ -25,6 +27,15 @@ const REVOCATIONS: &str = "revocations";
 const META: &str = "meta";
 /// Key in META: the last revocation sequence handed out (u64 big-endian).
 const REVOCATION_HEAD: &[u8] = b"revocation_head";
+/// Audit records, keyed by sequence number (8 bytes big-endian, so keys sort in order).
+pub const AUDIT: &str = "audit";
+/// The audit log's checkpointed head, under [`AUDIT_HEAD_KEY`].
+pub const AUDIT_META: &str = "audit_meta";
+pub const AUDIT_HEAD_KEY: &[u8] = b"head";
+const ENTRY_ACTIVITY: &str = "entry_activity";
+const OWNERS: &str = "owners";
+/// Most live SVIDs remembered per entry; the oldest go first.
+const MAX_LIVE_PER_ENTRY: usize = 256;
 
 #[derive(Debug)]
 pub struct SledStore {
@@ -40,6 +51,15 @@ pub struct SledStore {
     revocation_writes: Mutex<()>,
     /// Serialises entry writes, so the duplicate check and the insert are one step.
     entry_writes: Mutex<()>,
+    audit: sled::Tree,
+    audit_meta: sled::Tree,
+    entry_activity: sled::Tree,
+    owners: sled::Tree,
+    /// Serialises audit appends (the transaction would retry on conflict anyway; this keeps
+    /// them from contending).
+    audit_writes: Mutex<()>,
+    /// Serialises read-modify-write of activity and owner records.
+    activity_writes: Mutex<()>,
 }
 
 fn backend(e: impl std::fmt::Display) -> DataStoreError {
@@ -64,8 +84,14 @@ impl SledStore {
             revocations: db.open_tree(REVOCATIONS).map_err(backend)?,
             meta: db.open_tree(META).map_err(backend)?,
             revocation_writes: Mutex::new(()),
+            audit: db.open_tree(AUDIT).map_err(backend)?,
+            audit_meta: db.open_tree(AUDIT_META).map_err(backend)?,
+            entry_activity: db.open_tree(ENTRY_ACTIVITY).map_err(backend)?,
+            owners: db.open_tree(OWNERS).map_err(backend)?,
             db,
             entry_writes: Mutex::new(()),
+            audit_writes: Mutex::new(()),
+            activity_writes: Mutex::new(()),
         })
     }
 
@@ -213,6 +239,60 @@ struct JoinTokenRecord {
     expires_at: i64,
 }
 
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct ActivityRecord {
+    last_issued: Option<i64>,
+    last_fetched: Option<i64>,
+    #[serde(default)]
+    live: Vec<LiveSvidRecord>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct LiveSvidRecord {
+    kind: String,
+    serial: String,
+    node: String,
+    expires_at: i64,
+}
+
+impl ActivityRecord {
+    fn into_activity(self) -> EntryActivity {
+        EntryActivity {
+            last_issued: self.last_issued,
+            last_fetched: self.last_fetched,
+            live: self
+                .live
+                .into_iter()
+                .map(|l| LiveSvid {
+                    kind: l.kind,
+                    serial: l.serial,
+                    node: l.node,
+                    expires_at: l.expires_at,
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct OwnerRecord {
+    disabled: bool,
+    changed_at: i64,
+}
+
+impl SledStore {
+    fn activity_record(&self, key: &str) -> Result<ActivityRecord> {
+        match self.entry_activity.get(key).map_err(backend)? {
+            None => Ok(ActivityRecord::default()),
+            Some(v) => decode(key.as_bytes(), &v),
+        }
+    }
+}
+
+fn audit_key(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
 fn same_identity(a: &EntrySpec, b: &EntrySpec) -> bool {
     a.spiffe_id == b.spiffe_id && a.parent_id == b.parent_id && a.selectors == b.selectors
 }
@@ -298,6 +378,7 @@ impl DataStore for SledStore {
             .remove(id.as_str())
             .map_err(backend)?
             .ok_or_else(|| DataStoreError::EntryNotFound { id: id.to_string() })?;
+        self.entry_activity.remove(id.as_str()).map_err(backend)?;
         self.flush().await?;
         decode::<EntryRecord>(id.as_str().as_bytes(), &old)?.into_entry(id.as_str().as_bytes())
     }
@@ -460,6 +541,21 @@ impl DataStore for SledStore {
         }
     }
 
+    async fn count_revocations(&self) -> Result<u64> {
+        let events = self.list_revocations().await?;
+        let lifted: std::collections::HashSet<u64> = events
+            .iter()
+            .filter_map(|e| match e.action {
+                crate::revocation::RevocationAction::Lift { revocation } => Some(revocation),
+                crate::revocation::RevocationAction::Revoke => None,
+            })
+            .collect();
+        Ok(events
+            .iter()
+            .filter(|e| e.is_revoke() && !lifted.contains(&e.sequence))
+            .count() as u64)
+    }
+
     async fn compact_revocations(&self, sequences: &[u64]) -> Result<()> {
         let mut batch = sled::Batch::default();
         for seq in sequences {
@@ -467,6 +563,188 @@ impl DataStore for SledStore {
         }
         self.revocations.apply_batch(batch).map_err(backend)?;
         self.flush().await
+    }
+
+    async fn append_audit(
+        &self,
+        records: Vec<AuditRecord>,
+        time: i64,
+    ) -> Result<Vec<SealedAuditRecord>> {
+        use sled::transaction::{ConflictableTransactionError, TransactionError};
+        use sled::Transactional as _;
+        let _guard = self.audit_writes.lock().await;
+        let sealed = (&self.audit, &self.audit_meta)
+            .transaction(|(log, meta)| {
+                let abort = ConflictableTransactionError::Abort;
+                let head: Option<AuditHead> = match meta.get(AUDIT_HEAD_KEY)? {
+                    None => None,
+                    Some(v) => Some(decode(AUDIT_HEAD_KEY, &v).map_err(abort)?),
+                };
+                let (mut seq, mut prev) = match head {
+                    Some(h) => (h.seq, h.hash),
+                    None => (0, crate::audit::GENESIS_HASH.to_string()),
+                };
+                let mut out = Vec::with_capacity(records.len());
+                for r in &records {
+                    seq += 1;
+                    let s = crate::audit::seal(r.clone(), seq, time, &prev);
+                    log.insert(audit_key(seq).to_vec(), encode(&s).map_err(abort)?)?;
+                    prev = s.hash.clone();
+                    out.push(s);
+                }
+                let head = AuditHead { seq, hash: prev };
+                meta.insert(AUDIT_HEAD_KEY, encode(&head).map_err(abort)?)?;
+                Ok(out)
+            })
+            .map_err(|e| match e {
+                TransactionError::Abort(e) => e,
+                TransactionError::Storage(e) => backend(e),
+            })?;
+        self.flush().await?;
+        Ok(sealed)
+    }
+
+    async fn audit_records(&self, after_seq: u64, limit: usize) -> Result<Vec<StoredAuditRecord>> {
+        let Some(start) = after_seq.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for kv in self.audit.range(audit_key(start)..).take(limit) {
+            let (k, v) = kv.map_err(backend)?;
+            let seq = <[u8; 8]>::try_from(k.as_ref())
+                .map(u64::from_be_bytes)
+                .map_err(|_| corrupt(&k, "key", "not an 8-byte sequence number"))?;
+            out.push(StoredAuditRecord {
+                seq,
+                body: v.to_vec(),
+            });
+        }
+        Ok(out)
+    }
+
+    async fn audit_head(&self) -> Result<Option<AuditHead>> {
+        match self.audit_meta.get(AUDIT_HEAD_KEY).map_err(backend)? {
+            None => Ok(None),
+            Some(v) => Ok(Some(decode(AUDIT_HEAD_KEY, &v)?)),
+        }
+    }
+
+    async fn note_issued(&self, issued: Vec<EntryIssuance>, now: i64) -> Result<()> {
+        if issued.is_empty() {
+            return Ok(());
+        }
+        let _guard = self.activity_writes.lock().await;
+        let mut by_entry: std::collections::BTreeMap<String, Vec<EntryIssuance>> =
+            Default::default();
+        for s in issued {
+            by_entry.entry(s.entry_id.to_string()).or_default().push(s);
+        }
+        let mut batch = sled::Batch::default();
+        for (id, svids) in by_entry {
+            // An entry deleted meanwhile keeps no activity.
+            if !self.entries.contains_key(&id).map_err(backend)? {
+                continue;
+            }
+            let mut rec = self.activity_record(&id)?;
+            rec.last_issued = Some(now);
+            rec.live.retain(|l| l.expires_at > now);
+            rec.live.extend(svids.into_iter().map(|s| LiveSvidRecord {
+                kind: s.kind.to_string(),
+                serial: s.serial,
+                node: s.node,
+                expires_at: s.expires_at,
+            }));
+            if rec.live.len() > MAX_LIVE_PER_ENTRY {
+                let extra = rec.live.len() - MAX_LIVE_PER_ENTRY;
+                rec.live.drain(..extra);
+            }
+            batch.insert(id.as_bytes(), encode(&rec)?);
+        }
+        self.entry_activity.apply_batch(batch).map_err(backend)?;
+        self.flush().await
+    }
+
+    async fn note_fetched(&self, entries: Vec<EntryId>, now: i64) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let _guard = self.activity_writes.lock().await;
+        let mut batch = sled::Batch::default();
+        for id in entries {
+            if !self.entries.contains_key(id.as_str()).map_err(backend)? {
+                continue;
+            }
+            let mut rec = self.activity_record(id.as_str())?;
+            rec.last_fetched = Some(rec.last_fetched.map_or(now, |t| t.max(now)));
+            batch.insert(id.as_str().as_bytes(), encode(&rec)?);
+        }
+        self.entry_activity.apply_batch(batch).map_err(backend)?;
+        self.flush().await
+    }
+
+    async fn entry_activity(&self) -> Result<std::collections::HashMap<EntryId, EntryActivity>> {
+        self.entry_activity
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.map_err(backend)?;
+                let id: EntryId = std::str::from_utf8(&k)
+                    .map_err(|e| corrupt(&k, "key", e))?
+                    .parse()
+                    .map_err(|e| corrupt(&k, "key", e))?;
+                Ok((id, decode::<ActivityRecord>(&k, &v)?.into_activity()))
+            })
+            .collect()
+    }
+
+    async fn set_owner_disabled(
+        &self,
+        owner: &str,
+        disabled: bool,
+        now: i64,
+    ) -> Result<OwnerState> {
+        let _guard = self.activity_writes.lock().await;
+        let record = OwnerRecord {
+            disabled,
+            changed_at: now,
+        };
+        self.owners
+            .insert(owner.as_bytes(), encode(&record)?)
+            .map_err(backend)?;
+        self.flush().await?;
+        Ok(OwnerState {
+            owner: owner.to_string(),
+            disabled,
+            changed_at: now,
+        })
+    }
+
+    async fn get_owner(&self, owner: &str) -> Result<Option<OwnerState>> {
+        match self.owners.get(owner.as_bytes()).map_err(backend)? {
+            None => Ok(None),
+            Some(v) => {
+                let r: OwnerRecord = decode(owner.as_bytes(), &v)?;
+                Ok(Some(OwnerState {
+                    owner: owner.to_string(),
+                    disabled: r.disabled,
+                    changed_at: r.changed_at,
+                }))
+            }
+        }
+    }
+
+    async fn list_owners(&self) -> Result<Vec<OwnerState>> {
+        self.owners
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.map_err(backend)?;
+                let r: OwnerRecord = decode(&k, &v)?;
+                Ok(OwnerState {
+                    owner: key_name(&k),
+                    disabled: r.disabled,
+                    changed_at: r.changed_at,
+                })
+            })
+            .collect()
     }
 }
 

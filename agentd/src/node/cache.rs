@@ -87,6 +87,8 @@ pub struct Cache {
     version: watch::Sender<u64>,
     /// Wakes the sync loop when an SVID must be minted now (a revoked one was dropped).
     mint_now: tokio::sync::Notify,
+    /// Entries whose SVIDs workloads fetched since the last report to the server.
+    fetched: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Default for Cache {
@@ -101,6 +103,7 @@ impl Cache {
             inner: RwLock::new(Inner::default()),
             version: watch::channel(0).0,
             mint_now: tokio::sync::Notify::new(),
+            fetched: Default::default(),
         }
     }
 
@@ -213,6 +216,23 @@ impl Cache {
         }
         drop(g);
         self.bump();
+    }
+
+    /// Notes that a workload received SVIDs of these entries (the server's `last_fetched`).
+    pub fn note_fetched<I, S>(&self, entry_ids: I)
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let mut g = self.fetched.lock().unwrap_or_else(|p| p.into_inner());
+        g.extend(entry_ids.into_iter().map(Into::into));
+    }
+
+    /// Takes the entries fetched since the last call, to report them to the server (given
+    /// back with `note_fetched` if the report fails).
+    pub fn take_fetched(&self) -> Vec<String> {
+        let mut g = self.fetched.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::take(&mut *g).into_iter().collect()
     }
 
     /// Drops SVIDs past their expiry: a stale SVID is never served.
@@ -465,6 +485,15 @@ mod tests {
         rx.mark_unchanged();
         cache.drop_expired(after);
         assert!(rx.has_changed().unwrap());
+    }
+
+    #[test]
+    fn fetched_entries_are_reported_once() {
+        let cache = Cache::new();
+        cache.note_fetched(["b", "a"]);
+        cache.note_fetched(vec!["a".to_string()]);
+        assert_eq!(cache.take_fetched(), ["a", "b"]);
+        assert!(cache.take_fetched().is_empty());
     }
 
     #[test]

@@ -97,11 +97,20 @@ impl Syncer {
     /// One round: entries and bundle, then minting, then the node SVID.
     pub async fn sync_once(&self) -> Result<(), NodeError> {
         let mut client = self.link.client().await?;
-        let resp = client
-            .sync_entries(pb::SyncEntriesRequest {})
+        let fetched = self.cache.take_fetched();
+        let resp = match client
+            .sync_entries(pb::SyncEntriesRequest {
+                fetched_entry_ids: fetched.clone(),
+            })
             .await
-            .map_err(NodeError::from_status)?
-            .into_inner();
+        {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                // Reported with the next sync instead.
+                self.cache.note_fetched(fetched);
+                return Err(NodeError::from_status(status));
+            }
+        };
         let bundle = resp
             .bundle
             .as_ref()

@@ -14,7 +14,9 @@ use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use super::node_api::join_token_digest;
+use super::ownership::{self, EntryStatus, LifecycleFilter};
 use super::{ServerError, ServerState};
+use crate::audit::{Actor, AuditError, AuditQuery, AuditRecord, SealedAuditRecord};
 use crate::clock::unix_seconds;
 use crate::datastore::{
     AttestedNode, DataStoreError, Entry, EntryFilter, EntryId, EntrySpec, JoinToken,
@@ -35,6 +37,9 @@ pub enum AdminError {
     DuplicateEntry(String),
     #[error("store: {0}")]
     Store(String),
+    /// The change was made but its audit record could not be written.
+    #[error("audit log: {0}")]
+    Audit(String),
     #[error(transparent)]
     Revocation(#[from] RevocationError),
 }
@@ -45,6 +50,12 @@ impl From<RevocationLogError> for AdminError {
             RevocationLogError::Revocation(e) => AdminError::Revocation(e),
             RevocationLogError::Store(e) => e.into(),
         }
+    }
+}
+
+impl From<AuditError> for AdminError {
+    fn from(e: AuditError) -> Self {
+        AdminError::Audit(e.to_string())
     }
 }
 
@@ -66,7 +77,7 @@ impl From<AdminError> for Status {
             AdminError::InvalidField { .. } => Status::invalid_argument(msg),
             AdminError::EntryNotFound(_) | AdminError::NodeNotFound(_) => Status::not_found(msg),
             AdminError::DuplicateEntry(_) => Status::already_exists(msg),
-            AdminError::Store(_) => Status::internal(msg),
+            AdminError::Store(_) | AdminError::Audit(_) => Status::internal(msg),
             AdminError::Revocation(e) => match e {
                 RevocationError::InvalidField { .. } => Status::invalid_argument(msg),
                 RevocationError::AlreadyRevoked { .. } => Status::already_exists(msg),
@@ -173,15 +184,12 @@ impl AdminApi {
         Ok(id)
     }
 
-    /// An entry as the CLI sees it, with its standing revocation if any.
-    fn entry_out(&self, e: &Entry) -> pb::Entry {
-        let mut out = entry_to_proto(e);
-        out.revoked_by = self
-            .state
+    /// The sequence of the entry's standing revocation; 0 when it is not revoked.
+    fn revoked_by(&self, id: &EntryId) -> u64 {
+        self.state
             .revocations
-            .standing(&RevocationHandle::Entry(e.id.clone()))
-            .unwrap_or(0);
-        out
+            .standing(&RevocationHandle::Entry(id.clone()))
+            .unwrap_or(0)
     }
 
     async fn load_entry(&self, id: &EntryId) -> Result<Entry, AdminError> {
@@ -202,6 +210,21 @@ impl AdminApi {
             ));
         }
         Ok(())
+    }
+
+    /// With `require_owner = true` every entry names its accountable owner.
+    fn check_owner(&self, spec: &EntrySpec) -> Result<(), AdminError> {
+        if self.state.config.require_owner && spec.owner.is_none() {
+            return Err(invalid(
+                "owner",
+                "is required: this server is configured with require_owner = true",
+            ));
+        }
+        Ok(())
+    }
+
+    fn now(&self) -> i64 {
+        unix_seconds(self.state.clock.now())
     }
 
     fn ttl(&self, field: &str, secs: i64, default: Ttl) -> Result<Ttl, AdminError> {
@@ -349,7 +372,69 @@ fn entry_to_proto(e: &Entry) -> pb::Entry {
         owner: e.spec.owner.clone().unwrap_or_default(),
         revision: e.revision,
         created_at: e.created_at,
-        revoked_by: 0,
+        ..Default::default()
+    }
+}
+
+fn status_to_proto(s: &EntryStatus) -> pb::Entry {
+    pb::Entry {
+        last_issued: s.activity.last_issued.unwrap_or(0),
+        last_fetched: s.activity.last_fetched.unwrap_or(0),
+        owner_disabled: s.owner_disabled,
+        suspended: s.suspended,
+        ..entry_to_proto(&s.entry)
+    }
+}
+
+/// The audit fields describing a revocation event.
+fn revocation_audit(record: AuditRecord, e: &crate::revocation::RevocationEvent) -> AuditRecord {
+    record
+        .field("sequence", e.sequence)
+        .field("kind", e.handle.kind())
+        .field("id", e.handle.id())
+        .field("reason", &e.reason)
+        .field(
+            "serials",
+            e.serials
+                .iter()
+                .map(|s| s.serial.clone())
+                .collect::<Vec<_>>(),
+        )
+        .field("jwt_ids", &e.jwt_ids)
+}
+
+/// The audit fields describing an entry.
+fn entry_audit(record: AuditRecord, e: &Entry) -> AuditRecord {
+    record
+        .subject(&e.spec.spiffe_id)
+        .field("entry", e.id.as_str())
+        .field("parent_id", e.spec.parent_id.to_string())
+        .field(
+            "selectors",
+            e.spec
+                .selectors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+        )
+        .field("scopes", &e.spec.scopes)
+        .field("owner", &e.spec.owner)
+        .field("x509_svid_ttl", e.spec.x509_svid_ttl.as_secs())
+        .field("jwt_svid_ttl", e.spec.jwt_svid_ttl.as_secs())
+        .field("dns_names", &e.spec.dns_names)
+        .field("revision", e.revision)
+}
+
+pub fn audit_to_proto(r: &SealedAuditRecord) -> pb::AuditRecord {
+    pb::AuditRecord {
+        seq: r.seq,
+        time: r.time,
+        action: r.action.clone(),
+        actor: r.actor.clone(),
+        subject: r.subject.clone().unwrap_or_default(),
+        fields_json: serde_json::to_string(&r.fields).unwrap_or_else(|_| "{}".into()),
+        prev_hash: r.prev_hash.clone(),
+        hash: r.hash.clone(),
     }
 }
 
@@ -396,12 +481,24 @@ impl Admin for AdminApi {
             .revocations
             .standing(&RevocationHandle::Node(spiffe_id.clone()))
         {
-            self.state
+            let lift = self
+                .state
                 .revocations
                 .lift(
                     sequence,
                     "a new join token was generated for the node",
                     now_secs,
+                )
+                .await
+                .map_err(AdminError::from)?;
+            self.state
+                .audit
+                .record(
+                    revocation_audit(
+                        AuditRecord::new("revocation.lift", Actor::admin(uid)),
+                        &lift,
+                    )
+                    .field("lifts", sequence),
                 )
                 .await
                 .map_err(AdminError::from)?;
@@ -420,6 +517,17 @@ impl Admin for AdminApi {
             .await
             .map_err(AdminError::from)?;
         tracing::info!(?uid, %spiffe_id, expires_at, "join token created");
+        // The token itself is never recorded: the log is readable by every admin.
+        self.state
+            .audit
+            .record(
+                AuditRecord::new("join_token.create", Actor::admin(uid))
+                    .subject(&spiffe_id)
+                    .field("expires_at", expires_at)
+                    .field("ttl", ttl.as_secs()),
+            )
+            .await
+            .map_err(AdminError::from)?;
         Ok(Response::new(pb::JoinToken {
             token,
             spiffe_id: spiffe_id.to_string(),
@@ -433,6 +541,7 @@ impl Admin for AdminApi {
     ) -> Result<Response<pb::Entry>, Status> {
         let uid = caller_uid(&request);
         let spec = self.spec_from_proto(request.into_inner())?;
+        self.check_owner(&spec)?;
         self.refuse_node_id(&spec.spiffe_id).await?;
         let entry = self
             .state
@@ -441,6 +550,14 @@ impl Admin for AdminApi {
             .await
             .map_err(AdminError::from)?;
         tracing::info!(?uid, entry = %entry.id, spiffe_id = %entry.spec.spiffe_id, "entry created");
+        self.state
+            .audit
+            .record(entry_audit(
+                AuditRecord::new("entry.create", Actor::admin(uid)),
+                &entry,
+            ))
+            .await
+            .map_err(AdminError::from)?;
         Ok(Response::new(entry_to_proto(&entry)))
     }
 
@@ -450,7 +567,17 @@ impl Admin for AdminApi {
     ) -> Result<Response<pb::Entry>, Status> {
         let id = parse_entry_id(&request.get_ref().id)?;
         let entry = self.load_entry(&id).await?;
-        Ok(Response::new(self.entry_out(&entry)))
+        let revoked_by = self.revoked_by(&entry.id);
+        let status = ownership::entry_status(
+            self.state.store.as_ref(),
+            entry,
+            self.state.config.suspend_disabled_owners,
+        )
+        .await
+        .map_err(AdminError::from)?;
+        let mut out = status_to_proto(&status);
+        out.revoked_by = revoked_by;
+        Ok(Response::new(out))
     }
 
     async fn list_entries(
@@ -476,14 +603,32 @@ impl Admin for AdminApi {
                 Some(req.selector.parse().map_err(|e| invalid("selector", e))?)
             },
         };
-        let entries = self
-            .state
-            .store
-            .list_entries(&filter)
-            .await
-            .map_err(AdminError::from)?;
+        let lifecycle = LifecycleFilter {
+            stale: match req.stale_seconds {
+                0 => None,
+                s if s < 0 => return Err(invalid("stale", "must not be negative").into()),
+                s => Some(std::time::Duration::from_secs(s.unsigned_abs())),
+            },
+            orphaned: req.orphaned,
+        };
+        let entries = ownership::list_entries(
+            self.state.store.as_ref(),
+            &filter,
+            &lifecycle,
+            self.state.config.suspend_disabled_owners,
+            self.now(),
+        )
+        .await
+        .map_err(AdminError::from)?;
         Ok(Response::new(pb::ListEntriesResponse {
-            entries: entries.iter().map(|e| self.entry_out(e)).collect(),
+            entries: entries
+                .iter()
+                .map(|s| {
+                    let mut out = status_to_proto(s);
+                    out.revoked_by = self.revoked_by(&s.entry.id);
+                    out
+                })
+                .collect(),
         }))
     }
 
@@ -525,6 +670,7 @@ impl Admin for AdminApi {
         if let Some(v) = &req.owner {
             spec.owner = parse_owner(v)?;
         }
+        self.check_owner(&spec)?;
         self.refuse_node_id(&spec.spiffe_id).await?;
         let entry = self
             .state
@@ -533,6 +679,14 @@ impl Admin for AdminApi {
             .await
             .map_err(AdminError::from)?;
         tracing::info!(?uid, entry = %entry.id, revision = entry.revision, "entry updated");
+        self.state
+            .audit
+            .record(entry_audit(
+                AuditRecord::new("entry.update", Actor::admin(uid)),
+                &entry,
+            ))
+            .await
+            .map_err(AdminError::from)?;
         Ok(Response::new(entry_to_proto(&entry)))
     }
 
@@ -549,6 +703,14 @@ impl Admin for AdminApi {
             .await
             .map_err(AdminError::from)?;
         tracing::info!(?uid, entry = %entry.id, "entry deleted");
+        self.state
+            .audit
+            .record(entry_audit(
+                AuditRecord::new("entry.delete", Actor::admin(uid)),
+                &entry,
+            ))
+            .await
+            .map_err(AdminError::from)?;
         Ok(Response::new(entry_to_proto(&entry)))
     }
 
@@ -595,6 +757,16 @@ impl Admin for AdminApi {
             .await
             .map_err(AdminError::from)?;
         tracing::info!(?uid, node = %node.spiffe_id, "node evicted");
+        self.state
+            .audit
+            .record(
+                AuditRecord::new("node.evict", Actor::admin(uid))
+                    .subject(&node.spiffe_id)
+                    .field("attestation_type", &node.attestation_type)
+                    .field("serial", &node.serial),
+            )
+            .await
+            .map_err(AdminError::from)?;
         Ok(Response::new(node_to_proto(&node)))
     }
 
@@ -641,6 +813,14 @@ impl Admin for AdminApi {
             }
         }
         tracing::info!(?uid, sequence = event.sequence, %handle, reason = %event.reason, svids = event.serials.len(), jwts = event.jwt_ids.len(), "revoked");
+        self.state
+            .audit
+            .record(revocation_audit(
+                AuditRecord::new("revocation.create", Actor::admin(uid)),
+                &event,
+            ))
+            .await
+            .map_err(AdminError::from)?;
         Ok(Response::new(event_to_proto(&event)))
     }
 
@@ -664,6 +844,17 @@ impl Admin for AdminApi {
             .await
             .map_err(AdminError::from)?;
         tracing::info!(?uid, sequence = event.sequence, lifted = req.sequence, handle = %event.handle, "revocation lifted");
+        self.state
+            .audit
+            .record(
+                revocation_audit(
+                    AuditRecord::new("revocation.lift", Actor::admin(uid)),
+                    &event,
+                )
+                .field("lifts", req.sequence),
+            )
+            .await
+            .map_err(AdminError::from)?;
         Ok(Response::new(event_to_proto(&event)))
     }
 
@@ -693,6 +884,164 @@ impl Admin for AdminApi {
             sequence: b.sequence,
             spiffe_json: b.to_spiffe_json(),
             pem: b.x509_pem(),
+        }))
+    }
+
+    async fn list_audit_records(
+        &self,
+        request: Request<pb::ListAuditRecordsRequest>,
+    ) -> Result<Response<pb::ListAuditRecordsResponse>, Status> {
+        let req = request.into_inner();
+        let non_empty = |s: String| (!s.is_empty()).then_some(s);
+        let query = AuditQuery {
+            since: (req.since != 0).then_some(req.since),
+            spiffe_id: match non_empty(req.spiffe_id) {
+                Some(raw) => Some(
+                    SpiffeId::new(&raw)
+                        .map_err(|e| invalid("spiffe_id", format!("{raw:?}: {e}")))?
+                        .to_string(),
+                ),
+                None => None,
+            },
+            action: non_empty(req.action),
+        };
+        let records = self
+            .state
+            .audit
+            .query(&query)
+            .await
+            .map_err(AdminError::from)?;
+        Ok(Response::new(pb::ListAuditRecordsResponse {
+            records: records.iter().map(audit_to_proto).collect(),
+        }))
+    }
+
+    async fn verify_audit_log(
+        &self,
+        _request: Request<pb::VerifyAuditLogRequest>,
+    ) -> Result<Response<pb::VerifyAuditLogResponse>, Status> {
+        let report = self.state.audit.verify().await.map_err(AdminError::from)?;
+        if let Some(p) = &report.problem {
+            tracing::error!(seq = p.seq, reason = %p.reason, "audit log verification failed");
+        }
+        Ok(Response::new(pb::VerifyAuditLogResponse {
+            intact: report.is_intact(),
+            records: report.records,
+            head_seq: report.head.as_ref().map_or(0, |h| h.seq),
+            head_hash: report
+                .head
+                .as_ref()
+                .map(|h| h.hash.clone())
+                .unwrap_or_default(),
+            first_bad_seq: report.problem.as_ref().map_or(0, |p| p.seq),
+            reason: report.problem.map(|p| p.reason).unwrap_or_default(),
+        }))
+    }
+
+    async fn set_owner_disabled(
+        &self,
+        request: Request<pb::SetOwnerDisabledRequest>,
+    ) -> Result<Response<pb::SetOwnerDisabledResponse>, Status> {
+        let uid = caller_uid(&request);
+        let req = request.into_inner();
+        let owner = parse_owner(&req.owner)?.ok_or_else(|| invalid("owner", "is required"))?;
+        let suspend = self.state.config.suspend_disabled_owners;
+        self.state
+            .store
+            .set_owner_disabled(&owner, req.disabled, self.now())
+            .await
+            .map_err(AdminError::from)?;
+        let entries: Vec<EntryStatus> = ownership::list_entries(
+            self.state.store.as_ref(),
+            &EntryFilter::default(),
+            &LifecycleFilter::default(),
+            suspend,
+            self.now(),
+        )
+        .await
+        .map_err(AdminError::from)?
+        .into_iter()
+        .filter(|s| s.entry.spec.owner.as_deref() == Some(owner.as_str()))
+        .collect();
+        let actor = Actor::admin(uid);
+        let (owner_action, entry_action) = if req.disabled {
+            ("owner.disable", "entry.owner_disabled")
+        } else {
+            ("owner.enable", "entry.owner_enabled")
+        };
+        let mut records = vec![AuditRecord::new(owner_action, &actor)
+            .field("owner", &owner)
+            .field("entries", entries.len())
+            .field("suspended", req.disabled && suspend)];
+        // One record per entry: who suspended (or resumed) which identity.
+        records.extend(entries.iter().map(|s| {
+            AuditRecord::new(entry_action, &actor)
+                .subject(&s.entry.spec.spiffe_id)
+                .field("entry", s.entry.id.as_str())
+                .field("owner", &owner)
+                .field("suspended", s.suspended)
+        }));
+        self.state
+            .audit
+            .record_all(records)
+            .await
+            .map_err(AdminError::from)?;
+        tracing::info!(?uid, %owner, disabled = req.disabled, entries = entries.len(), "owner state changed");
+        Ok(Response::new(pb::SetOwnerDisabledResponse {
+            owner,
+            disabled: req.disabled,
+            suspended: req.disabled && suspend,
+            entries: entries.iter().map(status_to_proto).collect(),
+        }))
+    }
+
+    async fn get_inventory(
+        &self,
+        request: Request<pb::GetInventoryRequest>,
+    ) -> Result<Response<pb::Inventory>, Status> {
+        let window = match request.get_ref().stale_seconds {
+            0 => ownership::DEFAULT_STALE_WINDOW,
+            s if s < 0 => return Err(invalid("stale", "must not be negative").into()),
+            s => std::time::Duration::from_secs(s.unsigned_abs()),
+        };
+        let now = self.now();
+        let inv = ownership::inventory(
+            self.state.store.as_ref(),
+            &crate::tls::server_spiffe_id(&self.state.config.trust_domain),
+            self.state.config.suspend_disabled_owners,
+            window,
+            now,
+        )
+        .await
+        .map_err(AdminError::from)?;
+        Ok(Response::new(pb::Inventory {
+            entries: inv.entries,
+            nodes: inv.nodes,
+            live_svids: inv.live_svids,
+            live_grants: inv.live_grants,
+            revocations: inv.revocations,
+            stale_entries: inv.stale_entries,
+            orphaned_entries: inv.orphaned_entries,
+            by_owner: inv
+                .by_owner
+                .into_iter()
+                .map(|o| pb::OwnerInventory {
+                    owner: o.owner.unwrap_or_default(),
+                    disabled: o.disabled,
+                    entries: o.entries,
+                    live_svids: o.live_svids,
+                })
+                .collect(),
+            by_node: inv
+                .by_node
+                .into_iter()
+                .map(|n| pb::NodeInventory {
+                    spiffe_id: n.spiffe_id,
+                    entries: n.entries,
+                    live_svids: n.live_svids,
+                })
+                .collect(),
+            generated_at: now,
         }))
     }
 }

@@ -39,6 +39,19 @@ pub struct RawServerConfig {
     pub upstream_ca: Option<RawUpstreamCa>,
     /// Node attestors besides join tokens (which are always enabled).
     pub node_attestors: Option<RawNodeAttestors>,
+    /// Refuse entries without `owner`.
+    pub require_owner: Option<bool>,
+    /// Mint nothing for the entries of a disabled owner (`agentd owner disable`).
+    pub suspend_disabled_owners: Option<bool>,
+    pub audit: Option<RawAudit>,
+}
+
+/// `[audit]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    /// Also append every audit record, as one JSON line, to this file (for a SIEM).
+    pub export_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -97,6 +110,9 @@ pub struct ServerConfig {
     pub organization: String,
     pub upstream_ca: Option<UpstreamCa>,
     pub node_attestors: NodeAttestorsConfig,
+    pub require_owner: bool,
+    pub suspend_disabled_owners: bool,
+    pub audit_export_file: Option<PathBuf>,
 }
 
 fn ttl_or(errs: &mut Errors, path: &str, raw: &Option<String>, default: u64) -> Ttl {
@@ -172,6 +188,12 @@ impl TryFrom<RawServerConfig> for ServerConfig {
                     .and_then(|c| claims_config(&mut errs, c, trust_domain.as_ref())),
             })
             .unwrap_or_default();
+        let audit_export_file = raw.audit.and_then(|a| a.export_file);
+        if let Some(path) = &audit_export_file {
+            if path.as_os_str().is_empty() || path.is_dir() {
+                errs.push("audit.export_file", "must be a file path");
+            }
+        }
         // Both are `Some` unless an error was recorded for them, which `finish` reports.
         let (Some(trust_domain), Some(bind_address)) = (trust_domain, bind_address) else {
             errs.finish()?;
@@ -193,6 +215,9 @@ impl TryFrom<RawServerConfig> for ServerConfig {
             organization,
             upstream_ca,
             node_attestors,
+            require_owner: raw.require_owner.unwrap_or(false),
+            suspend_disabled_owners: raw.suspend_disabled_owners.unwrap_or(false),
+            audit_export_file,
         })
     }
 }
@@ -443,6 +468,31 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("unknown variable {fingerprint}"), "{text}");
         assert!(text.contains("reserved"), "{text}");
+    }
+
+    #[test]
+    fn ownership_and_audit_settings() {
+        let cfg = ServerConfig::try_from(RawServerConfig::default()).unwrap();
+        assert!(!cfg.require_owner && !cfg.suspend_disabled_owners);
+        assert_eq!(cfg.audit_export_file, None);
+        let raw: RawServerConfig = toml::from_str(
+            r#"
+            require_owner = true
+            suspend_disabled_owners = true
+            [audit]
+            export_file = "/var/log/agentd/audit.jsonl"
+            "#,
+        )
+        .unwrap();
+        let cfg = ServerConfig::try_from(raw).unwrap();
+        assert!(cfg.require_owner && cfg.suspend_disabled_owners);
+        assert_eq!(
+            cfg.audit_export_file,
+            Some(PathBuf::from("/var/log/agentd/audit.jsonl"))
+        );
+        let raw: RawServerConfig = toml::from_str("[audit]\nexport_file = \"/\"").unwrap();
+        let err = ServerConfig::try_from(raw).unwrap_err();
+        assert_eq!(err.errors[0].path, "audit.export_file");
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod config;
 pub mod node_api;
 pub mod node_attestor;
+pub mod ownership;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -53,6 +54,8 @@ pub enum ServerError {
     Serve { what: &'static str, reason: String },
     #[error(transparent)]
     Task(#[from] crate::runtime::TaskFailed),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
 }
 
 /// What the admin and node APIs share.
@@ -65,6 +68,8 @@ pub struct ServerState {
     /// The node API address actually bound (differs from the config with port 0).
     pub node_api_address: SocketAddr,
     pub revocations: Arc<RevocationLog>,
+    /// The audit trail every API records into.
+    pub audit: Arc<crate::audit::Audit>,
 }
 
 /// A configured server, not yet running.
@@ -121,6 +126,11 @@ impl Server {
         let admin_listener = bind_admin_socket(&cfg.admin_socket)?;
         let revocations = Arc::new(RevocationLog::open(store.clone()).await?);
 
+        let audit = Arc::new(crate::audit::Audit::new(
+            store.clone(),
+            self.clock.clone(),
+            cfg.audit_export_file.as_deref(),
+        )?);
         let state = Arc::new(ServerState {
             config: cfg.clone(),
             store,
@@ -128,6 +138,7 @@ impl Server {
             clock: self.clock.clone(),
             node_api_address,
             revocations,
+            audit,
         });
         let (tls_config, renew_at) = issue_server_tls(&state)?;
         let tls_source: ServerConfigSource = Arc::new(std::sync::RwLock::new(tls_config));

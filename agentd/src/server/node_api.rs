@@ -16,10 +16,11 @@ use tonic::{Request, Response, Status};
 
 use super::node_attestor::{ClaimsError, NodeAttestation, NodeAttestors, X509PopError};
 use super::{ServerError, ServerState};
+use crate::audit::{Actor, AuditError, AuditRecord};
 use crate::ca::{CaError, IssuedX509Svid, X509SvidRequest};
 use crate::clock::unix_seconds;
 use crate::convert::bundle_to_proto;
-use crate::datastore::{AttestedNode, DataStoreError, Entry, EntryFilter, EntryId};
+use crate::datastore::{AttestedNode, DataStoreError, Entry, EntryFilter, EntryId, EntryIssuance};
 use crate::revocation::feed::{feed_stream, FeedStream, HEARTBEAT};
 use crate::revocation::{IssuedSvid, RevocationHandle, SvidKind};
 use crate::tls::{PeerIdentity, ServerConfigSource};
@@ -70,6 +71,10 @@ pub enum NodeApiError {
     Ca(#[from] CaError),
     #[error(transparent)]
     Store(#[from] DataStoreError),
+    #[error("entry {entry} is suspended: its owner {owner} is disabled")]
+    EntrySuspended { entry: String, owner: String },
+    #[error(transparent)]
+    Audit(#[from] AuditError),
 }
 
 impl From<NodeApiError> for Status {
@@ -82,6 +87,7 @@ impl From<NodeApiError> for Status {
             | NodeApiError::UnknownJoinToken
             | NodeApiError::ExpiredJoinToken
             | NodeApiError::EntryNotAuthorized(_)
+            | NodeApiError::EntrySuspended { .. }
             | NodeApiError::NodeRevoked { .. }
             | NodeApiError::EntryRevoked { .. }
             | NodeApiError::SvidRevoked { .. } => Status::permission_denied(msg),
@@ -97,7 +103,7 @@ impl From<NodeApiError> for Status {
             | NodeApiError::AttestationTypeMismatch { .. } => Status::permission_denied(msg),
             NodeApiError::Ca(CaError::Csr { .. })
             | NodeApiError::Ca(CaError::ForeignTrustDomain { .. }) => Status::invalid_argument(msg),
-            NodeApiError::Ca(_) | NodeApiError::Store(_) => {
+            NodeApiError::Ca(_) | NodeApiError::Store(_) | NodeApiError::Audit(_) => {
                 tracing::error!(error = %msg, "node API internal error");
                 Status::internal(msg)
             }
@@ -322,6 +328,37 @@ impl NodeApi {
         Ok(entry)
     }
 
+    /// Refuses an entry whose owner is disabled when the server suspends such entries; the
+    /// refusal is recorded.
+    async fn check_not_suspended(
+        &self,
+        node: &AttestedNode,
+        entry: &Entry,
+        kind: &str,
+    ) -> Result<(), NodeApiError> {
+        let suspend = self.state.config.suspend_disabled_owners;
+        if !super::ownership::is_suspended(self.state.store.as_ref(), entry, suspend).await? {
+            return Ok(());
+        }
+        let owner = entry.spec.owner.clone().unwrap_or_default();
+        let err = NodeApiError::EntrySuspended {
+            entry: entry.id.to_string(),
+            owner: owner.clone(),
+        };
+        self.state
+            .audit
+            .record_or_log(
+                AuditRecord::new(format!("{kind}.refuse"), Actor::from(&node.spiffe_id))
+                    .subject(&entry.spec.spiffe_id)
+                    .field("entry", entry.id.as_str())
+                    .field("node", node.spiffe_id.to_string())
+                    .field("owner", owner)
+                    .field("reason", err.to_string()),
+            )
+            .await;
+        Err(err)
+    }
+
     fn sign(
         &self,
         csr: &[u8],
@@ -359,6 +396,8 @@ impl Node for NodeApi {
             Some(pb::attest_request::Attestation::Claims(_)) => "claims",
             None => "none",
         };
+        // What attestation established before a later check failed, for the audit record.
+        let mut attested_as: Option<(SpiffeId, Vec<String>)> = None;
         let result: Result<_, NodeApiError> = async {
             // A bad CSR is refused before any single-use credential (join token, nonce,
             // token jti) is spent on it.
@@ -387,6 +426,10 @@ impl Node for NodeApi {
                     })
                 }
             };
+            attested_as = Some((
+                attested.spiffe_id.clone(),
+                attested.selectors.iter().map(ToString::to_string).collect(),
+            ));
             // A node ID that is also an entry's SPIFFE ID (a node-set alias, a workload) would
             // receive every entry parented to it: refuse it (a template fed by a certificate
             // CN or a claim must not be able to pick such an ID).
@@ -444,6 +487,40 @@ impl Node for NodeApi {
             Ok(svid)
         }
         .await;
+        let remote_text = remote.map(|r| r.to_string());
+        let selectors = attested_as
+            .as_ref()
+            .map(|(_, s)| s.clone())
+            .unwrap_or_default();
+        let result = match result {
+            Ok(svid) => self
+                .state
+                .audit
+                .record(
+                    AuditRecord::new("node.attest", Actor::from(&svid.spiffe_id))
+                        .subject(&svid.spiffe_id)
+                        .field("attestation_type", kind)
+                        .field("selectors", &selectors)
+                        .field("serial", &svid.serial)
+                        .field("expires_at", unix_seconds(svid.not_after))
+                        .field("remote", &remote_text),
+                )
+                .await
+                .map(|_| svid)
+                .map_err(NodeApiError::from),
+            Err(e) => {
+                let mut record = AuditRecord::new("node.attest.fail", Actor::Remote(remote))
+                    .field("attestation_type", kind)
+                    .field("selectors", &selectors)
+                    .field("reason", e.to_string())
+                    .field("remote", &remote_text);
+                if let Some((id, _)) = &attested_as {
+                    record = record.subject(id);
+                }
+                self.state.audit.record_or_log(record).await;
+                Err(e)
+            }
+        };
         match result {
             Ok(svid) => {
                 tracing::info!(node = %svid.spiffe_id, serial = %svid.serial, attestation = kind, ?remote, "node attested");
@@ -484,6 +561,17 @@ impl Node for NodeApi {
             })),
             Err(e) => {
                 tracing::warn!(?remote, attestation = "x509pop", reason = %e, "node attestation refused");
+                self.state
+                    .audit
+                    .record_or_log(
+                        AuditRecord::new("node.attest.fail", Actor::Remote(remote))
+                            .field("attestation_type", "x509pop")
+                            .field("stage", "challenge")
+                            .field("selectors", Vec::<String>::new())
+                            .field("reason", e.to_string())
+                            .field("remote", remote.map(|r| r.to_string())),
+                    )
+                    .await;
                 Err(e.into())
             }
         }
@@ -517,6 +605,17 @@ impl Node for NodeApi {
         node.svid_expires_at = unix_seconds(svid.not_after);
         node.last_seen_at = unix_seconds(self.state.clock.now());
         self.state
+            .audit
+            .record(
+                AuditRecord::new("node.svid.renew", Actor::from(&node.spiffe_id))
+                    .subject(&node.spiffe_id)
+                    .field("serial", &svid.serial)
+                    .field("previous_serial", &presented)
+                    .field("expires_at", unix_seconds(svid.not_after)),
+            )
+            .await
+            .map_err(NodeApiError::from)?;
+        self.state
             .store
             .upsert_node(node)
             .await
@@ -534,10 +633,27 @@ impl Node for NodeApi {
         let node = self
             .caller(request.extensions().get::<PeerIdentity>())
             .await?;
+        let fetched = request.into_inner().fetched_entry_ids;
         let server_id = crate::tls::server_spiffe_id(&self.state.config.trust_domain);
-        let entries = entries_for_node(self.state.store.as_ref(), &server_id, &node)
+        let mut entries = entries_for_node(self.state.store.as_ref(), &server_id, &node)
             .await
             .map_err(NodeApiError::from)?;
+        self.note_fetched(&entries, fetched).await?;
+        if self.state.config.suspend_disabled_owners {
+            // A suspended entry is withdrawn from the node: it drops the entry's SVIDs and its
+            // workloads get no identity until the owner is enabled again.
+            let disabled: std::collections::HashSet<String> = self
+                .state
+                .store
+                .list_owners()
+                .await
+                .map_err(NodeApiError::from)?
+                .into_iter()
+                .filter(|o| o.disabled)
+                .map(|o| o.owner)
+                .collect();
+            entries.retain(|e| e.spec.owner.as_ref().is_none_or(|o| !disabled.contains(o)));
+        }
         let revocations = &self.state.revocations;
         Ok(Response::new(pb::SyncEntriesResponse {
             entries: entries
@@ -569,40 +685,66 @@ impl Node for NodeApi {
             .into());
         }
         let mut results = Vec::with_capacity(params.len());
-        let mut issued = Vec::with_capacity(params.len());
+        let mut records = Vec::new();
+        let mut issued = Vec::new();
+        let mut revocable = Vec::new();
         for p in params {
-            let result = match self.entry_for_node(&node, &p.entry_id).await {
-                Ok(entry) => self
-                    .sign(
-                        &p.csr,
-                        &entry.spec.spiffe_id,
-                        entry.spec.x509_svid_ttl.as_duration(),
-                        &entry.spec.dns_names,
-                    )
-                    .map(|svid| {
-                        tracing::debug!(spiffe_id = %svid.spiffe_id, serial = %svid.serial, entry = %entry.id, node = %node.spiffe_id, "X.509-SVID issued");
-                        issued.push(IssuedSvid {
-                            kind: SvidKind::X509,
-                            id: svid.serial.clone(),
-                            spiffe_id: svid.spiffe_id.to_string(),
-                            entry_id: Some(entry.id.to_string()),
-                            node_id: Some(node.spiffe_id.clone()),
-                            grant_chain: vec![],
-                            task_id: None,
-                            authority_id: svid.authority_id.clone(),
-                            expires_at: unix_seconds(svid.not_after),
-                        });
-                        pb::mint_result::Result::Svid(svid_to_proto(&svid))
-                    }),
+            let entry = match self.entry_for_node(&node, &p.entry_id).await {
+                Ok(entry) => match self.check_not_suspended(&node, &entry, "x509svid").await {
+                    Ok(()) => Ok(entry),
+                    Err(e) => Err(e),
+                },
                 Err(e) => Err(e),
             };
+            let result = entry.and_then(|entry| {
+                self.sign(
+                    &p.csr,
+                    &entry.spec.spiffe_id,
+                    entry.spec.x509_svid_ttl.as_duration(),
+                    &entry.spec.dns_names,
+                )
+                .map(|svid| {
+                    tracing::debug!(spiffe_id = %svid.spiffe_id, serial = %svid.serial, entry = %entry.id, node = %node.spiffe_id, "X.509-SVID issued");
+                    records.push(issuance_record("x509svid.issue", &node, &entry, unix_seconds(svid.not_after))
+                        .field("serial", &svid.serial)
+                        .field("ttl", entry.spec.x509_svid_ttl.as_secs())
+                        .field("dns_names", &entry.spec.dns_names));
+                    issued.push(EntryIssuance {
+                        entry_id: entry.id.clone(),
+                        kind: "x509",
+                        serial: svid.serial.clone(),
+                        node: node.spiffe_id.to_string(),
+                        expires_at: unix_seconds(svid.not_after),
+                    });
+                    revocable.push(IssuedSvid {
+                        kind: SvidKind::X509,
+                        id: svid.serial.clone(),
+                        spiffe_id: svid.spiffe_id.to_string(),
+                        entry_id: Some(entry.id.to_string()),
+                        node_id: Some(node.spiffe_id.clone()),
+                        grant_chain: vec![],
+                        task_id: None,
+                        authority_id: svid.authority_id.clone(),
+                        expires_at: unix_seconds(svid.not_after),
+                    });
+                    pb::mint_result::Result::Svid(svid_to_proto(&svid))
+                })
+            });
             results.push(pb::MintResult {
                 result: Some(
                     result.unwrap_or_else(|e| pb::mint_result::Result::Error(e.to_string())),
                 ),
             });
         }
-        self.record_issued(&issued).await?;
+        // Every SVID handed out is on record first (audit, and what revocation resolves):
+        // if a record cannot be written, none is handed out (the node agent asks again).
+        self.record_issued(&revocable).await?;
+        self.state
+            .audit
+            .record_all(records)
+            .await
+            .map_err(NodeApiError::from)?;
+        self.note_issued(issued).await;
         Ok(Response::new(pb::MintX509SvidsResponse { results }))
     }
 
@@ -616,6 +758,7 @@ impl Node for NodeApi {
         let req = request.into_inner();
         let entry = self.entry_for_node(&node, &req.entry_id).await?;
         validate_audience(&req.audience)?;
+        self.check_not_suspended(&node, &entry, "jwtsvid").await?;
         let jwt = self
             .state
             .ca
@@ -639,6 +782,27 @@ impl Node for NodeApi {
         }])
         .await?;
         tracing::debug!(spiffe_id = %entry.spec.spiffe_id, entry = %entry.id, "JWT-SVID issued");
+        let expires_at = unix_seconds(jwt.expires_at);
+        // The token's id, not the token: the log must not hold a usable credential.
+        let jti = jwt.jti.clone();
+        self.state
+            .audit
+            .record(
+                issuance_record("jwtsvid.issue", &node, &entry, expires_at)
+                    .field("jti", &jti)
+                    .field("audience", &req.audience)
+                    .field("ttl", entry.spec.jwt_svid_ttl.as_secs()),
+            )
+            .await
+            .map_err(NodeApiError::from)?;
+        self.note_issued(vec![EntryIssuance {
+            entry_id: entry.id.clone(),
+            kind: "jwt",
+            serial: jti,
+            node: node.spiffe_id.to_string(),
+            expires_at,
+        }])
+        .await;
         Ok(Response::new(pb::MintJwtSvidResponse {
             token: jwt.token,
             expires_at: unix_seconds(jwt.expires_at),
@@ -662,6 +826,61 @@ impl Node for NodeApi {
             HEARTBEAT,
             self.stop.clone(),
         )))
+    }
+}
+
+/// The fields every issuance record carries.
+fn issuance_record(
+    action: &str,
+    node: &AttestedNode,
+    entry: &Entry,
+    expires_at: i64,
+) -> AuditRecord {
+    AuditRecord::new(action, Actor::from(&node.spiffe_id))
+        .subject(&entry.spec.spiffe_id)
+        .field("entry", entry.id.as_str())
+        .field("node", node.spiffe_id.to_string())
+        .field("scopes", &entry.spec.scopes)
+        .field("owner", &entry.spec.owner)
+        .field("expires_at", expires_at)
+}
+
+/// Most fetched entry ids taken from one sync request.
+const MAX_FETCHED_IDS: usize = 10_000;
+
+impl NodeApi {
+    /// Records `last_issued` and the live SVIDs; a failure costs only the statistics.
+    async fn note_issued(&self, issued: Vec<EntryIssuance>) {
+        let now = unix_seconds(self.state.clock.now());
+        if let Err(e) = self.state.store.note_issued(issued, now).await {
+            tracing::warn!(error = %e, "recording entry issuance failed");
+        }
+    }
+
+    /// Records `last_fetched` for the entries the node reports, among those it serves (a node
+    /// cannot vouch for another node's workloads).
+    async fn note_fetched(
+        &self,
+        served: &[Entry],
+        reported: Vec<String>,
+    ) -> Result<(), NodeApiError> {
+        if reported.len() > MAX_FETCHED_IDS {
+            return Err(NodeApiError::InvalidField {
+                field: "fetched_entry_ids",
+                reason: format!("{} ids; at most {MAX_FETCHED_IDS}", reported.len()),
+            });
+        }
+        let reported: std::collections::HashSet<String> = reported.into_iter().collect();
+        let ids: Vec<EntryId> = served
+            .iter()
+            .filter(|e| reported.contains(e.id.as_str()))
+            .map(|e| e.id.clone())
+            .collect();
+        let now = unix_seconds(self.state.clock.now());
+        if let Err(e) = self.state.store.note_fetched(ids, now).await {
+            tracing::warn!(error = %e, "recording entry fetches failed");
+        }
+        Ok(())
     }
 }
 
@@ -787,6 +1006,105 @@ mod tests {
             selectors: selectors.iter().map(|s| s.parse().unwrap()).collect(),
             previous_serial: None,
         }
+    }
+
+    /// A server state on a temp dir, with `suspend_disabled_owners` as given.
+    async fn state(dir: &std::path::Path, suspend: bool) -> Arc<ServerState> {
+        use crate::clock::{Clock, ManualClock};
+        let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(
+            std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+        ));
+        let config = crate::server::ServerConfig::try_from(crate::server::RawServerConfig {
+            suspend_disabled_owners: Some(suspend),
+            data_dir: Some(dir.to_path_buf()),
+            ..Default::default()
+        })
+        .unwrap();
+        let store: Arc<dyn crate::datastore::DataStore> =
+            Arc::new(SledStore::open(&dir.join("datastore")).unwrap());
+        let ca = crate::ca::CertificateAuthority::load_or_create(
+            &crate::ca::CaConfig {
+                trust_domain: config.trust_domain.clone(),
+                key_dir: dir.join("keys"),
+                ca_ttl: config.ca_ttl,
+                upstream: None,
+                organization: config.organization.clone(),
+            },
+            clock.as_ref(),
+        )
+        .unwrap();
+        let audit = Arc::new(crate::audit::Audit::new(store.clone(), clock.clone(), None).unwrap());
+        let revocations = Arc::new(
+            crate::revocation::log::RevocationLog::open(store.clone())
+                .await
+                .unwrap(),
+        );
+        Arc::new(ServerState {
+            revocations,
+            config,
+            store,
+            ca: Arc::new(ca),
+            clock,
+            node_api_address: "127.0.0.1:0".parse().unwrap(),
+            audit,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_suspended_entry_is_refused_and_the_refusal_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = state(dir.path(), true).await;
+        let api = NodeApi::new(st.clone(), CancellationToken::new());
+        let n = node("spiffe://example.org/node/a", &[]);
+        let mut s = spec(
+            "spiffe://example.org/agent/x",
+            "spiffe://example.org/node/a",
+            &["unix:uid:1"],
+        );
+        s.owner = Some("alice@example.com".into());
+        let entry = st.store.create_entry(s, 0).await.unwrap();
+        api.check_not_suspended(&n, &entry, "x509svid")
+            .await
+            .unwrap();
+
+        st.store
+            .set_owner_disabled("alice@example.com", true, 1)
+            .await
+            .unwrap();
+        let err = api
+            .check_not_suspended(&n, &entry, "x509svid")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, NodeApiError::EntrySuspended { .. }), "{err}");
+        assert_eq!(Status::from(err).code(), tonic::Code::PermissionDenied);
+        let records = st
+            .audit
+            .query(&crate::audit::AuditQuery {
+                action: Some("x509svid.refuse".into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].actor, "spiffe://example.org/node/a");
+        assert_eq!(
+            records[0].subject.as_deref(),
+            Some("spiffe://example.org/agent/x")
+        );
+        assert_eq!(records[0].fields["owner"], "alice@example.com");
+
+        // Without the setting, a disabled owner's entry is only flagged.
+        let dir = tempfile::tempdir().unwrap();
+        let st = state(dir.path(), false).await;
+        let api = NodeApi::new(st.clone(), CancellationToken::new());
+        let entry = st.store.create_entry(entry.spec.clone(), 0).await.unwrap();
+        st.store
+            .set_owner_disabled("alice@example.com", true, 1)
+            .await
+            .unwrap();
+        api.check_not_suspended(&n, &entry, "jwtsvid")
+            .await
+            .unwrap();
     }
 
     #[test]

@@ -363,6 +363,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
         self.ready()?;
         let view = self.view_with_svids(&selectors).await;
         let first = x509_response(&view).ok_or_else(|| Status::permission_denied(NO_IDENTITY))?;
+        self.cache
+            .note_fetched(view.svids.iter().map(|s| s.entry_id.clone()));
         let key = x509_fingerprint(&view);
         let cache = self.cache.clone();
         let clock = self.clock.clone();
@@ -371,7 +373,12 @@ impl SpiffeWorkloadApi for WorkloadApi {
             api.ready()?;
             let view = cache.view_for(&selectors, clock.now());
             match x509_response(&view) {
-                Some(msg) => Ok(Some((msg, x509_fingerprint(&view)))),
+                Some(msg) => {
+                    // A rotated SVID pushed on a stream is a fetch too. Noted even when the
+                    // snapshot is unchanged: the workload still holds and uses them.
+                    cache.note_fetched(view.svids.iter().map(|s| s.entry_id.clone()));
+                    Ok(Some((msg, x509_fingerprint(&view))))
+                }
                 // A revoked SVID was dropped and its replacement is being minted: the next
                 // change brings it.
                 None if view.reminting => Ok(None),
@@ -484,6 +491,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                     resp.token
                 }
             };
+            self.cache.note_fetched([e.id.clone()]);
             svids.push(pb::Jwtsvid {
                 spiffe_id: e.spiffe_id.to_string(),
                 svid: token,
