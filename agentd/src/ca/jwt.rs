@@ -62,6 +62,10 @@ impl JwtSigner {
         &self.kid
     }
 
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
+    }
+
     pub fn authority(&self) -> JwtAuthority {
         JwtAuthority {
             key_id: self.kid.clone(),
@@ -132,6 +136,7 @@ impl JwtSigner {
         Ok(IssuedJwtSvid {
             token,
             expires_at: from_unix_seconds(exp),
+            key_id: self.kid.clone(),
         })
     }
 }

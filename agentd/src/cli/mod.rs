@@ -49,6 +49,9 @@ pub enum Command {
     Api(ApiCommand),
     /// Checks that a node agent (socket) or the server (admin socket) is up and ready.
     Healthcheck(HealthcheckArgs),
+    /// The CA's signing authorities, and manual CA rotation.
+    #[command(subcommand)]
+    Authority(AuthorityCommand),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -317,6 +320,17 @@ pub struct HealthcheckArgs {
     pub socket_path: String,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum AuthorityCommand {
+    /// Lists the X.509 and JWT authorities with their state (prepared, active, old).
+    List(AdminSocketArg),
+    /// Prepares the next X.509 CA and JWT key: published in the bundle, not signing yet.
+    Prepare(AdminSocketArg),
+    /// Activates the prepared authorities: they sign from now on; the previous ones become
+    /// old and stay in the bundle until they expire.
+    Activate(AdminSocketArg),
+}
+
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let out = cli.output;
@@ -332,5 +346,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Some(p) => admin::healthcheck(p, out).await,
             None => workload::healthcheck(&args.socket_path, out).await,
         },
+        Command::Authority(cmd) => admin::authority(cmd, out).await,
     }
 }

@@ -33,6 +33,8 @@ pub enum AdminError {
     DuplicateEntry(String),
     #[error("store: {0}")]
     Store(String),
+    #[error(transparent)]
+    Ca(#[from] crate::ca::CaError),
 }
 
 impl From<DataStoreError> for AdminError {
@@ -54,6 +56,18 @@ impl From<AdminError> for Status {
             AdminError::EntryNotFound(_) | AdminError::NodeNotFound(_) => Status::not_found(msg),
             AdminError::DuplicateEntry(_) => Status::already_exists(msg),
             AdminError::Store(_) => Status::internal(msg),
+            AdminError::Ca(e) => {
+                use crate::ca::CaError;
+                match e {
+                    CaError::UnknownAuthority { .. } => Status::not_found(msg),
+                    CaError::ActiveAuthority { .. }
+                    | CaError::AlreadyPrepared { .. }
+                    | CaError::NothingPrepared
+                    | CaError::Expired { .. } => Status::failed_precondition(msg),
+                    CaError::InvalidSerial { .. } => Status::invalid_argument(msg),
+                    _ => Status::internal(msg),
+                }
+            }
         }
     }
 }
@@ -332,6 +346,44 @@ fn node_to_proto(n: &AttestedNode) -> pb::Node {
     }
 }
 
+/// An authority for the admin API.
+pub fn authority_to_proto(a: &crate::ca::AuthorityInfo) -> pb::Authority {
+    pb::Authority {
+        id: a.id.clone(),
+        kind: a.kind.to_string(),
+        state: a.state.to_string(),
+        not_before: a.not_before.map(unix_seconds).unwrap_or(0),
+        not_after: unix_seconds(a.not_after),
+    }
+}
+
+impl AdminApi {
+    fn authorities_response(&self, list: &[crate::ca::AuthorityInfo]) -> pb::Authorities {
+        pb::Authorities {
+            authorities: list.iter().map(authority_to_proto).collect(),
+            bundle_sequence: self.state.ca.bundle().sequence,
+        }
+    }
+
+    /// Runs a blocking CA change (key generation, fsynced writes) off the async workers.
+    async fn ca_change<F>(&self, f: F) -> Result<Vec<crate::ca::AuthorityInfo>, AdminError>
+    where
+        F: FnOnce(
+                &crate::ca::CertificateAuthority,
+                std::time::SystemTime,
+            ) -> Result<Vec<crate::ca::AuthorityInfo>, crate::ca::CaError>
+            + Send
+            + 'static,
+    {
+        let ca = self.state.ca.clone();
+        let now = self.state.clock.now();
+        tokio::task::spawn_blocking(move || f(&ca, now))
+            .await
+            .map_err(|e| AdminError::Store(format!("CA task: {e}")))?
+            .map_err(AdminError::from)
+    }
+}
+
 #[tonic::async_trait]
 impl Admin for AdminApi {
     async fn get_server_info(
@@ -557,6 +609,35 @@ impl Admin for AdminApi {
             spiffe_json: b.to_spiffe_json(),
             pem: b.x509_pem(),
         }))
+    }
+
+    async fn list_authorities(
+        &self,
+        _request: Request<pb::ListAuthoritiesRequest>,
+    ) -> Result<Response<pb::Authorities>, Status> {
+        Ok(Response::new(
+            self.authorities_response(&self.state.ca.authorities()),
+        ))
+    }
+
+    async fn prepare_authority(
+        &self,
+        request: Request<pb::PrepareAuthorityRequest>,
+    ) -> Result<Response<pb::Authorities>, Status> {
+        let uid = caller_uid(&request);
+        let prepared = self.ca_change(|ca, now| ca.prepare(now)).await?;
+        tracing::info!(?uid, ids = ?prepared.iter().map(|a| &a.id).collect::<Vec<_>>(), "authorities prepared");
+        Ok(Response::new(self.authorities_response(&prepared)))
+    }
+
+    async fn activate_authority(
+        &self,
+        request: Request<pb::ActivateAuthorityRequest>,
+    ) -> Result<Response<pb::Authorities>, Status> {
+        let uid = caller_uid(&request);
+        let activated = self.ca_change(|ca, now| ca.activate(now)).await?;
+        tracing::info!(?uid, ids = ?activated.iter().map(|a| &a.id).collect::<Vec<_>>(), "authorities activated");
+        Ok(Response::new(self.authorities_response(&activated)))
     }
 }
 
