@@ -677,6 +677,46 @@ mod tests {
     }
 
     #[test]
+    fn authority_errors_map_to_status_codes_with_the_reason() {
+        use crate::ca::CaError;
+        let cases = [
+            (
+                CaError::UnknownAuthority { id: "abcd".into() },
+                tonic::Code::NotFound,
+                "abcd",
+            ),
+            (
+                CaError::ActiveAuthority { id: "ef01".into() },
+                tonic::Code::FailedPrecondition,
+                "prepare",
+            ),
+            (
+                CaError::AlreadyPrepared { id: "ef01".into() },
+                tonic::Code::FailedPrecondition,
+                "ef01",
+            ),
+            (
+                CaError::NothingPrepared,
+                tonic::Code::FailedPrecondition,
+                "authority prepare",
+            ),
+            (
+                CaError::InvalidSerial {
+                    serial: "zz".into(),
+                    reason: "not hexadecimal".into(),
+                },
+                tonic::Code::InvalidArgument,
+                "zz",
+            ),
+        ];
+        for (err, code, needle) in cases {
+            let status = Status::from(AdminError::from(err));
+            assert_eq!(status.code(), code, "{status:?}");
+            assert!(status.message().contains(needle), "{status:?}");
+        }
+    }
+
+    #[test]
     fn hint_and_owner_limits() {
         assert!(parse_hint(&"x".repeat(1025)).is_err());
         assert_eq!(parse_owner("").unwrap(), None);
