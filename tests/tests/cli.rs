@@ -355,12 +355,18 @@ fn admin_socket_is_private_and_workload_socket_is_open() -> anyhow::Result<()> {
         workload_mode, 0o777,
         "the Workload API socket is connectable by every local user"
     );
-    for key in ["keys/x509-ca.key", "keys/jwt.key"] {
-        let mode = std::fs::metadata(server.data_dir.join(key))?
-            .permissions()
-            .mode()
-            & 0o777;
-        assert_eq!(mode, 0o600, "{key}");
+    // One X.509 CA key and one JWT key (`x509-<id>.key`, `jwt-<kid>.key`), both private.
+    let mut keys = Vec::new();
+    for f in std::fs::read_dir(server.data_dir.join("keys"))? {
+        let path = f?.path();
+        if path.extension().is_some_and(|e| e == "key") {
+            keys.push(path);
+        }
+    }
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    for key in keys {
+        let mode = std::fs::metadata(&key)?.permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", key.display());
     }
     let mode = std::fs::metadata(node.data_dir.join("node-svid.key"))?
         .permissions()

@@ -377,3 +377,145 @@ async fn revoking_a_node_is_a_kill_switch() -> anyhow::Result<()> {
     source.shutdown().await;
     Ok(())
 }
+
+fn openssl_crl_check(
+    dir: &std::path::Path,
+    crl: &std::path::Path,
+    leaf: &str,
+) -> std::process::Output {
+    std::process::Command::new("openssl")
+        .args(["verify", "-crl_check", "-CAfile"])
+        .arg(dir.join("bundle.0.pem"))
+        .arg("-CRLfile")
+        .arg(crl)
+        .arg(dir.join(leaf))
+        .output()
+        .expect("openssl is installed (make test installs it)")
+}
+
+#[test]
+fn openssl_crl_check_rejects_a_revoked_leaf_and_accepts_a_live_one() -> anyhow::Result<()> {
+    let env = Env::new();
+    let server = Server::start(&env)?;
+    let node = Node::start(&env, &server, "n1")?;
+    let id = "spiffe://example.org/agent/crl";
+    server.register_own_uid(&node.spiffe_id, id, &["--x509-svid-ttl", "1h"])?;
+    node.wait_for_svid(id)?;
+    let sock = node.socket_arg();
+    let fetch_to = |dir: &std::path::Path| {
+        let out = agentd(&[
+            "api",
+            "fetch",
+            "x509",
+            "--socket-path",
+            &sock,
+            "--write",
+            dir.to_str().unwrap(),
+            "--crl",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let old = env.path().join("old");
+    fetch_to(&old);
+    // Before the revocation the CRL lists nothing, and the leaf verifies with -crl_check.
+    let v = openssl_crl_check(&old, &old.join("crl.pem"), "svid.0.pem");
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+
+    let pem = std::fs::read_to_string(old.join("svid.0.pem"))?;
+    let der = agentd::bundle::Bundle::x509_authorities_from_pem(&pem)?.remove(0);
+    let serial = serial_of(&der);
+    server.cli_ok(&["revoke", "svid", "--serial", &serial])?;
+    // The published CRL (from the server, and through the node agent) lists it now.
+    let crl = env.path().join("server-crl.pem");
+    std::fs::write(&crl, server.cli_ok(&["bundle", "crl"])?)?;
+    let v = openssl_crl_check(&old, &crl, "svid.0.pem");
+    assert!(!v.status.success(), "a revoked leaf must fail -crl_check");
+    assert!(
+        String::from_utf8_lossy(&v.stdout).contains("revoked")
+            || String::from_utf8_lossy(&v.stderr).contains("revoked"),
+        "{}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+    // The fresh SVID the workload now receives passes with the same CRL.
+    let new = env.path().join("new");
+    assert!(wait_until(Duration::from_secs(10), || {
+        fetch_to(&new);
+        std::fs::read_to_string(new.join("svid.0.pem")).is_ok_and(|p| p != pem)
+    }));
+    let v = openssl_crl_check(&new, &new.join("crl.pem"), "svid.0.pem");
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    let v = openssl_crl_check(&new, &new.join("crl.pem"), "../old/svid.0.pem");
+    assert!(!v.status.success());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_an_old_authority_drops_it_and_reissues_what_it_signed() -> anyhow::Result<()> {
+    let env = Env::new();
+    let config = env.path().join("server.toml");
+    // Node SVIDs renew at half their TTL: 3 s here, so the node moves to the new authority.
+    std::fs::write(&config, "node_svid_ttl = \"6s\"\n")?;
+    let server = Server::start_with(&env, &["--config", config.to_str().unwrap()])?;
+    let node = Node::start(&env, &server, "n1")?;
+    let id = "spiffe://example.org/agent/rekeyed";
+    server.register_own_uid(&node.spiffe_id, id, &["--x509-svid-ttl", "1h"])?;
+    node.wait_for_svid(id)?;
+    let source = source(&node).await?;
+    let old_serial = serial_of(source.svid()?.leaf().as_bytes());
+    let authorities = json(&server.cli_ok(&["authority", "list", "--output", "json"])?);
+    let old_x509 = authorities
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .find(|x| x["kind"] == "x509" && x["state"] == "active")
+        })
+        .and_then(|x| x["id"].as_str())
+        .expect("an active X.509 authority")
+        .to_string();
+    // The active authority cannot be revoked.
+    let refused = server.cli(&["revoke", "authority", "--id", &old_x509]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("active"));
+
+    server.cli_ok(&["authority", "prepare"])?;
+    // Wait one sync so the node agent has the new bundle before anything is signed by it.
+    std::thread::sleep(Duration::from_secs(2));
+    server.cli_ok(&["authority", "activate"])?;
+    // Refused while the node's own SVID is from the old authority; accepted once it renewed.
+    let mut last = String::new();
+    let mut event = serde_json::Value::Null;
+    let accepted = wait_until(Duration::from_secs(15), || {
+        let out = server.cli(&["revoke", "authority", "--id", &old_x509, "--output", "json"]);
+        if out.status.success() {
+            event = json(&String::from_utf8_lossy(&out.stdout));
+            true
+        } else {
+            last = String::from_utf8_lossy(&out.stderr).into_owned();
+            false
+        }
+    });
+    assert!(accepted, "{last}");
+    assert!(last.is_empty() || last.contains("node SVIDs"), "{last}");
+    let covered: Vec<&str> = event["serials"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|s| s["serial"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(covered.contains(&old_serial.as_str()), "{event}");
+    // The workload receives an SVID signed by the new authority, and a bundle without the
+    // old one.
+    let fresh = source_until(&source, Duration::from_secs(15), |r| {
+        r.as_ref()
+            .is_ok_and(|s| serial_of(s.leaf().as_bytes()) != old_serial)
+    })
+    .await??;
+    assert_eq!(fresh.spiffe_id().to_string(), id);
+    let listed = json(&server.cli_ok(&["authority", "list", "--output", "json"])?);
+    assert!(!listed.to_string().contains(&old_x509), "{listed}");
+    source.shutdown().await;
+    Ok(())
+}

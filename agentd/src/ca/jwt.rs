@@ -62,6 +62,10 @@ impl JwtSigner {
         &self.kid
     }
 
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
+    }
+
     pub fn authority(&self) -> JwtAuthority {
         JwtAuthority {
             key_id: self.kid.clone(),

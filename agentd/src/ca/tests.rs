@@ -13,11 +13,11 @@ use crate::keys::{pem_encode, PrivateKey};
 
 const ORG: &str = "agentd test";
 
-fn now_whole() -> SystemTime {
+pub(super) fn now_whole() -> SystemTime {
     crate::clock::from_unix_seconds(unix_seconds(SystemTime::now()))
 }
 
-fn cfg(dir: &Path, ca_ttl: Duration, upstream: Option<UpstreamCa>) -> CaConfig {
+pub(super) fn cfg(dir: &Path, ca_ttl: Duration, upstream: Option<UpstreamCa>) -> CaConfig {
     CaConfig {
         trust_domain: TrustDomain::new("example.org").unwrap(),
         key_dir: dir.to_path_buf(),
@@ -34,15 +34,15 @@ fn new_ca(dir: &Path, ca_ttl: Duration) -> (CertificateAuthority, SystemTime) {
     (ca, now)
 }
 
-fn id(s: &str) -> SpiffeId {
+pub(super) fn id(s: &str) -> SpiffeId {
     SpiffeId::new(s).unwrap()
 }
 
-fn parse(der: &[u8]) -> X509Certificate<'_> {
+pub(super) fn parse(der: &[u8]) -> X509Certificate<'_> {
     x509_parser::parse_x509_certificate(der).unwrap().1
 }
 
-fn mint(
+pub(super) fn mint(
     ca: &CertificateAuthority,
     key: &PrivateKey,
     spiffe_id: &SpiffeId,
@@ -366,15 +366,17 @@ fn restart_gives_the_same_bundle_and_key_files_are_0600() {
     assert_eq!(first.jwt_key_id(), second.jwt_key_id());
     assert_eq!(first.jwt_key_id().len(), 32);
     assert_eq!(first.bundle().sequence, 1);
-    for name in ["x509-ca.key", "jwt.key"] {
-        let mode = std::fs::metadata(dir.path().join(name))
+    let x509_id = first.authorities()[0].id.clone();
+    let kid = first.jwt_key_id();
+    for name in [format!("x509-{x509_id}.key"), format!("jwt-{kid}.key")] {
+        let mode = std::fs::metadata(dir.path().join(&name))
             .unwrap()
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600, "{name}");
     }
-    for name in ["x509-ca.pem", "jwt.json", "bundle.json"] {
-        assert!(dir.path().join(name).exists(), "{name}");
+    for name in [format!("x509-{x509_id}.pem"), "authorities.json".into()] {
+        assert!(dir.path().join(&name).exists(), "{name}");
     }
     // An SVID from the reloaded CA chains to the first bundle.
     let key = PrivateKey::generate().unwrap();
@@ -406,21 +408,25 @@ fn restart_gives_the_same_bundle_and_key_files_are_0600() {
 #[test]
 fn corrupt_store_files_are_errors_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
-    let _ = new_ca(dir.path(), Duration::from_secs(3600));
-    std::fs::write(dir.path().join("x509-ca.pem"), "garbage").unwrap();
+    let (ca, _) = new_ca(dir.path(), Duration::from_secs(3600));
+    let cert_file = format!("x509-{}.pem", ca.authorities()[0].id);
+    std::fs::write(dir.path().join(&cert_file), "garbage").unwrap();
     let err = CertificateAuthority::load_or_create(
         &cfg(dir.path(), Duration::from_secs(3600), None),
         &ManualClock::new(now_whole()),
     )
     .unwrap_err();
-    assert!(err.to_string().contains("x509-ca.pem"), "{err}");
+    assert!(err.to_string().contains(&cert_file), "{err}");
 
     // A key that does not belong to the certificate is caught.
     let dir = tempfile::tempdir().unwrap();
-    let _ = new_ca(dir.path(), Duration::from_secs(3600));
+    let (ca, _) = new_ca(dir.path(), Duration::from_secs(3600));
     PrivateKey::generate()
         .unwrap()
-        .save(&dir.path().join("x509-ca.key"))
+        .save(
+            &dir.path()
+                .join(format!("x509-{}.key", ca.authorities()[0].id)),
+        )
         .unwrap();
     let err = CertificateAuthority::load_or_create(
         &cfg(dir.path(), Duration::from_secs(3600), None),
@@ -435,8 +441,12 @@ fn debug_output_shows_no_key_material() {
     let dir = tempfile::tempdir().unwrap();
     let (ca, _) = new_ca(dir.path(), Duration::from_secs(3600));
     let dbg = format!("{ca:?}");
-    for name in ["x509-ca.key", "jwt.key"] {
-        let key = PrivateKey::load(&dir.path().join(name)).unwrap();
+    let x509_id = ca.authorities()[0].id.clone();
+    for name in [
+        format!("x509-{x509_id}.key"),
+        format!("jwt-{}.key", ca.jwt_key_id()),
+    ] {
+        let key = PrivateKey::load(&dir.path().join(&name)).unwrap();
         let der = key.pkcs8_der();
         // ring's PKCS#8 layout puts the 32-byte private scalar at bytes 36..68 (after the
         // `04 20` OCTET STRING header); the rest (OIDs, public key) is public.
@@ -459,7 +469,7 @@ fn debug_output_shows_no_key_material() {
 
 // ---- interop: OpenSSL and the `spiffe` crate ----
 
-fn openssl_available() -> bool {
+pub(super) fn openssl_available() -> bool {
     match Command::new("openssl").arg("version").output() {
         Ok(o) if o.status.success() => true,
         _ => {
@@ -469,7 +479,7 @@ fn openssl_available() -> bool {
     }
 }
 
-fn openssl_verify(dir: &Path, bundle: &Bundle, svid: &IssuedX509Svid) {
+pub(super) fn openssl_verify(dir: &Path, bundle: &Bundle, svid: &IssuedX509Svid) {
     let bundle_pem = dir.join("bundle.pem");
     let leaf_pem = dir.join("leaf.pem");
     let chain_pem = dir.join("chain.pem");
@@ -499,7 +509,7 @@ fn openssl_verify(dir: &Path, bundle: &Bundle, svid: &IssuedX509Svid) {
     }
 }
 
-fn spiffe_crate_accepts(svid: &IssuedX509Svid, key: &PrivateKey) {
+pub(super) fn spiffe_crate_accepts(svid: &IssuedX509Svid, key: &PrivateKey) {
     let parsed = spiffe::X509Svid::parse_from_der(&svid.cert_chain.concat(), key.pkcs8_der())
         .expect("the spiffe crate accepts the X.509-SVID");
     assert_eq!(parsed.spiffe_id(), &svid.spiffe_id);
@@ -526,7 +536,7 @@ fn self_signed_svid_is_accepted_by_openssl_and_the_spiffe_crate() {
 }
 
 /// An upstream root made by rcgen (P-256), written as PEM files.
-fn rcgen_upstream(dir: &Path) -> UpstreamCa {
+pub(super) fn rcgen_upstream(dir: &Path) -> UpstreamCa {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let mut p = rcgen::CertificateParams::default();
     p.distinguished_name = rcgen::DistinguishedName::new();
@@ -590,7 +600,8 @@ fn check_upstream_mode(dir: &Path, upstream: UpstreamCa) {
     let bundle = ca.bundle();
     assert_eq!(bundle.x509_authorities, up_der);
 
-    let inter = parse(ca.signing_cert_der());
+    let inter_der = ca.signing_cert_der();
+    let inter = parse(&inter_der);
     assert!(inter.basic_constraints().unwrap().unwrap().value.ca);
     assert_eq!(
         inter.issuer().as_raw(),

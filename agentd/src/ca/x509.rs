@@ -19,7 +19,7 @@ use x509_parser::oid_registry::{
 use x509_parser::prelude::FromDer;
 use zeroize::Zeroizing;
 
-use super::{CaError, IssuedX509Svid, UpstreamCa, X509SvidRequest};
+use super::{CaError, IssuedX509Svid, RevokedSerial, UpstreamCa, X509SvidRequest};
 use crate::clock::{from_unix_seconds, unix_seconds};
 use crate::keys::{CertSigner, PrivateKey};
 
@@ -464,6 +464,10 @@ pub(crate) fn parse_csr(der: &[u8]) -> Result<CsrKey, CaError> {
 /// once at load.
 pub(crate) struct SigningCa {
     issuer: Issuer<'static, CertSigner>,
+    /// Lowercase hex of the certificate's Subject Key Identifier: the authority id.
+    pub authority_id: String,
+    ski: Vec<u8>,
+    pub not_before: SystemTime,
     /// The signing CA's certificate.
     pub cert_der: Vec<u8>,
     /// Certificates after the leaf in every SVID chain (the intermediate, with an upstream).
@@ -471,13 +475,12 @@ pub(crate) struct SigningCa {
     pub not_after: SystemTime,
     not_after_secs: i64,
     leaf_dn: DistinguishedName,
-    /// The CA certificate's subject key identifier, hex: the X.509 authority id.
-    pub authority_id: String,
 }
 
 impl std::fmt::Debug for SigningCa {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SigningCa")
+            .field("authority_id", &self.authority_id)
             .field("issuer", &self.issuer)
             .field("not_after", &self.not_after)
             .field("chain_tail", &self.chain_tail.len())
@@ -492,9 +495,14 @@ impl SigningCa {
         organization: &str,
         intermediate: bool,
     ) -> Result<Self, String> {
-        let parsed = parse_cert(&cert_der)?;
-        let not_after_secs = parsed.validity().not_after.timestamp();
-        let authority_id = authority_id_of(&parsed);
+        let (not_before_secs, not_after_secs, ski) = {
+            let cert = parse_cert(&cert_der)?;
+            (
+                cert.validity().not_before.timestamp(),
+                cert.validity().not_after.timestamp(),
+                subject_key_id(&cert),
+            )
+        };
         let signer = key.cert_signer().map_err(|e| e.to_string())?;
         let issuer = issuer_for(&cert_der, signer)?;
         // With no organization the subject is empty, and rcgen then marks the SAN
@@ -505,6 +513,9 @@ impl SigningCa {
         }
         Ok(Self {
             issuer,
+            authority_id: hex::encode(&ski),
+            ski,
+            not_before: from_unix_seconds(not_before_secs),
             chain_tail: if intermediate {
                 vec![cert_der.clone()]
             } else {
@@ -514,7 +525,6 @@ impl SigningCa {
             not_after: from_unix_seconds(not_after_secs),
             not_after_secs,
             leaf_dn,
-            authority_id,
         })
     }
 
@@ -601,19 +611,96 @@ impl SigningCa {
             authority_id: self.authority_id.clone(),
         })
     }
+
+    /// An RFC 5280 (section 5) CRL signed by this CA: version 2, thisUpdate `now`,
+    /// nextUpdate `now + CRL_NEXT_UPDATE`, the authority key identifier (section 5.2.1, equal
+    /// to this CA's SKI so relying parties match it to the certificate) and the CRL number
+    /// (section 5.2.3).
+    pub fn crl(
+        &self,
+        revoked: &[RevokedSerial],
+        crl_number: u64,
+        now: SystemTime,
+    ) -> Result<Vec<u8>, CaError> {
+        let now_secs = unix_seconds(now);
+        let next = now_secs.saturating_add(CRL_NEXT_UPDATE.as_secs() as i64);
+        let mut revoked_certs = Vec::with_capacity(revoked.len());
+        for r in revoked {
+            revoked_certs.push(rcgen::RevokedCertParams {
+                serial_number: SerialNumber::from_slice(&parse_serial_hex(&r.serial_hex)?),
+                revocation_time: odt(unix_seconds(r.revoked_at))?,
+                reason_code: None,
+                invalidity_date: None,
+            });
+        }
+        // A CRL number is a non-negative INTEGER: big-endian bytes with no sign ambiguity.
+        let mut number = vec![0u8];
+        number.extend_from_slice(&crl_number.to_be_bytes());
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: odt(now_secs)?,
+            next_update: odt(next)?,
+            crl_number: SerialNumber::from_slice(&number),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: rcgen::KeyIdMethod::PreSpecified(self.ski.clone()),
+        };
+        let crl = params
+            .signed_by(&self.issuer)
+            .map_err(|e| sign_err(format!("signing the CRL: {e}")))?;
+        Ok(crl.der().to_vec())
+    }
 }
 
-/// A CA certificate's authority id: its subject key identifier in lowercase hex (as SPIRE's
-/// authority id), or, for a certificate without one, the SHA-256 of its public key, cut to
-/// 20 bytes.
-pub fn authority_id_of(cert: &x509_parser::certificate::X509Certificate<'_>) -> String {
+/// How long a CRL is current: its nextUpdate is this long after its thisUpdate. Relying
+/// parties treat a CRL past nextUpdate as stale (OpenSSL refuses it), so whoever publishes
+/// CRLs re-fetches them well within this interval.
+pub const CRL_NEXT_UPDATE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Parses a serial as `IssuedX509Svid::serial` spells it (lowercase or uppercase hex, at
+/// most 20 octets, RFC 5280 section 4.1.2.2) into DER INTEGER content bytes.
+pub(crate) fn parse_serial_hex(serial: &str) -> Result<Vec<u8>, CaError> {
+    let bad = |reason: &str| CaError::InvalidSerial {
+        serial: serial.to_owned(),
+        reason: reason.to_owned(),
+    };
+    if serial.is_empty() {
+        return Err(bad("empty"));
+    }
+    if serial.len() > 40 {
+        return Err(bad("longer than 20 octets"));
+    }
+    let padded = if serial.len() % 2 == 1 {
+        format!("0{serial}")
+    } else {
+        serial.to_owned()
+    };
+    let mut bytes = hex::decode(&padded).map_err(|_| bad("not hexadecimal"))?;
+    // Keep the INTEGER positive: a leading byte with the top bit set gets a 0x00 before it.
+    if bytes.first().is_some_and(|b| b & 0x80 != 0) {
+        bytes.insert(0, 0);
+    }
+    Ok(bytes)
+}
+
+/// A certificate's Subject Key Identifier, or (for a certificate without one) the RFC 5280
+/// section 4.2.1.2 method (1) value: SHA-1 of the subjectPublicKey bits.
+fn subject_key_id(cert: &X509Certificate<'_>) -> Vec<u8> {
     for ext in cert.extensions() {
         if let x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(ki) =
             ext.parsed_extension()
         {
-            return hex::encode(ki.0);
+            return ki.0.to_vec();
         }
     }
-    let digest = ring::digest::digest(&ring::digest::SHA256, cert.public_key().raw);
-    hex::encode(&digest.as_ref()[..20])
+    ring::digest::digest(
+        &ring::digest::SHA1_FOR_LEGACY_USE_ONLY,
+        &cert.public_key().subject_public_key.data,
+    )
+    .as_ref()
+    .to_vec()
+}
+
+/// The authority id (lowercase SKI hex) of a CA certificate.
+pub(crate) fn authority_id_of(cert_der: &[u8]) -> Result<String, String> {
+    Ok(hex::encode(subject_key_id(&parse_cert(cert_der)?)))
 }

@@ -10,7 +10,8 @@ use tonic::transport::Channel;
 
 use super::output::rfc3339;
 use super::{
-    BundleCommand, BundleFormat, EntryCommand, EntryFields, NodeCommand, Output, TokenCommand,
+    AuthorityCommand, BundleCommand, BundleFormat, EntryCommand, EntryFields, NodeCommand, Output,
+    TokenCommand,
 };
 use crate::ttl::Ttl;
 
@@ -314,7 +315,35 @@ pub async fn node(cmd: NodeCommand, out: Output) -> anyhow::Result<()> {
 }
 
 pub async fn bundle(cmd: BundleCommand, out: Output) -> anyhow::Result<()> {
-    let BundleCommand::Show { format, admin } = cmd;
+    let (format, admin) = match cmd {
+        BundleCommand::Show { format, admin } => (format, admin),
+        BundleCommand::Crl { admin } => {
+            let crls = client(&admin.admin_socket)
+                .await?
+                .get_crls(pb::GetCrlsRequest {})
+                .await
+                .map_err(status)?
+                .into_inner()
+                .crls;
+            let pems: Vec<(String, String)> = crls
+                .iter()
+                .map(|c| {
+                    (
+                        c.authority_id.clone(),
+                        crate::keys::pem_encode("X509 CRL", &c.der),
+                    )
+                })
+                .collect();
+            out.print(
+                &json!(pems
+                    .iter()
+                    .map(|(id, pem)| json!({"authority_id": id, "pem": pem}))
+                    .collect::<Vec<_>>()),
+                || pems.iter().map(|(_, pem)| pem.as_str()).collect(),
+            );
+            return Ok(());
+        }
+    };
     let b = client(&admin.admin_socket)
         .await?
         .get_bundle(pb::GetBundleRequest {})
@@ -360,4 +389,86 @@ pub async fn healthcheck(path: &Path, out: Output) -> anyhow::Result<()> {
         },
     );
     Ok(())
+}
+
+pub fn authority_json(a: &pb::Authority) -> serde_json::Value {
+    json!({
+        "id": a.id,
+        "kind": a.kind,
+        "state": a.state,
+        "not_before": if a.not_before == 0 { serde_json::Value::Null } else { json!(a.not_before) },
+        "not_after": a.not_after,
+    })
+}
+
+fn authority_text(a: &pb::Authority) -> String {
+    format!(
+        "{:<4}  {:<8}  {}  not after {}\n",
+        a.kind,
+        a.state,
+        a.id,
+        rfc3339(a.not_after)
+    )
+}
+
+pub async fn authority(cmd: AuthorityCommand, out: Output) -> anyhow::Result<()> {
+    match cmd {
+        AuthorityCommand::List(admin) => {
+            let r = client(&admin.admin_socket)
+                .await?
+                .list_authorities(pb::ListAuthoritiesRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            out.print(
+                &json!(r.authorities.iter().map(authority_json).collect::<Vec<_>>()),
+                || {
+                    let mut s = format!(
+                        "{} authorities (bundle sequence {})\n",
+                        r.authorities.len(),
+                        r.bundle_sequence
+                    );
+                    for a in &r.authorities {
+                        s += &authority_text(a);
+                    }
+                    s
+                },
+            );
+        }
+        AuthorityCommand::Prepare(admin) => {
+            let r = client(&admin.admin_socket)
+                .await?
+                .prepare_authority(pb::PrepareAuthorityRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            print_change(out, "Prepared (published, not signing yet)", &r);
+        }
+        AuthorityCommand::Activate(admin) => {
+            let r = client(&admin.admin_socket)
+                .await?
+                .activate_authority(pb::ActivateAuthorityRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            print_change(out, "Activated (signing from now on)", &r);
+        }
+    }
+    Ok(())
+}
+
+fn print_change(out: Output, what: &str, r: &pb::Authorities) {
+    out.print(
+        &json!({
+            "authorities": r.authorities.iter().map(authority_json).collect::<Vec<_>>(),
+            "bundle_sequence": r.bundle_sequence,
+        }),
+        || {
+            let mut s = format!("{what}; bundle sequence {}\n", r.bundle_sequence);
+            for a in &r.authorities {
+                s += &authority_text(a);
+            }
+            s
+        },
+    );
 }

@@ -68,6 +68,9 @@ pub enum Command {
         #[command(flatten)]
         admin: AdminSocketArg,
     },
+    /// The CA's signing authorities, and manual CA rotation.
+    #[command(subcommand)]
+    Authority(AuthorityCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -313,6 +316,12 @@ pub enum BundleCommand {
         #[command(flatten)]
         admin: AdminSocketArg,
     },
+    /// Prints the CRL of each CA authority (PEM, RFC 5280), listing its unexpired revoked
+    /// serials.
+    Crl {
+        #[command(flatten)]
+        admin: AdminSocketArg,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -431,6 +440,10 @@ pub enum FetchCommand {
     X509 {
         #[arg(long)]
         write: Option<PathBuf>,
+        /// With --write: also store the trust domain's CRLs as crl.pem (RFC 5280, one per CA
+        /// authority), for relying parties that check revocation through CRLs.
+        #[arg(long, requires = "write")]
+        crl: bool,
         #[command(flatten)]
         socket: SocketArg,
     },
@@ -467,6 +480,17 @@ pub struct HealthcheckArgs {
     pub socket_path: String,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum AuthorityCommand {
+    /// Lists the X.509 and JWT authorities with their state (prepared, active, old).
+    List(AdminSocketArg),
+    /// Prepares the next X.509 CA and JWT key: published in the bundle, not signing yet.
+    Prepare(AdminSocketArg),
+    /// Activates the prepared authorities: they sign from now on; the previous ones become
+    /// old and stay in the bundle until they expire.
+    Activate(AdminSocketArg),
+}
+
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let out = cli.output;
@@ -486,5 +510,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Audit(cmd) => audit::audit(cmd, out).await,
         Command::Owner(cmd) => audit::owner(cmd, out).await,
         Command::Inventory { stale, admin } => audit::inventory(stale, &admin, out).await,
+        Command::Authority(cmd) => admin::authority(cmd, out).await,
     }
 }

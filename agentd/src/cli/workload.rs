@@ -132,6 +132,31 @@ fn svid_text(i: usize, s: &pb::X509svid) -> String {
     t
 }
 
+/// Writes `crl.pem` (every CA authority's CRL, PEM) beside the fetched bundles, from the node
+/// agent's `agentd.workload.v1.Revocations/FetchCrls`.
+async fn write_crls(dir: &Path, socket: &str) -> anyhow::Result<()> {
+    let path = socket_path(socket)?;
+    let ch = super::admin::unix_channel(&path)
+        .await
+        .context("is the node agent running? (--socket-path)")?;
+    let crls =
+        agentd_proto::agentd_workload::revocations_client::RevocationsClient::with_interceptor(
+            ch,
+            add_header as fn(_) -> _,
+        )
+        .fetch_crls(agentd_proto::agentd_workload::FetchCrlsRequest {})
+        .await
+        .map_err(status)?
+        .into_inner()
+        .crls;
+    let pem: String = crls
+        .iter()
+        .map(|c| crate::keys::pem_encode("X509 CRL", &c.der))
+        .collect();
+    let p = dir.join("crl.pem");
+    std::fs::write(&p, pem).with_context(|| format!("writing {}", p.display()))
+}
+
 fn write_svids(dir: &Path, resp: &pb::X509svidResponse) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     for (i, s) in resp.svids.iter().enumerate() {
@@ -151,7 +176,7 @@ fn write_svids(dir: &Path, resp: &pb::X509svidResponse) -> anyhow::Result<()> {
 
 pub async fn api(cmd: ApiCommand, out: Output) -> anyhow::Result<()> {
     match cmd {
-        ApiCommand::Fetch(FetchCommand::X509 { write, socket }) => {
+        ApiCommand::Fetch(FetchCommand::X509 { write, crl, socket }) => {
             let mut stream = client(&socket.socket_path)
                 .await?
                 .fetch_x509svid(pb::X509svidRequest {})
@@ -165,6 +190,9 @@ pub async fn api(cmd: ApiCommand, out: Output) -> anyhow::Result<()> {
                 .map_err(status)?;
             if let Some(dir) = &write {
                 write_svids(dir, &resp)?;
+                if crl {
+                    write_crls(dir, &socket.socket_path).await?;
+                }
             }
             let svids = resp
                 .svids

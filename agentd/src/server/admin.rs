@@ -42,6 +42,8 @@ pub enum AdminError {
     Audit(String),
     #[error(transparent)]
     Revocation(#[from] RevocationError),
+    #[error(transparent)]
+    Ca(#[from] crate::ca::CaError),
 }
 
 impl From<RevocationLogError> for AdminError {
@@ -86,6 +88,18 @@ impl From<AdminError> for Status {
                 | RevocationError::UnknownEntry { .. } => Status::not_found(msg),
                 RevocationError::Refused(_) => Status::failed_precondition(msg),
             },
+            AdminError::Ca(e) => {
+                use crate::ca::CaError;
+                match e {
+                    CaError::UnknownAuthority { .. } => Status::not_found(msg),
+                    CaError::ActiveAuthority { .. }
+                    | CaError::AlreadyPrepared { .. }
+                    | CaError::NothingPrepared
+                    | CaError::Expired { .. } => Status::failed_precondition(msg),
+                    CaError::InvalidSerial { .. } => Status::invalid_argument(msg),
+                    _ => Status::internal(msg),
+                }
+            }
         }
     }
 }
@@ -386,6 +400,33 @@ fn status_to_proto(s: &EntryStatus) -> pb::Entry {
     }
 }
 
+/// One RFC 5280 CRL per X.509 authority in the bundle, listing its unexpired revoked
+/// serials; the CRL number is the revocation log's head, so it grows with every change.
+pub fn current_crls(state: &ServerState) -> Result<Vec<(String, Vec<u8>)>, crate::ca::CaError> {
+    let now = state.clock.now();
+    let now_secs = unix_seconds(now);
+    let head = state.revocations.head();
+    state
+        .ca
+        .authorities()
+        .into_iter()
+        .filter(|a| a.kind == crate::ca::AuthorityKind::X509)
+        .map(|a| {
+            let revoked: Vec<crate::ca::RevokedSerial> = state
+                .revocations
+                .revoked_serials_of(&a.id, now_secs)
+                .into_iter()
+                .map(|(serial_hex, at)| crate::ca::RevokedSerial {
+                    serial_hex,
+                    revoked_at: crate::clock::from_unix_seconds(at),
+                })
+                .collect();
+            let der = state.ca.crl_der(&a.id, &revoked, head, now)?;
+            Ok((a.id, der))
+        })
+        .collect()
+}
+
 /// The audit fields describing a revocation event.
 fn revocation_audit(record: AuditRecord, e: &crate::revocation::RevocationEvent) -> AuditRecord {
     record
@@ -447,6 +488,44 @@ fn node_to_proto(n: &AttestedNode) -> pb::Node {
         attested_at: n.attested_at,
         last_seen_at: n.last_seen_at,
         selectors: n.selectors.iter().map(ToString::to_string).collect(),
+    }
+}
+
+/// An authority for the admin API.
+pub fn authority_to_proto(a: &crate::ca::AuthorityInfo) -> pb::Authority {
+    pb::Authority {
+        id: a.id.clone(),
+        kind: a.kind.to_string(),
+        state: a.state.to_string(),
+        not_before: a.not_before.map(unix_seconds).unwrap_or(0),
+        not_after: unix_seconds(a.not_after),
+    }
+}
+
+impl AdminApi {
+    fn authorities_response(&self, list: &[crate::ca::AuthorityInfo]) -> pb::Authorities {
+        pb::Authorities {
+            authorities: list.iter().map(authority_to_proto).collect(),
+            bundle_sequence: self.state.ca.bundle().sequence,
+        }
+    }
+
+    /// Runs a blocking CA change (key generation, fsynced writes) off the async workers.
+    async fn ca_change<F>(&self, f: F) -> Result<Vec<crate::ca::AuthorityInfo>, AdminError>
+    where
+        F: FnOnce(
+                &crate::ca::CertificateAuthority,
+                std::time::SystemTime,
+            ) -> Result<Vec<crate::ca::AuthorityInfo>, crate::ca::CaError>
+            + Send
+            + 'static,
+    {
+        let ca = self.state.ca.clone();
+        let now = self.state.clock.now();
+        tokio::task::spawn_blocking(move || f(&ca, now))
+            .await
+            .map_err(|e| AdminError::Store(format!("CA task: {e}")))?
+            .map_err(AdminError::from)
     }
 }
 
@@ -784,17 +863,37 @@ impl Admin for AdminApi {
                 self.load_entry(id).await?;
             }
             RevocationHandle::Authority(id) => {
-                // The active authority signs everything; revoking it would stop issuance.
-                if id == self.state.ca.x509_authority_id() || id == self.state.ca.jwt_key_id() {
+                // Out of the bundle first (refused for the active authority or an unknown
+                // id, with nothing logged); then the log resolves and pushes what it signed,
+                // which node agents mint again under the active authority.
+                // A node authenticates to the server with its node SVID: removing the CA
+                // that signed a live one would lock that node out. Node agents move to the
+                // active authority at their next renewal (half their TTL).
+                let now_secs = unix_seconds(self.state.clock.now());
+                let nodes: BTreeSet<String> = self
+                    .state
+                    .store
+                    .list_issued(now_secs)
+                    .await
+                    .map_err(AdminError::from)?
+                    .into_iter()
+                    .filter(|s| {
+                        s.kind == crate::revocation::SvidKind::Node && s.authority_id == *id
+                    })
+                    .map(|s| s.spiffe_id)
+                    .collect();
+                if !nodes.is_empty() {
                     return Err(AdminError::from(RevocationError::Refused(format!(
-                        "authority {id} is the active one: prepare and activate a new authority first"
+                        "authority {id} still signs the node SVIDs of {} node(s) ({}): they move to the active authority when they renew (at half the node SVID TTL); revoke it after that, or revoke those nodes",
+                        nodes.len(),
+                        nodes.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
                     )))
                     .into());
                 }
-                return Err(AdminError::from(RevocationError::Refused(format!(
-                    "authority {id} is not an authority of this server"
-                )))
-                .into());
+                self.state
+                    .ca
+                    .revoke_authority(id, self.state.clock.now())
+                    .map_err(AdminError::from)?;
             }
             _ => {}
         }
@@ -870,6 +969,19 @@ impl Admin for AdminApi {
                 .map(event_to_proto)
                 .collect(),
             head_sequence: log.head(),
+        }))
+    }
+
+    async fn get_crls(
+        &self,
+        _request: Request<pb::GetCrlsRequest>,
+    ) -> Result<Response<pb::GetCrlsResponse>, Status> {
+        let crls = current_crls(&self.state).map_err(AdminError::from)?;
+        Ok(Response::new(pb::GetCrlsResponse {
+            crls: crls
+                .into_iter()
+                .map(|(authority_id, der)| pb::Crl { authority_id, der })
+                .collect(),
         }))
     }
 
@@ -1044,6 +1156,35 @@ impl Admin for AdminApi {
             generated_at: now,
         }))
     }
+
+    async fn list_authorities(
+        &self,
+        _request: Request<pb::ListAuthoritiesRequest>,
+    ) -> Result<Response<pb::Authorities>, Status> {
+        Ok(Response::new(
+            self.authorities_response(&self.state.ca.authorities()),
+        ))
+    }
+
+    async fn prepare_authority(
+        &self,
+        request: Request<pb::PrepareAuthorityRequest>,
+    ) -> Result<Response<pb::Authorities>, Status> {
+        let uid = caller_uid(&request);
+        let prepared = self.ca_change(|ca, now| ca.prepare(now)).await?;
+        tracing::info!(?uid, ids = ?prepared.iter().map(|a| &a.id).collect::<Vec<_>>(), "authorities prepared");
+        Ok(Response::new(self.authorities_response(&prepared)))
+    }
+
+    async fn activate_authority(
+        &self,
+        request: Request<pb::ActivateAuthorityRequest>,
+    ) -> Result<Response<pb::Authorities>, Status> {
+        let uid = caller_uid(&request);
+        let activated = self.ca_change(|ca, now| ca.activate(now)).await?;
+        tracing::info!(?uid, ids = ?activated.iter().map(|a| &a.id).collect::<Vec<_>>(), "authorities activated");
+        Ok(Response::new(self.authorities_response(&activated)))
+    }
 }
 
 #[cfg(test)]
@@ -1079,6 +1220,46 @@ mod tests {
         );
         assert!(parse_scopes(&["crm".into()]).is_err());
         assert!(parse_scopes(&["crm:re ad".into()]).is_err());
+    }
+
+    #[test]
+    fn authority_errors_map_to_status_codes_with_the_reason() {
+        use crate::ca::CaError;
+        let cases = [
+            (
+                CaError::UnknownAuthority { id: "abcd".into() },
+                tonic::Code::NotFound,
+                "abcd",
+            ),
+            (
+                CaError::ActiveAuthority { id: "ef01".into() },
+                tonic::Code::FailedPrecondition,
+                "prepare",
+            ),
+            (
+                CaError::AlreadyPrepared { id: "ef01".into() },
+                tonic::Code::FailedPrecondition,
+                "ef01",
+            ),
+            (
+                CaError::NothingPrepared,
+                tonic::Code::FailedPrecondition,
+                "authority prepare",
+            ),
+            (
+                CaError::InvalidSerial {
+                    serial: "zz".into(),
+                    reason: "not hexadecimal".into(),
+                },
+                tonic::Code::InvalidArgument,
+                "zz",
+            ),
+        ];
+        for (err, code, needle) in cases {
+            let status = Status::from(AdminError::from(err));
+            assert_eq!(status.code(), code, "{status:?}");
+            assert!(status.message().contains(needle), "{status:?}");
+        }
     }
 
     #[test]

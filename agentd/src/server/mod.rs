@@ -6,6 +6,7 @@ pub mod config;
 pub mod node_api;
 pub mod node_attestor;
 pub mod ownership;
+pub mod rotation;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -140,7 +141,7 @@ impl Server {
             revocations,
             audit,
         });
-        let (tls_config, renew_at) = issue_server_tls(&state)?;
+        let (tls_config, renew_at, server_svid) = issue_server_tls(&state)?;
         let tls_source: ServerConfigSource = Arc::new(std::sync::RwLock::new(tls_config));
 
         let stop = shutdown.child_token();
@@ -157,8 +158,12 @@ impl Server {
             state.clone(),
             tls_source,
             renew_at,
+            server_svid,
             stop.clone(),
         ));
+        tasks.spawn(
+            rotation::CaRotation::new(state.ca.clone(), state.clock.clone()).run(stop.clone()),
+        );
         tracing::info!(
             trust_domain = %cfg.trust_domain,
             node_api = %node_api_address,
@@ -200,11 +205,18 @@ fn bind_admin_socket(path: &Path) -> Result<UnixListener, ServerError> {
     Ok(listener)
 }
 
+/// The server's own SVID, kept so that its TLS config can be rebuilt with new roots.
+struct ServerSvid {
+    chain: Vec<Vec<u8>>,
+    key: PrivateKey,
+    authority_id: String,
+}
+
 /// Issues the server's own SVID (a fresh key each time) and the TLS config around it.
-/// Returns the config and when to renew it.
+/// Returns the config, when to renew it, and the SVID.
 fn issue_server_tls(
     state: &ServerState,
-) -> Result<(Arc<rustls::ServerConfig>, std::time::SystemTime), ServerError> {
+) -> Result<(Arc<rustls::ServerConfig>, std::time::SystemTime, ServerSvid), ServerError> {
     let key = PrivateKey::generate().map_err(CaError::from)?;
     let csr = key.csr_der().map_err(CaError::from)?;
     let id = tls::server_spiffe_id(&state.config.trust_domain);
@@ -221,15 +233,48 @@ fn issue_server_tls(
     let bundle = state.ca.bundle();
     let cfg = tls::server_config(&svid.cert_chain, &key, &bundle.x509_authorities)?;
     let lifetime = svid.not_after.duration_since(now).unwrap_or_default();
-    Ok((cfg, now + lifetime / 2))
+    Ok((
+        cfg,
+        now + lifetime / 2,
+        ServerSvid {
+            chain: svid.cert_chain,
+            key,
+            authority_id: svid.authority_id,
+        },
+    ))
+}
+
+/// After an authority change: node SVIDs may now come from a newly published CA, so the
+/// accepted client roots follow the bundle at once. The server's own certificate stays
+/// (node agents learn a new CA only on their next sync, so presenting a certificate from a
+/// just-activated CA could lock them out) unless its signer has left the set (revoked or
+/// expired); then it is re-issued.
+fn refresh_server_tls(
+    state: &ServerState,
+    source: &ServerConfigSource,
+    svid: &ServerSvid,
+) -> Result<bool, ServerError> {
+    let signer_present = state
+        .ca
+        .authorities()
+        .iter()
+        .any(|a| a.id == svid.authority_id);
+    if !signer_present {
+        return Ok(false);
+    }
+    let cfg = tls::server_config(&svid.chain, &svid.key, &state.ca.bundle().x509_authorities)?;
+    *source.write().unwrap_or_else(|p| p.into_inner()) = cfg;
+    Ok(true)
 }
 
 async fn renew_server_tls(
     state: Arc<ServerState>,
     source: ServerConfigSource,
     mut renew_at: std::time::SystemTime,
+    mut svid: ServerSvid,
     stop: CancellationToken,
 ) -> Result<(), ServerError> {
+    let mut ca_changes = state.ca.subscribe();
     loop {
         let wait = renew_at
             .duration_since(state.clock.now())
@@ -238,14 +283,25 @@ async fn renew_server_tls(
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             _ = tokio::time::sleep(wait) => {}
+            Ok(()) = ca_changes.changed() => {
+                match refresh_server_tls(&state, &source, &svid) {
+                    Ok(true) => {
+                        tracing::info!("server TLS trust roots follow the new bundle");
+                        continue;
+                    }
+                    Ok(false) => renew_at = state.clock.now(),
+                    Err(e) => tracing::error!(error = %e, "refreshing the server TLS roots failed"),
+                }
+            }
         }
         if state.clock.now() < renew_at {
             continue;
         }
         match issue_server_tls(&state) {
-            Ok((cfg, next)) => {
+            Ok((cfg, next, new_svid)) => {
                 *source.write().unwrap_or_else(|p| p.into_inner()) = cfg;
                 renew_at = next;
+                svid = new_svid;
                 tracing::info!("server TLS certificate renewed");
             }
             Err(e) => {

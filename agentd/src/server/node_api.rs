@@ -809,6 +809,21 @@ impl Node for NodeApi {
         }))
     }
 
+    async fn fetch_crls(
+        &self,
+        request: Request<pb::FetchCrlsRequest>,
+    ) -> Result<Response<pb::FetchCrlsResponse>, Status> {
+        self.caller(request.extensions().get::<PeerIdentity>())
+            .await?;
+        let crls = super::admin::current_crls(&self.state).map_err(NodeApiError::from)?;
+        Ok(Response::new(pb::FetchCrlsResponse {
+            crls: crls
+                .into_iter()
+                .map(|(authority_id, der)| pb::Crl { authority_id, der })
+                .collect(),
+        }))
+    }
+
     type WatchRevocationsStream = FeedStream;
 
     async fn watch_revocations(

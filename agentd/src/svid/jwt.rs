@@ -301,7 +301,8 @@ mod tests {
             &ManualClock::new(now),
         )
         .unwrap();
-        let jwt_key = PrivateKey::load(&dir.path().join("jwt.key")).unwrap();
+        let jwt_key =
+            PrivateKey::load(&dir.path().join(format!("jwt-{}.key", ca.jwt_key_id()))).unwrap();
         Fixture {
             _dir: dir,
             ca,

@@ -174,6 +174,7 @@ impl WorkloadApi {
         let selectors = SelectorsServer::new(SelectorsService { api: self.clone() });
         let revocations = RevocationsServer::new(RevocationsService {
             revocations: self.revocations.clone(),
+            link: self.link.clone(),
             stop: stop.clone(),
         });
         tonic::transport::Server::builder()
@@ -603,6 +604,7 @@ impl Selectors for SelectorsService {
 #[derive(Debug, Clone)]
 pub struct RevocationsService {
     revocations: Arc<NodeRevocations>,
+    link: Arc<ServerLink>,
     stop: CancellationToken,
 }
 
@@ -621,5 +623,32 @@ impl Revocations for RevocationsService {
             HEARTBEAT,
             self.stop.clone(),
         )))
+    }
+
+    async fn fetch_crls(
+        &self,
+        request: Request<apb::FetchCrlsRequest>,
+    ) -> Result<Response<apb::FetchCrlsResponse>, Status> {
+        check_header(&request)?;
+        let mut client = self
+            .link
+            .client()
+            .await
+            .map_err(|e| Status::unavailable(format!("server: {e}")))?;
+        let crls = client
+            .fetch_crls(npb::FetchCrlsRequest {})
+            .await
+            .map_err(|s| Status::unavailable(format!("server: {}", s.message())))?
+            .into_inner()
+            .crls;
+        Ok(Response::new(apb::FetchCrlsResponse {
+            crls: crls
+                .into_iter()
+                .map(|c| apb::Crl {
+                    authority_id: c.authority_id,
+                    der: c.der,
+                })
+                .collect(),
+        }))
     }
 }
