@@ -6,6 +6,7 @@
 //! - [`node`]: the node agent (attestation to the server, SVID cache, rotation).
 //! - [`workload_api`]: the SPIFFE Workload API served by the node agent.
 //! - [`cli`]: the `agentd` command line.
+//! - [`telemetry`]: metrics, health and per-RPC logging of both daemons.
 #![forbid(unsafe_code)]
 
 pub mod bundle;
@@ -21,6 +22,7 @@ pub mod node;
 pub mod runtime;
 pub mod server;
 pub mod svid;
+pub mod telemetry;
 pub mod tls;
 pub mod ttl;
 pub mod workload_api;

@@ -66,6 +66,9 @@ pub async fn server_run(args: ServerRunArgs) -> anyhow::Result<()> {
     if let Some(v) = args.admin_socket {
         raw.admin_socket = Some(v);
     }
+    if let Some(v) = args.metrics_address {
+        raw.metrics_address = Some(v);
+    }
     let config = ServerConfig::try_from(raw)?;
     Server::new(config, Arc::new(SystemClock))
         .run(shutdown_on_signals())
@@ -114,6 +117,9 @@ pub async fn node_run(args: NodeRunArgs) -> anyhow::Result<()> {
     }
     if let Some(v) = args.sync_interval {
         raw.sync_interval = Some(v);
+    }
+    if let Some(v) = args.metrics_address {
+        raw.metrics_address = Some(v);
     }
     let config = NodeConfig::try_from(raw)?;
     NodeAgent::new(config, Arc::new(SystemClock))

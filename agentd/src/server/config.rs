@@ -39,6 +39,9 @@ pub struct RawServerConfig {
     pub upstream_ca: Option<RawUpstreamCa>,
     /// Node attestors besides join tokens (which are always enabled).
     pub node_attestors: Option<RawNodeAttestors>,
+    /// HOST:PORT of the metrics and health endpoint (`/metrics`, `/live`, `/ready`); off
+    /// when unset.
+    pub metrics_address: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -97,6 +100,7 @@ pub struct ServerConfig {
     pub organization: String,
     pub upstream_ca: Option<UpstreamCa>,
     pub node_attestors: NodeAttestorsConfig,
+    pub metrics_address: Option<SocketAddr>,
 }
 
 fn ttl_or(errs: &mut Errors, path: &str, raw: &Option<String>, default: u64) -> Ttl {
@@ -172,6 +176,12 @@ impl TryFrom<RawServerConfig> for ServerConfig {
                     .and_then(|c| claims_config(&mut errs, c, trust_domain.as_ref())),
             })
             .unwrap_or_default();
+        let metrics_address = raw.metrics_address.as_deref().and_then(|a| {
+            errs.parse(
+                "metrics_address",
+                crate::telemetry::parse_metrics_address(a),
+            )
+        });
         // Both are `Some` unless an error was recorded for them, which `finish` reports.
         let (Some(trust_domain), Some(bind_address)) = (trust_domain, bind_address) else {
             errs.finish()?;
@@ -193,6 +203,7 @@ impl TryFrom<RawServerConfig> for ServerConfig {
             organization,
             upstream_ca,
             node_attestors,
+            metrics_address,
         })
     }
 }
@@ -449,5 +460,18 @@ mod tests {
     fn unknown_fields_are_refused() {
         let err = toml::from_str::<RawServerConfig>("trust_domian = \"x\"").unwrap_err();
         assert!(err.to_string().contains("trust_domian"), "{err}");
+    }
+
+    #[test]
+    fn metrics_address_is_off_by_default_and_checked() {
+        let cfg = ServerConfig::try_from(RawServerConfig::default()).unwrap();
+        assert_eq!(cfg.metrics_address, None);
+        let raw: RawServerConfig = toml::from_str("metrics_address = \"127.0.0.1:9090\"").unwrap();
+        let cfg = ServerConfig::try_from(raw).unwrap();
+        assert_eq!(cfg.metrics_address, Some("127.0.0.1:9090".parse().unwrap()));
+        let raw: RawServerConfig = toml::from_str("metrics_address = \"metrics:9090\"").unwrap();
+        let err = ServerConfig::try_from(raw).unwrap_err();
+        assert_eq!(err.errors[0].path, "metrics_address");
+        assert!(err.errors[0].reason.contains("HOST:PORT"), "{err}");
     }
 }

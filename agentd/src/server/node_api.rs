@@ -20,6 +20,7 @@ use crate::ca::{CaError, IssuedX509Svid, X509SvidRequest};
 use crate::clock::unix_seconds;
 use crate::convert::bundle_to_proto;
 use crate::datastore::{AttestedNode, DataStoreError, Entry, EntryFilter, EntryId};
+use crate::telemetry::{AttestationFailure, SvidKind};
 use crate::tls::{PeerIdentity, ServerConfigSource};
 
 /// Most CSRs accepted in one `MintX509Svids` call.
@@ -117,11 +118,14 @@ pub async fn serve(
     stop: CancellationToken,
 ) -> Result<(), ServerError> {
     let incoming = crate::tls::incoming(listener, tls, stop.clone());
-    let svc = NodeServer::new(NodeApi::new(state))
+    let svc = NodeServer::new(NodeApi::new(state.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let rpc_metrics = state.metrics.rpc_layer("node");
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .trace_fn(rpc_span)
+        .layer(rpc_metrics)
         .add_service(svc)
         .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
         .await
@@ -129,6 +133,57 @@ pub async fn serve(
             what: "node API",
             reason: e.to_string(),
         })
+}
+
+/// One span per node API call: the method, the peer address and, past attestation, the
+/// calling node's SPIFFE ID (from its verified client certificate).
+fn rpc_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
+    let span = tracing::info_span!(
+        "rpc",
+        api = "node",
+        rpc = crate::telemetry::rpc::rpc_name(req.uri().path()),
+        remote = tracing::field::Empty,
+        node = tracing::field::Empty,
+    );
+    if let Some(peer) = req.extensions().get::<PeerIdentity>() {
+        if let Some(addr) = peer.remote_addr {
+            span.record("remote", tracing::field::display(addr));
+        }
+        if let Some(id) = &peer.spiffe_id {
+            span.record("node", tracing::field::display(id));
+        }
+    }
+    span
+}
+
+/// The metric label for a refused attestation: a fixed reason, never the error text.
+fn attestation_failure(e: &NodeApiError) -> AttestationFailure {
+    match e {
+        NodeApiError::UnknownJoinToken => AttestationFailure::UnknownJoinToken,
+        NodeApiError::ExpiredJoinToken => AttestationFailure::ExpiredJoinToken,
+        NodeApiError::AttestorNotEnabled(_) => AttestationFailure::AttestorNotEnabled,
+        NodeApiError::X509Pop(X509PopError::Busy) | NodeApiError::Claims(ClaimsError::Busy) => {
+            AttestationFailure::Busy
+        }
+        NodeApiError::X509Pop(e) if e.is_malformed() => AttestationFailure::InvalidRequest,
+        NodeApiError::Claims(e) if e.is_malformed() => AttestationFailure::InvalidRequest,
+        NodeApiError::X509Pop(_) | NodeApiError::Claims(_) => AttestationFailure::EvidenceRejected,
+        NodeApiError::InvalidField {
+            field: "spiffe_id", ..
+        }
+        | NodeApiError::AttestationTypeMismatch { .. } => AttestationFailure::IdentityConflict,
+        NodeApiError::InvalidField { .. }
+        | NodeApiError::Ca(CaError::Csr { .. })
+        | NodeApiError::Ca(CaError::ForeignTrustDomain { .. }) => {
+            AttestationFailure::InvalidRequest
+        }
+        NodeApiError::NoClientCertificate
+        | NodeApiError::UnknownNode(_)
+        | NodeApiError::StaleNodeSvid { .. }
+        | NodeApiError::EntryNotAuthorized(_)
+        | NodeApiError::Ca(_)
+        | NodeApiError::Store(_) => AttestationFailure::Internal,
+    }
 }
 
 pub fn svid_to_proto(s: &IssuedX509Svid) -> pb::X509Svid {
@@ -371,6 +426,7 @@ impl Node for NodeApi {
         .await;
         match result {
             Ok(svid) => {
+                self.state.metrics.node_attested(kind);
                 tracing::info!(node = %svid.spiffe_id, serial = %svid.serial, attestation = kind, ?remote, "node attested");
                 Ok(Response::new(pb::AttestResponse {
                     svid: Some(svid_to_proto(&svid)),
@@ -378,6 +434,9 @@ impl Node for NodeApi {
                 }))
             }
             Err(e) => {
+                self.state
+                    .metrics
+                    .attestation_failed(kind, attestation_failure(&e));
                 tracing::warn!(?remote, attestation = kind, reason = %e, "node attestation refused");
                 Err(e.into())
             }
@@ -408,6 +467,9 @@ impl Node for NodeApi {
                 expires_at: c.expires_at,
             })),
             Err(e) => {
+                self.state
+                    .metrics
+                    .attestation_failed("x509pop", attestation_failure(&e));
                 tracing::warn!(?remote, attestation = "x509pop", reason = %e, "node attestation refused");
                 Err(e.into())
             }
@@ -486,7 +548,9 @@ impl Node for NodeApi {
         let mut results = Vec::with_capacity(params.len());
         for p in params {
             let result = match self.entry_for_node(&node, &p.entry_id).await {
-                Ok(entry) => self
+                Ok(entry) => {
+                    let started = std::time::Instant::now();
+                    self
                     .sign(
                         &p.csr,
                         &entry.spec.spiffe_id,
@@ -494,9 +558,11 @@ impl Node for NodeApi {
                         &entry.spec.dns_names,
                     )
                     .map(|svid| {
+                        self.state.metrics.svid_minted(SvidKind::X509, started.elapsed());
                         tracing::debug!(spiffe_id = %svid.spiffe_id, serial = %svid.serial, entry = %entry.id, node = %node.spiffe_id, "X.509-SVID issued");
                         pb::mint_result::Result::Svid(svid_to_proto(&svid))
-                    }),
+                    })
+                }
                 Err(e) => Err(e),
             };
             results.push(pb::MintResult {
@@ -518,6 +584,7 @@ impl Node for NodeApi {
         let req = request.into_inner();
         let entry = self.entry_for_node(&node, &req.entry_id).await?;
         validate_audience(&req.audience)?;
+        let started = std::time::Instant::now();
         let jwt = self
             .state
             .ca
@@ -528,6 +595,9 @@ impl Node for NodeApi {
                 self.state.clock.now(),
             )
             .map_err(NodeApiError::from)?;
+        self.state
+            .metrics
+            .svid_minted(SvidKind::Jwt, started.elapsed());
         tracing::debug!(spiffe_id = %entry.spec.spiffe_id, entry = %entry.id, "JWT-SVID issued");
         Ok(Response::new(pb::MintJwtSvidResponse {
             token: jwt.token,

@@ -36,6 +36,7 @@ use crate::clock::{from_unix_seconds, Clock};
 use crate::node::cache::{Cache, CachedJwtSvid, WorkloadView};
 use crate::node::client::ServerLink;
 use crate::node::NodeError;
+use crate::telemetry::NodeMetrics;
 
 /// The message PermissionDenied carries when the caller has no identity; clients key off it.
 pub const NO_IDENTITY: &str = "no identity issued";
@@ -95,6 +96,7 @@ pub struct WorkloadApi {
     link: Arc<ServerLink>,
     clock: Arc<dyn Clock>,
     attestors: Arc<WorkloadAttestors>,
+    metrics: Arc<NodeMetrics>,
 }
 
 impl WorkloadApi {
@@ -109,7 +111,14 @@ impl WorkloadApi {
             link,
             clock,
             attestors,
+            metrics: Arc::new(NodeMetrics::new()),
         }
+    }
+
+    /// Records the calls' latency and open streams in `metrics` (the node agent's).
+    pub fn with_metrics(mut self, metrics: Arc<NodeMetrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     pub async fn serve(
@@ -144,7 +153,10 @@ impl WorkloadApi {
                 .map(|conn| conn.map(accept_workload_conn))
         };
         let selectors = SelectorsServer::new(SelectorsService { api: self.clone() });
+        let rpc_metrics = self.metrics.rpc_layer();
         tonic::transport::Server::builder()
+            .trace_fn(rpc_span)
+            .layer(rpc_metrics)
             .add_service(SpiffeWorkloadApiServer::new(self))
             .add_service(selectors)
             .add_service(health)
@@ -211,6 +223,28 @@ impl WorkloadApi {
             }
         }
     }
+}
+
+/// One span per Workload API call: the method and the calling process (pid, uid).
+fn rpc_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
+    let span = tracing::info_span!(
+        "rpc",
+        api = "workload",
+        rpc = crate::telemetry::rpc::rpc_name(req.uri().path()),
+        pid = tracing::field::Empty,
+        uid = tracing::field::Empty,
+    );
+    if let Some(peer) = req
+        .extensions()
+        .get::<WorkloadConnInfo>()
+        .and_then(|i| i.peer.as_ref())
+    {
+        span.record("uid", peer.uid);
+        if let Some(pid) = peer.pid {
+            span.record("pid", pid);
+        }
+    }
+    span
 }
 
 /// Spec 5.2: the security header must be present with the value `true`.
