@@ -110,6 +110,15 @@ pub enum RevocationHandle {
 }
 
 impl RevocationHandle {
+    pub const ALL: [RevocationHandle; 6] = [
+        RevocationHandle::Svid,
+        RevocationHandle::Entry,
+        RevocationHandle::Node,
+        RevocationHandle::Grant,
+        RevocationHandle::Task,
+        RevocationHandle::Authority,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             RevocationHandle::Svid => "svid",
@@ -229,6 +238,11 @@ impl ServerMetrics {
         for kind in [SvidKind::X509, SvidKind::Jwt] {
             let _ = svids_minted.get_or_create(&SvidTypeLabels {
                 r#type: kind.as_str(),
+            });
+        }
+        for handle in RevocationHandle::ALL {
+            let _ = revocations.get_or_create(&HandleLabels {
+                handle: handle.as_str(),
             });
         }
         Self {
@@ -450,6 +464,7 @@ mod tests {
             "agentd_server_node_attestation_failures_total{attestor=\"none\",reason=\"busy\"} 1",
             "agentd_server_node_attestations_total{attestor=\"x509pop\"} 1",
             "agentd_server_revocations_total{handle=\"grant\"} 1",
+            "agentd_server_revocations_total{handle=\"svid\"} 0",
             "agentd_server_entries 7",
             "agentd_server_nodes 2",
         ] {
