@@ -530,8 +530,8 @@ impl Node {
     }
 }
 
-/// The metrics endpoint a daemon started with `--metrics-address HOST:0` bound: read from its
-/// "metrics endpoint listening" log line (text or JSON log format). Waits up to 20 s.
+/// The metrics endpoint a daemon started with `--metrics-address HOST:0` bound: read from the
+/// last "metrics endpoint listening" line of its log (text or JSON format). Waits up to 20 s.
 pub fn metrics_address(daemon: &Daemon) -> anyhow::Result<String> {
     let mut found = None;
     wait_until(Duration::from_secs(20), || {
