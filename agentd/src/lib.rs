@@ -8,6 +8,7 @@
 //! - [`revocation`]: revocation handles, the server's log and push feed, the node side.
 //! - [`workload_api`]: the SPIFFE Workload API served by the node agent.
 //! - [`cli`]: the `agentd` command line.
+//! - [`telemetry`]: metrics, health and per-RPC logging of both daemons.
 #![forbid(unsafe_code)]
 
 pub mod audit;
@@ -25,6 +26,7 @@ pub mod revocation;
 pub mod runtime;
 pub mod server;
 pub mod svid;
+pub mod telemetry;
 pub mod tls;
 pub mod ttl;
 pub mod workload_api;

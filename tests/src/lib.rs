@@ -383,6 +383,18 @@ pub fn spawn_node(
     socket: &Path,
     token: Option<&str>,
 ) -> anyhow::Result<Daemon> {
+    spawn_node_with(server_address, bundle, data_dir, socket, token, &[])
+}
+
+/// [`spawn_node`] with more `node run` flags.
+pub fn spawn_node_with(
+    server_address: &str,
+    bundle: &Path,
+    data_dir: &Path,
+    socket: &Path,
+    token: Option<&str>,
+    extra: &[&str],
+) -> anyhow::Result<Daemon> {
     let mut args: Vec<String> = vec![
         "node".into(),
         "run".into(),
@@ -402,6 +414,7 @@ pub fn spawn_node(
     if let Some(t) = token {
         args.extend(["--join-token".into(), t.into()]);
     }
+    args.extend(extra.iter().map(|s| s.to_string()));
     Daemon::spawn(&args, data_dir.with_extension("log"))
 }
 
@@ -428,13 +441,30 @@ impl Node {
     /// Generates a join token and starts a node agent with it, verifying the server with
     /// its PEM bundle; waits until it is healthy.
     pub fn start(env: &Env, server: &Server, name: &str) -> anyhow::Result<Self> {
+        Self::start_with(env, server, name, &[])
+    }
+
+    /// [`Node::start`] with more `node run` flags.
+    pub fn start_with(
+        env: &Env,
+        server: &Server,
+        name: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let spiffe_id = format!("spiffe://example.org/node/{name}");
         let token = server.join_token(&spiffe_id)?;
         let bundle = env.path().join(format!("{name}-bundle.pem"));
         server.write_bundle(&bundle)?;
         let data_dir = env.path().join(name);
         let socket = env.path().join(format!("{name}.sock"));
-        let daemon = spawn_node(&server.address, &bundle, &data_dir, &socket, Some(&token))?;
+        let daemon = spawn_node_with(
+            &server.address,
+            &bundle,
+            &data_dir,
+            &socket,
+            Some(&token),
+            extra,
+        )?;
         let mut node = Self {
             spiffe_id,
             data_dir,
@@ -498,4 +528,58 @@ impl Node {
         }
         Ok(())
     }
+}
+
+/// The metrics endpoint a daemon started with `--metrics-address HOST:0` bound: read from the
+/// last "metrics endpoint listening" line of its log (text or JSON format). Waits up to 20 s.
+pub fn metrics_address(daemon: &Daemon) -> anyhow::Result<String> {
+    let mut found = None;
+    wait_until(Duration::from_secs(20), || {
+        found = daemon
+            .log_text()
+            .lines()
+            .rev()
+            .filter(|l| l.contains("metrics endpoint listening"))
+            .find_map(|l| {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(l) {
+                    return v["fields"]["address"].as_str().map(str::to_string);
+                }
+                let rest = &l[l.find("address=")? + "address=".len()..];
+                Some(rest.split_whitespace().next()?.to_string())
+            });
+        found.is_some()
+    });
+    found.ok_or_else(|| anyhow!("no metrics endpoint in the log:\n{}", daemon.log_text()))
+}
+
+/// A plain HTTP/1.1 GET (the way a scraper or a load balancer probe asks); returns the
+/// status code and the body.
+pub fn http_get(address: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(address)
+        .with_context(|| format!("connecting to {address}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("no HTTP response from {address}: {raw:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow!("bad status line from {address}: {head:?}"))?;
+    Ok((status, body.to_string()))
+}
+
+/// The value of one sample in a Prometheus/OpenMetrics text exposition, by its exact name
+/// and labels as written (`agentd_node_syncs_total`, `x_total{type="x509"}`).
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }

@@ -18,6 +18,8 @@ fn init_logging(args: &LogArgs) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a log file or journald gets plain `key=value` fields.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
     let _ = match args.log_format {
         LogFormat::Json => builder.json().try_init(),
@@ -65,6 +67,9 @@ pub async fn server_run(args: ServerRunArgs) -> anyhow::Result<()> {
     }
     if let Some(v) = args.admin_socket {
         raw.admin_socket = Some(v);
+    }
+    if let Some(v) = args.metrics_address {
+        raw.metrics_address = Some(v);
     }
     let config = ServerConfig::try_from(raw)?;
     Server::new(config, Arc::new(SystemClock))
@@ -114,6 +119,9 @@ pub async fn node_run(args: NodeRunArgs) -> anyhow::Result<()> {
     }
     if let Some(v) = args.sync_interval {
         raw.sync_interval = Some(v);
+    }
+    if let Some(v) = args.metrics_address {
+        raw.metrics_address = Some(v);
     }
     let config = NodeConfig::try_from(raw)?;
     NodeAgent::new(config, Arc::new(SystemClock))

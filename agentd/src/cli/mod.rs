@@ -145,6 +145,9 @@ pub struct ServerRunArgs {
     pub bind_address: Option<String>,
     #[arg(long, env = "AGENTD_ADMIN_SOCKET")]
     pub admin_socket: Option<PathBuf>,
+    /// Serve /metrics, /live and /ready on HOST:PORT (port 0 picks a free one, logged).
+    #[arg(long)]
+    pub metrics_address: Option<String>,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -212,6 +215,9 @@ pub struct NodeRunArgs {
     /// How often to sync with the server (seconds or a duration).
     #[arg(long)]
     pub sync_interval: Option<String>,
+    /// Serve /metrics, /live and /ready on HOST:PORT (port 0 picks a free one, logged).
+    #[arg(long)]
+    pub metrics_address: Option<String>,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -474,8 +480,11 @@ pub enum ValidateCommand {
 #[derive(Debug, Args)]
 pub struct HealthcheckArgs {
     /// Check the server through its admin socket instead of a node agent.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "metrics_address")]
     pub admin_socket: Option<PathBuf>,
+    /// Check either daemon's readiness on its metrics endpoint (GET /ready), HOST:PORT.
+    #[arg(long)]
+    pub metrics_address: Option<String>,
     #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", default_value = crate::node::config::DEFAULT_SOCKET_PATH)]
     pub socket_path: String,
 }
@@ -503,13 +512,45 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bundle(cmd) => admin::bundle(cmd, out).await,
         Command::Revoke(cmd) => revoke::revoke(cmd, out).await,
         Command::Api(cmd) => workload::api(cmd, out).await,
-        Command::Healthcheck(args) => match &args.admin_socket {
-            Some(p) => admin::healthcheck(p, out).await,
-            None => workload::healthcheck(&args.socket_path, out).await,
+        Command::Healthcheck(args) => match (&args.admin_socket, &args.metrics_address) {
+            (Some(p), _) => admin::healthcheck(p, out).await,
+            (None, Some(a)) => http_healthcheck(a, out).await,
+            (None, None) => workload::healthcheck(&args.socket_path, out).await,
         },
         Command::Audit(cmd) => audit::audit(cmd, out).await,
         Command::Owner(cmd) => audit::owner(cmd, out).await,
         Command::Inventory { stale, admin } => audit::inventory(stale, &admin, out).await,
         Command::Authority(cmd) => admin::authority(cmd, out).await,
+    }
+}
+
+/// `healthcheck --metrics-address`: GET /ready on a daemon's metrics endpoint.
+async fn http_healthcheck(raw: &str, out: Output) -> anyhow::Result<()> {
+    let addr = crate::telemetry::parse_metrics_address(raw)
+        .map_err(|e| anyhow::anyhow!("--metrics-address: {e}"))?;
+    let (status, body) = crate::telemetry::endpoint::get(addr, "/ready")
+        .await
+        .map_err(|e| anyhow::anyhow!("{e} (is the daemon running with --metrics-address?)"))?;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    match status {
+        200 => {
+            out.print(&serde_json::json!({"healthy": true, "ready": true}), || {
+                format!("Ready ({addr})")
+            });
+            Ok(())
+        }
+        503 => {
+            let unmet: Vec<&str> = v["unmet"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|c| c.as_str()).collect())
+                .unwrap_or_default();
+            Err(anyhow::anyhow!(
+                "not ready: waiting for {}",
+                unmet.join(", ")
+            ))
+        }
+        other => Err(anyhow::anyhow!(
+            "{addr}/ready answered HTTP {other}: is this an agentd metrics endpoint?"
+        )),
     }
 }

@@ -34,8 +34,9 @@ pub enum NodeAttestorError {
     Sign,
 }
 
-/// How this node agent attests, from its config and flags.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How this node agent attests, from its config and flags. `Debug` leaves the join token
+/// out: a token must never reach a log line.
+#[derive(Clone, PartialEq, Eq)]
 pub enum AttestorConfig {
     JoinToken(String),
     X509Pop {
@@ -45,6 +46,26 @@ pub enum AttestorConfig {
     Claims {
         token_file: PathBuf,
     },
+}
+
+impl std::fmt::Debug for AttestorConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AttestorConfig::JoinToken(_) => f.write_str("JoinToken(<redacted>)"),
+            AttestorConfig::X509Pop {
+                cert_file,
+                key_file,
+            } => f
+                .debug_struct("X509Pop")
+                .field("cert_file", cert_file)
+                .field("key_file", key_file)
+                .finish(),
+            AttestorConfig::Claims { token_file } => f
+                .debug_struct("Claims")
+                .field("token_file", token_file)
+                .finish(),
+        }
+    }
 }
 
 impl AttestorConfig {
@@ -274,5 +295,13 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("empty"));
+    }
+
+    #[test]
+    fn debug_leaves_the_join_token_out() {
+        let c = AttestorConfig::JoinToken("s3cr3t-token".into());
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        assert!(shown.contains("JoinToken"), "{shown}");
     }
 }

@@ -142,6 +142,11 @@ impl Cache {
         self.read().x509.len()
     }
 
+    /// JWT-SVIDs held (one per entry and audience set).
+    pub fn jwt_svid_count(&self) -> usize {
+        self.read().jwt.len()
+    }
+
     /// Sets the bundle alone (at start, from the persisted identity).
     pub fn set_bundle(&self, bundle: Bundle) {
         let mut g = self.write();

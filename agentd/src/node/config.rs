@@ -38,6 +38,9 @@ pub struct RawNodeConfig {
     pub node_attestor: Option<RawNodeAttestor>,
     /// `[revocation]`: how the node agent treats a lost revocation feed.
     pub revocation: Option<RawRevocationConfig>,
+    /// HOST:PORT of the metrics and health endpoint (`/metrics`, `/live`, `/ready`); off
+    /// when unset.
+    pub metrics_address: Option<String>,
 }
 
 /// `[revocation]`.
@@ -98,6 +101,7 @@ pub struct NodeConfig {
     pub revocation_fail_closed: bool,
     pub trust_domain: Option<spiffe::TrustDomain>,
     pub workload_attestors: agentd_attestor::workload::WorkloadAttestorsConfig,
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 impl TryFrom<RawNodeConfig> for NodeConfig {
@@ -200,8 +204,15 @@ impl TryFrom<RawNodeConfig> for NodeConfig {
             .trust_domain
             .as_deref()
             .and_then(|t| errs.parse("trust_domain", spiffe::TrustDomain::new(t)));
+        let metrics_address = raw.metrics_address.as_deref().and_then(|a| {
+            errs.parse(
+                "metrics_address",
+                crate::telemetry::parse_metrics_address(a),
+            )
+        });
         errs.finish()?;
         Ok(NodeConfig {
+            metrics_address,
             trust_domain,
             workload_attestors: raw.workload_attestors,
             server_address,
@@ -318,5 +329,18 @@ mod tests {
                 "socket_path"
             ]
         );
+    }
+
+    #[test]
+    fn metrics_address_is_off_by_default_and_checked() {
+        let cfg = NodeConfig::try_from(RawNodeConfig::default()).unwrap();
+        assert_eq!(cfg.metrics_address, None);
+        let raw: RawNodeConfig = toml::from_str("metrics_address = \"127.0.0.1:9090\"").unwrap();
+        let cfg = NodeConfig::try_from(raw).unwrap();
+        assert_eq!(cfg.metrics_address, Some("127.0.0.1:9090".parse().unwrap()));
+        let raw: RawNodeConfig = toml::from_str("metrics_address = \"metrics:9090\"").unwrap();
+        let err = NodeConfig::try_from(raw).unwrap_err();
+        assert_eq!(err.errors[0].path, "metrics_address");
+        assert!(err.errors[0].reason.contains("HOST:PORT"), "{err}");
     }
 }

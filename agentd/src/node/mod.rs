@@ -19,6 +19,7 @@ pub use config::{Bootstrap, NodeConfig, RawNodeConfig};
 use crate::bundle::Bundle;
 use crate::clock::Clock;
 use crate::keys::KeyError;
+use crate::telemetry::{conditions, Endpoint, NodeMetrics, Readiness};
 use crate::tls::TlsError;
 use cache::Cache;
 use client::ServerLink;
@@ -55,6 +56,8 @@ pub enum NodeError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Task(#[from] crate::runtime::TaskFailed),
+    #[error(transparent)]
+    Metrics(#[from] crate::telemetry::EndpointError),
 }
 
 impl NodeError {
@@ -83,6 +86,24 @@ impl NodeAgent {
     /// Runs until `shutdown` is cancelled or a component fails.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), NodeError> {
         let cfg = self.config;
+        let metrics = Arc::new(NodeMetrics::new());
+        let readiness = Readiness::new(&[conditions::ATTESTED, conditions::SYNCED]);
+        let cache_slot: Arc<std::sync::OnceLock<Arc<Cache>>> = Arc::default();
+        // Up before attestation, so that /live answers and /ready says what is missing;
+        // stopped when `run` returns, however it returns.
+        let _metrics_endpoint = match cfg.metrics_address {
+            Some(addr) => Some(
+                start_metrics_endpoint(
+                    addr,
+                    metrics.clone(),
+                    readiness.clone(),
+                    cache_slot.clone(),
+                    &shutdown,
+                )
+                .await?,
+            ),
+            None => None,
+        };
         std::fs::create_dir_all(&cfg.data_dir).map_err(|source| NodeError::Io {
             what: "data dir",
             path: cfg.data_dir.display().to_string(),
@@ -91,8 +112,10 @@ impl NodeAgent {
         let _ = std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700));
         let identity = obtain_identity(&cfg, self.clock.as_ref()).await?;
         tracing::info!(node = %identity.spiffe_id, serial = %identity.serial, "node identity ready");
+        readiness.set(conditions::ATTESTED, true);
 
         let cache = Arc::new(Cache::new());
+        let _ = cache_slot.set(cache.clone());
         cache.set_bundle(identity.bundle.clone());
         let link = Arc::new(ServerLink::new(cfg.server_address.clone(), identity));
         let listener = crate::workload_api::bind_socket(&cfg.socket_path)?;
@@ -109,6 +132,8 @@ impl NodeAgent {
                 cache: cache.clone(),
                 revocations: revocations.clone(),
                 clock: self.clock.clone(),
+                metrics: metrics.clone(),
+                readiness: readiness.clone(),
             }
             .run(stop.clone()),
         );
@@ -119,6 +144,8 @@ impl NodeAgent {
             sync_interval: cfg.sync_interval,
             data_dir: cfg.data_dir.clone(),
             mint_retry: Default::default(),
+            metrics: metrics.clone(),
+            readiness: readiness.clone(),
         };
         tasks.spawn(syncer.run(stop.clone()));
         tasks.spawn(
@@ -131,6 +158,7 @@ impl NodeAgent {
                 )),
                 revocations,
             )
+            .with_metrics(metrics.clone())
             .serve(listener, stop.clone()),
         );
         tracing::info!(socket = %cfg.socket_path.display(), server = %cfg.server_address, "node agent ready");
@@ -138,6 +166,31 @@ impl NodeAgent {
         let _ = std::fs::remove_file(&cfg.socket_path);
         result
     }
+}
+
+/// Binds the metrics endpoint and serves it on its own task until the returned guard is
+/// dropped (or `shutdown` is cancelled). The cache size gauges are read before each scrape.
+async fn start_metrics_endpoint(
+    addr: std::net::SocketAddr,
+    metrics: Arc<NodeMetrics>,
+    readiness: Readiness,
+    cache: Arc<std::sync::OnceLock<Arc<Cache>>>,
+    shutdown: &CancellationToken,
+) -> Result<tokio_util::sync::DropGuard, NodeError> {
+    let (listener, bound) = Endpoint::bind(addr).await?;
+    let gauges = metrics.clone();
+    let refresh: crate::telemetry::Refresh =
+        Arc::new(move || -> crate::telemetry::RefreshFuture {
+            if let Some(cache) = cache.get() {
+                gauges.set_cache_size(cache.svid_count(), cache.jwt_svid_count());
+            }
+            Box::pin(std::future::ready(()))
+        });
+    let stop = shutdown.child_token();
+    let endpoint = Endpoint::new(metrics, readiness).with_refresh(refresh);
+    tokio::spawn(endpoint.run(listener, stop.clone()));
+    tracing::info!(address = %bound, "metrics endpoint listening");
+    Ok(stop.drop_guard())
 }
 
 /// The persisted identity if it is still valid; otherwise a fresh attestation with the

@@ -17,6 +17,7 @@ use super::NodeError;
 use crate::clock::{from_unix_seconds, Clock};
 use crate::convert::bundle_from_proto;
 use crate::keys::PrivateKey;
+use crate::telemetry::{conditions, NodeMetrics, Readiness};
 
 /// How often the loop wakes to check rotation and expiry.
 const TICK: Duration = Duration::from_millis(500);
@@ -34,6 +35,10 @@ pub struct Syncer {
     /// Entries the server refused to mint, and when to ask again: a refusal must not turn
     /// into a request every tick.
     pub mint_retry: std::sync::Mutex<std::collections::HashMap<String, SystemTime>>,
+    /// Sync counters and the cache size gauges.
+    pub metrics: Arc<NodeMetrics>,
+    /// Gets `synced` once the first sync succeeds.
+    pub readiness: Readiness,
 }
 
 /// How long to wait before asking again for an entry the server refused to mint.
@@ -72,11 +77,14 @@ impl Syncer {
             if now >= not_before && (now >= next_sync || due) {
                 match self.sync_once().await {
                     Ok(()) => {
+                        self.metrics.sync_succeeded();
+                        self.readiness.set(conditions::SYNCED, true);
                         backoff = Duration::from_secs(1);
                         next_sync = self.clock.now() + self.sync_interval;
                         not_before = self.clock.now();
                     }
                     Err(e) => {
+                        self.metrics.sync_failed();
                         tracing::warn!(error = %e, retry_in = ?backoff, "sync with the server failed; serving cached SVIDs");
                         self.link.reset().await;
                         not_before = self.clock.now() + backoff;
@@ -86,6 +94,8 @@ impl Syncer {
                 }
             }
             self.cache.drop_expired(self.clock.now());
+            self.metrics
+                .set_cache_size(self.cache.svid_count(), self.cache.jwt_svid_count());
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(TICK) => {}

@@ -171,16 +171,22 @@ pub struct RevocationSubscriber {
     pub cache: Arc<Cache>,
     pub revocations: Arc<NodeRevocations>,
     pub clock: Arc<dyn crate::clock::Clock>,
+    pub metrics: Arc<crate::telemetry::NodeMetrics>,
+    /// `/ready` requires the feed to be connected.
+    pub readiness: crate::telemetry::Readiness,
 }
 
 impl RevocationSubscriber {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), NodeError> {
+        use crate::telemetry::conditions::REVOCATION_FEED;
+        self.readiness.require(REVOCATION_FEED);
         let mut backoff = Duration::from_millis(200);
         loop {
             let result = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 r = self.follow() => r,
             };
+            self.readiness.set(REVOCATION_FEED, false);
             if let Err(e) = result {
                 tracing::warn!(error = %e, retry_in = ?backoff, applied = self.revocations.applied(), "revocation feed lost; reconnecting");
             }
@@ -216,8 +222,15 @@ impl RevocationSubscriber {
                 return Err(NodeError::Server("revocation log reset".into()));
             }
             let unix_now = crate::clock::unix_seconds(self.clock.now());
+            // How far behind the server this node was when the message arrived.
+            self.metrics.set_revocation_feed_lag(
+                msg.head_sequence.saturating_sub(self.revocations.applied()),
+            );
             self.revocations
                 .apply_message(msg, &self.cache, &own_id, Instant::now(), unix_now);
+            self.metrics.set_revocation_feed_lag(0);
+            self.readiness
+                .set(crate::telemetry::conditions::REVOCATION_FEED, true);
         }
     }
 }

@@ -144,7 +144,10 @@ pub async fn serve(
             Err(_) => true,
         })
     };
+    let rpc_metrics = state.metrics.rpc_layer("admin");
     tonic::transport::Server::builder()
+        .trace_fn(rpc_span)
+        .layer(rpc_metrics)
         .add_service(AdminServer::new(AdminApi { state }))
         .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
         .await
@@ -152,6 +155,25 @@ pub async fn serve(
             what: "admin API",
             reason: e.to_string(),
         })
+}
+
+/// One span per admin call: the method and the caller's uid.
+fn rpc_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
+    let span = tracing::info_span!(
+        "rpc",
+        api = "admin",
+        rpc = crate::telemetry::rpc::rpc_name(req.uri().path()),
+        uid = tracing::field::Empty,
+    );
+    if let Some(uid) = req
+        .extensions()
+        .get::<UdsConnectInfo>()
+        .and_then(|i| i.peer_cred)
+        .map(|c| c.uid())
+    {
+        span.record("uid", uid);
+    }
+    span
 }
 
 /// The uid of the admin caller, for the log (and the audit trail).
@@ -912,6 +934,17 @@ impl Admin for AdminApi {
             }
         }
         tracing::info!(?uid, sequence = event.sequence, %handle, reason = %event.reason, svids = event.serials.len(), jwts = event.jwt_ids.len(), "revoked");
+        {
+            use crate::telemetry::RevocationHandle as Kind;
+            self.state.metrics.revoked(match &handle {
+                RevocationHandle::Svid(_) => Kind::Svid,
+                RevocationHandle::Entry(_) => Kind::Entry,
+                RevocationHandle::Node(_) => Kind::Node,
+                RevocationHandle::Grant(_) => Kind::Grant,
+                RevocationHandle::Task(_) => Kind::Task,
+                RevocationHandle::Authority(_) => Kind::Authority,
+            });
+        }
         self.state
             .audit
             .record(revocation_audit(

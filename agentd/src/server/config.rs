@@ -44,6 +44,9 @@ pub struct RawServerConfig {
     /// Mint nothing for the entries of a disabled owner (`agentd owner disable`).
     pub suspend_disabled_owners: Option<bool>,
     pub audit: Option<RawAudit>,
+    /// HOST:PORT of the metrics and health endpoint (`/metrics`, `/live`, `/ready`); off
+    /// when unset.
+    pub metrics_address: Option<String>,
 }
 
 /// `[audit]`
@@ -113,6 +116,7 @@ pub struct ServerConfig {
     pub require_owner: bool,
     pub suspend_disabled_owners: bool,
     pub audit_export_file: Option<PathBuf>,
+    pub metrics_address: Option<SocketAddr>,
 }
 
 fn ttl_or(errs: &mut Errors, path: &str, raw: &Option<String>, default: u64) -> Ttl {
@@ -194,6 +198,12 @@ impl TryFrom<RawServerConfig> for ServerConfig {
                 errs.push("audit.export_file", "must be a file path");
             }
         }
+        let metrics_address = raw.metrics_address.as_deref().and_then(|a| {
+            errs.parse(
+                "metrics_address",
+                crate::telemetry::parse_metrics_address(a),
+            )
+        });
         // Both are `Some` unless an error was recorded for them, which `finish` reports.
         let (Some(trust_domain), Some(bind_address)) = (trust_domain, bind_address) else {
             errs.finish()?;
@@ -218,6 +228,7 @@ impl TryFrom<RawServerConfig> for ServerConfig {
             require_owner: raw.require_owner.unwrap_or(false),
             suspend_disabled_owners: raw.suspend_disabled_owners.unwrap_or(false),
             audit_export_file,
+            metrics_address,
         })
     }
 }
@@ -499,5 +510,18 @@ mod tests {
     fn unknown_fields_are_refused() {
         let err = toml::from_str::<RawServerConfig>("trust_domian = \"x\"").unwrap_err();
         assert!(err.to_string().contains("trust_domian"), "{err}");
+    }
+
+    #[test]
+    fn metrics_address_is_off_by_default_and_checked() {
+        let cfg = ServerConfig::try_from(RawServerConfig::default()).unwrap();
+        assert_eq!(cfg.metrics_address, None);
+        let raw: RawServerConfig = toml::from_str("metrics_address = \"127.0.0.1:9090\"").unwrap();
+        let cfg = ServerConfig::try_from(raw).unwrap();
+        assert_eq!(cfg.metrics_address, Some("127.0.0.1:9090".parse().unwrap()));
+        let raw: RawServerConfig = toml::from_str("metrics_address = \"metrics:9090\"").unwrap();
+        let err = ServerConfig::try_from(raw).unwrap_err();
+        assert_eq!(err.errors[0].path, "metrics_address");
+        assert!(err.errors[0].reason.contains("HOST:PORT"), "{err}");
     }
 }

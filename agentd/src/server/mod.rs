@@ -11,7 +11,7 @@ pub mod rotation;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener};
@@ -25,6 +25,7 @@ use crate::clock::Clock;
 use crate::datastore::{DataStore, DataStoreError, SledStore};
 use crate::keys::PrivateKey;
 use crate::revocation::log::RevocationLog;
+use crate::telemetry::{conditions, Endpoint, Readiness, ServerMetrics};
 use crate::tls::{self, ServerConfigSource, TlsError};
 
 /// How long the server's own TLS certificate lives; it is re-issued at half-life.
@@ -57,6 +58,8 @@ pub enum ServerError {
     Task(#[from] crate::runtime::TaskFailed),
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
+    #[error(transparent)]
+    Metrics(#[from] crate::telemetry::EndpointError),
 }
 
 /// What the admin and node APIs share.
@@ -71,6 +74,10 @@ pub struct ServerState {
     pub revocations: Arc<RevocationLog>,
     /// The audit trail every API records into.
     pub audit: Arc<crate::audit::Audit>,
+    /// Metric handles (SVIDs minted, attestation failures, revocations, ...).
+    pub metrics: Arc<ServerMetrics>,
+    /// What `/ready` reports.
+    pub readiness: Readiness,
 }
 
 /// A configured server, not yet running.
@@ -99,8 +106,32 @@ impl Server {
     /// every other component.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServerError> {
         let cfg = self.config;
+        let metrics = Arc::new(ServerMetrics::new());
+        let readiness = Readiness::new(&[
+            conditions::STORE_OPEN,
+            conditions::CA_LOADED,
+            conditions::SERVING,
+        ]);
+        let store_slot: Arc<OnceLock<Arc<dyn DataStore>>> = Arc::default();
+        // Up before the store and the CA, so that /live answers and /ready says what is
+        // still missing while they load; stopped when `run` returns, however it returns.
+        let _metrics_endpoint = match cfg.metrics_address {
+            Some(addr) => Some(
+                start_metrics_endpoint(
+                    addr,
+                    metrics.clone(),
+                    readiness.clone(),
+                    store_slot.clone(),
+                    &shutdown,
+                )
+                .await?,
+            ),
+            None => None,
+        };
         create_private_dir(&cfg.data_dir)?;
         let store: Arc<dyn DataStore> = Arc::new(SledStore::open(&cfg.data_dir.join("datastore"))?);
+        let _ = store_slot.set(store.clone());
+        readiness.set(conditions::STORE_OPEN, true);
         let ca = Arc::new(CertificateAuthority::load_or_create(
             &CaConfig {
                 trust_domain: cfg.trust_domain.clone(),
@@ -111,6 +142,7 @@ impl Server {
             },
             self.clock.as_ref(),
         )?);
+        readiness.set(conditions::CA_LOADED, true);
 
         let listener = TcpListener::bind(cfg.bind_address)
             .await
@@ -140,6 +172,8 @@ impl Server {
             node_api_address,
             revocations,
             audit,
+            metrics,
+            readiness: readiness.clone(),
         });
         let (tls_config, renew_at, server_svid) = issue_server_tls(&state)?;
         let tls_source: ServerConfigSource = Arc::new(std::sync::RwLock::new(tls_config));
@@ -172,10 +206,49 @@ impl Server {
             "server ready"
         );
 
+        readiness.set(conditions::SERVING, true);
         let result = crate::runtime::supervise(&mut tasks, &stop).await;
+        readiness.set(conditions::SERVING, false);
         let _ = std::fs::remove_file(&cfg.admin_socket);
         result
     }
+}
+
+/// Binds the metrics endpoint and serves it on its own task until the returned guard is
+/// dropped (or `shutdown` is cancelled). Before each scrape, the entry and node gauges are
+/// read from the store (once it is open).
+async fn start_metrics_endpoint(
+    addr: SocketAddr,
+    metrics: Arc<ServerMetrics>,
+    readiness: Readiness,
+    store: Arc<OnceLock<Arc<dyn DataStore>>>,
+    shutdown: &CancellationToken,
+) -> Result<tokio_util::sync::DropGuard, ServerError> {
+    let (listener, bound) = Endpoint::bind(addr).await?;
+    let gauges = metrics.clone();
+    let refresh: crate::telemetry::Refresh =
+        Arc::new(move || -> crate::telemetry::RefreshFuture {
+            let metrics = gauges.clone();
+            let store = store.get().cloned();
+            Box::pin(async move {
+                let Some(store) = store else { return };
+                let entries = store
+                    .list_entries(&crate::datastore::EntryFilter::default())
+                    .await;
+                let nodes = store.list_nodes().await;
+                match (entries, nodes) {
+                    (Ok(e), Ok(n)) => metrics.set_inventory(e.len(), n.len()),
+                    (Err(e), _) | (_, Err(e)) => {
+                        tracing::warn!(error = %e, "reading the inventory for the metrics failed")
+                    }
+                }
+            })
+        });
+    let stop = shutdown.child_token();
+    let endpoint = Endpoint::new(metrics, readiness).with_refresh(refresh);
+    tokio::spawn(endpoint.run(listener, stop.clone()));
+    tracing::info!(address = %bound, "metrics endpoint listening");
+    Ok(stop.drop_guard())
 }
 
 /// Binds the admin socket in a directory of mode 0700 and makes the socket 0600: only the

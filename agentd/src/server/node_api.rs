@@ -23,6 +23,7 @@ use crate::convert::bundle_to_proto;
 use crate::datastore::{AttestedNode, DataStoreError, Entry, EntryFilter, EntryId, EntryIssuance};
 use crate::revocation::feed::{feed_stream, FeedStream, HEARTBEAT};
 use crate::revocation::{IssuedSvid, RevocationHandle, SvidKind};
+use crate::telemetry::{AttestationFailure, SvidKind as MintedKind};
 use crate::tls::{PeerIdentity, ServerConfigSource};
 
 /// Most CSRs accepted in one `MintX509Svids` call.
@@ -140,11 +141,14 @@ pub async fn serve(
     stop: CancellationToken,
 ) -> Result<(), ServerError> {
     let incoming = crate::tls::incoming(listener, tls, stop.clone());
-    let svc = NodeServer::new(NodeApi::new(state, stop.clone()))
+    let svc = NodeServer::new(NodeApi::new(state.clone(), stop.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let rpc_metrics = state.metrics.rpc_layer("node");
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .trace_fn(rpc_span)
+        .layer(rpc_metrics)
         .add_service(svc)
         .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
         .await
@@ -152,6 +156,62 @@ pub async fn serve(
             what: "node API",
             reason: e.to_string(),
         })
+}
+
+/// One span per node API call: the method, the peer address and, past attestation, the
+/// calling node's SPIFFE ID (from its verified client certificate).
+fn rpc_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
+    let span = tracing::info_span!(
+        "rpc",
+        api = "node",
+        rpc = crate::telemetry::rpc::rpc_name(req.uri().path()),
+        remote = tracing::field::Empty,
+        node = tracing::field::Empty,
+    );
+    if let Some(peer) = req.extensions().get::<PeerIdentity>() {
+        if let Some(addr) = peer.remote_addr {
+            span.record("remote", tracing::field::display(addr));
+        }
+        if let Some(id) = &peer.spiffe_id {
+            span.record("node", tracing::field::display(id));
+        }
+    }
+    span
+}
+
+/// The metric label for a refused attestation: a fixed reason, never the error text.
+fn attestation_failure(e: &NodeApiError) -> AttestationFailure {
+    match e {
+        NodeApiError::UnknownJoinToken => AttestationFailure::UnknownJoinToken,
+        NodeApiError::ExpiredJoinToken => AttestationFailure::ExpiredJoinToken,
+        NodeApiError::AttestorNotEnabled(_) => AttestationFailure::AttestorNotEnabled,
+        NodeApiError::X509Pop(X509PopError::Busy) | NodeApiError::Claims(ClaimsError::Busy) => {
+            AttestationFailure::Busy
+        }
+        NodeApiError::X509Pop(e) if e.is_malformed() => AttestationFailure::InvalidRequest,
+        NodeApiError::Claims(e) if e.is_malformed() => AttestationFailure::InvalidRequest,
+        NodeApiError::X509Pop(_) | NodeApiError::Claims(_) => AttestationFailure::EvidenceRejected,
+        NodeApiError::InvalidField {
+            field: "spiffe_id", ..
+        }
+        | NodeApiError::AttestationTypeMismatch { .. } => AttestationFailure::IdentityConflict,
+        NodeApiError::InvalidField { .. }
+        | NodeApiError::Ca(CaError::Csr { .. })
+        | NodeApiError::Ca(CaError::ForeignTrustDomain { .. }) => {
+            AttestationFailure::InvalidRequest
+        }
+        NodeApiError::NodeRevoked { .. } => AttestationFailure::Revoked,
+        NodeApiError::NoClientCertificate
+        | NodeApiError::UnknownNode(_)
+        | NodeApiError::StaleNodeSvid { .. }
+        | NodeApiError::EntryNotAuthorized(_)
+        | NodeApiError::EntryRevoked { .. }
+        | NodeApiError::SvidRevoked { .. }
+        | NodeApiError::EntrySuspended { .. }
+        | NodeApiError::Audit(_)
+        | NodeApiError::Ca(_)
+        | NodeApiError::Store(_) => AttestationFailure::Internal,
+    }
 }
 
 pub fn svid_to_proto(s: &IssuedX509Svid) -> pb::X509Svid {
@@ -523,6 +583,7 @@ impl Node for NodeApi {
         };
         match result {
             Ok(svid) => {
+                self.state.metrics.node_attested(kind);
                 tracing::info!(node = %svid.spiffe_id, serial = %svid.serial, attestation = kind, ?remote, "node attested");
                 Ok(Response::new(pb::AttestResponse {
                     svid: Some(svid_to_proto(&svid)),
@@ -530,6 +591,9 @@ impl Node for NodeApi {
                 }))
             }
             Err(e) => {
+                self.state
+                    .metrics
+                    .attestation_failed(kind, attestation_failure(&e));
                 tracing::warn!(?remote, attestation = kind, reason = %e, "node attestation refused");
                 Err(e.into())
             }
@@ -560,6 +624,9 @@ impl Node for NodeApi {
                 expires_at: c.expires_at,
             })),
             Err(e) => {
+                self.state
+                    .metrics
+                    .attestation_failed("x509pop", attestation_failure(&e));
                 tracing::warn!(?remote, attestation = "x509pop", reason = %e, "node attestation refused");
                 self.state
                     .audit
@@ -697,6 +764,7 @@ impl Node for NodeApi {
                 Err(e) => Err(e),
             };
             let result = entry.and_then(|entry| {
+                let started = std::time::Instant::now();
                 self.sign(
                     &p.csr,
                     &entry.spec.spiffe_id,
@@ -704,6 +772,9 @@ impl Node for NodeApi {
                     &entry.spec.dns_names,
                 )
                 .map(|svid| {
+                    self.state
+                        .metrics
+                        .svid_minted(MintedKind::X509, started.elapsed());
                     tracing::debug!(spiffe_id = %svid.spiffe_id, serial = %svid.serial, entry = %entry.id, node = %node.spiffe_id, "X.509-SVID issued");
                     records.push(issuance_record("x509svid.issue", &node, &entry, unix_seconds(svid.not_after))
                         .field("serial", &svid.serial)
@@ -759,6 +830,7 @@ impl Node for NodeApi {
         let entry = self.entry_for_node(&node, &req.entry_id).await?;
         validate_audience(&req.audience)?;
         self.check_not_suspended(&node, &entry, "jwtsvid").await?;
+        let started = std::time::Instant::now();
         let jwt = self
             .state
             .ca
@@ -781,6 +853,9 @@ impl Node for NodeApi {
             expires_at: unix_seconds(jwt.expires_at),
         }])
         .await?;
+        self.state
+            .metrics
+            .svid_minted(MintedKind::Jwt, started.elapsed());
         tracing::debug!(spiffe_id = %entry.spec.spiffe_id, entry = %entry.id, "JWT-SVID issued");
         let expires_at = unix_seconds(jwt.expires_at);
         // The token's id, not the token: the log must not hold a usable credential.
@@ -1062,6 +1137,8 @@ mod tests {
             clock,
             node_api_address: "127.0.0.1:0".parse().unwrap(),
             audit,
+            metrics: Arc::new(crate::telemetry::ServerMetrics::new()),
+            readiness: crate::telemetry::Readiness::new(&[]),
         })
     }
 

@@ -39,6 +39,7 @@ use crate::node::client::ServerLink;
 use crate::node::NodeError;
 use crate::revocation::feed::{feed_stream, EventSource, FeedStream, HEARTBEAT};
 use crate::revocation::subscriber::NodeRevocations;
+use crate::telemetry::NodeMetrics;
 
 /// The message PermissionDenied carries when the caller has no identity; clients key off it.
 pub const NO_IDENTITY: &str = "no identity issued";
@@ -99,6 +100,7 @@ pub struct WorkloadApi {
     clock: Arc<dyn Clock>,
     attestors: Arc<WorkloadAttestors>,
     revocations: Arc<NodeRevocations>,
+    metrics: Arc<NodeMetrics>,
 }
 
 impl WorkloadApi {
@@ -115,7 +117,14 @@ impl WorkloadApi {
             clock,
             attestors,
             revocations,
+            metrics: Arc::new(NodeMetrics::new()),
         }
+    }
+
+    /// Records the calls' latency and open streams in `metrics` (the node agent's).
+    pub fn with_metrics(mut self, metrics: Arc<NodeMetrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Healthy: synced, caught up with the revocation feed, and the feed heard from within
@@ -177,7 +186,10 @@ impl WorkloadApi {
             link: self.link.clone(),
             stop: stop.clone(),
         });
+        let rpc_metrics = self.metrics.rpc_layer();
         tonic::transport::Server::builder()
+            .trace_fn(rpc_span)
+            .layer(rpc_metrics)
             .add_service(SpiffeWorkloadApiServer::new(self))
             .add_service(selectors)
             .add_service(revocations)
@@ -255,6 +267,28 @@ impl WorkloadApi {
             }
         }
     }
+}
+
+/// One span per Workload API call: the method and the calling process (pid, uid).
+fn rpc_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
+    let span = tracing::info_span!(
+        "rpc",
+        api = "workload",
+        rpc = crate::telemetry::rpc::rpc_name(req.uri().path()),
+        pid = tracing::field::Empty,
+        uid = tracing::field::Empty,
+    );
+    if let Some(peer) = req
+        .extensions()
+        .get::<WorkloadConnInfo>()
+        .and_then(|i| i.peer.as_ref())
+    {
+        span.record("uid", peer.uid);
+        if let Some(pid) = peer.pid {
+            span.record("pid", pid);
+        }
+    }
+    span
 }
 
 /// Spec 5.2: the security header must be present with the value `true`.
