@@ -2,6 +2,7 @@
 //!
 //! - [`ca`]: the server's certificate authority (X.509-SVIDs, JWT-SVIDs).
 //! - [`datastore`]: registration entries, attested nodes, join tokens.
+//! - [`delegation`]: scopes, grants, delegation chains, their encodings and the verifier.
 //! - [`server`]: the central server (admin API, node API).
 //! - [`node`]: the node agent (attestation to the server, SVID cache, rotation).
 //! - [`workload_api`]: the SPIFFE Workload API served by the node agent.
@@ -15,6 +16,7 @@ pub mod clock;
 pub mod config;
 pub mod convert;
 pub mod datastore;
+pub mod delegation;
 pub mod keys;
 pub mod net;
 pub mod node;

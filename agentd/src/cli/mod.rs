@@ -4,6 +4,7 @@
 
 mod admin;
 mod daemon;
+mod delegation;
 mod output;
 mod workload;
 
@@ -49,6 +50,84 @@ pub enum Command {
     Api(ApiCommand),
     /// Checks that a node agent (socket) or the server (admin socket) is up and ready.
     Healthcheck(HealthcheckArgs),
+    /// Delegation grants: a principal authorizes an agent with scopes.
+    #[command(subcommand)]
+    Grant(GrantCommand),
+    /// Reads and verifies SVIDs (X.509 PEM files or JWT-SVIDs).
+    #[command(subcommand)]
+    Svid(SvidCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GrantCommand {
+    /// Creates a grant; prints its id.
+    Create {
+        /// user:NAME or a SPIFFE ID: on whose behalf the agent acts.
+        #[arg(long)]
+        principal: String,
+        /// The agent's SPIFFE ID (it must have an entry; its scopes are the ceiling).
+        #[arg(long)]
+        agent: String,
+        /// resource:action or resource:*; repeat for several.
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        /// Seconds or a duration (default 8h; 10m with --task).
+        #[arg(long)]
+        ttl: Option<String>,
+        /// A task id: SVIDs carry it and are short-lived.
+        #[arg(long)]
+        task: Option<String>,
+        /// How many further agent-to-agent delegations are allowed (default 0).
+        #[arg(long)]
+        max_depth: Option<u32>,
+        #[command(flatten)]
+        admin: AdminSocketArg,
+    },
+    /// Lists live grants (--all: expired ones too).
+    List {
+        #[arg(long)]
+        agent: Option<String>,
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        admin: AdminSocketArg,
+    },
+    /// Shows one grant.
+    Show {
+        #[arg(long)]
+        id: String,
+        #[command(flatten)]
+        admin: AdminSocketArg,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct SvidInput {
+    /// A PEM file (certificate chain, leaf first), a file holding a JWT-SVID, or the token.
+    pub input: String,
+    /// Trust bundle to verify against: PEM, or the SPIFFE bundle JSON (needed for JWTs).
+    /// Without it, the SVID is decoded but NOT verified.
+    #[arg(long)]
+    pub bundle: Option<PathBuf>,
+    /// The audience a JWT-SVID must name (required to verify a JWT-SVID).
+    #[arg(long)]
+    pub audience: Option<String>,
+    /// The server's extension_oid_base, when not the default.
+    #[arg(long)]
+    pub oid_base: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SvidCommand {
+    /// Prints who the SVID names, its scopes, principal, delegation chain and task.
+    Inspect(SvidInput),
+    /// Exits non-zero unless the (verified) SVID holds every --scope.
+    Check {
+        #[command(flatten)]
+        svid: SvidInput,
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -273,6 +352,29 @@ pub enum ApiCommand {
     Watch(SocketArg),
     /// Shows the selectors this process is attested with, and the identities they match.
     Selectors(SocketArg),
+    /// Hands part of this workload's grant to another agent: prints a single-use token.
+    Delegate {
+        /// The receiving agent's SPIFFE ID.
+        #[arg(long)]
+        to: String,
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        /// Seconds or a duration; default: as long as the grant.
+        #[arg(long)]
+        ttl: Option<String>,
+        /// The grant to delegate from (default: the only one this workload holds).
+        #[arg(long)]
+        grant: Option<String>,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Redeems a delegation token addressed to this workload; prints the new grant.
+    Exchange {
+        #[arg(long)]
+        token: String,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -288,8 +390,11 @@ pub enum FetchCommand {
     Jwt {
         #[arg(long, required = true)]
         audience: Vec<String>,
-        #[arg(long)]
+        #[arg(long, conflicts_with = "grant")]
         spiffe_id: Option<String>,
+        /// A delegated JWT-SVID for this grant (agentd.workload.v1.Delegation).
+        #[arg(long)]
+        grant: Option<String>,
         #[command(flatten)]
         socket: SocketArg,
     },
@@ -328,6 +433,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Entry(cmd) => admin::entry(cmd, out).await,
         Command::Bundle(cmd) => admin::bundle(cmd, out).await,
         Command::Api(cmd) => workload::api(cmd, out).await,
+        Command::Grant(cmd) => delegation::grant(cmd, out).await,
+        Command::Svid(cmd) => delegation::svid(cmd, out),
         Command::Healthcheck(args) => match &args.admin_socket {
             Some(p) => admin::healthcheck(p, out).await,
             None => workload::healthcheck(&args.socket_path, out).await,

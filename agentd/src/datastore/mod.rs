@@ -8,6 +8,7 @@ pub mod sled_store;
 use std::fmt::Debug;
 
 pub use model::{AttestedNode, Entry, EntryFilter, EntryId, EntryIdError, EntrySpec, JoinToken};
+pub use model::{DelegationOffer, Grant};
 pub use sled_store::SledStore;
 
 use spiffe::SpiffeId;
@@ -22,6 +23,8 @@ pub enum DataStoreError {
     NodeNotFound { spiffe_id: String },
     #[error("stored record {key} is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
+    #[error("grant {id} exists")]
+    DuplicateGrant { id: String },
     #[error("store backend: {reason}")]
     Backend { reason: String },
 }
@@ -48,4 +51,13 @@ pub trait DataStore: Send + Sync + Debug + 'static {
     /// Removes and returns the token in one step, so a token is used at most once even when
     /// two nodes present it at the same moment.
     async fn take_join_token(&self, token_sha256: &str) -> Result<Option<JoinToken>>;
+
+    // Delegation grants and single-use delegation offers.
+    async fn create_grant(&self, grant: Grant) -> Result<()>;
+    async fn get_grant(&self, id: &crate::delegation::GrantId) -> Result<Option<Grant>>;
+    /// Every grant, expired ones included, ordered by (agent, id).
+    async fn list_grants(&self) -> Result<Vec<Grant>>;
+    async fn create_delegation_offer(&self, offer: DelegationOffer) -> Result<()>;
+    /// Removes and returns the offer in one step: a delegation token is honoured once.
+    async fn take_delegation_offer(&self, id: &str) -> Result<Option<DelegationOffer>>;
 }

@@ -12,11 +12,15 @@ use super::{
     AttestedNode, DataStore, DataStoreError, Entry, EntryFilter, EntryId, EntrySpec, JoinToken,
     Result,
 };
+use super::{DelegationOffer, Grant};
+use crate::delegation::{Delegation, GrantId, Hop, ScopeSet};
 use crate::ttl::Ttl;
 
 const ENTRIES: &str = "entries";
 const NODES: &str = "nodes";
 const JOIN_TOKENS: &str = "join_tokens";
+const GRANTS: &str = "grants";
+const DELEGATION_OFFERS: &str = "delegation_offers";
 
 #[derive(Debug)]
 pub struct SledStore {
@@ -24,6 +28,8 @@ pub struct SledStore {
     entries: sled::Tree,
     nodes: sled::Tree,
     join_tokens: sled::Tree,
+    grants: sled::Tree,
+    delegation_offers: sled::Tree,
     /// Serialises entry writes, so the duplicate check and the insert are one step.
     entry_writes: Mutex<()>,
 }
@@ -46,6 +52,8 @@ impl SledStore {
             entries: db.open_tree(ENTRIES).map_err(backend)?,
             nodes: db.open_tree(NODES).map_err(backend)?,
             join_tokens: db.open_tree(JOIN_TOKENS).map_err(backend)?,
+            grants: db.open_tree(GRANTS).map_err(backend)?,
+            delegation_offers: db.open_tree(DELEGATION_OFFERS).map_err(backend)?,
             db,
             entry_writes: Mutex::new(()),
         })
@@ -192,6 +200,98 @@ impl NodeRecord {
 #[derive(Debug, Serialize, Deserialize)]
 struct JoinTokenRecord {
     spiffe_id: String,
+    expires_at: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct HopRecord {
+    agent: String,
+    grant_id: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct GrantRecord {
+    id: String,
+    principal: String,
+    chain: Vec<HopRecord>,
+    scopes: Vec<String>,
+    expires_at: i64,
+    remaining_depth: u32,
+    task_id: Option<String>,
+    parent_grant_id: Option<String>,
+    created_at: i64,
+}
+
+impl GrantRecord {
+    fn from_grant(g: &Grant) -> Self {
+        let d = &g.delegation;
+        Self {
+            id: g.id.to_string(),
+            principal: d.principal.to_string(),
+            chain: d
+                .chain
+                .iter()
+                .map(|h| HopRecord {
+                    agent: h.agent.to_string(),
+                    grant_id: h.grant_id.to_string(),
+                })
+                .collect(),
+            scopes: d.scopes.to_strings(),
+            expires_at: d.expires_at,
+            remaining_depth: d.remaining_depth,
+            task_id: d.task_id.as_ref().map(ToString::to_string),
+            parent_grant_id: g.parent_grant_id.as_ref().map(ToString::to_string),
+            created_at: g.created_at,
+        }
+    }
+
+    fn into_grant(self, key: &[u8]) -> Result<Grant> {
+        let chain = self
+            .chain
+            .into_iter()
+            .map(|h| {
+                Ok(Hop {
+                    agent: SpiffeId::new(&h.agent).map_err(|e| corrupt(key, "chain", e))?,
+                    grant_id: h.grant_id.parse().map_err(|e| corrupt(key, "chain", e))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if chain.is_empty() {
+            return Err(corrupt(key, "chain", "empty"));
+        }
+        Ok(Grant {
+            id: self.id.parse().map_err(|e| corrupt(key, "id", e))?,
+            delegation: Delegation {
+                principal: self
+                    .principal
+                    .parse()
+                    .map_err(|e| corrupt(key, "principal", e))?,
+                chain,
+                scopes: ScopeSet::parse(&self.scopes).map_err(|e| corrupt(key, "scopes", e))?,
+                expires_at: self.expires_at,
+                remaining_depth: self.remaining_depth,
+                task_id: self
+                    .task_id
+                    .map(|t| t.parse())
+                    .transpose()
+                    .map_err(|e| corrupt(key, "task_id", e))?,
+            },
+            parent_grant_id: self
+                .parent_grant_id
+                .map(|p| p.parse())
+                .transpose()
+                .map_err(|e| corrupt(key, "parent_grant_id", e))?,
+            created_at: self.created_at,
+        })
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct OfferRecord {
+    parent_grant_id: String,
+    from: String,
+    to: String,
+    scopes: Vec<String>,
     expires_at: i64,
 }
 
@@ -362,6 +462,81 @@ impl DataStore for SledStore {
             expires_at: record.expires_at,
         }))
     }
+
+    async fn create_grant(&self, grant: Grant) -> Result<()> {
+        let record = GrantRecord::from_grant(&grant);
+        // compare_and_swap from "absent": a grant id is never overwritten.
+        self.grants
+            .compare_and_swap(
+                record.id.as_bytes(),
+                None as Option<&[u8]>,
+                Some(encode(&record)?),
+            )
+            .map_err(backend)?
+            .map_err(|_| DataStoreError::DuplicateGrant {
+                id: record.id.clone(),
+            })?;
+        self.flush().await
+    }
+
+    async fn get_grant(&self, id: &GrantId) -> Result<Option<Grant>> {
+        let key = id.as_str().as_bytes();
+        match self.grants.get(key).map_err(backend)? {
+            None => Ok(None),
+            Some(v) => Ok(Some(decode::<GrantRecord>(key, &v)?.into_grant(key)?)),
+        }
+    }
+
+    async fn list_grants(&self) -> Result<Vec<Grant>> {
+        let mut grants = self
+            .grants
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.map_err(backend)?;
+                decode::<GrantRecord>(&k, &v)?.into_grant(&k)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        grants.sort_by(|a, b| (a.agent(), &a.id).cmp(&(b.agent(), &b.id)));
+        Ok(grants)
+    }
+
+    async fn create_delegation_offer(&self, offer: DelegationOffer) -> Result<()> {
+        let record = OfferRecord {
+            parent_grant_id: offer.parent_grant_id.to_string(),
+            from: offer.from.to_string(),
+            to: offer.to.to_string(),
+            scopes: offer.scopes.to_strings(),
+            expires_at: offer.expires_at,
+        };
+        self.delegation_offers
+            .insert(offer.id.as_bytes(), encode(&record)?)
+            .map_err(backend)?;
+        self.flush().await
+    }
+
+    async fn take_delegation_offer(&self, id: &str) -> Result<Option<DelegationOffer>> {
+        let Some(v) = self
+            .delegation_offers
+            .remove(id.as_bytes())
+            .map_err(backend)?
+        else {
+            return Ok(None);
+        };
+        self.flush().await?;
+        let key = id.as_bytes();
+        let r: OfferRecord = decode(key, &v)?;
+        Ok(Some(DelegationOffer {
+            id: id.to_string(),
+            parent_grant_id: r
+                .parent_grant_id
+                .parse()
+                .map_err(|e| corrupt(key, "parent_grant_id", e))?,
+            from: SpiffeId::new(&r.from).map_err(|e| corrupt(key, "from", e))?,
+            to: SpiffeId::new(&r.to).map_err(|e| corrupt(key, "to", e))?,
+            scopes: ScopeSet::parse(&r.scopes).map_err(|e| corrupt(key, "scopes", e))?,
+            expires_at: r.expires_at,
+        }))
+    }
 }
 
 #[cfg(test)]
@@ -508,6 +683,60 @@ mod tests {
         let got = store.get_node(&old).await.unwrap().unwrap();
         assert!(got.selectors.is_empty());
         assert_eq!(got.attestation_type, "join_token");
+    }
+
+    #[tokio::test]
+    async fn grants_and_offers_round_trip_and_offers_are_taken_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let root_id = GrantId::generate();
+        let grant = Grant {
+            id: root_id.clone(),
+            delegation: Delegation {
+                principal: "user:alice@example.com".parse().unwrap(),
+                chain: vec![Hop {
+                    agent: SpiffeId::new("spiffe://example.org/orchestrator").unwrap(),
+                    grant_id: root_id.clone(),
+                }],
+                scopes: ScopeSet::parse(&["calendar:*"]).unwrap(),
+                expires_at: 100,
+                remaining_depth: 2,
+                task_id: Some("t1".parse().unwrap()),
+            },
+            parent_grant_id: None,
+            created_at: 5,
+        };
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            store.create_grant(grant.clone()).await.unwrap();
+            assert!(matches!(
+                store.create_grant(grant.clone()).await,
+                Err(DataStoreError::DuplicateGrant { .. })
+            ));
+            store
+                .create_delegation_offer(DelegationOffer {
+                    id: "ab".repeat(16),
+                    parent_grant_id: root_id.clone(),
+                    from: SpiffeId::new("spiffe://example.org/orchestrator").unwrap(),
+                    to: SpiffeId::new("spiffe://example.org/scheduler").unwrap(),
+                    scopes: ScopeSet::parse(&["calendar:read"]).unwrap(),
+                    expires_at: 50,
+                })
+                .await
+                .unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.get_grant(&root_id).await.unwrap(),
+            Some(grant.clone())
+        );
+        assert_eq!(store.list_grants().await.unwrap(), vec![grant]);
+        let offer = store.take_delegation_offer(&"ab".repeat(16)).await.unwrap();
+        assert_eq!(offer.unwrap().scopes.to_strings(), ["calendar:read"]);
+        assert!(store
+            .take_delegation_offer(&"ab".repeat(16))
+            .await
+            .unwrap()
+            .is_none());
     }
 
     #[tokio::test]

@@ -39,6 +39,10 @@ pub struct RawServerConfig {
     pub upstream_ca: Option<RawUpstreamCa>,
     /// Node attestors besides join tokens (which are always enabled).
     pub node_attestors: Option<RawNodeAttestors>,
+    /// OID prefix of the scope (`.1`) and delegation (`.2`) X.509 extensions.
+    pub extension_oid_base: Option<String>,
+    /// Largest `--max-depth` a grant may carry (default 4).
+    pub max_delegation_depth: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -97,6 +101,14 @@ pub struct ServerConfig {
     pub organization: String,
     pub upstream_ca: Option<UpstreamCa>,
     pub node_attestors: NodeAttestorsConfig,
+    pub delegation: DelegationConfig,
+}
+
+/// Scope and delegation settings.
+#[derive(Debug, Clone, Default)]
+pub struct DelegationConfig {
+    pub oid_base: crate::delegation::OidBase,
+    pub max_depth: u32,
 }
 
 fn ttl_or(errs: &mut Errors, path: &str, raw: &Option<String>, default: u64) -> Ttl {
@@ -172,6 +184,16 @@ impl TryFrom<RawServerConfig> for ServerConfig {
                     .and_then(|c| claims_config(&mut errs, c, trust_domain.as_ref())),
             })
             .unwrap_or_default();
+        let oid_base = match &raw.extension_oid_base {
+            Some(s) => errs.parse("extension_oid_base", s.parse()),
+            None => Some(crate::delegation::OidBase::default()),
+        };
+        let max_depth = raw
+            .max_delegation_depth
+            .unwrap_or(crate::delegation::DEFAULT_MAX_DEPTH);
+        if max_depth > 32 {
+            errs.push("max_delegation_depth", "must be at most 32");
+        }
         // Both are `Some` unless an error was recorded for them, which `finish` reports.
         let (Some(trust_domain), Some(bind_address)) = (trust_domain, bind_address) else {
             errs.finish()?;
@@ -193,6 +215,10 @@ impl TryFrom<RawServerConfig> for ServerConfig {
             organization,
             upstream_ca,
             node_attestors,
+            delegation: DelegationConfig {
+                oid_base: oid_base.unwrap_or_default(),
+                max_depth,
+            },
         })
     }
 }

@@ -62,6 +62,8 @@ pub enum NodeApiError {
     Ca(#[from] CaError),
     #[error(transparent)]
     Store(#[from] DataStoreError),
+    #[error(transparent)]
+    Grant(#[from] super::grants::GrantError),
 }
 
 impl From<NodeApiError> for Status {
@@ -90,6 +92,7 @@ impl From<NodeApiError> for Status {
                 tracing::error!(error = %msg, "node API internal error");
                 Status::internal(msg)
             }
+            NodeApiError::Grant(g) => g.into(),
         }
     }
 }
@@ -264,6 +267,56 @@ impl NodeApi {
                 dns_names: dns,
             },
             self.state.clock.now(),
+        )?)
+    }
+}
+
+impl NodeApi {
+    /// A plain workload SVID: it carries the entry's scopes (its ceiling) in the scope
+    /// extension, and no delegation.
+    fn sign_plain(&self, csr: &[u8], entry: &Entry) -> Result<IssuedX509Svid, NodeApiError> {
+        let scopes = super::grants::entry_scopes(entry);
+        let ext = crate::delegation::x509ext::svid_extensions(
+            &self.state.config.delegation.oid_base,
+            &scopes,
+            None,
+        );
+        Ok(self.state.ca.sign_x509_svid_with_extensions(
+            &X509SvidRequest {
+                csr_der: csr,
+                spiffe_id: &entry.spec.spiffe_id,
+                ttl: entry.spec.x509_svid_ttl.as_duration(),
+                dns_names: &entry.spec.dns_names,
+            },
+            &ext,
+            self.state.clock.now(),
+        )?)
+    }
+
+    /// A delegated SVID for `grant_id`, if `authorize_grant_mint` allows it.
+    async fn sign_for_grant(
+        &self,
+        csr: &[u8],
+        entry: &Entry,
+        grant_id: &str,
+    ) -> Result<IssuedX509Svid, NodeApiError> {
+        let grant = super::grants::load_grant(
+            self.state.store.as_ref(),
+            &super::grants::parse_grant_id(grant_id)?,
+        )
+        .await?;
+        super::grants::authorize_grant_mint(
+            self.state.store.as_ref(),
+            &grant,
+            entry,
+            unix_seconds(self.state.clock.now()),
+        )
+        .await?;
+        Ok(super::grants::sign_delegated_x509(
+            &self.state,
+            &grant,
+            entry,
+            csr,
         )?)
     }
 }
@@ -462,9 +515,22 @@ impl Node for NodeApi {
         let entries = entries_for_node(self.state.store.as_ref(), &server_id, &node)
             .await
             .map_err(NodeApiError::from)?;
+        let agents: std::collections::BTreeSet<&SpiffeId> =
+            entries.iter().map(|e| &e.spec.spiffe_id).collect();
+        let grants = super::grants::live_grants_for(
+            self.state.store.as_ref(),
+            &agents,
+            unix_seconds(self.state.clock.now()),
+        )
+        .await
+        .map_err(NodeApiError::from)?;
         Ok(Response::new(pb::SyncEntriesResponse {
             entries: entries.iter().map(entry_to_proto).collect(),
             bundle: Some(bundle_to_proto(&self.state.ca.bundle())),
+            grants: grants
+                .iter()
+                .map(super::grants::grant_to_node_proto)
+                .collect(),
         }))
     }
 
@@ -486,13 +552,15 @@ impl Node for NodeApi {
         let mut results = Vec::with_capacity(params.len());
         for p in params {
             let result = match self.entry_for_node(&node, &p.entry_id).await {
+                Ok(entry) if !p.grant_id.is_empty() => self
+                    .sign_for_grant(&p.csr, &entry, &p.grant_id)
+                    .await
+                    .map(|svid| {
+                        tracing::debug!(spiffe_id = %svid.spiffe_id, serial = %svid.serial, entry = %entry.id, grant = %p.grant_id, node = %node.spiffe_id, "delegated X.509-SVID issued");
+                        pb::mint_result::Result::Svid(svid_to_proto(&svid))
+                    }),
                 Ok(entry) => self
-                    .sign(
-                        &p.csr,
-                        &entry.spec.spiffe_id,
-                        entry.spec.x509_svid_ttl.as_duration(),
-                        &entry.spec.dns_names,
-                    )
+                    .sign_plain(&p.csr, &entry)
                     .map(|svid| {
                         tracing::debug!(spiffe_id = %svid.spiffe_id, serial = %svid.serial, entry = %entry.id, node = %node.spiffe_id, "X.509-SVID issued");
                         pb::mint_result::Result::Svid(svid_to_proto(&svid))
@@ -518,20 +586,85 @@ impl Node for NodeApi {
         let req = request.into_inner();
         let entry = self.entry_for_node(&node, &req.entry_id).await?;
         validate_audience(&req.audience)?;
-        let jwt = self
-            .state
-            .ca
-            .sign_jwt_svid(
-                &entry.spec.spiffe_id,
-                &req.audience,
-                entry.spec.jwt_svid_ttl.as_duration(),
-                self.state.clock.now(),
+        let jwt = if req.grant_id.is_empty() {
+            // A plain JWT-SVID carries the entry's scopes (RFC 8693 `scope`).
+            let extra =
+                crate::delegation::claims::to_claims(&super::grants::entry_scopes(&entry), None);
+            self.state
+                .ca
+                .sign_jwt_svid_with_claims(
+                    &entry.spec.spiffe_id,
+                    &req.audience,
+                    entry.spec.jwt_svid_ttl.as_duration(),
+                    self.state.clock.now(),
+                    &extra,
+                )
+                .map_err(NodeApiError::from)?
+        } else {
+            let grant = super::grants::load_grant(
+                self.state.store.as_ref(),
+                &super::grants::parse_grant_id(&req.grant_id).map_err(NodeApiError::from)?,
             )
+            .await
             .map_err(NodeApiError::from)?;
+            super::grants::authorize_grant_mint(
+                self.state.store.as_ref(),
+                &grant,
+                &entry,
+                unix_seconds(self.state.clock.now()),
+            )
+            .await
+            .map_err(NodeApiError::from)?;
+            super::grants::sign_delegated_jwt(&self.state, &grant, &entry, &req.audience)
+                .map_err(NodeApiError::from)?
+        };
         tracing::debug!(spiffe_id = %entry.spec.spiffe_id, entry = %entry.id, "JWT-SVID issued");
         Ok(Response::new(pb::MintJwtSvidResponse {
             token: jwt.token,
             expires_at: unix_seconds(jwt.expires_at),
+        }))
+    }
+
+    async fn mint_delegation_token(
+        &self,
+        request: Request<pb::MintDelegationTokenRequest>,
+    ) -> Result<Response<pb::MintDelegationTokenResponse>, Status> {
+        let node = self
+            .caller(request.extensions().get::<PeerIdentity>())
+            .await?;
+        let req = request.into_inner();
+        let entry = self.entry_for_node(&node, &req.entry_id).await?;
+        let token = super::grants::mint_delegation_token(&self.state, &entry, &req)
+            .await
+            .map_err(|e| {
+                tracing::warn!(from = %entry.spec.spiffe_id, to = %req.to, reason = %e, "delegation refused");
+                e
+            })?;
+        tracing::info!(from = %entry.spec.spiffe_id, to = %req.to, grant = %req.grant_id, "delegation token issued");
+        Ok(Response::new(pb::MintDelegationTokenResponse {
+            token: token.token,
+            expires_at: unix_seconds(token.expires_at),
+        }))
+    }
+
+    async fn exchange_delegation_token(
+        &self,
+        request: Request<pb::ExchangeDelegationTokenRequest>,
+    ) -> Result<Response<pb::ExchangeDelegationTokenResponse>, Status> {
+        let node = self
+            .caller(request.extensions().get::<PeerIdentity>())
+            .await?;
+        let req = request.into_inner();
+        let entry = self.entry_for_node(&node, &req.entry_id).await?;
+        let grant = super::grants::exchange_delegation_token(&self.state, &entry, &req.token)
+            .await
+            .map_err(|e| {
+                tracing::warn!(agent = %entry.spec.spiffe_id, reason = %e, "delegation token exchange refused");
+                e
+            })?;
+        tracing::info!(agent = %entry.spec.spiffe_id, grant = %grant.id, parent = ?grant.parent_grant_id.as_ref().map(ToString::to_string), "delegated grant created by exchange");
+        Ok(Response::new(pb::ExchangeDelegationTokenResponse {
+            grant: Some(super::grants::grant_to_node_proto(&grant)),
         }))
     }
 }

@@ -9,6 +9,7 @@
 //! - The socket also serves `grpc.health.v1.Health` for `agentd healthcheck`.
 
 pub mod claims;
+mod delegation;
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
@@ -144,9 +145,11 @@ impl WorkloadApi {
                 .map(|conn| conn.map(accept_workload_conn))
         };
         let selectors = SelectorsServer::new(SelectorsService { api: self.clone() });
+        let delegation = delegation::service(self.clone());
         tonic::transport::Server::builder()
             .add_service(SpiffeWorkloadApiServer::new(self))
             .add_service(selectors)
+            .add_service(delegation)
             .add_service(health)
             .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
             .await
@@ -408,6 +411,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                         .mint_jwt_svid(npb::MintJwtSvidRequest {
                             entry_id: e.id.clone(),
                             audience: req.audience.clone(),
+                            grant_id: String::new(),
                         })
                         .await
                         .map_err(|s| {
