@@ -65,6 +65,9 @@ agentd entry create --admin-socket "$ADMIN" --parent-id spiffe://example.org/nod
 agentd entry create --admin-socket "$ADMIN" --parent-id spiffe://example.org/node/n2 \
     --spiffe-id "$SCHED" --selector "unix:uid:$(id -u)" --hint scheduler \
     --scope calendar:read --scope crm:read --scope payments:execute
+# Each node agent picks its entries up at its next sync.
+wait_for agentd api fetch x509 --socket-path "$DEMO/n1.sock"
+wait_for agentd api fetch x509 --socket-path "$DEMO/n2.sock"
 
 step "alice grants the orchestrator calendar:* and crm:read for 1h, one further hop allowed"
 GRANT="$(agentd grant create --admin-socket "$ADMIN" --principal user:alice@example.com \
