@@ -208,7 +208,10 @@ async fn grant_yields_a_delegated_svid_that_standard_clients_accept() -> anyhow:
     let id = verifier.verify_x509(&chain, SystemTime::now())?;
     assert_eq!(id.principal(), Some(&alice.parse::<Principal>()?));
     assert_eq!(id.scopes.to_strings(), ["calendar:*", "crm:read"]);
-    assert_eq!(id.delegation.as_ref().unwrap().grant_chain(), [gid.clone()]);
+    assert_eq!(
+        id.delegation.as_ref().unwrap().grant_chain(),
+        vec![gid.clone()]
+    );
     id.authorize(&"calendar:write".parse::<Scope>()?)?;
     let refused = id
         .authorize(&"payments:execute".parse::<Scope>()?)

@@ -377,7 +377,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn id(p: &str) -> SpiffeId {
-        SpiffeId::new(&format!("spiffe://example.org/{p}")).unwrap()
+        SpiffeId::new(format!("spiffe://example.org/{p}")).unwrap()
     }
 
     fn set(xs: &[&str]) -> ScopeSet {

@@ -290,38 +290,36 @@ pub fn decode_jwt_unverified(token: &str) -> Result<VerifiedIdentity, VerifyErro
 }
 
 fn read_x509(leaf: &[u8], oid_base: &OidBase) -> Result<VerifiedIdentity, VerifyError> {
-    {
-        let (_, parsed) = x509_parser::parse_x509_certificate(leaf).map_err(malformed)?;
-        let spiffe_id = crate::tls::spiffe_id_of(leaf)
-            .ok_or_else(|| malformed("the leaf has no single SPIFFE ID URI SAN"))?;
-        let scope_oid = oid_base.scope_oid_string();
-        let delegation_oid = oid_base.delegation_oid_string();
-        let mut scopes = ScopeSet::new();
-        let mut delegation_der = None;
-        for ext in parsed.extensions() {
-            let oid = ext.oid.to_id_string();
-            if oid == scope_oid {
-                scopes = x509ext::decode_scopes(ext.value)?;
-            } else if oid == delegation_oid {
-                delegation_der = Some(ext.value);
-            }
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf).map_err(malformed)?;
+    let spiffe_id = crate::tls::spiffe_id_of(leaf)
+        .ok_or_else(|| malformed("the leaf has no single SPIFFE ID URI SAN"))?;
+    let scope_oid = oid_base.scope_oid_string();
+    let delegation_oid = oid_base.delegation_oid_string();
+    let mut scopes = ScopeSet::new();
+    let mut delegation_der = None;
+    for ext in parsed.extensions() {
+        let oid = ext.oid.to_id_string();
+        if oid == scope_oid {
+            scopes = x509ext::decode_scopes(ext.value)?;
+        } else if oid == delegation_oid {
+            delegation_der = Some(ext.value);
         }
-        let expires_at = parsed.validity().not_after.timestamp();
-        let delegation = delegation_der
-            .map(|der| {
-                x509ext::decode_delegation(der, scopes.clone()).map(|mut d| {
-                    d.expires_at = expires_at;
-                    d
-                })
-            })
-            .transpose()?;
-        Ok(VerifiedIdentity {
-            kind: SvidKind::X509,
-            spiffe_id,
-            serial: Some(parsed.tbs_certificate.serial.to_str_radix(16)),
-            expires_at,
-            scopes,
-            delegation,
-        })
     }
+    let expires_at = parsed.validity().not_after.timestamp();
+    let delegation = delegation_der
+        .map(|der| {
+            x509ext::decode_delegation(der, scopes.clone()).map(|mut d| {
+                d.expires_at = expires_at;
+                d
+            })
+        })
+        .transpose()?;
+    Ok(VerifiedIdentity {
+        kind: SvidKind::X509,
+        spiffe_id,
+        serial: Some(parsed.tbs_certificate.serial.to_str_radix(16)),
+        expires_at,
+        scopes,
+        delegation,
+    })
 }

@@ -104,11 +104,15 @@ impl Delegation for DelegationService {
         let now = self.api.clock.now();
         let cache_key = format!("{}/{}", entry.id, grant.id);
         if let Some(token) = self.api.cache.jwt(&cache_key, &req.audience, now) {
+            let expires_at = crate::svid::jwt::decode_unverified(&token)
+                .ok()
+                .and_then(|c| c.get("exp").and_then(serde_json::Value::as_i64))
+                .unwrap_or_default();
             return Ok(Response::new(apb::DelegatedJwtsvidResponse {
                 spiffe_id: entry.spiffe_id.to_string(),
                 svid: token,
                 grant_id: grant.id,
-                expires_at: 0,
+                expires_at,
             }));
         }
         let resp = self
