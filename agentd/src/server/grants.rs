@@ -495,3 +495,213 @@ pub async fn live_grants_for(
         .filter(|g| g.delegation.expires_at > now && g.agent().is_some_and(|a| agents.contains(a)))
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::ca::{CaConfig, CertificateAuthority};
+    use crate::clock::{from_unix_seconds, Clock, ManualClock};
+    use crate::datastore::{EntrySpec, SledStore};
+    use crate::delegation::Verifier;
+    use crate::server::config::{RawServerConfig, ServerConfig};
+
+    const ORCH: &str = "spiffe://example.org/agent/orchestrator";
+    const SCHED: &str = "spiffe://example.org/agent/scheduler";
+
+    fn fixture() -> (tempfile::TempDir, ServerState, Arc<ManualClock>) {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(from_unix_seconds(unix_seconds(
+            SystemTime::now(),
+        ))));
+        let mut config = ServerConfig::try_from(RawServerConfig::default()).unwrap();
+        config.data_dir = dir.path().to_path_buf();
+        let ca = CertificateAuthority::load_or_create(
+            &CaConfig {
+                trust_domain: config.trust_domain.clone(),
+                key_dir: dir.path().join("keys"),
+                ca_ttl: Duration::from_secs(86400),
+                upstream: None,
+                organization: "agentd test".into(),
+            },
+            clock.as_ref(),
+        )
+        .unwrap();
+        let store = SledStore::open(&dir.path().join("db")).unwrap();
+        let state = ServerState {
+            config,
+            store: Arc::new(store),
+            ca: Arc::new(ca),
+            clock: clock.clone(),
+            node_api_address: "127.0.0.1:0".parse().unwrap(),
+        };
+        (dir, state, clock)
+    }
+
+    async fn entry(state: &ServerState, id: &str, scopes: &[&str]) -> Entry {
+        state
+            .store
+            .create_entry(
+                EntrySpec {
+                    spiffe_id: SpiffeId::new(id).unwrap(),
+                    parent_id: SpiffeId::new("spiffe://example.org/node/a").unwrap(),
+                    selectors: vec![format!("unix:uid:{}", id.len()).parse().unwrap()],
+                    x509_svid_ttl: Ttl::from_secs(3600).unwrap(),
+                    jwt_svid_ttl: Ttl::from_secs(300).unwrap(),
+                    dns_names: vec![],
+                    hint: String::new(),
+                    scopes: scopes.iter().map(|s| s.to_string()).collect(),
+                    owner: None,
+                },
+                0,
+            )
+            .await
+            .unwrap()
+    }
+
+    fn grant_req(agent: &str, scopes: &[&str], ttl: i64, depth: u32) -> apb::CreateGrantRequest {
+        apb::CreateGrantRequest {
+            principal: "user:alice@example.com".into(),
+            agent: agent.into(),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            ttl_seconds: ttl,
+            task_id: String::new(),
+            max_depth: Some(depth),
+        }
+    }
+
+    #[tokio::test]
+    async fn refused_grants_name_the_field_and_write_nothing() {
+        let (_dir, state, _clock) = fixture();
+        entry(&state, ORCH, &["calendar:read"]).await;
+        let cases = [
+            (grant_req(ORCH, &["calendar:*"], 60, 0), "scope: calendar:*"),
+            (grant_req(SCHED, &["calendar:read"], 60, 0), "agent: "),
+            (grant_req(ORCH, &["calendar:read"], 60, 9), "max_depth: 9"),
+            (grant_req(ORCH, &["calendar"], 60, 0), "scope: "),
+            (grant_req(ORCH, &["calendar:read"], -5, 0), "ttl: "),
+        ];
+        for (req, prefix) in cases {
+            let err = create_root_grant(&state, req)
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(prefix), "{err}");
+        }
+        let mut bad = grant_req(ORCH, &["calendar:read"], 60, 0);
+        bad.principal = "alice".into();
+        let err = create_root_grant(&state, bad)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("principal: "), "{err}");
+        assert!(state.store.list_grants().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn delegation_tokens_are_bound_single_use_and_narrowing() {
+        let (_dir, state, clock) = fixture();
+        let orch = entry(&state, ORCH, &["calendar:*", "crm:read"]).await;
+        let sched = entry(&state, SCHED, &["calendar:read", "crm:read"]).await;
+        let root = create_root_grant(
+            &state,
+            grant_req(ORCH, &["calendar:*", "crm:read"], 3600, 1),
+        )
+        .await
+        .unwrap();
+        let offer = |scopes: &[&str], ttl: i64| npb::MintDelegationTokenRequest {
+            entry_id: orch.id.to_string(),
+            grant_id: root.id.to_string(),
+            to: SCHED.into(),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            ttl_seconds: ttl,
+        };
+        // Widening and outliving the parent are refused before any token exists.
+        let e = mint_delegation_token(&state, &orch, &offer(&["payments:execute"], 60))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, GrantError::Rule(RuleError::ScopeNotInParent { .. })),
+            "{e}"
+        );
+        let e = mint_delegation_token(&state, &orch, &offer(&["calendar:read"], 7200))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, GrantError::Rule(RuleError::ExpiryExtended { .. })),
+            "{e}"
+        );
+        // A grant is held only by its agent.
+        let e = mint_delegation_token(&state, &sched, &offer(&["calendar:read"], 60))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, GrantError::WrongAgent { .. }), "{e}");
+
+        let token = mint_delegation_token(&state, &orch, &offer(&["calendar:read"], 600))
+            .await
+            .unwrap()
+            .token;
+        // Another agent presenting it: refused, and the offer stays unspent.
+        let e = exchange_delegation_token(&state, &orch, &token)
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("not to spiffe://example.org/agent/orchestrator"),
+            "{e}"
+        );
+        let child = exchange_delegation_token(&state, &sched, &token)
+            .await
+            .unwrap();
+        assert_eq!(child.parent_grant_id.as_ref(), Some(&root.id));
+        assert_eq!(child.delegation.chain.len(), 2);
+        assert_eq!(child.delegation.remaining_depth, 0);
+        assert_eq!(child.delegation.principal, root.delegation.principal);
+        // Replayed: refused, and no second grant.
+        let e = exchange_delegation_token(&state, &sched, &token)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("single-use"), "{e}");
+        assert_eq!(state.store.list_grants().await.unwrap().len(), 2);
+
+        // The delegated SVID carries the chain and verifies.
+        let key = crate::keys::PrivateKey::generate().unwrap();
+        let now = unix_seconds(clock.now());
+        authorize_grant_mint(state.store.as_ref(), &child, &sched, now)
+            .await
+            .unwrap();
+        let svid = sign_delegated_x509(&state, &child, &sched, &key.csr_der().unwrap()).unwrap();
+        assert!(unix_seconds(svid.not_after) <= child.delegation.expires_at);
+        let id = Verifier::new(state.ca.bundle())
+            .verify_x509(&svid.cert_chain, clock.now())
+            .unwrap();
+        assert_eq!(
+            id.delegation.unwrap().grant_chain(),
+            child.delegation.grant_chain()
+        );
+
+        // Narrowing the entry below the grant stops minting; so does expiry.
+        let mut spec = sched.spec.clone();
+        spec.scopes = vec!["crm:read".into()];
+        let narrowed = state.store.update_entry(&sched.id, spec).await.unwrap();
+        let e = authorize_grant_mint(state.store.as_ref(), &child, &narrowed, now)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, GrantError::Rule(RuleError::ScopeAboveCeiling { .. })),
+            "{e}"
+        );
+        clock.advance(Duration::from_secs(601));
+        let e = authorize_grant_mint(
+            state.store.as_ref(),
+            &child,
+            &sched,
+            unix_seconds(clock.now()),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, GrantError::Expired { .. }), "{e}");
+    }
+}
