@@ -2,12 +2,18 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: demo test lint bench ci build clean tools
+.PHONY: demo demo-delegation test lint bench ci build clean tools
 
 ## Start a server and a node agent in a temp dir, register the current user, fetch and
 ## print an SVID, show a rotation, stop cleanly.
 demo: build
 	./scripts/demo.sh
+
+## The delegation flow: alice -> orchestrator -> scheduler, and a tool server that allows
+## calendar:read and refuses crm:read and payments:execute (examples/delegation/).
+demo-delegation: build
+	$(CARGO) build -q -p agentd-examples --bins
+	./examples/delegation/run.sh
 
 ## Every test: unit tests beside the code, end-to-end tests with real processes.
 test: tools build

@@ -701,7 +701,11 @@ async fn bench_node_api(
         params: entries
             .into_iter()
             .zip(csrs(MINT_BATCH)?)
-            .map(|(entry_id, csr)| npb::X509SvidParams { entry_id, csr })
+            .map(|(entry_id, csr)| npb::X509SvidParams {
+                entry_id,
+                csr,
+                grant_id: String::new(),
+            })
             .collect(),
     };
     let link = ServerLink::new(address.to_string(), identity);

@@ -3,6 +3,7 @@
 //! - [`ca`]: the server's certificate authority (X.509-SVIDs, JWT-SVIDs).
 //! - [`datastore`]: registration entries, attested nodes, join tokens.
 //! - [`audit`]: the hash-chained audit trail.
+//! - [`delegation`]: scopes, grants, delegation chains, their encodings and the verifier.
 //! - [`server`]: the central server (admin API, node API).
 //! - [`node`]: the node agent (attestation to the server, SVID cache, rotation).
 //! - [`revocation`]: revocation handles, the server's log and push feed, the node side.
@@ -19,6 +20,7 @@ pub mod clock;
 pub mod config;
 pub mod convert;
 pub mod datastore;
+pub mod delegation;
 pub mod keys;
 pub mod net;
 pub mod node;

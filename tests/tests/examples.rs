@@ -159,3 +159,56 @@ fn example_programs_fetch_svids_and_complete_mtls() -> anyhow::Result<()> {
     drop(mtls_server);
     Ok(())
 }
+
+/// `make demo-delegation`: the script in examples/delegation/ runs the whole flow with real
+/// processes; the tool server built on the verifier allows the scheduler's calendar:read
+/// and refuses its crm:read and payments:execute calls, saying why.
+#[test]
+fn delegation_example_allows_and_refuses_the_right_calls() -> anyhow::Result<()> {
+    let bins = example_bins();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new(root.join("examples/delegation/run.sh"))
+        .env("AGENTD_BIN", agentd_e2e::agentd_bin())
+        .env("EXAMPLES_BIN_DIR", &bins)
+        .env_remove("SPIFFE_ENDPOINT_SOCKET")
+        .stdin(Stdio::null())
+        .output()?;
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "run.sh failed:\n{stdout}\n{}",
+        text(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    let answer = |scope: &str| {
+        let allow = format!("ALLOW {scope}:");
+        let deny = format!("DENY {scope}:");
+        lines
+            .iter()
+            .find(|l| l.starts_with(&allow) || l.starts_with(&deny))
+            .map(|l| l.to_string())
+            .unwrap_or_default()
+    };
+    let calendar = answer("calendar:read");
+    assert!(
+        calendar.starts_with("ALLOW calendar:read: spiffe://example.org/agent/scheduler on behalf of user:alice@example.com")
+            && calendar.contains("orchestrator -> spiffe://example.org/agent/scheduler"),
+        "{stdout}"
+    );
+    let crm = answer("crm:read");
+    assert!(
+        crm.starts_with("DENY crm:read: scope crm:read not held"),
+        "{stdout}"
+    );
+    let pay = answer("payments:execute");
+    assert!(
+        pay.starts_with("DENY payments:execute: scope payments:execute not held"),
+        "{stdout}"
+    );
+    // svid inspect showed the chain to a human.
+    assert!(
+        stdout.contains("On behalf of    : user:alice@example.com"),
+        "{stdout}"
+    );
+    Ok(())
+}

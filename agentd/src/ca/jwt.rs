@@ -7,7 +7,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use ring::rand::SystemRandom;
 use ring::signature::EcdsaKeyPair;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use spiffe::{SpiffeId, TrustDomain};
 
 use super::{CaError, IssuedJwtSvid};
@@ -17,6 +17,9 @@ use crate::keys::PrivateKey;
 
 /// Most audiences in one JWT-SVID (the SPIFFE clients refuse more).
 pub const MAX_AUDIENCES: usize = 32;
+
+/// Claims whose meaning the JWT-SVID spec (or RFC 7519) fixes.
+const REGISTERED_CLAIMS: [&str; 7] = ["sub", "aud", "exp", "iat", "jti", "nbf", "iss"];
 
 /// A fresh random key id: 32 lowercase hex characters.
 pub(crate) fn random_kid() -> String {
@@ -82,6 +85,28 @@ impl JwtSigner {
         ttl: Duration,
         now: SystemTime,
     ) -> Result<IssuedJwtSvid, CaError> {
+        self.sign_with_claims(trust_domain, spiffe_id, audience, ttl, now, &Map::new())
+    }
+
+    /// As `sign`, adding private claims. A registered claim (`sub`, `aud`, `exp`, `iat`,
+    /// `jti`, `nbf`, `iss`) in `extra` is refused: the JWT-SVID spec fixes their meaning.
+    pub fn sign_with_claims(
+        &self,
+        trust_domain: &TrustDomain,
+        spiffe_id: &SpiffeId,
+        audience: &[String],
+        ttl: Duration,
+        now: SystemTime,
+        extra: &Map<String, Value>,
+    ) -> Result<IssuedJwtSvid, CaError> {
+        if let Some(k) = extra
+            .keys()
+            .find(|k| REGISTERED_CLAIMS.contains(&k.as_str()))
+        {
+            return Err(sign_err(format!(
+                "claim {k} is registered and cannot be set"
+            )));
+        }
         if !spiffe_id.is_member_of(trust_domain) {
             return Err(CaError::ForeignTrustDomain {
                 spiffe_id: spiffe_id.to_string(),
@@ -118,13 +143,16 @@ impl JwtSigner {
         };
         let header = json!({"alg": "ES256", "kid": self.kid, "typ": "JWT"});
         let jti = hex::encode(rand::random::<[u8; 16]>());
-        let claims = json!({
+        let mut claims = json!({
             "sub": spiffe_id.to_string(),
             "aud": aud,
             "exp": exp,
             "iat": iat,
             "jti": jti,
         });
+        if let Value::Object(m) = &mut claims {
+            m.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
         let mut token = URL_SAFE_NO_PAD.encode(header.to_string());
         token.push('.');
         token.push_str(&URL_SAFE_NO_PAD.encode(claims.to_string()));

@@ -936,6 +936,30 @@ impl CertificateAuthority {
         let signer = self.snapshot().jwt_active.clone();
         signer.sign(&self.trust_domain, spiffe_id, audience, ttl, now)
     }
+
+    /// As `sign_x509_svid`, with extra non-critical extensions (scope, delegation).
+    pub fn sign_x509_svid_with_extensions(
+        &self,
+        req: &X509SvidRequest<'_>,
+        extensions: &[crate::delegation::SvidExtension],
+        now: SystemTime,
+    ) -> Result<IssuedX509Svid, CaError> {
+        let ca = self.snapshot().x509_active.clone();
+        ca.sign_with_extensions(&self.trust_domain, req, extensions, now)
+    }
+
+    /// As `sign_jwt_svid`, with extra private claims (scope, delegation, task).
+    pub fn sign_jwt_svid_with_claims(
+        &self,
+        spiffe_id: &SpiffeId,
+        audience: &[String],
+        ttl: Duration,
+        now: SystemTime,
+        extra: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<IssuedJwtSvid, CaError> {
+        let signer = self.snapshot().jwt_active.clone();
+        signer.sign_with_claims(&self.trust_domain, spiffe_id, audience, ttl, now, extra)
+    }
 }
 
 fn pick(infos: &[AuthorityInfo], kind: AuthorityKind) -> String {

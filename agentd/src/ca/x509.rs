@@ -534,6 +534,18 @@ impl SigningCa {
         req: &X509SvidRequest<'_>,
         now: SystemTime,
     ) -> Result<IssuedX509Svid, CaError> {
+        self.sign_with_extensions(trust_domain, req, &[], now)
+    }
+
+    /// As `sign`, adding `extensions` (always non-critical: a relying party that does not
+    /// know them must still accept the SVID, RFC 5280 4.2).
+    pub fn sign_with_extensions(
+        &self,
+        trust_domain: &TrustDomain,
+        req: &X509SvidRequest<'_>,
+        extensions: &[crate::delegation::SvidExtension],
+        now: SystemTime,
+    ) -> Result<IssuedX509Svid, CaError> {
         let id = req.spiffe_id;
         if !id.is_member_of(trust_domain) {
             return Err(CaError::ForeignTrustDomain {
@@ -595,6 +607,11 @@ impl SigningCa {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         p.use_authority_key_identifier_extension = true;
+        for ext in extensions {
+            let mut custom = rcgen::CustomExtension::from_oid_content(&ext.oid, ext.value.clone());
+            custom.set_criticality(false);
+            p.custom_extensions.push(custom);
+        }
         let cert = p
             .signed_by(&key, &self.issuer)
             .map_err(|e| sign_err(format!("signing the X.509-SVID: {e}")))?;

@@ -5,6 +5,7 @@
 mod admin;
 mod audit;
 mod daemon;
+mod delegation;
 mod output;
 mod revoke;
 mod workload;
@@ -71,6 +72,12 @@ pub enum Command {
     /// The CA's signing authorities, and manual CA rotation.
     #[command(subcommand)]
     Authority(AuthorityCommand),
+    /// Delegation grants: a principal authorizes an agent with scopes.
+    #[command(subcommand)]
+    Grant(GrantCommand),
+    /// Reads and verifies SVIDs (X.509 PEM files or JWT-SVIDs).
+    #[command(subcommand)]
+    Svid(SvidCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -107,6 +114,78 @@ pub enum OwnerCommand {
         owner: String,
         #[command(flatten)]
         admin: AdminSocketArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GrantCommand {
+    /// Creates a grant; prints its id.
+    Create {
+        /// user:NAME or a SPIFFE ID: on whose behalf the agent acts.
+        #[arg(long)]
+        principal: String,
+        /// The agent's SPIFFE ID (it must have an entry; its scopes are the ceiling).
+        #[arg(long)]
+        agent: String,
+        /// resource:action or resource:*; repeat for several.
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        /// Seconds or a duration (default 8h; 10m with --task).
+        #[arg(long)]
+        ttl: Option<String>,
+        /// A task id: SVIDs carry it and are short-lived.
+        #[arg(long)]
+        task: Option<String>,
+        /// How many further agent-to-agent delegations are allowed (default 0).
+        #[arg(long)]
+        max_depth: Option<u32>,
+        #[command(flatten)]
+        admin: AdminSocketArg,
+    },
+    /// Lists live grants (--all: expired ones too).
+    List {
+        #[arg(long)]
+        agent: Option<String>,
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        admin: AdminSocketArg,
+    },
+    /// Shows one grant.
+    Show {
+        #[arg(long)]
+        id: String,
+        #[command(flatten)]
+        admin: AdminSocketArg,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct SvidInput {
+    /// A PEM file (certificate chain, leaf first), a file holding a JWT-SVID, or the token.
+    pub input: String,
+    /// Trust bundle to verify against: PEM, or the SPIFFE bundle JSON (needed for JWTs).
+    /// Without it, the SVID is decoded but NOT verified.
+    #[arg(long)]
+    pub bundle: Option<PathBuf>,
+    /// The audience a JWT-SVID must name (required to verify a JWT-SVID).
+    #[arg(long)]
+    pub audience: Option<String>,
+    /// The server's extension_oid_base, when not the default.
+    #[arg(long)]
+    pub oid_base: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SvidCommand {
+    /// Prints who the SVID names, its scopes, principal, delegation chain and task.
+    Inspect(SvidInput),
+    /// Exits non-zero unless the (verified) SVID holds every --scope.
+    Check {
+        #[command(flatten)]
+        svid: SvidInput,
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
     },
 }
 
@@ -438,6 +517,29 @@ pub enum ApiCommand {
         #[command(flatten)]
         socket: SocketArg,
     },
+    /// Hands part of this workload's grant to another agent: prints a single-use token.
+    Delegate {
+        /// The receiving agent's SPIFFE ID.
+        #[arg(long)]
+        to: String,
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        /// Seconds or a duration; default: as long as the grant.
+        #[arg(long)]
+        ttl: Option<String>,
+        /// The grant to delegate from (default: the only one this workload holds).
+        #[arg(long)]
+        grant: Option<String>,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Redeems a delegation token addressed to this workload; prints the new grant.
+    Exchange {
+        #[arg(long)]
+        token: String,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -457,8 +559,11 @@ pub enum FetchCommand {
     Jwt {
         #[arg(long, required = true)]
         audience: Vec<String>,
-        #[arg(long)]
+        #[arg(long, conflicts_with = "grant")]
         spiffe_id: Option<String>,
+        /// A delegated JWT-SVID for this grant (agentd.workload.v1.Delegation).
+        #[arg(long)]
+        grant: Option<String>,
         #[command(flatten)]
         socket: SocketArg,
     },
@@ -517,6 +622,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             (None, Some(a)) => http_healthcheck(a, out).await,
             (None, None) => workload::healthcheck(&args.socket_path, out).await,
         },
+        Command::Grant(cmd) => delegation::grant(cmd, out).await,
+        Command::Svid(cmd) => delegation::svid(cmd, out),
         Command::Audit(cmd) => audit::audit(cmd, out).await,
         Command::Owner(cmd) => audit::owner(cmd, out).await,
         Command::Inventory { stale, admin } => audit::inventory(stale, &admin, out).await,

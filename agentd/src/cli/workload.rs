@@ -41,7 +41,7 @@ pub fn socket_path(raw: &str) -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(path))
 }
 
-fn add_header(mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+pub(super) fn add_header(mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
     req.metadata_mut().insert(
         agentd_proto::WORKLOAD_HEADER,
         tonic::metadata::MetadataValue::from_static("true"),
@@ -60,7 +60,7 @@ async fn client(raw: &str) -> anyhow::Result<Client> {
     ))
 }
 
-fn status(s: tonic::Status) -> anyhow::Error {
+pub(super) fn status(s: tonic::Status) -> anyhow::Error {
     anyhow!("{}", s.message())
 }
 
@@ -213,8 +213,17 @@ pub async fn api(cmd: ApiCommand, out: Output) -> anyhow::Result<()> {
         }
         ApiCommand::Fetch(FetchCommand::Jwt {
             audience,
+            grant: Some(grant),
+            socket,
+            ..
+        }) => {
+            return super::delegation::fetch_jwt(&socket.socket_path, grant, audience, out).await;
+        }
+        ApiCommand::Fetch(FetchCommand::Jwt {
+            audience,
             spiffe_id,
             socket,
+            grant: None,
         }) => {
             let resp = client(&socket.socket_path)
                 .await?
@@ -371,6 +380,19 @@ pub async fn api(cmd: ApiCommand, out: Output) -> anyhow::Result<()> {
                 }
             }
             return Err(anyhow!("the node agent closed the stream"));
+        }
+        ApiCommand::Delegate {
+            to,
+            scopes,
+            ttl,
+            grant,
+            socket,
+        } => {
+            return super::delegation::delegate(&socket.socket_path, to, scopes, ttl, grant, out)
+                .await;
+        }
+        ApiCommand::Exchange { token, socket } => {
+            return super::delegation::exchange(&socket.socket_path, token, out).await;
         }
     }
     Ok(())

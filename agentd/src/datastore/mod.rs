@@ -10,6 +10,7 @@ pub mod sled_store;
 use std::fmt::Debug;
 
 pub use model::{AttestedNode, Entry, EntryFilter, EntryId, EntryIdError, EntrySpec, JoinToken};
+pub use model::{DelegationOffer, Grant};
 pub use sled_store::SledStore;
 
 pub use lifecycle::{EntryActivity, EntryIssuance, LiveSvid, OwnerState};
@@ -32,6 +33,8 @@ pub enum DataStoreError {
     NodeNotFound { spiffe_id: String },
     #[error("stored record {key} is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
+    #[error("grant {id} exists")]
+    DuplicateGrant { id: String },
     #[error("store backend: {reason}")]
     Backend { reason: String },
 }
@@ -116,4 +119,13 @@ pub trait DataStore: Send + Sync + Debug + 'static {
     async fn count_revocations(&self) -> Result<u64> {
         Ok(0)
     }
+
+    // Delegation grants and single-use delegation offers.
+    async fn create_grant(&self, grant: Grant) -> Result<()>;
+    async fn get_grant(&self, id: &crate::delegation::GrantId) -> Result<Option<Grant>>;
+    /// Every grant, expired ones included, ordered by (agent, id).
+    async fn list_grants(&self) -> Result<Vec<Grant>>;
+    async fn create_delegation_offer(&self, offer: DelegationOffer) -> Result<()>;
+    /// Removes and returns the offer in one step: a delegation token is honoured once.
+    async fn take_delegation_offer(&self, id: &str) -> Result<Option<DelegationOffer>>;
 }

@@ -127,3 +127,35 @@ impl EntryFilter {
                 .is_none_or(|s| e.spec.selectors.contains(s))
     }
 }
+
+/// A delegation grant: `delegation.principal` authorizes the last agent of
+/// `delegation.chain` (whose last hop carries this grant's id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub id: crate::delegation::GrantId,
+    pub delegation: crate::delegation::Delegation,
+    /// The grant this one was delegated from; None for a root grant from a principal.
+    /// Lets a revocation cascade find every child.
+    pub parent_grant_id: Option<crate::delegation::GrantId>,
+    pub created_at: i64,
+}
+
+impl Grant {
+    /// The agent this grant authorizes.
+    pub fn agent(&self) -> Option<&SpiffeId> {
+        self.delegation.agent()
+    }
+}
+
+/// A single-use delegation offer: what a delegation token lets its audience claim. Kept
+/// by the server so that the token is honoured once, and only on the terms recorded here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DelegationOffer {
+    /// 32 lowercase hex characters; the token's `agentd_offer` claim.
+    pub id: String,
+    pub parent_grant_id: crate::delegation::GrantId,
+    pub from: SpiffeId,
+    pub to: SpiffeId,
+    pub scopes: crate::delegation::ScopeSet,
+    pub expires_at: i64,
+}

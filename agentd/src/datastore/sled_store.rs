@@ -14,8 +14,10 @@ use super::{
     AttestedNode, DataStore, DataStoreError, Entry, EntryFilter, EntryId, EntrySpec, JoinToken,
     Result,
 };
+use super::{DelegationOffer, Grant};
 use super::{EntryActivity, EntryIssuance, LiveSvid, OwnerState};
 use crate::audit::{AuditHead, AuditRecord, SealedAuditRecord, StoredAuditRecord};
+use crate::delegation::{Delegation, GrantId, Hop, ScopeSet};
 use crate::revocation::{IssuedSvid, RevocationEvent};
 use crate::ttl::Ttl;
 
@@ -36,6 +38,8 @@ const ENTRY_ACTIVITY: &str = "entry_activity";
 const OWNERS: &str = "owners";
 /// Most live SVIDs remembered per entry; the oldest go first.
 const MAX_LIVE_PER_ENTRY: usize = 256;
+const GRANTS: &str = "grants";
+const DELEGATION_OFFERS: &str = "delegation_offers";
 
 #[derive(Debug)]
 pub struct SledStore {
@@ -49,6 +53,8 @@ pub struct SledStore {
     meta: sled::Tree,
     /// Serialises revocation appends: read head, write event and head, as one step.
     revocation_writes: Mutex<()>,
+    grants: sled::Tree,
+    delegation_offers: sled::Tree,
     /// Serialises entry writes, so the duplicate check and the insert are one step.
     entry_writes: Mutex<()>,
     audit: sled::Tree,
@@ -88,6 +94,8 @@ impl SledStore {
             audit_meta: db.open_tree(AUDIT_META).map_err(backend)?,
             entry_activity: db.open_tree(ENTRY_ACTIVITY).map_err(backend)?,
             owners: db.open_tree(OWNERS).map_err(backend)?,
+            grants: db.open_tree(GRANTS).map_err(backend)?,
+            delegation_offers: db.open_tree(DELEGATION_OFFERS).map_err(backend)?,
             db,
             entry_writes: Mutex::new(()),
             audit_writes: Mutex::new(()),
@@ -291,6 +299,98 @@ impl SledStore {
 
 fn audit_key(seq: u64) -> [u8; 8] {
     seq.to_be_bytes()
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct HopRecord {
+    agent: String,
+    grant_id: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct GrantRecord {
+    id: String,
+    principal: String,
+    chain: Vec<HopRecord>,
+    scopes: Vec<String>,
+    expires_at: i64,
+    remaining_depth: u32,
+    task_id: Option<String>,
+    parent_grant_id: Option<String>,
+    created_at: i64,
+}
+
+impl GrantRecord {
+    fn from_grant(g: &Grant) -> Self {
+        let d = &g.delegation;
+        Self {
+            id: g.id.to_string(),
+            principal: d.principal.to_string(),
+            chain: d
+                .chain
+                .iter()
+                .map(|h| HopRecord {
+                    agent: h.agent.to_string(),
+                    grant_id: h.grant_id.to_string(),
+                })
+                .collect(),
+            scopes: d.scopes.to_strings(),
+            expires_at: d.expires_at,
+            remaining_depth: d.remaining_depth,
+            task_id: d.task_id.as_ref().map(ToString::to_string),
+            parent_grant_id: g.parent_grant_id.as_ref().map(ToString::to_string),
+            created_at: g.created_at,
+        }
+    }
+
+    fn into_grant(self, key: &[u8]) -> Result<Grant> {
+        let chain = self
+            .chain
+            .into_iter()
+            .map(|h| {
+                Ok(Hop {
+                    agent: SpiffeId::new(&h.agent).map_err(|e| corrupt(key, "chain", e))?,
+                    grant_id: h.grant_id.parse().map_err(|e| corrupt(key, "chain", e))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if chain.is_empty() {
+            return Err(corrupt(key, "chain", "empty"));
+        }
+        Ok(Grant {
+            id: self.id.parse().map_err(|e| corrupt(key, "id", e))?,
+            delegation: Delegation {
+                principal: self
+                    .principal
+                    .parse()
+                    .map_err(|e| corrupt(key, "principal", e))?,
+                chain,
+                scopes: ScopeSet::parse(&self.scopes).map_err(|e| corrupt(key, "scopes", e))?,
+                expires_at: self.expires_at,
+                remaining_depth: self.remaining_depth,
+                task_id: self
+                    .task_id
+                    .map(|t| t.parse())
+                    .transpose()
+                    .map_err(|e| corrupt(key, "task_id", e))?,
+            },
+            parent_grant_id: self
+                .parent_grant_id
+                .map(|p| p.parse())
+                .transpose()
+                .map_err(|e| corrupt(key, "parent_grant_id", e))?,
+            created_at: self.created_at,
+        })
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct OfferRecord {
+    parent_grant_id: String,
+    from: String,
+    to: String,
+    scopes: Vec<String>,
+    expires_at: i64,
 }
 
 fn same_identity(a: &EntrySpec, b: &EntrySpec) -> bool {
@@ -746,6 +846,90 @@ impl DataStore for SledStore {
             })
             .collect()
     }
+
+    async fn count_live_grants(&self, now: i64) -> Result<u64> {
+        Ok(self
+            .list_grants()
+            .await?
+            .iter()
+            .filter(|g| g.delegation.expires_at > now)
+            .count() as u64)
+    }
+
+    async fn create_grant(&self, grant: Grant) -> Result<()> {
+        let record = GrantRecord::from_grant(&grant);
+        // compare_and_swap from "absent": a grant id is never overwritten.
+        self.grants
+            .compare_and_swap(
+                record.id.as_bytes(),
+                None as Option<&[u8]>,
+                Some(encode(&record)?),
+            )
+            .map_err(backend)?
+            .map_err(|_| DataStoreError::DuplicateGrant {
+                id: record.id.clone(),
+            })?;
+        self.flush().await
+    }
+
+    async fn get_grant(&self, id: &GrantId) -> Result<Option<Grant>> {
+        let key = id.as_str().as_bytes();
+        match self.grants.get(key).map_err(backend)? {
+            None => Ok(None),
+            Some(v) => Ok(Some(decode::<GrantRecord>(key, &v)?.into_grant(key)?)),
+        }
+    }
+
+    async fn list_grants(&self) -> Result<Vec<Grant>> {
+        let mut grants = self
+            .grants
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.map_err(backend)?;
+                decode::<GrantRecord>(&k, &v)?.into_grant(&k)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        grants.sort_by(|a, b| (a.agent(), &a.id).cmp(&(b.agent(), &b.id)));
+        Ok(grants)
+    }
+
+    async fn create_delegation_offer(&self, offer: DelegationOffer) -> Result<()> {
+        let record = OfferRecord {
+            parent_grant_id: offer.parent_grant_id.to_string(),
+            from: offer.from.to_string(),
+            to: offer.to.to_string(),
+            scopes: offer.scopes.to_strings(),
+            expires_at: offer.expires_at,
+        };
+        self.delegation_offers
+            .insert(offer.id.as_bytes(), encode(&record)?)
+            .map_err(backend)?;
+        self.flush().await
+    }
+
+    async fn take_delegation_offer(&self, id: &str) -> Result<Option<DelegationOffer>> {
+        let Some(v) = self
+            .delegation_offers
+            .remove(id.as_bytes())
+            .map_err(backend)?
+        else {
+            return Ok(None);
+        };
+        self.flush().await?;
+        let key = id.as_bytes();
+        let r: OfferRecord = decode(key, &v)?;
+        Ok(Some(DelegationOffer {
+            id: id.to_string(),
+            parent_grant_id: r
+                .parent_grant_id
+                .parse()
+                .map_err(|e| corrupt(key, "parent_grant_id", e))?,
+            from: SpiffeId::new(&r.from).map_err(|e| corrupt(key, "from", e))?,
+            to: SpiffeId::new(&r.to).map_err(|e| corrupt(key, "to", e))?,
+            scopes: ScopeSet::parse(&r.scopes).map_err(|e| corrupt(key, "scopes", e))?,
+            expires_at: r.expires_at,
+        }))
+    }
 }
 
 #[cfg(test)]
@@ -892,6 +1076,60 @@ mod tests {
         let got = store.get_node(&old).await.unwrap().unwrap();
         assert!(got.selectors.is_empty());
         assert_eq!(got.attestation_type, "join_token");
+    }
+
+    #[tokio::test]
+    async fn grants_and_offers_round_trip_and_offers_are_taken_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let root_id = GrantId::generate();
+        let grant = Grant {
+            id: root_id.clone(),
+            delegation: Delegation {
+                principal: "user:alice@example.com".parse().unwrap(),
+                chain: vec![Hop {
+                    agent: SpiffeId::new("spiffe://example.org/orchestrator").unwrap(),
+                    grant_id: root_id.clone(),
+                }],
+                scopes: ScopeSet::parse(&["calendar:*"]).unwrap(),
+                expires_at: 100,
+                remaining_depth: 2,
+                task_id: Some("t1".parse().unwrap()),
+            },
+            parent_grant_id: None,
+            created_at: 5,
+        };
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            store.create_grant(grant.clone()).await.unwrap();
+            assert!(matches!(
+                store.create_grant(grant.clone()).await,
+                Err(DataStoreError::DuplicateGrant { .. })
+            ));
+            store
+                .create_delegation_offer(DelegationOffer {
+                    id: "ab".repeat(16),
+                    parent_grant_id: root_id.clone(),
+                    from: SpiffeId::new("spiffe://example.org/orchestrator").unwrap(),
+                    to: SpiffeId::new("spiffe://example.org/scheduler").unwrap(),
+                    scopes: ScopeSet::parse(&["calendar:read"]).unwrap(),
+                    expires_at: 50,
+                })
+                .await
+                .unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.get_grant(&root_id).await.unwrap(),
+            Some(grant.clone())
+        );
+        assert_eq!(store.list_grants().await.unwrap(), vec![grant]);
+        let offer = store.take_delegation_offer(&"ab".repeat(16)).await.unwrap();
+        assert_eq!(offer.unwrap().scopes.to_strings(), ["calendar:read"]);
+        assert!(store
+            .take_delegation_offer(&"ab".repeat(16))
+            .await
+            .unwrap()
+            .is_none());
     }
 
     #[tokio::test]

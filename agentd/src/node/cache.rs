@@ -43,6 +43,39 @@ pub struct CachedX509Svid {
     /// About half-way through the lifetime, with jitter, so that many SVIDs minted together
     /// do not all come due in the same second.
     pub rotate_at: SystemTime,
+    /// Delegated SVIDs: the grant id of every hop, root first (revocation handles). Empty
+    /// for a plain SVID.
+    pub grant_chain: Vec<String>,
+    /// The task id of a delegated SVID's grant, if it names one.
+    pub task_id: Option<String>,
+}
+
+impl CachedX509Svid {
+    /// The grant a delegated SVID was minted for (the last hop).
+    pub fn grant_id(&self) -> Option<&str> {
+        self.grant_chain.last().map(String::as_str)
+    }
+}
+
+/// A live delegation grant to the SPIFFE ID of one of this node's entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeGrant {
+    pub id: String,
+    pub agent: SpiffeId,
+    pub principal: String,
+    pub scopes: Vec<String>,
+    pub expires_at: SystemTime,
+    pub task_id: Option<String>,
+    /// Root first; the last is `id`.
+    pub grant_chain: Vec<String>,
+    pub remaining_depth: u32,
+}
+
+impl NodeGrant {
+    /// The Workload API hint of SVIDs for this grant: standard clients pick them by it.
+    pub fn hint(&self) -> String {
+        format!("grant:{}", self.id)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -68,6 +101,13 @@ struct Inner {
     remint: std::collections::HashSet<String>,
     /// This node itself was revoked: nothing is served.
     node_revoked: bool,
+    /// Grants revoked by the feed (directly, by cascade or by task): kept out of later
+    /// syncs.
+    revoked_grants: std::collections::HashSet<String>,
+    /// Live grants, sorted by id.
+    grants: Vec<NodeGrant>,
+    /// Delegated SVIDs by (entry id, grant id).
+    delegated: HashMap<(String, String), Arc<CachedX509Svid>>,
 }
 
 /// What a workload is entitled to right now.
@@ -184,6 +224,7 @@ impl Cache {
             g.x509.retain(|id, _| live.contains(id.as_str()));
             g.remint.retain(|id| live.contains(id.as_str()));
             g.jwt.retain(|(id, _), _| live.contains(id.as_str()));
+            g.delegated.retain(|(id, _), _| live.contains(id.as_str()));
             g.entries = entries;
             changed = true;
         }
@@ -240,13 +281,19 @@ impl Cache {
         std::mem::take(&mut *g).into_iter().collect()
     }
 
-    /// Drops SVIDs past their expiry: a stale SVID is never served.
+    /// Drops SVIDs past their expiry, and grants past theirs with their SVIDs: a stale SVID
+    /// is never served.
     pub fn drop_expired(&self, now: SystemTime) {
         let mut g = self.write();
-        let before = g.x509.len();
+        let before = g.x509.len() + g.delegated.len() + g.grants.len();
         g.x509.retain(|_, s| s.expires_at > now);
         g.jwt.retain(|_, j| j.expires_at > now);
-        let changed = g.x509.len() != before;
+        g.grants.retain(|gr| gr.expires_at > now);
+        let live: std::collections::HashSet<String> =
+            g.grants.iter().map(|gr| gr.id.clone()).collect();
+        g.delegated
+            .retain(|(_, grant), s| s.expires_at > now && live.contains(grant));
+        let changed = g.x509.len() + g.delegated.len() + g.grants.len() != before;
         drop(g);
         if changed {
             self.bump();
@@ -262,12 +309,23 @@ impl Cache {
             .filter(|e| all_present(&e.selectors, selectors))
             .cloned()
             .collect();
-        let svids = entries
+        let mut svids: Vec<Arc<CachedX509Svid>> = entries
             .iter()
             .filter_map(|e| g.x509.get(&e.id))
             .filter(|s| s.expires_at > now)
             .cloned()
             .collect();
+        // Delegated SVIDs follow the plain ones (the first SVID is the default, and a
+        // standard client must keep getting the plain identity by default).
+        for e in &entries {
+            for gr in g.grants.iter().filter(|gr| gr.agent == e.spiffe_id) {
+                if let Some(s) = g.delegated.get(&(e.id.clone(), gr.id.clone())) {
+                    if s.expires_at > now && gr.expires_at > now {
+                        svids.push(s.clone());
+                    }
+                }
+            }
+        }
         let reminting = entries.iter().any(|e| g.remint.contains(&e.id));
         WorkloadView {
             svids,
@@ -303,7 +361,34 @@ impl Cache {
                     changed |= !g.entries.is_empty() || !g.x509.is_empty();
                     g.entries.clear();
                     g.x509.clear();
+                    g.grants.clear();
+                    g.delegated.clear();
                 }
+                // A grant revocation cascades to every grant derived from it, and a task's
+                // to every grant for the task: those grants go (a later sync no longer
+                // lists them), and with them their delegated SVIDs, which are not minted
+                // again.
+                let grant_gone = |chain: &[String], task: Option<&String>| match handle {
+                    RevocationHandle::Grant(id) => chain.iter().any(|c| c == id),
+                    RevocationHandle::Task(t) => task == Some(t),
+                    _ => false,
+                };
+                let before = g.grants.len();
+                let gone: Vec<String> = g
+                    .grants
+                    .iter()
+                    .filter(|gr| grant_gone(&gr.grant_chain, gr.task_id.as_ref()))
+                    .map(|gr| gr.id.clone())
+                    .collect();
+                g.revoked_grants.extend(gone.iter().cloned());
+                g.grants.retain(|gr| !gone.contains(&gr.id));
+                changed |= g.grants.len() != before;
+                let before = g.delegated.len();
+                g.delegated.retain(|_, s| {
+                    !grant_gone(&s.grant_chain, s.task_id.as_ref())
+                        && !serials.contains(s.serial.as_str())
+                });
+                changed |= g.delegated.len() != before;
                 let hit: Vec<String> = g
                     .x509
                     .values()
@@ -365,6 +450,106 @@ impl Cache {
     }
 }
 
+impl Cache {
+    /// Replaces the grant set after a sync; SVIDs of grants that are gone are dropped at
+    /// once (an expired or withdrawn grant stops being served).
+    pub fn set_grants(&self, mut grants: Vec<NodeGrant>) {
+        grants.sort_by(|a, b| a.id.cmp(&b.id));
+        {
+            // A sync answered before a revocation arrived must not bring the grant back.
+            let g = self.read();
+            grants.retain(|gr| !g.revoked_grants.contains(&gr.id));
+        }
+        let mut g = self.write();
+        if g.grants == grants {
+            return;
+        }
+        let live: std::collections::HashSet<String> =
+            grants.iter().map(|gr| gr.id.clone()).collect();
+        g.delegated.retain(|(_, grant), _| live.contains(grant));
+        g.grants = grants;
+        drop(g);
+        self.bump();
+    }
+
+    /// Adds one grant (just obtained by a token exchange), ahead of the next sync.
+    pub fn add_grant(&self, grant: NodeGrant) {
+        let mut g = self.write();
+        if g.grants.iter().any(|gr| gr.id == grant.id) {
+            return;
+        }
+        g.grants.push(grant);
+        g.grants.sort_by(|a, b| a.id.cmp(&b.id));
+        drop(g);
+        self.bump();
+    }
+
+    pub fn grants(&self) -> Vec<NodeGrant> {
+        self.read().grants.clone()
+    }
+
+    /// (entry, grant) pairs that need a (new) delegated SVID: none yet, due for rotation,
+    /// or the entry changed since it was minted.
+    pub fn due_delegated(&self, now: SystemTime) -> Vec<(NodeEntry, NodeGrant)> {
+        let g = self.read();
+        let mut out = Vec::new();
+        for gr in g.grants.iter().filter(|gr| gr.expires_at > now) {
+            for e in g.entries.iter().filter(|e| e.spiffe_id == gr.agent) {
+                let due = match g.delegated.get(&(e.id.clone(), gr.id.clone())) {
+                    None => true,
+                    Some(s) => s.rotate_at <= now || s.entry_revision != e.revision,
+                };
+                if due {
+                    out.push((e.clone(), gr.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Stores a freshly minted delegated SVID (ignored if its entry or grant went away).
+    pub fn put_delegated(&self, svid: CachedX509Svid) {
+        let Some(grant) = svid.grant_id().map(str::to_string) else {
+            return;
+        };
+        let mut g = self.write();
+        if !g.entries.iter().any(|e| e.id == svid.entry_id)
+            || !g.grants.iter().any(|gr| gr.id == grant)
+        {
+            return;
+        }
+        g.delegated
+            .insert((svid.entry_id.clone(), grant), Arc::new(svid));
+        drop(g);
+        self.bump();
+    }
+
+    /// The caller's grants (by its matching entries), each with the entry it is served
+    /// through.
+    pub fn grants_for(
+        &self,
+        selectors: &[Selector],
+        now: SystemTime,
+    ) -> Vec<(NodeEntry, NodeGrant)> {
+        let g = self.read();
+        let mut out = Vec::new();
+        for e in g
+            .entries
+            .iter()
+            .filter(|e| all_present(&e.selectors, selectors))
+        {
+            for gr in g
+                .grants
+                .iter()
+                .filter(|gr| gr.agent == e.spiffe_id && gr.expires_at > now)
+            {
+                out.push((e.clone(), gr.clone()));
+            }
+        }
+        out
+    }
+}
+
 /// When to rotate an SVID that lives from `now` to `expires_at`: at half its lifetime,
 /// give or take up to a tenth of it.
 pub fn rotation_time(now: SystemTime, expires_at: SystemTime) -> SystemTime {
@@ -419,7 +604,82 @@ mod tests {
             serial: "1".into(),
             expires_at: expires,
             rotate_at: rotate,
+            grant_chain: vec![],
+            task_id: None,
         }
+    }
+
+    fn grant(id: &str, agent: &str, expires: SystemTime) -> NodeGrant {
+        NodeGrant {
+            id: id.into(),
+            agent: SpiffeId::new(agent).unwrap(),
+            principal: "user:alice".into(),
+            scopes: vec!["calendar:read".into()],
+            expires_at: expires,
+            task_id: None,
+            grant_chain: vec![id.into()],
+            remaining_depth: 0,
+        }
+    }
+
+    #[test]
+    fn delegated_svids_follow_their_grant_and_go_with_it() {
+        let now = UNIX_EPOCH + Duration::from_secs(1000);
+        let cache = Cache::new();
+        cache.set_entries(
+            vec![entry("a", "spiffe://example.org/a", "unix:uid:1", 1)],
+            bundle(),
+        );
+        cache.put_x509(vec![svid(
+            "a",
+            1,
+            now + Duration::from_secs(60),
+            now + Duration::from_secs(30),
+        )]);
+        let g_end = now + Duration::from_secs(20);
+        cache.set_grants(vec![grant("g1", "spiffe://example.org/a", g_end)]);
+        let due = cache.due_delegated(now);
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].1.hint(), "grant:g1");
+        let mut d = svid("a", 1, g_end, now + Duration::from_secs(10));
+        d.grant_chain = vec!["g1".into()];
+        d.serial = "2".into();
+        cache.put_delegated(d);
+        assert!(cache.due_delegated(now).is_empty());
+        let uid1: Vec<Selector> = vec!["unix:uid:1".parse().unwrap()];
+        let view = cache.view_for(&uid1, now);
+        let serials: Vec<&str> = view.svids.iter().map(|s| s.serial.as_str()).collect();
+        assert_eq!(
+            serials,
+            ["1", "2"],
+            "plain SVID first, then the delegated one"
+        );
+        assert_eq!(cache.grants_for(&uid1, now).len(), 1);
+        // The grant expires: its SVID is no longer served, and dropping it notifies.
+        let mut rx = cache.subscribe();
+        rx.mark_unchanged();
+        let after = g_end + Duration::from_secs(1);
+        cache.drop_expired(after);
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(cache.view_for(&uid1, after).svids.len(), 1);
+        assert!(cache.grants().is_empty());
+        // A grant that disappears from the sync loses its SVIDs at once.
+        cache.set_grants(vec![grant(
+            "g2",
+            "spiffe://example.org/a",
+            now + Duration::from_secs(600),
+        )]);
+        let mut d = svid(
+            "a",
+            1,
+            now + Duration::from_secs(600),
+            now + Duration::from_secs(300),
+        );
+        d.grant_chain = vec!["g2".into()];
+        cache.put_delegated(d);
+        assert_eq!(cache.view_for(&uid1, now).svids.len(), 2);
+        cache.set_grants(vec![]);
+        assert_eq!(cache.view_for(&uid1, now).svids.len(), 1);
     }
 
     #[test]

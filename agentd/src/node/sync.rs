@@ -10,7 +10,7 @@ use agentd_proto::node as pb;
 use spiffe::SpiffeId;
 use tokio_util::sync::CancellationToken;
 
-use super::cache::{rotation_time, Cache, CachedX509Svid, NodeEntry};
+use super::cache::{rotation_time, Cache, CachedX509Svid, NodeEntry, NodeGrant};
 use super::client::ServerLink;
 use super::identity::NodeIdentity;
 use super::NodeError;
@@ -63,6 +63,31 @@ fn entry_from_proto(e: pb::Entry) -> Result<NodeEntry, String> {
     })
 }
 
+/// A grant as the server sent it; None (and a warning) when it is malformed.
+pub fn grant_from_proto(g: pb::Grant) -> Option<NodeGrant> {
+    let agent = match SpiffeId::new(&g.agent) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(grant = %g.id, error = %e, "skipping a grant the server sent");
+            return None;
+        }
+    };
+    Some(NodeGrant {
+        agent,
+        principal: g.principal,
+        scopes: g.scopes,
+        expires_at: from_unix_seconds(g.expires_at),
+        task_id: (!g.task_id.is_empty()).then_some(g.task_id),
+        grant_chain: if g.grant_chain.is_empty() {
+            vec![g.id.clone()]
+        } else {
+            g.grant_chain
+        },
+        remaining_depth: g.remaining_depth,
+        id: g.id,
+    })
+}
+
 impl Syncer {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), NodeError> {
         // Next regular sync, and the earliest retry after a failure (backoff).
@@ -73,7 +98,7 @@ impl Syncer {
             let now = self.clock.now();
             // A sync also mints, so an SVID coming due for rotation triggers one at once
             // rather than waiting for the regular interval.
-            let due = !self.due_for_mint(now).is_empty();
+            let due = !self.due_for_mint(now).is_empty() || !self.due_delegated(now).is_empty();
             if now >= not_before && (now >= next_sync || due) {
                 match self.sync_once().await {
                     Ok(()) => {
@@ -140,7 +165,14 @@ impl Syncer {
             self.link.update_bundle(bundle.clone()).await;
         }
         self.cache.set_entries(entries, bundle);
+        self.cache.set_grants(
+            resp.grants
+                .into_iter()
+                .filter_map(grant_from_proto)
+                .collect(),
+        );
         self.mint_due(&mut client).await?;
+        self.mint_delegated(&mut client).await?;
         self.renew_node_svid_if_due().await
     }
 
@@ -168,6 +200,7 @@ impl Syncer {
                 params.push(pb::X509SvidParams {
                     entry_id: e.id.clone(),
                     csr: key.csr_der()?,
+                    grant_id: String::new(),
                 });
                 keys.push(key);
             }
@@ -194,6 +227,8 @@ impl Syncer {
                             serial: s.serial,
                             expires_at,
                             rotate_at: rotation_time(now, expires_at),
+                            grant_chain: Vec::new(),
+                            task_id: None,
                         });
                     }
                     Some(pb::mint_result::Result::Error(reason)) => {
@@ -207,6 +242,78 @@ impl Syncer {
                 }
             }
             self.cache.put_x509(minted);
+        }
+        Ok(())
+    }
+
+    /// Delegated SVIDs due, less those waiting out a refusal (keyed `entry/grant`).
+    fn due_delegated(&self, now: SystemTime) -> Vec<(NodeEntry, NodeGrant)> {
+        let mut retry = self.mint_retry.lock().unwrap_or_else(|p| p.into_inner());
+        retry.retain(|_, at| *at > now);
+        self.cache
+            .due_delegated(now)
+            .into_iter()
+            .filter(|(e, g)| !retry.contains_key(&format!("{}/{}", e.id, g.id)))
+            .collect()
+    }
+
+    /// Mints delegated SVIDs for live grants to this node's entries; each is served with
+    /// the hint `grant:<id>` beside the entry's plain SVID.
+    async fn mint_delegated(
+        &self,
+        client: &mut agentd_proto::node::node_client::NodeClient<tonic::transport::Channel>,
+    ) -> Result<(), NodeError> {
+        let due = self.due_delegated(self.clock.now());
+        for chunk in due.chunks(MINT_BATCH) {
+            let mut keys = Vec::with_capacity(chunk.len());
+            let mut params = Vec::with_capacity(chunk.len());
+            for (e, g) in chunk {
+                let key = PrivateKey::generate()?;
+                params.push(pb::X509SvidParams {
+                    entry_id: e.id.clone(),
+                    csr: key.csr_der()?,
+                    grant_id: g.id.clone(),
+                });
+                keys.push(key);
+            }
+            let results = client
+                .mint_x509_svids(pb::MintX509SvidsRequest { params })
+                .await
+                .map_err(NodeError::from_status)?
+                .into_inner()
+                .results;
+            let now = self.clock.now();
+            for (((entry, grant), key), result) in chunk.iter().zip(keys).zip(results) {
+                match result.result {
+                    Some(pb::mint_result::Result::Svid(s)) => {
+                        let expires_at = from_unix_seconds(s.expires_at);
+                        tracing::info!(spiffe_id = %entry.spiffe_id, serial = %s.serial, entry = %entry.id, grant = %grant.id, "delegated X.509-SVID received");
+                        self.cache.put_delegated(CachedX509Svid {
+                            entry_id: entry.id.clone(),
+                            entry_revision: entry.revision,
+                            spiffe_id: entry.spiffe_id.clone(),
+                            hint: grant.hint(),
+                            chain: s.cert_chain,
+                            key,
+                            serial: s.serial,
+                            expires_at,
+                            rotate_at: rotation_time(now, expires_at),
+                            grant_chain: grant.grant_chain.clone(),
+                            task_id: grant.task_id.clone(),
+                        });
+                    }
+                    Some(pb::mint_result::Result::Error(reason)) => {
+                        tracing::warn!(entry = %entry.id, grant = %grant.id, %reason, retry_in = ?MINT_RETRY, "server refused to mint a delegated SVID");
+                        self.mint_retry
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(format!("{}/{}", entry.id, grant.id), now + MINT_RETRY);
+                    }
+                    None => {
+                        tracing::warn!(entry = %entry.id, grant = %grant.id, "empty mint result")
+                    }
+                }
+            }
         }
         Ok(())
     }

@@ -343,29 +343,12 @@ pub fn parse_hint(raw: &str) -> Result<String, AdminError> {
     Ok(raw.to_string())
 }
 
-/// Scopes are `resource:action` strings (`resource:*` as a wildcard); stored now, enforced
-/// by the delegation work.
+/// Scopes are `resource:action` strings (`resource:*` as a wildcard), parsed as
+/// [`crate::delegation::Scope`]; an entry's scopes are the ceiling of its identity.
 pub fn parse_scopes(raw: &[String]) -> Result<Vec<String>, AdminError> {
-    let mut set = BTreeSet::new();
-    for s in raw {
-        let valid = s.split_once(':').is_some_and(|(r, a)| {
-            let part_ok = |p: &str| {
-                !p.is_empty()
-                    && p.bytes().all(|b| {
-                        b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'/')
-                    })
-            };
-            part_ok(r) && (a == "*" || part_ok(a))
-        });
-        if !valid || s.len() > 256 {
-            return Err(invalid(
-                "scope",
-                format!("{s:?} must be resource:action or resource:*"),
-            ));
-        }
-        set.insert(s.clone());
-    }
-    Ok(set.into_iter().collect())
+    crate::delegation::ScopeSet::parse(raw)
+        .map(|set| set.to_strings())
+        .map_err(|e| invalid("scope", e))
 }
 
 pub fn parse_owner(raw: &str) -> Result<Option<String>, AdminError> {
@@ -1016,6 +999,53 @@ impl Admin for AdminApi {
                 .map(|(authority_id, der)| pb::Crl { authority_id, der })
                 .collect(),
         }))
+    }
+
+    async fn create_grant(
+        &self,
+        request: Request<pb::CreateGrantRequest>,
+    ) -> Result<Response<pb::Grant>, Status> {
+        let uid = caller_uid(&request);
+        let grant = super::grants::create_root_grant(&self.state, request.into_inner()).await?;
+        tracing::info!(?uid, grant = %grant.id, principal = %grant.delegation.principal, agent = ?grant.agent().map(ToString::to_string), scopes = %grant.delegation.scopes, expires_at = grant.delegation.expires_at, "grant created");
+        Ok(Response::new(super::grants::grant_to_admin_proto(&grant)))
+    }
+
+    async fn get_grant(
+        &self,
+        request: Request<pb::GetGrantRequest>,
+    ) -> Result<Response<pb::Grant>, Status> {
+        let id = super::grants::parse_grant_id(&request.get_ref().id)?;
+        let grant = super::grants::load_grant(self.state.store.as_ref(), &id).await?;
+        Ok(Response::new(super::grants::grant_to_admin_proto(&grant)))
+    }
+
+    async fn list_grants(
+        &self,
+        request: Request<pb::ListGrantsRequest>,
+    ) -> Result<Response<pb::ListGrantsResponse>, Status> {
+        let req = request.into_inner();
+        let agent = if req.agent.is_empty() {
+            None
+        } else {
+            Some(
+                SpiffeId::new(&req.agent)
+                    .map_err(|e| invalid("agent", format!("{:?}: {e}", req.agent)))?,
+            )
+        };
+        let now = unix_seconds(self.state.clock.now());
+        let grants = self
+            .state
+            .store
+            .list_grants()
+            .await
+            .map_err(AdminError::from)?
+            .into_iter()
+            .filter(|g| agent.as_ref().is_none_or(|a| g.agent() == Some(a)))
+            .filter(|g| req.include_expired || g.delegation.expires_at > now)
+            .map(|g| super::grants::grant_to_admin_proto(&g))
+            .collect();
+        Ok(Response::new(pb::ListGrantsResponse { grants }))
     }
 
     async fn get_bundle(

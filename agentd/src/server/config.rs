@@ -47,6 +47,10 @@ pub struct RawServerConfig {
     /// HOST:PORT of the metrics and health endpoint (`/metrics`, `/live`, `/ready`); off
     /// when unset.
     pub metrics_address: Option<String>,
+    /// OID prefix of the scope (`.1`) and delegation (`.2`) X.509 extensions.
+    pub extension_oid_base: Option<String>,
+    /// Largest `--max-depth` a grant may carry (default 4).
+    pub max_delegation_depth: Option<u32>,
 }
 
 /// `[audit]`
@@ -117,6 +121,14 @@ pub struct ServerConfig {
     pub suspend_disabled_owners: bool,
     pub audit_export_file: Option<PathBuf>,
     pub metrics_address: Option<SocketAddr>,
+    pub delegation: DelegationConfig,
+}
+
+/// Scope and delegation settings.
+#[derive(Debug, Clone, Default)]
+pub struct DelegationConfig {
+    pub oid_base: crate::delegation::OidBase,
+    pub max_depth: u32,
 }
 
 fn ttl_or(errs: &mut Errors, path: &str, raw: &Option<String>, default: u64) -> Ttl {
@@ -204,6 +216,16 @@ impl TryFrom<RawServerConfig> for ServerConfig {
                 crate::telemetry::parse_metrics_address(a),
             )
         });
+        let oid_base = match &raw.extension_oid_base {
+            Some(s) => errs.parse("extension_oid_base", s.parse()),
+            None => Some(crate::delegation::OidBase::default()),
+        };
+        let max_depth = raw
+            .max_delegation_depth
+            .unwrap_or(crate::delegation::DEFAULT_MAX_DEPTH);
+        if max_depth > 32 {
+            errs.push("max_delegation_depth", "must be at most 32");
+        }
         // Both are `Some` unless an error was recorded for them, which `finish` reports.
         let (Some(trust_domain), Some(bind_address)) = (trust_domain, bind_address) else {
             errs.finish()?;
@@ -229,6 +251,10 @@ impl TryFrom<RawServerConfig> for ServerConfig {
             suspend_disabled_owners: raw.suspend_disabled_owners.unwrap_or(false),
             audit_export_file,
             metrics_address,
+            delegation: DelegationConfig {
+                oid_base: oid_base.unwrap_or_default(),
+                max_depth,
+            },
         })
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod grants;
 pub mod node_api;
 pub mod node_attestor;
 pub mod ownership;

@@ -76,6 +76,8 @@ pub enum NodeApiError {
     EntrySuspended { entry: String, owner: String },
     #[error(transparent)]
     Audit(#[from] AuditError),
+    #[error(transparent)]
+    Grant(#[from] super::grants::GrantError),
 }
 
 impl From<NodeApiError> for Status {
@@ -108,6 +110,7 @@ impl From<NodeApiError> for Status {
                 tracing::error!(error = %msg, "node API internal error");
                 Status::internal(msg)
             }
+            NodeApiError::Grant(g) => g.into(),
         }
     }
 }
@@ -201,7 +204,8 @@ fn attestation_failure(e: &NodeApiError) -> AttestationFailure {
             AttestationFailure::InvalidRequest
         }
         NodeApiError::NodeRevoked { .. } => AttestationFailure::Revoked,
-        NodeApiError::NoClientCertificate
+        NodeApiError::Grant(_)
+        | NodeApiError::NoClientCertificate
         | NodeApiError::UnknownNode(_)
         | NodeApiError::StaleNodeSvid { .. }
         | NodeApiError::EntryNotAuthorized(_)
@@ -244,6 +248,22 @@ pub fn entry_to_proto(e: &Entry) -> pb::Entry {
         scopes: e.spec.scopes.clone(),
         owner: e.spec.owner.clone().unwrap_or_default(),
         revision: e.revision,
+    }
+}
+
+/// The grant ids of every hop (root first) and the task of a delegated SVID; empty for a
+/// plain one. What a grant or task revocation finds it by.
+fn grant_lineage(grant: Option<&crate::datastore::Grant>) -> (Vec<String>, Option<String>) {
+    match grant {
+        Some(g) => (
+            g.delegation
+                .chain
+                .iter()
+                .map(|h| h.grant_id.to_string())
+                .collect(),
+            g.delegation.task_id.as_ref().map(ToString::to_string),
+        ),
+        None => (Vec::new(), None),
     }
 }
 
@@ -435,6 +455,64 @@ impl NodeApi {
             },
             self.state.clock.now(),
         )?)
+    }
+}
+
+impl NodeApi {
+    /// A plain workload SVID: it carries the entry's scopes (its ceiling) in the scope
+    /// extension, and no delegation.
+    fn sign_plain(&self, csr: &[u8], entry: &Entry) -> Result<IssuedX509Svid, NodeApiError> {
+        let scopes = super::grants::entry_scopes(entry);
+        let ext = crate::delegation::x509ext::svid_extensions(
+            &self.state.config.delegation.oid_base,
+            &scopes,
+            None,
+        );
+        Ok(self.state.ca.sign_x509_svid_with_extensions(
+            &X509SvidRequest {
+                csr_der: csr,
+                spiffe_id: &entry.spec.spiffe_id,
+                ttl: entry.spec.x509_svid_ttl.as_duration(),
+                dns_names: &entry.spec.dns_names,
+            },
+            &ext,
+            self.state.clock.now(),
+        )?)
+    }
+
+    /// A delegated SVID for `grant_id`, if `authorize_grant_mint` allows it.
+    async fn sign_for_grant(
+        &self,
+        csr: &[u8],
+        entry: &Entry,
+        grant_id: &str,
+    ) -> Result<(IssuedX509Svid, crate::datastore::Grant), NodeApiError> {
+        let grant = self.grant_for_mint(entry, grant_id).await?;
+        let svid = super::grants::sign_delegated_x509(&self.state, &grant, entry, csr)?;
+        Ok((svid, grant))
+    }
+
+    /// The grant `grant_id`, if `authorize_grant_mint` allows minting for it now and no
+    /// grant of its chain, nor its task, is revoked.
+    async fn grant_for_mint(
+        &self,
+        entry: &Entry,
+        grant_id: &str,
+    ) -> Result<crate::datastore::Grant, NodeApiError> {
+        let grant = super::grants::load_grant(
+            self.state.store.as_ref(),
+            &super::grants::parse_grant_id(grant_id)?,
+        )
+        .await?;
+        super::grants::authorize_grant_mint(
+            self.state.store.as_ref(),
+            &grant,
+            entry,
+            unix_seconds(self.state.clock.now()),
+        )
+        .await?;
+        super::grants::check_not_revoked(&self.state.revocations, &grant)?;
+        Ok(grant)
     }
 }
 
@@ -721,6 +799,18 @@ impl Node for NodeApi {
                 .collect();
             entries.retain(|e| e.spec.owner.as_ref().is_none_or(|o| !disabled.contains(o)));
         }
+        let agents: std::collections::BTreeSet<&SpiffeId> =
+            entries.iter().map(|e| &e.spec.spiffe_id).collect();
+        let grants = super::grants::live_grants_for(
+            self.state.store.as_ref(),
+            &agents,
+            unix_seconds(self.state.clock.now()),
+        )
+        .await
+        .map_err(NodeApiError::from)?
+        .into_iter()
+        .filter(|g| super::grants::check_not_revoked(&self.state.revocations, g).is_ok())
+        .collect::<Vec<_>>();
         let revocations = &self.state.revocations;
         Ok(Response::new(pb::SyncEntriesResponse {
             entries: entries
@@ -733,6 +823,10 @@ impl Node for NodeApi {
                 .map(entry_to_proto)
                 .collect(),
             bundle: Some(bundle_to_proto(&self.state.ca.bundle())),
+            grants: grants
+                .iter()
+                .map(super::grants::grant_to_node_proto)
+                .collect(),
         }))
     }
 
@@ -756,51 +850,51 @@ impl Node for NodeApi {
         let mut issued = Vec::new();
         let mut revocable = Vec::new();
         for p in params {
-            let entry = match self.entry_for_node(&node, &p.entry_id).await {
-                Ok(entry) => match self.check_not_suspended(&node, &entry, "x509svid").await {
-                    Ok(()) => Ok(entry),
-                    Err(e) => Err(e),
-                },
-                Err(e) => Err(e),
-            };
-            let result = entry.and_then(|entry| {
+            let result: Result<pb::mint_result::Result, NodeApiError> = async {
+                let entry = self.entry_for_node(&node, &p.entry_id).await?;
+                self.check_not_suspended(&node, &entry, "x509svid").await?;
                 let started = std::time::Instant::now();
-                self.sign(
-                    &p.csr,
-                    &entry.spec.spiffe_id,
-                    entry.spec.x509_svid_ttl.as_duration(),
-                    &entry.spec.dns_names,
-                )
-                .map(|svid| {
-                    self.state
-                        .metrics
-                        .svid_minted(MintedKind::X509, started.elapsed());
-                    tracing::debug!(spiffe_id = %svid.spiffe_id, serial = %svid.serial, entry = %entry.id, node = %node.spiffe_id, "X.509-SVID issued");
-                    records.push(issuance_record("x509svid.issue", &node, &entry, unix_seconds(svid.not_after))
+                let (svid, grant) = if p.grant_id.is_empty() {
+                    (self.sign_plain(&p.csr, &entry)?, None)
+                } else {
+                    let (svid, grant) = self.sign_for_grant(&p.csr, &entry, &p.grant_id).await?;
+                    (svid, Some(grant))
+                };
+                self.state
+                    .metrics
+                    .svid_minted(MintedKind::X509, started.elapsed());
+                let expires_at = unix_seconds(svid.not_after);
+                let (grant_chain, task_id) = grant_lineage(grant.as_ref());
+                tracing::debug!(spiffe_id = %svid.spiffe_id, serial = %svid.serial, entry = %entry.id, grant = ?grant.as_ref().map(|g| g.id.to_string()), node = %node.spiffe_id, "X.509-SVID issued");
+                records.push(
+                    issuance_record("x509svid.issue", &node, &entry, expires_at)
                         .field("serial", &svid.serial)
                         .field("ttl", entry.spec.x509_svid_ttl.as_secs())
-                        .field("dns_names", &entry.spec.dns_names));
-                    issued.push(EntryIssuance {
-                        entry_id: entry.id.clone(),
-                        kind: "x509",
-                        serial: svid.serial.clone(),
-                        node: node.spiffe_id.to_string(),
-                        expires_at: unix_seconds(svid.not_after),
-                    });
-                    revocable.push(IssuedSvid {
-                        kind: SvidKind::X509,
-                        id: svid.serial.clone(),
-                        spiffe_id: svid.spiffe_id.to_string(),
-                        entry_id: Some(entry.id.to_string()),
-                        node_id: Some(node.spiffe_id.clone()),
-                        grant_chain: vec![],
-                        task_id: None,
-                        authority_id: svid.authority_id.clone(),
-                        expires_at: unix_seconds(svid.not_after),
-                    });
-                    pb::mint_result::Result::Svid(svid_to_proto(&svid))
-                })
-            });
+                        .field("dns_names", &entry.spec.dns_names)
+                        .field("grant_chain", &grant_chain)
+                        .field("task", &task_id),
+                );
+                issued.push(EntryIssuance {
+                    entry_id: entry.id.clone(),
+                    kind: "x509",
+                    serial: svid.serial.clone(),
+                    node: node.spiffe_id.to_string(),
+                    expires_at,
+                });
+                revocable.push(IssuedSvid {
+                    kind: SvidKind::X509,
+                    id: svid.serial.clone(),
+                    spiffe_id: svid.spiffe_id.to_string(),
+                    entry_id: Some(entry.id.to_string()),
+                    node_id: Some(node.spiffe_id.clone()),
+                    grant_chain,
+                    task_id,
+                    authority_id: svid.authority_id.clone(),
+                    expires_at,
+                });
+                Ok(pb::mint_result::Result::Svid(svid_to_proto(&svid)))
+            }
+            .await;
             results.push(pb::MintResult {
                 result: Some(
                     result.unwrap_or_else(|e| pb::mint_result::Result::Error(e.to_string())),
@@ -831,24 +925,37 @@ impl Node for NodeApi {
         validate_audience(&req.audience)?;
         self.check_not_suspended(&node, &entry, "jwtsvid").await?;
         let started = std::time::Instant::now();
-        let jwt = self
-            .state
-            .ca
-            .sign_jwt_svid(
-                &entry.spec.spiffe_id,
-                &req.audience,
-                entry.spec.jwt_svid_ttl.as_duration(),
-                self.state.clock.now(),
-            )
-            .map_err(NodeApiError::from)?;
+        let (jwt, grant) = if req.grant_id.is_empty() {
+            // A plain JWT-SVID carries the entry's scopes (RFC 8693 `scope`).
+            let extra =
+                crate::delegation::claims::to_claims(&super::grants::entry_scopes(&entry), None);
+            let jwt = self
+                .state
+                .ca
+                .sign_jwt_svid_with_claims(
+                    &entry.spec.spiffe_id,
+                    &req.audience,
+                    entry.spec.jwt_svid_ttl.as_duration(),
+                    self.state.clock.now(),
+                    &extra,
+                )
+                .map_err(NodeApiError::from)?;
+            (jwt, None)
+        } else {
+            let grant = self.grant_for_mint(&entry, &req.grant_id).await?;
+            let jwt = super::grants::sign_delegated_jwt(&self.state, &grant, &entry, &req.audience)
+                .map_err(NodeApiError::from)?;
+            (jwt, Some(grant))
+        };
+        let (grant_chain, task_id) = grant_lineage(grant.as_ref());
         self.record_issued(&[IssuedSvid {
             kind: SvidKind::Jwt,
             id: jwt.jti.clone(),
             spiffe_id: entry.spec.spiffe_id.to_string(),
             entry_id: Some(entry.id.to_string()),
             node_id: Some(node.spiffe_id.clone()),
-            grant_chain: vec![],
-            task_id: None,
+            grant_chain: grant_chain.clone(),
+            task_id: task_id.clone(),
             authority_id: jwt.key_id.clone(),
             expires_at: unix_seconds(jwt.expires_at),
         }])
@@ -866,7 +973,9 @@ impl Node for NodeApi {
                 issuance_record("jwtsvid.issue", &node, &entry, expires_at)
                     .field("jti", &jti)
                     .field("audience", &req.audience)
-                    .field("ttl", entry.spec.jwt_svid_ttl.as_secs()),
+                    .field("ttl", entry.spec.jwt_svid_ttl.as_secs())
+                    .field("grant_chain", &grant_chain)
+                    .field("task", &task_id),
             )
             .await
             .map_err(NodeApiError::from)?;
@@ -916,6 +1025,49 @@ impl Node for NodeApi {
             HEARTBEAT,
             self.stop.clone(),
         )))
+    }
+
+    async fn mint_delegation_token(
+        &self,
+        request: Request<pb::MintDelegationTokenRequest>,
+    ) -> Result<Response<pb::MintDelegationTokenResponse>, Status> {
+        let node = self
+            .caller(request.extensions().get::<PeerIdentity>())
+            .await?;
+        let req = request.into_inner();
+        let entry = self.entry_for_node(&node, &req.entry_id).await?;
+        let token = super::grants::mint_delegation_token(&self.state, &entry, &req)
+            .await
+            .map_err(|e| {
+                tracing::warn!(from = %entry.spec.spiffe_id, to = %req.to, reason = %e, "delegation refused");
+                e
+            })?;
+        tracing::info!(from = %entry.spec.spiffe_id, to = %req.to, grant = %req.grant_id, "delegation token issued");
+        Ok(Response::new(pb::MintDelegationTokenResponse {
+            token: token.token,
+            expires_at: unix_seconds(token.expires_at),
+        }))
+    }
+
+    async fn exchange_delegation_token(
+        &self,
+        request: Request<pb::ExchangeDelegationTokenRequest>,
+    ) -> Result<Response<pb::ExchangeDelegationTokenResponse>, Status> {
+        let node = self
+            .caller(request.extensions().get::<PeerIdentity>())
+            .await?;
+        let req = request.into_inner();
+        let entry = self.entry_for_node(&node, &req.entry_id).await?;
+        let grant = super::grants::exchange_delegation_token(&self.state, &entry, &req.token)
+            .await
+            .map_err(|e| {
+                tracing::warn!(agent = %entry.spec.spiffe_id, reason = %e, "delegation token exchange refused");
+                e
+            })?;
+        tracing::info!(agent = %entry.spec.spiffe_id, grant = %grant.id, parent = ?grant.parent_grant_id.as_ref().map(ToString::to_string), "delegated grant created by exchange");
+        Ok(Response::new(pb::ExchangeDelegationTokenResponse {
+            grant: Some(super::grants::grant_to_node_proto(&grant)),
+        }))
     }
 }
 

@@ -9,6 +9,7 @@
 //! - The socket also serves `grpc.health.v1.Health` for `agentd healthcheck`.
 
 pub mod claims;
+mod delegation;
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
@@ -187,12 +188,14 @@ impl WorkloadApi {
             stop: stop.clone(),
         });
         let rpc_metrics = self.metrics.rpc_layer();
+        let delegation = delegation::service(self.clone());
         tonic::transport::Server::builder()
             .trace_fn(rpc_span)
             .layer(rpc_metrics)
             .add_service(SpiffeWorkloadApiServer::new(self))
             .add_service(selectors)
             .add_service(revocations)
+            .add_service(delegation)
             .add_service(health)
             .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
             .await
@@ -501,6 +504,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                         .mint_jwt_svid(npb::MintJwtSvidRequest {
                             entry_id: e.id.clone(),
                             audience: req.audience.clone(),
+                            grant_id: String::new(),
                         })
                         .await
                         .map_err(|s| {
