@@ -653,6 +653,36 @@ async fn revoking_a_grant_drops_its_delegated_svids_and_its_childrens_but_not_th
         &["fetch", "jwt", "--audience", "tools", "--grant", &root],
     );
     assert!(!jwt.status.success());
+
+    // Each step is in the audit trail, with who did it and the chain.
+    let audit = |action: &str| {
+        json_of(&server.cli(&["audit", "show", "--action", action, "--output", "json"]))
+    };
+    let created = audit("grant.create").to_string();
+    assert!(
+        created.contains(&root) && created.contains("user:alice@example.com"),
+        "{created}"
+    );
+    let offered = audit("delegation.offer").to_string();
+    assert!(
+        offered.contains(SCHED) && offered.contains(ORCH),
+        "{offered}"
+    );
+    let exchanged = audit("delegation.exchange").to_string();
+    assert!(
+        exchanged.contains(&child) && exchanged.contains(&root),
+        "{exchanged}"
+    );
+    let revoked = audit("revocation.create").to_string();
+    assert!(
+        revoked.contains(&root) && revoked.contains("alice left"),
+        "{revoked}"
+    );
+    let issued = audit("x509svid.issue").to_string();
+    assert!(
+        issued.contains(&child),
+        "delegated issuance names its grant chain: {issued}"
+    );
     source.shutdown().await;
     Ok(())
 }

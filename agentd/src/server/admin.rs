@@ -1006,8 +1006,31 @@ impl Admin for AdminApi {
         request: Request<pb::CreateGrantRequest>,
     ) -> Result<Response<pb::Grant>, Status> {
         let uid = caller_uid(&request);
-        let grant = super::grants::create_root_grant(&self.state, request.into_inner()).await?;
+        let req = request.into_inner();
+        // A revoked task gets no new grants while its revocation stands.
+        if !req.task_id.is_empty() {
+            if let Some(sequence) = self
+                .state
+                .revocations
+                .standing(&RevocationHandle::Task(req.task_id.clone()))
+            {
+                return Err(AdminError::from(RevocationError::Refused(format!(
+                    "task {} is revoked (revocation {sequence})",
+                    req.task_id
+                )))
+                .into());
+            }
+        }
+        let grant = super::grants::create_root_grant(&self.state, req).await?;
         tracing::info!(?uid, grant = %grant.id, principal = %grant.delegation.principal, agent = ?grant.agent().map(ToString::to_string), scopes = %grant.delegation.scopes, expires_at = grant.delegation.expires_at, "grant created");
+        self.state
+            .audit
+            .record(super::grants::grant_audit(
+                AuditRecord::new("grant.create", Actor::admin(uid)),
+                &grant,
+            ))
+            .await
+            .map_err(AdminError::from)?;
         Ok(Response::new(super::grants::grant_to_admin_proto(&grant)))
     }
 

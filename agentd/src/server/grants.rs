@@ -257,6 +257,44 @@ pub fn check_not_revoked(
     Ok(())
 }
 
+/// The audit fields describing a grant.
+pub fn grant_audit(record: crate::audit::AuditRecord, g: &Grant) -> crate::audit::AuditRecord {
+    let record = match g.agent() {
+        Some(agent) => record.subject(agent),
+        None => record,
+    };
+    record
+        .field("grant", g.id.to_string())
+        .field("principal", g.delegation.principal.to_string())
+        .field(
+            "grant_chain",
+            g.delegation
+                .chain
+                .iter()
+                .map(|h| h.grant_id.to_string())
+                .collect::<Vec<_>>(),
+        )
+        .field(
+            "agents",
+            g.delegation
+                .chain
+                .iter()
+                .map(|h| h.agent.to_string())
+                .collect::<Vec<_>>(),
+        )
+        .field("scopes", g.delegation.scopes.to_space_separated())
+        .field("expires_at", g.delegation.expires_at)
+        .field("remaining_depth", g.delegation.remaining_depth)
+        .field(
+            "task",
+            g.delegation.task_id.as_ref().map(ToString::to_string),
+        )
+        .field(
+            "parent_grant",
+            g.parent_grant_id.as_ref().map(ToString::to_string),
+        )
+}
+
 /// The lifetime of an SVID for `grant`: the entry's, never past the grant, and short for
 /// a task.
 fn delegated_ttl(grant: &Grant, entry_ttl: Duration, now: i64) -> Duration {
@@ -332,6 +370,7 @@ pub async fn mint_delegation_token(
     let now = unix_seconds(state.clock.now());
     let grant = load_grant(state.store.as_ref(), &parse_grant_id(&req.grant_id)?).await?;
     authorize_grant_mint(state.store.as_ref(), &grant, entry, now).await?;
+    check_not_revoked(&state.revocations, &grant)?;
     let to = parse_agent(state, "to", &req.to)?;
     if to == entry.spec.spiffe_id {
         return Err(invalid("to", "an agent cannot delegate to itself"));
@@ -433,6 +472,8 @@ pub async fn exchange_delegation_token(
         return Err(token_err("the offer does not match the token"));
     }
     let parent = load_grant(state.store.as_ref(), &offer.parent_grant_id).await?;
+    // Revoked between the offer and its redemption: nothing derives from it any more.
+    check_not_revoked(&state.revocations, &parent)?;
     if parent.agent() != Some(&offer.from) {
         return Err(token_err("the offer's parent grant is not the delegator's"));
     }

@@ -1043,6 +1043,20 @@ impl Node for NodeApi {
                 e
             })?;
         tracing::info!(from = %entry.spec.spiffe_id, to = %req.to, grant = %req.grant_id, "delegation token issued");
+        self.state
+            .audit
+            .record(
+                AuditRecord::new("delegation.offer", Actor::from(&entry.spec.spiffe_id))
+                    .subject(&entry.spec.spiffe_id)
+                    .field("node", node.spiffe_id.to_string())
+                    .field("grant", &req.grant_id)
+                    .field("to", &req.to)
+                    .field("scopes", &req.scopes)
+                    .field("jti", &token.jti)
+                    .field("expires_at", unix_seconds(token.expires_at)),
+            )
+            .await
+            .map_err(NodeApiError::from)?;
         Ok(Response::new(pb::MintDelegationTokenResponse {
             token: token.token,
             expires_at: unix_seconds(token.expires_at),
@@ -1065,6 +1079,17 @@ impl Node for NodeApi {
                 e
             })?;
         tracing::info!(agent = %entry.spec.spiffe_id, grant = %grant.id, parent = ?grant.parent_grant_id.as_ref().map(ToString::to_string), "delegated grant created by exchange");
+        self.state
+            .audit
+            .record(
+                super::grants::grant_audit(
+                    AuditRecord::new("delegation.exchange", Actor::from(&entry.spec.spiffe_id)),
+                    &grant,
+                )
+                .field("node", node.spiffe_id.to_string()),
+            )
+            .await
+            .map_err(NodeApiError::from)?;
         Ok(Response::new(pb::ExchangeDelegationTokenResponse {
             grant: Some(super::grants::grant_to_node_proto(&grant)),
         }))
