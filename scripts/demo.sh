@@ -81,15 +81,15 @@ else
     exit 1
 fi
 
-step "Deleting the entry: the workload loses its identity"
+step "Revoking the entry: pushed to the node agent, the workload loses its identity at once"
 ID="$(agentd entry show --admin-socket "$ADMIN" --spiffe-id spiffe://example.org/agent/demo --output json \
     | sed -E 's/.*"id":"([0-9a-f]{32})".*/\1/')"
-agentd entry delete --admin-socket "$ADMIN" --id "$ID"
-for _ in $(seq 100); do
-    agentd api fetch x509 --socket-path "$SOCK" >/dev/null 2>&1 || break
-    sleep 0.1
-done
+agentd revoke entry --admin-socket "$ADMIN" --id "$ID" --reason "demo"
 agentd api fetch x509 --socket-path "$SOCK" || true
+agentd revoke list --admin-socket "$ADMIN"
+
+step "Deleting the entry"
+agentd entry delete --admin-socket "$ADMIN" --id "$ID"
 
 step "Stopping the node agent and the server"
 cleanup
