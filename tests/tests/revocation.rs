@@ -519,3 +519,55 @@ async fn revoking_an_old_authority_drops_it_and_reissues_what_it_signed() -> any
     source.shutdown().await;
     Ok(())
 }
+
+#[test]
+fn a_node_that_loses_the_feed_reports_unhealthy_and_fails_closed_when_configured(
+) -> anyhow::Result<()> {
+    let env = Env::new();
+    let mut server = Server::start(&env)?;
+    let mut node = Node::start(&env, &server, "n1")?;
+    let id = "spiffe://example.org/agent/closed";
+    server.register_own_uid(&node.spiffe_id, id, &["--x509-svid-ttl", "1h"])?;
+    node.wait_for_svid(id)?;
+    // Restart the node agent with a short feed timeout and fail-closed.
+    let config = env.path().join("node.toml");
+    std::fs::write(
+        &config,
+        "[revocation]\nfeed_timeout = \"2s\"\nfail_closed = true\n",
+    )?;
+    node.daemon.stop();
+    node.daemon = agentd_e2e::spawn_node_with(
+        &node.server_address,
+        &node.bundle,
+        &node.data_dir,
+        &node.socket,
+        None,
+        &["--config", config.to_str().unwrap()],
+    )?;
+    node.wait_healthy()?;
+    node.wait_for_svid(id)?;
+
+    // The server goes away: cached SVIDs would still be served, but fail_closed stops that
+    // once the feed has been lost for longer than the timeout, and health says why.
+    server.stop();
+    let sock = node.socket_arg();
+    let mut last = String::new();
+    let closed = wait_until(Duration::from_secs(20), || {
+        let out = fetch_x509(&node);
+        last = String::from_utf8_lossy(&out.stderr).into_owned();
+        !out.status.success() && last.contains("revocation feed")
+    });
+    assert!(closed, "still served with the feed lost: {last}");
+    let health = agentd(&["healthcheck", "--socket-path", &sock]);
+    assert!(!health.status.success(), "healthy with the feed lost");
+    // Back once the server is.
+    server.restart()?;
+    assert!(
+        wait_until(Duration::from_secs(30), || fetch_x509(&node)
+            .status
+            .success()),
+        "{}",
+        node.daemon.log_text()
+    );
+    Ok(())
+}
