@@ -583,3 +583,18 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
+
+/// A certificate's serial number, lowercase hex without leading zeros (as agentd prints it).
+pub fn serial_of(der: &[u8]) -> String {
+    let (_, c) = x509_parser::parse_x509_certificate(der).expect("leaf parses");
+    c.tbs_certificate.serial.to_str_radix(16)
+}
+
+/// The `spiffe` crate's `X509Source` on a node agent's socket, with the default picker.
+pub async fn x509_source(node: &Node) -> anyhow::Result<spiffe::X509Source> {
+    Ok(spiffe::X509Source::builder()
+        .endpoint(node.endpoint())
+        .initial_sync_timeout(Duration::from_secs(20))
+        .build()
+        .await?)
+}

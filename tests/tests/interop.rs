@@ -4,21 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentd_e2e::{agentd, Env, Node, Server};
+use agentd_e2e::{agentd, serial_of, x509_source, Env, Node, Server};
 use spiffe::{SpiffeId, WorkloadApiClient, X509Source};
-
-fn serial_of(der: &[u8]) -> String {
-    let (_, c) = x509_parser::parse_x509_certificate(der).expect("leaf parses");
-    c.tbs_certificate.serial.to_str_radix(16)
-}
-
-async fn source(node: &Node) -> anyhow::Result<X509Source> {
-    Ok(X509Source::builder()
-        .endpoint(node.endpoint())
-        .initial_sync_timeout(Duration::from_secs(20))
-        .build()
-        .await?)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn x509_source_gets_the_svid_and_sees_it_rotate() -> anyhow::Result<()> {
@@ -29,7 +16,7 @@ async fn x509_source_gets_the_svid_and_sees_it_rotate() -> anyhow::Result<()> {
     server.register_own_uid(&node.spiffe_id, id, &["--x509-svid-ttl", "6s"])?;
     node.wait_for_svid(id)?;
 
-    let source = source(&node).await?;
+    let source = x509_source(&node).await?;
     let first = source.svid()?;
     assert_eq!(first.spiffe_id().to_string(), id);
     let first_serial = serial_of(first.leaf().as_bytes());

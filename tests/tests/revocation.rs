@@ -3,21 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use agentd_e2e::{agentd, spawn_node, wait_until, Env, Node, Server};
+use agentd_e2e::{agentd, serial_of, spawn_node, wait_until, x509_source, Env, Node, Server};
 use spiffe::{X509Source, X509SourceError};
-
-fn serial_of(der: &[u8]) -> String {
-    let (_, c) = x509_parser::parse_x509_certificate(der).expect("leaf parses");
-    c.tbs_certificate.serial.to_str_radix(16)
-}
-
-async fn source(node: &Node) -> anyhow::Result<X509Source> {
-    Ok(X509Source::builder()
-        .endpoint(node.endpoint())
-        .initial_sync_timeout(Duration::from_secs(20))
-        .build()
-        .await?)
-}
 
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
@@ -68,7 +55,7 @@ async fn revoking_an_entry_withdraws_its_svid_and_jwt_until_lifted() -> anyhow::
     let id = "spiffe://example.org/agent/revoked";
     let entry = server.register_own_uid(&node.spiffe_id, id, &[])?;
     node.wait_for_svid(id)?;
-    let source = source(&node).await?;
+    let source = x509_source(&node).await?;
     assert_eq!(source.svid()?.spiffe_id().to_string(), id);
 
     // A JWT-SVID fetched before the revocation validates now, and not after.
@@ -198,7 +185,7 @@ async fn revoking_an_svid_by_serial_brings_a_fresh_one() -> anyhow::Result<()> {
     let id = "spiffe://example.org/agent/reissued";
     server.register_own_uid(&node.spiffe_id, id, &["--x509-svid-ttl", "1h"])?;
     node.wait_for_svid(id)?;
-    let source = source(&node).await?;
+    let source = x509_source(&node).await?;
     let old = serial_of(source.svid()?.leaf().as_bytes());
 
     // openssl prints serials in upper case with colons; both forms are accepted.
@@ -310,7 +297,7 @@ async fn revoking_a_node_is_a_kill_switch() -> anyhow::Result<()> {
     server.register_own_uid(&other.spiffe_id, other_id, &[])?;
     node.wait_for_svid(id)?;
     other.wait_for_svid(other_id)?;
-    let source = source(&node).await?;
+    let source = x509_source(&node).await?;
     // A token made before the revocation, never used.
     let old_token = server.join_token(&node.spiffe_id)?;
 
@@ -465,7 +452,7 @@ async fn revoking_an_old_authority_drops_it_and_reissues_what_it_signed() -> any
     let id = "spiffe://example.org/agent/rekeyed";
     server.register_own_uid(&node.spiffe_id, id, &["--x509-svid-ttl", "1h"])?;
     node.wait_for_svid(id)?;
-    let source = source(&node).await?;
+    let source = x509_source(&node).await?;
     let old_serial = serial_of(source.svid()?.leaf().as_bytes());
     let authorities = json(&server.cli_ok(&["authority", "list", "--output", "json"])?);
     let old_x509 = authorities
