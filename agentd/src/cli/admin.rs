@@ -221,17 +221,7 @@ pub async fn entry(cmd: EntryCommand, out: Output) -> anyhow::Result<()> {
                     .map_err(status)?
                     .into_inner()
                     .entries;
-                out.print(
-                    &json!(list.iter().map(entry_json).collect::<Vec<_>>()),
-                    || {
-                        let mut s = format!("Found {} entries\n", list.len());
-                        for e in &list {
-                            s += "\n";
-                            s += &entry_text(e);
-                        }
-                        s
-                    },
-                );
+                out.print_list("entries", &list, entry_json, entry_text);
             }
         }
         EntryCommand::Update { id, fields, admin } => {
@@ -280,17 +270,7 @@ pub async fn node(cmd: NodeCommand, out: Output) -> anyhow::Result<()> {
                 .map_err(status)?
                 .into_inner()
                 .nodes;
-            out.print(
-                &json!(nodes.iter().map(node_json).collect::<Vec<_>>()),
-                || {
-                    let mut s = format!("Found {} attested nodes\n", nodes.len());
-                    for n in &nodes {
-                        s += "\n";
-                        s += &node_text(n);
-                    }
-                    s
-                },
-            );
+            out.print_list("attested nodes", &nodes, node_json, node_text);
         }
         NodeCommand::Show { spiffe_id, admin } => {
             let n = client(&admin.admin_socket)
@@ -320,7 +300,7 @@ pub async fn bundle(cmd: BundleCommand, out: Output) -> anyhow::Result<()> {
         BundleCommand::Crl { admin } => {
             let crls = client(&admin.admin_socket)
                 .await?
-                .get_crls(pb::GetCrlsRequest {})
+                .get_crls(agentd_proto::revocation::FetchCrlsRequest {})
                 .await
                 .map_err(status)?
                 .into_inner()

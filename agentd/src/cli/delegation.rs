@@ -28,10 +28,6 @@ fn ttl_secs(field: &str, raw: &Option<String>) -> anyhow::Result<i64> {
         .map(Option::unwrap_or_default)
 }
 
-fn admin_status(s: tonic::Status) -> anyhow::Error {
-    anyhow!("{}", s.message())
-}
-
 pub fn grant_json(g: &pb::Grant) -> serde_json::Value {
     json!({
         "id": g.id,
@@ -91,58 +87,38 @@ pub async fn grant(cmd: GrantCommand, out: Output) -> anyhow::Result<()> {
                 task_id: task.unwrap_or_default(),
                 max_depth,
             };
-            let g = admin_client(&admin.admin_socket)
+            let g = super::admin::client(&admin.admin_socket)
                 .await?
                 .create_grant(req)
                 .await
-                .map_err(admin_status)?
+                .map_err(super::admin::status)?
                 .into_inner();
             out.print(&grant_json(&g), || g.id.clone());
         }
         GrantCommand::List { agent, all, admin } => {
-            let list = admin_client(&admin.admin_socket)
+            let list = super::admin::client(&admin.admin_socket)
                 .await?
                 .list_grants(pb::ListGrantsRequest {
                     agent: agent.unwrap_or_default(),
                     include_expired: all,
                 })
                 .await
-                .map_err(admin_status)?
+                .map_err(super::admin::status)?
                 .into_inner()
                 .grants;
-            out.print(
-                &json!(list.iter().map(grant_json).collect::<Vec<_>>()),
-                || {
-                    let mut s = format!("Found {} grants\n", list.len());
-                    for g in &list {
-                        s += "\n";
-                        s += &grant_text(g);
-                    }
-                    s
-                },
-            );
+            out.print_list("grants", &list, grant_json, grant_text);
         }
         GrantCommand::Show { id, admin } => {
-            let g = admin_client(&admin.admin_socket)
+            let g = super::admin::client(&admin.admin_socket)
                 .await?
                 .get_grant(pb::GetGrantRequest { id })
                 .await
-                .map_err(admin_status)?
+                .map_err(super::admin::status)?
                 .into_inner();
             out.print(&grant_json(&g), || grant_text(&g));
         }
     }
     Ok(())
-}
-
-async fn admin_client(
-    path: &Path,
-) -> anyhow::Result<pb::admin_client::AdminClient<tonic::transport::Channel>> {
-    Ok(pb::admin_client::AdminClient::new(
-        super::admin::unix_channel(path)
-            .await
-            .context("is the server running? (--admin-socket)")?,
-    ))
 }
 
 type Client = DelegationClient<

@@ -25,6 +25,27 @@ impl Output {
     }
 }
 
+impl Output {
+    /// Prints a list: a JSON array, or "Found N <noun>" and each item's text.
+    pub fn print_list<T>(
+        self,
+        noun: &str,
+        items: &[T],
+        json: impl Fn(&T) -> serde_json::Value,
+        text: impl Fn(&T) -> String,
+    ) {
+        let values = serde_json::Value::Array(items.iter().map(&json).collect());
+        self.print(&values, || {
+            let mut s = format!("Found {} {noun}\n", items.len());
+            for item in items {
+                s += "\n";
+                s += &text(item);
+            }
+            s
+        });
+    }
+}
+
 /// RFC 3339 for a Unix timestamp (UTC).
 pub fn rfc3339(secs: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(secs)

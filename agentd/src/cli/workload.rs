@@ -144,7 +144,7 @@ async fn write_crls(dir: &Path, socket: &str) -> anyhow::Result<()> {
             ch,
             add_header as fn(_) -> _,
         )
-        .fetch_crls(agentd_proto::agentd_workload::FetchCrlsRequest {})
+        .fetch_crls(agentd_proto::revocation::FetchCrlsRequest {})
         .await
         .map_err(status)?
         .into_inner()

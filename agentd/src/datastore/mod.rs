@@ -98,9 +98,12 @@ pub trait DataStore: Send + Sync + Debug + 'static {
     async fn audit_head(&self) -> Result<Option<AuditHead>>;
 
     // Entry activity and owners (ownership and lifecycle).
-    /// Sets `last_issued` and adds the SVIDs to the live set of their entries.
+    /// Sets `last_issued` and adds the SVIDs to the live set of their entries. Activity is
+    /// statistics on the minting path: like `record_issued`, it is not flushed before it
+    /// returns (the backend makes it durable within a second); the audit log is the durable
+    /// record of each issuance.
     async fn note_issued(&self, issued: Vec<EntryIssuance>, now: i64) -> Result<()>;
-    /// Sets `last_fetched` of the entries.
+    /// Sets `last_fetched` of the entries (not flushed either).
     async fn note_fetched(&self, entries: Vec<EntryId>, now: i64) -> Result<()>;
     /// Activity of every entry that has any.
     async fn entry_activity(&self) -> Result<HashMap<EntryId, EntryActivity>>;

@@ -760,8 +760,8 @@ impl DataStore for SledStore {
             }
             batch.insert(id.as_bytes(), encode(&rec)?);
         }
-        self.entry_activity.apply_batch(batch).map_err(backend)?;
-        self.flush().await
+        // Statistics, on the minting and sync paths: not flushed here (see the trait).
+        self.entry_activity.apply_batch(batch).map_err(backend)
     }
 
     async fn note_fetched(&self, entries: Vec<EntryId>, now: i64) -> Result<()> {
@@ -778,8 +778,8 @@ impl DataStore for SledStore {
             rec.last_fetched = Some(rec.last_fetched.map_or(now, |t| t.max(now)));
             batch.insert(id.as_str().as_bytes(), encode(&rec)?);
         }
-        self.entry_activity.apply_batch(batch).map_err(backend)?;
-        self.flush().await
+        // Statistics, on the minting and sync paths: not flushed here (see the trait).
+        self.entry_activity.apply_batch(batch).map_err(backend)
     }
 
     async fn entry_activity(&self) -> Result<std::collections::HashMap<EntryId, EntryActivity>> {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use agentd_attestor::Selector;
 use agentd_proto::admin as pb;
 use agentd_proto::admin::admin_server::{Admin, AdminServer};
+use agentd_proto::revocation as rpb;
 use spiffe::SpiffeId;
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
@@ -407,7 +408,7 @@ fn status_to_proto(s: &EntryStatus) -> pb::Entry {
 
 /// One RFC 5280 CRL per X.509 authority in the bundle, listing its unexpired revoked
 /// serials; the CRL number is the revocation log's head, so it grows with every change.
-pub fn current_crls(state: &ServerState) -> Result<Vec<(String, Vec<u8>)>, crate::ca::CaError> {
+pub fn current_crls(state: &ServerState) -> Result<Vec<rpb::Crl>, crate::ca::CaError> {
     let now = state.clock.now();
     let now_secs = unix_seconds(now);
     let head = state.revocations.head();
@@ -427,7 +428,10 @@ pub fn current_crls(state: &ServerState) -> Result<Vec<(String, Vec<u8>)>, crate
                 })
                 .collect();
             let der = state.ca.crl_der(&a.id, &revoked, head, now)?;
-            Ok((a.id, der))
+            Ok(rpb::Crl {
+                authority_id: a.id,
+                der,
+            })
         })
         .collect()
 }
@@ -990,15 +994,10 @@ impl Admin for AdminApi {
 
     async fn get_crls(
         &self,
-        _request: Request<pb::GetCrlsRequest>,
-    ) -> Result<Response<pb::GetCrlsResponse>, Status> {
+        _request: Request<rpb::FetchCrlsRequest>,
+    ) -> Result<Response<rpb::FetchCrlsResponse>, Status> {
         let crls = current_crls(&self.state).map_err(AdminError::from)?;
-        Ok(Response::new(pb::GetCrlsResponse {
-            crls: crls
-                .into_iter()
-                .map(|(authority_id, der)| pb::Crl { authority_id, der })
-                .collect(),
-        }))
+        Ok(Response::new(rpb::FetchCrlsResponse { crls }))
     }
 
     async fn create_grant(

@@ -995,16 +995,13 @@ impl Node for NodeApi {
 
     async fn fetch_crls(
         &self,
-        request: Request<pb::FetchCrlsRequest>,
-    ) -> Result<Response<pb::FetchCrlsResponse>, Status> {
+        request: Request<agentd_proto::revocation::FetchCrlsRequest>,
+    ) -> Result<Response<agentd_proto::revocation::FetchCrlsResponse>, Status> {
         self.caller(request.extensions().get::<PeerIdentity>())
             .await?;
         let crls = super::admin::current_crls(&self.state).map_err(NodeApiError::from)?;
-        Ok(Response::new(pb::FetchCrlsResponse {
-            crls: crls
-                .into_iter()
-                .map(|(authority_id, der)| pb::Crl { authority_id, der })
-                .collect(),
+        Ok(Response::new(agentd_proto::revocation::FetchCrlsResponse {
+            crls,
         }))
     }
 

@@ -665,28 +665,19 @@ impl Revocations for RevocationsService {
 
     async fn fetch_crls(
         &self,
-        request: Request<apb::FetchCrlsRequest>,
-    ) -> Result<Response<apb::FetchCrlsResponse>, Status> {
+        request: Request<agentd_proto::revocation::FetchCrlsRequest>,
+    ) -> Result<Response<agentd_proto::revocation::FetchCrlsResponse>, Status> {
         check_header(&request)?;
         let mut client = self
             .link
             .client()
             .await
             .map_err(|e| Status::unavailable(format!("server: {e}")))?;
+        // The server's answer is passed on as it is: same message on both sockets.
         let crls = client
-            .fetch_crls(npb::FetchCrlsRequest {})
+            .fetch_crls(agentd_proto::revocation::FetchCrlsRequest {})
             .await
-            .map_err(|s| Status::unavailable(format!("server: {}", s.message())))?
-            .into_inner()
-            .crls;
-        Ok(Response::new(apb::FetchCrlsResponse {
-            crls: crls
-                .into_iter()
-                .map(|c| apb::Crl {
-                    authority_id: c.authority_id,
-                    der: c.der,
-                })
-                .collect(),
-        }))
+            .map_err(|s| Status::unavailable(format!("server: {}", s.message())))?;
+        Ok(crls)
     }
 }
