@@ -558,3 +558,28 @@ fn a_node_that_loses_the_feed_reports_unhealthy_and_fails_closed_when_configured
     );
     Ok(())
 }
+
+#[test]
+fn node_ban_is_revoke_node() -> anyhow::Result<()> {
+    let env = Env::new();
+    let server = Server::start(&env)?;
+    let id = "spiffe://example.org/node/banned";
+    let event = json(&server.cli_ok(&[
+        "node",
+        "ban",
+        "--spiffe-id",
+        id,
+        "--reason",
+        "stolen",
+        "--output",
+        "json",
+    ])?);
+    assert_eq!(event["kind"], "node");
+    assert_eq!(event["id"], id);
+    let listed = json(&server.cli_ok(&["revoke", "list", "--output", "json"])?);
+    assert_eq!(listed["events"][0]["reason"], "stolen", "{listed}");
+    let bad = server.cli(&["node", "ban", "--spiffe-id", "not-an-id"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("spiffe_id"));
+    Ok(())
+}

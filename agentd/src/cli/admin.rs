@@ -290,6 +290,10 @@ pub async fn node(cmd: NodeCommand, out: Output) -> anyhow::Result<()> {
                 .into_inner();
             out.print(&node_json(&n), || format!("Evicted node {}", n.spiffe_id));
         }
+        NodeCommand::Ban { spiffe_id, args } => {
+            return super::revoke::revoke(super::RevokeCommand::Node { spiffe_id, args }, out)
+                .await;
+        }
     }
     Ok(())
 }

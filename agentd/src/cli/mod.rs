@@ -260,6 +260,14 @@ pub enum NodeCommand {
         #[command(flatten)]
         admin: AdminSocketArg,
     },
+    /// Bans a node: the same as `agentd revoke node` (kill switch; its SVIDs are revoked and
+    /// it may not attest again until the revocation is lifted or a new join token is made).
+    Ban {
+        #[arg(long)]
+        spiffe_id: String,
+        #[command(flatten)]
+        args: RevokeArgs,
+    },
 }
 
 #[derive(Debug, Args)]
