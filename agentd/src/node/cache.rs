@@ -101,6 +101,9 @@ struct Inner {
     remint: std::collections::HashSet<String>,
     /// This node itself was revoked: nothing is served.
     node_revoked: bool,
+    /// Why an entry (by id) or this node (key `""`) stands revoked, for the message a
+    /// workload's stream ends with.
+    revoked_because: HashMap<String, String>,
     /// Grants revoked by the feed (directly, by cascade or by task): kept out of later
     /// syncs.
     revoked_grants: std::collections::HashSet<String>,
@@ -108,6 +111,19 @@ struct Inner {
     grants: Vec<NodeGrant>,
     /// Delegated SVIDs by (entry id, grant id).
     delegated: HashMap<(String, String), Arc<CachedX509Svid>>,
+}
+
+/// "revoked by entry <id> (revocation #N: reason)": what a workload is told.
+fn revoked_because(event: &RevocationEvent) -> String {
+    let reason = if event.reason.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", event.reason)
+    };
+    format!(
+        "revoked by {} (revocation #{}{reason})",
+        event.handle, event.sequence
+    )
 }
 
 /// What a workload is entitled to right now.
@@ -349,8 +365,10 @@ impl Cache {
             (RevocationAction::Revoke, handle) => {
                 let serials: std::collections::HashSet<&str> =
                     event.serials.iter().map(|s| s.serial.as_str()).collect();
+                let because = revoked_because(event);
                 if let RevocationHandle::Entry(id) = handle {
                     g.revoked_entries.insert(id.to_string());
+                    g.revoked_because.insert(id.to_string(), because.clone());
                     let before = g.entries.len();
                     g.entries.retain(|e| e.id != id.as_str());
                     changed |= g.entries.len() != before;
@@ -358,6 +376,7 @@ impl Cache {
                 }
                 if matches!(handle, RevocationHandle::Node(n) if n == own_id) {
                     g.node_revoked = true;
+                    g.revoked_because.insert(String::new(), because);
                     changed |= !g.entries.is_empty() || !g.x509.is_empty();
                     g.entries.clear();
                     g.x509.clear();
@@ -408,9 +427,11 @@ impl Cache {
             (RevocationAction::Lift { .. }, RevocationHandle::Entry(id)) => {
                 // The next sync brings the entry back.
                 g.revoked_entries.remove(id.as_str());
+                g.revoked_because.remove(id.as_str());
             }
             (RevocationAction::Lift { .. }, RevocationHandle::Node(n)) if n == own_id => {
                 g.node_revoked = false;
+                g.revoked_because.remove("");
             }
             (RevocationAction::Lift { .. }, _) => {}
         }
@@ -424,6 +445,21 @@ impl Cache {
     /// Completes when an SVID should be minted without waiting for the next tick.
     pub async fn mint_wanted(&self) {
         self.mint_now.notified().await
+    }
+
+    /// Why a workload that held SVIDs of `entry_ids` has none now, when a revocation is the
+    /// reason: this node's, or the first of those entries that stands revoked.
+    pub fn revoked_reason<'a>(
+        &self,
+        entry_ids: impl IntoIterator<Item = &'a str>,
+    ) -> Option<String> {
+        let g = self.read();
+        if g.node_revoked {
+            return g.revoked_because.get("").cloned();
+        }
+        entry_ids
+            .into_iter()
+            .find_map(|id| g.revoked_because.get(id).cloned())
     }
 
     /// Whether this node was revoked (a kill switch): it serves nothing until re-admitted.

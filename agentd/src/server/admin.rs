@@ -144,6 +144,12 @@ pub async fn serve(
             },
             Err(_) => true,
         })
+        // Any `:authority` is accepted on a Unix socket (net::authority).
+        .map(|conn| {
+            conn.map(|stream| {
+                crate::net::ConnWithInfo::new(crate::net::authority::AuthorityRewrite::new(stream), ())
+            })
+        })
     };
     let rpc_metrics = state.metrics.rpc_layer("admin");
     tonic::transport::Server::builder()

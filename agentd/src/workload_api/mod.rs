@@ -59,17 +59,26 @@ pub struct WorkloadConnInfo {
     pub connected_at: Option<u64>,
 }
 
-/// Records what the kernel says about a Workload API connection as it is accepted.
-fn accept_workload_conn(
-    inner: tokio::net::UnixStream,
-) -> crate::net::ConnWithInfo<tokio::net::UnixStream, WorkloadConnInfo> {
+/// A Workload API connection as the HTTP/2 server sees it: any `:authority` accepted (see
+/// `net::authority`), with what the kernel said about the peer.
+type WorkloadConn = crate::net::ConnWithInfo<
+    crate::net::authority::AuthorityRewrite<tokio::net::UnixStream>,
+    WorkloadConnInfo,
+>;
+
+/// Records what the kernel says about a Workload API connection as it is accepted (before
+/// anything is read from it).
+fn accept_workload_conn(inner: tokio::net::UnixStream) -> WorkloadConn {
     let connected_at = agentd_attestor::workload::boot_time_ticks().ok();
     let peer = inner.peer_cred().ok().map(|c| PeerCredentials {
         pid: c.pid(),
         uid: c.uid(),
         gid: c.gid(),
     });
-    crate::net::ConnWithInfo::new(inner, WorkloadConnInfo { peer, connected_at })
+    crate::net::ConnWithInfo::new(
+        crate::net::authority::AuthorityRewrite::new(inner),
+        WorkloadConnInfo { peer, connected_at },
+    )
 }
 
 /// Binds the Workload API socket. Like SPIRE's, it is connectable by every local user: the
@@ -407,11 +416,13 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let cache = self.cache.clone();
         let clock = self.clock.clone();
         let api = self.clone();
+        let mut served: Vec<String> = view.svids.iter().map(|s| s.entry_id.clone()).collect();
         let stream = spawn_stream(self.cache.clone(), first, key, move || {
             api.ready()?;
             let view = cache.view_for(&selectors, clock.now());
             match x509_response(&view) {
                 Some(msg) => {
+                    served = view.svids.iter().map(|s| s.entry_id.clone()).collect();
                     // A rotated SVID pushed on a stream is a fetch too. Noted even when the
                     // snapshot is unchanged: the workload still holds and uses them.
                     cache.note_fetched(view.svids.iter().map(|s| s.entry_id.clone()));
@@ -420,9 +431,15 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 // A revoked SVID was dropped and its replacement is being minted: the next
                 // change brings it.
                 None if view.reminting => Ok(None),
-                // Every identity is gone (entry deleted or revoked, expired): say so and end
-                // the stream.
-                None => Err(Status::permission_denied(NO_IDENTITY)),
+                // Every identity is gone (entry deleted or revoked, expired): say so, and by
+                // which revocation if one is the reason, and end the stream. Clients match
+                // the "no identity issued" prefix, so it stays first.
+                None => Err(Status::permission_denied(
+                    match cache.revoked_reason(served.iter().map(String::as_str)) {
+                        Some(why) => format!("{NO_IDENTITY}: {why}"),
+                        None => NO_IDENTITY.to_string(),
+                    },
+                )),
             }
         });
         Ok(Response::new(stream))

@@ -2,6 +2,8 @@
 //! directories we accept, gRPC over a Unix socket, and server connections that carry what the
 //! kernel or the TLS handshake told us about the peer to the tonic handlers.
 
+pub mod authority;
+
 use std::io;
 use std::path::Path;
 use std::pin::Pin;
