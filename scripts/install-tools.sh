@@ -20,3 +20,46 @@ if command -v rustup >/dev/null 2>&1; then
         fi
     done
 fi
+
+# Third-party Workload API clients the interop tests drive (tests/tests/interop_clients.rs):
+# py-spiffe on grpcio in a venv, and Node's grpc-js, both under the target dir.
+INTEROP="${CARGO_TARGET_DIR:-$(cd "$(dirname "$0")/.." && pwd)/target}/interop"
+PY_PACKAGES=(spiffe==0.3.2 grpcio==1.85.3)
+NODE_PACKAGES=(@grpc/grpc-js@1.14.7 @grpc/proto-loader@0.8.1)
+
+if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+    if command -v apt-get >/dev/null 2>&1; then
+        echo "installing python3 and python3-venv" >&2
+        SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+        $SUDO apt-get update -qq && $SUDO apt-get install -y -qq python3 python3-venv >/dev/null
+    else
+        echo "python3 with venv is required for the interop tests; please install it" >&2
+        exit 1
+    fi
+fi
+stamp="$INTEROP/venv/.installed"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "${PY_PACKAGES[*]}" ]; then
+    echo "installing ${PY_PACKAGES[*]} into $INTEROP/venv" >&2
+    mkdir -p "$INTEROP"
+    python3 -m venv "$INTEROP/venv"
+    "$INTEROP/venv/bin/pip" install -q --disable-pip-version-check "${PY_PACKAGES[@]}" >&2
+    echo "${PY_PACKAGES[*]}" > "$stamp"
+fi
+
+if ! command -v npm >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1; then
+        echo "installing nodejs and npm" >&2
+        SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+        $SUDO apt-get update -qq && $SUDO apt-get install -y -qq nodejs npm >/dev/null
+    else
+        echo "node and npm are required for the interop tests; please install them" >&2
+        exit 1
+    fi
+fi
+stamp="$INTEROP/node/.installed"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "${NODE_PACKAGES[*]}" ]; then
+    echo "installing ${NODE_PACKAGES[*]} into $INTEROP/node" >&2
+    mkdir -p "$INTEROP/node"
+    (cd "$INTEROP/node" && npm install --silent --no-audit --no-fund --no-save "${NODE_PACKAGES[@]}" >&2)
+    echo "${NODE_PACKAGES[*]}" > "$stamp"
+fi

@@ -598,3 +598,85 @@ pub async fn x509_source(node: &Node) -> anyhow::Result<spiffe::X509Source> {
         .build()
         .await?)
 }
+
+/// Where `scripts/install-tools.sh` (run by `make test` and CI) puts the third-party clients
+/// the interop tests drive: a venv with py-spiffe and grpcio, and Node's grpc-js.
+pub fn interop_dir() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+        .join("interop")
+}
+
+/// The venv's `python` with py-spiffe and grpcio. Fails, naming what is missing and how to
+/// get it, when the venv is not there: a missing client is a failure, never a skip.
+pub fn interop_python() -> anyhow::Result<PathBuf> {
+    let python = interop_dir().join("venv/bin/python");
+    if !python.exists() {
+        bail!(
+            "py-spiffe is not installed: {} is missing; run `make tools` \
+             (scripts/install-tools.sh installs spiffe and grpcio into that venv)",
+            python.display()
+        );
+    }
+    Ok(python)
+}
+
+/// `node` with `NODE_PATH` at the installed @grpc/grpc-js and @grpc/proto-loader.
+pub fn interop_node() -> anyhow::Result<Command> {
+    let modules = interop_dir().join("node/node_modules");
+    if !modules.join("@grpc/grpc-js").exists() {
+        bail!(
+            "@grpc/grpc-js is not installed: {} is missing; run `make tools` \
+             (scripts/install-tools.sh installs it with npm)",
+            modules.join("@grpc/grpc-js").display()
+        );
+    }
+    let mut cmd = Command::new("node");
+    cmd.env("NODE_PATH", modules);
+    Ok(cmd)
+}
+
+/// The checked-in directory of a test asset (`tests/interop/...`, `examples/...`).
+pub fn repo_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+}
+
+/// Runs a client program to completion (at most `within`) and parses the one JSON object it
+/// prints; fails with its stderr when it exits non-zero.
+pub fn run_json_client(mut cmd: Command, within: Duration) -> anyhow::Result<serde_json::Value> {
+    let shown = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {shown}"))?;
+    let deadline = Instant::now() + within;
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output()?;
+            bail!(
+                "{shown} did not finish within {within:?}; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "{shown} failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "{shown} printed no JSON: {:?}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}

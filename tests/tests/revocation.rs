@@ -94,6 +94,13 @@ async fn revoking_an_entry_withdraws_its_svid_and_jwt_until_lifted() -> anyhow::
         ])
     };
     assert!(validate().status.success());
+    // `api watch` holds a stream open across the revocation.
+    let sock = node.socket_arg();
+    let watch = std::process::Command::new(agentd_e2e::agentd_bin())
+        .args(["api", "watch", "--socket-path", &sock])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
 
     let revoked_at = Instant::now();
     let out = server.cli_ok(&[
@@ -124,6 +131,16 @@ async fn revoking_an_entry_withdraws_its_svid_and_jwt_until_lifted() -> anyhow::
     // The workload's stream is updated: the source reports the SVID withdrawn.
     let _ = source_until(&source, Duration::from_secs(5), withdrawn).await?;
     assert!(revoked_at.elapsed() < Duration::from_secs(5));
+    // The watch ends, saying which revocation took the identity away.
+    let watched = watch.wait_with_output()?;
+    assert!(!watched.status.success());
+    let stderr = String::from_utf8_lossy(&watched.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "no identity issued: revoked by entry {entry} (revocation #{sequence}: key leaked)"
+        )),
+        "{stderr}"
+    );
     let out = fetch_x509(&node);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no identity issued"));
