@@ -37,6 +37,9 @@ pub enum DataStoreError {
     DuplicateGrant { id: String },
     #[error("store backend: {reason}")]
     Backend { reason: String },
+    /// Another process holds the store's lock (a second server on the same data dir).
+    #[error("{path} is locked: another process is using it")]
+    InUse { path: String },
 }
 
 pub type Result<T> = std::result::Result<T, DataStoreError>;

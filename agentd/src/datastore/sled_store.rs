@@ -79,9 +79,7 @@ impl SledStore {
         let db = sled::Config::new()
             .path(dir)
             .open()
-            .map_err(|e| DataStoreError::Backend {
-                reason: format!("opening {}: {e}", dir.display()),
-            })?;
+            .map_err(|e| open_error(dir, e))?;
         Ok(Self {
             entries: db.open_tree(ENTRIES).map_err(backend)?,
             nodes: db.open_tree(NODES).map_err(backend)?,
@@ -116,6 +114,22 @@ impl SledStore {
                 decode::<EntryRecord>(&k, &v)?.into_entry(&k)
             })
             .collect()
+    }
+}
+
+/// sled reports a store locked by another process as a generic I/O error whose message
+/// starts with this (sled 0.34, `Config::open_file`); the lock is an exclusive flock on the
+/// store's `db` file.
+const SLED_LOCKED: &str = "could not acquire lock on";
+
+fn open_error(dir: &Path, e: sled::Error) -> DataStoreError {
+    match &e {
+        sled::Error::Io(io) if io.to_string().starts_with(SLED_LOCKED) => DataStoreError::InUse {
+            path: dir.display().to_string(),
+        },
+        _ => DataStoreError::Backend {
+            reason: format!("opening {}: {e}", dir.display()),
+        },
     }
 }
 
@@ -947,6 +961,18 @@ mod tests {
             hint: String::new(),
             scopes: vec!["crm:read".into()],
             owner: Some("alice@example.com".into()),
+        }
+    }
+
+    #[test]
+    fn a_store_open_elsewhere_is_in_use_naming_its_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = SledStore::open(dir.path()).unwrap();
+        match SledStore::open(dir.path()) {
+            Err(DataStoreError::InUse { path }) => {
+                assert_eq!(path, dir.path().display().to_string())
+            }
+            other => panic!("expected InUse, got {other:?}"),
         }
     }
 

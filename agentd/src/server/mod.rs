@@ -40,6 +40,8 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("another server is using the data dir {path} (its datastore is locked); stop it, or give this one another --data-dir")]
+    DataDirInUse { path: String },
     #[error("binding {what} {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -130,7 +132,14 @@ impl Server {
             None => None,
         };
         create_private_dir(&cfg.data_dir)?;
-        let store: Arc<dyn DataStore> = Arc::new(SledStore::open(&cfg.data_dir.join("datastore"))?);
+        let store: Arc<dyn DataStore> = Arc::new(
+            SledStore::open(&cfg.data_dir.join("datastore")).map_err(|e| match e {
+                DataStoreError::InUse { .. } => ServerError::DataDirInUse {
+                    path: cfg.data_dir.display().to_string(),
+                },
+                other => ServerError::Store(other),
+            })?,
+        );
         let _ = store_slot.set(store.clone());
         readiness.set(conditions::STORE_OPEN, true);
         let ca = Arc::new(CertificateAuthority::load_or_create(
