@@ -335,8 +335,15 @@ pub async fn api(cmd: ApiCommand, out: Output) -> anyhow::Result<()> {
                 .iter()
                 .map(|s| format!("{}:{}", s.r#type, s.value))
                 .collect();
+            // Why a selector is missing goes to stderr in text (stdout keeps the selectors),
+            // and into the one JSON value with --output json.
+            if out == Output::Text {
+                for note in &resp.notes {
+                    eprintln!("note: {note}");
+                }
+            }
             out.print(
-                &json!({"selectors": selectors, "spiffe_ids": resp.spiffe_ids}),
+                &json!({"selectors": selectors, "spiffe_ids": resp.spiffe_ids, "notes": resp.notes}),
                 || {
                     let mut t = String::from("Selectors of this process:\n");
                     for s in &selectors {

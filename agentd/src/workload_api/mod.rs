@@ -215,6 +215,14 @@ impl WorkloadApi {
     /// against the connection's accept time. Attestation reads files (and may hash a binary
     /// the first time it is seen), so it runs on the blocking pool, never on the runtime.
     async fn attest<T>(&self, req: &Request<T>) -> Result<Vec<Selector>, Status> {
+        Ok(self.attest_explained(req).await?.selectors)
+    }
+
+    /// As [`Self::attest`], with the attestors' notes on the selectors they left out.
+    async fn attest_explained<T>(
+        &self,
+        req: &Request<T>,
+    ) -> Result<agentd_attestor::workload::Attestation, Status> {
         let info = req
             .extensions()
             .get::<WorkloadConnInfo>()
@@ -225,14 +233,14 @@ impl WorkloadApi {
             .ok_or_else(|| Status::internal("no peer credentials on the connection"))?;
         let attestors = self.attestors.clone();
         let result = tokio::task::spawn_blocking(move || {
-            attestors.attest_connection(&peer, info.connected_at)
+            attestors.attest_connection_explained(&peer, info.connected_at)
         })
         .await
         .map_err(|e| Status::internal(format!("attestation task: {e}")))?;
         match result {
-            Ok(s) => {
-                tracing::debug!(pid = ?peer.pid, uid = peer.uid, selectors = ?s.iter().map(ToString::to_string).collect::<Vec<_>>(), "workload attested");
-                Ok(s)
+            Ok(a) => {
+                tracing::debug!(pid = ?peer.pid, uid = peer.uid, selectors = ?a.selectors.iter().map(ToString::to_string).collect::<Vec<_>>(), "workload attested");
+                Ok(a)
             }
             Err(e) => {
                 tracing::warn!(pid = ?peer.pid, uid = peer.uid, reason = %e, "workload attestation failed");
@@ -635,10 +643,14 @@ impl Selectors for SelectorsService {
         request: Request<apb::GetSelectorsRequest>,
     ) -> Result<Response<apb::GetSelectorsResponse>, Status> {
         check_header(&request)?;
-        let selectors = self.api.attest(&request).await?;
-        let view = self.api.cache.view_for(&selectors, self.api.clock.now());
+        let attested = self.api.attest_explained(&request).await?;
+        let view = self
+            .api
+            .cache
+            .view_for(&attested.selectors, self.api.clock.now());
         Ok(Response::new(apb::GetSelectorsResponse {
-            selectors: selectors
+            selectors: attested
+                .selectors
                 .iter()
                 .map(|s| apb::Selector {
                     r#type: s.kind().to_string(),
@@ -650,6 +662,7 @@ impl Selectors for SelectorsService {
                 .iter()
                 .map(|e| e.spiffe_id.to_string())
                 .collect(),
+            notes: attested.notes,
         }))
     }
 }

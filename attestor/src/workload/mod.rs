@@ -59,6 +59,15 @@ pub enum AttestError {
     },
 }
 
+/// Selectors, and why the attestors left out some that they give other callers (e.g. no
+/// `unix:sha256` for a binary above `max_binary_size`): what `agentd api selectors` shows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Attestation {
+    pub selectors: Vec<Selector>,
+    /// One sentence each, naming the selector left out and why.
+    pub notes: Vec<String>,
+}
+
 /// A workload attestor.
 pub trait WorkloadAttestor: Send + Sync + std::fmt::Debug {
     /// The attestor's name, e.g. `unix` (the selector type of most of what it produces).
@@ -73,6 +82,19 @@ pub trait WorkloadAttestor: Send + Sync + std::fmt::Debug {
         process: Option<&ProcessSnapshot>,
     ) -> Result<Vec<Selector>, AttestError>;
 
+    /// As [`Self::attest_process`], with notes on the selectors left out. The default has
+    /// no notes.
+    fn attest_process_explained(
+        &self,
+        peer: &PeerCredentials,
+        process: Option<&ProcessSnapshot>,
+    ) -> Result<Attestation, AttestError> {
+        Ok(Attestation {
+            selectors: self.attest_process(peer, process)?,
+            notes: Vec::new(),
+        })
+    }
+
     /// Selectors for the caller, read from the real /proc with the same checks as
     /// [`WorkloadAttestors::attest`]. When several attestors run on one call, use
     /// [`WorkloadAttestors`] instead, so that /proc is read once for all of them.
@@ -84,12 +106,12 @@ pub trait WorkloadAttestor: Send + Sync + std::fmt::Debug {
 static REAL_PROC: LazyLock<Arc<dyn ProcSource>> = LazyLock::new(|| Arc::new(ProcFs::default()));
 
 /// Takes the snapshot, checks the credentials, runs `attest`, checks the start time again.
-fn attest_checked(
+fn attest_checked<T>(
     peer: &PeerCredentials,
     connected_at: Option<u64>,
     source: &Arc<dyn ProcSource>,
-    attest: impl FnOnce(Option<&ProcessSnapshot>) -> Result<Vec<Selector>, AttestError>,
-) -> Result<Vec<Selector>, AttestError> {
+    attest: impl FnOnce(Option<&ProcessSnapshot>) -> Result<T, AttestError>,
+) -> Result<T, AttestError> {
     // No pid (or 0: the caller is in a pid namespace we cannot see into): only the peer
     // credentials are known, and only selectors from them are given.
     let snapshot = match peer.pid {
@@ -237,6 +259,24 @@ impl WorkloadAttestors {
                 selectors.extend(a.attest_process(peer, process)?);
             }
             Ok(selectors)
+        })
+    }
+
+    /// As [`Self::attest_connection`], with each attestor's notes on the selectors it left
+    /// out.
+    pub fn attest_connection_explained(
+        &self,
+        peer: &PeerCredentials,
+        connected_at: Option<u64>,
+    ) -> Result<Attestation, AttestError> {
+        attest_checked(peer, connected_at, &self.source, |process| {
+            let mut all = Attestation::default();
+            for a in &self.attestors {
+                let one = a.attest_process_explained(peer, process)?;
+                all.selectors.extend(one.selectors);
+                all.notes.extend(one.notes);
+            }
+            Ok(all)
         })
     }
 }

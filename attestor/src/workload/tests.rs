@@ -328,6 +328,40 @@ fn binaries_over_the_size_limit_get_no_hash() {
 }
 
 #[test]
+fn a_binary_left_unhashed_is_explained_in_a_note() {
+    let f = fixture();
+    let fake = Arc::new(FakeProc::new(vec![Ok(stat_line(100, 'S'))], f.exe.clone()));
+    let explained = |max: u64| {
+        WorkloadAttestors::new(vec![Box::new(f.unix().with_max_binary_size(max))])
+            .with_proc_source(fake.clone())
+            .attest_connection_explained(&PEER, None)
+            .unwrap()
+    };
+    // The fixture's binary is 5 bytes ("hello").
+    let over = explained(4);
+    assert!(strings(&over.selectors)
+        .iter()
+        .all(|s| !s.starts_with("unix:sha256:")));
+    assert_eq!(over.notes.len(), 1, "{:?}", over.notes);
+    assert!(
+        over.notes[0].contains("unix:sha256")
+            && over.notes[0].contains("5 bytes")
+            && over.notes[0].contains("max_binary_size (4 bytes)"),
+        "{:?}",
+        over.notes
+    );
+    let off = explained(0);
+    assert!(
+        off.notes[0].contains("max_binary_size = 0"),
+        "{:?}",
+        off.notes
+    );
+    let hashed = explained(5);
+    assert!(hashed.notes.is_empty(), "{:?}", hashed.notes);
+    assert!(strings(&hashed.selectors).contains(&format!("unix:sha256:{HELLO_SHA256}")));
+}
+
+#[test]
 fn deleted_binary_gets_no_path() {
     let f = fixture();
     let mut fake = FakeProc::new(vec![Ok(stat_line(100, 'S'))], f.exe.clone());

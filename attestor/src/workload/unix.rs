@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use super::process::{FileVersion, ProcessSnapshot};
-use super::{AttestError, PeerCredentials, WorkloadAttestor};
+use super::{AttestError, Attestation, PeerCredentials, WorkloadAttestor};
 use crate::Selector;
 
 /// Binaries larger than this get no `unix:sha256` selector unless configured otherwise.
@@ -65,20 +65,29 @@ impl UnixAttestor {
     }
 
     /// The SHA-256 (hex) of the binary `process` runs, from the cache when that version of
-    /// the file was hashed before.
-    fn binary_sha256(&self, process: &ProcessSnapshot) -> Option<Arc<str>> {
+    /// the file was hashed before; or why there is none, as a note for the caller.
+    fn binary_sha256(&self, process: &ProcessSnapshot) -> Result<Arc<str>, String> {
         if self.max_binary_size == 0 {
-            return None;
+            return Err(
+                "no unix:sha256 selector: binary hashing is off (max_binary_size = 0)".into(),
+            );
         }
         let version = match process.exe_version() {
             Ok(v) => v,
             Err(e) => {
                 tracing::debug!(pid = process.pid(), reason = e, "no unix:sha256 selector");
-                return None;
+                return Err(format!("no unix:sha256 selector: {e}"));
             }
         };
+        let too_large = |size: u64| {
+            format!(
+                "no unix:sha256 selector: the binary is {size} bytes, more than max_binary_size \
+                 ({} bytes) in the node agent's [workload_attestors.unix] config",
+                self.max_binary_size
+            )
+        };
         if let Some(hit) = self.lock_hashes().get(&version) {
-            return hit.clone();
+            return hit.clone().ok_or_else(|| too_large(version.size));
         }
         let hash = if version.size > self.max_binary_size {
             tracing::warn!(
@@ -94,7 +103,7 @@ impl UnixAttestor {
                 Err(reason) => {
                     // Not cached: the file may be readable next time.
                     tracing::warn!(pid = process.pid(), %reason, "no unix:sha256 selector");
-                    return None;
+                    return Err(format!("no unix:sha256 selector: {reason}"));
                 }
             }
         };
@@ -103,7 +112,7 @@ impl UnixAttestor {
             hashes.clear();
         }
         hashes.insert(version, hash.clone());
-        hash
+        hash.ok_or_else(|| too_large(version.size))
     }
 
     fn lock_hashes(&self) -> std::sync::MutexGuard<'_, HashMap<FileVersion, Option<Arc<str>>>> {
@@ -224,6 +233,15 @@ impl WorkloadAttestor for UnixAttestor {
         peer: &PeerCredentials,
         process: Option<&ProcessSnapshot>,
     ) -> Result<Vec<Selector>, AttestError> {
+        Ok(self.attest_process_explained(peer, process)?.selectors)
+    }
+
+    fn attest_process_explained(
+        &self,
+        peer: &PeerCredentials,
+        process: Option<&ProcessSnapshot>,
+    ) -> Result<Attestation, AttestError> {
+        let mut notes = Vec::new();
         let mut out = Vec::with_capacity(8);
         let mut push = |value: String| {
             // Values built here are always valid; an invalid account name is skipped.
@@ -240,7 +258,10 @@ impl WorkloadAttestor for UnixAttestor {
             push(format!("group:{group}"));
         }
         let Some(process) = process else {
-            return Ok(out);
+            return Ok(Attestation {
+                selectors: out,
+                notes,
+            });
         };
         match process.status() {
             Ok(status) => {
@@ -272,10 +293,14 @@ impl WorkloadAttestor for UnixAttestor {
             ),
             Err(reason) => tracing::debug!(pid = process.pid(), reason, "no unix:path selector"),
         }
-        if let Some(hash) = self.binary_sha256(process) {
-            push(format!("sha256:{hash}"));
+        match self.binary_sha256(process) {
+            Ok(hash) => push(format!("sha256:{hash}")),
+            Err(note) => notes.push(note),
         }
-        Ok(out)
+        Ok(Attestation {
+            selectors: out,
+            notes,
+        })
     }
 }
 
