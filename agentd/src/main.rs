@@ -7,17 +7,12 @@ use clap::Parser as _;
 async fn main() -> std::process::ExitCode {
     let cli = match agentd::cli::Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) if !e.use_stderr() => {
-            // --help and --version.
-            let _ = e.print();
-            return std::process::ExitCode::SUCCESS;
-        }
         Err(e) => {
-            // One clear line: clap's first line names the bad argument.
-            let rendered = e.render().to_string();
-            let first = rendered.lines().next().unwrap_or("invalid arguments");
-            eprintln!("{first} (see agentd --help)");
-            return std::process::ExitCode::from(2);
+            // --help and --version (stdout, exit 0), or a usage error: clap's whole message,
+            // which names the argument, lists the valid values and suggests close matches
+            // (stderr, exit 2).
+            let _ = e.print();
+            return std::process::ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
         }
     };
     match agentd::cli::run(cli).await {

@@ -10,8 +10,8 @@ use tonic::transport::Channel;
 
 use super::output::rfc3339;
 use super::{
-    AuthorityCommand, BundleCommand, BundleFormat, EntryCommand, EntryFields, NodeCommand, Output,
-    TokenCommand,
+    AuthorityCommand, BundleCommand, BundleFormat, EntryCommand, EntryCreateArgs, EntryFilterArgs,
+    NodeCommand, Output, TokenCommand,
 };
 use crate::ttl::Ttl;
 
@@ -33,14 +33,10 @@ pub fn status(s: tonic::Status) -> anyhow::Error {
     anyhow!("{}", s.message())
 }
 
-pub(super) fn ttl_secs(field: &str, raw: &Option<String>) -> anyhow::Result<Option<i64>> {
-    raw.as_deref()
-        .map(|s| {
-            s.parse::<Ttl>()
-                .map(|t| t.as_secs() as i64)
-                .map_err(|e| anyhow!("{field}: {e}"))
-        })
-        .transpose()
+/// A TTL flag as proto seconds, where 0 means "the server's default". Clap parsed it: it is
+/// within [1 s, 366 d].
+pub(super) fn ttl_secs(ttl: Option<Ttl>) -> i64 {
+    ttl.map_or(0, |t| i64::try_from(t.as_secs()).unwrap_or(i64::MAX))
 }
 
 pub fn entry_json(e: &pb::Entry) -> serde_json::Value {
@@ -140,7 +136,7 @@ pub async fn token(cmd: TokenCommand, out: Output) -> anyhow::Result<()> {
         ttl,
         admin,
     } = cmd;
-    let ttl_seconds = ttl_secs("ttl", &ttl)?.unwrap_or(0);
+    let ttl_seconds = ttl_secs(ttl);
     let t = client(&admin.admin_socket)
         .await?
         .create_join_token(pb::CreateJoinTokenRequest {
@@ -157,93 +153,145 @@ pub async fn token(cmd: TokenCommand, out: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn spec_from_fields(f: EntryFields) -> anyhow::Result<pb::EntrySpec> {
-    Ok(pb::EntrySpec {
-        spiffe_id: f
-            .spiffe_id
-            .ok_or_else(|| anyhow!("--spiffe-id is required"))?,
-        parent_id: f
-            .parent_id
-            .ok_or_else(|| anyhow!("--parent-id is required"))?,
-        selectors: f.selectors,
-        x509_svid_ttl_seconds: ttl_secs("x509_svid_ttl", &f.x509_svid_ttl)?.unwrap_or(0),
-        jwt_svid_ttl_seconds: ttl_secs("jwt_svid_ttl", &f.jwt_svid_ttl)?.unwrap_or(0),
-        dns_names: f.dns_names,
-        hint: f.hint.unwrap_or_default(),
-        scopes: f.scopes,
-        owner: f.owner.unwrap_or_default(),
-    })
+fn spec_from_args(a: EntryCreateArgs) -> pb::EntrySpec {
+    pb::EntrySpec {
+        spiffe_id: a.spiffe_id,
+        parent_id: a.parent_id,
+        selectors: a.selectors,
+        x509_svid_ttl_seconds: ttl_secs(a.x509_svid_ttl),
+        jwt_svid_ttl_seconds: ttl_secs(a.jwt_svid_ttl),
+        dns_names: a.options.dns_names,
+        hint: a.options.hint.unwrap_or_default(),
+        scopes: a.options.scopes,
+        owner: a.options.owner.unwrap_or_default(),
+    }
+}
+
+fn list_request(f: EntryFilterArgs) -> pb::ListEntriesRequest {
+    pb::ListEntriesRequest {
+        spiffe_id: f.spiffe_id.unwrap_or_default(),
+        parent_id: f.parent_id.unwrap_or_default(),
+        selector: f.selector.unwrap_or_default(),
+        stale_seconds: ttl_secs(f.stale),
+        orphaned: f.orphaned,
+    }
+}
+
+async fn list_entries(
+    c: &mut AdminClient<Channel>,
+    filter: EntryFilterArgs,
+    out: Output,
+) -> anyhow::Result<()> {
+    let list = c
+        .list_entries(list_request(filter))
+        .await
+        .map_err(status)?
+        .into_inner()
+        .entries;
+    out.print_list("entries", &list, entry_json, entry_text);
+    Ok(())
+}
+
+/// Whether a node agent can serve entries under `parent_id` today: an attested node has
+/// that ID, or it is the server's own ID (a node-set alias is parented to it), or a
+/// node-set alias (an entry parented to the server) has that ID.
+async fn parent_is_known(c: &mut AdminClient<Channel>, parent_id: &str) -> anyhow::Result<bool> {
+    let info = c
+        .get_server_info(pb::GetServerInfoRequest {})
+        .await
+        .map_err(status)?
+        .into_inner();
+    let server_id = spiffe::TrustDomain::new(&info.trust_domain)
+        .map(|td| crate::tls::server_spiffe_id(&td).to_string())
+        .map_err(|e| anyhow!("the server's trust domain {:?}: {e}", info.trust_domain))?;
+    if parent_id == server_id {
+        return Ok(true);
+    }
+    match c
+        .get_node(pb::GetNodeRequest {
+            spiffe_id: parent_id.to_string(),
+        })
+        .await
+    {
+        Ok(_) => return Ok(true),
+        Err(s) if s.code() == tonic::Code::NotFound => {}
+        Err(s) => return Err(status(s)),
+    }
+    let aliases = c
+        .list_entries(pb::ListEntriesRequest {
+            spiffe_id: parent_id.to_string(),
+            parent_id: server_id,
+            ..Default::default()
+        })
+        .await
+        .map_err(status)?
+        .into_inner()
+        .entries;
+    Ok(!aliases.is_empty())
+}
+
+/// A warning on stderr (stdout keeps the command's output alone) when an entry's parent is
+/// neither an attested node nor a node-set alias: the entry is kept, as a pre-registration,
+/// but no node agent serves it until a node attests with that ID.
+async fn warn_unknown_parent(c: &mut AdminClient<Channel>, parent_id: &str) {
+    match parent_is_known(c, parent_id).await {
+        Ok(true) => {}
+        Ok(false) => eprintln!(
+            "warning: parent_id: no attested node or node-set alias is {parent_id}: the entry \
+             is stored, and served once a node agent attests with that SPIFFE ID"
+        ),
+        Err(e) => eprintln!("warning: parent_id: could not check {parent_id}: {e:#}"),
+    }
 }
 
 pub async fn entry(cmd: EntryCommand, out: Output) -> anyhow::Result<()> {
     match cmd {
-        EntryCommand::Create { fields, admin } => {
-            if fields.selectors.is_empty() {
-                return Err(anyhow!("selector: at least one --selector is required"));
-            }
-            let spec = spec_from_fields(fields)?;
-            let e = client(&admin.admin_socket)
-                .await?
-                .create_entry(spec)
-                .await
-                .map_err(status)?
-                .into_inner();
+        EntryCommand::Create { args, admin } => {
+            let spec = spec_from_args(args);
+            let parent_id = spec.parent_id.clone();
+            let mut c = client(&admin.admin_socket).await?;
+            let e = c.create_entry(spec).await.map_err(status)?.into_inner();
+            warn_unknown_parent(&mut c, &parent_id).await;
             out.print(&entry_json(&e), || e.id.clone());
         }
-        EntryCommand::Show {
-            id,
-            spiffe_id,
-            parent_id,
-            selector,
-            stale,
-            orphaned,
-            admin,
-        } => {
-            let stale_seconds = ttl_secs("stale", &stale)?.unwrap_or(0);
+        EntryCommand::Show { id, filter, admin } => {
             let mut c = client(&admin.admin_socket).await?;
-            if let Some(id) = id {
-                let e = c
-                    .get_entry(pb::GetEntryRequest { id })
-                    .await
-                    .map_err(status)?
-                    .into_inner();
-                out.print(&entry_json(&e), || entry_text(&e));
-            } else {
-                let list = c
-                    .list_entries(pb::ListEntriesRequest {
-                        spiffe_id: spiffe_id.unwrap_or_default(),
-                        parent_id: parent_id.unwrap_or_default(),
-                        selector: selector.unwrap_or_default(),
-                        stale_seconds,
-                        orphaned,
-                    })
-                    .await
-                    .map_err(status)?
-                    .into_inner()
-                    .entries;
-                out.print_list("entries", &list, entry_json, entry_text);
+            match id {
+                Some(id) => {
+                    let e = c
+                        .get_entry(pb::GetEntryRequest { id })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    out.print(&entry_json(&e), || entry_text(&e));
+                }
+                None => list_entries(&mut c, filter, out).await?,
             }
         }
-        EntryCommand::Update { id, fields, admin } => {
+        EntryCommand::List { filter, admin } => {
+            let mut c = client(&admin.admin_socket).await?;
+            list_entries(&mut c, filter, out).await?;
+        }
+        EntryCommand::Update { args, admin } => {
             let list = |v: Vec<String>| (!v.is_empty()).then_some(pb::StringList { values: v });
+            let new_parent = args.parent_id.clone();
             let req = pb::UpdateEntryRequest {
-                id,
-                x509_svid_ttl_seconds: ttl_secs("x509_svid_ttl", &fields.x509_svid_ttl)?,
-                jwt_svid_ttl_seconds: ttl_secs("jwt_svid_ttl", &fields.jwt_svid_ttl)?,
-                spiffe_id: fields.spiffe_id,
-                parent_id: fields.parent_id,
-                selectors: list(fields.selectors),
-                dns_names: list(fields.dns_names),
-                hint: fields.hint,
-                scopes: list(fields.scopes),
-                owner: fields.owner,
+                id: args.id,
+                x509_svid_ttl_seconds: args.x509_svid_ttl.map(|t| ttl_secs(Some(t))),
+                jwt_svid_ttl_seconds: args.jwt_svid_ttl.map(|t| ttl_secs(Some(t))),
+                spiffe_id: args.spiffe_id,
+                parent_id: args.parent_id,
+                selectors: list(args.selectors),
+                dns_names: list(args.options.dns_names),
+                hint: args.options.hint,
+                scopes: list(args.options.scopes),
+                owner: args.options.owner,
             };
-            let e = client(&admin.admin_socket)
-                .await?
-                .update_entry(req)
-                .await
-                .map_err(status)?
-                .into_inner();
+            let mut c = client(&admin.admin_socket).await?;
+            let e = c.update_entry(req).await.map_err(status)?.into_inner();
+            if let Some(parent_id) = new_parent {
+                warn_unknown_parent(&mut c, &parent_id).await;
+            }
             out.print(&entry_json(&e), || entry_text(&e));
         }
         EntryCommand::Delete { id, admin } => {

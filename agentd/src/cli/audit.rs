@@ -155,11 +155,11 @@ pub async fn owner(cmd: OwnerCommand, out: Output) -> anyhow::Result<()> {
 }
 
 pub async fn inventory(
-    stale: Option<String>,
+    stale: Option<Ttl>,
     admin: &AdminSocketArg,
     out: Output,
 ) -> anyhow::Result<()> {
-    let stale_seconds = ttl_secs("stale", &stale)?.unwrap_or(0);
+    let stale_seconds = ttl_secs(stale);
     let inv = client(&admin.admin_socket)
         .await?
         .get_inventory(pb::GetInventoryRequest { stale_seconds })

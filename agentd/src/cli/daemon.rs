@@ -118,7 +118,7 @@ pub async fn node_run(args: NodeRunArgs) -> anyhow::Result<()> {
         raw.data_dir = Some(v);
     }
     if let Some(v) = args.sync_interval {
-        raw.sync_interval = Some(v);
+        raw.sync_interval = Some(v.to_string());
     }
     if let Some(v) = args.metrics_address {
         raw.metrics_address = Some(v);

@@ -17,17 +17,6 @@ use crate::delegation::verify::{decode_jwt_unverified, decode_x509_unverified};
 use crate::delegation::{OidBase, Scope, VerifiedIdentity, Verifier};
 use crate::ttl::Ttl;
 
-fn ttl_secs(field: &str, raw: &Option<String>) -> anyhow::Result<i64> {
-    raw.as_deref()
-        .map(|s| {
-            s.parse::<Ttl>()
-                .map(|t| t.as_secs() as i64)
-                .map_err(|e| anyhow!("{field}: {e}"))
-        })
-        .transpose()
-        .map(Option::unwrap_or_default)
-}
-
 pub fn grant_json(g: &pb::Grant) -> serde_json::Value {
     json!({
         "id": g.id,
@@ -83,7 +72,7 @@ pub async fn grant(cmd: GrantCommand, out: Output) -> anyhow::Result<()> {
                 principal,
                 agent,
                 scopes,
-                ttl_seconds: ttl_secs("ttl", &ttl)?,
+                ttl_seconds: super::admin::ttl_secs(ttl),
                 task_id: task.unwrap_or_default(),
                 max_depth,
             };
@@ -165,7 +154,7 @@ pub async fn delegate(
     socket: &str,
     to: String,
     scopes: Vec<String>,
-    ttl: Option<String>,
+    ttl: Option<Ttl>,
     grant: Option<String>,
     out: Output,
 ) -> anyhow::Result<()> {
@@ -174,7 +163,7 @@ pub async fn delegate(
         .delegate(wpb::DelegateRequest {
             to,
             scopes,
-            ttl_seconds: ttl_secs("ttl", &ttl)?,
+            ttl_seconds: super::admin::ttl_secs(ttl),
             grant_id: grant.unwrap_or_default(),
         })
         .await

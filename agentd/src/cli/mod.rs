@@ -16,6 +16,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub use output::Output;
 
+use crate::node::config::{DEFAULT_SERVER_ADDRESS, DEFAULT_SOCKET_PATH, DEFAULT_SYNC_INTERVAL};
+use crate::server::config::{DEFAULT_ADMIN_SOCKET, DEFAULT_BIND_ADDRESS, DEFAULT_TRUST_DOMAIN};
+use crate::ttl::Ttl;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "agentd",
@@ -63,9 +67,9 @@ pub enum Command {
     Owner(OwnerCommand),
     /// Entries, nodes, live SVIDs, grants and revocations, by owner and by node.
     Inventory {
-        /// The window for the count of stale entries (seconds or a duration); default 30d.
-        #[arg(long)]
-        stale: Option<String>,
+        /// The window for the count of stale entries: seconds or a duration [default: 30d].
+        #[arg(long, value_name = "TTL", allow_hyphen_values = true)]
+        stale: Option<Ttl>,
         #[command(flatten)]
         admin: AdminSocketArg,
     },
@@ -105,12 +109,14 @@ pub enum OwnerCommand {
     /// Disables an owner: flags the owner's entries (and, with suspend_disabled_owners in the
     /// server config, the server mints nothing for them).
     Disable {
+        /// The owner, as entries name it (e.g. alice@example.com).
         owner: String,
         #[command(flatten)]
         admin: AdminSocketArg,
     },
     /// Enables an owner again.
     Enable {
+        /// The owner, as entries name it (e.g. alice@example.com).
         owner: String,
         #[command(flatten)]
         admin: AdminSocketArg,
@@ -128,15 +134,15 @@ pub enum GrantCommand {
         #[arg(long)]
         agent: String,
         /// resource:action or resource:*; repeat for several.
-        #[arg(long = "scope", required = true)]
+        #[arg(long = "scope", value_name = "SCOPE", required = true)]
         scopes: Vec<String>,
-        /// Seconds or a duration (default 8h; 10m with --task).
-        #[arg(long)]
-        ttl: Option<String>,
+        /// Lifetime: seconds or a duration [default: 8h, or 10m with --task].
+        #[arg(long, value_name = "TTL", allow_hyphen_values = true)]
+        ttl: Option<Ttl>,
         /// A task id: SVIDs carry it and are short-lived.
         #[arg(long)]
         task: Option<String>,
-        /// How many further agent-to-agent delegations are allowed (default 0).
+        /// How many further agent-to-agent delegations are allowed [default: 0].
         #[arg(long)]
         max_depth: Option<u32>,
         #[command(flatten)]
@@ -144,8 +150,10 @@ pub enum GrantCommand {
     },
     /// Lists live grants (--all: expired ones too).
     List {
+        /// Only grants to this agent (SPIFFE ID).
         #[arg(long)]
         agent: Option<String>,
+        /// Expired grants too.
         #[arg(long)]
         all: bool,
         #[command(flatten)]
@@ -153,6 +161,7 @@ pub enum GrantCommand {
     },
     /// Shows one grant.
     Show {
+        /// The grant's id, as `grant create` and `grant list` print it.
         #[arg(long)]
         id: String,
         #[command(flatten)]
@@ -184,7 +193,8 @@ pub enum SvidCommand {
     Check {
         #[command(flatten)]
         svid: SvidInput,
-        #[arg(long = "scope", required = true)]
+        /// A scope the SVID must hold; repeat for several.
+        #[arg(long = "scope", value_name = "SCOPE", required = true)]
         scopes: Vec<String>,
     },
 }
@@ -200,6 +210,7 @@ pub struct LogArgs {
     /// Log level (trace, debug, info, warn, error) or a tracing filter; RUST_LOG overrides.
     #[arg(long, default_value = "info")]
     pub log_level: String,
+    /// Log lines as text (key=value fields) or json (one object per line), on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }
@@ -210,19 +221,26 @@ pub enum ServerCommand {
     Run(ServerRunArgs),
 }
 
+// The daemons' flags carry no clap default: a flag overrides the config file, so an absent
+// flag must stay absent. The defaults shown in their help are the config code's.
 #[derive(Debug, Args)]
 pub struct ServerRunArgs {
-    /// TOML config file; flags override it.
+    /// TOML config file; flags override it, and the defaults shown apply to what neither sets.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    #[arg(long)]
+    #[arg(long, help = format!("The trust domain [default: {DEFAULT_TRUST_DOMAIN}]"))]
     pub trust_domain: Option<String>,
+    /// The store and the CA keys [default: /var/lib/agentd/server as root, else
+    /// ~/.local/share/agentd/server].
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// Node API address, HOST:PORT (port 0 picks a free one).
-    #[arg(long)]
+    #[arg(long, help = format!(
+        "Node API address, HOST:PORT (port 0 picks a free one) [default: {DEFAULT_BIND_ADDRESS}]"
+    ))]
     pub bind_address: Option<String>,
-    #[arg(long, env = "AGENTD_ADMIN_SOCKET")]
+    #[arg(long, env = "AGENTD_ADMIN_SOCKET", help = format!(
+        "The admin socket (mode 0600) [default: {DEFAULT_ADMIN_SOCKET}]"
+    ))]
     pub admin_socket: Option<PathBuf>,
     /// Serve /metrics, /live and /ready on HOST:PORT (port 0 picks a free one, logged).
     #[arg(long)]
@@ -234,7 +252,7 @@ pub struct ServerRunArgs {
 #[derive(Debug, Args)]
 pub struct AdminSocketArg {
     /// The server's admin socket.
-    #[arg(long, env = "AGENTD_ADMIN_SOCKET", default_value = crate::server::config::DEFAULT_ADMIN_SOCKET)]
+    #[arg(long, env = "AGENTD_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
     pub admin_socket: PathBuf,
 }
 
@@ -248,6 +266,7 @@ pub enum NodeCommand {
     List(AdminSocketArg),
     /// Shows one attested node.
     Show {
+        /// The node's SPIFFE ID, as `node list` prints it.
         #[arg(long)]
         spiffe_id: String,
         #[command(flatten)]
@@ -255,6 +274,7 @@ pub enum NodeCommand {
     },
     /// Evicts a node: it must attest again with a new join token.
     Evict {
+        /// The node's SPIFFE ID, as `node list` prints it.
         #[arg(long)]
         spiffe_id: String,
         #[command(flatten)]
@@ -263,6 +283,7 @@ pub enum NodeCommand {
     /// Bans a node: the same as `agentd revoke node` (kill switch; its SVIDs are revoked and
     /// it may not attest again until the revocation is lifted or a new join token is made).
     Ban {
+        /// The node's SPIFFE ID, as `node list` prints it.
         #[arg(long)]
         spiffe_id: String,
         #[command(flatten)]
@@ -272,11 +293,14 @@ pub enum NodeCommand {
 
 #[derive(Debug, Args)]
 pub struct NodeRunArgs {
+    /// TOML config file; flags override it, and the defaults shown apply to what neither sets.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// The server's node API, HOST:PORT.
-    #[arg(long)]
+    #[arg(long, help = format!(
+        "The server's node API, HOST:PORT [default: {DEFAULT_SERVER_ADDRESS}]"
+    ))]
     pub server_address: Option<String>,
+    /// Join token for the first attestation; unused once the data dir holds an identity.
     #[arg(long, env = "AGENTD_JOIN_TOKEN", hide_env_values = true)]
     pub join_token: Option<String>,
     /// x509pop node attestation: the node certificate (PEM, leaf first); with --x509pop-key.
@@ -294,14 +318,19 @@ pub struct NodeRunArgs {
     /// Trust any server on first contact. Trial use only.
     #[arg(long)]
     pub insecure_bootstrap: bool,
-    /// Workload API socket path.
-    #[arg(long)]
+    #[arg(long, help = format!(
+        "Workload API socket path (absolute) [default: {DEFAULT_SOCKET_PATH}]"
+    ))]
     pub socket_path: Option<PathBuf>,
+    /// The node's identity [default: /var/lib/agentd/node as root, else
+    /// ~/.local/share/agentd/node].
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// How often to sync with the server (seconds or a duration).
-    #[arg(long)]
-    pub sync_interval: Option<String>,
+    #[arg(long, value_name = "TTL", allow_hyphen_values = true, help = format!(
+        "How often to sync with the server: seconds or a duration [default: {}s]",
+        DEFAULT_SYNC_INTERVAL.as_secs()
+    ))]
+    pub sync_interval: Option<Ttl>,
     /// Serve /metrics, /live and /ready on HOST:PORT (port 0 picks a free one, logged).
     #[arg(long)]
     pub metrics_address: Option<String>,
@@ -313,39 +342,104 @@ pub struct NodeRunArgs {
 pub enum TokenCommand {
     /// Creates a single-use join token; a node attested with it gets `--spiffe-id`.
     Generate {
+        /// The SPIFFE ID the node that attests with the token gets.
         #[arg(long)]
         spiffe_id: String,
-        /// Seconds or a duration (90s, 5m, 8h).
-        #[arg(long)]
-        ttl: Option<String>,
+        /// Lifetime: seconds or a duration (90s, 5m, 8h) [default: the server's
+        /// join_token_ttl, 10m unless configured].
+        #[arg(long, value_name = "TTL", allow_hyphen_values = true)]
+        ttl: Option<Ttl>,
         #[command(flatten)]
         admin: AdminSocketArg,
     },
 }
 
+/// `entry create`: the three fields every entry has, and the optional ones.
 #[derive(Debug, Args)]
-pub struct EntryFields {
+pub struct EntryCreateArgs {
+    /// The workload's SPIFFE ID: in the server's trust domain, with a path.
+    #[arg(long)]
+    pub spiffe_id: String,
+    /// The SPIFFE ID of the node agent that serves the entry (its join token's --spiffe-id),
+    /// or of a node-set alias.
+    #[arg(long)]
+    pub parent_id: String,
+    /// TYPE:VALUE, e.g. unix:uid:1000; repeat for several (all must match).
+    #[arg(long = "selector", value_name = "TYPE:VALUE", required = true)]
+    pub selectors: Vec<String>,
+    /// X.509-SVID lifetime: seconds or a duration [default: the server's
+    /// default_x509_svid_ttl, 1h unless configured].
+    #[arg(long, value_name = "TTL", allow_hyphen_values = true)]
+    pub x509_svid_ttl: Option<Ttl>,
+    /// JWT-SVID lifetime: seconds or a duration [default: the server's default_jwt_svid_ttl,
+    /// 5m unless configured].
+    #[arg(long, value_name = "TTL", allow_hyphen_values = true)]
+    pub jwt_svid_ttl: Option<Ttl>,
+    #[command(flatten)]
+    pub options: EntryOptions,
+}
+
+/// `entry update`: only the fields given change.
+#[derive(Debug, Args)]
+pub struct EntryUpdateArgs {
+    /// The entry's id.
+    #[arg(long)]
+    pub id: String,
+    /// A new SPIFFE ID for the workload.
     #[arg(long)]
     pub spiffe_id: Option<String>,
+    /// A new parent: the node agent or node-set alias that serves the entry.
     #[arg(long)]
     pub parent_id: Option<String>,
-    /// TYPE:VALUE, e.g. unix:uid:1000; repeat for several (all must match).
-    #[arg(long = "selector")]
+    /// TYPE:VALUE; repeat for several. Replaces all the selectors.
+    #[arg(long = "selector", value_name = "TYPE:VALUE")]
     pub selectors: Vec<String>,
-    /// Tool/action permissions, e.g. crm:read; repeat for several.
-    #[arg(long = "scope")]
+    /// A new X.509-SVID lifetime: seconds or a duration.
+    #[arg(long, value_name = "TTL", allow_hyphen_values = true)]
+    pub x509_svid_ttl: Option<Ttl>,
+    /// A new JWT-SVID lifetime: seconds or a duration.
+    #[arg(long, value_name = "TTL", allow_hyphen_values = true)]
+    pub jwt_svid_ttl: Option<Ttl>,
+    #[command(flatten)]
+    pub options: EntryOptions,
+}
+
+/// Entry fields that `entry create` and `entry update` take alike. With `update`, a list
+/// given replaces the old one, and "" clears --owner and --hint.
+#[derive(Debug, Args)]
+pub struct EntryOptions {
+    /// A tool/action permission, e.g. crm:read; repeat for several.
+    #[arg(long = "scope", value_name = "SCOPE")]
     pub scopes: Vec<String>,
-    /// The accountable human owner.
+    /// The accountable human owner, e.g. alice@example.com.
     #[arg(long)]
     pub owner: Option<String>,
-    #[arg(long)]
-    pub x509_svid_ttl: Option<String>,
-    #[arg(long)]
-    pub jwt_svid_ttl: Option<String>,
-    #[arg(long = "dns-name")]
+    /// A DNS name for the X.509-SVID's SANs (*. wildcards allowed); repeat for several.
+    #[arg(long = "dns-name", value_name = "NAME")]
     pub dns_names: Vec<String>,
+    /// The Workload API hint, telling a workload's identities apart (at most 1024 bytes).
     #[arg(long)]
     pub hint: Option<String>,
+}
+
+/// The filters of `entry show` and `entry list`: an entry must match every one given.
+#[derive(Debug, Args)]
+pub struct EntryFilterArgs {
+    /// Only entries with this SPIFFE ID.
+    #[arg(long)]
+    pub spiffe_id: Option<String>,
+    /// Only entries with this parent ID.
+    #[arg(long)]
+    pub parent_id: Option<String>,
+    /// Only entries with this selector (TYPE:VALUE).
+    #[arg(long)]
+    pub selector: Option<String>,
+    /// Only zombies: entries none of whose SVIDs was fetched within this window (e.g. 30d).
+    #[arg(long, value_name = "TTL", allow_hyphen_values = true)]
+    pub stale: Option<Ttl>,
+    /// Only entries without an owner or whose owner is disabled.
+    #[arg(long)]
+    pub orphaned: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -353,40 +447,37 @@ pub enum EntryCommand {
     /// Creates an entry; prints its id.
     Create {
         #[command(flatten)]
-        fields: EntryFields,
+        args: EntryCreateArgs,
         #[command(flatten)]
         admin: AdminSocketArg,
     },
-    /// Shows one entry (--id) or the entries matching the filters.
+    /// Shows one entry (--id), or lists the entries matching the filters (all without any).
     Show {
-        #[arg(long)]
+        /// The entry's id.
+        #[arg(long, conflicts_with_all = ["spiffe_id", "parent_id", "selector", "stale", "orphaned"])]
         id: Option<String>,
-        #[arg(long)]
-        spiffe_id: Option<String>,
-        #[arg(long)]
-        parent_id: Option<String>,
-        #[arg(long)]
-        selector: Option<String>,
-        /// Only zombies: entries none of whose SVIDs was fetched within this window (30d).
-        #[arg(long, conflicts_with = "id")]
-        stale: Option<String>,
-        /// Only entries without an owner or whose owner is disabled.
-        #[arg(long, conflicts_with = "id")]
-        orphaned: bool,
+        #[command(flatten)]
+        filter: EntryFilterArgs,
+        #[command(flatten)]
+        admin: AdminSocketArg,
+    },
+    /// Lists the entries matching the filters, or all entries (as `entry show` without --id).
+    List {
+        #[command(flatten)]
+        filter: EntryFilterArgs,
         #[command(flatten)]
         admin: AdminSocketArg,
     },
     /// Updates the given fields of an entry; lists given replace the old ones.
     Update {
-        #[arg(long)]
-        id: String,
         #[command(flatten)]
-        fields: EntryFields,
+        args: EntryUpdateArgs,
         #[command(flatten)]
         admin: AdminSocketArg,
     },
     /// Deletes an entry.
     Delete {
+        /// The entry's id.
         #[arg(long)]
         id: String,
         #[command(flatten)]
@@ -404,6 +495,7 @@ pub enum BundleFormat {
 pub enum BundleCommand {
     /// Prints the trust bundle.
     Show {
+        /// pem: the X.509 authorities; spiffe: the SPIFFE bundle (JWKS, X.509 and JWT keys).
         #[arg(long, value_enum, default_value_t = BundleFormat::Pem)]
         format: BundleFormat,
         #[command(flatten)]
@@ -431,6 +523,7 @@ pub enum RevokeCommand {
     /// An entry: its SVIDs are dropped everywhere and none is issued until the revocation is
     /// lifted or the entry deleted.
     Entry {
+        /// The entry's id.
         #[arg(long)]
         id: String,
         #[command(flatten)]
@@ -439,6 +532,7 @@ pub enum RevokeCommand {
     /// One SVID by serial (hex, as `agentd svid inspect` or openssl print it); the workload
     /// receives a fresh one. A JWT-SVID's jti is accepted too.
     Svid {
+        /// The SVID's serial in hex, or a JWT-SVID's jti.
         #[arg(long)]
         serial: String,
         #[command(flatten)]
@@ -448,6 +542,7 @@ pub enum RevokeCommand {
     /// revoked, and it may not attest again until the revocation is lifted or a new join
     /// token is generated for it.
     Node {
+        /// The node's SPIFFE ID, as `node list` prints it.
         #[arg(long)]
         spiffe_id: String,
         #[command(flatten)]
@@ -455,6 +550,7 @@ pub enum RevokeCommand {
     },
     /// A grant, and every SVID and grant derived from it.
     Grant {
+        /// The grant's id.
         #[arg(long)]
         id: String,
         #[command(flatten)]
@@ -462,6 +558,7 @@ pub enum RevokeCommand {
     },
     /// A task: every SVID issued for it.
     Task {
+        /// The task id, as given to `grant create --task`.
         #[arg(long)]
         id: String,
         #[command(flatten)]
@@ -470,6 +567,7 @@ pub enum RevokeCommand {
     /// A CA authority (not the active one): dropped from the bundle, everything it signed
     /// is re-issued.
     Authority {
+        /// The authority's id, as `authority list` prints it.
         #[arg(long)]
         id: String,
         #[command(flatten)]
@@ -477,6 +575,7 @@ pub enum RevokeCommand {
     },
     /// Lists standing revocations (with --all, every event still kept, lifts included).
     List {
+        /// Every event still kept, lifts included.
         #[arg(long)]
         all: bool,
         #[command(flatten)]
@@ -487,6 +586,7 @@ pub enum RevokeCommand {
         /// The revocation's sequence number, as `revoke` and `revoke list` print it.
         #[arg(long)]
         sequence: u64,
+        /// Why: kept in the revocation log.
         #[arg(long, default_value = "")]
         reason: String,
         #[command(flatten)]
@@ -498,7 +598,7 @@ pub enum RevokeCommand {
 pub struct SocketArg {
     /// Workload API socket: a path, unix:///path or unix:/path. Default:
     /// $SPIFFE_ENDPOINT_SOCKET, then /tmp/agentd-node/public/api.sock.
-    #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", default_value = crate::node::config::DEFAULT_SOCKET_PATH)]
+    #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", default_value = DEFAULT_SOCKET_PATH)]
     pub socket_path: String,
 }
 
@@ -520,6 +620,7 @@ pub enum ApiCommand {
         /// Only events after this sequence.
         #[arg(long, default_value_t = 0)]
         after: u64,
+        /// Keep printing new events until interrupted.
         #[arg(long)]
         follow: bool,
         #[command(flatten)]
@@ -530,11 +631,12 @@ pub enum ApiCommand {
         /// The receiving agent's SPIFFE ID.
         #[arg(long)]
         to: String,
-        #[arg(long = "scope", required = true)]
+        /// A scope to hand on (within the grant's); repeat for several.
+        #[arg(long = "scope", value_name = "SCOPE", required = true)]
         scopes: Vec<String>,
-        /// Seconds or a duration; default: as long as the grant.
-        #[arg(long)]
-        ttl: Option<String>,
+        /// Lifetime: seconds or a duration [default: as long as the grant].
+        #[arg(long, value_name = "TTL", allow_hyphen_values = true)]
+        ttl: Option<Ttl>,
         /// The grant to delegate from (default: the only one this workload holds).
         #[arg(long)]
         grant: Option<String>,
@@ -543,6 +645,7 @@ pub enum ApiCommand {
     },
     /// Redeems a delegation token addressed to this workload; prints the new grant.
     Exchange {
+        /// The delegation token, as `api delegate` printed it.
         #[arg(long)]
         token: String,
         #[command(flatten)]
@@ -554,6 +657,8 @@ pub enum ApiCommand {
 pub enum FetchCommand {
     /// X.509-SVIDs; --write DIR stores svid.N.pem, svid.N.key and bundle.N.pem.
     X509 {
+        /// Write svid.N.pem, svid.N.key and bundle.N.pem into this directory (created if
+        /// needed).
         #[arg(long)]
         write: Option<PathBuf>,
         /// With --write: also store the trust domain's CRLs as crl.pem (RFC 5280, one per CA
@@ -565,8 +670,10 @@ pub enum FetchCommand {
     },
     /// A JWT-SVID for an audience.
     Jwt {
+        /// An audience the JWT-SVID is for; repeat for several.
         #[arg(long, required = true)]
         audience: Vec<String>,
+        /// Only the identity with this SPIFFE ID [default: every identity of the caller].
         #[arg(long, conflicts_with = "grant")]
         spiffe_id: Option<String>,
         /// A delegated JWT-SVID for this grant (agentd.workload.v1.Delegation).
@@ -581,8 +688,10 @@ pub enum FetchCommand {
 pub enum ValidateCommand {
     /// Validates a JWT-SVID for an audience.
     Jwt {
+        /// The audience the token must name.
         #[arg(long)]
         audience: String,
+        /// The JWT-SVID to validate.
         #[arg(long)]
         svid: String,
         #[command(flatten)]
@@ -598,7 +707,8 @@ pub struct HealthcheckArgs {
     /// Check either daemon's readiness on its metrics endpoint (GET /ready), HOST:PORT.
     #[arg(long)]
     pub metrics_address: Option<String>,
-    #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", default_value = crate::node::config::DEFAULT_SOCKET_PATH)]
+    /// Check a node agent on this Workload API socket: a path, unix:///path or unix:/path.
+    #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", default_value = DEFAULT_SOCKET_PATH)]
     pub socket_path: String,
 }
 

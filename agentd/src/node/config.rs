@@ -12,6 +12,8 @@ use crate::ttl::Ttl;
 
 pub const DEFAULT_SOCKET_PATH: &str = "/tmp/agentd-node/public/api.sock";
 pub const DEFAULT_SERVER_ADDRESS: &str = "127.0.0.1:8081";
+/// How often the node agent syncs with the server when neither flag nor file says.
+pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(5);
 /// How long the revocation feed may be lost before the node agent reports unhealthy.
 pub const DEFAULT_FEED_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -184,7 +186,7 @@ impl TryFrom<RawNodeConfig> for NodeConfig {
                 .parse("sync_interval", s.parse::<Ttl>())
                 .map(Ttl::as_duration)
                 .unwrap_or_default(),
-            None => Duration::from_secs(5),
+            None => DEFAULT_SYNC_INTERVAL,
         };
         let revocation = raw.revocation.clone().unwrap_or_default();
         let revocation_feed_timeout = match &revocation.feed_timeout {
