@@ -191,6 +191,9 @@ fn read_frame(s: &mut UnixStream) -> anyhow::Result<(u8, u8, u32, Vec<u8>)> {
     Ok((h[3], h[4], stream, payload))
 }
 
+/// Response headers and trailers, in order.
+type Headers = Vec<(String, String)>;
+
 /// A unary gRPC call written frame by frame, with `authority` as the client's `:authority`
 /// (or none). Returns the response headers and trailers, and the response message.
 fn raw_unary(
@@ -199,7 +202,7 @@ fn raw_unary(
     security_header: bool,
     path: &str,
     message: &[u8],
-) -> anyhow::Result<(Vec<(String, String)>, Vec<u8>)> {
+) -> anyhow::Result<(Headers, Vec<u8>)> {
     let mut s = UnixStream::connect(socket)?;
     s.set_read_timeout(Some(Duration::from_secs(20)))?;
     let mut fields = vec![

@@ -147,7 +147,13 @@ pub async fn serve(
         // Any `:authority` is accepted on a Unix socket (net::authority).
         .map(|conn| {
             conn.map(|stream| {
-                crate::net::ConnWithInfo::new(crate::net::authority::AuthorityRewrite::new(stream), ())
+                // What tonic would have told the handlers about a plain Unix stream: the
+                // caller's uid, for the log and the audit trail.
+                let info = tonic::transport::server::Connected::connect_info(&stream);
+                crate::net::ConnWithInfo::new(
+                    crate::net::authority::AuthorityRewrite::new(stream),
+                    info,
+                )
             })
         })
     };

@@ -118,12 +118,15 @@ enum Seen {
     },
 }
 
+/// A header block the test's server side is collecting: stream, flags, priority, fragment.
+type Collecting = (u32, u8, Option<[u8; 5]>, Vec<u8>);
+
 fn server_reads(out: &[u8]) -> Vec<Seen> {
     assert_eq!(&out[..PREFACE.len()], PREFACE);
     let mut rest = &out[PREFACE.len()..];
     let mut decoder = loona_hpack::Decoder::new();
     let mut seen = Vec::new();
-    let mut open: Option<(u32, u8, Option<[u8; 5]>, Vec<u8>)> = None;
+    let mut open: Option<Collecting> = None;
     while !rest.is_empty() {
         let h = FrameHeader::parse(&rest[..FRAME_HEADER_LEN]);
         assert!(h.len <= MAX_FRAME_SIZE, "frame of {} bytes", h.len);
