@@ -10,23 +10,42 @@
 # (both as the current user). `make demo-delegation` runs this script.
 #
 # Environment: AGENTD_BIN (the agentd binary), EXAMPLES_BIN_DIR (where
-# delegation-tool-server and delegation-agent-call are), both defaulting to target/debug.
+# delegation-tool-server and delegation-agent-call are), both defaulting to target/debug;
+# TMPDIR (where the temp dir goes, default /tmp).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 BIN="${AGENTD_BIN:-$TARGET/debug/agentd}"
 EX="${EXAMPLES_BIN_DIR:-$TARGET/debug}"
-DEMO="$(mktemp -d /tmp/agentd-deleg.XXXXXX)"
+DEMO="$(mktemp -d "${TMPDIR:-/tmp}/agentd-deleg.XXXXXX")"
 ADMIN="$DEMO/admin.sock"
+# The processes this script started in the background: their own pids (each is started
+# directly with `&`, so `$!` is the process itself, not a subshell running a function).
 PIDS=()
 
+# On every exit (success, an error under set -e, or a signal): stop what we started, wait
+# until it has exited (SIGKILL after 10 s), and remove the temp dir.
 cleanup() {
+    local status=$? pid
+    trap - EXIT INT TERM HUP
     for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do
+        for _ in $(seq 100); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    PIDS=()
     rm -rf "$DEMO"
+    exit "$status"
 }
 trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 129' HUP
 
 step() { printf '\n== %s\n' "$*"; }
 agentd() { "$BIN" "$@"; }
@@ -37,7 +56,7 @@ wait_for() { # wait_for CMD...: up to 20 s
 json_field() { sed -E "s/.*\"$1\":\"([^\"]+)\".*/\1/"; }
 
 step "Server"
-agentd server run --data-dir "$DEMO/server" --bind-address 127.0.0.1:0 \
+"$BIN" server run --data-dir "$DEMO/server" --bind-address 127.0.0.1:0 \
     --admin-socket "$ADMIN" >"$DEMO/server.log" 2>&1 &
 PIDS+=($!)
 wait_for agentd healthcheck --admin-socket "$ADMIN"
@@ -47,7 +66,7 @@ agentd bundle show --admin-socket "$ADMIN" >"$DEMO/bundle.pem"
 for n in n1 n2; do
     step "Node agent $n"
     TOKEN="$(agentd token generate --spiffe-id "spiffe://example.org/node/$n" --admin-socket "$ADMIN")"
-    agentd node run --server-address "$ADDR" --join-token "$TOKEN" --trust-bundle "$DEMO/bundle.pem" \
+    "$BIN" node run --server-address "$ADDR" --join-token "$TOKEN" --trust-bundle "$DEMO/bundle.pem" \
         --data-dir "$DEMO/$n" --socket-path "$DEMO/$n.sock" --sync-interval 1s >"$DEMO/$n.log" 2>&1 &
     PIDS+=($!)
     wait_for agentd healthcheck --socket-path "$DEMO/$n.sock"
