@@ -3,7 +3,11 @@
 
 pub mod admin;
 pub mod config;
+pub mod crl;
 pub mod grants;
+pub mod issuance;
+pub mod join_token;
+pub mod membership;
 pub mod node_api;
 pub mod node_attestor;
 pub mod ownership;

@@ -98,7 +98,7 @@ impl Delegation for DelegationService {
         if req.grant_id.is_empty() {
             return Err(Status::invalid_argument("grant_id must be specified"));
         }
-        crate::server::node_api::validate_audience(&req.audience)
+        crate::svid::audience::validate_audience(&req.audience)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let (entry, grant) = pick_grant(grants, &req.grant_id)?;
         let now = self.api.clock.now();

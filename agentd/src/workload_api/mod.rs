@@ -494,7 +494,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         if req.audience.is_empty() {
             return Err(Status::invalid_argument("audience must be specified"));
         }
-        crate::server::node_api::validate_audience(&req.audience)
+        crate::svid::audience::validate_audience(&req.audience)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let wanted = if req.spiffe_id.is_empty() {
             None

@@ -1,0 +1,347 @@
+//! SVID minting for the workloads a node serves: X.509 batches and JWT-SVIDs.
+
+use std::time::Duration;
+
+use agentd_proto::node as pb;
+use spiffe::SpiffeId;
+use tonic::{Request, Response, Status};
+
+use super::MAX_BATCH;
+use super::{NodeApi, NodeApiError};
+use crate::audit::{Actor, AuditRecord};
+use crate::ca::{IssuedX509Svid, X509SvidRequest};
+use crate::clock::unix_seconds;
+use crate::datastore::{AttestedNode, Entry, EntryId, EntryIssuance};
+use crate::revocation::RevocationHandle;
+use crate::server::issuance;
+use crate::telemetry::SvidKind as MintedKind;
+use crate::tls::PeerIdentity;
+
+pub fn svid_to_proto(s: &IssuedX509Svid) -> pb::X509Svid {
+    pb::X509Svid {
+        spiffe_id: s.spiffe_id.to_string(),
+        cert_chain: s.cert_chain.clone(),
+        expires_at: unix_seconds(s.not_after),
+        serial: s.serial.clone(),
+    }
+}
+
+impl NodeApi {
+    pub(super) async fn entry_for_node(
+        &self,
+        node: &AttestedNode,
+        raw_id: &str,
+    ) -> Result<Entry, NodeApiError> {
+        let id: EntryId = raw_id.parse().map_err(|e| NodeApiError::InvalidField {
+            field: "entry_id",
+            reason: format!("{e}"),
+        })?;
+        let server_id = crate::tls::server_spiffe_id(&self.state.config.trust_domain);
+        let entry = match self.state.store.get_entry(&id).await? {
+            Some(e)
+                if crate::server::membership::node_serves(
+                    self.state.store.as_ref(),
+                    &server_id,
+                    node,
+                    &e,
+                )
+                .await? =>
+            {
+                e
+            }
+            _ => return Err(NodeApiError::EntryNotAuthorized(id.to_string())),
+        };
+        // A revoked handle is never re-issued while it stands.
+        if let Some(sequence) = self
+            .state
+            .revocations
+            .standing(&RevocationHandle::Entry(entry.id.clone()))
+        {
+            return Err(NodeApiError::EntryRevoked {
+                id: entry.id.to_string(),
+                sequence,
+            });
+        }
+        Ok(entry)
+    }
+
+    /// Refuses an entry whose owner is disabled when the server suspends such entries; the
+    /// refusal is recorded.
+    pub(super) async fn check_not_suspended(
+        &self,
+        node: &AttestedNode,
+        entry: &Entry,
+        kind: &str,
+    ) -> Result<(), NodeApiError> {
+        let suspend = self.state.config.suspend_disabled_owners;
+        if !crate::server::ownership::is_suspended(self.state.store.as_ref(), entry, suspend)
+            .await?
+        {
+            return Ok(());
+        }
+        let owner = entry.spec.owner.clone().unwrap_or_default();
+        let err = NodeApiError::EntrySuspended {
+            entry: entry.id.to_string(),
+            owner: owner.clone(),
+        };
+        self.state
+            .audit
+            .record_or_log(
+                AuditRecord::new(format!("{kind}.refuse"), Actor::from(&node.spiffe_id))
+                    .subject(&entry.spec.spiffe_id)
+                    .field("entry", entry.id.as_str())
+                    .field("node", node.spiffe_id.to_string())
+                    .field("owner", owner)
+                    .field("reason", err.to_string()),
+            )
+            .await;
+        Err(err)
+    }
+
+    pub(super) fn sign(
+        &self,
+        csr: &[u8],
+        id: &SpiffeId,
+        ttl: Duration,
+        dns: &[String],
+    ) -> Result<IssuedX509Svid, NodeApiError> {
+        Ok(self.state.ca.sign_x509_svid(
+            &X509SvidRequest {
+                csr_der: csr,
+                spiffe_id: id,
+                ttl,
+                dns_names: dns,
+            },
+            self.state.clock.now(),
+        )?)
+    }
+
+    /// A plain workload SVID: it carries the entry's scopes (its ceiling) in the scope
+    /// extension, and no delegation.
+    fn sign_plain(&self, csr: &[u8], entry: &Entry) -> Result<IssuedX509Svid, NodeApiError> {
+        let scopes = crate::server::grants::entry_scopes(entry);
+        let ext = crate::delegation::x509ext::svid_extensions(
+            &self.state.config.delegation.oid_base,
+            &scopes,
+            None,
+        );
+        Ok(self.state.ca.sign_x509_svid_with_extensions(
+            &X509SvidRequest {
+                csr_der: csr,
+                spiffe_id: &entry.spec.spiffe_id,
+                ttl: entry.spec.x509_svid_ttl.as_duration(),
+                dns_names: &entry.spec.dns_names,
+            },
+            &ext,
+            self.state.clock.now(),
+        )?)
+    }
+
+    /// A delegated SVID for `grant_id`, if `authorize_grant_mint` allows it.
+    async fn sign_for_grant(
+        &self,
+        csr: &[u8],
+        entry: &Entry,
+        grant_id: &str,
+    ) -> Result<(IssuedX509Svid, crate::datastore::Grant), NodeApiError> {
+        let grant = self.grant_for_mint(entry, grant_id).await?;
+        let svid = crate::server::grants::sign_delegated_x509(&self.state, &grant, entry, csr)?;
+        Ok((svid, grant))
+    }
+
+    /// The grant `grant_id`, if `authorize_grant_mint` allows minting for it now and no
+    /// grant of its chain, nor its task, is revoked.
+    async fn grant_for_mint(
+        &self,
+        entry: &Entry,
+        grant_id: &str,
+    ) -> Result<crate::datastore::Grant, NodeApiError> {
+        let grant = crate::server::grants::load_grant(
+            self.state.store.as_ref(),
+            &crate::server::grants::parse_grant_id(grant_id)?,
+        )
+        .await?;
+        crate::server::grants::authorize_grant_mint(
+            self.state.store.as_ref(),
+            &grant,
+            entry,
+            unix_seconds(self.state.clock.now()),
+        )
+        .await?;
+        crate::server::grants::check_not_revoked(&self.state.revocations, &grant)?;
+        Ok(grant)
+    }
+
+    pub(super) async fn mint_x509(
+        &self,
+        request: Request<pb::MintX509SvidsRequest>,
+    ) -> Result<Response<pb::MintX509SvidsResponse>, Status> {
+        let node = self
+            .caller(request.extensions().get::<PeerIdentity>())
+            .await?;
+        let params = request.into_inner().params;
+        if params.len() > MAX_BATCH {
+            return Err(NodeApiError::InvalidField {
+                field: "params",
+                reason: format!("{} CSRs in one call; at most {MAX_BATCH}", params.len()),
+            }
+            .into());
+        }
+        let mut results = Vec::with_capacity(params.len());
+        let mut records = Vec::new();
+        let mut issued = Vec::new();
+        let mut revocable = Vec::new();
+        for p in params {
+            let result: Result<pb::mint_result::Result, NodeApiError> = async {
+                let entry = self.entry_for_node(&node, &p.entry_id).await?;
+                self.check_not_suspended(&node, &entry, "x509svid").await?;
+                let started = std::time::Instant::now();
+                let (svid, grant) = if p.grant_id.is_empty() {
+                    (self.sign_plain(&p.csr, &entry)?, None)
+                } else {
+                    let (svid, grant) = self.sign_for_grant(&p.csr, &entry, &p.grant_id).await?;
+                    (svid, Some(grant))
+                };
+                self.state
+                    .metrics
+                    .svid_minted(MintedKind::X509, started.elapsed());
+                let expires_at = unix_seconds(svid.not_after);
+                let (grant_chain, task_id) = issuance::grant_lineage(grant.as_ref());
+                tracing::debug!(spiffe_id = %svid.spiffe_id, serial = %svid.serial, entry = %entry.id, grant = ?grant.as_ref().map(|g| g.id.to_string()), node = %node.spiffe_id, "X.509-SVID issued");
+                records.push(
+                    issuance::audit_record("x509svid.issue", &node, &entry, expires_at)
+                        .field("serial", &svid.serial)
+                        .field("ttl", entry.spec.x509_svid_ttl.as_secs())
+                        .field("dns_names", &entry.spec.dns_names)
+                        .field("grant_chain", &grant_chain)
+                        .field("task", &task_id),
+                );
+                issued.push(EntryIssuance {
+                    entry_id: entry.id.clone(),
+                    kind: "x509",
+                    serial: svid.serial.clone(),
+                    node: node.spiffe_id.to_string(),
+                    expires_at,
+                });
+                revocable.push(issuance::x509_svid_record(
+                    &svid, &entry, &node, grant_chain, task_id,
+                ));
+                Ok(pb::mint_result::Result::Svid(svid_to_proto(&svid)))
+            }
+            .await;
+            results.push(pb::MintResult {
+                result: Some(
+                    result.unwrap_or_else(|e| pb::mint_result::Result::Error(e.to_string())),
+                ),
+            });
+        }
+        // Every SVID handed out is on record first (audit, and what revocation resolves):
+        // if a record cannot be written, none is handed out (the node agent asks again).
+        issuance::record_issued(self.state.store.as_ref(), &revocable)
+            .await
+            .map_err(NodeApiError::from)?;
+        self.state
+            .audit
+            .record_all(records)
+            .await
+            .map_err(NodeApiError::from)?;
+        issuance::note_issued(
+            self.state.store.as_ref(),
+            issued,
+            unix_seconds(self.state.clock.now()),
+        )
+        .await;
+        Ok(Response::new(pb::MintX509SvidsResponse { results }))
+    }
+
+    pub(super) async fn mint_jwt(
+        &self,
+        request: Request<pb::MintJwtSvidRequest>,
+    ) -> Result<Response<pb::MintJwtSvidResponse>, Status> {
+        let node = self
+            .caller(request.extensions().get::<PeerIdentity>())
+            .await?;
+        let req = request.into_inner();
+        let entry = self.entry_for_node(&node, &req.entry_id).await?;
+        crate::svid::audience::validate_audience(&req.audience).map_err(NodeApiError::from)?;
+        self.check_not_suspended(&node, &entry, "jwtsvid").await?;
+        let started = std::time::Instant::now();
+        let (jwt, grant) = if req.grant_id.is_empty() {
+            // A plain JWT-SVID carries the entry's scopes (RFC 8693 `scope`).
+            let extra = crate::delegation::claims::to_claims(
+                &crate::server::grants::entry_scopes(&entry),
+                None,
+            );
+            let jwt = self
+                .state
+                .ca
+                .sign_jwt_svid_with_claims(
+                    &entry.spec.spiffe_id,
+                    &req.audience,
+                    entry.spec.jwt_svid_ttl.as_duration(),
+                    self.state.clock.now(),
+                    &extra,
+                )
+                .map_err(NodeApiError::from)?;
+            (jwt, None)
+        } else {
+            let grant = self.grant_for_mint(&entry, &req.grant_id).await?;
+            let jwt = crate::server::grants::sign_delegated_jwt(
+                &self.state,
+                &grant,
+                &entry,
+                &req.audience,
+            )
+            .map_err(NodeApiError::from)?;
+            (jwt, Some(grant))
+        };
+        let (grant_chain, task_id) = issuance::grant_lineage(grant.as_ref());
+        issuance::record_issued(
+            self.state.store.as_ref(),
+            &[issuance::jwt_svid_record(
+                &jwt,
+                &entry,
+                &node,
+                grant_chain.clone(),
+                task_id.clone(),
+            )],
+        )
+        .await
+        .map_err(NodeApiError::from)?;
+        self.state
+            .metrics
+            .svid_minted(MintedKind::Jwt, started.elapsed());
+        tracing::debug!(spiffe_id = %entry.spec.spiffe_id, entry = %entry.id, "JWT-SVID issued");
+        let expires_at = unix_seconds(jwt.expires_at);
+        // The token's id, not the token: the log must not hold a usable credential.
+        let jti = jwt.jti.clone();
+        self.state
+            .audit
+            .record(
+                issuance::audit_record("jwtsvid.issue", &node, &entry, expires_at)
+                    .field("jti", &jti)
+                    .field("audience", &req.audience)
+                    .field("ttl", entry.spec.jwt_svid_ttl.as_secs())
+                    .field("grant_chain", &grant_chain)
+                    .field("task", &task_id),
+            )
+            .await
+            .map_err(NodeApiError::from)?;
+        issuance::note_issued(
+            self.state.store.as_ref(),
+            vec![EntryIssuance {
+                entry_id: entry.id.clone(),
+                kind: "jwt",
+                serial: jti,
+                node: node.spiffe_id.to_string(),
+                expires_at,
+            }],
+            unix_seconds(self.state.clock.now()),
+        )
+        .await;
+        Ok(Response::new(pb::MintJwtSvidResponse {
+            token: jwt.token,
+            expires_at: unix_seconds(jwt.expires_at),
+        }))
+    }
+}
