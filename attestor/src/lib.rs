@@ -6,9 +6,12 @@
 //!
 //! - [`selector`]: the `Selector` type and its parsing.
 //! - [`registry`]: every known selector type and key, to check an entry's selectors.
+//! - [`node`]: node attestors (x509pop, platform claims): the server's verifiers and the node
+//!   agent's half that gathers and signs the evidence.
 //! - [`workload`]: workload attestors, run by the node agent on each Workload API caller.
 #![forbid(unsafe_code)]
 
+pub mod node;
 pub mod registry;
 pub mod selector;
 pub mod workload;

@@ -4,13 +4,13 @@
 
 use std::sync::Arc;
 
+use agentd_attestor::node::agent::{self as attestor, AttestorConfig, PopKey};
 use agentd_proto::node as pb;
 use agentd_proto::node::node_client::NodeClient;
 use spiffe::TrustDomain;
 use tokio::sync::Mutex;
 use tonic::transport::Channel;
 
-use super::attestor::{self, AttestorConfig, PopKey};
 use super::identity::{IdentityError, NodeIdentity};
 use super::NodeError;
 use crate::bundle::Bundle;

@@ -4,9 +4,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use agentd_attestor::node::agent::AttestorConfig;
 use serde::Deserialize;
 
-use super::attestor::AttestorConfig;
 use crate::config::{default_data_dir, ConfigError, Errors};
 use crate::ttl::Ttl;
 

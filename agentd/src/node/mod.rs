@@ -1,7 +1,6 @@
 //! The node agent: attests to the server, keeps the SVIDs of the entries parented to it,
 //! and serves them to local workloads on the Workload API socket.
 
-pub mod attestor;
 pub mod cache;
 pub mod client;
 pub mod config;
@@ -47,7 +46,7 @@ pub enum NodeError {
         source: std::io::Error,
     },
     #[error("node attestation: {0}")]
-    Attestor(#[from] attestor::NodeAttestorError),
+    Attestor(#[from] agentd_attestor::node::agent::NodeAttestorError),
     #[error(transparent)]
     Identity(#[from] IdentityError),
     #[error(transparent)]

@@ -5,12 +5,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use agentd_attestor::node::{
+    claims, template::IdTemplate, x509pop, ClaimsConfig, NodeAttestorsConfig, X509PopConfig,
+};
 use serde::Deserialize;
 use spiffe::TrustDomain;
 
-use super::node_attestor::{
-    claims, template::IdTemplate, x509pop, ClaimsConfig, NodeAttestorsConfig, X509PopConfig,
-};
 use crate::bundle::Bundle;
 use crate::ca::UpstreamCa;
 use crate::config::{default_data_dir, ConfigError, Errors};
@@ -269,7 +269,10 @@ fn id_template(
     trust_domain: Option<&TrustDomain>,
 ) -> Option<IdTemplate> {
     let raw = raw.unwrap_or_else(|| default.to_string());
-    let t = errs.parse(path, IdTemplate::parse(&raw, known))?;
+    let t = errs.parse(
+        path,
+        IdTemplate::parse(&raw, known, crate::tls::RESERVED_PATH_PREFIX),
+    )?;
     if let Some(td) = trust_domain {
         errs.parse(path, t.check(td))?;
     }
@@ -439,10 +442,10 @@ mod tests {
     #[test]
     fn node_attestors_are_loaded_and_checked() {
         let dir = tempfile::tempdir().unwrap();
-        let ca = crate::server::node_attestor::x509pop::tests::ca("Node CA");
+        let ca = agentd_attestor::node::test_support::ca("Node CA");
         let bundle = dir.path().join("ca.pem");
         std::fs::write(&bundle, &ca.pem).unwrap();
-        let key = crate::server::node_attestor::claims::tests::ec_key();
+        let key = agentd_attestor::node::test_support::ec_key();
         let jwks = dir.path().join("jwks.json");
         std::fs::write(
             &jwks,

@@ -9,7 +9,6 @@ pub mod issuance;
 pub mod join_token;
 pub mod membership;
 pub mod node_api;
-pub mod node_attestor;
 pub mod ownership;
 pub mod rotation;
 

@@ -1,5 +1,6 @@
 //! Node attestation (join token, x509pop, claims) and node SVID renewal.
 
+use agentd_attestor::node::NodeAttestation;
 use agentd_proto::node as pb;
 use spiffe::SpiffeId;
 use tonic::{Request, Response, Status};
@@ -11,7 +12,6 @@ use crate::clock::unix_seconds;
 use crate::convert::bundle_to_proto;
 use crate::datastore::{AttestedNode, EntryFilter};
 use crate::server::issuance;
-use crate::server::node_attestor::NodeAttestation;
 use crate::tls::PeerIdentity;
 
 impl NodeApi {

@@ -13,13 +13,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use agentd_attestor::node::NodeAttestors;
 use agentd_proto::node as pb;
 use agentd_proto::node::node_server::{Node, NodeServer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::node_attestor::NodeAttestors;
 use super::{ServerError, ServerState};
 use crate::revocation::feed::FeedStream;
 use crate::tls::{PeerIdentity, ServerConfigSource};

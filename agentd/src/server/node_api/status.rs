@@ -1,11 +1,11 @@
 //! The node API's errors, and the one place each becomes a gRPC status and a metric label.
 
+use agentd_attestor::node::{ClaimsError, X509PopError};
 use tonic::Status;
 
 use crate::audit::AuditError;
 use crate::ca::CaError;
 use crate::datastore::DataStoreError;
-use crate::server::node_attestor::{ClaimsError, X509PopError};
 use crate::telemetry::AttestationFailure;
 
 /// Why a node API call was refused or failed. Mapped to a gRPC status once, below, and to an

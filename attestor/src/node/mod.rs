@@ -1,14 +1,30 @@
-//! Server-side node attestors beyond join tokens: `x509pop` (proof of possession of a
-//! certificate's key, challenge-response) and `claims` (a platform-issued JWT checked against
-//! a JWKS file). Each returns the node's SPIFFE ID, derived from a configured template so that
-//! the same machine always gets the same ID, and the selectors it was attested with.
+//! Node attestors: how a node agent proves to the server which machine it runs on.
+//!
+//! The server's halves, beyond join tokens (which the server checks against its own store):
+//! [`x509pop`] (proof of possession of a certificate's key, challenge-response) and
+//! [`claims`] (a platform-issued JWT checked against a JWKS file). Each returns the node's
+//! SPIFFE ID, derived from a configured [`template`] so that the same machine always gets the
+//! same ID, and the selectors it was attested with.
+//!
+//! The node agent's half is [`agent`]: which attestor to use and the material each sends.
+//!
+//! Nothing here keeps time or knows the server's own namespace: every check takes the
+//! current time from its caller, and templates are given the path prefix the server keeps
+//! for itself ([`IdTemplate::parse`]).
 
+pub mod agent;
 pub mod claims;
 pub mod template;
+#[cfg(any(test, feature = "test-support"))]
+#[doc(hidden)]
+pub mod test_support;
 pub mod x509pop;
 
-use agentd_attestor::Selector;
+use std::time::{SystemTime, UNIX_EPOCH};
+
 use spiffe::{SpiffeId, TrustDomain};
+
+use crate::Selector;
 
 pub use claims::{ClaimsAttestor, ClaimsConfig, ClaimsError};
 pub use template::{IdTemplate, TemplateError};
@@ -50,5 +66,14 @@ impl NodeAttestors {
                 .clone()
                 .map(|c| ClaimsAttestor::new(c, trust_domain.clone())),
         }
+    }
+}
+
+/// Seconds since the Unix epoch (negative before it), as certificates and JWT claims carry
+/// them.
+fn unix_seconds(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
     }
 }

@@ -11,7 +11,6 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use agentd_attestor::Selector;
 use ring::signature::{
     UnparsedPublicKey, VerificationAlgorithm, ECDSA_P256_SHA256_ASN1, ECDSA_P384_SHA384_ASN1,
     ED25519, RSA_PKCS1_2048_8192_SHA256,
@@ -26,8 +25,8 @@ use x509_parser::oid_registry::{
 };
 
 use super::template::{IdTemplate, TemplateError};
-use super::NodeAttestation;
-use crate::clock::unix_seconds;
+use super::{unix_seconds, NodeAttestation};
+use crate::Selector;
 
 pub const ATTESTATION_TYPE: &str = "x509pop";
 pub const DEFAULT_TEMPLATE: &str = "spiffe://{trust_domain}/node/x509pop/{sha256}";
@@ -41,26 +40,38 @@ pub const MAX_CHAIN_LEN: usize = 8;
 pub const MAX_CERT_BYTES: usize = 64 * 1024;
 const NONCE_LEN: usize = 32;
 
+/// Why an x509pop challenge or attestation is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum X509PopError {
+    /// The presented chain is empty, too long, too large or not X.509.
     #[error("cert_chain: {reason}")]
     Malformed { reason: String },
+    /// The leaf certificate's notAfter has passed.
     #[error("certificate {subject:?} expired at {not_after} (unix seconds)")]
     Expired { subject: String, not_after: i64 },
+    /// The leaf certificate's notBefore is still ahead.
     #[error("certificate {subject:?} is not valid before {not_before} (unix seconds)")]
     NotYetValid { subject: String, not_before: i64 },
+    /// The chain does not verify up to a CA of the configured bundle.
     #[error("certificate {subject:?} does not chain to the x509pop CA bundle: {reason}")]
     Untrusted { subject: String, reason: String },
+    /// The leaf's key is of a type whose signatures are not checked here.
     #[error("certificate key type {algorithm} is not supported (ECDSA P-256/P-384, Ed25519, RSA)")]
     UnsupportedKey { algorithm: String },
+    /// The nonce is not one this server handed out for this certificate, or was used.
     #[error("nonce: {reason}")]
     BadNonce { reason: &'static str },
+    /// The nonce was handed out more than [`NONCE_TTL`] ago.
     #[error("nonce expired at {expired_at} (unix seconds): request a new challenge")]
     ExpiredNonce { expired_at: i64 },
+    /// The signature is not the leaf key's over `nonce || context`.
     #[error("the signature over the challenge does not verify with the certificate's key")]
     BadSignature,
+    /// [`MAX_PENDING`] challenges are outstanding.
     #[error("too many outstanding challenges; retry later")]
     Busy,
+    /// The certificate does not yield a usable node ID from the template.
     #[error("node SPIFFE ID from spiffe_id_template: {0}")]
     Template(#[from] TemplateError),
 }
@@ -430,67 +441,10 @@ fn selectors(leaf: &X509Certificate<'_>, verified: &Verified) -> Vec<Selector> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-        KeyPair, KeyUsagePurpose, SanType, SigningKey,
-    };
-
-    pub struct TestCa {
-        pub der: Vec<u8>,
-        pub pem: String,
-        issuer: Issuer<'static, KeyPair>,
-    }
-
-    pub fn ca(name: &str) -> TestCa {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut p = CertificateParams::default();
-        p.distinguished_name = rcgen::DistinguishedName::new();
-        p.distinguished_name.push(DnType::CommonName, name);
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let cert = p.self_signed(&key).unwrap();
-        TestCa {
-            der: cert.der().to_vec(),
-            pem: cert.pem(),
-            issuer: Issuer::new(p, key),
-        }
-    }
-
-    pub struct TestNode {
-        pub der: Vec<u8>,
-        pub pem: String,
-        pub key: KeyPair,
-    }
-
-    pub fn node_cert_with(
-        ca: &TestCa,
-        cn: &str,
-        alg: &'static rcgen::SignatureAlgorithm,
-        not_after: Option<time::OffsetDateTime>,
-    ) -> TestNode {
-        let key = KeyPair::generate_for(alg).unwrap();
-        let mut p = CertificateParams::new(vec![format!("{cn}.nodes.example")]).unwrap();
-        p.subject_alt_names
-            .push(SanType::URI("urn:host:1".try_into().unwrap()));
-        p.distinguished_name = rcgen::DistinguishedName::new();
-        p.distinguished_name.push(DnType::CommonName, cn);
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let now = time::OffsetDateTime::now_utc();
-        p.not_before = now - time::Duration::days(2);
-        p.not_after = not_after.unwrap_or(now + time::Duration::days(30));
-        let cert = p.signed_by(&key, &ca.issuer).unwrap();
-        TestNode {
-            der: cert.der().to_vec(),
-            pem: cert.pem(),
-            key,
-        }
-    }
-
-    pub fn node_cert(ca: &TestCa, cn: &str) -> TestNode {
-        node_cert_with(ca, cn, &rcgen::PKCS_ECDSA_P256_SHA256, None)
-    }
+    use crate::node::test_support::{ca, node_cert, node_cert_with, TestCa, TestNode, RESERVED};
+    use rcgen::{KeyPair, SigningKey};
 
     fn td() -> TrustDomain {
         TrustDomain::new("example.org").unwrap()
@@ -500,7 +454,7 @@ pub(crate) mod tests {
         X509PopAttestor::new(
             X509PopConfig {
                 ca_bundle: vec![ca.der.clone()],
-                template: IdTemplate::parse(template, TEMPLATE_VARIABLES).unwrap(),
+                template: IdTemplate::parse(template, TEMPLATE_VARIABLES, RESERVED).unwrap(),
             },
             td(),
         )

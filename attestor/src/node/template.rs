@@ -2,8 +2,9 @@
 //!
 //! A template is literal text with `{name}` placeholders. The allowed names are fixed per
 //! attestor and checked when the config is loaded; the rendered ID must be a valid SPIFFE ID
-//! of the server's trust domain outside the reserved `/agentd/` namespace, so the same node
-//! always gets the same ID and no attestation can claim the server's own identity.
+//! of the server's trust domain outside the path prefix the server reserves for itself (given
+//! to [`IdTemplate::parse`]; agentd's is `/agentd/`), so the same node always gets the same ID
+//! and no attestation can claim the server's own identity.
 
 use spiffe::{SpiffeId, TrustDomain};
 
@@ -18,24 +19,36 @@ enum Part {
 pub struct IdTemplate {
     raw: String,
     parts: Vec<Part>,
+    /// The path prefix no rendered ID may fall under.
+    reserved: &'static str,
 }
 
+/// Why a template is refused, or the ID it rendered is not a usable node ID.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum TemplateError {
+    /// A `{` with no `}` after it.
     #[error("unclosed '{{' at byte {at}")]
     Unclosed { at: usize },
+    /// A `}` with no `{` before it.
     #[error("'}}' without '{{' at byte {at}")]
     UnopenedBrace { at: usize },
+    /// A placeholder this attestor does not fill in.
     #[error("unknown variable {{{name}}}; known: {known}")]
     UnknownVariable { name: String, known: String },
+    /// The node's evidence has no value for a placeholder (e.g. a certificate without a CN).
     #[error("variable {{{name}}} has no value for this node: {reason}")]
     Missing { name: String, reason: String },
+    /// The rendered text is not a SPIFFE ID.
     #[error("{id:?} is not a valid SPIFFE ID: {reason}")]
     InvalidId { id: String, reason: String },
+    /// The rendered ID belongs to another trust domain.
     #[error("{id} is not in the server's trust domain {trust_domain}")]
     ForeignTrustDomain { id: String, trust_domain: String },
-    #[error("{id} is in the reserved /agentd/ namespace")]
-    Reserved { id: String },
+    /// The rendered ID is under the reserved path prefix.
+    #[error("{id} is in the reserved {prefix} namespace")]
+    Reserved { id: String, prefix: &'static str },
+    /// The rendered ID is a bare trust domain.
     #[error("{id} has no path")]
     NoPath { id: String },
 }
@@ -54,8 +67,9 @@ fn is_known(name: &str, known: &[&str]) -> bool {
 
 impl IdTemplate {
     /// Parses `raw`, accepting only the variables in `known` (an entry ending in `:` accepts
-    /// any `prefix:NAME`).
-    pub fn parse(raw: &str, known: &[&str]) -> Result<Self, TemplateError> {
+    /// any `prefix:NAME`). `reserved` is a path prefix ending in `/` (agentd's is
+    /// `/agentd/`): an ID rendered under it, or at it without the slash, is refused.
+    pub fn parse(raw: &str, known: &[&str], reserved: &'static str) -> Result<Self, TemplateError> {
         let mut parts = Vec::new();
         let mut literal = String::new();
         let mut rest = raw;
@@ -100,6 +114,7 @@ impl IdTemplate {
         Ok(Self {
             raw: raw.to_string(),
             parts,
+            reserved,
         })
     }
 
@@ -127,7 +142,7 @@ impl IdTemplate {
                 }
             }
         }
-        node_id(&out, trust_domain)
+        node_id(&out, trust_domain, self.reserved)
     }
 
     /// Checks at config time that the template can yield a valid ID: every variable is
@@ -137,8 +152,13 @@ impl IdTemplate {
     }
 }
 
-/// `raw` as a node SPIFFE ID: valid, in `trust_domain`, with a path, not reserved.
-pub fn node_id(raw: &str, trust_domain: &TrustDomain) -> Result<SpiffeId, TemplateError> {
+/// `raw` as a node SPIFFE ID: valid, in `trust_domain`, with a path, not under `reserved` (a
+/// path prefix ending in `/`, see [`IdTemplate::parse`]).
+pub fn node_id(
+    raw: &str,
+    trust_domain: &TrustDomain,
+    reserved: &'static str,
+) -> Result<SpiffeId, TemplateError> {
     let id = SpiffeId::new(raw).map_err(|e| TemplateError::InvalidId {
         id: raw.chars().take(200).collect(),
         reason: e.to_string(),
@@ -152,9 +172,11 @@ pub fn node_id(raw: &str, trust_domain: &TrustDomain) -> Result<SpiffeId, Templa
     if id.path().is_empty() {
         return Err(TemplateError::NoPath { id: id.to_string() });
     }
-    let reserved = crate::tls::RESERVED_PATH_PREFIX;
     if id.path() == reserved.trim_end_matches('/') || id.path().starts_with(reserved) {
-        return Err(TemplateError::Reserved { id: id.to_string() });
+        return Err(TemplateError::Reserved {
+            id: id.to_string(),
+            prefix: reserved,
+        });
     }
     Ok(id)
 }
@@ -162,6 +184,7 @@ pub fn node_id(raw: &str, trust_domain: &TrustDomain) -> Result<SpiffeId, Templa
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::node::test_support::RESERVED;
 
     fn td() -> TrustDomain {
         TrustDomain::new("example.org").unwrap()
@@ -172,6 +195,7 @@ mod tests {
         let t = IdTemplate::parse(
             "spiffe://{trust_domain}/node/{common_name}/{sha256}",
             &["trust_domain", "common_name", "sha256"],
+            RESERVED,
         )
         .unwrap();
         let id = t
@@ -187,7 +211,12 @@ mod tests {
     #[test]
     fn prefixed_variables() {
         let known = ["trust_domain", "sub", "claim:"];
-        let t = IdTemplate::parse("spiffe://{trust_domain}/ci/{claim:repository}", &known).unwrap();
+        let t = IdTemplate::parse(
+            "spiffe://{trust_domain}/ci/{claim:repository}",
+            &known,
+            RESERVED,
+        )
+        .unwrap();
         let id = t
             .render(&td(), |n| {
                 assert_eq!(n, "claim:repository");
@@ -196,7 +225,7 @@ mod tests {
             .unwrap();
         assert_eq!(id.to_string(), "spiffe://example.org/ci/org/repo");
         assert!(matches!(
-            IdTemplate::parse("spiffe://{trust_domain}/{claim:}", &known),
+            IdTemplate::parse("spiffe://{trust_domain}/{claim:}", &known, RESERVED),
             Err(TemplateError::UnknownVariable { .. })
         ));
     }
@@ -205,24 +234,26 @@ mod tests {
     fn refuses_bad_templates() {
         let known = ["trust_domain", "sha256"];
         assert!(matches!(
-            IdTemplate::parse("spiffe://{trust_domain}/{nope}", &known),
+            IdTemplate::parse("spiffe://{trust_domain}/{nope}", &known, RESERVED),
             Err(TemplateError::UnknownVariable { .. })
         ));
         assert!(matches!(
-            IdTemplate::parse("spiffe://{trust_domain/x", &known),
+            IdTemplate::parse("spiffe://{trust_domain/x", &known, RESERVED),
             Err(TemplateError::Unclosed { .. })
         ));
         assert!(matches!(
-            IdTemplate::parse("spiffe://x}/", &known),
+            IdTemplate::parse("spiffe://x}/", &known, RESERVED),
             Err(TemplateError::UnopenedBrace { .. })
         ));
         let reserved =
-            IdTemplate::parse("spiffe://{trust_domain}/agentd/{sha256}", &known).unwrap();
-        assert!(matches!(
-            reserved.check(&td()),
-            Err(TemplateError::Reserved { .. })
-        ));
-        let foreign = IdTemplate::parse("spiffe://other.org/{sha256}", &known).unwrap();
+            IdTemplate::parse("spiffe://{trust_domain}/agentd/{sha256}", &known, RESERVED).unwrap();
+        let err = reserved.check(&td()).unwrap_err();
+        assert!(matches!(err, TemplateError::Reserved { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "spiffe://example.org/agentd/sample is in the reserved /agentd/ namespace"
+        );
+        let foreign = IdTemplate::parse("spiffe://other.org/{sha256}", &known, RESERVED).unwrap();
         assert!(matches!(
             foreign.check(&td()),
             Err(TemplateError::ForeignTrustDomain { .. })
@@ -234,6 +265,7 @@ mod tests {
         let t = IdTemplate::parse(
             "spiffe://{trust_domain}/node/{sub}",
             &["trust_domain", "sub"],
+            RESERVED,
         )
         .unwrap();
         let err = t

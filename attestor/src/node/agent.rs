@@ -10,13 +10,16 @@ use ring::signature::{
     ECDSA_P384_SHA384_ASN1_SIGNING, RSA_PKCS1_SHA256,
 };
 
-use crate::keys::PrivateKey;
+use zeroize::Zeroizing;
 
 /// Largest certificate, key or token file read.
 const MAX_FILE_BYTES: u64 = 1024 * 1024;
 
+/// Why the node agent could not put its attestation together.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum NodeAttestorError {
+    /// A certificate, key or token file could not be read.
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -24,12 +27,14 @@ pub enum NodeAttestorError {
         #[source]
         source: std::io::Error,
     },
+    /// A file was read but holds nothing usable (too large, empty, not PEM, no key).
     #[error("{what} {path}: {reason}")]
     Invalid {
         what: &'static str,
         path: String,
         reason: String,
     },
+    /// The x509pop key could not sign the challenge.
     #[error("signing the x509pop challenge failed")]
     Sign,
 }
@@ -175,15 +180,15 @@ impl PopKey {
                     });
                 }
                 rustls_pemfile::Item::Sec1Key(k) => {
-                    let key = PrivateKey::from_sec1_der(k.secret_sec1_der())
-                        .map_err(|e| e.to_string())?;
-                    return EcdsaKeyPair::from_pkcs8(
-                        &ECDSA_P256_SHA256_ASN1_SIGNING,
-                        key.pkcs8_der(),
-                        &rng,
-                    )
-                    .map(PopKey::Ecdsa)
-                    .map_err(|e| format!("EC key: {e}"));
+                    let pkcs8 = p256_sec1_to_pkcs8(k.secret_sec1_der());
+                    return EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &pkcs8, &rng)
+                        .map(PopKey::Ecdsa)
+                        .map_err(|e| {
+                            format!(
+                                "the key is not a valid PKCS#8 P-256 key: SEC1 EC PRIVATE KEY \
+                                 (must be P-256 and include the public key): {e}"
+                            )
+                        });
                 }
                 rustls_pemfile::Item::Pkcs1Key(k) => {
                     return RsaKeyPair::from_der(k.secret_pkcs1_der())
@@ -196,7 +201,7 @@ impl PopKey {
     }
 
     pub fn load(path: &Path) -> Result<Self, NodeAttestorError> {
-        let text = zeroize::Zeroizing::new(read("x509pop key_file", path)?);
+        let text = Zeroizing::new(read("x509pop key_file", path)?);
         Self::from_pem(&text).map_err(|reason| NodeAttestorError::Invalid {
             what: "x509pop key_file",
             path: path.display().to_string(),
@@ -223,11 +228,45 @@ impl PopKey {
     }
 }
 
+/// Wraps a SEC1 `ECPrivateKey` (RFC 5915) in a P-256 PKCS#8 `PrivateKeyInfo`, in zeroizing
+/// memory, for ring to parse (ring reads PKCS#8 only). The curve and the public key are
+/// checked when ring parses the result.
+fn p256_sec1_to_pkcs8(sec1: &[u8]) -> Zeroizing<Vec<u8>> {
+    // PrivateKeyInfo ::= SEQUENCE { INTEGER 0, AlgorithmIdentifier, OCTET STRING }
+    const ALG_ID: [u8; 21] = [
+        0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86,
+        0x48, 0xce, 0x3d, 0x03, 0x01, 0x07,
+    ];
+    let mut body = Zeroizing::new(Vec::with_capacity(sec1.len() + 40));
+    body.extend_from_slice(&[0x02, 0x01, 0x00]);
+    body.extend_from_slice(&ALG_ID);
+    body.push(0x04);
+    push_der_len(&mut body, sec1.len());
+    body.extend_from_slice(sec1);
+    let mut pkcs8 = Zeroizing::new(Vec::with_capacity(body.len() + 4));
+    pkcs8.push(0x30);
+    push_der_len(&mut pkcs8, body.len());
+    pkcs8.extend_from_slice(&body);
+    pkcs8
+}
+
+fn push_der_len(out: &mut Vec<u8>, len: usize) {
+    if len < 0x80 {
+        out.push(len as u8);
+    } else {
+        let bytes = len.to_be_bytes();
+        let skip = bytes.iter().take_while(|b| **b == 0).count();
+        out.push(0x80 | (bytes.len() - skip) as u8);
+        out.extend_from_slice(&bytes[skip..]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::node_attestor::template::IdTemplate;
-    use crate::server::node_attestor::x509pop::{self, tests as xt, X509PopAttestor};
+    use crate::node::template::IdTemplate;
+    use crate::node::test_support::{self as xt, RESERVED};
+    use crate::node::x509pop::{self, X509PopAttestor};
     use std::time::SystemTime;
 
     /// The node half signs what the server half verifies, for every key type, from files.
@@ -238,8 +277,12 @@ mod tests {
         let server = X509PopAttestor::new(
             x509pop::X509PopConfig {
                 ca_bundle: vec![ca.der.clone()],
-                template: IdTemplate::parse(x509pop::DEFAULT_TEMPLATE, x509pop::TEMPLATE_VARIABLES)
-                    .unwrap(),
+                template: IdTemplate::parse(
+                    x509pop::DEFAULT_TEMPLATE,
+                    x509pop::TEMPLATE_VARIABLES,
+                    RESERVED,
+                )
+                .unwrap(),
             },
             spiffe::TrustDomain::new("example.org").unwrap(),
         );
@@ -267,7 +310,7 @@ mod tests {
 
     #[test]
     fn rsa_keys_sign_pkcs1_sha256() {
-        let key = PopKey::from_pem(crate::server::node_attestor::claims::tests::RSA_PEM).unwrap();
+        let key = PopKey::from_pem(xt::RSA_PEM).unwrap();
         let PopKey::Rsa(pair) = &key else {
             panic!("not RSA: {key:?}")
         };
@@ -275,6 +318,46 @@ mod tests {
         let c: ring::rsa::PublicKeyComponents<Vec<u8>> = pair.public().into();
         c.verify(&ring::signature::RSA_PKCS1_2048_8192_SHA256, b"hello", &sig)
             .unwrap();
+    }
+
+    /// An `EC PRIVATE KEY` (SEC1) block is read as a P-256 key; a broken one is named.
+    #[test]
+    fn sec1_p256_keys_sign() {
+        use base64::Engine;
+        use ring::signature::KeyPair;
+        let rng = SystemRandom::new();
+        let doc = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
+        // ring's P-256 PKCS#8 ends with an OCTET STRING (04 6d) holding the 109-byte SEC1
+        // ECPrivateKey.
+        let pkcs8 = doc.as_ref();
+        let sec1 = &pkcs8[pkcs8.len() - 0x6d..];
+        assert_eq!(pkcs8[pkcs8.len() - 0x6f..][..3], [0x04, 0x6d, 0x30]);
+        let pem = format!(
+            "-----BEGIN EC PRIVATE KEY-----\n{}\n-----END EC PRIVATE KEY-----\n",
+            base64::engine::general_purpose::STANDARD.encode(sec1)
+        );
+        let key = PopKey::from_pem(&pem).unwrap();
+        let sig = key.sign(b"hello").unwrap();
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8, &rng).unwrap();
+        ring::signature::UnparsedPublicKey::new(
+            &ring::signature::ECDSA_P256_SHA256_ASN1,
+            pair.public_key().as_ref(),
+        )
+        .verify(b"hello", &sig)
+        .unwrap();
+
+        let broken = format!(
+            "-----BEGIN EC PRIVATE KEY-----\n{}\n-----END EC PRIVATE KEY-----\n",
+            base64::engine::general_purpose::STANDARD.encode(&sec1[..sec1.len() - 70])
+        );
+        let err = PopKey::from_pem(&broken).unwrap_err();
+        assert!(
+            err.starts_with(
+                "the key is not a valid PKCS#8 P-256 key: SEC1 EC PRIVATE KEY (must be P-256 \
+                 and include the public key): "
+            ),
+            "{err}"
+        );
     }
 
     #[test]

@@ -11,7 +11,6 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-use agentd_attestor::Selector;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use ring::signature::{
@@ -21,8 +20,8 @@ use serde_json::{Map, Value};
 use spiffe::TrustDomain;
 
 use super::template::{IdTemplate, TemplateError};
-use super::NodeAttestation;
-use crate::clock::unix_seconds;
+use super::{unix_seconds, NodeAttestation};
+use crate::Selector;
 
 pub const ATTESTATION_TYPE: &str = "claims";
 pub const DEFAULT_TEMPLATE: &str = "spiffe://{trust_domain}/node/claims/{sub}";
@@ -36,37 +35,53 @@ pub const MAX_TOKEN_LEN: usize = 16 * 1024;
 /// expire.
 pub const MAX_SEEN_JTI: usize = 100_000;
 
+/// Why a platform token is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ClaimsError {
+    /// The token is not three base64url parts of JSON, or is too long.
     #[error("token is not a JWS compact serialization: {reason}")]
     Malformed { reason: String },
+    /// The header says `alg: none`.
     #[error("alg \"none\" (an unsigned token) is refused")]
     AlgNone,
+    /// The header names an algorithm other than RS256 and ES256.
     #[error("alg {alg:?} is not accepted (only RS256 and ES256)")]
     UnsupportedAlg { alg: String },
+    /// The header's `kid` names no JWKS key of the token's algorithm.
     #[error("no key with kid {kid:?} for {alg} in the JWKS")]
     UnknownKey { kid: String, alg: String },
+    /// No `kid`, and the JWKS has no key of the token's algorithm.
     #[error("the JWKS has no key for {alg}")]
     NoKey { alg: String },
+    /// No candidate JWKS key verifies the signature.
     #[error("signature does not verify with the JWKS keys")]
     BadSignature,
+    /// `exp` has passed (beyond [`LEEWAY_SECS`]).
     #[error("token expired at {exp} (unix seconds)")]
     Expired { exp: i64 },
+    /// `nbf` is still ahead (beyond [`LEEWAY_SECS`]).
     #[error("token is not valid before {nbf} (unix seconds)")]
     NotYetValid { nbf: i64 },
+    /// `iss` is not the configured issuer.
     #[error("issuer {actual:?} is not the configured issuer {expected:?}")]
     Issuer { expected: String, actual: String },
+    /// `aud` does not include the configured audience.
     #[error("audience {expected:?} is not among the token's audiences {actual:?}")]
     Audience {
         expected: String,
         actual: Vec<String>,
     },
+    /// A required claim is missing or of the wrong type.
     #[error("claim {claim}: {reason}")]
     Claim { claim: &'static str, reason: String },
+    /// The token's `jti` was accepted before and the token has not expired.
     #[error("token with jti {jti:?} was already used")]
     Replayed { jti: String },
+    /// [`MAX_SEEN_JTI`] token ids are remembered.
     #[error("too many remembered token ids; retry later")]
     Busy,
+    /// The claims do not yield a usable node ID from the template.
     #[error("node SPIFFE ID from spiffe_id_template: {0}")]
     Template(#[from] TemplateError),
 }
@@ -421,90 +436,10 @@ fn header_len(token: &str) -> usize {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use ring::rand::SystemRandom;
-    use ring::signature::{EcdsaKeyPair, KeyPair, RsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+    use crate::node::test_support::{ec_key, rsa_key, TestKey, RESERVED};
     use serde_json::json;
-
-    pub const RSA_PEM: &str = include_str!("../../../testdata/claims-test-rsa.pem");
-
-    pub enum TestKey {
-        Ec(EcdsaKeyPair),
-        Rsa(RsaKeyPair),
-    }
-
-    pub fn ec_key() -> TestKey {
-        let rng = SystemRandom::new();
-        let doc = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
-        TestKey::Ec(
-            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, doc.as_ref(), &rng).unwrap(),
-        )
-    }
-
-    pub fn rsa_key() -> TestKey {
-        let der = rustls_pemfile::private_key(&mut RSA_PEM.as_bytes())
-            .unwrap()
-            .expect("a PRIVATE KEY block");
-        TestKey::Rsa(RsaKeyPair::from_pkcs8(der.secret_der()).unwrap())
-    }
-
-    impl TestKey {
-        pub fn jwk(&self, kid: &str) -> Value {
-            match self {
-                TestKey::Ec(k) => {
-                    let p = k.public_key().as_ref();
-                    json!({"kty": "EC", "crv": "P-256", "kid": kid, "use": "sig",
-                        "x": URL_SAFE_NO_PAD.encode(&p[1..33]),
-                        "y": URL_SAFE_NO_PAD.encode(&p[33..65])})
-                }
-                TestKey::Rsa(k) => {
-                    let c: ring::rsa::PublicKeyComponents<Vec<u8>> = k.public().into();
-                    json!({"kty": "RSA", "kid": kid, "alg": "RS256",
-                        "n": URL_SAFE_NO_PAD.encode(&c.n), "e": URL_SAFE_NO_PAD.encode(&c.e)})
-                }
-            }
-        }
-
-        pub fn alg(&self) -> &'static str {
-            match self {
-                TestKey::Ec(_) => "ES256",
-                TestKey::Rsa(_) => "RS256",
-            }
-        }
-
-        /// A signed token with `header` fields added to alg/kid.
-        pub fn sign(&self, kid: &str, claims: &Value) -> String {
-            self.sign_with_header(
-                &json!({"alg": self.alg(), "kid": kid, "typ": "JWT"}),
-                claims,
-            )
-        }
-
-        pub fn sign_with_header(&self, header: &Value, claims: &Value) -> String {
-            let input = format!(
-                "{}.{}",
-                URL_SAFE_NO_PAD.encode(header.to_string()),
-                URL_SAFE_NO_PAD.encode(claims.to_string())
-            );
-            let rng = SystemRandom::new();
-            let sig = match self {
-                TestKey::Ec(k) => k.sign(&rng, input.as_bytes()).unwrap().as_ref().to_vec(),
-                TestKey::Rsa(k) => {
-                    let mut sig = vec![0; k.public().modulus_len()];
-                    k.sign(
-                        &ring::signature::RSA_PKCS1_SHA256,
-                        &rng,
-                        input.as_bytes(),
-                        &mut sig,
-                    )
-                    .unwrap();
-                    sig
-                }
-            };
-            format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig))
-        }
-    }
 
     pub const ISSUER: &str = "https://token.actions.githubusercontent.com";
     pub const AUDIENCE: &str = "agentd";
@@ -532,7 +467,7 @@ pub(crate) mod tests {
                 keys: parse_jwks(&jwks.to_string()).unwrap(),
                 issuer: ISSUER.into(),
                 audience: AUDIENCE.into(),
-                template: IdTemplate::parse(template, TEMPLATE_VARIABLES).unwrap(),
+                template: IdTemplate::parse(template, TEMPLATE_VARIABLES, RESERVED).unwrap(),
                 selector_claims: vec!["sub".into(), "repository".into(), "groups".into()],
             },
             TrustDomain::new("example.org").unwrap(),
