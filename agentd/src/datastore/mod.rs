@@ -17,11 +17,11 @@ pub use lifecycle::{EntryActivity, EntryIssuance, LiveSvid, OwnerState};
 
 use std::collections::HashMap;
 
-use crate::audit::{AuditHead, AuditRecord, SealedAuditRecord, StoredAuditRecord};
+use crate::model::audit::{AuditHead, AuditRecord, SealedAuditRecord, StoredAuditRecord};
 
 use spiffe::SpiffeId;
 
-use crate::revocation::{IssuedSvid, RevocationEvent};
+use crate::model::revocation::{IssuedSvid, RevocationEvent};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataStoreError {

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use spiffe::SpiffeId;
 
 use super::{DataStoreError, Result};
-use crate::revocation::{
+use crate::model::revocation::{
     IssuedSvid, RevocationAction, RevocationEvent, RevocationHandle, RevokedSerial, SvidKind,
 };
 

@@ -16,9 +16,9 @@ use super::{
 };
 use super::{DelegationOffer, Grant};
 use super::{EntryActivity, EntryIssuance, LiveSvid, OwnerState};
-use crate::audit::{AuditHead, AuditRecord, SealedAuditRecord, StoredAuditRecord};
 use crate::delegation::{Delegation, GrantId, Hop, ScopeSet};
-use crate::revocation::{IssuedSvid, RevocationEvent};
+use crate::model::audit::{AuditHead, AuditRecord, SealedAuditRecord, StoredAuditRecord};
+use crate::model::revocation::{IssuedSvid, RevocationEvent};
 use crate::ttl::Ttl;
 
 const ENTRIES: &str = "entries";
@@ -660,8 +660,8 @@ impl DataStore for SledStore {
         let lifted: std::collections::HashSet<u64> = events
             .iter()
             .filter_map(|e| match e.action {
-                crate::revocation::RevocationAction::Lift { revocation } => Some(revocation),
-                crate::revocation::RevocationAction::Revoke => None,
+                crate::model::revocation::RevocationAction::Lift { revocation } => Some(revocation),
+                crate::model::revocation::RevocationAction::Revoke => None,
             })
             .collect();
         Ok(events
@@ -696,12 +696,12 @@ impl DataStore for SledStore {
                 };
                 let (mut seq, mut prev) = match head {
                     Some(h) => (h.seq, h.hash),
-                    None => (0, crate::audit::GENESIS_HASH.to_string()),
+                    None => (0, crate::model::audit::GENESIS_HASH.to_string()),
                 };
                 let mut out = Vec::with_capacity(records.len());
                 for r in &records {
                     seq += 1;
-                    let s = crate::audit::seal(r.clone(), seq, time, &prev);
+                    let s = crate::model::audit::seal(r.clone(), seq, time, &prev);
                     log.insert(audit_key(seq).to_vec(), encode(&s).map_err(abort)?)?;
                     prev = s.hash.clone();
                     out.push(s);

@@ -4,8 +4,11 @@
 pub mod cache;
 pub mod client;
 pub mod config;
+mod error;
 pub mod identity;
+pub mod revocations;
 pub mod sync;
+pub mod workload_api;
 
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
@@ -14,61 +17,15 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{Bootstrap, NodeConfig, RawNodeConfig};
+pub use error::NodeError;
 
 use crate::bundle::Bundle;
 use crate::clock::Clock;
-use crate::keys::KeyError;
 use crate::telemetry::{conditions, Endpoint, NodeMetrics, Readiness};
-use crate::tls::TlsError;
+
 use cache::Cache;
 use client::ServerLink;
-use identity::{IdentityError, NodeIdentity};
-
-#[derive(Debug, thiserror::Error)]
-pub enum NodeError {
-    #[error("no node identity in {data_dir}: pass --join-token, or configure [node_attestor.x509pop] (--x509pop-cert/--x509pop-key) or [node_attestor.claims] (--claims-token-file) to attest this node")]
-    NoIdentity { data_dir: String },
-    #[error("no way to authenticate the server: pass --trust-bundle FILE (or --insecure-bootstrap for a trial)")]
-    NoBootstrap,
-    #[error("trust bundle {path}: {reason}")]
-    TrustBundle { path: String, reason: String },
-    #[error("node attestation failed: {0}")]
-    Attestation(String),
-    #[error("server: {0}")]
-    Server(String),
-    #[error("server refused: {0}")]
-    Refused(String),
-    #[error("{what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("node attestation: {0}")]
-    Attestor(#[from] agentd_attestor::node::agent::NodeAttestorError),
-    #[error(transparent)]
-    Identity(#[from] IdentityError),
-    #[error(transparent)]
-    Key(#[from] KeyError),
-    #[error(transparent)]
-    Tls(#[from] TlsError),
-    #[error(transparent)]
-    Task(#[from] crate::runtime::TaskFailed),
-    #[error(transparent)]
-    Metrics(#[from] crate::telemetry::EndpointError),
-}
-
-impl NodeError {
-    pub fn from_status(s: tonic::Status) -> Self {
-        match s.code() {
-            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
-                NodeError::Refused(s.message().to_string())
-            }
-            _ => NodeError::Server(format!("{:?}: {}", s.code(), s.message())),
-        }
-    }
-}
+use identity::NodeIdentity;
 
 /// A configured node agent, not yet running.
 #[derive(Debug)]
@@ -117,16 +74,16 @@ impl NodeAgent {
         let _ = cache_slot.set(cache.clone());
         cache.set_bundle(identity.bundle.clone());
         let link = Arc::new(ServerLink::new(cfg.server_address.clone(), identity));
-        let listener = crate::workload_api::bind_socket(&cfg.socket_path)?;
+        let listener = crate::node::workload_api::bind_socket(&cfg.socket_path)?;
 
-        let revocations = Arc::new(crate::revocation::subscriber::NodeRevocations::new(
+        let revocations = Arc::new(crate::node::revocations::NodeRevocations::new(
             cfg.revocation_feed_timeout,
             cfg.revocation_fail_closed,
         ));
         let stop = shutdown.child_token();
         let mut tasks: JoinSet<Result<(), NodeError>> = JoinSet::new();
         tasks.spawn(
-            crate::revocation::subscriber::RevocationSubscriber {
+            crate::node::revocations::RevocationSubscriber {
                 link: link.clone(),
                 cache: cache.clone(),
                 revocations: revocations.clone(),
@@ -148,7 +105,7 @@ impl NodeAgent {
         };
         tasks.spawn(syncer.run(stop.clone()));
         tasks.spawn(
-            crate::workload_api::WorkloadApi::new(
+            crate::node::workload_api::WorkloadApi::new(
                 cache.clone(),
                 link.clone(),
                 self.clock.clone(),

@@ -12,12 +12,12 @@ use spiffe::SpiffeId;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::feed::{EventSource, HEARTBEAT};
-use super::log::EventsAfter;
-use super::{event_from_proto, RevocationEvent, RevocationSet};
 use crate::node::cache::Cache;
 use crate::node::client::ServerLink;
 use crate::node::NodeError;
+use crate::revocation::feed::{EventSource, HEARTBEAT};
+use crate::revocation::log::EventsAfter;
+use crate::revocation::{event_from_proto, RevocationEvent, RevocationSet};
 
 /// A feed that has been silent this long is treated as lost, and the subscriber reconnects.
 const SILENCE: Duration = Duration::from_secs(3 * HEARTBEAT.as_secs());

@@ -37,9 +37,9 @@ use tonic::{Request, Response, Status};
 use crate::clock::{from_unix_seconds, Clock};
 use crate::node::cache::{Cache, CachedJwtSvid, WorkloadView};
 use crate::node::client::ServerLink;
+use crate::node::revocations::NodeRevocations;
 use crate::node::NodeError;
 use crate::revocation::feed::{feed_stream, EventSource, FeedStream, HEARTBEAT};
-use crate::revocation::subscriber::NodeRevocations;
 use crate::telemetry::NodeMetrics;
 
 /// The message PermissionDenied carries when the caller has no identity; clients key off it.
