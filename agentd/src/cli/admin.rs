@@ -4,34 +4,17 @@ use std::path::Path;
 
 use agentd_proto::admin as pb;
 use agentd_proto::admin::admin_client::AdminClient;
-use anyhow::{anyhow, Context};
+use anyhow::anyhow;
 use serde_json::json;
 use tonic::transport::Channel;
 
+use super::connect::{admin_client, status};
 use super::output::rfc3339;
 use super::{
     AuthorityCommand, BundleCommand, BundleFormat, EntryCommand, EntryCreateArgs, EntryFilterArgs,
     NodeCommand, Output, TokenCommand,
 };
 use crate::ttl::Ttl;
-
-/// A gRPC channel over a Unix socket, as a CLI error.
-pub async fn unix_channel(path: &Path) -> anyhow::Result<Channel> {
-    Ok(crate::net::unix_channel(path).await?)
-}
-
-pub async fn client(path: &Path) -> anyhow::Result<AdminClient<Channel>> {
-    Ok(AdminClient::new(
-        unix_channel(path)
-            .await
-            .context("is the server running? (--admin-socket)")?,
-    ))
-}
-
-/// A failed call as one clear line: the server's message says which field and why.
-pub fn status(s: tonic::Status) -> anyhow::Error {
-    anyhow!("{}", s.message())
-}
 
 /// A TTL flag as proto seconds, where 0 means "the server's default". Clap parsed it: it is
 /// within [1 s, 366 d].
@@ -137,7 +120,7 @@ pub async fn token(cmd: TokenCommand, out: Output) -> anyhow::Result<()> {
         admin,
     } = cmd;
     let ttl_seconds = ttl_secs(ttl);
-    let t = client(&admin.admin_socket)
+    let t = admin_client(&admin.admin_socket)
         .await?
         .create_join_token(pb::CreateJoinTokenRequest {
             spiffe_id,
@@ -249,13 +232,13 @@ pub async fn entry(cmd: EntryCommand, out: Output) -> anyhow::Result<()> {
         EntryCommand::Create { args, admin } => {
             let spec = spec_from_args(args);
             let parent_id = spec.parent_id.clone();
-            let mut c = client(&admin.admin_socket).await?;
+            let mut c = admin_client(&admin.admin_socket).await?;
             let e = c.create_entry(spec).await.map_err(status)?.into_inner();
             warn_unknown_parent(&mut c, &parent_id).await;
             out.print(&entry_json(&e), || e.id.clone());
         }
         EntryCommand::Show { id, filter, admin } => {
-            let mut c = client(&admin.admin_socket).await?;
+            let mut c = admin_client(&admin.admin_socket).await?;
             match id {
                 Some(id) => {
                     let e = c
@@ -269,7 +252,7 @@ pub async fn entry(cmd: EntryCommand, out: Output) -> anyhow::Result<()> {
             }
         }
         EntryCommand::List { filter, admin } => {
-            let mut c = client(&admin.admin_socket).await?;
+            let mut c = admin_client(&admin.admin_socket).await?;
             list_entries(&mut c, filter, out).await?;
         }
         EntryCommand::Update { args, admin } => {
@@ -287,7 +270,7 @@ pub async fn entry(cmd: EntryCommand, out: Output) -> anyhow::Result<()> {
                 scopes: list(args.options.scopes),
                 owner: args.options.owner,
             };
-            let mut c = client(&admin.admin_socket).await?;
+            let mut c = admin_client(&admin.admin_socket).await?;
             let e = c.update_entry(req).await.map_err(status)?.into_inner();
             if let Some(parent_id) = new_parent {
                 warn_unknown_parent(&mut c, &parent_id).await;
@@ -295,7 +278,7 @@ pub async fn entry(cmd: EntryCommand, out: Output) -> anyhow::Result<()> {
             out.print(&entry_json(&e), || entry_text(&e));
         }
         EntryCommand::Delete { id, admin } => {
-            let e = client(&admin.admin_socket)
+            let e = admin_client(&admin.admin_socket)
                 .await?
                 .delete_entry(pb::DeleteEntryRequest { id })
                 .await
@@ -311,7 +294,7 @@ pub async fn node(cmd: NodeCommand, out: Output) -> anyhow::Result<()> {
     match cmd {
         NodeCommand::Run(_) => unreachable!("dispatched to the daemon"),
         NodeCommand::List(admin) => {
-            let nodes = client(&admin.admin_socket)
+            let nodes = admin_client(&admin.admin_socket)
                 .await?
                 .list_nodes(pb::ListNodesRequest {})
                 .await
@@ -321,7 +304,7 @@ pub async fn node(cmd: NodeCommand, out: Output) -> anyhow::Result<()> {
             out.print_list("attested nodes", &nodes, node_json, node_text);
         }
         NodeCommand::Show { spiffe_id, admin } => {
-            let n = client(&admin.admin_socket)
+            let n = admin_client(&admin.admin_socket)
                 .await?
                 .get_node(pb::GetNodeRequest { spiffe_id })
                 .await
@@ -330,7 +313,7 @@ pub async fn node(cmd: NodeCommand, out: Output) -> anyhow::Result<()> {
             out.print(&node_json(&n), || node_text(&n));
         }
         NodeCommand::Evict { spiffe_id, admin } => {
-            let n = client(&admin.admin_socket)
+            let n = admin_client(&admin.admin_socket)
                 .await?
                 .evict_node(pb::EvictNodeRequest { spiffe_id })
                 .await
@@ -350,7 +333,7 @@ pub async fn bundle(cmd: BundleCommand, out: Output) -> anyhow::Result<()> {
     let (format, admin) = match cmd {
         BundleCommand::Show { format, admin } => (format, admin),
         BundleCommand::Crl { admin } => {
-            let crls = client(&admin.admin_socket)
+            let crls = admin_client(&admin.admin_socket)
                 .await?
                 .get_crls(agentd_proto::revocation::FetchCrlsRequest {})
                 .await
@@ -376,7 +359,7 @@ pub async fn bundle(cmd: BundleCommand, out: Output) -> anyhow::Result<()> {
             return Ok(());
         }
     };
-    let b = client(&admin.admin_socket)
+    let b = admin_client(&admin.admin_socket)
         .await?
         .get_bundle(pb::GetBundleRequest {})
         .await
@@ -399,7 +382,7 @@ pub async fn bundle(cmd: BundleCommand, out: Output) -> anyhow::Result<()> {
 }
 
 pub async fn healthcheck(path: &Path, out: Output) -> anyhow::Result<()> {
-    let info = client(path)
+    let info = admin_client(path)
         .await?
         .get_server_info(pb::GetServerInfoRequest {})
         .await
@@ -446,7 +429,7 @@ fn authority_text(a: &pb::Authority) -> String {
 pub async fn authority(cmd: AuthorityCommand, out: Output) -> anyhow::Result<()> {
     match cmd {
         AuthorityCommand::List(admin) => {
-            let r = client(&admin.admin_socket)
+            let r = admin_client(&admin.admin_socket)
                 .await?
                 .list_authorities(pb::ListAuthoritiesRequest {})
                 .await
@@ -468,7 +451,7 @@ pub async fn authority(cmd: AuthorityCommand, out: Output) -> anyhow::Result<()>
             );
         }
         AuthorityCommand::Prepare(admin) => {
-            let r = client(&admin.admin_socket)
+            let r = admin_client(&admin.admin_socket)
                 .await?
                 .prepare_authority(pb::PrepareAuthorityRequest {})
                 .await
@@ -477,7 +460,7 @@ pub async fn authority(cmd: AuthorityCommand, out: Output) -> anyhow::Result<()>
             print_change(out, "Prepared (published, not signing yet)", &r);
         }
         AuthorityCommand::Activate(admin) => {
-            let r = client(&admin.admin_socket)
+            let r = admin_client(&admin.admin_socket)
                 .await?
                 .activate_authority(pb::ActivateAuthorityRequest {})
                 .await

@@ -6,7 +6,8 @@ use agentd_proto::admin as pb;
 use anyhow::{anyhow, bail};
 use serde_json::json;
 
-use super::admin::{client, entry_json, status, ttl_secs};
+use super::admin::{entry_json, ttl_secs};
+use super::connect::{admin_client, status};
 use super::output::rfc3339;
 use super::{AdminSocketArg, AuditCommand, Output, OwnerCommand};
 use crate::clock::unix_seconds;
@@ -70,7 +71,7 @@ pub async fn audit(cmd: AuditCommand, out: Output) -> anyhow::Result<()> {
                 .map(|s| parse_since(s, SystemTime::now()))
                 .transpose()?
                 .unwrap_or(0);
-            let records = client(&admin.admin_socket)
+            let records = admin_client(&admin.admin_socket)
                 .await?
                 .list_audit_records(pb::ListAuditRecordsRequest {
                     since,
@@ -87,7 +88,7 @@ pub async fn audit(cmd: AuditCommand, out: Output) -> anyhow::Result<()> {
             );
         }
         AuditCommand::Verify(admin) => {
-            let r = client(&admin.admin_socket)
+            let r = admin_client(&admin.admin_socket)
                 .await?
                 .verify_audit_log(pb::VerifyAuditLogRequest {})
                 .await
@@ -125,7 +126,7 @@ pub async fn owner(cmd: OwnerCommand, out: Output) -> anyhow::Result<()> {
         OwnerCommand::Disable { owner, admin } => (owner, true, admin),
         OwnerCommand::Enable { owner, admin } => (owner, false, admin),
     };
-    let r = client(&admin.admin_socket)
+    let r = admin_client(&admin.admin_socket)
         .await?
         .set_owner_disabled(pb::SetOwnerDisabledRequest { owner, disabled })
         .await
@@ -160,7 +161,7 @@ pub async fn inventory(
     out: Output,
 ) -> anyhow::Result<()> {
     let stale_seconds = ttl_secs(stale);
-    let inv = client(&admin.admin_socket)
+    let inv = admin_client(&admin.admin_socket)
         .await?
         .get_inventory(pb::GetInventoryRequest { stale_seconds })
         .await

@@ -5,11 +5,11 @@ use std::path::Path;
 
 use agentd_proto::admin as pb;
 use agentd_proto::agentd_workload as wpb;
-use agentd_proto::agentd_workload::delegation_client::DelegationClient;
 use anyhow::{anyhow, Context};
 use serde_json::json;
 use spiffe::TrustDomain;
 
+use super::connect::{admin_client, delegation_client, status};
 use super::output::rfc3339;
 use super::{GrantCommand, Output, SvidCommand, SvidInput};
 use crate::bundle::Bundle;
@@ -76,56 +76,38 @@ pub async fn grant(cmd: GrantCommand, out: Output) -> anyhow::Result<()> {
                 task_id: task.unwrap_or_default(),
                 max_depth,
             };
-            let g = super::admin::client(&admin.admin_socket)
+            let g = admin_client(&admin.admin_socket)
                 .await?
                 .create_grant(req)
                 .await
-                .map_err(super::admin::status)?
+                .map_err(status)?
                 .into_inner();
             out.print(&grant_json(&g), || g.id.clone());
         }
         GrantCommand::List { agent, all, admin } => {
-            let list = super::admin::client(&admin.admin_socket)
+            let list = admin_client(&admin.admin_socket)
                 .await?
                 .list_grants(pb::ListGrantsRequest {
                     agent: agent.unwrap_or_default(),
                     include_expired: all,
                 })
                 .await
-                .map_err(super::admin::status)?
+                .map_err(status)?
                 .into_inner()
                 .grants;
             out.print_list("grants", &list, grant_json, grant_text);
         }
         GrantCommand::Show { id, admin } => {
-            let g = super::admin::client(&admin.admin_socket)
+            let g = admin_client(&admin.admin_socket)
                 .await?
                 .get_grant(pb::GetGrantRequest { id })
                 .await
-                .map_err(super::admin::status)?
+                .map_err(status)?
                 .into_inner();
             out.print(&grant_json(&g), || grant_text(&g));
         }
     }
     Ok(())
-}
-
-type Client = DelegationClient<
-    tonic::service::interceptor::InterceptedService<
-        tonic::transport::Channel,
-        fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>,
-    >,
->;
-
-async fn delegation_client(raw: &str) -> anyhow::Result<Client> {
-    let path = super::workload::socket_path(raw)?;
-    let ch = super::admin::unix_channel(&path)
-        .await
-        .context("is the node agent running? (--socket-path)")?;
-    Ok(DelegationClient::with_interceptor(
-        ch,
-        super::workload::add_header as fn(_) -> _,
-    ))
 }
 
 pub async fn fetch_jwt(
@@ -141,7 +123,7 @@ pub async fn fetch_jwt(
             audience,
         })
         .await
-        .map_err(super::workload::status)?
+        .map_err(status)?
         .into_inner();
     out.print(
         &json!({"svids": [{"spiffe_id": r.spiffe_id, "svid": r.svid, "grant_id": r.grant_id}]}),
@@ -167,7 +149,7 @@ pub async fn delegate(
             grant_id: grant.unwrap_or_default(),
         })
         .await
-        .map_err(super::workload::status)?
+        .map_err(status)?
         .into_inner();
     out.print(
         &json!({"token": r.token, "expires_at": r.expires_at, "grant_id": r.grant_id}),
@@ -181,7 +163,7 @@ pub async fn exchange(socket: &str, token: String, out: Output) -> anyhow::Resul
         .await?
         .exchange(wpb::ExchangeRequest { token })
         .await
-        .map_err(super::workload::status)?
+        .map_err(status)?
         .into_inner();
     out.print(
         &json!({

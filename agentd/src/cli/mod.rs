@@ -4,6 +4,7 @@
 
 mod admin;
 mod audit;
+pub mod connect;
 mod daemon;
 mod delegation;
 mod output;
@@ -16,8 +17,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub use output::Output;
 
-use crate::node::config::{DEFAULT_SERVER_ADDRESS, DEFAULT_SOCKET_PATH, DEFAULT_SYNC_INTERVAL};
-use crate::server::config::{DEFAULT_ADMIN_SOCKET, DEFAULT_BIND_ADDRESS, DEFAULT_TRUST_DOMAIN};
+use self::connect::{DEFAULT_ADMIN_SOCKET, DEFAULT_SOCKET_PATH};
+use crate::node::config::{DEFAULT_SERVER_ADDRESS, DEFAULT_SYNC_INTERVAL};
+use crate::server::config::{DEFAULT_BIND_ADDRESS, DEFAULT_TRUST_DOMAIN};
 use crate::ttl::Ttl;
 
 #[derive(Debug, Parser)]
@@ -238,7 +240,7 @@ pub struct ServerRunArgs {
         "Node API address, HOST:PORT (port 0 picks a free one) [default: {DEFAULT_BIND_ADDRESS}]"
     ))]
     pub bind_address: Option<String>,
-    #[arg(long, env = "AGENTD_ADMIN_SOCKET", help = format!(
+    #[arg(long, env = connect::ADMIN_SOCKET_ENV, help = format!(
         "The admin socket (mode 0600) [default: {DEFAULT_ADMIN_SOCKET}]"
     ))]
     pub admin_socket: Option<PathBuf>,
@@ -252,7 +254,7 @@ pub struct ServerRunArgs {
 #[derive(Debug, Args)]
 pub struct AdminSocketArg {
     /// The server's admin socket.
-    #[arg(long, env = "AGENTD_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
+    #[arg(long, env = connect::ADMIN_SOCKET_ENV, default_value = DEFAULT_ADMIN_SOCKET)]
     pub admin_socket: PathBuf,
 }
 
@@ -598,7 +600,7 @@ pub enum RevokeCommand {
 pub struct SocketArg {
     /// Workload API socket: a path, unix:///path or unix:/path. Default:
     /// $SPIFFE_ENDPOINT_SOCKET, then /tmp/agentd-node/public/api.sock.
-    #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", default_value = DEFAULT_SOCKET_PATH)]
+    #[arg(long, env = connect::WORKLOAD_SOCKET_ENV, default_value = DEFAULT_SOCKET_PATH)]
     pub socket_path: String,
 }
 
@@ -708,7 +710,7 @@ pub struct HealthcheckArgs {
     #[arg(long)]
     pub metrics_address: Option<String>,
     /// Check a node agent on this Workload API socket: a path, unix:///path or unix:/path.
-    #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", default_value = DEFAULT_SOCKET_PATH)]
+    #[arg(long, env = connect::WORKLOAD_SOCKET_ENV, default_value = DEFAULT_SOCKET_PATH)]
     pub socket_path: String,
 }
 

@@ -4,7 +4,7 @@ use agentd_proto::admin as pb;
 use agentd_proto::revocation as rpb;
 use serde_json::json;
 
-use super::admin::{client, status};
+use super::connect::{admin_client, status};
 use super::output::rfc3339;
 use super::{Output, RevokeArgs, RevokeCommand};
 
@@ -61,7 +61,7 @@ pub async fn revoke(cmd: RevokeCommand, out: Output) -> anyhow::Result<()> {
         RevokeCommand::Task { id, args } => ("task", id, args),
         RevokeCommand::Authority { id, args } => ("authority", id, args),
         RevokeCommand::List { all, admin } => {
-            let resp = client(&admin.admin_socket)
+            let resp = admin_client(&admin.admin_socket)
                 .await?
                 .list_revocations(pb::ListRevocationsRequest { all })
                 .await
@@ -89,7 +89,7 @@ pub async fn revoke(cmd: RevokeCommand, out: Output) -> anyhow::Result<()> {
             reason,
             admin,
         } => {
-            let e = client(&admin.admin_socket)
+            let e = admin_client(&admin.admin_socket)
                 .await?
                 .lift_revocation(pb::LiftRevocationRequest { sequence, reason })
                 .await
@@ -100,7 +100,7 @@ pub async fn revoke(cmd: RevokeCommand, out: Output) -> anyhow::Result<()> {
         }
     };
     let RevokeArgs { reason, admin } = args;
-    let e = client(&admin.admin_socket)
+    let e = admin_client(&admin.admin_socket)
         .await?
         .revoke(pb::RevokeRequest {
             handle: Some(rpb::RevocationHandle {

@@ -1,68 +1,17 @@
 //! Workload API commands: talk to the node agent's socket like any workload would.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use agentd_proto::workload as pb;
-use agentd_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use anyhow::{anyhow, Context};
 use futures::StreamExt;
 use serde_json::json;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 
+use super::connect::{
+    health_client, revocations_client, selectors_client, status, workload_client,
+};
 use super::output::rfc3339;
 use super::{ApiCommand, FetchCommand, Output, ValidateCommand};
-
-type Client = SpiffeWorkloadApiClient<
-    InterceptedService<
-        Channel,
-        fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>,
-    >,
->;
-
-/// `unix:///path`, `unix:/path` or a plain path, as in SPIFFE_ENDPOINT_SOCKET.
-pub fn socket_path(raw: &str) -> anyhow::Result<PathBuf> {
-    let path = if let Some(rest) = raw.strip_prefix("unix://") {
-        rest
-    } else if let Some(rest) = raw.strip_prefix("unix:") {
-        rest
-    } else if raw.starts_with("tcp:") {
-        return Err(anyhow!(
-            "socket_path: tcp endpoints are not supported by this CLI; use a unix socket"
-        ));
-    } else {
-        raw
-    };
-    if !path.starts_with('/') {
-        return Err(anyhow!(
-            "socket_path: {raw:?} must be an absolute path or unix:///path"
-        ));
-    }
-    Ok(PathBuf::from(path))
-}
-
-pub(super) fn add_header(mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-    req.metadata_mut().insert(
-        agentd_proto::WORKLOAD_HEADER,
-        tonic::metadata::MetadataValue::from_static("true"),
-    );
-    Ok(req)
-}
-
-async fn client(raw: &str) -> anyhow::Result<Client> {
-    let path = socket_path(raw)?;
-    let ch = super::admin::unix_channel(&path)
-        .await
-        .context("is the node agent running? (--socket-path)")?;
-    Ok(SpiffeWorkloadApiClient::with_interceptor(
-        ch,
-        add_header as fn(_) -> _,
-    ))
-}
-
-pub(super) fn status(s: tonic::Status) -> anyhow::Error {
-    anyhow!("{}", s.message())
-}
 
 struct CertInfo {
     serial: String,
@@ -135,15 +84,8 @@ fn svid_text(i: usize, s: &pb::X509svid) -> String {
 /// Writes `crl.pem` (every CA authority's CRL, PEM) beside the fetched bundles, from the node
 /// agent's `agentd.workload.v1.Revocations/FetchCrls`.
 async fn write_crls(dir: &Path, socket: &str) -> anyhow::Result<()> {
-    let path = socket_path(socket)?;
-    let ch = super::admin::unix_channel(&path)
-        .await
-        .context("is the node agent running? (--socket-path)")?;
-    let crls =
-        agentd_proto::agentd_workload::revocations_client::RevocationsClient::with_interceptor(
-            ch,
-            add_header as fn(_) -> _,
-        )
+    let crls = revocations_client(socket)
+        .await?
         .fetch_crls(agentd_proto::revocation::FetchCrlsRequest {})
         .await
         .map_err(status)?
@@ -177,7 +119,7 @@ fn write_svids(dir: &Path, resp: &pb::X509svidResponse) -> anyhow::Result<()> {
 pub async fn api(cmd: ApiCommand, out: Output) -> anyhow::Result<()> {
     match cmd {
         ApiCommand::Fetch(FetchCommand::X509 { write, crl, socket }) => {
-            let mut stream = client(&socket.socket_path)
+            let mut stream = workload_client(&socket.socket_path)
                 .await?
                 .fetch_x509svid(pb::X509svidRequest {})
                 .await
@@ -225,7 +167,7 @@ pub async fn api(cmd: ApiCommand, out: Output) -> anyhow::Result<()> {
             socket,
             grant: None,
         }) => {
-            let resp = client(&socket.socket_path)
+            let resp = workload_client(&socket.socket_path)
                 .await?
                 .fetch_jwtsvid(pb::JwtsvidRequest {
                     audience,
@@ -249,7 +191,7 @@ pub async fn api(cmd: ApiCommand, out: Output) -> anyhow::Result<()> {
             svid,
             socket,
         }) => {
-            let resp = client(&socket.socket_path)
+            let resp = workload_client(&socket.socket_path)
                 .await?
                 .validate_jwtsvid(pb::ValidateJwtsvidRequest { audience, svid })
                 .await
@@ -274,15 +216,8 @@ pub async fn api(cmd: ApiCommand, out: Output) -> anyhow::Result<()> {
             follow,
             socket,
         } => {
-            let path = socket_path(&socket.socket_path)?;
-            let ch = super::admin::unix_channel(&path)
-                .await
-                .context("is the node agent running? (--socket-path)")?;
-            let mut stream =
-                agentd_proto::agentd_workload::revocations_client::RevocationsClient::with_interceptor(
-                    ch,
-                    add_header as fn(_) -> _,
-                )
+            let mut stream = revocations_client(&socket.socket_path)
+                .await?
                 .watch(agentd_proto::revocation::WatchRevocationsRequest {
                     after_sequence: after,
                 })
@@ -317,15 +252,8 @@ pub async fn api(cmd: ApiCommand, out: Output) -> anyhow::Result<()> {
             }
         }
         ApiCommand::Selectors(socket) => {
-            let path = socket_path(&socket.socket_path)?;
-            let ch = super::admin::unix_channel(&path)
-                .await
-                .context("is the node agent running? (--socket-path)")?;
-            let resp =
-                agentd_proto::agentd_workload::selectors_client::SelectorsClient::with_interceptor(
-                    ch,
-                    add_header as fn(_) -> _,
-                )
+            let resp = selectors_client(&socket.socket_path)
+                .await?
                 .get_selectors(agentd_proto::agentd_workload::GetSelectorsRequest {})
                 .await
                 .map_err(status)?
@@ -362,7 +290,7 @@ pub async fn api(cmd: ApiCommand, out: Output) -> anyhow::Result<()> {
             );
         }
         ApiCommand::Watch(socket) => {
-            let mut stream = client(&socket.socket_path)
+            let mut stream = workload_client(&socket.socket_path)
                 .await?
                 .fetch_x509svid(pb::X509svidRequest {})
                 .await
@@ -435,11 +363,8 @@ fn value_to_json(v: &prost_types::Value) -> serde_json::Value {
 }
 
 pub async fn healthcheck(raw: &str, out: Output) -> anyhow::Result<()> {
-    let path = socket_path(raw)?;
-    let ch = super::admin::unix_channel(&path)
-        .await
-        .context("is the node agent running? (--socket-path)")?;
-    let resp = tonic_health::pb::health_client::HealthClient::new(ch)
+    let resp = health_client(raw)
+        .await?
         .check(tonic_health::pb::HealthCheckRequest {
             service: String::new(),
         })
@@ -457,27 +382,4 @@ pub async fn healthcheck(raw: &str, out: Output) -> anyhow::Result<()> {
         "Node agent is healthy".to_string()
     });
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn socket_path_forms() {
-        assert_eq!(
-            socket_path("unix:///tmp/a.sock").unwrap(),
-            PathBuf::from("/tmp/a.sock")
-        );
-        assert_eq!(
-            socket_path("unix:/tmp/a.sock").unwrap(),
-            PathBuf::from("/tmp/a.sock")
-        );
-        assert_eq!(
-            socket_path("/tmp/a.sock").unwrap(),
-            PathBuf::from("/tmp/a.sock")
-        );
-        assert!(socket_path("relative.sock").is_err());
-        assert!(socket_path("tcp://127.0.0.1:1").is_err());
-    }
 }

@@ -1,0 +1,102 @@
+//! `make bench` (`cargo bench -p agentd --bench agentd_bench`): the figures of
+//! docs/PERFORMANCE.md, printed as one table.
+//!
+//! - (a) X.509-SVIDs minted per second by the CA on one thread (CSR in, signed certificate
+//!   out), beside ring's raw ECDSA P-256 sign and verify rates measured in the same run.
+//! - (b) X.509-SVIDs per second through the node API (mTLS on loopback, `MintX509Svids`
+//!   with batches of 100 CSRs, one batch in flight), against an in-process server.
+//! - (c) FetchX509SVID latency (time to the first stream message) with 100 concurrent
+//!   Workload API clients on a warm cache, against a real `agentd node run` child process.
+//! - (d) The resident memory of that node agent process once it holds 100 SVIDs and serves
+//!   100 open FetchX509SVID streams.
+//!
+//! - (e) Revocation latency: time from an `agentd revoke` (the admin `Revoke` call)
+//!   returning to the workload's FetchX509SVID stream sending the update, over 100
+//!   revocations, with 1 node agent; then again with 200 simulated node agents also
+//!   subscribed to the revocation feed (the load harness `FeedLoad` in `revocation`).
+//!
+//! One module per figure: `ca` (a), `node_api` (b), `fetch_latency` (c), `node_rss` (d),
+//! `revocation` (e); `harness` starts the server and the node agents, `output` prints the
+//! table.
+//!
+//! Temp dirs are removed and the child process is killed on every exit path (Drop guards).
+#![forbid(unsafe_code)]
+
+mod ca;
+mod fetch_latency;
+mod harness;
+mod node_api;
+mod node_rss;
+mod output;
+mod revocation;
+
+use std::path::Path;
+use std::time::Duration;
+
+use agentd_proto::admin as apb;
+use anyhow::Context;
+
+use harness::NodeEnv;
+
+/// Every rate is measured for `RUN` after `WARMUP`.
+const WARMUP: Duration = Duration::from_millis(500);
+const RUN: Duration = Duration::from_secs(2);
+/// Slices the (a) measurements are interleaved in.
+const ROUNDS: u32 = 20;
+/// Concurrent Workload API clients in (c) and (d).
+const CLIENTS: usize = 100;
+
+const TRUST_DOMAIN: &str = "example.org";
+
+fn main() -> anyhow::Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("agentd-bench-")
+        .tempdir()
+        .context("creating a temp dir")?;
+    output::print_header();
+
+    let a = ca::run(dir.path())?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("building the tokio runtime")?;
+    rt.block_on(run_online(dir.path(), &a))?;
+    drop(rt);
+    dir.close().context("removing the temp dir")?;
+    Ok(())
+}
+
+/// (b) to (e), against one in-process server.
+async fn run_online(dir: &Path, a: &ca::CaFigures) -> anyhow::Result<()> {
+    let (server, mut admin) = harness::start_server(dir).await?;
+    let info = admin
+        .get_server_info(apb::GetServerInfoRequest {})
+        .await?
+        .into_inner();
+    let bundle = admin
+        .get_bundle(apb::GetBundleRequest {})
+        .await?
+        .into_inner();
+    let address = info.node_api_address;
+
+    node_api::run(&mut admin, &address, &bundle.x509_authorities, a).await?;
+
+    let bundle_file = dir.join("bundle.pem");
+    std::fs::write(&bundle_file, &bundle.pem)?;
+    let uid = agentd::net::own_uid();
+    let selector = format!("unix:uid:{uid}");
+    let env = NodeEnv {
+        dir,
+        address: &address,
+        bundle_file: &bundle_file,
+    };
+
+    fetch_latency::run(&env, &mut admin, &selector).await?;
+    node_rss::run(&env, &mut admin, &selector).await?;
+    revocation::run(&env, &mut admin, &address, &bundle.x509_authorities).await?;
+
+    output::print_notes();
+
+    server.shutdown().await
+}
