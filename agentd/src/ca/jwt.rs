@@ -1,16 +1,16 @@
 //! The JWT side of the CA: an ES256 key with a random `kid`, expiring with the X.509 CA, and
 //! the minting of JWT-SVIDs (JWS compact serialization).
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use ring::rand::SystemRandom;
 use ring::signature::EcdsaKeyPair;
 use serde_json::{json, Map, Value};
-use spiffe::{SpiffeId, TrustDomain};
+use spiffe::TrustDomain;
 
-use super::{CaError, IssuedJwtSvid};
+use super::{CaError, IssuedJwtSvid, JwtSvidParams};
 use crate::bundle::JwtAuthority;
 use crate::clock::{from_unix_seconds, unix_seconds};
 use crate::keys::PrivateKey;
@@ -77,28 +77,23 @@ impl JwtSigner {
         }
     }
 
+    /// Signs a JWT-SVID as [`JwtSvidParams`] describes. A registered claim (`sub`, `aud`,
+    /// `exp`, `iat`, `jti`, `nbf`, `iss`) in `params.claims` is refused: the JWT-SVID spec
+    /// fixes their meaning.
     pub fn sign(
         &self,
         trust_domain: &TrustDomain,
-        spiffe_id: &SpiffeId,
-        audience: &[String],
-        ttl: Duration,
+        params: &JwtSvidParams<'_>,
         now: SystemTime,
     ) -> Result<IssuedJwtSvid, CaError> {
-        self.sign_with_claims(trust_domain, spiffe_id, audience, ttl, now, &Map::new())
-    }
-
-    /// As `sign`, adding private claims. A registered claim (`sub`, `aud`, `exp`, `iat`,
-    /// `jti`, `nbf`, `iss`) in `extra` is refused: the JWT-SVID spec fixes their meaning.
-    pub fn sign_with_claims(
-        &self,
-        trust_domain: &TrustDomain,
-        spiffe_id: &SpiffeId,
-        audience: &[String],
-        ttl: Duration,
-        now: SystemTime,
-        extra: &Map<String, Value>,
-    ) -> Result<IssuedJwtSvid, CaError> {
+        let JwtSvidParams {
+            spiffe_id,
+            audience,
+            ttl,
+            claims: extra,
+        } = *params;
+        let no_claims = Map::new();
+        let extra = extra.unwrap_or(&no_claims);
         if let Some(k) = extra
             .keys()
             .find(|k| REGISTERED_CLAIMS.contains(&k.as_str()))

@@ -10,7 +10,7 @@ use super::tests::{
     spiffe_crate_accepts,
 };
 use super::*;
-use crate::clock::{unix_seconds, ManualClock};
+use crate::clock::{unix_seconds, Clock, ManualClock};
 use crate::keys::{pem_encode, PrivateKey};
 use x509_parser::prelude::FromDer;
 
@@ -120,9 +120,12 @@ fn a_new_ca_has_one_active_authority_of_each_kind_named_by_ski_and_kid() {
     assert_eq!(aki_hex(&svid.cert_chain[0]), x.id);
     let jwt = ca
         .sign_jwt_svid(
-            &id("spiffe://example.org/a"),
-            &["aud".into()],
-            Duration::from_secs(60),
+            &JwtSvidParams {
+                spiffe_id: &id("spiffe://example.org/a"),
+                audience: &["aud".into()],
+                ttl: Duration::from_secs(60),
+                claims: None,
+            },
             clock.now(),
         )
         .unwrap();
@@ -145,7 +148,15 @@ fn prepare_publishes_without_signing_and_activate_switches_the_signer() {
     let sid = id("spiffe://example.org/agent");
     let old_svid = mint(&ca, &key, &sid, Duration::from_secs(3600), clock.now()).unwrap();
     let old_token = ca
-        .sign_jwt_svid(&sid, &["aud".into()], Duration::from_secs(300), clock.now())
+        .sign_jwt_svid(
+            &JwtSvidParams {
+                spiffe_id: &sid,
+                audience: &["aud".into()],
+                ttl: Duration::from_secs(300),
+                claims: None,
+            },
+            clock.now(),
+        )
         .unwrap();
 
     clock.advance(Duration::from_secs(60));
@@ -168,7 +179,15 @@ fn prepare_publishes_without_signing_and_activate_switches_the_signer() {
     let svid = mint(&ca, &key, &sid, Duration::from_secs(60), clock.now()).unwrap();
     assert_eq!(svid.authority_id, old_x509);
     let token = ca
-        .sign_jwt_svid(&sid, &["aud".into()], Duration::from_secs(60), clock.now())
+        .sign_jwt_svid(
+            &JwtSvidParams {
+                spiffe_id: &sid,
+                audience: &["aud".into()],
+                ttl: Duration::from_secs(60),
+                claims: None,
+            },
+            clock.now(),
+        )
         .unwrap();
     assert_eq!(token.key_id, old_jwt);
 
@@ -198,7 +217,15 @@ fn prepare_publishes_without_signing_and_activate_switches_the_signer() {
     assert_eq!(new_svid.not_after, ca.not_after());
     assert!(new_svid.not_after > old_svid.not_after);
     let new_token = ca
-        .sign_jwt_svid(&sid, &["aud".into()], Duration::from_secs(60), clock.now())
+        .sign_jwt_svid(
+            &JwtSvidParams {
+                spiffe_id: &sid,
+                audience: &["aud".into()],
+                ttl: Duration::from_secs(60),
+                claims: None,
+            },
+            clock.now(),
+        )
         .unwrap();
     assert_eq!(kid_of(&new_token.token), new_jwt);
 
@@ -791,11 +818,12 @@ fn signing_takes_a_snapshot_so_rotation_under_load_never_fails_a_signature() {
             for _ in 0..200 {
                 let svid = ca
                     .sign_x509_svid(
-                        &X509SvidRequest {
+                        &X509SvidParams {
                             csr_der: &csr,
                             spiffe_id: &sid,
                             ttl: Duration::from_secs(60),
                             dns_names: &[],
+                            extensions: &[],
                         },
                         clock.now(),
                     )

@@ -8,7 +8,7 @@ use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::X509Certificate;
 
 use super::*;
-use crate::clock::{unix_seconds, ManualClock};
+use crate::clock::{unix_seconds, Clock, ManualClock};
 use crate::keys::{pem_encode, PrivateKey};
 
 const ORG: &str = "agentd test";
@@ -51,11 +51,12 @@ pub(super) fn mint(
 ) -> Result<IssuedX509Svid, CaError> {
     let csr = key.csr_der().unwrap();
     ca.sign_x509_svid(
-        &X509SvidRequest {
+        &X509SvidParams {
             csr_der: &csr,
             spiffe_id,
             ttl,
             dns_names: &[],
+            extensions: &[],
         },
         now,
     )
@@ -117,11 +118,12 @@ fn x509_svid_meets_the_spec() {
     let dns = vec!["planner.example.org".to_string()];
     let svid = ca
         .sign_x509_svid(
-            &X509SvidRequest {
+            &X509SvidParams {
                 csr_der: &csr,
                 spiffe_id: &spiffe_id,
                 ttl: Duration::from_secs(3600),
                 dns_names: &dns,
+                extensions: &[],
             },
             now,
         )
@@ -244,7 +246,15 @@ fn ttl_is_capped_at_the_ca_not_after_and_an_expired_ca_refuses() {
         Err(CaError::Expired { not_after }) => assert_eq!(not_after, ca.not_after()),
         other => panic!("expected Expired, got {other:?}"),
     }
-    let jwt = ca.sign_jwt_svid(&spiffe_id, &["a".into()], Duration::from_secs(60), later);
+    let jwt = ca.sign_jwt_svid(
+        &JwtSvidParams {
+            spiffe_id: &spiffe_id,
+            audience: &["a".into()],
+            ttl: Duration::from_secs(60),
+            claims: None,
+        },
+        later,
+    );
     assert!(matches!(jwt, Err(CaError::Expired { .. })), "{jwt:?}");
 }
 
@@ -268,9 +278,12 @@ fn foreign_trust_domain_and_pathless_ids_are_refused() {
     );
     let err = ca
         .sign_jwt_svid(
-            &id("spiffe://other.org/a"),
-            &["x".into()],
-            Duration::from_secs(60),
+            &JwtSvidParams {
+                spiffe_id: &id("spiffe://other.org/a"),
+                audience: &["x".into()],
+                ttl: Duration::from_secs(60),
+                claims: None,
+            },
             now,
         )
         .unwrap_err();
@@ -293,11 +306,12 @@ fn bad_csrs_are_refused_with_a_reason() {
     let spiffe_id = id("spiffe://example.org/a");
     let sign = |csr: &[u8]| {
         ca.sign_x509_svid(
-            &X509SvidRequest {
+            &X509SvidParams {
                 csr_der: csr,
                 spiffe_id: &spiffe_id,
                 ttl: Duration::from_secs(60),
                 dns_names: &[],
+                extensions: &[],
             },
             now,
         )
@@ -342,11 +356,12 @@ fn bad_csrs_are_refused_with_a_reason() {
     let good = PrivateKey::generate().unwrap().csr_der().unwrap();
     let err = ca
         .sign_x509_svid(
-            &X509SvidRequest {
+            &X509SvidParams {
                 csr_der: &good,
                 spiffe_id: &spiffe_id,
                 ttl: Duration::from_secs(60),
                 dns_names: &["bad name".into()],
+                extensions: &[],
             },
             now,
         )
@@ -714,7 +729,15 @@ fn jwt_svid_has_the_exact_header_and_claims() {
         .unwrap()
     };
     let one = ca
-        .sign_jwt_svid(&spiffe_id, &["svc-b".into()], Duration::from_secs(300), now)
+        .sign_jwt_svid(
+            &JwtSvidParams {
+                spiffe_id: &spiffe_id,
+                audience: &["svc-b".into()],
+                ttl: Duration::from_secs(300),
+                claims: None,
+            },
+            now,
+        )
         .unwrap();
     let parts: Vec<&str> = one.token.split('.').collect();
     assert_eq!(parts.len(), 3);
@@ -733,9 +756,12 @@ fn jwt_svid_has_the_exact_header_and_claims() {
 
     let two = ca
         .sign_jwt_svid(
-            &spiffe_id,
-            &["a".into(), "b".into()],
-            Duration::from_secs(10 * 3600),
+            &JwtSvidParams {
+                spiffe_id: &spiffe_id,
+                audience: &["a".into(), "b".into()],
+                ttl: Duration::from_secs(10 * 3600),
+                claims: None,
+            },
             now,
         )
         .unwrap();
@@ -745,7 +771,15 @@ fn jwt_svid_has_the_exact_header_and_claims() {
     assert_eq!(two.expires_at, ca.not_after());
 
     assert!(ca
-        .sign_jwt_svid(&spiffe_id, &[], Duration::from_secs(60), now)
+        .sign_jwt_svid(
+            &JwtSvidParams {
+                spiffe_id: &spiffe_id,
+                audience: &[],
+                ttl: Duration::from_secs(60),
+                claims: None
+            },
+            now
+        )
         .is_err());
 }
 
@@ -761,7 +795,15 @@ fn jwt_svid_is_accepted_by_the_spiffe_crate() {
     .unwrap();
     let spiffe_id = id("spiffe://example.org/agent");
     let token = ca
-        .sign_jwt_svid(&spiffe_id, &["svc-b".into()], Duration::from_secs(300), now)
+        .sign_jwt_svid(
+            &JwtSvidParams {
+                spiffe_id: &spiffe_id,
+                audience: &["svc-b".into()],
+                ttl: Duration::from_secs(300),
+                claims: None,
+            },
+            now,
+        )
         .unwrap()
         .token;
     let bundle = ca.bundle();

@@ -19,7 +19,7 @@ use x509_parser::oid_registry::{
 use x509_parser::prelude::FromDer;
 use zeroize::Zeroizing;
 
-use super::{CaError, IssuedX509Svid, RevokedSerial, UpstreamCa, X509SvidRequest};
+use super::{CaError, IssuedX509Svid, RevokedSerial, UpstreamCa, X509SvidParams};
 use crate::clock::{from_unix_seconds, unix_seconds};
 use crate::keys::{CertSigner, PrivateKey};
 
@@ -528,22 +528,13 @@ impl SigningCa {
         })
     }
 
+    /// Signs an X.509-SVID as [`X509SvidParams`] describes. `params.extensions` are always
+    /// added non-critical: a relying party that does not know them must still accept the
+    /// SVID (RFC 5280 4.2).
     pub fn sign(
         &self,
         trust_domain: &TrustDomain,
-        req: &X509SvidRequest<'_>,
-        now: SystemTime,
-    ) -> Result<IssuedX509Svid, CaError> {
-        self.sign_with_extensions(trust_domain, req, &[], now)
-    }
-
-    /// As `sign`, adding `extensions` (always non-critical: a relying party that does not
-    /// know them must still accept the SVID, RFC 5280 4.2).
-    pub fn sign_with_extensions(
-        &self,
-        trust_domain: &TrustDomain,
-        req: &X509SvidRequest<'_>,
-        extensions: &[crate::delegation::SvidExtension],
+        req: &X509SvidParams<'_>,
         now: SystemTime,
     ) -> Result<IssuedX509Svid, CaError> {
         let id = req.spiffe_id;
@@ -607,7 +598,7 @@ impl SigningCa {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         p.use_authority_key_identifier_extension = true;
-        for ext in extensions {
+        for ext in req.extensions {
             let mut custom = rcgen::CustomExtension::from_oid_content(&ext.oid, ext.value.clone());
             custom.set_criticality(false);
             p.custom_extensions.push(custom);

@@ -12,7 +12,7 @@ use spiffe::SpiffeId;
 use tonic::Status;
 
 use super::ServerState;
-use crate::ca::{CaError, IssuedJwtSvid, IssuedX509Svid, X509SvidRequest};
+use crate::ca::{CaError, IssuedJwtSvid, IssuedX509Svid, JwtSvidParams, X509SvidParams};
 use crate::clock::unix_seconds;
 use crate::datastore::{DataStore, DataStoreError, DelegationOffer, Entry, EntryFilter, Grant};
 use crate::delegation::{
@@ -324,14 +324,14 @@ pub fn sign_delegated_x509(
         &grant.delegation.scopes,
         Some(&grant.delegation),
     );
-    Ok(state.ca.sign_x509_svid_with_extensions(
-        &X509SvidRequest {
+    Ok(state.ca.sign_x509_svid(
+        &X509SvidParams {
             csr_der: csr,
             spiffe_id: &entry.spec.spiffe_id,
             ttl,
             dns_names: &entry.spec.dns_names,
+            extensions: &ext,
         },
-        &ext,
         now,
     )?)
 }
@@ -350,9 +350,15 @@ pub fn sign_delegated_jwt(
         unix_seconds(now),
     );
     let extra = claims::to_claims(&grant.delegation.scopes, Some(&grant.delegation));
-    Ok(state
-        .ca
-        .sign_jwt_svid_with_claims(&entry.spec.spiffe_id, audience, ttl, now, &extra)?)
+    Ok(state.ca.sign_jwt_svid(
+        &JwtSvidParams {
+            spiffe_id: &entry.spec.spiffe_id,
+            audience,
+            ttl,
+            claims: Some(&extra),
+        },
+        now,
+    )?)
 }
 
 /// The entry's scopes as a set (validated when the entry was written).
@@ -410,12 +416,14 @@ pub async fn mint_delegation_token(
     shown.scopes = scopes.clone();
     let mut extra = claims::to_claims(&scopes, Some(&shown));
     extra.insert(claims::OFFER.into(), Value::String(offer_id.clone()));
-    let token = state.ca.sign_jwt_svid_with_claims(
-        &entry.spec.spiffe_id,
-        &[to.to_string()],
-        token_ttl,
+    let token = state.ca.sign_jwt_svid(
+        &JwtSvidParams {
+            spiffe_id: &entry.spec.spiffe_id,
+            audience: &[to.to_string()],
+            ttl: token_ttl,
+            claims: Some(&extra),
+        },
         state.clock.now(),
-        &extra,
     )?;
     state
         .store

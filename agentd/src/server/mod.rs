@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::{RawServerConfig, ServerConfig};
 
-use crate::ca::{CaConfig, CaError, CertificateAuthority, X509SvidRequest};
+use crate::ca::{CaConfig, CaError, CertificateAuthority, X509SvidParams};
 use crate::clock::Clock;
 use crate::datastore::{DataStore, DataStoreError, SledStore};
 use crate::keys::PrivateKey;
@@ -308,11 +308,12 @@ fn issue_server_tls(
     let id = tls::server_spiffe_id(&state.config.trust_domain);
     let now = state.clock.now();
     let svid = state.ca.sign_x509_svid(
-        &X509SvidRequest {
+        &X509SvidParams {
             csr_der: &csr,
             spiffe_id: &id,
             ttl: SERVER_SVID_TTL,
             dns_names: &[],
+            extensions: &[],
         },
         now,
     )?;

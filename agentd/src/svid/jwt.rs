@@ -316,9 +316,12 @@ mod tests {
             let aud: Vec<String> = aud.iter().map(|s| s.to_string()).collect();
             self.ca
                 .sign_jwt_svid(
-                    &SpiffeId::new("spiffe://example.org/agent").unwrap(),
-                    &aud,
-                    Duration::from_secs(ttl),
+                    &crate::ca::JwtSvidParams {
+                        spiffe_id: &SpiffeId::new("spiffe://example.org/agent").unwrap(),
+                        audience: &aud,
+                        ttl: Duration::from_secs(ttl),
+                        claims: None,
+                    },
                     self.now,
                 )
                 .unwrap()

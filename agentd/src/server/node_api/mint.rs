@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 use super::MAX_BATCH;
 use super::{NodeApi, NodeApiError};
 use crate::audit::{Actor, AuditRecord};
-use crate::ca::{IssuedX509Svid, X509SvidRequest};
+use crate::ca::{IssuedX509Svid, JwtSvidParams, X509SvidParams};
 use crate::clock::unix_seconds;
 use crate::datastore::{AttestedNode, Entry, EntryId, EntryIssuance};
 use crate::revocation::RevocationHandle;
@@ -106,11 +106,12 @@ impl NodeApi {
         dns: &[String],
     ) -> Result<IssuedX509Svid, NodeApiError> {
         Ok(self.state.ca.sign_x509_svid(
-            &X509SvidRequest {
+            &X509SvidParams {
                 csr_der: csr,
                 spiffe_id: id,
                 ttl,
                 dns_names: dns,
+                extensions: &[],
             },
             self.state.clock.now(),
         )?)
@@ -125,14 +126,14 @@ impl NodeApi {
             &scopes,
             None,
         );
-        Ok(self.state.ca.sign_x509_svid_with_extensions(
-            &X509SvidRequest {
+        Ok(self.state.ca.sign_x509_svid(
+            &X509SvidParams {
                 csr_der: csr,
                 spiffe_id: &entry.spec.spiffe_id,
                 ttl: entry.spec.x509_svid_ttl.as_duration(),
                 dns_names: &entry.spec.dns_names,
+                extensions: &ext,
             },
-            &ext,
             self.state.clock.now(),
         )?)
     }
@@ -275,12 +276,14 @@ impl NodeApi {
             let jwt = self
                 .state
                 .ca
-                .sign_jwt_svid_with_claims(
-                    &entry.spec.spiffe_id,
-                    &req.audience,
-                    entry.spec.jwt_svid_ttl.as_duration(),
+                .sign_jwt_svid(
+                    &JwtSvidParams {
+                        spiffe_id: &entry.spec.spiffe_id,
+                        audience: &req.audience,
+                        ttl: entry.spec.jwt_svid_ttl.as_duration(),
+                        claims: Some(&extra),
+                    },
                     self.state.clock.now(),
-                    &extra,
                 )
                 .map_err(NodeApiError::from)?;
             (jwt, None)
