@@ -1,5 +1,9 @@
 //! The X.509 side of the CA: making the CA certificate (self-signed root or intermediate
 //! under an upstream CA), checking a stored one, and minting X.509-SVIDs from CSRs.
+//!
+//! Long on purpose: the certificate profile (X509-SVID spec: leaf, CA, CRL) is one set of
+//! rules, and keeping the builders and the checks of stored certificates together keeps
+//! them from drifting apart. Its tests are in `ca/tests.rs`.
 
 use std::path::Path;
 use std::time::{Duration, SystemTime};

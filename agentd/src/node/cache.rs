@@ -1,6 +1,9 @@
 //! The node agent's cache: the entries this node serves, the trust bundle, and the current
 //! X.509-SVID (and JWT-SVIDs) of each entry. Workload API streams subscribe to its version
 //! counter and re-send when it moves.
+//!
+//! Over 600 lines with its unit tests (the code is about 600): every way an SVID enters or
+//! leaves the cache, and its tests, in one place.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};

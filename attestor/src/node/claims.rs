@@ -6,6 +6,8 @@
 //! Only RS256 and ES256 are accepted: `none` and the HMAC algorithms (whose "key" would be
 //! the public JWKS) are refused by name. A token carrying a `jti` is accepted once until it
 //! expires; tokens without one may be presented again (platforms re-issue them).
+//!
+//! Over 600 lines only with its unit tests, which sign their own tokens.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

@@ -6,6 +6,8 @@
 //! the leaf key's signature over `nonce || context`. The context names this server's trust
 //! domain and the leaf's fingerprint, so a signature made for one server or certificate is
 //! useless anywhere else.
+//!
+//! Over 600 lines only with its unit tests, which build their own CA chains.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

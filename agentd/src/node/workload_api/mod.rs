@@ -7,6 +7,10 @@
 //! - A caller with no identity gets PermissionDenied "no identity issued".
 //! - Streams send their first message at once and a full snapshot on every change.
 //! - The socket also serves `grpc.health.v1.Health` for `agentd healthcheck`.
+//!
+//! Long on purpose: the five `SpiffeWorkloadAPI` calls share their attestation, readiness and
+//! stream helpers, and the spec's per-call rules read best side by side. The delegation
+//! service is in `delegation.rs`; the claims conversion in `claims.rs`.
 
 pub mod claims;
 mod delegation;
