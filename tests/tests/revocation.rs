@@ -600,3 +600,40 @@ fn node_ban_is_revoke_node() -> anyhow::Result<()> {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("spiffe_id"));
     Ok(())
 }
+
+#[test]
+fn a_bad_reason_is_refused_before_an_authority_leaves_the_bundle() -> anyhow::Result<()> {
+    let env = Env::new();
+    let server = Server::start(&env)?;
+    let active = |listed: &serde_json::Value| {
+        listed
+            .as_array()
+            .and_then(|a| {
+                a.iter()
+                    .find(|x| x["kind"] == "x509" && x["state"] == "active")
+            })
+            .and_then(|x| x["id"].as_str())
+            .map(str::to_string)
+    };
+    let old = active(&json(&server.cli_ok(&[
+        "authority",
+        "list",
+        "--output",
+        "json",
+    ])?))
+    .expect("an active X.509 authority");
+    server.cli_ok(&["authority", "prepare"])?;
+    server.cli_ok(&["authority", "activate"])?;
+    let too_long = "x".repeat(2000);
+    let out = server.cli(&["revoke", "authority", "--id", &old, "--reason", &too_long]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("reason"), "{stderr}");
+    // Nothing happened: the old authority is still listed, and nothing was logged.
+    let listed = server.cli_ok(&["authority", "list", "--output", "json"])?;
+    assert!(listed.contains(&old), "{listed}");
+    let log = json(&server.cli_ok(&["revoke", "list", "--all", "--output", "json"])?);
+    assert_eq!(log["events"].as_array().map(Vec::len), Some(0), "{log}");
+    assert_eq!(log["head_sequence"], 0, "{log}");
+    Ok(())
+}

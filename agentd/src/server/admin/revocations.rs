@@ -41,6 +41,9 @@ pub(super) async fn revoke(
     let req = request.into_inner();
     let raw = req.handle.ok_or_else(|| invalid("handle", "is required"))?;
     let handle = RevocationHandle::parse(&raw.kind, &raw.id).map_err(AdminError::from)?;
+    // Every input is checked before any effect: an authority leaves the bundle below, before
+    // the log is written, so a bad reason must be refused here.
+    crate::revocation::check_reason(&req.reason).map_err(AdminError::from)?;
     let now = unix_seconds(api.state.clock.now());
     match &handle {
         RevocationHandle::Entry(id) => {
