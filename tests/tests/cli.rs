@@ -706,6 +706,63 @@ fn a_second_server_on_the_same_data_dir_says_another_server_uses_it() -> anyhow:
 }
 
 #[test]
+fn a_second_daemon_on_a_live_socket_refuses_to_start_and_leaves_it_alone() -> anyhow::Result<()> {
+    let env = Env::new();
+    let server = Server::start(&env)?;
+    let node = Node::start(&env, &server, "n1")?;
+    // Another server: its own data dir and port, the same admin socket.
+    let admin_socket = server.admin_socket.display().to_string();
+    let other_dir = env.path().join("other-server").display().to_string();
+    let mut second = Daemon::spawn_args(
+        &[
+            "server",
+            "run",
+            "--data-dir",
+            &other_dir,
+            "--admin-socket",
+            &admin_socket,
+            "--bind-address",
+            "127.0.0.1:0",
+        ],
+        env.path().join("second-server.log"),
+    )?;
+    let status = second.wait_exit(Duration::from_secs(20))?;
+    let text = second.log_text();
+    assert!(!status.success(), "the second server started: {text}");
+    assert!(
+        text.contains("admin socket") && text.contains("another process is serving"),
+        "{text}"
+    );
+    // The first server still answers on its socket, after the second one exited.
+    server.cli_ok(&["entry", "show"])?;
+
+    // Another node agent on the same Workload API socket.
+    let other_node_dir = env.path().join("other-node");
+    let mut second = agentd_e2e::spawn_node(
+        &server.address,
+        &node.bundle,
+        &other_node_dir,
+        &node.socket,
+        Some(&server.join_token("spiffe://example.org/node/other")?),
+    )?;
+    let status = second.wait_exit(Duration::from_secs(30))?;
+    let text = second.log_text();
+    assert!(!status.success(), "the second node agent started: {text}");
+    assert!(
+        text.contains("workload API socket") && text.contains("another process is serving"),
+        "{text}"
+    );
+    let sock = node.socket_arg();
+    let health = agentd(&["healthcheck", "--socket-path", &sock]);
+    assert!(
+        health.status.success(),
+        "the first node agent lost its socket: {}",
+        String::from_utf8_lossy(&health.stderr)
+    );
+    Ok(())
+}
+
+#[test]
 fn entry_create_warns_when_no_node_has_the_parent_id() -> anyhow::Result<()> {
     let env = Env::new();
     let server = Server::start(&env)?;

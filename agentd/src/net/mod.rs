@@ -50,6 +50,29 @@ pub fn check_socket_dir(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Clears the way for binding a Unix socket at `path`: a socket file left behind by a process
+/// that is gone is removed, but one that still answers belongs to a live server (another
+/// `agentd server run` or `node run` with the same socket), and taking it over would leave
+/// that server running unreachable: refused with `AddrInUse`.
+pub fn clear_socket_path(path: &Path) -> io::Result<()> {
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "another process is serving on this socket (stop it, or choose another path)",
+            ))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        // Refused (a stale socket file) or not a socket: replaced, as before.
+        Err(_) => {}
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Connecting to a gRPC server on a Unix socket failed.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot connect to {path}: {reason}")]
@@ -161,6 +184,20 @@ mod tests {
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o1777)).unwrap();
         assert!(check_socket_dir(&d).is_ok(), "sticky, like /tmp");
         assert!(check_socket_dir(Path::new("/tmp")).is_ok());
+    }
+
+    #[test]
+    fn a_live_socket_is_not_taken_over_but_a_stale_one_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        assert!(clear_socket_path(&path).is_ok(), "nothing there");
+        let live = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let err = clear_socket_path(&path).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        assert!(path.exists(), "the live socket stays");
+        drop(live);
+        clear_socket_path(&path).unwrap();
+        assert!(!path.exists(), "a stale socket file is removed");
     }
 
     #[tokio::test]

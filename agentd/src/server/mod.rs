@@ -281,11 +281,7 @@ fn bind_admin_socket(path: &Path) -> Result<UnixListener, ServerError> {
         crate::net::check_socket_dir(parent)
             .map_err(|reason| bind_err(std::io::Error::other(reason)))?;
     }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(bind_err(e)),
-    }
+    crate::net::clear_socket_path(path).map_err(bind_err)?;
     let listener = UnixListener::bind(path).map_err(bind_err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
     Ok(listener)

@@ -97,11 +97,7 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener, NodeError> {
         crate::net::check_socket_dir(parent).map_err(|r| err(std::io::Error::other(r)))?;
         std::fs::create_dir_all(parent).map_err(err)?;
     }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(e)),
-    }
+    crate::net::clear_socket_path(path).map_err(err)?;
     let listener = UnixListener::bind(path).map_err(err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).map_err(err)?;
     Ok(listener)
