@@ -74,6 +74,8 @@ pub struct VerifiedIdentity {
     pub spiffe_id: SpiffeId,
     /// X.509 only: the certificate serial, lowercase hex.
     pub serial: Option<String>,
+    /// JWT only: the token's `jti`, the handle its revocation events list it by.
+    pub jti: Option<String>,
     /// Unix seconds.
     pub expires_at: i64,
     /// The scopes the identity holds (empty: no tool at all).
@@ -114,6 +116,7 @@ impl VerifiedIdentity {
             "kind": match self.kind { SvidKind::X509 => "x509", SvidKind::Jwt => "jwt" },
             "spiffe_id": self.spiffe_id.to_string(),
             "serial": self.serial,
+            "jti": self.jti,
             "expires_at": self.expires_at,
             "scopes": self.scopes.to_strings(),
             "principal": self.principal().map(ToString::to_string),
@@ -166,7 +169,8 @@ impl Verifier {
         self
     }
 
-    /// Refuses identities the revocation feed revoked: an X.509-SVID by serial, and any SVID
+    /// Refuses identities the revocation feed revoked: an X.509-SVID by serial, a JWT-SVID by
+    /// its `jti` (every entry, node or serial revocation lists the JWTs it covers), and any SVID
     /// whose delegation chain holds a revoked grant or whose task is revoked. Keep `set` fed
     /// from the node agent's `agentd.workload.v1.Revocations/Watch` (docs/revocation.md).
     pub fn with_revocations(
@@ -179,6 +183,12 @@ impl Verifier {
             if let Some(serial) = &id.serial {
                 if set.is_serial_revoked(serial) {
                     return Some(format!("serial {serial} is revoked"));
+                }
+            }
+            // A JWT-SVID revoked by entry, node or serial handle is listed by its jti.
+            if let Some(jti) = &id.jti {
+                if set.is_jwt_revoked(jti) {
+                    return Some(format!("JWT-SVID {jti} is revoked"));
                 }
             }
             let d = id.delegation.as_ref()?;
@@ -281,10 +291,16 @@ impl Verifier {
     ) -> Result<VerifiedIdentity, VerifyError> {
         let v = crate::svid::jwt::validate(token, audience, &self.bundle, now)?;
         let (scopes, delegation) = claims::from_claims(&v.claims)?;
+        let jti = v
+            .claims
+            .get("jti")
+            .and_then(Value::as_str)
+            .map(str::to_string);
         self.finish(VerifiedIdentity {
             kind: SvidKind::Jwt,
             spiffe_id: v.spiffe_id,
             serial: None,
+            jti,
             expires_at: v.expires_at,
             scopes,
             delegation,
@@ -314,6 +330,10 @@ pub fn decode_jwt_unverified(token: &str) -> Result<VerifiedIdentity, VerifyErro
         kind: SvidKind::Jwt,
         spiffe_id,
         serial: None,
+        jti: claims
+            .get("jti")
+            .and_then(Value::as_str)
+            .map(str::to_string),
         expires_at: claims.get("exp").and_then(Value::as_i64).unwrap_or(0),
         scopes,
         delegation,
@@ -349,6 +369,7 @@ fn read_x509(leaf: &[u8], oid_base: &OidBase) -> Result<VerifiedIdentity, Verify
         kind: SvidKind::X509,
         spiffe_id,
         serial: Some(parsed.tbs_certificate.serial.to_str_radix(16)),
+        jti: None,
         expires_at,
         scopes,
         delegation,

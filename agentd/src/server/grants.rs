@@ -799,6 +799,37 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("revoked"), "{e}");
 
+        // A JWT-SVID is refused by its jti once an event lists it, and accepted before.
+        let jwt = state
+            .ca
+            .sign_jwt_svid(
+                &crate::ca::JwtSvidParams {
+                    spiffe_id: &sched.spec.spiffe_id,
+                    audience: &["tool".to_string()],
+                    ttl: Duration::from_secs(300),
+                    claims: None,
+                },
+                clock.now(),
+            )
+            .unwrap();
+        let mut set = crate::revocation::RevocationSet::new();
+        let verified = Verifier::new(state.ca.bundle())
+            .with_revocations(Arc::new(std::sync::RwLock::new(set.clone())))
+            .verify_jwt(&jwt.token, "tool", clock.now())
+            .unwrap();
+        assert_eq!(verified.jti.as_deref(), Some(jwt.jti.as_str()));
+        let mut by_entry = event.clone();
+        by_entry.sequence += 1;
+        by_entry.handle = crate::revocation::RevocationHandle::Entry(sched.id.clone());
+        by_entry.serials.clear();
+        by_entry.jwt_ids = vec![jwt.jti.clone()];
+        set.apply(&by_entry);
+        let e = Verifier::new(state.ca.bundle())
+            .with_revocations(Arc::new(std::sync::RwLock::new(set)))
+            .verify_jwt(&jwt.token, "tool", clock.now())
+            .unwrap_err();
+        assert!(e.to_string().contains(&jwt.jti), "{e}");
+
         // Narrowing the entry below the grant stops minting; so does expiry.
         let mut spec = sched.spec.clone();
         spec.scopes = vec!["crm:read".into()];
