@@ -280,10 +280,23 @@ fn discard_unusable(
     for l in x509_loaded {
         let problem = x509::stored_cert_problem(&l.cert_der, &cfg.trust_domain, upstream, now)
             .map_err(|e| keystore::store_err(&l.cert_path, e))?;
-        if let Some(problem) = problem {
-            tracing::warn!(path = %l.cert_path.display(), authority_id = %l.id, %problem, "dropping an X.509 authority");
-            dropped.push((keystore::StoredKind::X509, l.id));
-            continue;
+        match problem {
+            None => {}
+            Some(x509::StoredCertProblem::Expired(problem)) => {
+                tracing::warn!(path = %l.cert_path.display(), authority_id = %l.id, %problem, "dropping an expired X.509 authority (its files are kept)");
+                dropped.push((keystore::StoredKind::X509, l.id));
+                continue;
+            }
+            // A configuration that does not match the stored CA (a changed trust domain, a
+            // removed or different upstream CA) is refused: replacing the CA would cut off
+            // every node and relying party, and its keys are never deleted implicitly.
+            Some(x509::StoredCertProblem::Mismatch(problem)) => {
+                return Err(CaError::StoredAuthorityMismatch {
+                    path: l.cert_path.display().to_string(),
+                    authority_id: l.id,
+                    problem,
+                });
+            }
         }
         let ca = x509::SigningCa::new(l.cert_der, &l.key, &cfg.organization, upstream.is_some())
             .map_err(|e| keystore::store_err(&l.cert_path, e))?;
@@ -437,8 +450,10 @@ fn save_startup_set(
         store.remove_legacy_files();
         tracing::info!(dir = %cfg.key_dir.display(), "upgraded the CA key directory to the multi-authority layout");
     }
+    // Dropped (expired) authorities leave the manifest, but their key files stay: key
+    // material is deleted only by an explicit command (`revoke authority`, pruning).
     for (kind, id) in changes.dropped {
-        store.remove_authority_files(*kind, id);
+        tracing::info!(?kind, authority_id = %id, dir = %cfg.key_dir.display(), "expired authority left out of the manifest; its files are kept");
     }
     Ok(auths)
 }

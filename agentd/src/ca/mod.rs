@@ -58,6 +58,14 @@ pub enum CaError {
     /// A file in the CA key dir cannot be read, written or trusted.
     #[error("CA key store {path}: {reason}")]
     Store { path: String, reason: String },
+    /// A stored authority does not match the configuration (trust domain, upstream CA): the
+    /// server refuses to start instead of replacing its CA.
+    #[error("refusing to start: {problem} ({path}, authority {authority_id}); the CA keys are kept: fix the configuration, or move the key directory aside to start a new CA")]
+    StoredAuthorityMismatch {
+        path: String,
+        authority_id: String,
+        problem: String,
+    },
     /// Signing a certificate or token failed, or its request was refused (TTL, audience,
     /// claims, DNS names).
     #[error("signing failed: {reason}")]

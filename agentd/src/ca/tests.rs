@@ -852,3 +852,101 @@ fn check_csr_accepts_what_signing_accepts_and_refuses_garbage() {
     tampered[last] ^= 1;
     assert!(matches!(ca.check_csr(&tampered), Err(CaError::Csr { .. })));
 }
+
+/// Every key file in the CA key dir, with its bytes.
+fn key_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "key"))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn a_restart_with_another_trust_domain_is_refused_and_keeps_the_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, now) = new_ca(dir.path(), Duration::from_secs(3600));
+    let bundle = ca.bundle();
+    drop(ca);
+    let before = key_files(dir.path());
+    assert!(!before.is_empty());
+
+    let mut typo = cfg(dir.path(), Duration::from_secs(3600), None);
+    typo.trust_domain = TrustDomain::new("exmaple.org").unwrap();
+    let err = CertificateAuthority::load_or_create(&typo, &ManualClock::new(now)).unwrap_err();
+    assert!(
+        matches!(&err, CaError::StoredAuthorityMismatch { problem, .. }
+            if problem.contains("spiffe://exmaple.org") && problem.contains("trust domain")),
+        "{err}"
+    );
+    assert!(err.to_string().contains("the CA keys are kept"), "{err}");
+    assert_eq!(
+        key_files(dir.path()),
+        before,
+        "no key was deleted or replaced"
+    );
+
+    // With the right trust domain again, the same CA comes back.
+    let again = CertificateAuthority::load_or_create(
+        &cfg(dir.path(), Duration::from_secs(3600), None),
+        &ManualClock::new(now),
+    )
+    .unwrap();
+    assert_eq!(again.bundle().x509_authorities, bundle.x509_authorities);
+}
+
+#[test]
+fn a_restart_without_the_upstream_ca_is_refused_and_keeps_the_intermediate() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    let clock = ManualClock::new(now_whole());
+    let upstream = rcgen_upstream(dir.path());
+    let with = cfg(&keys, Duration::from_secs(3600), Some(upstream));
+    let ca = CertificateAuthority::load_or_create(&with, &clock).unwrap();
+    let inter = ca.signing_cert_der();
+    drop(ca);
+    let before = key_files(&keys);
+
+    let without = cfg(&keys, Duration::from_secs(3600), None);
+    let err = CertificateAuthority::load_or_create(&without, &clock).unwrap_err();
+    assert!(
+        matches!(&err, CaError::StoredAuthorityMismatch { problem, .. } if problem.contains("upstream")),
+        "{err}"
+    );
+    assert_eq!(key_files(&keys), before, "no key was deleted or replaced");
+    let again = CertificateAuthority::load_or_create(&with, &clock).unwrap();
+    assert_eq!(again.signing_cert_der(), inter);
+}
+
+#[test]
+fn an_authority_expired_at_startup_is_dropped_but_its_key_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, now) = new_ca(dir.path(), Duration::from_secs(120));
+    let first = ca.bundle().x509_authorities.clone();
+    drop(ca);
+    let before = key_files(dir.path());
+    // A clock jump (or a long outage) past the CA's notAfter: a new CA is made, and the old
+    // keys stay on disk.
+    let later = ManualClock::new(now + Duration::from_secs(600));
+    let ca = CertificateAuthority::load_or_create(
+        &cfg(dir.path(), Duration::from_secs(120), None),
+        &later,
+    )
+    .unwrap();
+    assert_ne!(ca.bundle().x509_authorities, first);
+    let after = key_files(dir.path());
+    for (name, bytes) in &before {
+        assert!(
+            after.iter().any(|(n, b)| n == name && b == bytes),
+            "{name} was deleted"
+        );
+    }
+}

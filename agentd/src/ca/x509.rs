@@ -349,15 +349,33 @@ pub(crate) fn stored_cert_problem(
     trust_domain: &TrustDomain,
     upstream: Option<&Upstream>,
     now: SystemTime,
-) -> Result<Option<String>, String> {
+) -> Result<Option<StoredCertProblem>, String> {
     let cert = parse_cert(cert_der)?;
     let not_after = cert.validity().not_after.timestamp();
     if not_after <= unix_seconds(now) {
-        return Ok(Some(format!(
+        return Ok(Some(StoredCertProblem::Expired(format!(
             "the stored CA certificate expired at {}",
             cert.validity().not_after
-        )));
+        ))));
     }
+    Ok(stored_cert_mismatch(&cert, trust_domain, upstream).map(StoredCertProblem::Mismatch))
+}
+
+/// Why a stored CA certificate cannot sign now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum StoredCertProblem {
+    /// Past its notAfter: it is dropped from the set (its files stay on disk).
+    Expired(String),
+    /// It does not match the configuration (trust domain, upstream CA): the server refuses
+    /// to start rather than replace the CA.
+    Mismatch(String),
+}
+
+fn stored_cert_mismatch(
+    cert: &X509Certificate<'_>,
+    trust_domain: &TrustDomain,
+    upstream: Option<&Upstream>,
+) -> Option<String> {
     let want = trust_domain.id_string();
     let has_id = match cert.subject_alternative_name() {
         Ok(Some(san)) => san
@@ -368,21 +386,23 @@ pub(crate) fn stored_cert_problem(
         _ => false,
     };
     if !has_id {
-        return Ok(Some(format!("the stored CA certificate is not for {want}")));
+        return Some(format!(
+            "the stored CA certificate is not for {want} (was the trust domain changed?)"
+        ));
     }
     match upstream {
-        Some(up) if !up.signed(&cert) => Ok(Some(
-            "the stored CA certificate is not signed by the configured upstream CA".into(),
-        )),
+        Some(up) if !up.signed(cert) => {
+            Some("the stored CA certificate is not signed by the configured upstream CA".into())
+        }
         None if cert.issuer().as_raw() != cert.subject().as_raw()
             || cert.verify_signature(None).is_err() =>
         {
-            Ok(Some(
-                "the stored CA certificate is not self-signed and no upstream CA is configured"
+            Some(
+                "the stored CA certificate is not self-signed and no upstream CA is configured (was [upstream_ca] removed?)"
                     .into(),
-            ))
+            )
         }
-        _ => Ok(None),
+        _ => None,
     }
 }
 
