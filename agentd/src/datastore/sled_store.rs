@@ -76,10 +76,22 @@ fn backend(e: impl std::fmt::Display) -> DataStoreError {
 
 impl SledStore {
     pub fn open(dir: &Path) -> Result<Self> {
-        let db = sled::Config::new()
-            .path(dir)
-            .open()
-            .map_err(|e| open_error(dir, e))?;
+        // sled releases its file lock when the last handle goes, which includes its own
+        // flusher thread: a store reopened in the same process right after it was dropped
+        // (or one whose previous owner is just exiting) can find it locked for a moment.
+        // Another live owner keeps it locked, and is reported as InUse after the wait.
+        let deadline = std::time::Instant::now() + OPEN_LOCK_WAIT;
+        let db = loop {
+            match sled::Config::new().path(dir).open() {
+                Ok(db) => break db,
+                Err(e) => match open_error(dir, e) {
+                    DataStoreError::InUse { .. } if std::time::Instant::now() < deadline => {
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                    }
+                    err => return Err(err),
+                },
+            }
+        };
         Ok(Self {
             entries: db.open_tree(ENTRIES).map_err(backend)?,
             nodes: db.open_tree(NODES).map_err(backend)?,
@@ -121,6 +133,9 @@ impl SledStore {
 /// starts with this (sled 0.34, `Config::open_file`); the lock is an exclusive flock on the
 /// store's `db` file.
 const SLED_LOCKED: &str = "could not acquire lock on";
+
+/// How long [`SledStore::open`] waits for a store lock that is being released.
+const OPEN_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn open_error(dir: &Path, e: sled::Error) -> DataStoreError {
     match &e {

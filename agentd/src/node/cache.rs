@@ -371,7 +371,12 @@ impl Cache {
                 let because = revoked_because(event);
                 if let RevocationHandle::Entry(id) = handle {
                     g.revoked_entries.insert(id.to_string());
-                    g.revoked_because.insert(id.to_string(), because.clone());
+                    // Wakes streams waiting to say why their identity went (the sync may
+                    // have dropped the entry already).
+                    changed |= g
+                        .revoked_because
+                        .insert(id.to_string(), because.clone())
+                        .is_none();
                     let before = g.entries.len();
                     g.entries.retain(|e| e.id != id.as_str());
                     changed |= g.entries.len() != before;

@@ -50,6 +50,9 @@ use crate::telemetry::NodeMetrics;
 pub const NO_IDENTITY: &str = "no identity issued";
 /// How long a new stream waits for SVIDs of entries that match but are still being minted.
 const MINT_WAIT: Duration = Duration::from_secs(10);
+/// How long a stream about to end with "no identity issued" waits for the revocation feed to
+/// say why (the sync may drop a revoked entry first).
+const REVOCATION_GRACE: Duration = Duration::from_secs(1);
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -393,7 +396,43 @@ where
                         }
                     }
                 }
-                Err(status) => {
+                Err(mut status) => {
+                    // The sync can drop a revoked entry a moment before the revocation feed
+                    // says why; give the feed a moment, so the stream ends naming the
+                    // revocation rather than with a bare "no identity issued".
+                    if status.code() == tonic::Code::PermissionDenied
+                        && status.message() == NO_IDENTITY
+                    {
+                        let deadline = tokio::time::Instant::now() + REVOCATION_GRACE;
+                        while status.message() == NO_IDENTITY {
+                            tokio::select! {
+                                _ = tx.closed() => return,
+                                _ = tokio::time::sleep_until(deadline) => break,
+                                changed = rx_changes.changed() => if changed.is_err() { break },
+                            }
+                            match next() {
+                                Err(later) => status = later,
+                                // The identity is back (or being minted): carry on.
+                                Ok(Some((msg, key))) => {
+                                    if key != last {
+                                        last = key;
+                                        if tx.send(Ok(msg)).await.is_err() {
+                                            return;
+                                        }
+                                    }
+                                    break;
+                                }
+                                Ok(None) => break,
+                            }
+                        }
+                        if status.message() != NO_IDENTITY
+                            || tokio::time::Instant::now() >= deadline
+                        {
+                            let _ = tx.send(Err(status)).await;
+                            return;
+                        }
+                        continue;
+                    }
                     let _ = tx.send(Err(status)).await;
                     return;
                 }
