@@ -96,11 +96,16 @@ async fn revoking_an_entry_withdraws_its_svid_and_jwt_until_lifted() -> anyhow::
     assert!(validate().status.success());
     // `api watch` holds a stream open across the revocation.
     let sock = node.socket_arg();
-    let watch = std::process::Command::new(agentd_e2e::agentd_bin())
+    let mut watch = std::process::Command::new(agentd_e2e::agentd_bin())
         .args(["api", "watch", "--socket-path", &sock])
-        .stdout(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()?;
+    // Revoke only once the watch holds its stream (its first update is printed).
+    let mut watch_out = std::io::BufReader::new(watch.stdout.take().expect("piped"));
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut watch_out, &mut first)?;
+    assert!(first.starts_with("Received 1 svid"), "{first}");
 
     let revoked_at = Instant::now();
     let out = server.cli_ok(&[
