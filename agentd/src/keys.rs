@@ -116,21 +116,7 @@ impl PrivateKey {
     /// Parses a SEC1 `ECPrivateKey` (RFC 5915; it must carry the public key) by wrapping it
     /// in PKCS#8.
     pub fn from_sec1_der(sec1: &[u8]) -> Result<Self, KeyError> {
-        // PrivateKeyInfo ::= SEQUENCE { INTEGER 0, AlgorithmIdentifier, OCTET STRING }
-        const ALG_ID: [u8; 21] = [
-            0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
-            0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07,
-        ];
-        let mut body = Zeroizing::new(Vec::with_capacity(sec1.len() + 40));
-        body.extend_from_slice(&[0x02, 0x01, 0x00]);
-        body.extend_from_slice(&ALG_ID);
-        body.push(0x04);
-        push_der_len(&mut body, sec1.len());
-        body.extend_from_slice(sec1);
-        let mut pkcs8 = Zeroizing::new(Vec::with_capacity(body.len() + 4));
-        pkcs8.push(0x30);
-        push_der_len(&mut pkcs8, body.len());
-        pkcs8.extend_from_slice(&body);
+        let pkcs8 = agentd_attestor::node::agent::p256_sec1_to_pkcs8(sec1);
         Self::from_pkcs8_der(&pkcs8).map_err(|e| match e {
             KeyError::Invalid { reason } => KeyError::Invalid {
                 reason: format!(
@@ -276,17 +262,6 @@ impl rcgen::SigningKey for CertSigner {
             .sign(&self.rng, msg)
             .map(|s| s.as_ref().to_vec())
             .map_err(|_| rcgen::Error::RingUnspecified)
-    }
-}
-
-fn push_der_len(out: &mut Vec<u8>, len: usize) {
-    if len < 0x80 {
-        out.push(len as u8);
-    } else {
-        let bytes = len.to_be_bytes();
-        let skip = bytes.iter().take_while(|b| **b == 0).count();
-        out.push(0x80 | (bytes.len() - skip) as u8);
-        out.extend_from_slice(&bytes[skip..]);
     }
 }
 

@@ -230,8 +230,8 @@ impl PopKey {
 
 /// Wraps a SEC1 `ECPrivateKey` (RFC 5915) in a P-256 PKCS#8 `PrivateKeyInfo`, in zeroizing
 /// memory, for ring to parse (ring reads PKCS#8 only). The curve and the public key are
-/// checked when ring parses the result.
-fn p256_sec1_to_pkcs8(sec1: &[u8]) -> Zeroizing<Vec<u8>> {
+/// checked when ring parses the result. agentd's key loader uses it too.
+pub fn p256_sec1_to_pkcs8(sec1: &[u8]) -> Zeroizing<Vec<u8>> {
     // PrivateKeyInfo ::= SEQUENCE { INTEGER 0, AlgorithmIdentifier, OCTET STRING }
     const ALG_ID: [u8; 21] = [
         0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86,

@@ -15,6 +15,14 @@ use crate::server::issuance;
 use crate::tls::PeerIdentity;
 
 impl NodeApi {
+    /// A refused attestation, at any stage: counted by its fixed reason, and logged.
+    fn note_refused(&self, kind: &str, remote: Option<std::net::SocketAddr>, e: &NodeApiError) {
+        self.state
+            .metrics
+            .attestation_failed(kind, super::status::attestation_failure(e));
+        tracing::warn!(?remote, attestation = kind, reason = %e, "node attestation refused");
+    }
+
     /// Takes a join token (single use) and checks its expiry.
     async fn check_join_token(
         &self,
@@ -199,10 +207,7 @@ impl NodeApi {
                 }))
             }
             Err(e) => {
-                self.state
-                    .metrics
-                    .attestation_failed(kind, super::status::attestation_failure(&e));
-                tracing::warn!(?remote, attestation = kind, reason = %e, "node attestation refused");
+                self.note_refused(kind, remote, &e);
                 Err(e.into())
             }
         }
@@ -232,10 +237,7 @@ impl NodeApi {
                 expires_at: c.expires_at,
             })),
             Err(e) => {
-                self.state
-                    .metrics
-                    .attestation_failed("x509pop", super::status::attestation_failure(&e));
-                tracing::warn!(?remote, attestation = "x509pop", reason = %e, "node attestation refused");
+                self.note_refused("x509pop", remote, &e);
                 self.state
                     .audit
                     .record_or_log(
