@@ -4,7 +4,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use super::*;
 use crate::clock::ManualClock;
-use crate::datastore::sled_store::{AUDIT, AUDIT_HEAD_KEY, AUDIT_META};
+use crate::datastore::sled_store::{open_db, AUDIT, AUDIT_HEAD_KEY, AUDIT_META};
 use crate::datastore::SledStore;
 
 fn audit_at(dir: &Path, clock: Arc<ManualClock>, export: Option<&Path>) -> Audit {
@@ -32,9 +32,10 @@ async fn write_five(audit: &Audit) {
     }
 }
 
-/// Edits the store as an attacker with the files would: the server is not running.
+/// Edits the store as an attacker with the files would: the server is not running (its
+/// dropped store's flusher may still hold the lock for a moment, hence `open_db`).
 fn with_raw_db(dir: &Path, f: impl FnOnce(&sled::Tree, &sled::Tree)) {
-    let db = sled::open(dir).unwrap();
+    let db = open_db(dir).unwrap();
     let log = db.open_tree(AUDIT).unwrap();
     let meta = db.open_tree(AUDIT_META).unwrap();
     f(&log, &meta);

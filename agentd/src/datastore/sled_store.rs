@@ -74,24 +74,31 @@ fn backend(e: impl std::fmt::Display) -> DataStoreError {
     }
 }
 
+/// Opens the sled database in `dir`, waiting up to [`OPEN_LOCK_WAIT`] for a lock being
+/// released.
+///
+/// sled releases its file lock when the last handle goes, which includes its own flusher
+/// thread: a store reopened in the same process right after it was dropped (or one whose
+/// previous owner is just exiting) can find it locked for a moment. Another live owner keeps
+/// it locked, and is reported as InUse after the wait.
+pub(crate) fn open_db(dir: &Path) -> Result<sled::Db> {
+    let deadline = std::time::Instant::now() + OPEN_LOCK_WAIT;
+    loop {
+        match sled::Config::new().path(dir).open() {
+            Ok(db) => return Ok(db),
+            Err(e) => match open_error(dir, e) {
+                DataStoreError::InUse { .. } if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                err => return Err(err),
+            },
+        }
+    }
+}
+
 impl SledStore {
     pub fn open(dir: &Path) -> Result<Self> {
-        // sled releases its file lock when the last handle goes, which includes its own
-        // flusher thread: a store reopened in the same process right after it was dropped
-        // (or one whose previous owner is just exiting) can find it locked for a moment.
-        // Another live owner keeps it locked, and is reported as InUse after the wait.
-        let deadline = std::time::Instant::now() + OPEN_LOCK_WAIT;
-        let db = loop {
-            match sled::Config::new().path(dir).open() {
-                Ok(db) => break db,
-                Err(e) => match open_error(dir, e) {
-                    DataStoreError::InUse { .. } if std::time::Instant::now() < deadline => {
-                        std::thread::sleep(std::time::Duration::from_millis(50));
-                    }
-                    err => return Err(err),
-                },
-            }
-        };
+        let db = open_db(dir)?;
         Ok(Self {
             entries: db.open_tree(ENTRIES).map_err(backend)?,
             nodes: db.open_tree(NODES).map_err(backend)?,
