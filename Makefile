@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: demo demo-delegation test lint bench ci build clean tools
+.PHONY: demo demo-delegation test lint bench fuzz ci build clean tools
 
 ## Start a server and a node agent in a temp dir, register the current user, fetch and
 ## print an SVID, show a rotation, stop cleanly.
@@ -31,6 +31,11 @@ lint: tools
 ## Benchmarks (release build); figures are recorded in docs/PERFORMANCE.md.
 bench:
 	$(CARGO) bench -p agentd --bench agentd_bench
+
+## Coverage-guided fuzzing of the parsers (nightly + cargo-fuzz), FUZZ_SECONDS each (default
+## 600). `make test` runs the same targets briefly on stable (tests/tests/fuzz_smoke.rs).
+fuzz:
+	./fuzz/run.sh
 
 ci: lint test
 
