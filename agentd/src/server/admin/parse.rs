@@ -11,6 +11,9 @@ use crate::datastore::{EntryId, EntrySpec};
 use crate::ttl::Ttl;
 use std::collections::BTreeSet;
 
+/// The longest SPIFFE ID an entry may have (SPIFFE-ID §2.3).
+const MAX_SPIFFE_ID_BYTES: usize = 2048;
+
 impl AdminApi {
     pub(super) fn spiffe_id_in_domain(
         &self,
@@ -19,6 +22,18 @@ impl AdminApi {
     ) -> Result<SpiffeId, AdminError> {
         if raw.is_empty() {
             return Err(invalid(field, "is required"));
+        }
+        // SPIFFE-ID §2.3: implementations SHOULD NOT generate URIs longer than 2048 bytes, and
+        // relying parties need only support that much: an entry longer would mint SVIDs
+        // other verifiers may refuse.
+        if raw.len() > MAX_SPIFFE_ID_BYTES {
+            return Err(invalid(
+                field,
+                format!(
+                    "is {} bytes, more than the SPIFFE limit of {MAX_SPIFFE_ID_BYTES}",
+                    raw.len()
+                ),
+            ));
         }
         let id = SpiffeId::new(raw).map_err(|e| invalid(field, format!("{raw:?}: {e}")))?;
         if !id.is_member_of(&self.state.config.trust_domain) {
