@@ -131,7 +131,18 @@ pub trait DataStore: Send + Sync + Debug + 'static {
     async fn get_grant(&self, id: &crate::delegation::GrantId) -> Result<Option<Grant>>;
     /// Every grant, expired ones included, ordered by (agent, id).
     async fn list_grants(&self) -> Result<Vec<Grant>>;
-    async fn create_delegation_offer(&self, offer: DelegationOffer) -> Result<()>;
+    /// Stores `offer` unless its parent grant already has `max_per_grant` offers still
+    /// redeemable at `now` (the count and the insert are one step); false when refused.
+    async fn create_delegation_offer(
+        &self,
+        offer: DelegationOffer,
+        max_per_grant: usize,
+        now: i64,
+    ) -> Result<bool>;
     /// Removes and returns the offer in one step: a delegation token is honoured once.
     async fn take_delegation_offer(&self, id: &str) -> Result<Option<DelegationOffer>>;
+    /// Removes offers whose token has expired at `now`, and grants that expired before
+    /// `grants_expired_before`; returns how many of each.
+    async fn prune_delegation(&self, now: i64, grants_expired_before: i64)
+        -> Result<(usize, usize)>;
 }

@@ -48,6 +48,9 @@ pub struct AttestedNode {
     /// received its renewed SVID (a lost response, a crash before it was saved) is not locked
     /// out; cleared by a new attestation.
     pub previous_serial: Option<String>,
+    /// When the SVID of `previous_serial` expires: a long-lived connection opened with it
+    /// is refused after that, as one opened with the current SVID is.
+    pub previous_svid_expires_at: Option<i64>,
 }
 
 /// A join token, stored by the SHA-256 of its secret so that the store never holds a usable
@@ -113,5 +116,8 @@ pub struct DelegationOffer {
     pub from: SpiffeId,
     pub to: SpiffeId,
     pub scopes: crate::delegation::ScopeSet,
+    /// When the child grant expires.
     pub expires_at: i64,
+    /// When the token expires: after that the offer can never be redeemed, and is pruned.
+    pub redeem_by: i64,
 }

@@ -57,6 +57,8 @@ pub struct SledStore {
     delegation_offers: sled::Tree,
     /// Serialises entry writes, so the duplicate check and the insert are one step.
     entry_writes: Mutex<()>,
+    /// Serialises offer creation, so the per-grant count and the insert are one step.
+    offer_writes: Mutex<()>,
     audit: sled::Tree,
     audit_meta: sled::Tree,
     entry_activity: sled::Tree,
@@ -115,6 +117,7 @@ impl SledStore {
             delegation_offers: db.open_tree(DELEGATION_OFFERS).map_err(backend)?,
             db,
             entry_writes: Mutex::new(()),
+            offer_writes: Mutex::new(()),
             audit_writes: Mutex::new(()),
             activity_writes: Mutex::new(()),
         })
@@ -256,6 +259,8 @@ struct NodeRecord {
     selectors: Vec<String>,
     #[serde(default)]
     previous_serial: Option<String>,
+    #[serde(default)]
+    previous_svid_expires_at: Option<i64>,
 }
 
 impl NodeRecord {
@@ -273,6 +278,7 @@ impl NodeRecord {
                 .map(|s| s.parse().map_err(|e| corrupt(key, "selectors", e)))
                 .collect::<Result<_>>()?,
             previous_serial: self.previous_serial,
+            previous_svid_expires_at: self.previous_svid_expires_at,
         })
     }
 }
@@ -427,6 +433,10 @@ struct OfferRecord {
     to: String,
     scopes: Vec<String>,
     expires_at: i64,
+    /// Absent in records written before offers were pruned: those are pruned at once
+    /// (their token lived at most five minutes).
+    #[serde(default)]
+    redeem_by: i64,
 }
 
 fn same_identity(a: &EntrySpec, b: &EntrySpec) -> bool {
@@ -529,6 +539,7 @@ impl DataStore for SledStore {
             last_seen_at: node.last_seen_at,
             selectors: node.selectors.iter().map(ToString::to_string).collect(),
             previous_serial: node.previous_serial,
+            previous_svid_expires_at: node.previous_svid_expires_at,
         };
         self.nodes
             .insert(record.spiffe_id.as_bytes(), encode(&record)?)
@@ -929,18 +940,69 @@ impl DataStore for SledStore {
         Ok(grants)
     }
 
-    async fn create_delegation_offer(&self, offer: DelegationOffer) -> Result<()> {
+    async fn create_delegation_offer(
+        &self,
+        offer: DelegationOffer,
+        max_per_grant: usize,
+        now: i64,
+    ) -> Result<bool> {
         let record = OfferRecord {
             parent_grant_id: offer.parent_grant_id.to_string(),
             from: offer.from.to_string(),
             to: offer.to.to_string(),
             scopes: offer.scopes.to_strings(),
             expires_at: offer.expires_at,
+            redeem_by: offer.redeem_by,
         };
+        let _guard = self.offer_writes.lock().await;
+        // Offers are pruned at expiry, so this scan stays short.
+        let mut live = 0;
+        for kv in self.delegation_offers.iter() {
+            let (k, v) = kv.map_err(backend)?;
+            let r: OfferRecord = decode(&k, &v)?;
+            if r.parent_grant_id == record.parent_grant_id && r.redeem_by > now {
+                live += 1;
+            }
+        }
+        if live >= max_per_grant {
+            return Ok(false);
+        }
         self.delegation_offers
             .insert(offer.id.as_bytes(), encode(&record)?)
             .map_err(backend)?;
-        self.flush().await
+        self.flush().await?;
+        Ok(true)
+    }
+
+    async fn prune_delegation(
+        &self,
+        now: i64,
+        grants_expired_before: i64,
+    ) -> Result<(usize, usize)> {
+        let mut offers = sled::Batch::default();
+        let mut n_offers = 0;
+        for kv in self.delegation_offers.iter() {
+            let (k, v) = kv.map_err(backend)?;
+            if decode::<OfferRecord>(&k, &v)?.redeem_by <= now {
+                offers.remove(k);
+                n_offers += 1;
+            }
+        }
+        let mut grants = sled::Batch::default();
+        let mut n_grants = 0;
+        for kv in self.grants.iter() {
+            let (k, v) = kv.map_err(backend)?;
+            if decode::<GrantRecord>(&k, &v)?.expires_at < grants_expired_before {
+                grants.remove(k);
+                n_grants += 1;
+            }
+        }
+        self.delegation_offers
+            .apply_batch(offers)
+            .map_err(backend)?;
+        self.grants.apply_batch(grants).map_err(backend)?;
+        self.flush().await?;
+        Ok((n_offers, n_grants))
     }
 
     async fn take_delegation_offer(&self, id: &str) -> Result<Option<DelegationOffer>> {
@@ -964,6 +1026,7 @@ impl DataStore for SledStore {
             to: SpiffeId::new(&r.to).map_err(|e| corrupt(key, "to", e))?,
             scopes: ScopeSet::parse(&r.scopes).map_err(|e| corrupt(key, "scopes", e))?,
             expires_at: r.expires_at,
+            redeem_by: r.redeem_by,
         }))
     }
 }
@@ -1108,6 +1171,7 @@ mod tests {
             last_seen_at: 1,
             selectors: vec!["x509pop:subject:cn:host-1".parse().unwrap()],
             previous_serial: Some("00".into()),
+            previous_svid_expires_at: Some(5),
         };
         store.upsert_node(node.clone()).await.unwrap();
         assert_eq!(store.get_node(&id).await.unwrap(), Some(node));
@@ -1153,17 +1217,10 @@ mod tests {
                 store.create_grant(grant.clone()).await,
                 Err(DataStoreError::DuplicateGrant { .. })
             ));
-            store
-                .create_delegation_offer(DelegationOffer {
-                    id: "ab".repeat(16),
-                    parent_grant_id: root_id.clone(),
-                    from: SpiffeId::new("spiffe://example.org/orchestrator").unwrap(),
-                    to: SpiffeId::new("spiffe://example.org/scheduler").unwrap(),
-                    scopes: ScopeSet::parse(&["calendar:read"]).unwrap(),
-                    expires_at: 50,
-                })
+            assert!(store
+                .create_delegation_offer(offer(&"ab".repeat(16), &root_id, 30), 8, 10)
                 .await
-                .unwrap();
+                .unwrap());
         }
         let store = SledStore::open(dir.path()).unwrap();
         assert_eq!(
@@ -1178,6 +1235,94 @@ mod tests {
             .await
             .unwrap()
             .is_none());
+    }
+
+    fn offer(id: &str, parent: &GrantId, redeem_by: i64) -> DelegationOffer {
+        DelegationOffer {
+            id: id.into(),
+            parent_grant_id: parent.clone(),
+            from: SpiffeId::new("spiffe://example.org/orchestrator").unwrap(),
+            to: SpiffeId::new("spiffe://example.org/scheduler").unwrap(),
+            scopes: ScopeSet::parse(&["calendar:read"]).unwrap(),
+            expires_at: 50,
+            redeem_by,
+        }
+    }
+
+    fn grant(expires_at: i64) -> Grant {
+        let id = GrantId::generate();
+        Grant {
+            id: id.clone(),
+            delegation: Delegation {
+                principal: "user:alice@example.com".parse().unwrap(),
+                chain: vec![Hop {
+                    agent: SpiffeId::new("spiffe://example.org/orchestrator").unwrap(),
+                    grant_id: id,
+                }],
+                scopes: ScopeSet::parse(&["calendar:*"]).unwrap(),
+                expires_at,
+                remaining_depth: 1,
+                task_id: None,
+            },
+            parent_grant_id: None,
+            created_at: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn offers_are_bounded_per_grant_and_pruned_with_expired_grants() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let (a, b) = (GrantId::generate(), GrantId::generate());
+        // Two live offers of grant a fill a bound of 2; an expired one does not count,
+        // nor does grant b's.
+        for (i, redeem_by) in [(1, 20), (2, 20), (3, 5)] {
+            let id = format!("{i:032x}");
+            assert!(store
+                .create_delegation_offer(offer(&id, &a, redeem_by), 8, 10)
+                .await
+                .unwrap());
+        }
+        assert!(store
+            .create_delegation_offer(offer(&format!("{:032x}", 4), &b, 20), 2, 10)
+            .await
+            .unwrap());
+        assert!(!store
+            .create_delegation_offer(offer(&format!("{:032x}", 5), &a, 20), 2, 10)
+            .await
+            .unwrap());
+        assert!(store
+            .take_delegation_offer(&format!("{:032x}", 5))
+            .await
+            .unwrap()
+            .is_none());
+        // Once the tokens of the first two expire, the grant may offer again.
+        assert!(store
+            .create_delegation_offer(offer(&format!("{:032x}", 6), &a, 40), 2, 25)
+            .await
+            .unwrap());
+
+        let (old, recent, live) = (grant(5), grant(15), grant(100));
+        for g in [&old, &recent, &live] {
+            store.create_grant(g.clone()).await.unwrap();
+        }
+        // At 30: the offers redeemable until 5 and 20 go, the one until 40 stays; grants
+        // expired before 10 go, a recently expired one is kept.
+        assert_eq!(store.prune_delegation(30, 10).await.unwrap(), (4, 1));
+        let left: Vec<GrantId> = store
+            .list_grants()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|g| g.id)
+            .collect();
+        assert!(!left.contains(&old.id) && left.contains(&recent.id) && left.contains(&live.id));
+        assert!(store
+            .take_delegation_offer(&format!("{:032x}", 6))
+            .await
+            .unwrap()
+            .is_some());
+        assert_eq!(store.prune_delegation(30, 10).await.unwrap(), (0, 0));
     }
 
     #[tokio::test]

@@ -45,6 +45,14 @@ pub struct RevocationLog {
     head: watch::Sender<u64>,
     /// Serialises appends, so events reach memory in sequence order.
     writes: Mutex<()>,
+    /// Orders mints and revocations. Every mint holds it shared from its standing checks
+    /// until its SVIDs are on record ([`RevocationLog::issuing`]); `revoke` holds it
+    /// exclusively while it resolves what the handle covers and publishes the event. So a
+    /// mint either finished recording before the revocation looked (and is listed in it),
+    /// or checks standing after the event is in the set (and is refused): nothing handed
+    /// out escapes the event, the CRLs and the relying parties' sets. Fair (tokio's lock),
+    /// so a stream of mints cannot starve a revocation.
+    issuance: tokio::sync::RwLock<()>,
 }
 
 impl RevocationLog {
@@ -65,6 +73,7 @@ impl RevocationLog {
             }),
             head: watch::channel(head).0,
             writes: Mutex::new(()),
+            issuance: tokio::sync::RwLock::new(()),
         })
     }
 
@@ -84,14 +93,34 @@ impl RevocationLog {
         *self.head.borrow()
     }
 
+    /// Held by a mint from before its standing checks until its SVIDs are recorded (see
+    /// the `issuance` field). Take it once per call: a second shared lock taken while a
+    /// revocation waits would wait behind it.
+    pub async fn issuing(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        self.issuance.read().await
+    }
+
     /// Revokes `handle`: finds the unexpired SVIDs it covers, commits the event, and wakes
-    /// the feed. `extra` are SVIDs the caller knows to be covered besides the store's
-    /// records (none today; grants will add their derived SVIDs).
+    /// the feed.
     pub async fn revoke(
         &self,
         handle: RevocationHandle,
         reason: &str,
         now: i64,
+    ) -> Result<RevocationEvent, RevocationLogError> {
+        self.revoke_cascading(handle, reason, now, None).await
+    }
+
+    /// [`revoke`](Self::revoke), where the event also covers the SVIDs of every entry
+    /// whose parent is `children_of` (a node-set alias: its workload entries). The child
+    /// entries are read under the issuance lock, so an entry created under the parent a
+    /// moment before is covered too.
+    pub async fn revoke_cascading(
+        &self,
+        handle: RevocationHandle,
+        reason: &str,
+        now: i64,
+        children_of: Option<&spiffe::SpiffeId>,
     ) -> Result<RevocationEvent, RevocationLogError> {
         check_reason(reason)?;
         let _guard = self.writes.lock().await;
@@ -102,12 +131,31 @@ impl RevocationLog {
             }
             .into());
         }
+        // No mint is between its standing check and its record while this is held, and
+        // none starts until the event is in the set.
+        let _issuance = self.issuance.write().await;
+        let children: HashSet<String> = match children_of {
+            Some(parent) => self
+                .store
+                .list_entries(&crate::datastore::EntryFilter {
+                    parent_id: Some(parent.clone()),
+                    ..Default::default()
+                })
+                .await?
+                .into_iter()
+                .map(|e| e.id.to_string())
+                .collect(),
+            None => HashSet::new(),
+        };
         let covered: Vec<IssuedSvid> = self
             .store
             .list_issued(now)
             .await?
             .into_iter()
-            .filter(|s| handle.covers(s))
+            .filter(|s| {
+                handle.covers(s)
+                    || s.entry_id.as_ref().is_some_and(|e| children.contains(e))
+            })
             .collect();
         if let RevocationHandle::Svid(serial) = &handle {
             if covered.is_empty() {
@@ -195,6 +243,10 @@ impl RevocationLog {
 
     pub fn is_serial_revoked(&self, serial: &str) -> bool {
         self.read().set.is_serial_revoked(serial)
+    }
+
+    pub fn is_jwt_revoked(&self, jti: &str) -> bool {
+        self.read().set.is_jwt_revoked(jti)
     }
 
     /// Every kept event (with `all`), or the standing revocations only.

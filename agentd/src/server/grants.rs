@@ -33,6 +33,13 @@ pub const DEFAULT_TASK_GRANT_TTL: Duration = Duration::from_secs(10 * 60);
 pub const TASK_SVID_TTL: Duration = Duration::from_secs(5 * 60);
 /// Longest time a delegation token may wait to be exchanged.
 pub const DELEGATION_TOKEN_TTL: Duration = Duration::from_secs(5 * 60);
+/// How long an expired grant is kept (for `grant list --include-expired` and `grant get`)
+/// before it is pruned. Nothing else needs it: an expired grant mints nothing, and a child
+/// names its ancestors in its own chain.
+pub const EXPIRED_GRANT_RETENTION: Duration = Duration::from_secs(24 * 3600);
+/// Most offers of one grant waiting to be redeemed at once: each is a stored record until
+/// its token expires, and a holder could otherwise offer without bound.
+pub const MAX_OFFERS_PER_GRANT: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GrantError {
@@ -196,10 +203,11 @@ pub async fn load_grant(store: &dyn DataStore, id: &GrantId) -> Result<Grant, Gr
 
 /// The one decision "may a delegated SVID for `grant` be minted for `entry` now": the
 /// entry's SPIFFE ID is the grant's agent, the grant is live, and its scopes are still
-/// within the agent's entry ceiling (an entry narrowed after the grant narrows what is
-/// minted). Revocation checks belong here too.
-pub async fn authorize_grant_mint(
-    store: &dyn DataStore,
+/// within the ceiling of `entry`, the entry serving this workload (an entry narrowed after
+/// the grant narrows what is minted). Not the union over every entry with that SPIFFE ID:
+/// a workload matched by a narrow entry must not reach a wide entry's scopes through a
+/// grant, as it cannot through a plain SVID (which carries its own entry's scopes).
+pub fn authorize_grant_mint(
     grant: &Grant,
     entry: &Entry,
     now: i64,
@@ -220,7 +228,7 @@ pub async fn authorize_grant_mint(
             expires_at: grant.delegation.expires_at,
         });
     }
-    let ceiling = ceiling_of(store, agent).await?.unwrap_or_default();
+    let ceiling = entry_scopes(entry);
     if let Some(s) = grant.delegation.scopes.first_not_allowed_by(&ceiling) {
         return Err(RuleError::ScopeAboveCeiling {
             scope: s.to_string(),
@@ -369,16 +377,20 @@ pub fn entry_scopes(entry: &Entry) -> ScopeSet {
     ScopeSet::parse(&entry.spec.scopes).unwrap_or_default()
 }
 
-/// Agent-to-agent, first half: the holder of `grant_id` (through `entry`) offers part of it
-/// to `req.to`. Returns the single-use delegation token.
+/// Agent-to-agent, first half: the holder of `grant_id` (through `entry`, served by `node`)
+/// offers part of it to `req.to`. Returns the single-use delegation token, recorded as issued
+/// first (a JWT-SVID of the delegator: revoking its entry, node or grant lists its `jti`, and
+/// the exchange refuses a listed token). The caller holds the issuance lock
+/// (`RevocationLog::issuing`) from its standing checks through this.
 pub async fn mint_delegation_token(
     state: &ServerState,
     entry: &Entry,
+    node: &crate::datastore::AttestedNode,
     req: &npb::MintDelegationTokenRequest,
 ) -> Result<IssuedJwtSvid, GrantError> {
     let now = unix_seconds(state.clock.now());
     let grant = load_grant(state.store.as_ref(), &parse_grant_id(&req.grant_id)?).await?;
-    authorize_grant_mint(state.store.as_ref(), &grant, entry, now).await?;
+    authorize_grant_mint(&grant, entry, now)?;
     check_not_revoked(&state.revocations, &grant)?;
     let to = parse_agent(state, "to", &req.to)?;
     if to == entry.spec.spiffe_id {
@@ -428,17 +440,41 @@ pub async fn mint_delegation_token(
         },
         state.clock.now(),
     )?;
-    state
+    let (grant_chain, task_id) = crate::server::issuance::grant_lineage(Some(&grant));
+    crate::server::issuance::record_issued(
+        state.store.as_ref(),
+        &[crate::server::issuance::jwt_svid_record(
+            &token,
+            entry,
+            node,
+            grant_chain,
+            task_id,
+        )],
+    )
+    .await?;
+    let created = state
         .store
-        .create_delegation_offer(DelegationOffer {
-            id: offer_id,
-            parent_grant_id: grant.id.clone(),
-            from: entry.spec.spiffe_id.clone(),
-            to,
-            scopes,
-            expires_at,
-        })
+        .create_delegation_offer(
+            DelegationOffer {
+                id: offer_id,
+                parent_grant_id: grant.id.clone(),
+                from: entry.spec.spiffe_id.clone(),
+                to,
+                scopes,
+                expires_at,
+                redeem_by: unix_seconds(token.expires_at),
+            },
+            MAX_OFFERS_PER_GRANT,
+            now,
+        )
         .await?;
+    if !created {
+        return Err(token_err(format!(
+            "grant {} already has {MAX_OFFERS_PER_GRANT} unredeemed offers; redeem them or let them expire (at most {} s)",
+            grant.id,
+            DELEGATION_TOKEN_TTL.as_secs()
+        )));
+    }
     Ok(token)
 }
 
@@ -472,6 +508,18 @@ pub async fn exchange_delegation_token(
         .get(claims::OFFER)
         .and_then(Value::as_str)
         .ok_or_else(|| token_err("not a delegation token (no agentd_offer claim)"))?;
+    // The delegator's standing: revoking its entry, its node or the token itself lists the
+    // token's jti (it was recorded as issued). Checked before the offer is spent.
+    let jti = validated
+        .claims
+        .get("jti")
+        .and_then(Value::as_str)
+        .ok_or_else(|| token_err("no jti claim"))?;
+    if state.revocations.is_jwt_revoked(jti) {
+        return Err(token_err(format!(
+            "revoked: the delegator's entry, node or this token (jti {jti}) was revoked after it was offered"
+        )));
+    }
     // Taken before anything else is decided: a token is honoured at most once, even when
     // presented twice at the same moment.
     let offer = state
@@ -488,9 +536,8 @@ pub async fn exchange_delegation_token(
     if parent.agent() != Some(&offer.from) {
         return Err(token_err("the offer's parent grant is not the delegator's"));
     }
-    let ceiling = ceiling_of(state.store.as_ref(), &entry.spec.spiffe_id)
-        .await?
-        .unwrap_or_default();
+    // The redeeming entry's own ceiling, as every mint for the child grant checks it.
+    let ceiling = entry_scopes(entry);
     let id = GrantId::generate();
     let delegation = derive_child(
         &parent.delegation,
@@ -563,6 +610,15 @@ pub fn grant_to_admin_proto(g: &Grant) -> apb::Grant {
             .collect(),
         created_at: g.created_at,
     }
+}
+
+/// Removes offers whose token has expired, and grants expired for longer than
+/// [`EXPIRED_GRANT_RETENTION`]; returns how many of each.
+pub async fn prune(store: &dyn DataStore, now: i64) -> Result<(usize, usize), DataStoreError> {
+    let retention = i64::try_from(EXPIRED_GRANT_RETENTION.as_secs()).unwrap_or(i64::MAX);
+    store
+        .prune_delegation(now, now.saturating_sub(retention))
+        .await
 }
 
 /// Live grants to any of `agents`.
@@ -655,6 +711,20 @@ mod tests {
             .unwrap()
     }
 
+    fn node() -> crate::datastore::AttestedNode {
+        crate::datastore::AttestedNode {
+            spiffe_id: SpiffeId::new("spiffe://example.org/node/a").unwrap(),
+            attestation_type: "join_token".into(),
+            serial: "1".into(),
+            svid_expires_at: i64::MAX,
+            attested_at: 0,
+            last_seen_at: 0,
+            selectors: vec![],
+            previous_serial: None,
+            previous_svid_expires_at: None,
+        }
+    }
+
     fn grant_req(agent: &str, scopes: &[&str], ttl: i64, depth: u32) -> apb::CreateGrantRequest {
         apb::CreateGrantRequest {
             principal: "user:alice@example.com".into(),
@@ -713,14 +783,14 @@ mod tests {
             ttl_seconds: ttl,
         };
         // Widening and outliving the parent are refused before any token exists.
-        let e = mint_delegation_token(&state, &orch, &offer(&["payments:execute"], 60))
+        let e = mint_delegation_token(&state, &orch, &node(), &offer(&["payments:execute"], 60))
             .await
             .unwrap_err();
         assert!(
             matches!(e, GrantError::Rule(RuleError::ScopeNotInParent { .. })),
             "{e}"
         );
-        let e = mint_delegation_token(&state, &orch, &offer(&["calendar:read"], 7200))
+        let e = mint_delegation_token(&state, &orch, &node(), &offer(&["calendar:read"], 7200))
             .await
             .unwrap_err();
         assert!(
@@ -728,12 +798,12 @@ mod tests {
             "{e}"
         );
         // A grant is held only by its agent.
-        let e = mint_delegation_token(&state, &sched, &offer(&["calendar:read"], 60))
+        let e = mint_delegation_token(&state, &sched, &node(), &offer(&["calendar:read"], 60))
             .await
             .unwrap_err();
         assert!(matches!(e, GrantError::WrongAgent { .. }), "{e}");
 
-        let token = mint_delegation_token(&state, &orch, &offer(&["calendar:read"], 600))
+        let token = mint_delegation_token(&state, &orch, &node(), &offer(&["calendar:read"], 600))
             .await
             .unwrap()
             .token;
@@ -763,9 +833,7 @@ mod tests {
         // The delegated SVID carries the chain and verifies.
         let key = crate::keys::PrivateKey::generate().unwrap();
         let now = unix_seconds(clock.now());
-        authorize_grant_mint(state.store.as_ref(), &child, &sched, now)
-            .await
-            .unwrap();
+        authorize_grant_mint(&child, &sched, now).unwrap();
         let svid = sign_delegated_x509(&state, &child, &sched, &key.csr_der().unwrap()).unwrap();
         assert!(unix_seconds(svid.not_after) <= child.delegation.expires_at);
         let id = Verifier::new(state.ca.bundle())
@@ -834,22 +902,13 @@ mod tests {
         let mut spec = sched.spec.clone();
         spec.scopes = vec!["crm:read".into()];
         let narrowed = state.store.update_entry(&sched.id, spec).await.unwrap();
-        let e = authorize_grant_mint(state.store.as_ref(), &child, &narrowed, now)
-            .await
-            .unwrap_err();
+        let e = authorize_grant_mint(&child, &narrowed, now).unwrap_err();
         assert!(
             matches!(e, GrantError::Rule(RuleError::ScopeAboveCeiling { .. })),
             "{e}"
         );
         clock.advance(Duration::from_secs(601));
-        let e = authorize_grant_mint(
-            state.store.as_ref(),
-            &child,
-            &sched,
-            unix_seconds(clock.now()),
-        )
-        .await
-        .unwrap_err();
+        let e = authorize_grant_mint(&child, &sched, unix_seconds(clock.now())).unwrap_err();
         assert!(matches!(e, GrantError::Expired { .. }), "{e}");
     }
 }

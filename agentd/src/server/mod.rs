@@ -395,8 +395,8 @@ async fn renew_server_tls(
     }
 }
 
-/// How often expired issuance records and revocation events that no longer matter are
-/// removed.
+/// How often expired issuance records, revocation events that no longer matter, expired
+/// delegation offers and long-expired grants are removed.
 const COMPACT_EVERY: Duration = Duration::from_secs(600);
 
 async fn compact_revocations(
@@ -418,6 +418,13 @@ async fn compact_revocations(
             Ok(0) => {}
             Ok(n) => tracing::debug!(records = n, "pruned expired issuance records"),
             Err(e) => tracing::warn!(error = %e, "pruning issuance records failed"),
+        }
+        match grants::prune(state.store.as_ref(), now).await {
+            Ok((0, 0)) => {}
+            Ok((offers, grants)) => {
+                tracing::debug!(offers, grants, "pruned expired delegation offers and grants")
+            }
+            Err(e) => tracing::warn!(error = %e, "pruning delegation offers and grants failed"),
         }
     }
 }

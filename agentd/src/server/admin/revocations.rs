@@ -45,10 +45,20 @@ pub(super) async fn revoke(
     // the log is written, so a bad reason must be refused here.
     crate::revocation::check_reason(&req.reason).map_err(AdminError::from)?;
     let now = unix_seconds(api.state.clock.now());
+    // Whose child entries the event covers too: a node-set alias (by its entry, or named as
+    // a node) gives entries to every node in its set, and revoking it takes them all back
+    // (see `membership::alias_revoked`). For a real node the children are its own entries,
+    // whose SVIDs the node handle covers anyway.
+    let mut children_of = None;
     match &handle {
         RevocationHandle::Entry(id) => {
-            api.load_entry(id).await?;
+            let entry = api.load_entry(id).await?;
+            let server_id = crate::tls::server_spiffe_id(&api.state.config.trust_domain);
+            if crate::server::membership::is_alias(&server_id, &entry) {
+                children_of = Some(entry.spec.spiffe_id);
+            }
         }
+        RevocationHandle::Node(id) => children_of = Some(id.clone()),
         RevocationHandle::Authority(id) => {
             // Out of the bundle first (refused for the active authority or an unknown
             // id, with nothing logged); then the log resolves and pushes what it signed,
@@ -85,7 +95,7 @@ pub(super) async fn revoke(
     let event = api
         .state
         .revocations
-        .revoke(handle.clone(), &req.reason, now)
+        .revoke_cascading(handle.clone(), &req.reason, now, children_of.as_ref())
         .await
         .map_err(AdminError::from)?;
     if let RevocationHandle::Node(id) = &handle {

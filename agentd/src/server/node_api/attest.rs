@@ -134,6 +134,9 @@ impl NodeApi {
                     }
                 }
             }
+            // Held through the node record: a `revoke node` waits for it (and lists this
+            // SVID, then deletes the record), or this sees the revocation.
+            let _issuing = self.state.revocations.issuing().await;
             self.check_node_not_revoked(&attested.spiffe_id)?;
             let svid = self.sign(
                 &req.csr,
@@ -158,6 +161,7 @@ impl NodeApi {
                     last_seen_at: unix_seconds(now),
                     selectors: attested.selectors,
                     previous_serial: None,
+                    previous_svid_expires_at: None,
                 })
                 .await?;
             Ok(svid)
@@ -262,6 +266,7 @@ impl NodeApi {
             .extensions()
             .get::<PeerIdentity>()
             .and_then(|p| p.serial.clone());
+        let issuing = self.state.revocations.issuing().await;
         let mut node = self
             .caller(request.extensions().get::<PeerIdentity>())
             .await?;
@@ -282,6 +287,7 @@ impl NodeApi {
         // previous SVID never received the current one, so that one is dropped.
         if presented.as_deref() == Some(node.serial.as_str()) {
             node.previous_serial = Some(std::mem::take(&mut node.serial));
+            node.previous_svid_expires_at = Some(node.svid_expires_at);
         }
         node.serial = svid.serial.clone();
         node.svid_expires_at = unix_seconds(svid.not_after);
@@ -302,6 +308,7 @@ impl NodeApi {
             .upsert_node(node)
             .await
             .map_err(NodeApiError::from)?;
+        drop(issuing);
         tracing::info!(node = %svid.spiffe_id, serial = %svid.serial, "node SVID renewed");
         Ok(Response::new(pb::RenewNodeSvidResponse {
             svid: Some(svid_to_proto(&svid)),

@@ -38,9 +38,17 @@ impl NodeApi {
                 presented: serial,
             });
         }
-        if serial == node.serial && node.svid_expires_at <= unix_seconds(self.state.clock.now()) {
+        let expires_at = if serial == node.serial {
+            node.svid_expires_at
+        } else {
+            // A record written before the previous SVID's expiry was kept has none: that
+            // SVID was issued before the current one, so it expires no later (same TTL).
+            node.previous_svid_expires_at
+                .unwrap_or(node.svid_expires_at)
+        };
+        if expires_at <= unix_seconds(self.state.clock.now()) {
             // rustls checks expiry at the handshake only; a long-lived connection must not
-            // outlive the SVID it was opened with.
+            // outlive the SVID it was opened with, the current one or the one before.
             return Err(NodeApiError::StaleNodeSvid {
                 spiffe_id: id.to_string(),
                 presented: serial,

@@ -13,17 +13,20 @@ impl NodeApi {
         &self,
         request: Request<pb::MintDelegationTokenRequest>,
     ) -> Result<Response<pb::MintDelegationTokenResponse>, Status> {
+        // The token is a JWT-SVID: ordered with revocations as every mint is.
+        let issuing = self.state.revocations.issuing().await;
         let node = self
             .caller(request.extensions().get::<PeerIdentity>())
             .await?;
         let req = request.into_inner();
         let entry = self.entry_for_node(&node, &req.entry_id).await?;
-        let token = crate::server::grants::mint_delegation_token(&self.state, &entry, &req)
+        let token = crate::server::grants::mint_delegation_token(&self.state, &entry, &node, &req)
             .await
             .map_err(|e| {
                 tracing::warn!(from = %entry.spec.spiffe_id, to = %req.to, reason = %e, "delegation refused");
                 e
             })?;
+        drop(issuing);
         tracing::info!(from = %entry.spec.spiffe_id, to = %req.to, grant = %req.grant_id, "delegation token issued");
         self.state
             .audit

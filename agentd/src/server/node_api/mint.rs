@@ -44,6 +44,7 @@ impl NodeApi {
                     &server_id,
                     node,
                     &e,
+                    &self.state.revocations,
                 )
                 .await? =>
             {
@@ -163,12 +164,10 @@ impl NodeApi {
         )
         .await?;
         crate::server::grants::authorize_grant_mint(
-            self.state.store.as_ref(),
             &grant,
             entry,
             unix_seconds(self.state.clock.now()),
-        )
-        .await?;
+        )?;
         crate::server::grants::check_not_revoked(&self.state.revocations, &grant)?;
         Ok(grant)
     }
@@ -177,6 +176,9 @@ impl NodeApi {
         &self,
         request: Request<pb::MintX509SvidsRequest>,
     ) -> Result<Response<pb::MintX509SvidsResponse>, Status> {
+        // From the first standing check (the caller's node) until the batch is on record:
+        // a revocation waits for it, or it sees the revocation (see `RevocationLog::issuing`).
+        let issuing = self.state.revocations.issuing().await;
         let node = self
             .caller(request.extensions().get::<PeerIdentity>())
             .await?;
@@ -241,6 +243,7 @@ impl NodeApi {
         issuance::record_issued(self.state.store.as_ref(), &revocable)
             .await
             .map_err(NodeApiError::from)?;
+        drop(issuing);
         self.state
             .audit
             .record_all(records)
@@ -259,6 +262,7 @@ impl NodeApi {
         &self,
         request: Request<pb::MintJwtSvidRequest>,
     ) -> Result<Response<pb::MintJwtSvidResponse>, Status> {
+        let issuing = self.state.revocations.issuing().await;
         let node = self
             .caller(request.extensions().get::<PeerIdentity>())
             .await?;
@@ -311,6 +315,7 @@ impl NodeApi {
         )
         .await
         .map_err(NodeApiError::from)?;
+        drop(issuing);
         self.state
             .metrics
             .svid_minted(MintedKind::Jwt, started.elapsed());

@@ -28,6 +28,8 @@ mod attest;
 mod caller;
 mod delegation;
 mod feed;
+#[cfg(test)]
+mod issuance_tests;
 mod mint;
 mod status;
 mod sync;

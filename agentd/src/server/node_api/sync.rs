@@ -52,6 +52,7 @@ impl NodeApi {
             self.state.store.as_ref(),
             &server_id,
             &node,
+            Some(&self.state.revocations),
         )
         .await
         .map_err(NodeApiError::from)?;

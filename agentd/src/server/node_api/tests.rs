@@ -35,6 +35,7 @@ fn node(id: &str, selectors: &[&str]) -> AttestedNode {
         last_seen_at: 0,
         selectors: selectors.iter().map(|s| s.parse().unwrap()).collect(),
         previous_serial: None,
+        previous_svid_expires_at: None,
     }
 }
 
@@ -142,7 +143,10 @@ async fn a_suspended_entry_is_refused_and_the_refusal_recorded() {
 #[tokio::test]
 async fn node_set_aliases_give_entries_to_every_matching_node() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SledStore::open(dir.path()).unwrap();
+    let store = Arc::new(SledStore::open(dir.path()).unwrap());
+    let log = crate::revocation::log::RevocationLog::open(store.clone())
+        .await
+        .unwrap();
     let server = "spiffe://example.org/agentd/server";
     let server_id = SpiffeId::new(server).unwrap();
     let ca = "x509pop:ca:fingerprint:aa";
@@ -209,26 +213,26 @@ async fn node_set_aliases_give_entries_to_every_matching_node() {
         v
     };
     assert_eq!(
-        ids(entries_for_node(&store, &server_id, &a).await.unwrap()),
+        ids(entries_for_node(&*store, &server_id, &a, None).await.unwrap()),
         ["/agent/everywhere", "/agent/on-a"]
     );
     assert_eq!(
-        ids(entries_for_node(&store, &server_id, &b).await.unwrap()),
+        ids(entries_for_node(&*store, &server_id, &b, None).await.unwrap()),
         ["/agent/direct-b", "/agent/everywhere"]
     );
-    assert!(entries_for_node(&store, &server_id, &joined)
+    assert!(entries_for_node(&*store, &server_id, &joined, None)
         .await
         .unwrap()
         .is_empty());
     // Minting follows the same rule.
-    assert!(node_serves(&store, &server_id, &a, &a_only).await.unwrap());
-    assert!(!node_serves(&store, &server_id, &b, &a_only).await.unwrap());
-    assert!(node_serves(&store, &server_id, &b, &fleet_wide)
+    assert!(node_serves(&*store, &server_id, &a, &a_only, &log).await.unwrap());
+    assert!(!node_serves(&*store, &server_id, &b, &a_only, &log).await.unwrap());
+    assert!(node_serves(&*store, &server_id, &b, &fleet_wide, &log)
         .await
         .unwrap());
-    assert!(node_serves(&store, &server_id, &b, &direct).await.unwrap());
-    assert!(!node_serves(&store, &server_id, &a, &direct).await.unwrap());
-    assert!(!node_serves(&store, &server_id, &joined, &fleet_wide)
+    assert!(node_serves(&*store, &server_id, &b, &direct, &log).await.unwrap());
+    assert!(!node_serves(&*store, &server_id, &a, &direct, &log).await.unwrap());
+    assert!(!node_serves(&*store, &server_id, &joined, &fleet_wide, &log)
         .await
         .unwrap());
 }

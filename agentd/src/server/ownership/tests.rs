@@ -151,6 +151,7 @@ async fn inventory_counts_by_owner_and_node() {
             last_seen_at: 0,
             selectors: vec![],
             previous_serial: None,
+            previous_svid_expires_at: None,
         })
         .await
         .unwrap();
