@@ -323,3 +323,128 @@ fn entry_selectors_are_checked_against_the_known_attestors() -> anyhow::Result<(
     assert!(create("unix:uid:1000").status.success());
     Ok(())
 }
+
+/// Connects to the Workload API, forks, and once the node agent has accepted the connection
+/// (its HTTP/2 SETTINGS arrived) the parent execs `victim` (same pid, start time and uid)
+/// while the child relays another client's bytes onto the inherited connection.
+const CONNECT_THEN_EXEC: &str = r#"
+import os, select, socket, sys
+agent_sock, relay_path, victim = sys.argv[1:4]
+wl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+wl.connect(agent_sock)
+relay = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+relay.bind(relay_path)
+relay.listen(1)
+r, w = os.pipe()
+if os.fork() == 0:
+    os.close(r)
+    wl.settimeout(20)
+    first = wl.recv(65536)
+    if not first:
+        os._exit(2)
+    os.write(w, b"x")
+    os.close(w)
+    c, _ = relay.accept()
+    c.sendall(first)
+    wl.settimeout(None)
+    while True:
+        ready, _, _ = select.select([c, wl], [], [])
+        for s in ready:
+            data = s.recv(65536)
+            if not data:
+                os._exit(0)
+            (wl if s is c else c).sendall(data)
+os.close(w)
+os.read(r, 1)
+relay.close()
+os.execv(victim, [victim, "60"])
+"#;
+
+#[test]
+fn a_connection_made_before_exec_does_not_carry_the_new_binarys_identity() -> anyhow::Result<()> {
+    let env = Env::new();
+    let server = Server::start(&env)?;
+    let node = Node::start(&env, &server, "n1")?;
+    // The "victim": a binary registered for an identity of the same uid.
+    let sleep = Command::new("sh")
+        .args(["-c", "command -v sleep"])
+        .output()?;
+    anyhow::ensure!(sleep.status.success(), "`sleep` is not installed");
+    let victim = env.path().join("victim");
+    std::fs::copy(String::from_utf8_lossy(&sleep.stdout).trim(), &victim)?;
+    let id = "spiffe://example.org/agent/victim";
+    server.create_entry(&[
+        "--parent-id",
+        &node.spiffe_id,
+        "--spiffe-id",
+        id,
+        "--selector",
+        &format!("unix:path:{}", victim.display()),
+        "--selector",
+        &format!("unix:uid:{}", current_uid()),
+    ])?;
+    // The node holds the victim's SVID before the attempt, so only attestation can refuse.
+    anyhow::ensure!(
+        agentd_e2e::wait_until(std::time::Duration::from_secs(20), || {
+            node.daemon
+                .log_text()
+                .lines()
+                .any(|l| l.contains("X.509-SVID received") && l.contains(id))
+        }),
+        "the node never minted the victim's SVID:\n{}",
+        node.daemon.log_text()
+    );
+    let script = env.path().join("connect_then_exec.py");
+    std::fs::write(&script, CONNECT_THEN_EXEC)?;
+    let relay = env.path().join("relay.sock");
+    let attacker = Command::new("python3")
+        .arg(&script)
+        .arg(&node.socket)
+        .arg(&relay)
+        .arg(&victim)
+        .spawn();
+    let attacker = match attacker {
+        Ok(c) => c,
+        Err(e) => anyhow::bail!("python3 is needed for this test and could not run: {e}"),
+    };
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let attacker = Kill(attacker);
+    let pid = attacker.0.id();
+    let exe = format!("/proc/{pid}/exe");
+    anyhow::ensure!(
+        agentd_e2e::wait_until(std::time::Duration::from_secs(20), || {
+            std::fs::read_link(&exe).is_ok_and(|p| p == victim) && relay.exists()
+        }),
+        "the helper never exec'ed the victim binary"
+    );
+    // The call arrives on the connection the process made before it exec'ed: refused.
+    let out = agentd_e2e::agentd(&[
+        "api",
+        "fetch",
+        "x509",
+        "--output",
+        "json",
+        "--socket-path",
+        relay.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "served on an inherited connection: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(stderr.contains("no identity issued"), "{stderr}");
+    assert!(
+        node.daemon.log_text().contains("exec'ed after connecting"),
+        "{}",
+        node.daemon.log_text()
+    );
+    drop(attacker);
+    Ok(())
+}

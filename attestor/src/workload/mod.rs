@@ -7,7 +7,10 @@
 //! [`WorkloadAttestors::attest_connection`]) once per request. That reads the caller's /proc
 //! facts once, into a [`ProcessSnapshot`] shared by every attestor, and refuses the whole
 //! call ([`AttestError::ProcessGone`]) when the pid no longer names the same process by the
-//! end (see [`process`] for how).
+//! end (see [`process`] for how). A connection's accept time and the binary its process ran
+//! then ([`ConnectionFacts`], recorded by [`WorkloadAttestors::observe_connection`]) are
+//! checked against the process at call time: a process that started later, or that has
+//! `exec`ed another binary since it connected, is refused.
 
 pub mod cgroup;
 pub mod config;
@@ -20,7 +23,7 @@ use std::sync::{Arc, LazyLock};
 
 pub use config::{ByteSize, WorkloadAttestorsConfig};
 pub use container::ContainerAttestor;
-pub use process::{ProcFs, ProcSource, ProcessSnapshot};
+pub use process::{FileVersion, ProcFs, ProcSource, ProcessSnapshot};
 pub use systemd::SystemdAttestor;
 pub use unix::UnixAttestor;
 
@@ -35,17 +38,37 @@ pub struct PeerCredentials {
 }
 
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum AttestError {
+    /// The pid no longer names the process that connected (it exited, or was reused).
     #[error("process {pid} exited while it was being attested")]
     ProcessGone { pid: i32 },
+    /// The process is stopped (state `T`, e.g. by SIGSTOP): a stopped process cannot be
+    /// making the call, so someone else holds its connection.
+    #[error("process {pid} is stopped: a stopped process cannot be the caller")]
+    Stopped { pid: i32 },
+    /// The process runs another binary than when it connected: it `exec`ed since, and the
+    /// connection belongs to the binary that made it, not to the one running now.
+    #[error(
+        "process {pid} runs another binary than when it connected ({now}, was {then}): \
+         it exec'ed after connecting"
+    )]
+    ExeChanged {
+        pid: i32,
+        then: ExeIdentity,
+        now: ExeIdentity,
+    },
+    /// A /proc file could not be read.
     #[error("reading {path}: {source}")]
     Proc {
         path: String,
         #[source]
         source: std::io::Error,
     },
+    /// A /proc file does not parse.
     #[error("{path} is malformed")]
     Malformed { path: String },
+    /// The effective uid or gid differs from the peer credentials of the connection.
     #[error(
         "process {pid} now runs as uid {uid} gid {gid}, not as uid {peer_uid} gid {peer_gid} \
          that connected: its pid was reused or it changed credentials"
@@ -57,6 +80,49 @@ pub enum AttestError {
         uid: u32,
         gid: u32,
     },
+}
+
+/// Which binary a process runs: the device and inode behind /proc/<pid>/exe (the file the
+/// kernel executes, whatever is at its path now), or that it could not be read (another
+/// user's process when the node agent is not root, a non-dumpable process).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExeIdentity {
+    Inode { dev: u64, ino: u64 },
+    Unreadable,
+}
+
+impl ExeIdentity {
+    fn of(version: Result<FileVersion, impl std::fmt::Display>) -> Self {
+        match version {
+            Ok(v) => Self::Inode {
+                dev: v.dev,
+                ino: v.ino,
+            },
+            Err(_) => Self::Unreadable,
+        }
+    }
+}
+
+impl std::fmt::Display for ExeIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Inode { dev, ino } => write!(f, "device {dev} inode {ino}"),
+            Self::Unreadable => f.write_str("unreadable"),
+        }
+    }
+}
+
+/// What the node agent records about a caller when it accepts its connection, before it
+/// reads anything from it; checked again at every call on that connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnectionFacts {
+    /// Clock ticks since boot ([`boot_time_ticks`]) at accept: a process that started later
+    /// is not the one that connected (its pid was reused).
+    pub connected_at: Option<u64>,
+    /// The binary the process ran at accept. A process keeps its pid and start time across
+    /// `exec`, so without this a process could connect, `exec` a binary registered for
+    /// another identity (same uid), and let another process call on the connection as it.
+    pub exe: Option<ExeIdentity>,
 }
 
 /// Selectors, and why the attestors left out some that they give other callers (e.g. no
@@ -105,10 +171,11 @@ pub trait WorkloadAttestor: Send + Sync + std::fmt::Debug {
 
 static REAL_PROC: LazyLock<Arc<dyn ProcSource>> = LazyLock::new(|| Arc::new(ProcFs::default()));
 
-/// Takes the snapshot, checks the credentials, runs `attest`, checks the start time again.
+/// Takes the snapshot, checks the credentials and what was recorded at connect, runs
+/// `attest`, checks the start time again.
 fn attest_checked<T>(
     peer: &PeerCredentials,
-    connected_at: Option<u64>,
+    connection: Option<&ConnectionFacts>,
     source: &Arc<dyn ProcSource>,
     attest: impl FnOnce(Option<&ProcessSnapshot>) -> Result<T, AttestError>,
 ) -> Result<T, AttestError> {
@@ -119,11 +186,28 @@ fn attest_checked<T>(
         _ => None,
     };
     if let Some(process) = &snapshot {
-        if connected_at.is_some_and(|at| process.start_time() > at) {
+        let connection = connection.copied().unwrap_or_default();
+        if connection
+            .connected_at
+            .is_some_and(|at| process.start_time() > at)
+        {
             // Started after the connection was made: not the process that made it.
             return Err(AttestError::ProcessGone { pid: process.pid() });
         }
         check_credentials(peer, process)?;
+        if let Some(then) = connection.exe {
+            // The snapshot caches this read, so the attestors' unix:path and unix:sha256
+            // describe the very inode compared here.
+            let now = ExeIdentity::of(process.exe_version());
+            if now != then {
+                process.verify()?;
+                return Err(AttestError::ExeChanged {
+                    pid: process.pid(),
+                    then,
+                    now,
+                });
+            }
+        }
     }
     let selectors = attest(snapshot.as_ref())?;
     if let Some(process) = &snapshot {
@@ -242,18 +326,37 @@ impl WorkloadAttestors {
 
     /// Selectors for the caller from every enabled attestor, or an error and none at all.
     pub fn attest(&self, peer: &PeerCredentials) -> Result<Vec<Selector>, AttestError> {
-        self.attest_connection(peer, None)
+        attest_checked(peer, None, &self.source, |process| {
+            let mut selectors = Vec::new();
+            for a in &self.attestors {
+                selectors.extend(a.attest_process(peer, process)?);
+            }
+            Ok(selectors)
+        })
     }
 
-    /// As [`Self::attest`], and also refuses a process that started after `connected_at`
-    /// ([`boot_time_ticks`] taken when the connection was accepted): the pid was reused
-    /// between the connection and this call.
+    /// What to record about a connection as it is accepted: the time, and the binary its
+    /// process runs (read through this set's /proc source). Call it before reading anything
+    /// from the connection, and pass the result to [`Self::attest_connection`].
+    pub fn observe_connection(&self, peer: &PeerCredentials) -> ConnectionFacts {
+        ConnectionFacts {
+            connected_at: boot_time_ticks().ok(),
+            exe: match peer.pid {
+                Some(pid) if pid > 0 => Some(ExeIdentity::of(self.source.exe_version(pid))),
+                _ => None,
+            },
+        }
+    }
+
+    /// As [`Self::attest`], and also refuses a process that started after the connection
+    /// was accepted (the pid was reused between the connection and this call) or that runs
+    /// another binary than it did then (it `exec`ed since).
     pub fn attest_connection(
         &self,
         peer: &PeerCredentials,
-        connected_at: Option<u64>,
+        connection: &ConnectionFacts,
     ) -> Result<Vec<Selector>, AttestError> {
-        attest_checked(peer, connected_at, &self.source, |process| {
+        attest_checked(peer, Some(connection), &self.source, |process| {
             let mut selectors = Vec::new();
             for a in &self.attestors {
                 selectors.extend(a.attest_process(peer, process)?);
@@ -267,9 +370,9 @@ impl WorkloadAttestors {
     pub fn attest_connection_explained(
         &self,
         peer: &PeerCredentials,
-        connected_at: Option<u64>,
+        connection: &ConnectionFacts,
     ) -> Result<Attestation, AttestError> {
-        attest_checked(peer, connected_at, &self.source, |process| {
+        attest_checked(peer, Some(connection), &self.source, |process| {
             let mut all = Attestation::default();
             for a in &self.attestors {
                 let one = a.attest_process_explained(peer, process)?;

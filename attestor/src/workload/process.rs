@@ -7,7 +7,8 @@
 //! /proc/<pid>/stat) when it is taken, each fact at most once when an attestor first asks
 //! for it, and [`ProcessSnapshot::verify`] reads the start time again: when the two differ,
 //! or the process is gone or a zombie, the whole attestation fails with
-//! [`AttestError::ProcessGone`] and no selector from it is used.
+//! [`AttestError::ProcessGone`] and no selector from it is used. A stopped process (state
+//! `T`) is refused with [`AttestError::Stopped`] at either read.
 
 use std::cell::OnceCell;
 use std::fmt;
@@ -212,6 +213,12 @@ fn read_stat(source: &dyn ProcSource, pid: i32) -> Result<Stat, AttestError> {
     // A zombie has exited: whoever holds its connection now, it is not that process.
     if matches!(stat.state, 'Z' | 'X' | 'x') {
         return Err(AttestError::ProcessGone { pid });
+    }
+    // Stopped (SIGSTOP and friends; a group stop halts every thread): it cannot be making
+    // a call, so another process holds its connection. A tracing stop (`t`) can be one
+    // thread's, with others running, and is not refused.
+    if stat.state == 'T' {
+        return Err(AttestError::Stopped { pid });
     }
     Ok(stat)
 }

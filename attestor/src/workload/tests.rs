@@ -216,12 +216,70 @@ fn process_started_after_the_connection_is_process_gone() {
     let f = fixture();
     let fake = Arc::new(FakeProc::new(vec![Ok(stat_line(100, 'S'))], f.exe.clone()));
     let all = f.all(fake);
+    let at = |t| ConnectionFacts {
+        connected_at: Some(t),
+        exe: None,
+    };
     assert!(matches!(
-        all.attest_connection(&PEER, Some(99)),
+        all.attest_connection(&PEER, &at(99)),
         Err(AttestError::ProcessGone { .. })
     ));
-    assert!(all.attest_connection(&PEER, Some(100)).is_ok());
-    assert!(all.attest_connection(&PEER, Some(5000)).is_ok());
+    assert!(all.attest_connection(&PEER, &at(100)).is_ok());
+    assert!(all.attest_connection(&PEER, &at(5000)).is_ok());
+}
+
+#[test]
+fn another_binary_than_at_connect_is_refused() {
+    let f = fixture();
+    let fake = Arc::new(FakeProc::new(vec![Ok(stat_line(100, 'S'))], f.exe.clone()));
+    let all = f.all(fake);
+    let facts = all.observe_connection(&PEER);
+    assert!(
+        matches!(facts.exe, Some(ExeIdentity::Inode { .. })),
+        "{facts:?}"
+    );
+    assert!(all.attest_connection(&PEER, &facts).is_ok());
+    // The process exec'ed another file since it connected (a new inode behind its exe).
+    let other = f.dir.path().join("other-bin");
+    std::fs::write(&other, b"hello").unwrap();
+    std::fs::rename(&other, &f.exe).unwrap();
+    let err = all.attest_connection(&PEER, &facts).unwrap_err();
+    assert!(
+        matches!(err, AttestError::ExeChanged { pid: 4242, then, now } if then != now),
+        "{err}"
+    );
+    // Unreadable at connect and readable now is a change too; never checked is none.
+    let unreadable = ConnectionFacts {
+        exe: Some(ExeIdentity::Unreadable),
+        ..facts
+    };
+    assert!(matches!(
+        all.attest_connection(&PEER, &unreadable),
+        Err(AttestError::ExeChanged { .. })
+    ));
+    assert!(all.attest(&PEER).is_ok());
+}
+
+#[test]
+fn a_stopped_process_is_refused() {
+    let f = fixture();
+    for (stats, refused) in [
+        (vec![Ok(stat_line(100, 'T'))], true),
+        (vec![Ok(stat_line(100, 'S')), Ok(stat_line(100, 'T'))], true),
+        // A tracing stop may be one thread's while another makes the call.
+        (vec![Ok(stat_line(100, 't'))], false),
+    ] {
+        let fake = Arc::new(FakeProc::new(stats, f.exe.clone()));
+        let got = f.all(fake).attest(&PEER);
+        assert_eq!(
+            matches!(got, Err(AttestError::Stopped { pid: 4242 })),
+            refused,
+            "{got:?}"
+        );
+        if !refused {
+            assert!(got.is_ok(), "{got:?}");
+        }
+    }
 }
 
 #[test]
@@ -334,7 +392,7 @@ fn a_binary_left_unhashed_is_explained_in_a_note() {
     let explained = |max: u64| {
         WorkloadAttestors::new(vec![Box::new(f.unix().with_max_binary_size(max))])
             .with_proc_source(fake.clone())
-            .attest_connection_explained(&PEER, None)
+            .attest_connection_explained(&PEER, &ConnectionFacts::default())
             .unwrap()
     };
     // The fixture's binary is 5 bytes ("hello").
@@ -497,6 +555,102 @@ fn an_exited_and_reaped_child_is_process_gone() {
     // The compatible single-attestor path too.
     let err = UnixAttestor::default().attest(&peer).unwrap_err();
     assert!(matches!(err, AttestError::ProcessGone { .. }), "{err}");
+}
+
+/// Polls (bounded) until `f` holds; panics naming `what` otherwise.
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+fn proc_state(pid: i32) -> Option<char> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    super::process::parse_stat(&text).map(|s| s.state)
+}
+
+#[test]
+fn a_process_that_execs_after_connecting_is_refused() {
+    use std::io::Write;
+    let (uid, gid) = own_ids();
+    // A shell that "connects" (is observed), then execs sleep in the same process: same pid,
+    // same start time, same uid, another binary.
+    let child = Command::new("sh")
+        .args(["-c", "read line; exec sleep 30"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawning sh");
+    let mut child = Reaped(child);
+    let pid = child.0.id() as i32;
+    let peer = PeerCredentials {
+        pid: Some(pid),
+        uid,
+        gid,
+    };
+    let attestors = WorkloadAttestors::default();
+    let shell = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    let facts = attestors.observe_connection(&peer);
+    let before = strings(&attestors.attest_connection(&peer, &facts).unwrap());
+    assert!(
+        before.contains(&format!("unix:path:{}", shell.display())),
+        "{before:?}"
+    );
+
+    writeln!(child.0.stdin.as_mut().unwrap()).unwrap();
+    wait_for("the shell to exec sleep", || {
+        std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p != shell)
+    });
+    let err = attestors.attest_connection(&peer, &facts).unwrap_err();
+    assert!(
+        matches!(err, AttestError::ExeChanged { pid: p, .. } if p == pid),
+        "{err}"
+    );
+    // A connection made after the exec is the new binary's own.
+    let fresh = attestors.observe_connection(&peer);
+    let after = strings(&attestors.attest_connection(&peer, &fresh).unwrap());
+    assert!(
+        after
+            .iter()
+            .any(|s| s.starts_with("unix:path:") && s.ends_with("sleep")),
+        "{after:?}"
+    );
+}
+
+#[test]
+fn a_stopped_child_is_refused_until_it_continues() {
+    let (uid, gid) = own_ids();
+    let child = sleeper(None);
+    let pid = child.0.id() as i32;
+    let peer = PeerCredentials {
+        pid: Some(pid),
+        uid,
+        gid,
+    };
+    let attestors = WorkloadAttestors::default();
+    let facts = attestors.observe_connection(&peer);
+    assert!(attestors.attest_connection(&peer, &facts).is_ok());
+    let kill = |sig: &str| {
+        assert!(Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .expect("running kill")
+            .success())
+    };
+    kill("-STOP");
+    wait_for("the child to stop", || proc_state(pid) == Some('T'));
+    let err = attestors.attest_connection(&peer, &facts).unwrap_err();
+    assert!(
+        matches!(err, AttestError::Stopped { pid: p } if p == pid),
+        "{err}"
+    );
+    kill("-CONT");
+    wait_for("the child to continue", || proc_state(pid) != Some('T'));
+    assert!(attestors.attest_connection(&peer, &facts).is_ok());
 }
 
 #[test]

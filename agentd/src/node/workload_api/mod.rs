@@ -22,7 +22,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentd_attestor::workload::{PeerCredentials, WorkloadAttestors};
+use agentd_attestor::workload::{ConnectionFacts, PeerCredentials, WorkloadAttestors};
 use agentd_attestor::Selector;
 use agentd_proto::agentd_workload as apb;
 use agentd_proto::agentd_workload::revocations_server::{Revocations, RevocationsServer};
@@ -61,9 +61,10 @@ type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 pub struct WorkloadConnInfo {
     /// SO_PEERCRED: the process that connected.
     pub peer: Option<PeerCredentials>,
-    /// Clock ticks since boot at accept time: a process that started later is not the one
-    /// that connected (its pid was reused), and is refused.
-    pub connected_at: Option<u64>,
+    /// The accept time (a process that started later is not the one that connected: its
+    /// pid was reused) and the binary the process ran then (one that has `exec`ed since
+    /// is refused): checked at every call on the connection.
+    pub connection: ConnectionFacts,
 }
 
 /// A Workload API connection as the HTTP/2 server sees it: any `:authority` accepted (see
@@ -75,16 +76,21 @@ type WorkloadConn = crate::net::ConnWithInfo<
 
 /// Records what the kernel says about a Workload API connection as it is accepted (before
 /// anything is read from it).
-fn accept_workload_conn(inner: tokio::net::UnixStream) -> WorkloadConn {
-    let connected_at = agentd_attestor::workload::boot_time_ticks().ok();
+fn accept_workload_conn(
+    attestors: &WorkloadAttestors,
+    inner: tokio::net::UnixStream,
+) -> WorkloadConn {
     let peer = inner.peer_cred().ok().map(|c| PeerCredentials {
         pid: c.pid(),
         uid: c.uid(),
         gid: c.gid(),
     });
+    let connection = peer
+        .map(|p| attestors.observe_connection(&p))
+        .unwrap_or_default();
     crate::net::ConnWithInfo::new(
         crate::net::authority::AuthorityRewrite::new(inner),
-        WorkloadConnInfo { peer, connected_at },
+        WorkloadConnInfo { peer, connection },
     )
 }
 
@@ -190,8 +196,9 @@ impl WorkloadApi {
         });
         let incoming = {
             use tokio_stream::StreamExt as _;
+            let attestors = self.attestors.clone();
             tokio_stream::wrappers::UnixListenerStream::new(listener)
-                .map(|conn| conn.map(accept_workload_conn))
+                .map(move |conn| conn.map(|c| accept_workload_conn(&attestors, c)))
         };
         let selectors = SelectorsServer::new(SelectorsService { api: self.clone() });
         let revocations = RevocationsServer::new(RevocationsService {
@@ -236,7 +243,7 @@ impl WorkloadApi {
             .ok_or_else(|| Status::internal("no peer credentials on the connection"))?;
         let attestors = self.attestors.clone();
         let result = tokio::task::spawn_blocking(move || {
-            attestors.attest_connection_explained(&peer, info.connected_at)
+            attestors.attest_connection_explained(&peer, &info.connection)
         })
         .await
         .map_err(|e| Status::internal(format!("attestation task: {e}")))?;
