@@ -1,5 +1,6 @@
-//! Workload attestation with real processes under different uids (CI runs as root; without
-//! root these tests say so and return).
+//! Workload attestation with real processes under different uids. Starting a process under
+//! another uid needs root (CI and `make test` run as root); without it the uid test fails and
+//! says so rather than passing without having run.
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -45,10 +46,11 @@ fn fetched_ids(out: &Output) -> Vec<String> {
 
 #[test]
 fn each_process_gets_only_the_svids_whose_selectors_match_it() -> anyhow::Result<()> {
-    if current_uid() != 0 {
-        eprintln!("skipped: starting processes under other uids needs root (CI runs as root)");
-        return Ok(());
-    }
+    assert_eq!(
+        current_uid(),
+        0,
+        "this test starts workloads as uids 65534 and 65533 and needs root (CAP_SETUID): run it as root"
+    );
     let env = Env::new();
     // Other users must reach the Workload API socket inside the test's private dir.
     std::fs::set_permissions(env.path(), std::fs::Permissions::from_mode(0o755))?;
@@ -215,7 +217,20 @@ fn sha256_hex(path: &std::path::Path) -> anyhow::Result<String> {
         .to_string())
 }
 
-fn ids_from(bin: &std::path::Path, socket: &str) -> Vec<String> {
+/// What a workload got from `api fetch x509`.
+#[derive(Debug, PartialEq)]
+enum Fetched {
+    /// The SPIFFE IDs of the SVIDs it was given.
+    Ids(Vec<String>),
+    /// The refusal the Workload API gives a caller no entry matches: PermissionDenied
+    /// "no identity issued" (the CLI prints the message).
+    NoIdentity,
+}
+
+/// Runs `bin api fetch x509` against `socket`. Any failure other than "no identity issued"
+/// (the node down, a bad socket path, a crash) fails the test, so that a check for "no SVID"
+/// cannot pass on an unrelated error.
+fn ids_from(bin: &std::path::Path, socket: &str) -> Fetched {
     let out = Command::new(bin)
         .args([
             "api",
@@ -228,10 +243,17 @@ fn ids_from(bin: &std::path::Path, socket: &str) -> Vec<String> {
         ])
         .output()
         .expect("run");
-    if !out.status.success() {
-        return vec![];
+    if out.status.success() {
+        return Fetched::Ids(fetched_ids(&out));
     }
-    fetched_ids(&out)
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.trim(),
+        "error: no identity issued",
+        "{} failed for another reason than having no identity",
+        bin.display()
+    );
+    Fetched::NoIdentity
 }
 
 #[test]
@@ -276,19 +298,22 @@ fn path_and_sha256_selectors_match_only_the_named_binary() -> anyhow::Result<()>
         &format!("unix:sha256:{}", sha256_hex(&original)?),
     ])?;
 
-    let mut got = vec![];
+    let mut got = Fetched::NoIdentity;
     assert!(
         agentd_e2e::wait_until(std::time::Duration::from_secs(30), || {
             got = ids_from(&original, &socket);
-            got.len() == 2
+            matches!(&got, Fetched::Ids(ids) if ids.len() == 2)
         }),
         "the original binary gets both: {got:?}"
     );
-    assert_eq!(got, [by_hash, by_path]);
+    assert_eq!(got, Fetched::Ids(vec![by_hash.into(), by_path.into()]));
     // Same bytes, another path: the hash matches, the path does not.
-    assert_eq!(ids_from(&same_bytes, &socket), [by_hash]);
+    assert_eq!(
+        ids_from(&same_bytes, &socket),
+        Fetched::Ids(vec![by_hash.into()])
+    );
     // Another binary altogether: neither.
-    assert!(ids_from(&changed, &socket).is_empty());
+    assert_eq!(ids_from(&changed, &socket), Fetched::NoIdentity);
     Ok(())
 }
 

@@ -467,8 +467,10 @@ fn openssl_crl_check_rejects_a_revoked_leaf_and_accepts_a_live_one() -> anyhow::
 async fn revoking_an_old_authority_drops_it_and_reissues_what_it_signed() -> anyhow::Result<()> {
     let env = Env::new();
     let config = env.path().join("server.toml");
-    // Node SVIDs renew at half their TTL: 3 s here, so the node moves to the new authority.
-    std::fs::write(&config, "node_svid_ttl = \"6s\"\n")?;
+    // Node SVIDs renew at half their TTL: 5 s here, so the node moves to the new authority
+    // soon, while the node SVID the old authority signed last stays live for at least 5 s
+    // after the activation (the window in which the revocation must be refused).
+    std::fs::write(&config, "node_svid_ttl = \"10s\"\n")?;
     let server = Server::start_with(&env, &["--config", config.to_str().unwrap()])?;
     let node = Node::start(&env, &server, "n1")?;
     let id = "spiffe://example.org/agent/rekeyed";
@@ -495,10 +497,25 @@ async fn revoking_an_old_authority_drops_it_and_reissues_what_it_signed() -> any
     // Wait one sync so the node agent has the new bundle before anything is signed by it.
     std::thread::sleep(Duration::from_secs(2));
     server.cli_ok(&["authority", "activate"])?;
-    // Refused while the node's own SVID is from the old authority; accepted once it renewed.
+    // Refused while the node's own SVID is from the old authority (it was issued at most half
+    // a TTL before the activation, so it is live for at least 5 s more), naming the node.
+    let refused = server.cli(&["revoke", "authority", "--id", &old_x509, "--output", "json"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success(),
+        "revoking the authority that signs a live node SVID was accepted: {}",
+        String::from_utf8_lossy(&refused.stdout)
+    );
+    assert!(
+        stderr.contains("node SVIDs") && stderr.contains(&node.spiffe_id),
+        "{stderr}"
+    );
+    let listed = json(&server.cli_ok(&["authority", "list", "--output", "json"])?);
+    assert!(listed.to_string().contains(&old_x509), "refused, yet gone: {listed}");
+    // Accepted once the node renewed under the new authority and the old SVID expired.
     let mut last = String::new();
     let mut event = serde_json::Value::Null;
-    let accepted = wait_until(Duration::from_secs(15), || {
+    let accepted = wait_until(Duration::from_secs(30), || {
         let out = server.cli(&["revoke", "authority", "--id", &old_x509, "--output", "json"]);
         if out.status.success() {
             event = json(&String::from_utf8_lossy(&out.stdout));
@@ -510,6 +527,12 @@ async fn revoking_an_old_authority_drops_it_and_reissues_what_it_signed() -> any
     });
     assert!(accepted, "{last}");
     assert!(last.is_empty() || last.contains("node SVIDs"), "{last}");
+    let log = json(&server.cli_ok(&["revoke", "list", "--all", "--output", "json"])?);
+    assert_eq!(
+        log["events"].as_array().map(Vec::len),
+        Some(1),
+        "the refused attempts logged nothing: {log}"
+    );
     let covered: Vec<&str> = event["serials"]
         .as_array()
         .map(|a| a.iter().filter_map(|s| s["serial"].as_str()).collect())
