@@ -207,11 +207,7 @@ pub async fn load_grant(store: &dyn DataStore, id: &GrantId) -> Result<Grant, Gr
 /// the grant narrows what is minted). Not the union over every entry with that SPIFFE ID:
 /// a workload matched by a narrow entry must not reach a wide entry's scopes through a
 /// grant, as it cannot through a plain SVID (which carries its own entry's scopes).
-pub fn authorize_grant_mint(
-    grant: &Grant,
-    entry: &Entry,
-    now: i64,
-) -> Result<(), GrantError> {
+pub fn authorize_grant_mint(grant: &Grant, entry: &Entry, now: i64) -> Result<(), GrantError> {
     let agent = grant
         .agent()
         .ok_or_else(|| invalid("grant", "stored grant has an empty chain"))?;
