@@ -1,5 +1,6 @@
 //! The trust of issuance, through the real handlers with a real store, CA and revocation
-//! log on a temp dir: what a node is handed out, and what a revocation lists.
+//! log on a temp dir: what a node is handed out, and what a revocation lists. Just over 600
+//! lines: the fixture here is shared with `limits_tests`.
 
 use std::collections::HashSet;
 use std::sync::Arc;
