@@ -143,6 +143,9 @@ pub trait DataStore: Send + Sync + Debug + 'static {
     async fn take_delegation_offer(&self, id: &str) -> Result<Option<DelegationOffer>>;
     /// Removes offers whose token has expired at `now`, and grants that expired before
     /// `grants_expired_before`; returns how many of each.
-    async fn prune_delegation(&self, now: i64, grants_expired_before: i64)
-        -> Result<(usize, usize)>;
+    async fn prune_delegation(
+        &self,
+        now: i64,
+        grants_expired_before: i64,
+    ) -> Result<(usize, usize)>;
 }

@@ -153,8 +153,7 @@ impl RevocationLog {
             .await?
             .into_iter()
             .filter(|s| {
-                handle.covers(s)
-                    || s.entry_id.as_ref().is_some_and(|e| children.contains(e))
+                handle.covers(s) || s.entry_id.as_ref().is_some_and(|e| children.contains(e))
             })
             .collect();
         if let RevocationHandle::Svid(serial) = &handle {

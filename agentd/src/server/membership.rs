@@ -55,9 +55,10 @@ pub async fn entries_for_node(
     revocations: Option<&RevocationLog>,
 ) -> Result<Vec<Entry>, DataStoreError> {
     let all = store.list_entries(&EntryFilter::default()).await?;
-    let aliases: std::collections::HashSet<&SpiffeId> = aliases_of(&all, server_id, node, revocations)
-        .map(|e| &e.spec.spiffe_id)
-        .collect();
+    let aliases: std::collections::HashSet<&SpiffeId> =
+        aliases_of(&all, server_id, node, revocations)
+            .map(|e| &e.spec.spiffe_id)
+            .collect();
     let served = all
         .iter()
         .filter(|e| e.spec.parent_id == node.spiffe_id || aliases.contains(&e.spec.parent_id))

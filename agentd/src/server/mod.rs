@@ -422,7 +422,11 @@ async fn compact_revocations(
         match grants::prune(state.store.as_ref(), now).await {
             Ok((0, 0)) => {}
             Ok((offers, grants)) => {
-                tracing::debug!(offers, grants, "pruned expired delegation offers and grants")
+                tracing::debug!(
+                    offers,
+                    grants,
+                    "pruned expired delegation offers and grants"
+                )
             }
             Err(e) => tracing::warn!(error = %e, "pruning delegation offers and grants failed"),
         }

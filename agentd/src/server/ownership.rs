@@ -207,8 +207,7 @@ pub async fn inventory(
     let mut by_node = Vec::with_capacity(nodes.len());
     for n in &nodes {
         let node_id = n.spiffe_id.to_string();
-        let served =
-            crate::server::membership::entries_for_node(store, server_id, n, None).await?;
+        let served = crate::server::membership::entries_for_node(store, server_id, n, None).await?;
         let live = statuses
             .iter()
             .flat_map(|s| s.activity.live_at(now))

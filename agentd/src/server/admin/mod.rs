@@ -43,6 +43,13 @@ pub struct AdminApi {
     state: Arc<ServerState>,
 }
 
+impl AdminApi {
+    /// The admin API over `state`, without its socket (in-process tests call it directly).
+    pub fn new(state: Arc<ServerState>) -> Self {
+        Self { state }
+    }
+}
+
 pub async fn serve(
     state: Arc<ServerState>,
     listener: UnixListener,

@@ -49,9 +49,10 @@ impl NodeApi {
         if expires_at <= unix_seconds(self.state.clock.now()) {
             // rustls checks expiry at the handshake only; a long-lived connection must not
             // outlive the SVID it was opened with, the current one or the one before.
-            return Err(NodeApiError::StaleNodeSvid {
+            return Err(NodeApiError::NodeSvidExpired {
                 spiffe_id: id.to_string(),
                 presented: serial,
+                expired_at: expires_at,
             });
         }
         Ok(node)

@@ -1,5 +1,6 @@
 //! The trust of issuance, through the real handlers with a real store, CA and revocation
-//! log on a temp dir: what a node is handed out, and what a revocation lists.
+//! log on a temp dir: what a node is handed out, and what a revocation lists. Just over 600
+//! lines: the fixture here is shared with `limits_tests`.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -234,7 +235,10 @@ async fn no_svid_minted_around_a_node_revocation_escapes_it() {
         }
     })
     .await;
-    assert!(all.is_ok(), "minting did not stop after the node was revoked");
+    assert!(
+        all.is_ok(),
+        "minting did not stop after the node was revoked"
+    );
     assert!(!serials.is_empty());
     let escaped: Vec<&String> = serials
         .iter()
@@ -251,4 +255,369 @@ async fn no_svid_minted_around_a_node_revocation_escapes_it() {
         .filter(|j| !listed_jwts.contains(j.as_str()))
         .collect();
     assert!(escaped.is_empty(), "JWT-SVIDs not listed: {escaped:?}");
+}
+
+pub(super) const NODE_B: &str = "spiffe://example.org/node/b";
+const ORCH: &str = "spiffe://example.org/agent/orchestrator";
+const SCHED: &str = "spiffe://example.org/agent/scheduler";
+const SERVER: &str = "spiffe://example.org/agentd/server";
+
+pub(super) async fn root_grant(
+    state: &ServerState,
+    agent: &str,
+    scopes: &[&str],
+    task: &str,
+) -> crate::datastore::Grant {
+    crate::server::grants::create_root_grant(
+        state,
+        agentd_proto::admin::CreateGrantRequest {
+            principal: "user:alice@example.com".into(),
+            agent: agent.into(),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            ttl_seconds: 3600,
+            task_id: task.into(),
+            max_depth: Some(1),
+        },
+    )
+    .await
+    .unwrap()
+}
+
+pub(super) fn offer_req(from: &Entry, grant: &str, ttl: i64) -> pb::MintDelegationTokenRequest {
+    pb::MintDelegationTokenRequest {
+        entry_id: from.id.to_string(),
+        grant_id: grant.into(),
+        to: SCHED.into(),
+        scopes: vec!["calendar:read".into()],
+        ttl_seconds: ttl,
+    }
+}
+
+fn exchange_req(to: &Entry, token: &str) -> pb::ExchangeDelegationTokenRequest {
+    pb::ExchangeDelegationTokenRequest {
+        entry_id: to.id.to_string(),
+        token: token.into(),
+    }
+}
+
+/// A delegation token is a JWT-SVID of the delegator: revoking the delegator's entry or its
+/// node lists the token, and the receiver (on another node) cannot redeem a listed token.
+#[tokio::test]
+async fn delegation_tokens_are_listed_by_revocations_and_refused_once_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, _clock) = fixture(dir.path()).await;
+    let api = NodeApi::new(state.clone(), CancellationToken::new());
+    attested(&state, NODE, "a1", &[]).await;
+    attested(&state, NODE_B, "b1", &[]).await;
+    let orch = entry(&state, ORCH, NODE, &["calendar:*"]).await;
+    let sched = entry(&state, SCHED, NODE_B, &["calendar:read"]).await;
+    let root = root_grant(&state, ORCH, &["calendar:*"], "").await;
+    let now = unix_seconds(state.clock.now());
+
+    let handles = [
+        RevocationHandle::Entry(orch.id.clone()),
+        RevocationHandle::Node(SpiffeId::new(NODE).unwrap()),
+    ];
+    for handle in handles {
+        let token = api
+            .offer_delegation(from_node(
+                offer_req(&orch, root.id.as_str(), 600),
+                NODE,
+                "a1",
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .token;
+        let event = state
+            .revocations
+            .revoke(handle.clone(), "compromised", now)
+            .await
+            .unwrap();
+        assert!(
+            event.jwt_ids.contains(&jti_of(&token)),
+            "revoking {handle} does not list the delegation token: {:?}",
+            event.jwt_ids
+        );
+        let err = api
+            .exchange_delegation(from_node(exchange_req(&sched, &token), NODE_B, "b1"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+        assert!(err.message().contains("revoked"), "{err:?}");
+        // Lifted: the token is good again (it was not spent by the refusal).
+        state
+            .revocations
+            .lift(event.sequence, "cleared", now)
+            .await
+            .unwrap();
+        api.exchange_delegation(from_node(exchange_req(&sched, &token), NODE_B, "b1"))
+            .await
+            .unwrap();
+    }
+}
+
+/// Two entries with one SPIFFE ID, on two nodes: a narrow one and a wide one. A grant within
+/// the wide entry's scopes mints through the wide entry only; through the narrow one it is
+/// refused, as a plain SVID there carries only the narrow entry's scopes.
+#[tokio::test]
+async fn delegated_svids_take_the_serving_entrys_ceiling() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, _clock) = fixture(dir.path()).await;
+    let api = NodeApi::new(state.clone(), CancellationToken::new());
+    attested(&state, NODE, "a1", &[]).await;
+    attested(&state, NODE_B, "b1", &[]).await;
+    let narrow = entry(&state, ORCH, NODE, &["calendar:read"]).await;
+    let wide = entry(&state, ORCH, NODE_B, &["calendar:*"]).await;
+    let grant = root_grant(&state, ORCH, &["calendar:write"], "").await;
+    let csr = csr();
+    let mint = |e: &Entry| pb::MintX509SvidsRequest {
+        params: vec![pb::X509SvidParams {
+            entry_id: e.id.to_string(),
+            csr: csr.clone(),
+            grant_id: grant.id.to_string(),
+        }],
+    };
+
+    let resp = api
+        .mint_x509(from_node(mint(&narrow), NODE, "a1"))
+        .await
+        .unwrap();
+    let (serials, errors) = minted(resp.get_ref());
+    assert!(serials.is_empty(), "minted through the narrow entry");
+    assert!(
+        errors[0].contains("calendar:write") && errors[0].contains("calendar:read"),
+        "{errors:?}"
+    );
+    let resp = api
+        .mint_x509(from_node(mint(&wide), NODE_B, "b1"))
+        .await
+        .unwrap();
+    let (serials, errors) = minted(resp.get_ref());
+    assert_eq!(serials.len(), 1, "{errors:?}");
+    // The same for a JWT-SVID and for offering the grant on.
+    let err = api
+        .mint_jwt(from_node(
+            pb::MintJwtSvidRequest {
+                entry_id: narrow.id.to_string(),
+                audience: vec!["db".into()],
+                grant_id: grant.id.to_string(),
+            },
+            NODE,
+            "a1",
+        ))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("calendar:write"), "{err:?}");
+}
+
+/// Revoking a node-set alias, by its entry or by its ID as a node: the entries parented to it
+/// are withdrawn from every node in the set, are not minted while it stands, and the event
+/// lists the SVIDs already minted for them.
+#[tokio::test]
+async fn revoking_a_node_set_alias_cascades_to_its_entries() {
+    use agentd_proto::admin::admin_server::Admin as _;
+    let dir = tempfile::tempdir().unwrap();
+    let (state, _clock) = fixture(dir.path()).await;
+    let api = NodeApi::new(state.clone(), CancellationToken::new());
+    let admin = crate::server::admin::AdminApi::new(state.clone());
+    let ca = "x509pop:ca:fingerprint:aa";
+    attested(&state, NODE, "a1", &[ca]).await;
+    let mut alias_spec = entry(&state, "spiffe://example.org/nodes/fleet", SERVER, &[])
+        .await
+        .spec;
+    alias_spec.selectors = vec![ca.parse().unwrap()];
+    let alias = state.store.create_entry(alias_spec, 0).await.unwrap();
+    let workload = entry(
+        &state,
+        "spiffe://example.org/agent/w",
+        "spiffe://example.org/nodes/fleet",
+        &[],
+    )
+    .await;
+    let csr = csr();
+    let synced = |api: NodeApi| async move {
+        api.sync_node(from_node(pb::SyncEntriesRequest::default(), NODE, "a1"))
+            .await
+            .unwrap()
+            .into_inner()
+            .entries
+            .into_iter()
+            .map(|e| e.spiffe_id)
+            .collect::<Vec<_>>()
+    };
+
+    let handles = [
+        ("entry", alias.id.to_string()),
+        ("node", alias.spec.spiffe_id.to_string()),
+    ];
+    for (kind, id) in handles {
+        assert!(synced(api.clone())
+            .await
+            .contains(&workload.spec.spiffe_id.to_string()));
+        let resp = api
+            .mint_x509(from_node(batch(&workload, &csr, 1), NODE, "a1"))
+            .await
+            .unwrap();
+        let (serials, errors) = minted(resp.get_ref());
+        assert_eq!(serials.len(), 1, "{errors:?}");
+
+        let event = admin
+            .revoke(Request::new(agentd_proto::admin::RevokeRequest {
+                handle: Some(agentd_proto::revocation::RevocationHandle {
+                    kind: kind.into(),
+                    id: id.clone(),
+                }),
+                reason: "fleet CA compromised".into(),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        let listed: Vec<&str> = event.serials.iter().map(|s| s.serial.as_str()).collect();
+        assert!(
+            listed.contains(&serials[0].as_str()),
+            "revoke {kind} {id} does not list the SVID minted through the alias: {listed:?}"
+        );
+        assert!(
+            !synced(api.clone())
+                .await
+                .contains(&workload.spec.spiffe_id.to_string()),
+            "a node still syncs an entry of the revoked alias ({kind})"
+        );
+        let resp = api
+            .mint_x509(from_node(batch(&workload, &csr, 1), NODE, "a1"))
+            .await
+            .unwrap();
+        let (serials, errors) = minted(resp.get_ref());
+        assert!(serials.is_empty(), "minted under a revoked alias ({kind})");
+        assert!(
+            errors[0].contains("not authorized") || errors[0].contains("not served"),
+            "{errors:?}"
+        );
+        state
+            .revocations
+            .lift(event.sequence, "rotated", unix_seconds(state.clock.now()))
+            .await
+            .unwrap();
+    }
+}
+
+/// The server refuses to mint for a revoked entry itself, whatever the node asks: a node
+/// agent that does not filter revoked entries (or a hostile one) gets no SVID and nothing is
+/// recorded as issued.
+#[tokio::test]
+async fn a_node_asking_for_a_revoked_entry_gets_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, _clock) = fixture(dir.path()).await;
+    let api = NodeApi::new(state.clone(), CancellationToken::new());
+    attested(&state, NODE, "a1", &[]).await;
+    let e = entry(&state, "spiffe://example.org/agent/x", NODE, &[]).await;
+    let now = unix_seconds(state.clock.now());
+    let event = state
+        .revocations
+        .revoke(RevocationHandle::Entry(e.id.clone()), "compromised", now)
+        .await
+        .unwrap();
+    let resp = api
+        .mint_x509(from_node(batch(&e, &csr(), 2), NODE, "a1"))
+        .await
+        .unwrap();
+    let (serials, errors) = minted(resp.get_ref());
+    assert!(serials.is_empty(), "the server minted for a revoked entry");
+    assert_eq!(errors.len(), 2);
+    assert!(
+        errors[0].contains("revoked") && errors[0].contains(&event.sequence.to_string()),
+        "{errors:?}"
+    );
+    let err = api
+        .mint_jwt(from_node(
+            pb::MintJwtSvidRequest {
+                entry_id: e.id.to_string(),
+                audience: vec!["db".into()],
+                grant_id: String::new(),
+            },
+            NODE,
+            "a1",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(state.store.list_issued(now).await.unwrap().is_empty());
+}
+
+/// After a renewal the node's previous SVID is still accepted, but only until it expires: a
+/// connection opened with it must not outlive it.
+#[tokio::test]
+async fn the_previous_node_svid_is_refused_after_it_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, clock) = fixture(dir.path()).await;
+    let api = NodeApi::new(state.clone(), CancellationToken::new());
+    let mut node = attested(&state, NODE, "01d", &[]).await;
+    let now = unix_seconds(state.clock.now());
+    node.svid_expires_at = now + 100;
+    state.store.upsert_node(node).await.unwrap();
+    let renewed = api
+        .renew_node(from_node(
+            pb::RenewNodeSvidRequest { csr: csr() },
+            NODE,
+            "01d",
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .svid
+        .unwrap();
+    assert!(renewed.expires_at > now + 100);
+    let sync =
+        |serial: &str| api.sync_node(from_node(pb::SyncEntriesRequest::default(), NODE, serial));
+    // Before the old SVID expires, both work.
+    sync("01d").await.unwrap();
+    sync(&renewed.serial).await.unwrap();
+    clock.advance(Duration::from_secs(101));
+    let err = sync("01d").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("01d"), "{err:?}");
+    sync(&renewed.serial).await.unwrap();
+}
+
+/// A grant's unredeemed offers are bounded; they stop counting, and are pruned, when their
+/// token expires (five minutes at most).
+#[tokio::test]
+async fn offers_per_grant_are_bounded_and_pruned_when_their_tokens_expire() {
+    use crate::server::grants::{prune, DELEGATION_TOKEN_TTL, MAX_OFFERS_PER_GRANT};
+    let dir = tempfile::tempdir().unwrap();
+    let (state, clock) = fixture(dir.path()).await;
+    let api = NodeApi::new(state.clone(), CancellationToken::new());
+    attested(&state, NODE, "a1", &[]).await;
+    let orch = entry(&state, ORCH, NODE, &["calendar:*"]).await;
+    entry(&state, SCHED, NODE, &["calendar:read"]).await;
+    let root = root_grant(&state, ORCH, &["calendar:*"], "").await;
+    let offer = || {
+        api.offer_delegation(from_node(
+            offer_req(&orch, root.id.as_str(), 600),
+            NODE,
+            "a1",
+        ))
+    };
+    for _ in 0..MAX_OFFERS_PER_GRANT {
+        offer().await.unwrap();
+    }
+    let err = offer().await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("unredeemed offers"), "{err:?}");
+    clock.advance(DELEGATION_TOKEN_TTL + Duration::from_secs(1));
+    let now = unix_seconds(state.clock.now());
+    assert_eq!(
+        prune(state.store.as_ref(), now).await.unwrap(),
+        (MAX_OFFERS_PER_GRANT, 0)
+    );
+    offer().await.unwrap();
+    // The grant itself goes a day after it expires, not before.
+    clock.advance(Duration::from_secs(3600));
+    let now = unix_seconds(state.clock.now());
+    assert_eq!(prune(state.store.as_ref(), now).await.unwrap(), (1, 0));
+    clock.advance(crate::server::grants::EXPIRED_GRANT_RETENTION);
+    let now = unix_seconds(state.clock.now());
+    assert_eq!(prune(state.store.as_ref(), now).await.unwrap(), (0, 1));
+    assert!(state.store.get_grant(&root.id).await.unwrap().is_none());
 }

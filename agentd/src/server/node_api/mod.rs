@@ -30,6 +30,8 @@ mod delegation;
 mod feed;
 #[cfg(test)]
 mod issuance_tests;
+#[cfg(test)]
+mod limits_tests;
 mod mint;
 mod status;
 mod sync;

@@ -22,6 +22,14 @@ pub enum NodeApiError {
         spiffe_id: String,
         presented: String,
     },
+    /// A node SVID (current, or the one before the last renewal) past its expiry, on a
+    /// connection opened while it was valid.
+    #[error("node {spiffe_id}: certificate serial {presented} expired at {expired_at}: reconnect with the current node SVID, or attest again")]
+    NodeSvidExpired {
+        spiffe_id: String,
+        presented: String,
+        expired_at: i64,
+    },
     #[error("join token not found or already used")]
     UnknownJoinToken,
     #[error("join token expired")]
@@ -67,6 +75,7 @@ impl From<NodeApiError> for Status {
             NodeApiError::NoClientCertificate => Status::unauthenticated(msg),
             NodeApiError::UnknownNode(_)
             | NodeApiError::StaleNodeSvid { .. }
+            | NodeApiError::NodeSvidExpired { .. }
             | NodeApiError::UnknownJoinToken
             | NodeApiError::ExpiredJoinToken
             | NodeApiError::EntryNotAuthorized(_)
@@ -121,6 +130,7 @@ pub(super) fn attestation_failure(e: &NodeApiError) -> AttestationFailure {
         | NodeApiError::NoClientCertificate
         | NodeApiError::UnknownNode(_)
         | NodeApiError::StaleNodeSvid { .. }
+        | NodeApiError::NodeSvidExpired { .. }
         | NodeApiError::EntryNotAuthorized(_)
         | NodeApiError::EntryRevoked { .. }
         | NodeApiError::SvidRevoked { .. }

@@ -213,11 +213,15 @@ async fn node_set_aliases_give_entries_to_every_matching_node() {
         v
     };
     assert_eq!(
-        ids(entries_for_node(&*store, &server_id, &a, None).await.unwrap()),
+        ids(entries_for_node(&*store, &server_id, &a, None)
+            .await
+            .unwrap()),
         ["/agent/everywhere", "/agent/on-a"]
     );
     assert_eq!(
-        ids(entries_for_node(&*store, &server_id, &b, None).await.unwrap()),
+        ids(entries_for_node(&*store, &server_id, &b, None)
+            .await
+            .unwrap()),
         ["/agent/direct-b", "/agent/everywhere"]
     );
     assert!(entries_for_node(&*store, &server_id, &joined, None)
@@ -225,14 +229,24 @@ async fn node_set_aliases_give_entries_to_every_matching_node() {
         .unwrap()
         .is_empty());
     // Minting follows the same rule.
-    assert!(node_serves(&*store, &server_id, &a, &a_only, &log).await.unwrap());
-    assert!(!node_serves(&*store, &server_id, &b, &a_only, &log).await.unwrap());
+    assert!(node_serves(&*store, &server_id, &a, &a_only, &log)
+        .await
+        .unwrap());
+    assert!(!node_serves(&*store, &server_id, &b, &a_only, &log)
+        .await
+        .unwrap());
     assert!(node_serves(&*store, &server_id, &b, &fleet_wide, &log)
         .await
         .unwrap());
-    assert!(node_serves(&*store, &server_id, &b, &direct, &log).await.unwrap());
-    assert!(!node_serves(&*store, &server_id, &a, &direct, &log).await.unwrap());
-    assert!(!node_serves(&*store, &server_id, &joined, &fleet_wide, &log)
+    assert!(node_serves(&*store, &server_id, &b, &direct, &log)
         .await
         .unwrap());
+    assert!(!node_serves(&*store, &server_id, &a, &direct, &log)
+        .await
+        .unwrap());
+    assert!(
+        !node_serves(&*store, &server_id, &joined, &fleet_wide, &log)
+            .await
+            .unwrap()
+    );
 }
