@@ -172,18 +172,52 @@ async fn revoking_an_entry_withdraws_its_svid_and_jwt_until_lifted() -> anyhow::
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already revoked"));
 
-    // Relying parties see the event on the node agent's watch service.
-    let seen = json(&String::from_utf8_lossy(
-        &agentd(&[
-            "api",
-            "revocations",
-            "--socket-path",
-            &sock,
-            "--output",
-            "json",
-        ])
-        .stdout,
-    ));
+    // Relying parties see the event on the node agent's watch service; it needs an
+    // attested caller, and the revoked workload has no identity left.
+    let revocations = |bin: &std::path::Path| {
+        std::process::Command::new(bin)
+            .args([
+                "api",
+                "revocations",
+                "--socket-path",
+                &sock,
+                "--output",
+                "json",
+            ])
+            .output()
+            .expect("running agentd api revocations")
+    };
+    let refused = revocations(&agentd_e2e::agentd_bin());
+    assert!(!refused.status.success(), "an unattested caller watched");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("no identity issued"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    // A relying party with its own entry (its binary's path) is served.
+    let relying_party = env.path().join("relying-party");
+    std::fs::copy(agentd_e2e::agentd_bin(), &relying_party)?;
+    server.create_entry(&[
+        "--parent-id",
+        &node.spiffe_id,
+        "--spiffe-id",
+        "spiffe://example.org/relying-party",
+        "--selector",
+        &format!("unix:path:{}", relying_party.display()),
+    ])?;
+    let mut seen = serde_json::Value::Null;
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let out = revocations(&relying_party);
+            if !out.status.success() {
+                seen = String::from_utf8_lossy(&out.stderr).into();
+                return false;
+            }
+            seen = json(&String::from_utf8_lossy(&out.stdout));
+            true
+        }),
+        "the relying party was never served: {seen}"
+    );
     assert_eq!(
         seen["events"][0]["sequence"].as_u64(),
         Some(sequence),

@@ -202,8 +202,7 @@ impl WorkloadApi {
         };
         let selectors = SelectorsServer::new(SelectorsService { api: self.clone() });
         let revocations = RevocationsServer::new(RevocationsService {
-            revocations: self.revocations.clone(),
-            link: self.link.clone(),
+            api: self.clone(),
             stop: stop.clone(),
         });
         let rpc_metrics = self.metrics.rpc_layer();
@@ -714,11 +713,13 @@ impl Selectors for SelectorsService {
 }
 
 /// `agentd.workload.v1.Revocations`: the revocations this node agent applied, for local
-/// relying parties. Needs the security header but no identity.
+/// relying parties. `Watch` needs an attested caller (one this node serves an identity):
+/// the events name every revoked handle and reason in the fleet, which is not for any local
+/// user to read. `FetchCrls` needs the header only (CRLs are published to relying parties
+/// anyway).
 #[derive(Debug, Clone)]
 pub struct RevocationsService {
-    revocations: Arc<NodeRevocations>,
-    link: Arc<ServerLink>,
+    api: WorkloadApi,
     stop: CancellationToken,
 }
 
@@ -731,8 +732,21 @@ impl Revocations for RevocationsService {
         request: Request<agentd_proto::revocation::WatchRevocationsRequest>,
     ) -> Result<Response<FeedStream>, Status> {
         check_header(&request)?;
+        let selectors = self.api.attest(&request).await?;
+        self.api.ready()?;
+        if self
+            .api
+            .cache
+            .view_for(&selectors, self.api.clock.now())
+            .entries
+            .is_empty()
+        {
+            return Err(Status::permission_denied(format!(
+                "{NO_IDENTITY}: watching revocations needs a caller with an identity on this node"
+            )));
+        }
         Ok(Response::new(feed_stream(
-            self.revocations.clone(),
+            self.api.revocations.clone(),
             request.get_ref().after_sequence,
             HEARTBEAT,
             self.stop.clone(),
@@ -745,6 +759,7 @@ impl Revocations for RevocationsService {
     ) -> Result<Response<agentd_proto::revocation::FetchCrlsResponse>, Status> {
         check_header(&request)?;
         let mut client = self
+            .api
             .link
             .client()
             .await
