@@ -676,3 +676,30 @@ fn a_bad_reason_is_refused_before_an_authority_leaves_the_bundle() -> anyhow::Re
     assert_eq!(log["head_sequence"], 0, "{log}");
     Ok(())
 }
+
+#[test]
+fn a_restarted_node_serves_an_entry_whose_revocation_was_lifted() -> anyhow::Result<()> {
+    let env = Env::new();
+    let server = Server::start(&env)?;
+    let mut node = Node::start(&env, &server, "n1")?;
+    let id = "spiffe://example.org/agent/lifted";
+    let entry = server.register_own_uid(&node.spiffe_id, id, &[])?;
+    node.wait_for_svid(id)?;
+    let event = json(&server.cli_ok(&["revoke", "entry", "--id", &entry, "--output", "json"])?);
+    let sequence = event["sequence"].as_u64().expect("sequence").to_string();
+    server.cli_ok(&["revoke", "lift", "--sequence", &sequence])?;
+    node.wait_for_svid(id)?;
+    // On every restart the feed replays the revocation and its lift, in a race with the
+    // first sync (which already lists the entry): healthy must mean the entry is served.
+    for attempt in 0..6 {
+        node.restart()?;
+        let out = fetch_x509(&node);
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains(id),
+            "restart {attempt}: healthy but not serving {id}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            node.daemon.log_text()
+        );
+    }
+    Ok(())
+}
