@@ -88,6 +88,18 @@ pub struct CachedJwtSvid {
     pub expires_at: SystemTime,
 }
 
+/// Most JWT-SVIDs held at once (one per entry and audience set). At the bound the least
+/// recently used goes, so that a workload asking for endless new audiences evicts its own
+/// tokens, not every other workload's (as clearing the whole cache would).
+pub const MAX_JWT_SVIDS: usize = 10_000;
+
+/// A cached JWT-SVID and when it was last handed out (a tick of `Inner::jwt_clock`).
+#[derive(Debug)]
+struct JwtSlot {
+    svid: CachedJwtSvid,
+    last_used: std::sync::atomic::AtomicU64,
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     bundle: Option<Bundle>,
@@ -95,7 +107,9 @@ struct Inner {
     entries: Vec<NodeEntry>,
     synced: bool,
     x509: HashMap<String, Arc<CachedX509Svid>>,
-    jwt: HashMap<(String, Vec<String>), CachedJwtSvid>,
+    jwt: HashMap<(String, Vec<String>), JwtSlot>,
+    /// Counts JWT-SVID uses, for least-recently-used eviction (bumped under the read lock).
+    jwt_clock: std::sync::atomic::AtomicU64,
     /// Entries revoked by the feed: dropped, kept out of later syncs, never minted again
     /// until the revocation is lifted.
     revoked_entries: std::collections::HashSet<String>,
@@ -317,7 +331,7 @@ impl Cache {
         let mut g = self.write();
         let before = g.x509.len() + g.delegated.len() + g.grants.len();
         g.x509.retain(|_, s| s.expires_at > now);
-        g.jwt.retain(|_, j| j.expires_at > now);
+        g.jwt.retain(|_, j| j.svid.expires_at > now);
         g.grants.retain(|gr| gr.expires_at > now);
         let live: std::collections::HashSet<String> =
             g.grants.iter().map(|gr| gr.id.clone()).collect();
@@ -536,20 +550,50 @@ impl Cache {
 
     /// A cached JWT-SVID that still has more than half its lifetime left.
     pub fn jwt(&self, entry_id: &str, audience: &[String], now: SystemTime) -> Option<String> {
+        use std::sync::atomic::Ordering;
         let g = self.read();
-        let j = g.jwt.get(&(entry_id.to_string(), audience.to_vec()))?;
+        let slot = g.jwt.get(&(entry_id.to_string(), audience.to_vec()))?;
+        let j = &slot.svid;
         let lifetime = j.expires_at.duration_since(j.issued_at).ok()?;
         let left = j.expires_at.duration_since(now).ok()?;
-        (left > lifetime / 2).then(|| j.token.clone())
+        if left <= lifetime / 2 {
+            return None;
+        }
+        let tick = g.jwt_clock.fetch_add(1, Ordering::Relaxed);
+        slot.last_used.store(tick, Ordering::Relaxed);
+        Some(j.token.clone())
     }
 
+    /// Holds a freshly minted JWT-SVID. At [`MAX_JWT_SVIDS`], expired ones are dropped
+    /// first, then the least recently used.
     pub fn put_jwt(&self, entry_id: &str, audience: &[String], jwt: CachedJwtSvid) {
+        use std::sync::atomic::{AtomicU64, Ordering};
         let mut g = self.write();
-        if g.jwt.len() > 10_000 {
-            // Bound memory against workloads asking for endless distinct audiences.
-            g.jwt.clear();
+        let key = (entry_id.to_string(), audience.to_vec());
+        if g.jwt.len() >= MAX_JWT_SVIDS && !g.jwt.contains_key(&key) {
+            let now = jwt.issued_at;
+            g.jwt.retain(|_, j| j.svid.expires_at > now);
+            if g.jwt.len() >= MAX_JWT_SVIDS {
+                // A scan at the bound only: inserts past it are limited per workload by the
+                // Workload API's mint rate.
+                let oldest = g
+                    .jwt
+                    .iter()
+                    .min_by_key(|(_, j)| j.last_used.load(Ordering::Relaxed))
+                    .map(|(k, _)| k.clone());
+                if let Some(oldest) = oldest {
+                    g.jwt.remove(&oldest);
+                }
+            }
         }
-        g.jwt.insert((entry_id.to_string(), audience.to_vec()), jwt);
+        let tick = g.jwt_clock.fetch_add(1, Ordering::Relaxed);
+        g.jwt.insert(
+            key,
+            JwtSlot {
+                svid: jwt,
+                last_used: AtomicU64::new(tick),
+            },
+        );
     }
 }
 
@@ -986,6 +1030,38 @@ mod tests {
         cache.apply_revocation(&lift, &own);
         assert!(!cache.node_revoked());
         assert_eq!(cache.view_for(&uid1, now).entries.len(), 2);
+    }
+
+    #[test]
+    fn the_jwt_cache_is_bounded_and_evicts_the_least_recently_used() {
+        let now = UNIX_EPOCH + Duration::from_secs(1000);
+        let cache = Cache::new();
+        let jwt = |token: &str| CachedJwtSvid {
+            token: token.into(),
+            issued_at: now,
+            expires_at: now + Duration::from_secs(300),
+        };
+        let aud = |i: usize| vec![format!("aud-{i}")];
+        cache.put_jwt("busy", &["db".to_string()], jwt("kept"));
+        for i in 0..MAX_JWT_SVIDS + 500 {
+            cache.put_jwt("flood", &aud(i), jwt("x"));
+            // Another workload keeps using its token while one floods new audiences.
+            if i % 1000 == 0 {
+                assert_eq!(
+                    cache.jwt("busy", &["db".to_string()], now).as_deref(),
+                    Some("kept"),
+                    "evicted after {i} inserts"
+                );
+            }
+        }
+        assert_eq!(cache.jwt_svid_count(), MAX_JWT_SVIDS);
+        assert_eq!(
+            cache.jwt("busy", &["db".to_string()], now).as_deref(),
+            Some("kept")
+        );
+        // The flood evicted its own oldest tokens, and kept its newest.
+        assert!(cache.jwt("flood", &aud(0), now).is_none());
+        assert!(cache.jwt("flood", &aud(MAX_JWT_SVIDS + 499), now).is_some());
     }
 
     #[test]

@@ -14,6 +14,7 @@
 
 pub mod claims;
 mod delegation;
+pub mod limit;
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
@@ -120,6 +121,8 @@ pub struct WorkloadApi {
     attestors: Arc<WorkloadAttestors>,
     revocations: Arc<NodeRevocations>,
     metrics: Arc<NodeMetrics>,
+    /// JWT-SVID mints (cache misses) per entry.
+    jwt_mints: Arc<limit::MintLimiter>,
 }
 
 impl WorkloadApi {
@@ -137,7 +140,14 @@ impl WorkloadApi {
             attestors,
             revocations,
             metrics: Arc::new(NodeMetrics::new()),
+            jwt_mints: Arc::new(limit::MintLimiter::default()),
         }
+    }
+
+    /// Limits JWT-SVID mints per entry with `limiter` instead of the default.
+    pub fn with_jwt_mint_limit(mut self, limiter: limit::MintLimiter) -> Self {
+        self.jwt_mints = Arc::new(limiter);
+        self
     }
 
     /// Records the calls' latency and open streams in `metrics` (the node agent's).
@@ -565,6 +575,17 @@ impl SpiffeWorkloadApi for WorkloadApi {
             let token = match self.cache.jwt(&e.id, &req.audience, now) {
                 Some(t) => t,
                 None => {
+                    self.jwt_mints.take(&e.id, now).map_err(|wait| {
+                        Status::resource_exhausted(format!(
+                            "too many new JWT-SVIDs for {} (at most {} at once, then {} a \
+                             second, per identity); cached audiences are served freely; \
+                             retry in {} ms",
+                            e.spiffe_id,
+                            self.jwt_mints.burst(),
+                            self.jwt_mints.per_second(),
+                            wait.as_millis().max(1)
+                        ))
+                    })?;
                     let mut client = self.link.client().await.map_err(|e| {
                         Status::unavailable(format!(
                             "cannot reach the server to mint a JWT-SVID: {e}"
@@ -772,3 +793,6 @@ impl Revocations for RevocationsService {
         Ok(crls)
     }
 }
+
+#[cfg(test)]
+mod tests;
