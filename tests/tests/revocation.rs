@@ -703,3 +703,41 @@ fn a_restarted_node_serves_an_entry_whose_revocation_was_lifted() -> anyhow::Res
     }
     Ok(())
 }
+
+#[test]
+fn crls_are_signed_once_per_revocation_not_per_fetch() -> anyhow::Result<()> {
+    let env = Env::new();
+    let server = Server::start(&env)?;
+    let node = Node::start(&env, &server, "n1")?;
+    let id = "spiffe://example.org/agent/crl-reader";
+    server.register_own_uid(&node.spiffe_id, id, &[])?;
+    node.wait_for_svid(id)?;
+    let sock = node.socket_arg();
+    let crl = |n: usize| -> anyhow::Result<String> {
+        let dir = env.path().join(format!("crl-{n}"));
+        let dir_arg = dir.display().to_string();
+        agentd_e2e::agentd_ok(&[
+            "api",
+            "fetch",
+            "x509",
+            "--write",
+            &dir_arg,
+            "--crl",
+            "--socket-path",
+            &sock,
+        ])?;
+        Ok(std::fs::read_to_string(dir.join("crl.pem"))?)
+    };
+    // ECDSA signatures are randomized: equal bytes mean one signing served both.
+    let first = crl(0)?;
+    assert!(first.contains("BEGIN X509 CRL"), "{first}");
+    for n in 1..5 {
+        assert_eq!(crl(n)?, first, "fetch {n} was signed anew");
+    }
+    // A revocation moves the head: a new CRL.
+    server.cli_ok(&["revoke", "task", "--id", "t-1"])?;
+    let after = crl(5)?;
+    assert_ne!(after, first);
+    assert_eq!(crl(6)?, after);
+    Ok(())
+}
