@@ -172,18 +172,52 @@ async fn revoking_an_entry_withdraws_its_svid_and_jwt_until_lifted() -> anyhow::
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already revoked"));
 
-    // Relying parties see the event on the node agent's watch service.
-    let seen = json(&String::from_utf8_lossy(
-        &agentd(&[
-            "api",
-            "revocations",
-            "--socket-path",
-            &sock,
-            "--output",
-            "json",
-        ])
-        .stdout,
-    ));
+    // Relying parties see the event on the node agent's watch service; it needs an
+    // attested caller, and the revoked workload has no identity left.
+    let revocations = |bin: &std::path::Path| {
+        std::process::Command::new(bin)
+            .args([
+                "api",
+                "revocations",
+                "--socket-path",
+                &sock,
+                "--output",
+                "json",
+            ])
+            .output()
+            .expect("running agentd api revocations")
+    };
+    let refused = revocations(&agentd_e2e::agentd_bin());
+    assert!(!refused.status.success(), "an unattested caller watched");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("no identity issued"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    // A relying party with its own entry (its binary's path) is served.
+    let relying_party = env.path().join("relying-party");
+    std::fs::copy(agentd_e2e::agentd_bin(), &relying_party)?;
+    server.create_entry(&[
+        "--parent-id",
+        &node.spiffe_id,
+        "--spiffe-id",
+        "spiffe://example.org/relying-party",
+        "--selector",
+        &format!("unix:path:{}", relying_party.display()),
+    ])?;
+    let mut seen = serde_json::Value::Null;
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let out = revocations(&relying_party);
+            if !out.status.success() {
+                seen = String::from_utf8_lossy(&out.stderr).into();
+                return false;
+            }
+            seen = json(&String::from_utf8_lossy(&out.stdout));
+            true
+        }),
+        "the relying party was never served: {seen}"
+    );
     assert_eq!(
         seen["events"][0]["sequence"].as_u64(),
         Some(sequence),
@@ -663,5 +697,70 @@ fn a_bad_reason_is_refused_before_an_authority_leaves_the_bundle() -> anyhow::Re
     let log = json(&server.cli_ok(&["revoke", "list", "--all", "--output", "json"])?);
     assert_eq!(log["events"].as_array().map(Vec::len), Some(0), "{log}");
     assert_eq!(log["head_sequence"], 0, "{log}");
+    Ok(())
+}
+
+#[test]
+fn a_restarted_node_serves_an_entry_whose_revocation_was_lifted() -> anyhow::Result<()> {
+    let env = Env::new();
+    let server = Server::start(&env)?;
+    let mut node = Node::start(&env, &server, "n1")?;
+    let id = "spiffe://example.org/agent/lifted";
+    let entry = server.register_own_uid(&node.spiffe_id, id, &[])?;
+    node.wait_for_svid(id)?;
+    let event = json(&server.cli_ok(&["revoke", "entry", "--id", &entry, "--output", "json"])?);
+    let sequence = event["sequence"].as_u64().expect("sequence").to_string();
+    server.cli_ok(&["revoke", "lift", "--sequence", &sequence])?;
+    node.wait_for_svid(id)?;
+    // On every restart the feed replays the revocation and its lift, in a race with the
+    // first sync (which already lists the entry): healthy must mean the entry is served.
+    for attempt in 0..6 {
+        node.restart()?;
+        let out = fetch_x509(&node);
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains(id),
+            "restart {attempt}: healthy but not serving {id}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            node.daemon.log_text()
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn crls_are_signed_once_per_revocation_not_per_fetch() -> anyhow::Result<()> {
+    let env = Env::new();
+    let server = Server::start(&env)?;
+    let node = Node::start(&env, &server, "n1")?;
+    let id = "spiffe://example.org/agent/crl-reader";
+    server.register_own_uid(&node.spiffe_id, id, &[])?;
+    node.wait_for_svid(id)?;
+    let sock = node.socket_arg();
+    let crl = |n: usize| -> anyhow::Result<String> {
+        let dir = env.path().join(format!("crl-{n}"));
+        let dir_arg = dir.display().to_string();
+        agentd_e2e::agentd_ok(&[
+            "api",
+            "fetch",
+            "x509",
+            "--write",
+            &dir_arg,
+            "--crl",
+            "--socket-path",
+            &sock,
+        ])?;
+        Ok(std::fs::read_to_string(dir.join("crl.pem"))?)
+    };
+    // ECDSA signatures are randomized: equal bytes mean one signing served both.
+    let first = crl(0)?;
+    assert!(first.contains("BEGIN X509 CRL"), "{first}");
+    for n in 1..5 {
+        assert_eq!(crl(n)?, first, "fetch {n} was signed anew");
+    }
+    // A revocation moves the head: a new CRL.
+    server.cli_ok(&["revoke", "task", "--id", "t-1"])?;
+    let after = crl(5)?;
+    assert_ne!(after, first);
+    assert_eq!(crl(6)?, after);
     Ok(())
 }

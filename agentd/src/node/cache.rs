@@ -88,6 +88,18 @@ pub struct CachedJwtSvid {
     pub expires_at: SystemTime,
 }
 
+/// Most JWT-SVIDs held at once (one per entry and audience set). At the bound the least
+/// recently used goes, so that a workload asking for endless new audiences evicts its own
+/// tokens, not every other workload's (as clearing the whole cache would).
+pub const MAX_JWT_SVIDS: usize = 10_000;
+
+/// A cached JWT-SVID and when it was last handed out (a tick of `Inner::jwt_clock`).
+#[derive(Debug)]
+struct JwtSlot {
+    svid: CachedJwtSvid,
+    last_used: std::sync::atomic::AtomicU64,
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     bundle: Option<Bundle>,
@@ -95,7 +107,9 @@ struct Inner {
     entries: Vec<NodeEntry>,
     synced: bool,
     x509: HashMap<String, Arc<CachedX509Svid>>,
-    jwt: HashMap<(String, Vec<String>), CachedJwtSvid>,
+    jwt: HashMap<(String, Vec<String>), JwtSlot>,
+    /// Counts JWT-SVID uses, for least-recently-used eviction (bumped under the read lock).
+    jwt_clock: std::sync::atomic::AtomicU64,
     /// Entries revoked by the feed: dropped, kept out of later syncs, never minted again
     /// until the revocation is lifted.
     revoked_entries: std::collections::HashSet<String>,
@@ -112,6 +126,15 @@ struct Inner {
     revoked_grants: std::collections::HashSet<String>,
     /// Live grants, sorted by id.
     grants: Vec<NodeGrant>,
+    /// Entries a revocation (of the entry, or of this node) took out of `entries`, put back
+    /// when it is lifted: the sync that listed them may already be behind us (a restarted
+    /// node replays the revocation and its lift after its first sync), and the next regular
+    /// sync may be a whole interval away.
+    held: HashMap<String, NodeEntry>,
+    /// Lifts applied so far, and how many of them the last completed sync had seen when it
+    /// was asked: while the second is behind, a sync is wanted at once.
+    lifts: u64,
+    synced_lifts: u64,
     /// Delegated SVIDs by (entry id, grant id).
     delegated: HashMap<(String, String), Arc<CachedX509Svid>>,
 }
@@ -244,6 +267,8 @@ impl Cache {
             g.remint.retain(|id| live.contains(id.as_str()));
             g.jwt.retain(|(id, _), _| live.contains(id.as_str()));
             g.delegated.retain(|(id, _), _| live.contains(id.as_str()));
+            let Inner { held, .. } = &mut *g;
+            held.retain(|id, _| !live.contains(id.as_str()));
             g.entries = entries;
             changed = true;
         }
@@ -306,7 +331,7 @@ impl Cache {
         let mut g = self.write();
         let before = g.x509.len() + g.delegated.len() + g.grants.len();
         g.x509.retain(|_, s| s.expires_at > now);
-        g.jwt.retain(|_, j| j.expires_at > now);
+        g.jwt.retain(|_, j| j.svid.expires_at > now);
         g.grants.retain(|gr| gr.expires_at > now);
         let live: std::collections::HashSet<String> =
             g.grants.iter().map(|gr| gr.id.clone()).collect();
@@ -377,16 +402,20 @@ impl Cache {
                         .revoked_because
                         .insert(id.to_string(), because.clone())
                         .is_none();
-                    let before = g.entries.len();
-                    g.entries.retain(|e| e.id != id.as_str());
-                    changed |= g.entries.len() != before;
+                    if let Some(at) = g.entries.iter().position(|e| e.id == id.as_str()) {
+                        let held = g.entries.remove(at);
+                        g.held.insert(held.id.clone(), held);
+                        changed = true;
+                    }
                     changed |= g.x509.remove(id.as_str()).is_some();
                 }
                 if matches!(handle, RevocationHandle::Node(n) if n == own_id) {
                     g.node_revoked = true;
                     g.revoked_because.insert(String::new(), because);
                     changed |= !g.entries.is_empty() || !g.x509.is_empty();
-                    g.entries.clear();
+                    let dropped = std::mem::take(&mut g.entries);
+                    g.held
+                        .extend(dropped.into_iter().map(|e| (e.id.clone(), e)));
                     g.x509.clear();
                     g.grants.clear();
                     g.delegated.clear();
@@ -433,21 +462,65 @@ impl Cache {
                 }
             }
             (RevocationAction::Lift { .. }, RevocationHandle::Entry(id)) => {
-                // The next sync brings the entry back.
+                // Back at once (and minted again), and a sync is asked for now to confirm
+                // the entry as the server has it.
                 g.revoked_entries.remove(id.as_str());
                 g.revoked_because.remove(id.as_str());
+                if !g.node_revoked {
+                    if let Some(e) = g.held.remove(id.as_str()) {
+                        g.entries.push(e);
+                    }
+                }
+                g.lifts += 1;
+                changed = true;
             }
             (RevocationAction::Lift { .. }, RevocationHandle::Node(n)) if n == own_id => {
                 g.node_revoked = false;
                 g.revoked_because.remove("");
+                let held: Vec<NodeEntry> = std::mem::take(&mut g.held).into_values().collect();
+                for e in held {
+                    if g.revoked_entries.contains(&e.id) {
+                        g.held.insert(e.id.clone(), e);
+                    } else if !g.entries.iter().any(|x| x.id == e.id) {
+                        g.entries.push(e);
+                    }
+                }
+                g.lifts += 1;
+                changed = true;
             }
             (RevocationAction::Lift { .. }, _) => {}
         }
+        g.entries
+            .sort_by(|a, b| (&a.spiffe_id, &a.id).cmp(&(&b.spiffe_id, &b.id)));
+        let resync = g.synced_lifts < g.lifts;
         drop(g);
         if changed {
             self.bump();
         }
+        if resync {
+            // Wakes the sync loop: it mints the restored entries and syncs (`resync_wanted`).
+            self.mint_now.notify_one();
+        }
         changed
+    }
+
+    /// The number of lifts applied so far: read before asking the server for a sync, and
+    /// passed to [`Self::synced_as_of`] when it completes.
+    pub fn lift_generation(&self) -> u64 {
+        self.read().lifts
+    }
+
+    /// A sync asked when `lift_generation` was `as_of` has been applied.
+    pub fn synced_as_of(&self, as_of: u64) {
+        let mut g = self.write();
+        g.synced_lifts = g.synced_lifts.max(as_of);
+    }
+
+    /// A lift was applied after the last sync was asked: sync now rather than at the next
+    /// interval.
+    pub fn resync_wanted(&self) -> bool {
+        let g = self.read();
+        g.synced_lifts < g.lifts
     }
 
     /// Completes when an SVID should be minted without waiting for the next tick.
@@ -477,20 +550,50 @@ impl Cache {
 
     /// A cached JWT-SVID that still has more than half its lifetime left.
     pub fn jwt(&self, entry_id: &str, audience: &[String], now: SystemTime) -> Option<String> {
+        use std::sync::atomic::Ordering;
         let g = self.read();
-        let j = g.jwt.get(&(entry_id.to_string(), audience.to_vec()))?;
+        let slot = g.jwt.get(&(entry_id.to_string(), audience.to_vec()))?;
+        let j = &slot.svid;
         let lifetime = j.expires_at.duration_since(j.issued_at).ok()?;
         let left = j.expires_at.duration_since(now).ok()?;
-        (left > lifetime / 2).then(|| j.token.clone())
+        if left <= lifetime / 2 {
+            return None;
+        }
+        let tick = g.jwt_clock.fetch_add(1, Ordering::Relaxed);
+        slot.last_used.store(tick, Ordering::Relaxed);
+        Some(j.token.clone())
     }
 
+    /// Holds a freshly minted JWT-SVID. At [`MAX_JWT_SVIDS`], expired ones are dropped
+    /// first, then the least recently used.
     pub fn put_jwt(&self, entry_id: &str, audience: &[String], jwt: CachedJwtSvid) {
+        use std::sync::atomic::{AtomicU64, Ordering};
         let mut g = self.write();
-        if g.jwt.len() > 10_000 {
-            // Bound memory against workloads asking for endless distinct audiences.
-            g.jwt.clear();
+        let key = (entry_id.to_string(), audience.to_vec());
+        if g.jwt.len() >= MAX_JWT_SVIDS && !g.jwt.contains_key(&key) {
+            let now = jwt.issued_at;
+            g.jwt.retain(|_, j| j.svid.expires_at > now);
+            if g.jwt.len() >= MAX_JWT_SVIDS {
+                // A scan at the bound only: inserts past it are limited per workload by the
+                // Workload API's mint rate.
+                let oldest = g
+                    .jwt
+                    .iter()
+                    .min_by_key(|(_, j)| j.last_used.load(Ordering::Relaxed))
+                    .map(|(k, _)| k.clone());
+                if let Some(oldest) = oldest {
+                    g.jwt.remove(&oldest);
+                }
+            }
         }
-        g.jwt.insert((entry_id.to_string(), audience.to_vec()), jwt);
+        let tick = g.jwt_clock.fetch_add(1, Ordering::Relaxed);
+        g.jwt.insert(
+            key,
+            JwtSlot {
+                svid: jwt,
+                last_used: AtomicU64::new(tick),
+            },
+        );
     }
 }
 
@@ -897,18 +1000,90 @@ mod tests {
             std::slice::from_ref(&a_id)
         );
         assert!(cache.due_for_mint(now).iter().all(|e| e.id != b_id));
-        // Lifted: the next sync brings it back.
+        // Lifted: back at once, due for a mint, and a sync is wanted now.
         let mut lift = revoke(3, entry_b, &[]);
         lift.action = RevocationAction::Lift { revocation: 2 };
+        let as_of = cache.lift_generation();
+        assert!(!cache.resync_wanted());
         cache.apply_revocation(&lift, &own);
+        assert_eq!(cache.view_for(&uid1, now).entries.len(), 2);
+        assert!(cache.due_for_mint(now).iter().any(|e| e.id == b_id));
+        assert!(cache.resync_wanted());
+        // A sync asked before the lift does not count.
+        cache.synced_as_of(as_of);
+        assert!(cache.resync_wanted());
         cache.set_entries(entries(), bundle());
+        cache.synced_as_of(cache.lift_generation());
+        assert!(!cache.resync_wanted());
         assert_eq!(cache.view_for(&uid1, now).entries.len(), 2);
 
         // This node revoked: nothing at all.
-        cache.apply_revocation(&revoke(4, RevocationHandle::Node(own.clone()), &[]), &own);
+        let node = RevocationHandle::Node(own.clone());
+        cache.apply_revocation(&revoke(4, node.clone(), &[]), &own);
         assert!(cache.node_revoked());
         cache.set_entries(entries(), bundle());
         assert!(cache.view_for(&uid1, now).entries.is_empty());
         assert_eq!(cache.svid_count(), 0);
+        // Re-admitted: its entries are back before the next sync.
+        let mut lift = revoke(5, node, &[]);
+        lift.action = RevocationAction::Lift { revocation: 4 };
+        cache.apply_revocation(&lift, &own);
+        assert!(!cache.node_revoked());
+        assert_eq!(cache.view_for(&uid1, now).entries.len(), 2);
+    }
+
+    #[test]
+    fn the_jwt_cache_is_bounded_and_evicts_the_least_recently_used() {
+        let now = UNIX_EPOCH + Duration::from_secs(1000);
+        let cache = Cache::new();
+        let jwt = |token: &str| CachedJwtSvid {
+            token: token.into(),
+            issued_at: now,
+            expires_at: now + Duration::from_secs(300),
+        };
+        let aud = |i: usize| vec![format!("aud-{i}")];
+        cache.put_jwt("busy", &["db".to_string()], jwt("kept"));
+        for i in 0..MAX_JWT_SVIDS + 500 {
+            cache.put_jwt("flood", &aud(i), jwt("x"));
+            // Another workload keeps using its token while one floods new audiences.
+            if i % 1000 == 0 {
+                assert_eq!(
+                    cache.jwt("busy", &["db".to_string()], now).as_deref(),
+                    Some("kept"),
+                    "evicted after {i} inserts"
+                );
+            }
+        }
+        assert_eq!(cache.jwt_svid_count(), MAX_JWT_SVIDS);
+        assert_eq!(
+            cache.jwt("busy", &["db".to_string()], now).as_deref(),
+            Some("kept")
+        );
+        // The flood evicted its own oldest tokens, and kept its newest.
+        assert!(cache.jwt("flood", &aud(0), now).is_none());
+        assert!(cache.jwt("flood", &aud(MAX_JWT_SVIDS + 499), now).is_some());
+    }
+
+    #[test]
+    fn a_lift_replayed_after_the_first_sync_restores_the_entry() {
+        // A restarted node: its first sync lists the entry, then the feed replays the
+        // revocation and its lift.
+        let now = UNIX_EPOCH + Duration::from_secs(1000);
+        let own = SpiffeId::new("spiffe://example.org/node/self").unwrap();
+        let a_id = "a".repeat(32);
+        let cache = Cache::new();
+        cache.set_entries(
+            vec![entry(&a_id, "spiffe://example.org/a", "unix:uid:1", 1)],
+            bundle(),
+        );
+        let handle = RevocationHandle::Entry(a_id.parse().unwrap());
+        cache.apply_revocation(&revoke(1, handle.clone(), &[]), &own);
+        let uid1: Vec<Selector> = vec!["unix:uid:1".parse().unwrap()];
+        assert!(cache.view_for(&uid1, now).entries.is_empty());
+        let mut lift = revoke(2, handle, &[]);
+        lift.action = RevocationAction::Lift { revocation: 1 };
+        cache.apply_revocation(&lift, &own);
+        assert_eq!(cache.view_for(&uid1, now).entries.len(), 1);
+        assert_eq!(cache.due_for_mint(now).len(), 1);
     }
 }

@@ -91,7 +91,7 @@ impl NodeRevocations {
     }
 
     /// Applies one feed message: events to the cache first, then to the set.
-    fn apply_message(
+    pub(crate) fn apply_message(
         &self,
         msg: rpb::RevocationFeed,
         cache: &Cache,

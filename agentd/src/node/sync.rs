@@ -98,7 +98,11 @@ impl Syncer {
             let now = self.clock.now();
             // A sync also mints, so an SVID coming due for rotation triggers one at once
             // rather than waiting for the regular interval.
-            let due = !self.due_for_mint(now).is_empty() || !self.due_delegated(now).is_empty();
+            // A lifted revocation wants a sync at once too (the cache restored what it held,
+            // the server has the entry as it stands).
+            let due = !self.due_for_mint(now).is_empty()
+                || !self.due_delegated(now).is_empty()
+                || self.cache.resync_wanted();
             if now >= not_before && (now >= next_sync || due) {
                 match self.sync_once().await {
                     Ok(()) => {
@@ -132,6 +136,7 @@ impl Syncer {
     /// One round: entries and bundle, then minting, then the node SVID.
     pub async fn sync_once(&self) -> Result<(), NodeError> {
         let mut client = self.link.client().await?;
+        let as_of = self.cache.lift_generation();
         let fetched = self.cache.take_fetched();
         let resp = match client
             .sync_entries(pb::SyncEntriesRequest {
@@ -165,6 +170,7 @@ impl Syncer {
             self.link.update_bundle(bundle.clone()).await;
         }
         self.cache.set_entries(entries, bundle);
+        self.cache.synced_as_of(as_of);
         self.cache.set_grants(
             resp.grants
                 .into_iter()

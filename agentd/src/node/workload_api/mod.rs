@@ -14,6 +14,7 @@
 
 pub mod claims;
 mod delegation;
+pub mod limit;
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
@@ -120,6 +121,8 @@ pub struct WorkloadApi {
     attestors: Arc<WorkloadAttestors>,
     revocations: Arc<NodeRevocations>,
     metrics: Arc<NodeMetrics>,
+    /// JWT-SVID mints (cache misses) per entry.
+    jwt_mints: Arc<limit::MintLimiter>,
 }
 
 impl WorkloadApi {
@@ -137,7 +140,14 @@ impl WorkloadApi {
             attestors,
             revocations,
             metrics: Arc::new(NodeMetrics::new()),
+            jwt_mints: Arc::new(limit::MintLimiter::default()),
         }
+    }
+
+    /// Limits JWT-SVID mints per entry with `limiter` instead of the default.
+    pub fn with_jwt_mint_limit(mut self, limiter: limit::MintLimiter) -> Self {
+        self.jwt_mints = Arc::new(limiter);
+        self
     }
 
     /// Records the calls' latency and open streams in `metrics` (the node agent's).
@@ -202,8 +212,7 @@ impl WorkloadApi {
         };
         let selectors = SelectorsServer::new(SelectorsService { api: self.clone() });
         let revocations = RevocationsServer::new(RevocationsService {
-            revocations: self.revocations.clone(),
-            link: self.link.clone(),
+            api: self.clone(),
             stop: stop.clone(),
         });
         let rpc_metrics = self.metrics.rpc_layer();
@@ -566,6 +575,17 @@ impl SpiffeWorkloadApi for WorkloadApi {
             let token = match self.cache.jwt(&e.id, &req.audience, now) {
                 Some(t) => t,
                 None => {
+                    self.jwt_mints.take(&e.id, now).map_err(|wait| {
+                        Status::resource_exhausted(format!(
+                            "too many new JWT-SVIDs for {} (at most {} at once, then {} a \
+                             second, per identity); cached audiences are served freely; \
+                             retry in {} ms",
+                            e.spiffe_id,
+                            self.jwt_mints.burst(),
+                            self.jwt_mints.per_second(),
+                            wait.as_millis().max(1)
+                        ))
+                    })?;
                     let mut client = self.link.client().await.map_err(|e| {
                         Status::unavailable(format!(
                             "cannot reach the server to mint a JWT-SVID: {e}"
@@ -714,11 +734,13 @@ impl Selectors for SelectorsService {
 }
 
 /// `agentd.workload.v1.Revocations`: the revocations this node agent applied, for local
-/// relying parties. Needs the security header but no identity.
+/// relying parties. `Watch` needs an attested caller (one this node serves an identity):
+/// the events name every revoked handle and reason in the fleet, which is not for any local
+/// user to read. `FetchCrls` needs the header only (CRLs are published to relying parties
+/// anyway).
 #[derive(Debug, Clone)]
 pub struct RevocationsService {
-    revocations: Arc<NodeRevocations>,
-    link: Arc<ServerLink>,
+    api: WorkloadApi,
     stop: CancellationToken,
 }
 
@@ -731,8 +753,21 @@ impl Revocations for RevocationsService {
         request: Request<agentd_proto::revocation::WatchRevocationsRequest>,
     ) -> Result<Response<FeedStream>, Status> {
         check_header(&request)?;
+        let selectors = self.api.attest(&request).await?;
+        self.api.ready()?;
+        if self
+            .api
+            .cache
+            .view_for(&selectors, self.api.clock.now())
+            .entries
+            .is_empty()
+        {
+            return Err(Status::permission_denied(format!(
+                "{NO_IDENTITY}: watching revocations needs a caller with an identity on this node"
+            )));
+        }
         Ok(Response::new(feed_stream(
-            self.revocations.clone(),
+            self.api.revocations.clone(),
             request.get_ref().after_sequence,
             HEARTBEAT,
             self.stop.clone(),
@@ -745,6 +780,7 @@ impl Revocations for RevocationsService {
     ) -> Result<Response<agentd_proto::revocation::FetchCrlsResponse>, Status> {
         check_header(&request)?;
         let mut client = self
+            .api
             .link
             .client()
             .await
@@ -757,3 +793,6 @@ impl Revocations for RevocationsService {
         Ok(crls)
     }
 }
+
+#[cfg(test)]
+mod tests;

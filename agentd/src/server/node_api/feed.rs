@@ -13,7 +13,7 @@ impl NodeApi {
     ) -> Result<Response<agentd_proto::revocation::FetchCrlsResponse>, Status> {
         self.caller(request.extensions().get::<PeerIdentity>())
             .await?;
-        let crls = crate::server::crl::current_crls(&self.state).map_err(NodeApiError::from)?;
+        let crls = self.crls.get(&self.state).map_err(NodeApiError::from)?;
         Ok(Response::new(agentd_proto::revocation::FetchCrlsResponse {
             crls,
         }))

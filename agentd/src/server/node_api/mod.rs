@@ -53,6 +53,8 @@ pub struct NodeApi {
     attestors: Arc<NodeAttestors>,
     /// Ends revocation feed streams when the server stops.
     stop: CancellationToken,
+    /// FetchCrls answers, signed once per revocation head.
+    crls: Arc<crate::server::crl::CrlCache>,
 }
 
 impl NodeApi {
@@ -65,6 +67,7 @@ impl NodeApi {
             state,
             attestors,
             stop,
+            crls: Arc::default(),
         }
     }
 }
