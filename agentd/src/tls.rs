@@ -27,10 +27,14 @@ pub const SERVER_ID_PATH: &str = "/agentd/server";
 /// IDs under this path are the server's; no entry or join token may name one.
 pub const RESERVED_PATH_PREFIX: &str = "/agentd/";
 
+pub mod limits;
+pub use limits::{source_of, ConnectionLimits};
+
 /// How long a TLS handshake may take before the connection is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes in progress at once; beyond it the accept loop waits (backpressure), so a
-/// flood of idle connections cannot exhaust tasks and file descriptors.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress at once, from all sources; beyond it the accept loop waits
+/// (backpressure), so a flood of idle connections cannot exhaust tasks and file
+/// descriptors. One source gets at most `max_handshakes_per_source` of them.
 const MAX_PENDING_HANDSHAKES: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
@@ -244,28 +248,38 @@ pub struct PeerIdentity {
 }
 
 /// A server-side TLS connection, carrying the peer's identity to tonic handlers
-/// (`request.extensions().get::<PeerIdentity>()`).
-pub type TlsConn =
-    crate::net::ConnWithInfo<tokio_rustls::server::TlsStream<TcpStream>, PeerIdentity>;
+/// (`request.extensions().get::<PeerIdentity>()`) and its place in the connection limits.
+pub type TlsConn = crate::net::ConnWithInfo<
+    limits::Held<tokio_rustls::server::TlsStream<TcpStream>>,
+    PeerIdentity,
+>;
 
 /// The current server TLS config; replaced when the server's SVID or the bundle changes.
 pub type ServerConfigSource = Arc<std::sync::RwLock<Arc<rustls::ServerConfig>>>;
 
 /// Accepts TCP connections and completes TLS handshakes off the accept loop, yielding
 /// connections for tonic's `serve_with_incoming`. A failed or slow handshake is logged and
-/// dropped; it never stops the listener.
+/// dropped; it never stops the listener. A connection from a source at its limit is closed
+/// at once (see `limits`), so no one source can keep others from connecting.
 pub fn incoming(
     listener: TcpListener,
     config: ServerConfigSource,
+    limits: ConnectionLimits,
     shutdown: CancellationToken,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConn, io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let sources = limits::SourceTable::new(limits);
     tokio::spawn(async move {
         loop {
-            let permit = tokio::select! {
+            let (slot, permit) = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                permit = pending.clone().acquire_owned() => match permit {
+                both = async {
+                    let slot = open.clone().acquire_owned().await?;
+                    let permit = pending.clone().acquire_owned().await?;
+                    Ok::<_, tokio::sync::AcquireError>((slot, permit))
+                } => match both {
                     Ok(p) => p,
                     Err(_) => break,
                 },
@@ -280,6 +294,14 @@ pub fn incoming(
                         continue;
                     }
                 },
+            };
+            let handshake = match sources.begin_handshake(remote.ip()) {
+                Ok(h) => h,
+                Err(why) => {
+                    tracing::debug!(%remote, ?why, "connection closed: its source is at a limit");
+                    drop(tcp);
+                    continue;
+                }
             };
             let _ = tcp.set_nodelay(true);
             let cfg = config.read().unwrap_or_else(|p| p.into_inner()).clone();
@@ -296,7 +318,8 @@ pub fn incoming(
                             spiffe_id: leaf.and_then(|c| spiffe_id_of(c.as_ref())),
                             serial: leaf.and_then(|c| serial_of(c.as_ref())),
                         };
-                        let _ = tx.send(Ok(TlsConn::new(tls, peer))).await;
+                        let held = limits::Held::new(tls, handshake.connected(slot));
+                        let _ = tx.send(Ok(TlsConn::new(held, peer))).await;
                     }
                     Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),

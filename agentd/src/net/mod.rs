@@ -46,6 +46,7 @@ macro_rules! forward_async_write {
         }
     };
 }
+pub(crate) use forward_async_write;
 
 pub mod authority;
 

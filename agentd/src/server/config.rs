@@ -51,6 +51,21 @@ pub struct RawServerConfig {
     pub extension_oid_base: Option<String>,
     /// Largest `--max-depth` a grant may carry (default 4).
     pub max_delegation_depth: Option<u32>,
+    /// Connection, stream and request-rate limits of the node API.
+    pub node_api: Option<RawNodeApi>,
+}
+
+/// `[node_api]`: limits that keep an unauthenticated peer from exhausting the node API.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNodeApi {
+    pub max_connections: Option<usize>,
+    pub max_connections_per_source: Option<usize>,
+    pub max_handshakes_per_source: Option<usize>,
+    pub max_concurrent_streams: Option<u32>,
+    pub attest_requests_per_source_per_minute: Option<u32>,
+    /// How often refused attestations are written to the audit log, aggregated.
+    pub failure_audit_interval: Option<String>,
 }
 
 /// `[audit]`
@@ -122,6 +137,105 @@ pub struct ServerConfig {
     pub audit_export_file: Option<PathBuf>,
     pub metrics_address: Option<SocketAddr>,
     pub delegation: DelegationConfig,
+    pub node_api: NodeApiLimits,
+}
+
+/// The node API's limits, validated (`[node_api]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeApiLimits {
+    pub connections: crate::tls::ConnectionLimits,
+    /// HTTP/2 streams one connection may have open at once (requests in flight).
+    pub max_concurrent_streams: u32,
+    /// `Attest` and `X509PopChallenge` calls one source may make per minute (a burst of
+    /// this many, then refilled evenly); beyond it they are refused before any work.
+    pub attest_requests_per_source_per_minute: u32,
+    /// Refused attestations are counted per source and reason and written to the audit
+    /// log as one record per interval.
+    pub failure_audit_interval: Duration,
+}
+
+impl Default for NodeApiLimits {
+    fn default() -> Self {
+        Self {
+            connections: crate::tls::ConnectionLimits::default(),
+            max_concurrent_streams: 64,
+            attest_requests_per_source_per_minute: 120,
+            failure_audit_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+fn node_api_limits(errs: &mut Errors, raw: Option<RawNodeApi>) -> NodeApiLimits {
+    const P: &str = "node_api";
+    let d = NodeApiLimits::default();
+    let Some(raw) = raw else { return d };
+    let mut count = |field: &str, v: Option<usize>, default: usize, max: usize| match v {
+        None => default,
+        Some(n) if (1..=max).contains(&n) => n,
+        Some(n) => {
+            errs.push(
+                &format!("{P}.{field}"),
+                format!("{n} is out of range: must be 1 to {max}"),
+            );
+            default
+        }
+    };
+    let connections = crate::tls::ConnectionLimits {
+        max_connections: count(
+            "max_connections",
+            raw.max_connections,
+            d.connections.max_connections,
+            1_000_000,
+        ),
+        max_connections_per_source: count(
+            "max_connections_per_source",
+            raw.max_connections_per_source,
+            d.connections.max_connections_per_source,
+            1_000_000,
+        ),
+        max_handshakes_per_source: count(
+            "max_handshakes_per_source",
+            raw.max_handshakes_per_source,
+            d.connections.max_handshakes_per_source,
+            10_000,
+        ),
+    };
+    let max_concurrent_streams = count(
+        "max_concurrent_streams",
+        raw.max_concurrent_streams.map(|n| n as usize),
+        d.max_concurrent_streams as usize,
+        10_000,
+    ) as u32;
+    let attest_requests_per_source_per_minute = count(
+        "attest_requests_per_source_per_minute",
+        raw.attest_requests_per_source_per_minute
+            .map(|n| n as usize),
+        d.attest_requests_per_source_per_minute as usize,
+        1_000_000,
+    ) as u32;
+    let failure_audit_interval = match raw.failure_audit_interval {
+        None => d.failure_audit_interval,
+        Some(text) => match humantime::parse_duration(&text) {
+            Ok(i) if i >= Duration::from_secs(1) && i <= Duration::from_secs(3600) => i,
+            Ok(_) => {
+                errs.push(
+                    &format!("{P}.failure_audit_interval"),
+                    "must be between 1s and 1h",
+                );
+                d.failure_audit_interval
+            }
+            Err(e) => {
+                errs.push(&format!("{P}.failure_audit_interval"), e.to_string());
+                d.failure_audit_interval
+            }
+        },
+    };
+    NodeApiLimits {
+        connections,
+        max_concurrent_streams,
+        attest_requests_per_source_per_minute,
+        failure_audit_interval,
+    }
 }
 
 /// Scope and delegation settings.
@@ -226,6 +340,7 @@ impl TryFrom<RawServerConfig> for ServerConfig {
         if max_depth > 32 {
             errs.push("max_delegation_depth", "must be at most 32");
         }
+        let node_api = node_api_limits(&mut errs, raw.node_api);
         // Both are `Some` unless an error was recorded for them, which `finish` reports.
         let (Some(trust_domain), Some(bind_address)) = (trust_domain, bind_address) else {
             errs.finish()?;
@@ -255,6 +370,7 @@ impl TryFrom<RawServerConfig> for ServerConfig {
                 oid_base: oid_base.unwrap_or_default(),
                 max_depth,
             },
+            node_api,
         })
     }
 }

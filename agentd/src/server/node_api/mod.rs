@@ -11,7 +11,6 @@
 //! `server::membership` and `server::grants`.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use agentd_attestor::node::NodeAttestors;
 use agentd_proto::node as pb;
@@ -30,6 +29,7 @@ mod delegation;
 mod feed;
 #[cfg(test)]
 mod issuance_tests;
+pub mod limits;
 #[cfg(test)]
 mod limits_tests;
 mod mint;
@@ -78,15 +78,18 @@ pub async fn serve(
     tls: ServerConfigSource,
     stop: CancellationToken,
 ) -> Result<(), ServerError> {
-    let incoming = crate::tls::incoming(listener, tls, stop.clone());
+    let limits = state.config.node_api.clone();
+    let incoming = crate::tls::incoming(listener, tls, limits.connections, stop.clone());
     let svc = NodeServer::new(NodeApi::new(state.clone(), stop.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let rpc_metrics = state.metrics.rpc_layer("node");
-    tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+    limits::server_builder(&limits)
         .trace_fn(rpc_span)
         .layer(rpc_metrics)
+        .layer(tower::util::MapRequestLayer::new(
+            limits::cap_unauthenticated_body,
+        ))
         .add_service(svc)
         .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
         .await

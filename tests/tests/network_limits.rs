@@ -1,0 +1,198 @@
+//! The node API under hostile network input: idle connections from one source, oversized
+//! unauthenticated messages, the 4 MiB cap, the handshake timeout, and a node that bootstrapped
+//! without verifying the server verifying it from then on.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use agentd_e2e::{wait_until, Env, Node, Server};
+use agentd_proto::node as pb;
+use pb::node_client::NodeClient;
+
+/// A gRPC client that does not verify the server (as `--insecure-bootstrap` does) and
+/// presents no client certificate: what anyone on the network can be.
+async fn anonymous_client(address: &str) -> NodeClient<tonic::transport::Channel> {
+    let cfg = agentd::tls::client_config(&[], None, None).expect("client TLS config");
+    let channel = agentd::tls::connect(address, cfg)
+        .await
+        .expect("connecting to the node API");
+    NodeClient::new(channel)
+        .max_encoding_message_size(64 * 1024 * 1024)
+        .max_decoding_message_size(64 * 1024 * 1024)
+}
+
+/// Opens `n` TCP connections to `server` from the source address `source` and sends nothing
+/// on them. Connections the server does not take within a few seconds are given up.
+async fn idle_connections(
+    server: SocketAddr,
+    source: &str,
+    n: usize,
+) -> Vec<tokio::net::TcpStream> {
+    let source: SocketAddr = format!("{source}:0").parse().unwrap();
+    let tries = (0..n).map(|_| async move {
+        let socket = tokio::net::TcpSocket::new_v4().ok()?;
+        socket.bind(source).ok()?;
+        tokio::time::timeout(Duration::from_secs(3), socket.connect(server))
+            .await
+            .ok()?
+            .ok()
+    });
+    futures::future::join_all(tries)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// The headline denial of service: before per-source limits, 1,500 idle TCP connections
+/// from one address held every handshake slot (the accept loop waited for one to free, 10 s
+/// each), and no node could attest for about a minute.
+#[test]
+fn idle_connections_from_one_source_do_not_keep_a_node_from_attesting() -> anyhow::Result<()> {
+    let env = Env::new();
+    let server = Server::start(&env)?;
+    let addr: SocketAddr = server.address.parse()?;
+    let rt = tokio::runtime::Runtime::new()?;
+    // The flood comes from 127.0.0.2; the node connects from 127.0.0.1.
+    let flood = rt.block_on(idle_connections(addr, "127.0.0.2", 1500));
+    assert!(
+        flood.len() >= 300,
+        "the flood opened only {} connections (more than the 256 handshake slots are needed)",
+        flood.len()
+    );
+    let started = Instant::now();
+    let node = Node::start(&env, &server, "n1")?;
+    println!(
+        "node attested and healthy {:?} after {} idle connections were opened",
+        started.elapsed(),
+        flood.len()
+    );
+    let nodes = server.cli_ok(&["node", "list", "--output", "json"])?;
+    assert!(nodes.contains(&node.spiffe_id), "{nodes}");
+    drop(flood);
+    Ok(())
+}
+
+#[test]
+fn an_oversized_unauthenticated_message_is_refused_naming_the_limit() -> anyhow::Result<()> {
+    let env = Env::new();
+    let server = Server::start(&env)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let mut client = anonymous_client(&server.address).await;
+        let huge = pb::AttestRequest {
+            attestation: Some(pb::attest_request::Attestation::Claims(
+                pb::ClaimsAttestation {
+                    token: "a".repeat(100 * 1024),
+                },
+            )),
+            csr: vec![],
+        };
+        let err = client.attest(huge).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::OutOfRange, "{err}");
+        assert!(
+            err.message().contains("Attest") && err.message().contains("at most 65536"),
+            "{}",
+            err.message()
+        );
+        let huge = pb::X509PopChallengeRequest {
+            cert_chain: vec![vec![0u8; 70 * 1024]],
+        };
+        let err = client.x509_pop_challenge(huge).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::OutOfRange, "{err}");
+
+        // The 4 MiB cap of the other calls: a 5 MiB mint batch is refused before any
+        // handler sees it, a 3 MiB one reaches the handler (which wants a node SVID).
+        let batch = |bytes: usize| pb::MintX509SvidsRequest {
+            params: vec![pb::X509SvidParams {
+                entry_id: "e".into(),
+                csr: vec![0u8; bytes],
+                grant_id: String::new(),
+            }],
+        };
+        let err = client
+            .mint_x509_svids(batch(5 * 1024 * 1024))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::OutOfRange, "{err}");
+        let err = client
+            .mint_x509_svids(batch(3 * 1024 * 1024))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    });
+    Ok(())
+}
+
+/// A peer that connects and never starts the TLS handshake is dropped after 10 s.
+#[test]
+fn a_silent_connection_is_dropped_at_the_handshake_timeout() -> anyhow::Result<()> {
+    let env = Env::new();
+    let server = Server::start(&env)?;
+    let mut tcp = std::net::TcpStream::connect(&server.address)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(40)))?;
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    let read = tcp.read(&mut buf);
+    let waited = started.elapsed();
+    assert!(
+        matches!(read, Ok(0)) || matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "expected the server to close the connection, got {read:?} after {waited:?}"
+    );
+    let timeout = agentd::tls::HANDSHAKE_TIMEOUT;
+    assert!(
+        waited >= timeout - Duration::from_millis(500) && waited < timeout * 3,
+        "closed after {waited:?}, the handshake timeout is {timeout:?}"
+    );
+    Ok(())
+}
+
+/// `--insecure-bootstrap` skips verifying the server only for the first attestation: a node
+/// restarted against another server (another CA) refuses it, the flag notwithstanding.
+#[test]
+fn an_insecure_bootstrap_node_verifies_the_server_after_attesting() -> anyhow::Result<()> {
+    let env = Env::new();
+    let server = Server::start(&env)?;
+    let token = server.join_token("spiffe://example.org/node/trial")?;
+    let data_dir = env.path().join("trial");
+    let socket = env.path().join("trial.sock");
+    let args = |addr: &str| {
+        vec![
+            "node".to_string(),
+            "run".into(),
+            "--server-address".into(),
+            addr.into(),
+            "--insecure-bootstrap".into(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--socket-path".into(),
+            socket.display().to_string(),
+            "--sync-interval".into(),
+            "1s".into(),
+        ]
+    };
+    let mut first = args(&server.address);
+    first.extend(["--join-token".into(), token]);
+    let first: Vec<&str> = first.iter().map(String::as_str).collect();
+    let mut node = agentd_e2e::Daemon::spawn_args(&first, env.path().join("trial-1.log"))?;
+    node.wait_node_healthy(&socket)?;
+    node.stop();
+
+    let other_env = Env::new();
+    let other = Server::start(&other_env)?;
+    let again = args(&other.address);
+    let again: Vec<&str> = again.iter().map(String::as_str).collect();
+    let node = agentd_e2e::Daemon::spawn_args(&again, env.path().join("trial-2.log"))?;
+    assert!(
+        wait_until(Duration::from_secs(30), || node
+            .log_text()
+            .contains("server certificate")),
+        "the node did not refuse the other server's certificate:\n{}",
+        node.log_text()
+    );
+    // And it never talked to it: the other server has no node.
+    let nodes = other.cli_ok(&["node", "list", "--output", "json"])?;
+    assert!(!nodes.contains("trial"), "{nodes}");
+    Ok(())
+}
