@@ -66,6 +66,9 @@ pub struct SledStore {
     audit_writes: Mutex<()>,
     /// Serialises read-modify-write of activity and owner records.
     activity_writes: Mutex<()>,
+    /// Tests: make every flush fail (after its transaction committed), as a full disk would.
+    #[cfg(test)]
+    pub(crate) fail_flushes: std::sync::atomic::AtomicBool,
 }
 
 fn backend(e: impl std::fmt::Display) -> DataStoreError {
@@ -117,10 +120,16 @@ impl SledStore {
             entry_writes: Mutex::new(()),
             audit_writes: Mutex::new(()),
             activity_writes: Mutex::new(()),
+            #[cfg(test)]
+            fail_flushes: Default::default(),
         })
     }
 
     async fn flush(&self) -> Result<()> {
+        #[cfg(test)]
+        if self.fail_flushes.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(backend("flush failed (injected by a test)"));
+        }
         self.db.flush_async().await.map_err(backend)?;
         Ok(())
     }
