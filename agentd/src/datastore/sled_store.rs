@@ -17,7 +17,9 @@ use super::{
 use super::{DelegationOffer, Grant};
 use super::{EntryActivity, EntryIssuance, LiveSvid, OwnerState};
 use crate::delegation::{Delegation, GrantId, Hop, ScopeSet};
-use crate::model::audit::{AuditHead, AuditRecord, SealedAuditRecord, StoredAuditRecord};
+use crate::model::audit::{
+    AuditHead, AuditRecord, ChainSigner, SealedAuditRecord, StoredAuditRecord,
+};
 use crate::model::revocation::{IssuedSvid, RevocationEvent};
 use crate::ttl::Ttl;
 
@@ -714,6 +716,7 @@ impl DataStore for SledStore {
         &self,
         records: Vec<AuditRecord>,
         time: i64,
+        signer: &dyn ChainSigner,
     ) -> Result<Vec<SealedAuditRecord>> {
         use sled::transaction::{ConflictableTransactionError, TransactionError};
         use sled::Transactional as _;
@@ -732,12 +735,16 @@ impl DataStore for SledStore {
                 let mut out = Vec::with_capacity(records.len());
                 for r in &records {
                     seq += 1;
-                    let s = crate::model::audit::seal(r.clone(), seq, time, &prev);
+                    let s = crate::model::audit::seal(r.clone(), seq, time, &prev, signer);
                     log.insert(audit_key(seq).to_vec(), encode(&s).map_err(abort)?)?;
                     prev = s.hash.clone();
                     out.push(s);
                 }
-                let head = AuditHead { seq, hash: prev };
+                let head = AuditHead {
+                    seq,
+                    mac: Some(signer.head_mac(seq, &prev)),
+                    hash: prev,
+                };
                 meta.insert(AUDIT_HEAD_KEY, encode(&head).map_err(abort)?)?;
                 Ok(out)
             })
