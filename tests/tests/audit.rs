@@ -493,3 +493,70 @@ fn a_disabled_owners_entries_stop_getting_svids_when_suspension_is_configured() 
     }
     Ok(())
 }
+
+/// Rewrites record `at` of the stopped server's log with `edit`, then re-chains and re-hashes
+/// every record after it and the checkpointed head, as someone with write access to the
+/// store but without the audit key would (the MACs are left as they were).
+fn rewrite_and_rechain(
+    server: &Server,
+    at: u64,
+    mut edit: impl FnMut(&mut agentd::audit::SealedAuditRecord),
+) -> anyhow::Result<()> {
+    use agentd::audit::{record_hash, AuditHead, SealedAuditRecord, GENESIS_HASH};
+    let db = sled::open(server.data_dir.join("datastore"))?;
+    let log = db.open_tree("audit")?;
+    let meta = db.open_tree("audit_meta")?;
+    let read = |seq: u64| -> anyhow::Result<SealedAuditRecord> {
+        let v = log
+            .get(seq.to_be_bytes())?
+            .with_context(|| format!("no record {seq}"))?;
+        Ok(serde_json::from_slice(&v)?)
+    };
+    let mut head: AuditHead =
+        serde_json::from_slice(&meta.get("head")?.context("no checkpointed head")?)?;
+    let mut prev = if at == 1 {
+        GENESIS_HASH.to_string()
+    } else {
+        read(at - 1)?.hash
+    };
+    for seq in at..=head.seq {
+        let mut r = read(seq)?;
+        if seq == at {
+            edit(&mut r);
+        }
+        r.prev_hash = prev;
+        r.hash = record_hash(&r);
+        prev = r.hash.clone();
+        log.insert(seq.to_be_bytes(), serde_json::to_vec(&r)?)?;
+    }
+    head.hash = prev;
+    meta.insert("head", serde_json::to_vec(&head)?)?;
+    db.flush()?;
+    Ok(())
+}
+
+#[test]
+fn a_rewrite_with_the_chain_and_head_recomputed_is_named() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let env = Env::new();
+    let mut server = Server::start(&env)?;
+    for i in 0..4 {
+        server.join_token(&format!("spiffe://example.org/node/n{i}"))?;
+    }
+    assert_eq!(json(&server, &["audit", "verify"])?["intact"], true);
+    // The key that signs the log lives beside the store, not in it.
+    let key = server.data_dir.join("audit.key");
+    let meta = std::fs::metadata(&key).with_context(|| format!("{}", key.display()))?;
+    assert_eq!(meta.len(), 32);
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+
+    server.stop();
+    rewrite_and_rechain(&server, 2, |r| {
+        r.subject = Some("spiffe://example.org/node/x1".into());
+    })?;
+    server.restart()?;
+    verify_fails_naming(&server, 2, "record 2 was altered: its MAC does not match");
+    // The key file is still the one the log was written with.
+    assert_eq!(std::fs::metadata(&key)?.len(), 32);
+    Ok(())
+}

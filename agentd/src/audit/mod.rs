@@ -6,7 +6,12 @@
 //! subject SPIFFE ID, structured fields, the SHA-256 of the previous record and its own
 //! SHA-256 over all of those. The store keeps the head (last sequence number and hash) as a
 //! checkpoint, written in the same transaction as the records, so that deleting records from
-//! the end is detected as well as editing or deleting one in the middle.
+//! the end is detected as well as editing or deleting one in the middle. Each record and the
+//! head also carry an HMAC under a key kept outside the store ([`key`]): someone who can write
+//! the store can recompute every hash and the head, but not the MACs.
+//!
+//! The optional export file is fsynced with each append and, when the server starts, gets
+//! whatever records a crash (or a failed write) kept from it.
 //!
 //! Any module records a new kind of event without touching this one:
 //!
@@ -19,16 +24,18 @@
 //! ).await?;
 //! ```
 
+mod export;
+pub mod key;
 mod verify;
 
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use tokio::sync::Mutex;
 
 pub use crate::model::audit::*;
+pub use export::Exporter;
+pub use key::AuditKey;
 pub use verify::{verify_records, ChainBreak, VerifyReport};
 
 use crate::clock::{unix_seconds, Clock};
@@ -38,58 +45,25 @@ use crate::datastore::{DataStore, DataStoreError};
 const PAGE: usize = 1000;
 
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum AuditError {
+    /// The store failed.
     #[error("audit store: {0}")]
     Store(#[from] DataStoreError),
+    /// Reading or writing the export file failed.
     #[error("audit export file {path}: {source}")]
     Export {
         path: String,
         #[source]
         source: std::io::Error,
     },
-}
-
-/// Appends sealed records to a JSON-lines file for a SIEM, one line per record, in sequence
-/// order.
-#[derive(Debug)]
-struct Exporter {
-    path: PathBuf,
-    file: std::fs::File,
-}
-
-impl Exporter {
-    fn open(path: &Path) -> Result<Self, AuditError> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|source| AuditError::Export {
-                path: path.display().to_string(),
-                source,
-            })?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            file,
-        })
-    }
-
-    fn write(&mut self, records: &[SealedAuditRecord]) -> Result<(), AuditError> {
-        let mut buf = Vec::new();
-        for r in records {
-            // Serialising our own struct cannot fail; skip rather than panic if it ever did.
-            if let Ok(line) = serde_json::to_vec(r) {
-                buf.extend_from_slice(&line);
-                buf.push(b'\n');
-            }
-        }
-        self.file
-            .write_all(&buf)
-            .map_err(|source| AuditError::Export {
-                path: self.path.display().to_string(),
-                source,
-            })
-    }
+    /// The export file cannot be continued: its last line is not a record, or it ends
+    /// beyond the log (another server's file, or a store restored from an older copy).
+    #[error("audit export file {path}: {reason}")]
+    ExportMismatch { path: String, reason: String },
+    /// The audit key file cannot be read or written, or is not a key.
+    #[error("audit key file {path}: {reason}")]
+    Key { path: String, reason: String },
 }
 
 /// The audit log service the server's APIs share.
@@ -97,22 +71,78 @@ impl Exporter {
 pub struct Audit {
     store: Arc<dyn DataStore>,
     clock: Arc<dyn Clock>,
+    key: AuditKey,
     /// Held across the append and the export, so the export file is in sequence order.
     export: Mutex<Option<Exporter>>,
 }
 
 impl Audit {
+    /// The server's audit log: loads the key at `key_path` (creating it on the first start),
+    /// and brings the export file up to the store's head.
+    ///
+    /// A log whose head is signed and no key file: refused, since every record since the key
+    /// was made could no longer be verified (and a key made now would sign whatever the
+    /// store holds). A log written before it had a key gets one, and a first signed record,
+    /// `audit.key.create`, whose MAC and the head's cover the unsigned records before it.
+    pub async fn open(
+        store: Arc<dyn DataStore>,
+        clock: Arc<dyn Clock>,
+        export_file: Option<&Path>,
+        key_path: &Path,
+    ) -> Result<Self, AuditError> {
+        let head = store.audit_head().await?;
+        let (key, created) = match AuditKey::load(key_path)? {
+            Some(key) => (key, false),
+            None if head.as_ref().is_some_and(|h| h.mac.is_some()) => {
+                return Err(AuditError::Key {
+                    path: key_path.display().to_string(),
+                    reason: "is missing, but the audit log was signed with it: restore the file (the server never deletes it); without it `audit verify` cannot tell the log from a rewritten one".into(),
+                })
+            }
+            None => (AuditKey::create(key_path)?, true),
+        };
+        let audit = Self::with_key(store, clock, None, key);
+        if created {
+            if let Some(h) = head.as_ref().filter(|h| h.seq > 0) {
+                audit
+                    .record(
+                        AuditRecord::new("audit.key.create", Actor::Server)
+                            .field("unsigned_records", h.seq),
+                    )
+                    .await?;
+            }
+        }
+        if let Some(path) = export_file {
+            let mut exporter = Exporter::open(path)?;
+            exporter.catch_up(audit.store.as_ref()).await?;
+            *audit.export.lock().await = Some(exporter);
+        }
+        Ok(audit)
+    }
+
+    /// An audit log signed with a fresh key that lives only as long as this value and is
+    /// saved nowhere, with no export catch-up: for tests. The server uses [`Audit::open`].
     pub fn new(
         store: Arc<dyn DataStore>,
         clock: Arc<dyn Clock>,
         export_file: Option<&Path>,
     ) -> Result<Self, AuditError> {
         let export = export_file.map(Exporter::open).transpose()?;
-        Ok(Self {
+        Ok(Self::with_key(store, clock, export, AuditKey::generate()))
+    }
+
+    fn with_key(
+        store: Arc<dyn DataStore>,
+        clock: Arc<dyn Clock>,
+        export: Option<Exporter>,
+        key: AuditKey,
+    ) -> Self {
+        Self {
             store,
             clock,
+            key,
             export: Mutex::new(export),
-        })
+        }
     }
 
     /// Seals and stores one record (durable when this returns).
@@ -136,12 +166,13 @@ impl Audit {
         let mut export = self.export.lock().await;
         let sealed = self
             .store
-            .append_audit(records, unix_seconds(self.clock.now()))
+            .append_audit(records, unix_seconds(self.clock.now()), &self.key)
             .await?;
         if let Some(exporter) = export.as_mut() {
             // The store holds the record; a failed export is an operator problem to fix, not a
-            // reason to undo the action.
-            if let Err(e) = exporter.write(&sealed) {
+            // reason to undo the action. What a failed write kept from the file is written
+            // with the next record that gets through (or at the next start).
+            if let Err(e) = exporter.append(self.store.as_ref(), &sealed).await {
                 tracing::error!(error = %e, "audit export failed");
             }
         }
@@ -197,7 +228,7 @@ impl Audit {
                 break;
             }
         }
-        Ok(verify_records(&all, head.as_ref()))
+        Ok(verify_records(&all, head.as_ref(), &self.key))
     }
 }
 

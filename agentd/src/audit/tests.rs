@@ -7,9 +7,19 @@ use crate::clock::ManualClock;
 use crate::datastore::sled_store::{open_db, AUDIT, AUDIT_HEAD_KEY, AUDIT_META};
 use crate::datastore::SledStore;
 
-fn audit_at(dir: &Path, clock: Arc<ManualClock>, export: Option<&Path>) -> Audit {
-    let store: Arc<dyn DataStore> = Arc::new(SledStore::open(dir).unwrap());
-    Audit::new(store, clock, export).unwrap()
+/// The audit log of a server whose data dir is `dir`: the store in `dir/db`, the key in
+/// `dir/audit.key`.
+async fn audit_at(dir: &Path, clock: Arc<ManualClock>, export: Option<&Path>) -> Audit {
+    try_audit_at(dir, clock, export).await.unwrap()
+}
+
+async fn try_audit_at(
+    dir: &Path,
+    clock: Arc<ManualClock>,
+    export: Option<&Path>,
+) -> Result<Audit, AuditError> {
+    let store: Arc<dyn DataStore> = Arc::new(SledStore::open(&dir.join("db")).unwrap());
+    Audit::open(store, clock, export, &dir.join(key::KEY_FILE)).await
 }
 
 fn clock() -> Arc<ManualClock> {
@@ -35,7 +45,7 @@ async fn write_five(audit: &Audit) {
 /// Edits the store as an attacker with the files would: the server is not running (its
 /// dropped store's flusher may still hold the lock for a moment, hence `open_db`).
 fn with_raw_db(dir: &Path, f: impl FnOnce(&sled::Tree, &sled::Tree)) {
-    let db = open_db(dir).unwrap();
+    let db = open_db(&dir.join("db")).unwrap();
     let log = db.open_tree(AUDIT).unwrap();
     let meta = db.open_tree(AUDIT_META).unwrap();
     f(&log, &meta);
@@ -49,7 +59,7 @@ fn key(seq: u64) -> [u8; 8] {
 #[tokio::test]
 async fn records_chain_and_an_intact_log_verifies() {
     let dir = tempfile::tempdir().unwrap();
-    let audit = audit_at(dir.path(), clock(), None);
+    let audit = audit_at(dir.path(), clock(), None).await;
     let report = audit.verify().await.unwrap();
     assert!(report.is_intact() && report.records == 0);
     write_five(&audit).await;
@@ -71,7 +81,8 @@ async fn records_chain_and_an_intact_log_verifies() {
         report.head,
         Some(AuditHead {
             seq: 5,
-            hash: all[4].hash.clone()
+            hash: all[4].hash.clone(),
+            mac: report.head.as_ref().and_then(|h| h.mac.clone()),
         })
     );
 }
@@ -80,11 +91,11 @@ async fn records_chain_and_an_intact_log_verifies() {
 async fn the_log_survives_a_restart_and_keeps_chaining() {
     let dir = tempfile::tempdir().unwrap();
     let head = {
-        let audit = audit_at(dir.path(), clock(), None);
+        let audit = audit_at(dir.path(), clock(), None).await;
         write_five(&audit).await;
         audit.verify().await.unwrap().head.unwrap()
     };
-    let audit = audit_at(dir.path(), clock(), None);
+    let audit = audit_at(dir.path(), clock(), None).await;
     let r = audit
         .record(AuditRecord::new("entry.create", Actor::admin(Some(1000))))
         .await
@@ -98,7 +109,7 @@ async fn the_log_survives_a_restart_and_keeps_chaining() {
 #[tokio::test]
 async fn an_edited_record_is_named() {
     let dir = tempfile::tempdir().unwrap();
-    write_five(&audit_at(dir.path(), clock(), None)).await;
+    write_five(&audit_at(dir.path(), clock(), None).await).await;
     with_raw_db(dir.path(), |log, _| {
         let v = log.get(key(3)).unwrap().unwrap();
         let text = String::from_utf8(v.to_vec())
@@ -106,7 +117,11 @@ async fn an_edited_record_is_named() {
             .replace("\"02\"", "\"ff\"");
         log.insert(key(3), text.as_bytes()).unwrap();
     });
-    let report = audit_at(dir.path(), clock(), None).verify().await.unwrap();
+    let report = audit_at(dir.path(), clock(), None)
+        .await
+        .verify()
+        .await
+        .unwrap();
     let p = report.problem.unwrap();
     assert_eq!(p.seq, 3);
     assert!(p.reason.contains("record 3 was altered"), "{}", p.reason);
@@ -115,7 +130,7 @@ async fn an_edited_record_is_named() {
 #[tokio::test]
 async fn an_edited_and_rehashed_record_is_named() {
     let dir = tempfile::tempdir().unwrap();
-    write_five(&audit_at(dir.path(), clock(), None)).await;
+    write_five(&audit_at(dir.path(), clock(), None).await).await;
     with_raw_db(dir.path(), |log, _| {
         let v = log.get(key(2)).unwrap().unwrap();
         let mut r: SealedAuditRecord = serde_json::from_slice(&v).unwrap();
@@ -124,6 +139,7 @@ async fn an_edited_and_rehashed_record_is_named() {
         log.insert(key(2), serde_json::to_vec(&r).unwrap()).unwrap();
     });
     let p = audit_at(dir.path(), clock(), None)
+        .await
         .verify()
         .await
         .unwrap()
@@ -135,11 +151,12 @@ async fn an_edited_and_rehashed_record_is_named() {
 #[tokio::test]
 async fn a_deleted_record_is_named_in_the_middle_and_at_the_end() {
     let dir = tempfile::tempdir().unwrap();
-    write_five(&audit_at(dir.path(), clock(), None)).await;
+    write_five(&audit_at(dir.path(), clock(), None).await).await;
     with_raw_db(dir.path(), |log, _| {
         log.remove(key(4)).unwrap();
     });
     let p = audit_at(dir.path(), clock(), None)
+        .await
         .verify()
         .await
         .unwrap()
@@ -150,11 +167,12 @@ async fn a_deleted_record_is_named_in_the_middle_and_at_the_end() {
 
     // The last record: only the checkpoint knows it existed.
     let dir = tempfile::tempdir().unwrap();
-    write_five(&audit_at(dir.path(), clock(), None)).await;
+    write_five(&audit_at(dir.path(), clock(), None).await).await;
     with_raw_db(dir.path(), |log, _| {
         log.remove(key(5)).unwrap();
     });
     let p = audit_at(dir.path(), clock(), None)
+        .await
         .verify()
         .await
         .unwrap()
@@ -167,12 +185,12 @@ async fn a_deleted_record_is_named_in_the_middle_and_at_the_end() {
 #[tokio::test]
 async fn a_lost_checkpoint_or_an_unreadable_record_is_reported() {
     let dir = tempfile::tempdir().unwrap();
-    write_five(&audit_at(dir.path(), clock(), None)).await;
+    write_five(&audit_at(dir.path(), clock(), None).await).await;
     with_raw_db(dir.path(), |log, meta| {
         log.insert(key(1), b"{not json".to_vec()).unwrap();
         meta.remove(AUDIT_HEAD_KEY).unwrap();
     });
-    let audit = audit_at(dir.path(), clock(), None);
+    let audit = audit_at(dir.path(), clock(), None).await;
     let p = audit.verify().await.unwrap().problem.unwrap();
     assert_eq!(p.seq, 1);
     assert!(p.reason.contains("no longer parses"), "{}", p.reason);
@@ -184,7 +202,7 @@ async fn a_lost_checkpoint_or_an_unreadable_record_is_reported() {
 async fn queries_filter_by_time_identity_and_action() {
     let dir = tempfile::tempdir().unwrap();
     let clock = clock();
-    let audit = audit_at(dir.path(), clock.clone(), None);
+    let audit = audit_at(dir.path(), clock.clone(), None).await;
     let node = spiffe::SpiffeId::new("spiffe://example.org/node/a").unwrap();
     audit
         .record(
@@ -247,7 +265,7 @@ async fn queries_filter_by_time_identity_and_action() {
 async fn records_are_exported_as_json_lines() {
     let dir = tempfile::tempdir().unwrap();
     let export = dir.path().join("audit.jsonl");
-    let audit = audit_at(&dir.path().join("db"), clock(), Some(&export));
+    let audit = audit_at(&dir.path().join("db"), clock(), Some(&export)).await;
     write_five(&audit).await;
     let text = std::fs::read_to_string(&export).unwrap();
     let lines: Vec<SealedAuditRecord> = text
@@ -269,6 +287,7 @@ fn the_hash_does_not_depend_on_key_order() {
         1,
         0,
         GENESIS_HASH,
+        &AuditKey::generate(),
     );
     let reparsed: SealedAuditRecord =
         serde_json::from_str(&serde_json::to_string(&a).unwrap()).unwrap();
@@ -276,4 +295,282 @@ fn the_hash_does_not_depend_on_key_order() {
     let mut changed = a.clone();
     changed.time = 1;
     assert_ne!(record_hash(&changed), a.hash);
+}
+
+fn read_record(log: &sled::Tree, seq: u64) -> SealedAuditRecord {
+    serde_json::from_slice(&log.get(key(seq)).unwrap().unwrap()).unwrap()
+}
+
+/// Rewrites record `at` with `edit`, then re-chains and re-hashes every record after it and
+/// the checkpointed head, as someone with write access to the store (but not the key) would.
+/// `strip` also drops the MACs of every record touched and of the head.
+fn rewrite_and_rechain(
+    log: &sled::Tree,
+    meta: &sled::Tree,
+    at: u64,
+    last: u64,
+    strip: bool,
+    edit: impl FnOnce(&mut SealedAuditRecord),
+) {
+    let mut prev = if at == 1 {
+        GENESIS_HASH.to_string()
+    } else {
+        read_record(log, at - 1).hash
+    };
+    let mut r = read_record(log, at);
+    edit(&mut r);
+    for seq in at..=last {
+        if seq > at {
+            r = read_record(log, seq);
+        }
+        r.prev_hash = prev.clone();
+        r.hash = record_hash(&r);
+        if strip {
+            r.mac = None;
+        }
+        log.insert(key(seq), serde_json::to_vec(&r).unwrap())
+            .unwrap();
+        prev = r.hash.clone();
+    }
+    let mut head: AuditHead =
+        serde_json::from_slice(&meta.get(AUDIT_HEAD_KEY).unwrap().unwrap()).unwrap();
+    head.hash = prev;
+    if strip {
+        head.mac = None;
+    }
+    meta.insert(AUDIT_HEAD_KEY, serde_json::to_vec(&head).unwrap())
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_record_rewritten_with_the_chain_and_head_recomputed_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    write_five(&audit_at(dir.path(), clock(), None).await).await;
+    with_raw_db(dir.path(), |log, meta| {
+        rewrite_and_rechain(log, meta, 3, 5, false, |r| r.actor = "someone-else".into());
+    });
+    let p = audit_at(dir.path(), clock(), None)
+        .await
+        .verify()
+        .await
+        .unwrap()
+        .problem
+        .unwrap();
+    assert_eq!(p.seq, 3, "{}", p.reason);
+    assert!(p.reason.contains("record 3 was altered"), "{}", p.reason);
+    assert!(p.reason.contains("MAC does not match"), "{}", p.reason);
+}
+
+#[tokio::test]
+async fn stripping_the_macs_of_a_rewrite_does_not_hide_it() {
+    // The MACs of the rewritten records and the head dropped: named where they stop.
+    let dir = tempfile::tempdir().unwrap();
+    write_five(&audit_at(dir.path(), clock(), None).await).await;
+    with_raw_db(dir.path(), |log, meta| {
+        rewrite_and_rechain(log, meta, 2, 5, true, |r| r.actor = "someone-else".into());
+    });
+    let audit = audit_at(dir.path(), clock(), None).await;
+    let p = audit.verify().await.unwrap().problem.unwrap();
+    assert_eq!(p.seq, 2, "{}", p.reason);
+    assert!(p.reason.contains("has no MAC"), "{}", p.reason);
+
+    // Every MAC dropped, from the first record on: it does not pass as a log from before
+    // the key.
+    let dir = tempfile::tempdir().unwrap();
+    write_five(&audit_at(dir.path(), clock(), None).await).await;
+    with_raw_db(dir.path(), |log, meta| {
+        rewrite_and_rechain(log, meta, 1, 5, true, |r| r.actor = "someone-else".into());
+    });
+    let p = audit_at(dir.path(), clock(), None)
+        .await
+        .verify()
+        .await
+        .unwrap()
+        .problem
+        .unwrap();
+    assert_eq!(p.seq, 5, "{}", p.reason);
+    assert!(
+        p.reason
+            .contains("checkpointed head (record 5) was altered"),
+        "{}",
+        p.reason
+    );
+}
+
+#[tokio::test]
+async fn a_log_cut_short_with_a_head_made_from_the_new_last_record_is_caught() {
+    let dir = tempfile::tempdir().unwrap();
+    write_five(&audit_at(dir.path(), clock(), None).await).await;
+    with_raw_db(dir.path(), |log, meta| {
+        log.remove(key(5)).unwrap();
+        let four = read_record(log, 4);
+        // The record's own MAC does not stand in for the head's.
+        let head = AuditHead {
+            seq: 4,
+            hash: four.hash.clone(),
+            mac: four.mac.clone(),
+        };
+        meta.insert(AUDIT_HEAD_KEY, serde_json::to_vec(&head).unwrap())
+            .unwrap();
+    });
+    let p = audit_at(dir.path(), clock(), None)
+        .await
+        .verify()
+        .await
+        .unwrap()
+        .problem
+        .unwrap();
+    assert_eq!(p.seq, 4, "{}", p.reason);
+    assert!(p.reason.contains("its MAC does not match"), "{}", p.reason);
+}
+
+#[tokio::test]
+async fn the_key_is_made_once_with_mode_0600_and_a_signed_log_needs_it() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let key_path = dir.path().join(key::KEY_FILE);
+    write_five(&audit_at(dir.path(), clock(), None).await).await;
+    let bytes = std::fs::read(&key_path).unwrap();
+    assert_eq!(bytes.len(), 32);
+    let mode = std::fs::metadata(&key_path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // Reopened: the same key, and the log verifies.
+    let audit = audit_at(dir.path(), clock(), None).await;
+    assert!(audit.verify().await.unwrap().is_intact());
+    assert_eq!(std::fs::read(&key_path).unwrap(), bytes);
+    assert_eq!(format!("{:?}", audit.key), "AuditKey(<redacted>)");
+    drop(audit);
+
+    // Another key: the log no longer verifies.
+    std::fs::write(&key_path, [7u8; 32]).unwrap();
+    let p = audit_at(dir.path(), clock(), None)
+        .await
+        .verify()
+        .await
+        .unwrap()
+        .problem
+        .unwrap();
+    assert_eq!(p.seq, 1, "{}", p.reason);
+
+    // Not a key: refused, naming the file and why.
+    std::fs::write(&key_path, b"short").unwrap();
+    let err = try_audit_at(dir.path(), clock(), None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&key_path.display().to_string()), "{err}");
+    assert!(err.contains("holds 5 bytes, expected exactly 32"), "{err}");
+
+    // Gone, while the log is signed: refused rather than replaced.
+    std::fs::remove_file(&key_path).unwrap();
+    let err = try_audit_at(dir.path(), clock(), None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("is missing, but the audit log was signed"),
+        "{err}"
+    );
+    assert!(!key_path.exists(), "no new key is made");
+}
+
+#[tokio::test]
+async fn a_log_from_before_the_key_is_adopted_by_a_signed_record() {
+    let dir = tempfile::tempdir().unwrap();
+    write_five(&audit_at(dir.path(), clock(), None).await).await;
+    // As the log was before it had a key: no MACs, no key file.
+    with_raw_db(dir.path(), |log, meta| {
+        for seq in 1..=5 {
+            let mut r = read_record(log, seq);
+            r.mac = None;
+            log.insert(key(seq), serde_json::to_vec(&r).unwrap())
+                .unwrap();
+        }
+        let mut head: AuditHead =
+            serde_json::from_slice(&meta.get(AUDIT_HEAD_KEY).unwrap().unwrap()).unwrap();
+        head.mac = None;
+        meta.insert(AUDIT_HEAD_KEY, serde_json::to_vec(&head).unwrap())
+            .unwrap();
+    });
+    std::fs::remove_file(dir.path().join(key::KEY_FILE)).unwrap();
+    let audit = audit_at(dir.path(), clock(), None).await;
+    let report = audit.verify().await.unwrap();
+    assert!(report.is_intact(), "{report:?}");
+    let all = audit.query(&AuditQuery::default()).await.unwrap();
+    assert_eq!(all.len(), 6);
+    assert_eq!(all[5].action, "audit.key.create");
+    assert_eq!(all[5].fields["unsigned_records"], 5);
+    assert!(all[5].mac.is_some());
+}
+
+fn exported(path: &Path) -> Vec<u64> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<SealedAuditRecord>(l).unwrap().seq)
+        .collect()
+}
+
+#[tokio::test]
+async fn the_export_gets_back_what_a_crash_kept_from_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let export = dir.path().join("audit.jsonl");
+    write_five(&audit_at(dir.path(), clock(), Some(&export)).await).await;
+    assert_eq!(exported(&export), [1, 2, 3, 4, 5]);
+    // A crash after the store's commit: records 4 and 5 never reached the file, and the
+    // write of 4 stopped halfway.
+    let text = std::fs::read_to_string(&export).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let cut = format!(
+        "{}\n{}\n{}\n{}",
+        lines[0],
+        lines[1],
+        lines[2],
+        &lines[3][..20]
+    );
+    std::fs::write(&export, cut).unwrap();
+    let audit = audit_at(dir.path(), clock(), Some(&export)).await;
+    assert_eq!(exported(&export), [1, 2, 3, 4, 5]);
+    let from_file: Vec<SealedAuditRecord> = std::fs::read_to_string(&export)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        from_file,
+        audit.query(&AuditQuery::default()).await.unwrap()
+    );
+    audit
+        .record(AuditRecord::new("entry.create", Actor::Server))
+        .await
+        .unwrap();
+    assert_eq!(exported(&export), [1, 2, 3, 4, 5, 6]);
+    drop(audit);
+
+    // A new (or emptied) file starts with the record the log ends at.
+    std::fs::write(&export, "").unwrap();
+    drop(audit_at(dir.path(), clock(), Some(&export)).await);
+    assert_eq!(exported(&export), [6]);
+
+    // A file ending beyond the log is not continued.
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    let err = try_audit_at(&other, clock(), Some(&export))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("it ends at record 6 but the log ends at record"),
+        "{err}"
+    );
+    // Nor one whose last line is not a record.
+    std::fs::write(&export, "not json\n").unwrap();
+    let err = try_audit_at(dir.path(), clock(), Some(&export))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("its last line is not an audit record"),
+        "{err}"
+    );
 }

@@ -1,7 +1,8 @@
 //! `agentd audit verify`: walks the chain from the first record and names the first record
-//! that was altered, removed or added behind the server's back.
+//! that was altered, removed or added behind the server's back. The hashes catch an edit;
+//! the MACs (audit key, [`super::key`]) catch an edit whose hashes and head were recomputed.
 
-use super::{record_hash, AuditHead, SealedAuditRecord, StoredAuditRecord, GENESIS_HASH};
+use super::{record_hash, AuditHead, AuditKey, SealedAuditRecord, StoredAuditRecord, GENESIS_HASH};
 
 /// Where the chain breaks first.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,8 +28,19 @@ impl VerifyReport {
     }
 }
 
-/// Checks `records` (in store order) against each other and against the checkpoint.
-pub fn verify_records(records: &[StoredAuditRecord], head: Option<&AuditHead>) -> VerifyReport {
+/// Checks `records` (in store order) against each other, against their MACs under `key` and
+/// against the checkpoint.
+///
+/// Records without a MAC are accepted only before the first one with a MAC (a log written
+/// before it had a key, adopted by the signed `audit.key.create` record after them); the head
+/// of a non-empty log always needs a valid MAC. A MAC is not part of a record's hash, so
+/// stripping MACs leaves the chain and the head as they were: a rewrite under stripped MACs
+/// still breaks the head's.
+pub fn verify_records(
+    records: &[StoredAuditRecord],
+    head: Option<&AuditHead>,
+    key: &AuditKey,
+) -> VerifyReport {
     let report = |problem: Option<ChainBreak>| VerifyReport {
         records: records.len() as u64,
         head: head.cloned(),
@@ -36,6 +48,7 @@ pub fn verify_records(records: &[StoredAuditRecord], head: Option<&AuditHead>) -
     };
     let broken = |seq: u64, reason: String| report(Some(ChainBreak { seq, reason }));
     let mut prev: Option<SealedAuditRecord> = None;
+    let mut signed = false;
     for (expected, stored) in (1u64..).zip(records) {
         if stored.seq > expected {
             return broken(
@@ -80,6 +93,28 @@ pub fn verify_records(records: &[StoredAuditRecord], head: Option<&AuditHead>) -
                     stored.seq
                 ),
             );
+        }
+        match &record.mac {
+            Some(mac) if key.verify_record(&record.hash, mac) => signed = true,
+            Some(_) => {
+                return broken(
+                    stored.seq,
+                    format!(
+                        "record {} was altered: its MAC does not match (rewritten and re-hashed without the audit key)",
+                        stored.seq
+                    ),
+                )
+            }
+            None if signed => {
+                return broken(
+                    stored.seq,
+                    format!(
+                        "record {} was altered: it has no MAC though the records before it do",
+                        stored.seq
+                    ),
+                )
+            }
+            None => {}
         }
         let prev_hash = prev.as_ref().map_or(GENESIS_HASH, |p| p.hash.as_str());
         if record.prev_hash != prev_hash {
@@ -136,7 +171,25 @@ pub fn verify_records(records: &[StoredAuditRecord], head: Option<&AuditHead>) -
                     h.seq
                 ),
             ),
-            _ => report(None),
+            _ => match &h.mac {
+                Some(mac) if key.verify_head(h.seq, &h.hash, mac) => report(None),
+                Some(_) => broken(
+                    h.seq,
+                    format!(
+                        "the checkpointed head (record {}) was altered: its MAC does not match (the log was rewritten and the head recomputed without the audit key, or the key file is not this log's)",
+                        h.seq
+                    ),
+                ),
+                // Even with no signed record: stripping every MAC must not pass as a log
+                // from before the key (the server signs such a log when it makes the key).
+                None => broken(
+                    h.seq,
+                    format!(
+                        "the checkpointed head (record {}) was altered: it has no MAC",
+                        h.seq
+                    ),
+                ),
+            },
         },
     }
 }

@@ -17,7 +17,9 @@ pub use lifecycle::{EntryActivity, EntryIssuance, LiveSvid, OwnerState};
 
 use std::collections::HashMap;
 
-use crate::model::audit::{AuditHead, AuditRecord, SealedAuditRecord, StoredAuditRecord};
+use crate::model::audit::{
+    AuditHead, AuditRecord, ChainSigner, SealedAuditRecord, StoredAuditRecord,
+};
 
 use spiffe::SpiffeId;
 
@@ -88,12 +90,14 @@ pub trait DataStore: Send + Sync + Debug + 'static {
 
     // Audit log (see `crate::audit`).
     /// Seals `records` in order (numbered after the current head, each chained to the one
-    /// before, all timed `time`), stores them and moves the checkpointed head, in one
-    /// transaction: a sequence number is never used twice or skipped.
+    /// before, all timed `time`, each and the new head signed by `signer`), stores them and
+    /// moves the checkpointed head, in one transaction: a sequence number is never used twice
+    /// or skipped.
     async fn append_audit(
         &self,
         records: Vec<AuditRecord>,
         time: i64,
+        signer: &dyn ChainSigner,
     ) -> Result<Vec<SealedAuditRecord>>;
     /// Up to `limit` records with a sequence number above `after_seq`, in order, unparsed.
     async fn audit_records(&self, after_seq: u64, limit: usize) -> Result<Vec<StoredAuditRecord>>;

@@ -17,7 +17,9 @@ use super::{
 use super::{DelegationOffer, Grant};
 use super::{EntryActivity, EntryIssuance, LiveSvid, OwnerState};
 use crate::delegation::{Delegation, GrantId, Hop, ScopeSet};
-use crate::model::audit::{AuditHead, AuditRecord, SealedAuditRecord, StoredAuditRecord};
+use crate::model::audit::{
+    AuditHead, AuditRecord, ChainSigner, SealedAuditRecord, StoredAuditRecord,
+};
 use crate::model::revocation::{IssuedSvid, RevocationEvent};
 use crate::ttl::Ttl;
 
@@ -68,6 +70,9 @@ pub struct SledStore {
     audit_writes: Mutex<()>,
     /// Serialises read-modify-write of activity and owner records.
     activity_writes: Mutex<()>,
+    /// Tests: make every flush fail (after its transaction committed), as a full disk would.
+    #[cfg(test)]
+    pub(crate) fail_flushes: std::sync::atomic::AtomicBool,
 }
 
 fn backend(e: impl std::fmt::Display) -> DataStoreError {
@@ -120,10 +125,16 @@ impl SledStore {
             offer_writes: Mutex::new(()),
             audit_writes: Mutex::new(()),
             activity_writes: Mutex::new(()),
+            #[cfg(test)]
+            fail_flushes: Default::default(),
         })
     }
 
     async fn flush(&self) -> Result<()> {
+        #[cfg(test)]
+        if self.fail_flushes.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(backend("flush failed (injected by a test)"));
+        }
         self.db.flush_async().await.map_err(backend)?;
         Ok(())
     }
@@ -716,6 +727,7 @@ impl DataStore for SledStore {
         &self,
         records: Vec<AuditRecord>,
         time: i64,
+        signer: &dyn ChainSigner,
     ) -> Result<Vec<SealedAuditRecord>> {
         use sled::transaction::{ConflictableTransactionError, TransactionError};
         use sled::Transactional as _;
@@ -734,12 +746,16 @@ impl DataStore for SledStore {
                 let mut out = Vec::with_capacity(records.len());
                 for r in &records {
                     seq += 1;
-                    let s = crate::model::audit::seal(r.clone(), seq, time, &prev);
+                    let s = crate::model::audit::seal(r.clone(), seq, time, &prev, signer);
                     log.insert(audit_key(seq).to_vec(), encode(&s).map_err(abort)?)?;
                     prev = s.hash.clone();
                     out.push(s);
                 }
-                let head = AuditHead { seq, hash: prev };
+                let head = AuditHead {
+                    seq,
+                    mac: Some(signer.head_mac(seq, &prev)),
+                    hash: prev,
+                };
                 meta.insert(AUDIT_HEAD_KEY, encode(&head).map_err(abort)?)?;
                 Ok(out)
             })

@@ -98,6 +98,10 @@ pub struct SealedAuditRecord {
     pub prev_hash: String,
     /// Hex SHA-256 of this record (every field above).
     pub hash: String,
+    /// Hex HMAC-SHA256 of `hash` under the audit key (see [`ChainSigner`]); absent on records
+    /// written before the log had a key. Not part of `hash`: it seals the hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
 }
 
 /// The checkpointed head of the log.
@@ -105,6 +109,19 @@ pub struct SealedAuditRecord {
 pub struct AuditHead {
     pub seq: u64,
     pub hash: String,
+    /// Hex HMAC-SHA256 of the head under the audit key; absent before the log had a key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+/// Signs the chain while the store seals it, with a key the store does not hold: whoever can
+/// write the store can recompute every hash, but not these. Kept apart for records and the
+/// head (different domains), so a record's MAC cannot stand in for a truncated head's.
+pub trait ChainSigner: Send + Sync + fmt::Debug {
+    /// The MAC of a record with this `hash`.
+    fn record_mac(&self, hash: &str) -> String;
+    /// The MAC of a head at `seq` with this `hash`.
+    fn head_mac(&self, seq: u64, hash: &str) -> String;
 }
 
 /// A record as the store holds it, not yet parsed: a record that no longer parses is a
@@ -116,8 +133,15 @@ pub struct StoredAuditRecord {
     pub body: Vec<u8>,
 }
 
-/// Numbers, times and chains a record: called by the store inside its append transaction.
-pub fn seal(record: AuditRecord, seq: u64, time: i64, prev_hash: &str) -> SealedAuditRecord {
+/// Numbers, times, chains and signs a record: called by the store inside its append
+/// transaction.
+pub fn seal(
+    record: AuditRecord,
+    seq: u64,
+    time: i64,
+    prev_hash: &str,
+    signer: &dyn ChainSigner,
+) -> SealedAuditRecord {
     let mut sealed = SealedAuditRecord {
         seq,
         time,
@@ -127,8 +151,10 @@ pub fn seal(record: AuditRecord, seq: u64, time: i64, prev_hash: &str) -> Sealed
         fields: record.fields,
         prev_hash: prev_hash.to_string(),
         hash: String::new(),
+        mac: None,
     };
     sealed.hash = record_hash(&sealed);
+    sealed.mac = Some(signer.record_mac(&sealed.hash));
     sealed
 }
 

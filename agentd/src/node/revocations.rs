@@ -100,7 +100,17 @@ impl NodeRevocations {
         unix_now: i64,
     ) -> usize {
         let mut applied_count = 0;
+        // Sequence numbers are gap-free: a hole the server did not flag as compacted means
+        // an event was skipped. Stop there and leave `applied` below it, so the subscriber
+        // reconnects and asks again from that point (see `follow`).
+        let mut seen = self.applied();
+        let mut gap = false;
         for raw in msg.events {
+            if raw.sequence > seen + 1 && !msg.compacted {
+                gap = true;
+                break;
+            }
+            seen = seen.max(raw.sequence);
             let event = match event_from_proto(raw) {
                 Ok(e) => e,
                 Err(e) => {
@@ -118,13 +128,14 @@ impl NodeRevocations {
             g.events.push(Arc::new(event));
             applied_count += 1;
         }
+        gap |= !msg.compacted && seen < msg.head_sequence;
         let mut g = self.write();
-        if msg.head_sequence > g.set.applied {
+        if msg.head_sequence > g.set.applied && !gap {
             // Compacted events below the head no longer matter; move past them.
             g.set.applied = msg.head_sequence;
         }
         g.last_heard = Some(now);
-        g.caught_up = true;
+        g.caught_up = !gap;
         g.set.forget_expired(unix_now);
         let live = |e: &RevocationEvent| {
             !e.is_revoke() || e.expires_at >= unix_now || g.set.is_standing(&e.handle)
@@ -226,8 +237,16 @@ impl RevocationSubscriber {
             self.metrics.set_revocation_feed_lag(
                 msg.head_sequence.saturating_sub(self.revocations.applied()),
             );
+            let head = msg.head_sequence;
             self.revocations
                 .apply_message(msg, &self.cache, &own_id, Instant::now(), unix_now);
+            if self.revocations.applied() < head {
+                // A gap the server did not explain: ask again from the last event applied.
+                return Err(NodeError::Server(format!(
+                    "the revocation feed skipped events after {} (head {head}); resyncing",
+                    self.revocations.applied()
+                )));
+            }
             self.metrics.set_revocation_feed_lag(0);
             self.readiness
                 .set(crate::telemetry::conditions::REVOCATION_FEED, true);
@@ -309,5 +328,57 @@ mod tests {
             10,
         );
         assert_eq!(revs.applied(), 5);
+    }
+
+    #[test]
+    fn an_unflagged_gap_stops_before_the_hole_instead_of_jumping_to_the_head() {
+        let revs = NodeRevocations::new(Duration::from_secs(5), false);
+        let cache = Cache::new();
+        let own = SpiffeId::new("spiffe://example.org/node/a").unwrap();
+        let now = Instant::now();
+        let task = |t: &str| RevocationHandle::Task(t.into());
+        // Event 2 is missing, and the server does not say it was compacted.
+        let n = revs.apply_message(
+            rpb::RevocationFeed {
+                events: vec![event(1, task("a")), event(3, task("c"))],
+                head_sequence: 3,
+                compacted: false,
+            },
+            &cache,
+            &own,
+            now,
+            10,
+        );
+        assert_eq!(n, 1);
+        assert_eq!(revs.applied(), 1, "resumes after the last event before the hole");
+        assert!(!revs.caught_up());
+        // A heartbeat naming a head beyond what was delivered is a gap too.
+        revs.apply_message(
+            rpb::RevocationFeed {
+                events: vec![],
+                head_sequence: 3,
+                compacted: false,
+            },
+            &cache,
+            &own,
+            now,
+            10,
+        );
+        assert_eq!(revs.applied(), 1);
+        // The resent events fill it.
+        let n = revs.apply_message(
+            rpb::RevocationFeed {
+                events: vec![event(2, task("b")), event(3, task("c"))],
+                head_sequence: 3,
+                compacted: false,
+            },
+            &cache,
+            &own,
+            now,
+            10,
+        );
+        assert_eq!(n, 2);
+        assert_eq!(revs.applied(), 3);
+        assert!(revs.caught_up());
     }
 }

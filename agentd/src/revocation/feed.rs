@@ -83,42 +83,103 @@ mod tests {
     use crate::revocation::RevocationHandle;
     use futures::StreamExt;
 
+    /// Far beyond any test's run time: a test that waits for a heartbeat uses a short one.
+    const QUIET: Duration = Duration::from_secs(3600);
+    /// Bounds each wait, so a broken feed fails the test instead of hanging it.
+    const WAIT: Duration = Duration::from_secs(20);
+
+    fn node(n: &str) -> RevocationHandle {
+        RevocationHandle::Node(spiffe::SpiffeId::new(format!("spiffe://example.org/{n}")).unwrap())
+    }
+
+    /// The next message that carries events, skipping heartbeats (however many a slow
+    /// machine lets through while a revocation is being flushed).
+    async fn next_events(feed: &mut FeedStream) -> pb::RevocationFeed {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                let msg = feed.next().await.unwrap().unwrap();
+                if !msg.events.is_empty() {
+                    return msg;
+                }
+            }
+        })
+        .await
+        .expect("no events within the bound")
+    }
+
     #[tokio::test]
-    async fn subscriber_gets_missed_events_then_live_ones_then_heartbeats() {
+    async fn subscriber_gets_missed_events_then_live_ones() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn DataStore> = Arc::new(SledStore::open(dir.path()).unwrap());
         let log = Arc::new(RevocationLog::open(store).await.unwrap());
-        let node = |n: &str| {
-            RevocationHandle::Node(
-                spiffe::SpiffeId::new(format!("spiffe://example.org/{n}")).unwrap(),
-            )
-        };
         log.revoke(node("a"), "", 1).await.unwrap();
         log.revoke(node("b"), "", 1).await.unwrap();
         let stop = CancellationToken::new();
-        let mut feed = feed_stream(log.clone(), 1, Duration::from_millis(50), stop.clone());
-        let first = feed.next().await.unwrap().unwrap();
+        let mut feed = feed_stream(log.clone(), 1, QUIET, stop.clone());
+        let first = next_events(&mut feed).await;
         assert_eq!(first.head_sequence, 2);
         assert_eq!(
             first.events.iter().map(|e| e.sequence).collect::<Vec<_>>(),
             [2]
         );
         log.revoke(node("c"), "", 1).await.unwrap();
-        let live = feed.next().await.unwrap().unwrap();
-        assert_eq!(live.events.len(), 1);
-        assert_eq!(live.events[0].sequence, 3);
-        let beat = tokio::time::timeout(Duration::from_secs(2), feed.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert!(beat.events.is_empty());
-        assert_eq!(beat.head_sequence, 3);
+        let live = next_events(&mut feed).await;
+        assert_eq!(
+            live.events.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+            [3]
+        );
+        assert_eq!(live.head_sequence, 3);
         stop.cancel();
-        let end = tokio::time::timeout(Duration::from_secs(2), async {
+        let end = tokio::time::timeout(WAIT, async {
             while feed.next().await.is_some() {}
         })
         .await;
         assert!(end.is_ok(), "the stream ends when the server stops");
+    }
+
+    #[tokio::test]
+    async fn a_quiet_feed_sends_heartbeats_naming_the_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn DataStore> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let log = Arc::new(RevocationLog::open(store).await.unwrap());
+        log.revoke(node("a"), "", 1).await.unwrap();
+        let stop = CancellationToken::new();
+        let mut feed = feed_stream(log.clone(), 1, Duration::from_millis(20), stop.clone());
+        // Nothing is revoked meanwhile, so every message after the first is a heartbeat.
+        for _ in 0..3 {
+            let beat = tokio::time::timeout(WAIT, feed.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            assert!(beat.events.is_empty());
+            assert_eq!(beat.head_sequence, 1);
+            assert!(!beat.compacted);
+        }
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn an_event_whose_flush_failed_is_still_delivered_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let sled = Arc::new(SledStore::open(dir.path()).unwrap());
+        let store: Arc<dyn DataStore> = sled.clone();
+        let log = Arc::new(RevocationLog::open(store).await.unwrap());
+        let stop = CancellationToken::new();
+        let mut feed = feed_stream(log.clone(), 0, QUIET, stop.clone());
+        sled.fail_flushes
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(log.revoke(node("a"), "", 1).await.is_err());
+        sled.fail_flushes
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        log.revoke(node("b"), "", 1).await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            let msg = next_events(&mut feed).await;
+            assert!(!msg.compacted, "{msg:?}");
+            got.extend(msg.events.iter().map(|e| e.sequence));
+        }
+        assert_eq!(got, [1, 2]);
+        stop.cancel();
     }
 }

@@ -1,6 +1,12 @@
 //! The server's revocation log: resolves a handle to the SVIDs it covers, commits the event to
 //! the store (durable before the caller hears back), keeps the standing set that minting
 //! consults, and wakes every feed subscriber.
+//!
+//! Memory never runs ahead of or lags behind the store with a hole: events are published in
+//! sequence order, and whenever the store may hold more than memory (an append that failed
+//! after its commit, such as a flush error), the log reads the missing events back from the
+//! store before it goes on. Otherwise a committed revocation would refuse nothing until a
+//! restart, and a feed subscriber would see a gap it could not tell from compaction.
 
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
@@ -14,11 +20,22 @@ use super::{
 use crate::datastore::{DataStore, DataStoreError};
 
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum RevocationLogError {
+    /// The request itself was refused (bad reason, already revoked, unknown serial...).
     #[error(transparent)]
     Revocation(#[from] RevocationError),
+    /// The store failed before anything was committed.
     #[error(transparent)]
     Store(#[from] DataStoreError),
+    /// The store committed the event under `sequence` and then reported an error (a failed
+    /// flush): the event is in force and on the feed, but may not survive a crash.
+    #[error("revocation {sequence} is in force, but the store reported an error after committing it (it may not survive a crash): {source}")]
+    NotDurable {
+        sequence: u64,
+        #[source]
+        source: DataStoreError,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -186,9 +203,7 @@ impl RevocationLog {
             reason: reason.to_string(),
             at: now,
         };
-        let committed = self.store.append_revocation(event).await?;
-        self.publish(&committed);
-        Ok(committed)
+        self.append(event).await
     }
 
     /// Ends the standing revocation with this sequence number.
@@ -220,9 +235,78 @@ impl RevocationLog {
             jwt_ids: vec![],
             expires_at: now,
         };
-        let committed = self.store.append_revocation(event).await?;
-        self.publish(&committed);
-        Ok(committed)
+        self.append(event).await
+    }
+
+    /// Commits `event` and publishes it. Called with `writes` held.
+    ///
+    /// An error from the store does not prove that nothing was committed (sled commits the
+    /// transaction, then flushes): the store's head is read back, and whatever it holds
+    /// beyond memory is published before the error is reported, so the event is neither
+    /// lost to the standing set nor skipped by the feed.
+    async fn append(&self, event: RevocationEvent) -> Result<RevocationEvent, RevocationLogError> {
+        // A previous append whose read-back failed as well may have left memory behind.
+        self.catch_up().await?;
+        let before = self.read().set.applied;
+        match self.store.append_revocation(event).await {
+            Ok(committed) => {
+                if committed.sequence == before + 1 {
+                    self.publish(&committed);
+                } else {
+                    // Someone else wrote the store (not this process): take it all, in order.
+                    self.catch_up().await?;
+                }
+                Ok(committed)
+            }
+            Err(source) => {
+                let head = match self.catch_up().await {
+                    Ok(head) => head,
+                    Err(e) => {
+                        tracing::error!(error = %e, "reading back the revocation log after a failed append failed; retried before the next append");
+                        before
+                    }
+                };
+                if head > before {
+                    tracing::error!(sequence = head, error = %source, "revocation committed but the store reported an error; it is in force");
+                    Err(RevocationLogError::NotDurable {
+                        sequence: head,
+                        source,
+                    })
+                } else {
+                    Err(source.into())
+                }
+            }
+        }
+    }
+
+    /// Publishes, in order, every event the store holds beyond memory; returns the head.
+    async fn catch_up(&self) -> Result<u64, DataStoreError> {
+        let stored = self.store.revocation_head().await?;
+        let mine = self.read().set.applied;
+        if stored <= mine {
+            return Ok(mine);
+        }
+        let missing: Vec<RevocationEvent> = self
+            .store
+            .list_revocations()
+            .await?
+            .into_iter()
+            .filter(|e| e.sequence > mine)
+            .collect();
+        for e in &missing {
+            self.publish(e);
+        }
+        if self.read().set.applied < stored {
+            // The head's own event is gone (compacted elsewhere): nothing left to deliver.
+            self.write().set.applied = stored;
+            self.head.send_replace(stored);
+        }
+        tracing::warn!(
+            from = mine + 1,
+            to = stored,
+            "read committed revocations back from the store"
+        );
+        Ok(stored)
     }
 
     fn publish(&self, event: &RevocationEvent) {
@@ -414,6 +498,43 @@ mod tests {
             [2, 3]
         );
         assert!(!after.compacted);
+    }
+
+    #[tokio::test]
+    async fn a_flush_failing_after_the_commit_still_publishes_and_leaves_no_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let sled = Arc::new(SledStore::open(dir.path()).unwrap());
+        let store: Arc<dyn DataStore> = sled.clone();
+        let log = RevocationLog::open(store.clone()).await.unwrap();
+        let rx = log.subscribe();
+        let node = |n: &str| {
+            RevocationHandle::Node(
+                spiffe::SpiffeId::new(format!("spiffe://example.org/{n}")).unwrap(),
+            )
+        };
+        sled.fail_flushes
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let err = log.revoke(node("a"), "", 100).await.unwrap_err();
+        assert!(
+            matches!(err, RevocationLogError::NotDurable { sequence: 1, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("revocation 1 is in force"), "{err}");
+        // Committed, so in force and on the feed, though the caller heard an error.
+        assert_eq!(store.revocation_head().await.unwrap(), 1);
+        assert_eq!(log.standing(&node("a")), Some(1));
+        assert_eq!(*rx.borrow(), 1);
+        sled.fail_flushes
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let next = log.revoke(node("b"), "", 100).await.unwrap();
+        assert_eq!(next.sequence, 2);
+        let after = log.events_after(0);
+        assert_eq!(
+            after.events.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+            [1, 2]
+        );
+        assert!(!after.compacted, "a gap is not compaction");
+        assert_eq!(after.head, 2);
     }
 
     #[tokio::test]

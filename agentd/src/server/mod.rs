@@ -172,11 +172,15 @@ impl Server {
         let admin_listener = bind_admin_socket(&cfg.admin_socket)?;
         let revocations = Arc::new(RevocationLog::open(store.clone()).await?);
 
-        let audit = Arc::new(crate::audit::Audit::new(
-            store.clone(),
-            self.clock.clone(),
-            cfg.audit_export_file.as_deref(),
-        )?);
+        let audit = Arc::new(
+            crate::audit::Audit::open(
+                store.clone(),
+                self.clock.clone(),
+                cfg.audit_export_file.as_deref(),
+                &cfg.data_dir.join(crate::audit::key::KEY_FILE),
+            )
+            .await?,
+        );
         let state = Arc::new(ServerState {
             config: cfg.clone(),
             store,

@@ -35,6 +35,7 @@ impl From<RevocationLogError> for AdminError {
         match e {
             RevocationLogError::Revocation(e) => AdminError::Revocation(e),
             RevocationLogError::Store(e) => e.into(),
+            e @ RevocationLogError::NotDurable { .. } => AdminError::Store(e.to_string()),
         }
     }
 }
