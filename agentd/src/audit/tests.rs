@@ -281,7 +281,10 @@ fn the_hash_is_sha256_over_the_canonical_form() {
     let sealed = seal(
         AuditRecord::new("entry.create", "uid:0")
             .subject("spiffe://example.org/a")
-            .field("x", serde_json::json!({"k": 1, "a": [1, {"z": 0, "b": "é\"q"}]}))
+            .field(
+                "x",
+                serde_json::json!({"k": 1, "a": [1, {"z": 0, "b": "é\"q"}]}),
+            )
             .field("n", serde_json::Value::Null),
         7,
         1_700_000_000,
@@ -302,9 +305,10 @@ fn the_hash_does_not_depend_on_key_order() {
         assert_eq!(record_hash(&r), GOLDEN_HASH, "{text}");
     }
     // Array order is data, not layout: it changes the hash, as does any field.
-    let swapped: SealedAuditRecord =
-        serde_json::from_str(&sorted.replace(r#"[1,{"b":"é\"q","z":0}]"#, r#"[{"b":"é\"q","z":0},1]"#))
-            .unwrap();
+    let swapped: SealedAuditRecord = serde_json::from_str(
+        &sorted.replace(r#"[1,{"b":"é\"q","z":0}]"#, r#"[{"b":"é\"q","z":0},1]"#),
+    )
+    .unwrap();
     assert_ne!(record_hash(&swapped), GOLDEN_HASH);
     let mut changed: SealedAuditRecord = serde_json::from_str(sorted).unwrap();
     changed.time += 1;

@@ -5,8 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::tests::{
-    cfg, id, mint, now_whole, openssl, openssl_verify, parse, rcgen_upstream,
-    spiffe_crate_accepts,
+    cfg, id, mint, now_whole, openssl, openssl_verify, parse, rcgen_upstream, spiffe_crate_accepts,
 };
 use super::*;
 use crate::clock::{unix_seconds, Clock, ManualClock};

@@ -508,14 +508,25 @@ mod tests {
             }
         );
         // Nor a third action, nor the same action on another resource.
-        for scopes in [&["calendar:delete"][..], &["crm:read"], &["calendar:read", "crm:read"]] {
+        for scopes in [
+            &["calendar:delete"][..],
+            &["crm:read"],
+            &["calendar:read", "crm:read"],
+        ] {
             let e = derive_child(&listed, child(scopes, 500, &wide), 0).unwrap_err();
-            assert!(matches!(e, RuleError::ScopeNotInParent { .. }), "{scopes:?}: {e}");
+            assert!(
+                matches!(e, RuleError::ScopeNotInParent { .. }),
+                "{scopes:?}: {e}"
+            );
         }
         // Parent holds calendar:*: listing actions narrows it, and the child may narrow again.
         let wild = root(&["calendar:*"], 2);
-        let c = derive_child(&wild, child(&["calendar:read", "calendar:write"], 500, &wide), 0)
-            .unwrap();
+        let c = derive_child(
+            &wild,
+            child(&["calendar:read", "calendar:write"], 500, &wide),
+            0,
+        )
+        .unwrap();
         assert_eq!(c.scopes, set(&["calendar:read", "calendar:write"]));
         let e = derive_child(&c, child(&["calendar:*"], 400, &wide), 0).unwrap_err();
         assert!(matches!(e, RuleError::ScopeNotInParent { .. }), "{e}");

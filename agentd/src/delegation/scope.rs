@@ -219,7 +219,8 @@ pub(crate) mod oracle {
     /// by `(resource, OTHER)`, that is by `resource:*`).
     pub fn holds(g: &Granted, resource: &str, action: &str) -> bool {
         g.contains(&(resource.to_string(), action.to_string()))
-            || (!ACTIONS.contains(&action) && g.contains(&(resource.to_string(), OTHER.to_string())))
+            || (!ACTIONS.contains(&action)
+                && g.contains(&(resource.to_string(), OTHER.to_string())))
     }
 
     /// Whether holding `a` grants nothing beyond holding `b`.
@@ -295,14 +296,16 @@ mod tests {
         let listed = set(&["calendar:read", "calendar:write"]);
         // A wildcard grants actions no list names: never within a list.
         assert!(!wild.is_subset_of(&listed));
-        assert_eq!(
-            wild.first_not_allowed_by(&listed),
-            Some(&s("calendar:*"))
-        );
+        assert_eq!(wild.first_not_allowed_by(&listed), Some(&s("calendar:*")));
         assert!(listed.is_subset_of(&wild));
         assert_eq!(listed.first_not_allowed_by(&wild), None);
         // Not even a list of every action the tests know of.
-        let all_named = set(&["calendar:read", "calendar:write", "calendar:execute", "calendar:delete"]);
+        let all_named = set(&[
+            "calendar:read",
+            "calendar:write",
+            "calendar:execute",
+            "calendar:delete",
+        ]);
         assert!(!wild.is_subset_of(&all_named));
         assert!(all_named.is_subset_of(&wild));
         // The wildcard is per resource: not a prefix, not a hierarchy, not across resources.

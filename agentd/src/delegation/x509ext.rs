@@ -325,10 +325,19 @@ mod tests {
         let (scopes, d) = test_vectors::identity();
         let scopes_der = test_vectors::hex_block("scopes-der");
         let delegation_der = test_vectors::hex_block("delegation-der");
-        assert_eq!(hex::encode(encode_scopes(&scopes)), hex::encode(&scopes_der));
-        assert_eq!(hex::encode(encode_delegation(&d)), hex::encode(&delegation_der));
+        assert_eq!(
+            hex::encode(encode_scopes(&scopes)),
+            hex::encode(&scopes_der)
+        );
+        assert_eq!(
+            hex::encode(encode_delegation(&d)),
+            hex::encode(&delegation_der)
+        );
         assert_eq!(decode_scopes(&scopes_der).unwrap(), scopes);
-        assert_eq!(decode_delegation(&delegation_der, scopes.clone()).unwrap(), d);
+        assert_eq!(
+            decode_delegation(&delegation_der, scopes.clone()).unwrap(),
+            d
+        );
         // Without a task: the element is absent and the outer length 9 bytes shorter.
         let mut no_task = d.clone();
         no_task.task_id = None;
