@@ -412,10 +412,11 @@ mod tests {
         let parsed = PrivateKey::from_pem(&pem_encode("EC PRIVATE KEY", sec1)).unwrap();
         assert_eq!(parsed.public_key_point(), key.public_key_point());
 
-        // And one written by OpenSSL (with the [0] curve parameters), when it is installed.
+        // And one written by OpenSSL (with the [0] curve parameters). Without openssl the
+        // test fails and says so: scripts/install-tools.sh (run by `make test`) installs it.
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ec.pem");
-        match std::process::Command::new("openssl")
+        let status = std::process::Command::new("openssl")
             .args([
                 "ecparam",
                 "-name",
@@ -426,14 +427,13 @@ mod tests {
             ])
             .arg(&path)
             .status()
-        {
-            Ok(s) if s.success() => {
-                let text = std::fs::read_to_string(&path).unwrap();
-                assert!(text.contains("EC PRIVATE KEY"));
-                PrivateKey::load(&path).unwrap();
-            }
-            _ => println!("openssl not available: skipping the OpenSSL SEC1 key check"),
-        }
+            .unwrap_or_else(|e| {
+                panic!("the openssl binary is missing ({e}): this test reads a key OpenSSL wrote; install it (scripts/install-tools.sh)")
+            });
+        assert!(status.success(), "openssl ecparam -genkey failed: {status}");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("EC PRIVATE KEY"));
+        PrivateKey::load(&path).unwrap();
     }
 
     #[test]

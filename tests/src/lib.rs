@@ -423,7 +423,23 @@ pub fn current_uid() -> u32 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata("/proc/self")
         .map(|m| m.uid())
-        .unwrap_or(0)
+        .expect("reading the owner of /proc/self (is /proc mounted?)")
+}
+
+/// A `Command` for the `openssl` binary, which several tests use as an independent verifier.
+/// Without it the test fails naming it (scripts/install-tools.sh, run by `make test`,
+/// installs it) rather than failing on a bare "No such file or directory".
+pub fn openssl() -> Command {
+    match Command::new("openssl").arg("version").output() {
+        Ok(o) if o.status.success() => Command::new("openssl"),
+        Ok(o) => panic!(
+            "`openssl version` failed ({}): this test verifies agentd's output with OpenSSL; install it (scripts/install-tools.sh)",
+            o.status
+        ),
+        Err(e) => panic!(
+            "the openssl binary is missing ({e}): this test verifies agentd's output with OpenSSL; install it (scripts/install-tools.sh)"
+        ),
+    }
 }
 
 /// A node agent process.
@@ -679,4 +695,51 @@ pub fn run_json_client(mut cmd: Command, within: Duration) -> anyhow::Result<ser
             String::from_utf8_lossy(&out.stdout)
         )
     })
+}
+
+/// Waits (up to 30 s) until `node`'s log says it received an X.509-SVID for `spiffe_id`: the
+/// event that a sync begun after that entry was created has reached its mint step. For
+/// entries no process of the test matches, which `Node::wait_for_svid` cannot see.
+pub fn wait_for_mint_in_log(node: &Node, spiffe_id: &str) -> anyhow::Result<()> {
+    let minted = wait_until(Duration::from_secs(30), || {
+        node.daemon
+            .log_text()
+            .lines()
+            .any(|l| l.contains("X.509-SVID received") && l.contains(spiffe_id))
+    });
+    if !minted {
+        bail!(
+            "{} never logged an SVID for {spiffe_id}:\n{}",
+            node.spiffe_id,
+            node.daemon.log_text()
+        );
+    }
+    Ok(())
+}
+
+/// Waits until `node` has completed a whole sync that began after this call, in place of
+/// sleeping "long enough" (which passes without having checked anything on a slow machine).
+/// Two marker entries (for a uid no process has) are created one after the other: the second
+/// cannot be in the entry list of the sync that minted the first, so when it is minted that
+/// sync, entries, mints and all, is over. `tag` keeps marker IDs apart within one test.
+pub fn wait_for_a_full_sync(server: &Server, node: &Node, tag: &str) -> anyhow::Result<()> {
+    let name = node
+        .spiffe_id
+        .rsplit('/')
+        .next()
+        .unwrap_or("node")
+        .to_string();
+    for i in 0..2 {
+        let marker = format!("spiffe://example.org/sync-marker/{name}/{tag}-{i}");
+        server.create_entry(&[
+            "--parent-id",
+            &node.spiffe_id,
+            "--spiffe-id",
+            &marker,
+            "--selector",
+            "unix:uid:4294967001",
+        ])?;
+        wait_for_mint_in_log(node, &marker)?;
+    }
+    Ok(())
 }

@@ -222,12 +222,12 @@ fn openssl_verify_accepts_what_api_fetch_x509_wrote() -> anyhow::Result<()> {
     assert_eq!(mode, 0o600, "the key file is private");
 
     let verify = |purpose: &str| {
-        std::process::Command::new("openssl")
+        agentd_e2e::openssl()
             .args(["verify", "-purpose", purpose, "-CAfile"])
             .arg(out_dir.join("bundle.0.pem"))
             .arg(out_dir.join("svid.0.pem"))
             .output()
-            .expect("openssl is installed (make test installs it)")
+            .expect("running openssl")
     };
     for purpose in ["sslclient", "sslserver"] {
         let v = verify(purpose);
@@ -240,7 +240,7 @@ fn openssl_verify_accepts_what_api_fetch_x509_wrote() -> anyhow::Result<()> {
     }
     // The key matches the certificate.
     let pubkey = |args: &[&str], file: &str| {
-        let o = std::process::Command::new("openssl")
+        let o = agentd_e2e::openssl()
             .args(args)
             .arg(out_dir.join(file))
             .output()
@@ -256,7 +256,7 @@ fn openssl_verify_accepts_what_api_fetch_x509_wrote() -> anyhow::Result<()> {
     let other = Env::new();
     let other_server = Server::start(&other)?;
     other_server.write_bundle(&other.path().join("other.pem"))?;
-    let v = std::process::Command::new("openssl")
+    let v = agentd_e2e::openssl()
         .args(["verify", "-CAfile"])
         .arg(other.path().join("other.pem"))
         .arg(out_dir.join("svid.0.pem"))
@@ -316,7 +316,9 @@ async fn a_workload_with_no_entry_gets_permission_denied_no_identity_issued() ->
         "--selector",
         "unix:uid:4294967000",
     ])?;
-    std::thread::sleep(Duration::from_secs(2));
+    // Asked only once the node has the other entry (it minted its SVID), so "no identity"
+    // is not just "not synced yet".
+    agentd_e2e::wait_for_mint_in_log(&node, "spiffe://example.org/agent/other")?;
     let client = WorkloadApiClient::connect_to(node.endpoint()).await?;
     let err = client.fetch_x509_svid().await.expect_err("no identity");
     assert!(

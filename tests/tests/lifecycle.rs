@@ -316,7 +316,7 @@ fn upstream_ca_chain_is_served_and_verifies_against_the_upstream_root() -> anyho
     let env = Env::new();
     let up_key = env.path().join("upstream.key");
     let up_cert = env.path().join("upstream.pem");
-    let gen = std::process::Command::new("openssl")
+    let gen = agentd_e2e::openssl()
         .args([
             "req",
             "-x509",
@@ -407,7 +407,7 @@ fn upstream_ca_chain_is_served_and_verifies_against_the_upstream_root() -> anyho
     // svid.0.pem holds the leaf and the intermediate; the bundle is the upstream root.
     let chain = std::fs::read_to_string(out_dir.join("svid.0.pem"))?;
     assert_eq!(chain.matches("BEGIN CERTIFICATE").count(), 2);
-    let v = std::process::Command::new("openssl")
+    let v = agentd_e2e::openssl()
         .args(["verify", "-CAfile"])
         .arg(&up_cert)
         .arg("-untrusted")

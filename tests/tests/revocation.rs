@@ -107,7 +107,6 @@ async fn revoking_an_entry_withdraws_its_svid_and_jwt_until_lifted() -> anyhow::
     std::io::BufRead::read_line(&mut watch_out, &mut first)?;
     assert!(first.starts_with("Received 1 svid"), "{first}");
 
-    let revoked_at = Instant::now();
     let out = server.cli_ok(&[
         "revoke",
         "entry",
@@ -133,9 +132,10 @@ async fn revoking_an_entry_withdraws_its_svid_and_jwt_until_lifted() -> anyhow::
     );
     let sequence = event["sequence"].as_u64().expect("sequence");
 
-    // The workload's stream is updated: the source reports the SVID withdrawn.
-    let _ = source_until(&source, Duration::from_secs(5), withdrawn).await?;
-    assert!(revoked_at.elapsed() < Duration::from_secs(5));
+    // The workload's stream is updated: the source reports the SVID withdrawn. (That the
+    // feed, not a later sync, did it is shown by the watch's last words below, which name
+    // the revocation; the bound is only a give-up time.)
+    let _ = source_until(&source, Duration::from_secs(30), withdrawn).await?;
     // The watch ends, saying which revocation took the identity away.
     let watched = watch.wait_with_output()?;
     assert!(!watched.status.success());
@@ -160,7 +160,7 @@ async fn revoking_an_entry_withdraws_its_svid_and_jwt_until_lifted() -> anyhow::
     // The entry stays, marked revoked, and no SVID is issued for it across syncs.
     let shown = json(&server.cli_ok(&["entry", "show", "--id", &entry, "--output", "json"])?);
     assert_eq!(shown["revoked_by"].as_u64(), Some(sequence), "{shown}");
-    std::thread::sleep(Duration::from_secs(2));
+    agentd_e2e::wait_for_a_full_sync(&server, &node, "revoked")?;
     assert!(
         !fetch_x509(&node).status.success(),
         "never re-issued while it stands"
@@ -329,12 +329,16 @@ fn revocations_survive_a_server_restart() -> anyhow::Result<()> {
     assert_eq!(events.len(), 2, "{listed}");
     assert_eq!(events[0]["reason"], "audit");
     assert_eq!(listed["head_sequence"].as_u64(), Some(2));
-    // Still refused after the restart, and numbering continues.
-    assert!(wait_until(Duration::from_secs(10), || !fetch_x509(&node)
-        .status
-        .success()));
-    std::thread::sleep(Duration::from_secs(2));
-    assert!(!fetch_x509(&node).status.success());
+    // Still refused once the node has synced with the restarted server, and numbering
+    // continues.
+    agentd_e2e::wait_for_a_full_sync(&server, &node, "restarted")?;
+    let out = fetch_x509(&node);
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no identity issued"));
     let next = json(&server.cli_ok(&["revoke", "lift", "--sequence", "1", "--output", "json"])?);
     assert_eq!(next["sequence"].as_u64(), Some(3));
     node.wait_for_svid(id)?;
@@ -426,14 +430,14 @@ fn openssl_crl_check(
     crl: &std::path::Path,
     leaf: &str,
 ) -> std::process::Output {
-    std::process::Command::new("openssl")
+    agentd_e2e::openssl()
         .args(["verify", "-crl_check", "-CAfile"])
         .arg(dir.join("bundle.0.pem"))
         .arg("-CRLfile")
         .arg(crl)
         .arg(dir.join(leaf))
         .output()
-        .expect("openssl is installed (make test installs it)")
+        .expect("running openssl")
 }
 
 #[test]
@@ -528,8 +532,8 @@ async fn revoking_an_old_authority_drops_it_and_reissues_what_it_signed() -> any
     assert!(String::from_utf8_lossy(&refused.stderr).contains("active"));
 
     server.cli_ok(&["authority", "prepare"])?;
-    // Wait one sync so the node agent has the new bundle before anything is signed by it.
-    std::thread::sleep(Duration::from_secs(2));
+    // One whole sync, so the node agent has the new bundle before anything is signed by it.
+    agentd_e2e::wait_for_a_full_sync(&server, &node, "prepared")?;
     server.cli_ok(&["authority", "activate"])?;
     // Refused while the node's own SVID is from the old authority (it was issued at most half
     // a TTL before the activation, so it is live for at least 5 s more), naming the node.
@@ -545,7 +549,10 @@ async fn revoking_an_old_authority_drops_it_and_reissues_what_it_signed() -> any
         "{stderr}"
     );
     let listed = json(&server.cli_ok(&["authority", "list", "--output", "json"])?);
-    assert!(listed.to_string().contains(&old_x509), "refused, yet gone: {listed}");
+    assert!(
+        listed.to_string().contains(&old_x509),
+        "refused, yet gone: {listed}"
+    );
     // Accepted once the node renewed under the new authority and the old SVID expired.
     let mut last = String::new();
     let mut event = serde_json::Value::Null;

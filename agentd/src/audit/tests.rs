@@ -279,22 +279,59 @@ async fn records_are_exported_as_json_lines() {
     assert_eq!(mode & 0o777, 0o600);
 }
 
+/// The canonical form written out by hand: keys sorted at every level, no spaces, strings
+/// escaped as JSON does (non-ASCII kept as UTF-8), a missing subject as `null`, after the
+/// domain line. Its SHA-256 (computed outside this code, with `sha256sum`) is pinned too:
+/// records already in a log must keep verifying, so the form may not drift.
+const GOLDEN_CANONICAL: &str = concat!(
+    "agentd-audit-v1\n",
+    r#"{"action":"entry.create","actor":"uid:0","fields":{"n":null,"x":{"a":[1,{"b":"é\"q","z":0}],"k":1}},"#,
+    r#""prev_hash":"0000000000000000000000000000000000000000000000000000000000000000","#,
+    r#""seq":7,"subject":"spiffe://example.org/a","time":1700000000}"#,
+);
+const GOLDEN_HASH: &str = "37714f76045bf95988593b23fa1acbb7e98c9377f8dd1facea60f06c56c91c29";
+
 #[test]
-fn the_hash_does_not_depend_on_key_order() {
-    let a = seal(
-        AuditRecord::new("a", "b")
-            .field("x", serde_json::json!({"k": 1, "a": [1, {"z": 0, "b": 1}]})),
-        1,
-        0,
+fn the_hash_is_sha256_over_the_canonical_form() {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(GOLDEN_CANONICAL.as_bytes());
+    assert_eq!(hex::encode(ctx.finish()), GOLDEN_HASH);
+    let sealed = seal(
+        AuditRecord::new("entry.create", "uid:0")
+            .subject("spiffe://example.org/a")
+            .field(
+                "x",
+                serde_json::json!({"k": 1, "a": [1, {"z": 0, "b": "é\"q"}]}),
+            )
+            .field("n", serde_json::Value::Null),
+        7,
+        1_700_000_000,
         GENESIS_HASH,
         &AuditKey::generate(),
     );
-    let reparsed: SealedAuditRecord =
-        serde_json::from_str(&serde_json::to_string(&a).unwrap()).unwrap();
-    assert_eq!(record_hash(&reparsed), a.hash);
-    let mut changed = a.clone();
-    changed.time = 1;
-    assert_ne!(record_hash(&changed), a.hash);
+    assert_eq!(sealed.hash, GOLDEN_HASH);
+}
+
+#[test]
+fn the_hash_does_not_depend_on_key_order() {
+    // The same record as JSON text in two key orders, at the top level and inside nested
+    // field objects, as another writer (or serde_json with `preserve_order`, which feature
+    // unification can switch on) might produce it. Both must hash to the golden value.
+    let sorted = r#"{"action":"entry.create","actor":"uid:0","fields":{"n":null,"x":{"a":[1,{"b":"é\"q","z":0}],"k":1}},"hash":"","prev_hash":"0000000000000000000000000000000000000000000000000000000000000000","seq":7,"subject":"spiffe://example.org/a","time":1700000000}"#;
+    let reversed = r#"{"time":1700000000,"subject":"spiffe://example.org/a","seq":7,"prev_hash":"0000000000000000000000000000000000000000000000000000000000000000","hash":"","fields":{"x":{"k":1,"a":[1,{"z":0,"b":"é\"q"}]},"n":null},"actor":"uid:0","action":"entry.create"}"#;
+    for text in [sorted, reversed] {
+        let r: SealedAuditRecord = serde_json::from_str(text).unwrap();
+        assert_eq!(record_hash(&r), GOLDEN_HASH, "{text}");
+    }
+    // Array order is data, not layout: it changes the hash, as does any field.
+    let swapped: SealedAuditRecord = serde_json::from_str(
+        &sorted.replace(r#"[1,{"b":"é\"q","z":0}]"#, r#"[{"b":"é\"q","z":0},1]"#),
+    )
+    .unwrap();
+    assert_ne!(record_hash(&swapped), GOLDEN_HASH);
+    let mut changed: SealedAuditRecord = serde_json::from_str(sorted).unwrap();
+    changed.time += 1;
+    assert_ne!(record_hash(&changed), GOLDEN_HASH);
 }
 
 fn read_record(log: &sled::Tree, seq: u64) -> SealedAuditRecord {

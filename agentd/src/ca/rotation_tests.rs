@@ -2,12 +2,10 @@
 //! key dir, the rotation schedule (driven by a `ManualClock`), and CRLs.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use super::tests::{
-    cfg, id, mint, now_whole, openssl_available, openssl_verify, parse, rcgen_upstream,
-    spiffe_crate_accepts,
+    cfg, id, mint, now_whole, openssl, openssl_verify, parse, rcgen_upstream, spiffe_crate_accepts,
 };
 use super::*;
 use crate::clock::{unix_seconds, Clock, ManualClock};
@@ -237,11 +235,9 @@ fn prepare_publishes_without_signing_and_activate_switches_the_signer() {
         crate::svid::jwt::validate(t, "aud", &bundle, clock.now()).unwrap();
     }
     spiffe_crate_accepts(&new_svid, &key);
-    if openssl_available() {
-        let d = tempfile::tempdir().unwrap();
-        openssl_verify(d.path(), &bundle, &old_svid);
-        openssl_verify(d.path(), &bundle, &new_svid);
-    }
+    let d = tempfile::tempdir().unwrap();
+    openssl_verify(d.path(), &bundle, &old_svid);
+    openssl_verify(d.path(), &bundle, &new_svid);
 
     // Nothing prepared any more.
     assert!(matches!(
@@ -605,10 +601,8 @@ fn upstream_mode_prepares_intermediates_and_keeps_the_upstream_roots_as_the_bund
     assert_eq!(svid.cert_chain[1], new);
     assert_eq!(svid.authority_id, ski_hex(&new));
     spiffe_crate_accepts(&svid, &key);
-    if openssl_available() {
-        let d = tempfile::tempdir().unwrap();
-        openssl_verify(d.path(), &ca.bundle(), &svid);
-    }
+    let d = tempfile::tempdir().unwrap();
+    openssl_verify(d.path(), &ca.bundle(), &svid);
 }
 
 // ---- CRL (RFC 5280 section 5) ----
@@ -625,7 +619,7 @@ fn openssl_crl_check(
     std::fs::write(&root, root_pem).unwrap();
     std::fs::write(&crl, pem_encode("X509 CRL", crl_der)).unwrap();
     std::fs::write(&leaf, pem_encode("CERTIFICATE", leaf_der)).unwrap();
-    let out = Command::new("openssl")
+    let out = openssl()
         .arg("verify")
         .arg("-crl_check")
         .arg("-CAfile")
@@ -723,17 +717,15 @@ fn crl_has_the_rfc5280_fields_and_openssl_rejects_a_listed_leaf() {
         .verify_signature(parse(&ca.signing_cert_der()).public_key())
         .expect("signed by the authority's key");
 
-    if openssl_available() {
-        let root_pem = ca.bundle().x509_pem();
-        let (ok, out) = openssl_crl_check(dir.path(), &root_pem, &crl, &revoked.cert_chain[0]);
-        assert!(!ok, "a revoked leaf must be rejected: {out}");
-        assert!(out.contains("revoked"), "{out}");
-        let (ok, out) = openssl_crl_check(dir.path(), &root_pem, &crl, &live.cert_chain[0]);
-        assert!(ok, "a live leaf is accepted: {out}");
-        let empty = ca.crl_der(&authority, &[], 43, clock.now()).unwrap();
-        let (ok, out) = openssl_crl_check(dir.path(), &root_pem, &empty, &revoked.cert_chain[0]);
-        assert!(ok, "a CRL without the serial accepts the leaf: {out}");
-    }
+    let root_pem = ca.bundle().x509_pem();
+    let (ok, out) = openssl_crl_check(dir.path(), &root_pem, &crl, &revoked.cert_chain[0]);
+    assert!(!ok, "a revoked leaf must be rejected: {out}");
+    assert!(out.contains("revoked"), "{out}");
+    let (ok, out) = openssl_crl_check(dir.path(), &root_pem, &crl, &live.cert_chain[0]);
+    assert!(ok, "a live leaf is accepted: {out}");
+    let empty = ca.crl_der(&authority, &[], 43, clock.now()).unwrap();
+    let (ok, out) = openssl_crl_check(dir.path(), &root_pem, &empty, &revoked.cert_chain[0]);
+    assert!(ok, "a CRL without the serial accepts the leaf: {out}");
 }
 
 #[test]
@@ -765,15 +757,13 @@ fn crl_for_an_old_authority_and_bad_input() {
             clock.now(),
         )
         .unwrap();
-    if openssl_available() {
-        let (ok, out) = openssl_crl_check(
-            dir.path(),
-            &ca.bundle().x509_pem(),
-            &crl,
-            &old_svid.cert_chain[0],
-        );
-        assert!(!ok && out.contains("revoked"), "{out}");
-    }
+    let (ok, out) = openssl_crl_check(
+        dir.path(),
+        &ca.bundle().x509_pem(),
+        &crl,
+        &old_svid.cert_chain[0],
+    );
+    assert!(!ok && out.contains("revoked"), "{out}");
 
     let err = ca.crl_der("abcd", &[], 1, clock.now()).unwrap_err();
     assert!(matches!(err, CaError::UnknownAuthority { .. }) && err.to_string().contains("abcd"));

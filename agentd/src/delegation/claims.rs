@@ -126,6 +126,33 @@ mod tests {
     use crate::delegation::model::GrantId;
 
     #[test]
+    fn the_claims_are_the_documented_json() {
+        let doc: Value = serde_json::from_str(&crate::delegation::x509ext::test_vectors::block(
+            "jwt-payload",
+        ))
+        .expect("the documented payload is JSON");
+        let doc = doc.as_object().unwrap();
+        let (scopes, mut d) = crate::delegation::x509ext::test_vectors::identity();
+        let claims = to_claims(&scopes, Some(&d));
+        // Exactly the documented private claims, with the documented types and values.
+        let documented: Map<String, Value> = doc
+            .iter()
+            .filter(|(k, _)| [SCOPE, DELEGATION, TASK_ID, OFFER].contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        assert_eq!(Value::Object(claims), Value::Object(documented));
+        // And the documented payload reads back as the identity, `exp` included.
+        d.expires_at = 1_767_225_600;
+        assert_eq!(from_claims(doc).unwrap(), (scopes.clone(), Some(d)));
+        // A plain JWT-SVID: `scope` alone; no scopes: nothing.
+        assert_eq!(
+            Value::Object(to_claims(&scopes, None)),
+            json!({"scope": "calendar:read crm:*"})
+        );
+        assert!(to_claims(&ScopeSet::new(), None).is_empty());
+    }
+
+    #[test]
     fn claims_round_trip() {
         let scopes = ScopeSet::parse(&["calendar:read", "crm:read"]).unwrap();
         let d = Delegation {

@@ -374,6 +374,7 @@ pub fn allows(d: &Delegation, scope: &Scope) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::delegation::scope::oracle;
     use proptest::prelude::*;
 
     fn id(p: &str) -> SpiffeId {
@@ -492,6 +493,53 @@ mod tests {
         assert_eq!(e, RuleError::DepthExhausted);
     }
 
+    /// Attenuation with wildcards, answers worked out by hand.
+    #[test]
+    fn a_wildcard_is_not_attenuated_from_a_list_of_actions() {
+        let wide = set(&["calendar:*", "crm:*", "payments:*"]);
+        // Parent holds two calendar actions: the child may not ask for calendar:*.
+        let listed = root(&["calendar:read", "calendar:write"], 2);
+        let e = derive_child(&listed, child(&["calendar:*"], 500, &wide), 0).unwrap_err();
+        assert_eq!(
+            e,
+            RuleError::ScopeNotInParent {
+                scope: "calendar:*".into(),
+                held: "calendar:read calendar:write".into()
+            }
+        );
+        // Nor a third action, nor the same action on another resource.
+        for scopes in [
+            &["calendar:delete"][..],
+            &["crm:read"],
+            &["calendar:read", "crm:read"],
+        ] {
+            let e = derive_child(&listed, child(scopes, 500, &wide), 0).unwrap_err();
+            assert!(
+                matches!(e, RuleError::ScopeNotInParent { .. }),
+                "{scopes:?}: {e}"
+            );
+        }
+        // Parent holds calendar:*: listing actions narrows it, and the child may narrow again.
+        let wild = root(&["calendar:*"], 2);
+        let c = derive_child(
+            &wild,
+            child(&["calendar:read", "calendar:write"], 500, &wide),
+            0,
+        )
+        .unwrap();
+        assert_eq!(c.scopes, set(&["calendar:read", "calendar:write"]));
+        let e = derive_child(&c, child(&["calendar:*"], 400, &wide), 0).unwrap_err();
+        assert!(matches!(e, RuleError::ScopeNotInParent { .. }), "{e}");
+        let leaf = derive_child(&c, child(&["calendar:read"], 400, &wide), 0).unwrap();
+        assert_eq!(leaf.scopes, set(&["calendar:read"]));
+        // The parent's wildcard does not lift the child's entry ceiling.
+        let narrow = set(&["calendar:read"]);
+        let e = derive_child(&wild, child(&["calendar:*"], 500, &narrow), 0).unwrap_err();
+        assert!(matches!(e, RuleError::ScopeAboveCeiling { .. }), "{e}");
+        let e = derive_child(&wild, child(&["calendar:write"], 500, &narrow), 0).unwrap_err();
+        assert!(matches!(e, RuleError::ScopeAboveCeiling { .. }), "{e}");
+    }
+
     fn scope_strategy() -> impl Strategy<Value = String> {
         (
             prop::sample::select(vec!["calendar", "crm", "payments"]),
@@ -558,8 +606,10 @@ mod tests {
             for (i, a) in attempts.into_iter().enumerate() {
                 let scopes = ScopeSet::parse(&a.scopes).unwrap();
                 let ceiling = ScopeSet::parse(&a.ceiling).unwrap();
-                let widens = !scopes.is_subset_of(&current.scopes)
-                    || !scopes.is_subset_of(&ceiling);
+                // The oracle, not the subset test under test, decides what widens.
+                let asked = oracle::granted(&a.scopes);
+                let widens = !oracle::within(&asked, &oracle::granted(&current.scopes.to_strings()))
+                    || !oracle::within(&asked, &oracle::granted(&a.ceiling));
                 let extends = a.expires_at > current.expires_at;
                 let depth_bad = current.remaining_depth == 0
                     || a.max_depth.is_some_and(|d| d >= current.remaining_depth);
@@ -576,9 +626,10 @@ mod tests {
                 match derive_child(&current, req, a.now) {
                     Ok(next) => {
                         prop_assert!(!widens && !extends && !depth_bad && !a.other_principal);
-                        prop_assert!(next.scopes.is_subset_of(&current.scopes));
-                        prop_assert!(next.scopes.is_subset_of(&root.scopes));
-                        prop_assert!(next.scopes.is_subset_of(&ceiling));
+                        let got = oracle::granted(&next.scopes.to_strings());
+                        prop_assert!(oracle::within(&got, &oracle::granted(&current.scopes.to_strings())));
+                        prop_assert!(oracle::within(&got, &oracle::granted(&root.scopes.to_strings())));
+                        prop_assert!(oracle::within(&got, &oracle::granted(&a.ceiling)));
                         prop_assert!(next.expires_at <= current.expires_at);
                         prop_assert!(next.expires_at > a.now);
                         prop_assert!(next.remaining_depth < current.remaining_depth);

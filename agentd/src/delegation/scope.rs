@@ -182,9 +182,57 @@ impl fmt::Display for ScopeSet {
     }
 }
 
+/// An oracle for the tests that shares no code with the above: a scope set as the finite set
+/// of concrete permissions it grants over a small universe. `r:*` grants every action on `r`,
+/// including [`oracle::OTHER`], which stands for every action the universe does not name (so
+/// `{r:*}` is never equal to a list of named actions).
+#[cfg(test)]
+pub(crate) mod oracle {
+    use std::collections::BTreeSet;
+
+    pub const RESOURCES: [&str; 3] = ["calendar", "crm", "payments"];
+    pub const ACTIONS: [&str; 3] = ["read", "write", "execute"];
+    /// Any action not in [`ACTIONS`].
+    pub const OTHER: &str = "(other)";
+
+    /// A permission as a pair: `(resource, action)`.
+    pub type Granted = BTreeSet<(String, String)>;
+
+    /// The permissions `scopes` grant: each named one, and for `r:*` every action in
+    /// [`ACTIONS`] on `r` plus `(r, OTHER)`.
+    pub fn granted<S: AsRef<str>>(scopes: &[S]) -> Granted {
+        let mut out = BTreeSet::new();
+        for s in scopes {
+            let (r, a) = s.as_ref().split_once(':').expect("resource:action");
+            if a == "*" {
+                for a in ACTIONS.iter().chain([&OTHER]) {
+                    out.insert((r.to_string(), a.to_string()));
+                }
+            } else {
+                out.insert((r.to_string(), a.to_string()));
+            }
+        }
+        out
+    }
+
+    /// Whether `g` grants `action` on `resource` (an action outside [`ACTIONS`] is granted
+    /// by `(resource, OTHER)`, that is by `resource:*`).
+    pub fn holds(g: &Granted, resource: &str, action: &str) -> bool {
+        g.contains(&(resource.to_string(), action.to_string()))
+            || (!ACTIONS.contains(&action)
+                && g.contains(&(resource.to_string(), OTHER.to_string())))
+    }
+
+    /// Whether holding `a` grants nothing beyond holding `b`.
+    pub fn within(a: &Granted, b: &Granted) -> bool {
+        a.iter().all(|(r, act)| holds(b, r, act))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn s(x: &str) -> Scope {
         x.parse().unwrap()
@@ -238,6 +286,103 @@ mod tests {
             set(&["calendar:*"]).intersection(&set(&["calendar:*", "calendar:read"])),
             set(&["calendar:*"])
         );
+    }
+
+    /// Hand-written cases, each with the answer worked out by reading the rule, not by
+    /// running the code.
+    #[test]
+    fn wildcards_against_lists_of_actions() {
+        let wild = set(&["calendar:*"]);
+        let listed = set(&["calendar:read", "calendar:write"]);
+        // A wildcard grants actions no list names: never within a list.
+        assert!(!wild.is_subset_of(&listed));
+        assert_eq!(wild.first_not_allowed_by(&listed), Some(&s("calendar:*")));
+        assert!(listed.is_subset_of(&wild));
+        assert_eq!(listed.first_not_allowed_by(&wild), None);
+        // Not even a list of every action the tests know of.
+        let all_named = set(&[
+            "calendar:read",
+            "calendar:write",
+            "calendar:execute",
+            "calendar:delete",
+        ]);
+        assert!(!wild.is_subset_of(&all_named));
+        assert!(all_named.is_subset_of(&wild));
+        // The wildcard is per resource: not a prefix, not a hierarchy, not across resources.
+        assert!(!s("calendar:*").covers(&s("calendars:read")));
+        assert!(!s("cal:*").covers(&s("calendar:read")));
+        assert!(!s("crm:*").covers(&s("crm/leads:read")));
+        assert!(!s("crm/leads:*").covers(&s("crm:read")));
+        assert!(s("crm/leads:*").covers(&s("crm/leads:read")));
+        assert!(!s("crm:*").covers(&s("Crm:read")), "case matters");
+        assert!(!set(&["calendar:*"]).is_subset_of(&set(&["crm:*"])));
+        // `*` is an action only: no resource wildcard, no partial or doubled wildcard.
+        for bad in ["*:*", "crm:**", "crm:*read", "c*:read"] {
+            assert!(bad.parse::<Scope>().is_err(), "{bad}");
+        }
+        // The empty set is within everything; nothing non-empty is within the empty set.
+        assert!(ScopeSet::new().is_subset_of(&listed));
+        assert!(!listed.is_subset_of(&ScopeSet::new()));
+        assert!(!wild.is_subset_of(&ScopeSet::new()));
+        // Duplicates collapse; a wildcard beside its own exact scopes is still a wildcard.
+        assert_eq!(set(&["crm:read", "crm:read"]).len(), 1);
+        assert!(!set(&["calendar:*", "calendar:read"]).is_subset_of(&listed));
+    }
+
+    #[test]
+    fn intersections_worked_by_hand() {
+        let wild = set(&["calendar:*"]);
+        let listed = set(&["calendar:read", "calendar:write"]);
+        assert_eq!(wild.intersection(&listed), listed);
+        assert_eq!(listed.intersection(&wild), listed);
+        assert_eq!(wild.intersection(&set(&["crm:*"])), ScopeSet::new());
+        assert_eq!(
+            set(&["calendar:*", "crm:read"]).intersection(&set(&["calendar:*", "crm:write"])),
+            set(&["calendar:*"])
+        );
+        assert_eq!(
+            set(&["crm/leads:*"]).intersection(&set(&["crm:*", "crm/leads:read"])),
+            set(&["crm/leads:read"])
+        );
+        assert_eq!(listed.intersection(&ScopeSet::new()), ScopeSet::new());
+    }
+
+    fn scope_strategy() -> impl Strategy<Value = String> {
+        (
+            prop::sample::select(oracle::RESOURCES.to_vec()),
+            prop::sample::select(vec!["read", "write", "execute", "delete", "*"]),
+        )
+            .prop_map(|(r, a)| format!("{r}:{a}"))
+    }
+
+    fn scopes_strategy() -> impl Strategy<Value = Vec<String>> {
+        prop::collection::vec(scope_strategy(), 0..6)
+    }
+
+    proptest! {
+        /// The subset test, `allows` and the intersection agree with the oracle. `delete`
+        /// is outside the oracle's named actions, so `r:*` grants it only through OTHER.
+        #[test]
+        fn subset_allows_and_intersection_match_the_oracle(
+            a in scopes_strategy(),
+            b in scopes_strategy(),
+        ) {
+            use oracle::{granted, holds, within};
+            let (sa, sb) = (ScopeSet::parse(&a).unwrap(), ScopeSet::parse(&b).unwrap());
+            let (ga, gb) = (granted(&a), granted(&b));
+            prop_assert_eq!(sa.is_subset_of(&sb), within(&ga, &gb), "{:?} within {:?}", a, b);
+            for x in &a {
+                let gx = granted(std::slice::from_ref(x));
+                prop_assert_eq!(sb.allows(&s(x)), within(&gx, &gb), "{} allowed by {:?}", x, b);
+            }
+            let meet = sa.intersection(&sb);
+            let gm = granted(&meet.to_strings());
+            prop_assert!(within(&gm, &ga) && within(&gm, &gb), "{} grants more than both", meet);
+            // Nothing both grant is lost.
+            for (r, act) in ga.iter().filter(|(r, act)| holds(&gb, r, act)) {
+                prop_assert!(holds(&gm, r, act), "{}:{} lost from {}", r, act, meet);
+            }
+        }
     }
 
     #[test]

@@ -264,10 +264,138 @@ pub fn decode_delegation(der: &[u8], scopes: ScopeSet) -> Result<Delegation, Ext
     })
 }
 
+/// The test vectors of docs/extensions.md ("Test vectors"), read from the document itself so
+/// that the document and the code cannot drift apart.
+#[cfg(test)]
+pub(crate) mod test_vectors {
+    use super::*;
+
+    const DOC: &str = include_str!("../../../docs/extensions.md");
+
+    /// The text of the fenced block after `<!-- test vector: NAME -->`.
+    pub fn block(name: &str) -> String {
+        let marker = format!("<!-- test vector: {name} -->");
+        let after = DOC
+            .split_once(&marker)
+            .unwrap_or_else(|| panic!("docs/extensions.md has no {marker}"))
+            .1;
+        let mut lines = after.lines().skip_while(|l| !l.starts_with("```"));
+        lines.next().expect("a fenced block after the marker");
+        let body: Vec<&str> = lines.take_while(|l| !l.starts_with("```")).collect();
+        body.join("\n")
+    }
+
+    /// A hex block as bytes.
+    pub fn hex_block(name: &str) -> Vec<u8> {
+        let text: String = block(name).split_whitespace().collect();
+        hex::decode(&text).unwrap_or_else(|e| panic!("vector {name} is not hex: {e}"))
+    }
+
+    /// The identity every vector encodes.
+    pub fn identity() -> (ScopeSet, Delegation) {
+        let scopes = ScopeSet::parse(&["crm:*", "calendar:read"]).unwrap();
+        let d = Delegation {
+            principal: "user:alice@example.com".parse().unwrap(),
+            chain: vec![
+                Hop {
+                    agent: SpiffeId::new("spiffe://example.org/agent/orchestrator").unwrap(),
+                    grant_id: "5c0e9a3b7d214f6e8c1a2b3c4d5e6f70".parse().unwrap(),
+                },
+                Hop {
+                    agent: SpiffeId::new("spiffe://example.org/agent/scheduler").unwrap(),
+                    grant_id: "a41b2c3d4e5f60718293a4b5c6d7e8f9".parse().unwrap(),
+                },
+            ],
+            scopes: scopes.clone(),
+            expires_at: 0,
+            remaining_depth: 0,
+            task_id: Some("task-42".parse().unwrap()),
+        };
+        (scopes, d)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::delegation::model::GrantId;
+
+    #[test]
+    fn the_encodings_are_the_documented_bytes() {
+        let (scopes, d) = test_vectors::identity();
+        let scopes_der = test_vectors::hex_block("scopes-der");
+        let delegation_der = test_vectors::hex_block("delegation-der");
+        assert_eq!(
+            hex::encode(encode_scopes(&scopes)),
+            hex::encode(&scopes_der)
+        );
+        assert_eq!(
+            hex::encode(encode_delegation(&d)),
+            hex::encode(&delegation_der)
+        );
+        assert_eq!(decode_scopes(&scopes_der).unwrap(), scopes);
+        assert_eq!(
+            decode_delegation(&delegation_der, scopes.clone()).unwrap(),
+            d
+        );
+        // Without a task: the element is absent and the outer length 9 bytes shorter.
+        let mut no_task = d.clone();
+        no_task.task_id = None;
+        let mut want = delegation_der[..delegation_der.len() - 9].to_vec();
+        want[2] -= 9;
+        assert_eq!(hex::encode(encode_delegation(&no_task)), hex::encode(&want));
+        assert_eq!(decode_delegation(&want, scopes.clone()).unwrap(), no_task);
+        // A remaining depth of 128 is `02 02 00 80` (minimal two's complement), in place of
+        // `02 01 00`: one byte longer at both levels.
+        let mut deep = d.clone();
+        deep.remaining_depth = 128;
+        let at = delegation_der.len() - 9 - 3;
+        assert_eq!(&delegation_der[at..at + 3], [0x02, 0x01, 0x00]);
+        let mut want = delegation_der[..at].to_vec();
+        want.extend([0x02, 0x02, 0x00, 0x80]);
+        want.extend(&delegation_der[at + 3..]);
+        want[2] += 1;
+        assert_eq!(hex::encode(encode_delegation(&deep)), hex::encode(&want));
+        assert_eq!(decode_delegation(&want, scopes.clone()).unwrap(), deep);
+        // Both extensions under the default base, scope first, each non-critical by
+        // construction (SvidExtension has no critical flag).
+        let exts = svid_extensions(&OidBase::default(), &scopes, Some(&d));
+        assert_eq!(
+            exts,
+            [
+                SvidExtension {
+                    oid: vec![1, 3, 6, 1, 3, 8473, 1, 1],
+                    value: scopes_der,
+                },
+                SvidExtension {
+                    oid: vec![1, 3, 6, 1, 3, 8473, 1, 2],
+                    value: delegation_der,
+                },
+            ]
+        );
+        assert!(svid_extensions(&OidBase::default(), &ScopeSet::new(), None).is_empty());
+    }
+
+    #[test]
+    fn malformed_documented_values_are_refused() {
+        let (scopes, _) = test_vectors::identity();
+        let der = test_vectors::hex_block("delegation-der");
+        // Version 2 in place of 1.
+        let mut v2 = der.clone();
+        assert_eq!(&v2[3..6], [0x02, 0x01, 0x01]);
+        v2[5] = 2;
+        let e = decode_delegation(&v2, scopes.clone()).unwrap_err();
+        assert!(e.to_string().contains("unknown version 2"), "{e}");
+        // A non-minimal length (DER forbids `81 16` for 22).
+        let scopes_der = test_vectors::hex_block("scopes-der");
+        let mut long = vec![0x30, 0x81];
+        long.extend(&scopes_der[1..]);
+        assert!(decode_scopes(&long).is_err());
+        // A PrintableString in place of a UTF8String.
+        let mut printable = scopes_der.clone();
+        printable[2] = 0x13;
+        assert!(decode_scopes(&printable).is_err());
+    }
 
     #[test]
     fn oid_base_rules() {

@@ -252,7 +252,8 @@ mod tests {
             .rpc_layer()
             .layer(tower::service_fn(|req: http::Request<()>| async move {
                 let mut resp = http::Response::new(tonic::body::Body::new(String::from("x")));
-                if req.uri().path() == "/Svc/Nope" {
+                // Only /Svc/Watch is implemented: anything else is answered Unimplemented.
+                if req.uri().path() != "/Svc/Watch" && !req.uri().path().starts_with("/Svc/Long") {
                     resp.headers_mut()
                         .insert("grpc-status", http::HeaderValue::from_static("12"));
                 }
@@ -273,17 +274,22 @@ mod tests {
         drop(first);
         assert!(text(&m)
             .contains("agentd_node_rpc_open_streams{api=\"workload\",rpc=\"/Svc/Watch\"} 0"));
-        // Unimplemented methods share one label, whatever the path.
-        for p in ["/Svc/Nope", "/Svc/Nope"] {
+        // Unimplemented methods share one label, whatever the path: two different paths
+        // answered Unimplemented, and a path too long to be a label (answered, so only the
+        // length bound keeps it out), all count under `unknown`.
+        let long = format!("/Svc/Long{}", "x".repeat(MAX_RPC_LEN));
+        for p in ["/Svc/Nope", "/Other/Missing", long.as_str()] {
             drop(svc.clone().oneshot(request(p)).await.unwrap());
         }
         let t = text(&m);
         assert!(
             t.contains(
-                "agentd_node_rpc_duration_seconds_count{api=\"workload\",rpc=\"unknown\"} 2"
+                "agentd_node_rpc_duration_seconds_count{api=\"workload\",rpc=\"unknown\"} 3"
             ),
             "{t}"
         );
-        assert!(!t.contains("/Svc/Nope"), "{t}");
+        for p in ["/Svc/Nope", "/Other/Missing", "/Svc/Long"] {
+            assert!(!t.contains(p), "{p} became a label: {t}");
+        }
     }
 }

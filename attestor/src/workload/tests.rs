@@ -682,8 +682,14 @@ fn own_process_gets_its_binary_path_and_hash() {
     );
 }
 
-fn is_root() -> bool {
-    own_ids().0 == 0
+/// These tests start children under other uids, which needs root (CAP_SETUID): `make test`
+/// and CI run as root. Without it they fail and say so instead of passing untested.
+fn require_root(what: &str) {
+    assert_eq!(
+        own_ids().0,
+        0,
+        "{what} needs root (CAP_SETUID to start children under other uids): run the tests as root"
+    );
 }
 
 fn sha256_hex(path: &std::path::Path) -> String {
@@ -692,10 +698,7 @@ fn sha256_hex(path: &std::path::Path) -> String {
 
 #[test]
 fn child_as_nobody_gets_its_own_selectors() {
-    if !is_root() {
-        println!("skipped: spawning a child as uid 65534 needs root");
-        return;
-    }
+    require_root("spawning a child as uid 65534");
     let child = sleeper(Some(65534));
     let pid = child.0.id() as i32;
     let peer = PeerCredentials {
@@ -753,17 +756,13 @@ fn child_as_nobody_gets_its_own_selectors() {
 
 #[test]
 fn concurrent_callers_each_get_their_own_selectors() {
-    let root = is_root();
-    let (my_uid, my_gid) = own_ids();
+    // Each child under its own uid: a mix-up between concurrent callers shows as a wrong uid.
+    require_root("starting eight children under distinct uids");
     let attestors = Arc::new(WorkloadAttestors::default());
     let children: Vec<(Reaped, u32, u32)> = (0..8u32)
         .map(|i| {
-            if root {
-                let uid = 60000 + i;
-                (sleeper(Some(uid)), uid, uid)
-            } else {
-                (sleeper(None), my_uid, my_gid)
-            }
+            let uid = 60000 + i;
+            (sleeper(Some(uid)), uid, uid)
         })
         .collect();
     std::thread::scope(|s| {
