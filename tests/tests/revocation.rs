@@ -771,3 +771,240 @@ fn crls_are_signed_once_per_revocation_not_per_fetch() -> anyhow::Result<()> {
     assert_eq!(crl(6)?, after);
     Ok(())
 }
+
+/// A TCP proxy between a node agent and the server that can cut every connection and
+/// refuse new ones (`cut`) until `restore`: the feed is lost while the server stays up.
+struct CutProxy {
+    address: String,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    live: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl CutProxy {
+    fn start(upstream: &str) -> anyhow::Result<Self> {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let address = listener.local_addr()?.to_string();
+        let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let live = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (d, l, up) = (down.clone(), live.clone(), upstream.to_string());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(client) = conn else { return };
+                if d.load(Ordering::SeqCst) {
+                    continue; // dropped: refused while cut
+                }
+                let Ok(server) = std::net::TcpStream::connect(&up) else {
+                    continue;
+                };
+                let mut guard = l.lock().unwrap();
+                for s in [&client, &server] {
+                    if let Ok(c) = s.try_clone() {
+                        guard.push(c);
+                    }
+                }
+                drop(guard);
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Ok(Self {
+            address,
+            down,
+            live,
+        })
+    }
+
+    fn cut(&self) {
+        self.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        for s in self.live.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn restore(&self) {
+        self.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The head sequence the node agent's watch service reports (as a registered caller).
+fn node_head(node_socket: &str) -> Option<u64> {
+    let out = agentd(&[
+        "api",
+        "revocations",
+        "--socket-path",
+        node_socket,
+        "--output",
+        "json",
+    ]);
+    out.status.success().then_some(())?;
+    json(&String::from_utf8_lossy(&out.stdout))["head_sequence"].as_u64()
+}
+
+#[test]
+fn a_feed_cut_while_revocations_happen_resumes_after_the_last_applied_event() -> anyhow::Result<()>
+{
+    let env = Env::new();
+    // Debug logs name the sequence each feed subscription starts after.
+    let server = Server::start_with(&env, &["--log-level", "debug"])?;
+    let proxy = CutProxy::start(&server.address)?;
+    let node_id = "spiffe://example.org/node/cut";
+    let token = server.join_token(node_id)?;
+    let bundle = env.path().join("cut-bundle.pem");
+    server.write_bundle(&bundle)?;
+    // A short feed timeout, and fail_closed left at its default (false).
+    let config = env.path().join("cut.toml");
+    std::fs::write(&config, "[revocation]\nfeed_timeout = \"2s\"\n")?;
+    let socket = env.path().join("cut.sock");
+    let sock = socket.display().to_string();
+    let mut daemon = agentd_e2e::spawn_node_with(
+        &proxy.address,
+        &bundle,
+        &env.path().join("cut"),
+        &socket,
+        Some(&token),
+        &["--config", config.to_str().unwrap()],
+    )?;
+    daemon.wait_node_healthy(&socket)?;
+    let id = "spiffe://example.org/agent/cut";
+    server.register_own_uid(node_id, id, &["--x509-svid-ttl", "1h"])?;
+    let served = || {
+        let out = agentd(&[
+            "api",
+            "fetch",
+            "x509",
+            "--socket-path",
+            &sock,
+            "--output",
+            "json",
+        ]);
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains(id)
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), served),
+        "{}",
+        daemon.log_text()
+    );
+    for t in ["t-1", "t-2"] {
+        server.cli_ok(&["revoke", "task", "--id", t])?;
+    }
+    assert!(wait_until(Duration::from_secs(10), || node_head(&sock) == Some(2)));
+
+    // The feed is cut while revocations happen.
+    proxy.cut();
+    for t in ["t-3", "t-4", "t-5"] {
+        server.cli_ok(&["revoke", "task", "--id", t])?;
+    }
+    // Silent past the feed timeout: unhealthy, yet still serving (fail_closed is false).
+    assert!(
+        wait_until(Duration::from_secs(20), || !agentd(&[
+            "healthcheck",
+            "--socket-path",
+            &sock
+        ])
+        .status
+        .success()),
+        "still healthy with the feed cut:\n{}",
+        daemon.log_text()
+    );
+    assert!(
+        served(),
+        "fail_closed defaults to false: cached SVIDs are still served"
+    );
+    assert_eq!(node_head(&sock), Some(2));
+
+    proxy.restore();
+    assert!(
+        wait_until(Duration::from_secs(30), || node_head(&sock) == Some(5)),
+        "the missed events never arrived:\n{}",
+        daemon.log_text()
+    );
+    daemon.wait_node_healthy(&socket)?;
+    // The node asked for the events after the last one it applied, not for the whole log.
+    let log = server.daemon.log_text();
+    let subscribed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("revocation feed subscribed"))
+        .collect();
+    assert!(
+        subscribed.iter().any(|l| l.contains("after=2")),
+        "{subscribed:#?}"
+    );
+    let out = agentd(&[
+        "api",
+        "revocations",
+        "--after",
+        "2",
+        "--socket-path",
+        &sock,
+        "--output",
+        "json",
+    ]);
+    let events = json(&String::from_utf8_lossy(&out.stdout));
+    let seqs: Vec<u64> = events["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["sequence"].as_u64())
+        .collect();
+    assert_eq!(seqs, [3, 4, 5], "{events}");
+    Ok(())
+}
+
+#[test]
+fn api_revocations_follow_prints_each_new_revocation() -> anyhow::Result<()> {
+    let env = Env::new();
+    let server = Server::start(&env)?;
+    let node = Node::start(&env, &server, "n1")?;
+    let id = "spiffe://example.org/agent/follower";
+    server.register_own_uid(&node.spiffe_id, id, &[])?;
+    node.wait_for_svid(id)?;
+    server.cli_ok(&["revoke", "task", "--id", "first"])?;
+    let sock = node.socket_arg();
+    assert!(wait_until(Duration::from_secs(10), || node_head(&sock) == Some(1)));
+    let mut follow = std::process::Command::new(agentd_e2e::agentd_bin())
+        .args([
+            "api",
+            "revocations",
+            "--follow",
+            "--socket-path",
+            &sock,
+            "--output",
+            "json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stdout = follow.stdout.take().expect("piped");
+    let _guard = Kill(&mut follow);
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    let mut next = || -> anyhow::Result<serde_json::Value> {
+        let line = lines
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("--follow ended"))??;
+        Ok(json(&line))
+    };
+    // The backlog first (heartbeats are not printed), then each revocation as it is made.
+    let first = next()?;
+    assert_eq!(first["events"][0]["id"], "first", "{first}");
+    server.cli_ok(&["revoke", "task", "--id", "second", "--reason", "done"])?;
+    let second = next()?;
+    assert_eq!(second["head_sequence"].as_u64(), Some(2), "{second}");
+    assert_eq!(second["events"][0]["id"], "second", "{second}");
+    assert_eq!(second["events"][0]["reason"], "done", "{second}");
+    Ok(())
+}

@@ -149,6 +149,23 @@ impl NodeRevocations {
         applied_count
     }
 
+    /// When the server's head is below what this node applied, the server's log was reset
+    /// (a new data dir): forget everything and return true, so the subscriber reconnects
+    /// asking from 0.
+    fn reset_if_behind(&self, server_head: u64) -> bool {
+        let applied = self.applied();
+        if server_head >= applied {
+            return false;
+        }
+        tracing::warn!(
+            server_head,
+            applied,
+            "the server's revocation log is behind this node; starting over from its beginning"
+        );
+        self.reset();
+        true
+    }
+
     /// The server's log was reset (a new data dir): start again from zero.
     fn reset(&self) {
         let mut g = self.write();
@@ -227,9 +244,7 @@ impl RevocationSubscriber {
                 Ok(Ok(None)) => return Err(NodeError::Server("revocation feed ended".into())),
                 Ok(Ok(Some(msg))) => msg,
             };
-            if msg.head_sequence < self.revocations.applied() {
-                tracing::warn!(server_head = msg.head_sequence, applied = self.revocations.applied(), "the server's revocation log is behind this node; starting over from its beginning");
-                self.revocations.reset();
+            if self.revocations.reset_if_behind(msg.head_sequence) {
                 return Err(NodeError::Server("revocation log reset".into()));
             }
             let unix_now = crate::clock::unix_seconds(self.clock.now());
@@ -328,6 +343,28 @@ mod tests {
             10,
         );
         assert_eq!(revs.applied(), 5);
+
+        // A server whose head is behind us has a new log: everything is forgotten, and its
+        // events (numbered from 1 again) are applied, not skipped as replays.
+        assert!(!revs.reset_if_behind(5));
+        assert_eq!(revs.applied(), 5);
+        assert!(revs.reset_if_behind(1));
+        assert_eq!(revs.applied(), 0);
+        assert!(!revs.is_jwt_revoked("jj"));
+        assert!(revs.events_after(0).events.is_empty());
+        let n = revs.apply_message(
+            rpb::RevocationFeed {
+                events: vec![event(1, RevocationHandle::Task("new".into()))],
+                head_sequence: 1,
+                compacted: false,
+            },
+            &cache,
+            &own,
+            now,
+            10,
+        );
+        assert_eq!(n, 1);
+        assert_eq!(revs.applied(), 1);
     }
 
     #[test]
