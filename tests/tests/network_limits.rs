@@ -137,7 +137,8 @@ fn a_silent_connection_is_dropped_at_the_handshake_timeout() -> anyhow::Result<(
     let read = tcp.read(&mut buf);
     let waited = started.elapsed();
     assert!(
-        matches!(read, Ok(0)) || matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        matches!(read, Ok(0))
+            || matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
         "expected the server to close the connection, got {read:?} after {waited:?}"
     );
     let timeout = agentd::tls::HANDSHAKE_TIMEOUT;

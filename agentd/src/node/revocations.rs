@@ -387,7 +387,11 @@ mod tests {
             10,
         );
         assert_eq!(n, 1);
-        assert_eq!(revs.applied(), 1, "resumes after the last event before the hole");
+        assert_eq!(
+            revs.applied(),
+            1,
+            "resumes after the last event before the hole"
+        );
         assert!(!revs.caught_up());
         // A heartbeat naming a head beyond what was delivered is a gap too.
         revs.apply_message(

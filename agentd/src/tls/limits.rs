@@ -225,7 +225,10 @@ mod tests {
         let b: IpAddr = "10.0.0.2".parse().unwrap();
         let h1 = t.begin_handshake(a).unwrap();
         let _h2 = t.begin_handshake(a).unwrap();
-        assert_eq!(t.begin_handshake(a).unwrap_err(), Refused::TooManyHandshakes);
+        assert_eq!(
+            t.begin_handshake(a).unwrap_err(),
+            Refused::TooManyHandshakes
+        );
         // Another source is not affected.
         let _hb = t.begin_handshake(b).unwrap();
         drop(h1);
@@ -254,13 +257,17 @@ mod tests {
     #[test]
     fn an_ipv6_source_is_its_slash_64() {
         let t = SourceTable::new(limits(1, 10));
-        let _h = t.begin_handshake("2001:db8:1:2::1".parse().unwrap()).unwrap();
+        let _h = t
+            .begin_handshake("2001:db8:1:2::1".parse().unwrap())
+            .unwrap();
         assert_eq!(
             t.begin_handshake("2001:db8:1:2:ffff::9".parse().unwrap())
                 .unwrap_err(),
             Refused::TooManyHandshakes
         );
-        assert!(t.begin_handshake("2001:db8:1:3::1".parse().unwrap()).is_ok());
+        assert!(t
+            .begin_handshake("2001:db8:1:3::1".parse().unwrap())
+            .is_ok());
         assert_eq!(
             source_of("::ffff:10.1.2.3".parse().unwrap()),
             "10.1.2.3".parse::<IpAddr>().unwrap()

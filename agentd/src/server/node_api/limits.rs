@@ -113,7 +113,9 @@ mod tests {
     }
 
     /// A body of one data frame.
-    fn http_body_util_full(data: Vec<u8>) -> impl http_body::Body<Data = bytes::Bytes, Error = Status> {
+    fn http_body_util_full(
+        data: Vec<u8>,
+    ) -> impl http_body::Body<Data = bytes::Bytes, Error = Status> {
         struct Once(Option<bytes::Bytes>);
         impl http_body::Body for Once {
             type Data = bytes::Bytes;
@@ -131,7 +133,8 @@ mod tests {
     async fn read_all(req: http::Request<Body>) -> Result<usize, Status> {
         let mut body = req.into_body();
         let mut n = 0;
-        while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+        while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+        {
             if let Some(d) = frame?.data_ref() {
                 n += d.len();
             }
@@ -189,7 +192,10 @@ mod tests {
     #[tokio::test]
     async fn attest_and_challenge_bodies_are_capped_and_others_are_not() {
         let big = MAX_UNAUTHENTICATED_MESSAGE_BYTES + 1;
-        for path in ["/agentd.node.v1.Node/Attest", "/agentd.node.v1.Node/X509PopChallenge"] {
+        for path in [
+            "/agentd.node.v1.Node/Attest",
+            "/agentd.node.v1.Node/X509PopChallenge",
+        ] {
             let err = read_all(cap_unauthenticated_body(request(path, big)))
                 .await
                 .unwrap_err();
