@@ -197,3 +197,79 @@ fn an_insecure_bootstrap_node_verifies_the_server_after_attesting() -> anyhow::R
     assert!(!nodes.contains("trial"), "{nodes}");
     Ok(())
 }
+
+/// The audit records of `server`.
+fn audit_records(server: &Server) -> anyhow::Result<Vec<serde_json::Value>> {
+    let out = server.cli_ok(&["audit", "show", "--output", "json"])?;
+    Ok(serde_json::from_str::<serde_json::Value>(&out)?
+        .as_array()
+        .cloned()
+        .unwrap_or_default())
+}
+
+/// Before aggregation, each of these refusals appended and fsynced one audit record with
+/// the peer's text: 300 bad join tokens made 300 records.
+#[test]
+fn a_flood_of_bad_attestations_makes_a_few_audit_records_and_is_rate_limited(
+) -> anyhow::Result<()> {
+    let env = Env::new();
+    let config = env.path().join("server.toml");
+    std::fs::write(
+        &config,
+        "[node_api]\nattest_requests_per_source_per_minute = 100\nfailure_audit_interval = \"1s\"\n",
+    )?;
+    let server = Server::start_with(&env, &["--config", &config.display().to_string()])?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let (refused, limited) = rt.block_on(async {
+        let mut client = anonymous_client(&server.address).await;
+        let (mut refused, mut limited) = (0, 0);
+        for i in 0..300 {
+            let req = pb::AttestRequest {
+                attestation: Some(pb::attest_request::Attestation::JoinToken(
+                    pb::JoinTokenAttestation {
+                        token: format!("not-a-token-{i}-{}", "x".repeat(200)),
+                    },
+                )),
+                csr: vec![],
+            };
+            match client.attest(req).await {
+                Ok(_) => panic!("a made-up join token was accepted"),
+                Err(s) if s.code() == tonic::Code::ResourceExhausted => limited += 1,
+                Err(_) => refused += 1,
+            }
+        }
+        (refused, limited)
+    });
+    println!("{refused} refused, {limited} rate limited");
+    // The budget is 100 a minute; the loop takes well under a minute.
+    assert!((100..=110).contains(&refused), "{refused} refused");
+    assert_eq!(refused + limited, 300);
+
+    let mut all = Vec::new();
+    let summarised = wait_until(Duration::from_secs(20), || {
+        all = audit_records(&server).unwrap_or_default();
+        let counted: u64 = all
+            .iter()
+            .filter(|r| r["action"] == "node.attest.fail.summary")
+            .filter_map(|r| r["fields"]["refused"].as_u64())
+            .sum();
+        counted >= 300
+    });
+    assert!(summarised, "no summary counts the 300 refusals: {all:#?}");
+    let single: Vec<&serde_json::Value> = all
+        .iter()
+        .filter(|r| r["action"] == "node.attest.fail")
+        .collect();
+    // One per (reason, interval): the bad tokens and the rate limit, in one or a few
+    // one-second intervals.
+    assert!(
+        !single.is_empty() && single.len() <= 12,
+        "{} node.attest.fail records",
+        single.len()
+    );
+    for r in &single {
+        let reason = r["fields"]["reason"].as_str().unwrap_or_default();
+        assert!(reason.len() <= 300, "an untruncated reason: {reason}");
+    }
+    Ok(())
+}

@@ -15,12 +15,53 @@ use crate::server::issuance;
 use crate::tls::PeerIdentity;
 
 impl NodeApi {
-    /// A refused attestation, at any stage: counted by its fixed reason, and logged.
+    /// A refused attestation, at any stage: counted by its fixed reason, and logged (the
+    /// peer's text cut short). A refusal for being over the request budget is only logged
+    /// at debug level: the interval's audit summary counts those.
     fn note_refused(&self, kind: &str, remote: Option<std::net::SocketAddr>, e: &NodeApiError) {
         self.state
             .metrics
             .attestation_failed(kind, super::status::attestation_failure(e));
-        tracing::warn!(?remote, attestation = kind, reason = %e, "node attestation refused");
+        let reason = super::failures::truncate_reason(&e.to_string());
+        if matches!(e, NodeApiError::RateLimited { .. }) {
+            tracing::debug!(?remote, attestation = kind, %reason, "node attestation refused");
+        } else {
+            tracing::warn!(?remote, attestation = kind, %reason, "node attestation refused");
+        }
+    }
+
+    /// Whether `remote` is within its budget of unauthenticated calls.
+    fn admit(&self, remote: Option<std::net::SocketAddr>) -> Result<(), NodeApiError> {
+        if self.failures.admit(remote) {
+            return Ok(());
+        }
+        Err(NodeApiError::RateLimited {
+            address: remote
+                .map(|r| crate::tls::source_of(r.ip()).to_string())
+                .unwrap_or_default(),
+        })
+    }
+
+    /// A refusal before the caller proved anything: counted, and written to the audit log
+    /// only when it is the first of its kind from its source in this interval.
+    async fn record_anonymous_refusal(
+        &self,
+        kind: &'static str,
+        stage: &'static str,
+        remote: Option<std::net::SocketAddr>,
+        e: &NodeApiError,
+    ) {
+        let detail = e.to_string();
+        let refusal = super::failures::Refusal {
+            remote,
+            attestation_type: kind,
+            stage,
+            reason: super::status::attestation_failure(e).as_str(),
+            detail: &detail,
+        };
+        if let Some(record) = self.failures.note(&refusal) {
+            self.state.audit.record_or_log(record).await;
+        }
     }
 
     /// Takes a join token (single use) and checks its expiry.
@@ -70,6 +111,7 @@ impl NodeApi {
         // What attestation established before a later check failed, for the audit record.
         let mut attested_as: Option<(SpiffeId, Vec<String>)> = None;
         let result: Result<_, NodeApiError> = async {
+            self.admit(remote)?;
             // A bad CSR is refused before any single-use credential (join token, nonce,
             // token jti) is spent on it.
             self.state.ca.check_csr(&req.csr)?;
@@ -189,15 +231,25 @@ impl NodeApi {
                 .map(|_| svid)
                 .map_err(NodeApiError::from),
             Err(e) => {
-                let mut record = AuditRecord::new("node.attest.fail", Actor::Remote(remote))
-                    .field("attestation_type", kind)
-                    .field("selectors", &selectors)
-                    .field("reason", e.to_string())
-                    .field("remote", &remote_text);
-                if let Some((id, _)) = &attested_as {
-                    record = record.subject(id);
+                match &attested_as {
+                    // The credential verified: not anonymous, recorded individually.
+                    Some((id, _)) => {
+                        let record = AuditRecord::new("node.attest.fail", Actor::Remote(remote))
+                            .subject(id)
+                            .field("attestation_type", kind)
+                            .field("selectors", &selectors)
+                            .field(
+                                "reason",
+                                super::failures::truncate_reason(&e.to_string()),
+                            )
+                            .field("remote", &remote_text);
+                        self.state.audit.record_or_log(record).await;
+                    }
+                    None => {
+                        self.record_anonymous_refusal(kind, "attest", remote, &e)
+                            .await
+                    }
                 }
-                self.state.audit.record_or_log(record).await;
                 Err(e)
             }
         };
@@ -226,10 +278,13 @@ impl NodeApi {
             .get::<PeerIdentity>()
             .and_then(|p| p.remote_addr);
         let result = self
-            .attestors
-            .x509pop
-            .as_ref()
-            .ok_or(NodeApiError::AttestorNotEnabled("x509pop"))
+            .admit(remote)
+            .and_then(|()| {
+                self.attestors
+                    .x509pop
+                    .as_ref()
+                    .ok_or(NodeApiError::AttestorNotEnabled("x509pop"))
+            })
             .and_then(|a| {
                 a.challenge(&request.get_ref().cert_chain, self.state.clock.now())
                     .map_err(NodeApiError::from)
@@ -242,16 +297,7 @@ impl NodeApi {
             })),
             Err(e) => {
                 self.note_refused("x509pop", remote, &e);
-                self.state
-                    .audit
-                    .record_or_log(
-                        AuditRecord::new("node.attest.fail", Actor::Remote(remote))
-                            .field("attestation_type", "x509pop")
-                            .field("stage", "challenge")
-                            .field("selectors", Vec::<String>::new())
-                            .field("reason", e.to_string())
-                            .field("remote", remote.map(|r| r.to_string())),
-                    )
+                self.record_anonymous_refusal("x509pop", "challenge", remote, &e)
                     .await;
                 Err(e.into())
             }

@@ -26,6 +26,7 @@ use crate::tls::{PeerIdentity, ServerConfigSource};
 mod attest;
 mod caller;
 mod delegation;
+mod failures;
 mod feed;
 #[cfg(test)]
 mod issuance_tests;
@@ -51,6 +52,8 @@ const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 pub struct NodeApi {
     state: Arc<ServerState>,
     attestors: Arc<NodeAttestors>,
+    /// Refused attestations, counted; request budgets per source.
+    failures: Arc<failures::AttestFailures>,
     /// Ends revocation feed streams when the server stops.
     stop: CancellationToken,
     /// FetchCrls answers, signed once per revocation head.
@@ -63,9 +66,14 @@ impl NodeApi {
             &state.config.node_attestors,
             &state.config.trust_domain,
         ));
+        let failures = Arc::new(failures::AttestFailures::new(
+            &state.config.node_api,
+            state.clock.clone(),
+        ));
         Self {
             state,
             attestors,
+            failures,
             stop,
             crls: Arc::default(),
         }
@@ -80,7 +88,13 @@ pub async fn serve(
 ) -> Result<(), ServerError> {
     let limits = state.config.node_api.clone();
     let incoming = crate::tls::incoming(listener, tls, limits.connections, stop.clone());
-    let svc = NodeServer::new(NodeApi::new(state.clone(), stop.clone()))
+    let api = NodeApi::new(state.clone(), stop.clone());
+    tokio::spawn(api.failures.clone().run(
+        state.audit.clone(),
+        limits.failure_audit_interval,
+        stop.clone(),
+    ));
+    let svc = NodeServer::new(api)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let rpc_metrics = state.metrics.rpc_layer("node");

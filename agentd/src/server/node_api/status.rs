@@ -66,6 +66,10 @@ pub enum NodeApiError {
     Audit(#[from] AuditError),
     #[error(transparent)]
     Grant(#[from] crate::server::grants::GrantError),
+    /// A source made more `Attest`/`X509PopChallenge` calls than its budget
+    /// (`[node_api] attest_requests_per_source_per_minute`).
+    #[error("too many attestation requests from {address}; retry later")]
+    RateLimited { address: String },
 }
 
 impl From<NodeApiError> for Status {
@@ -85,9 +89,9 @@ impl From<NodeApiError> for Status {
             | NodeApiError::SvidRevoked { .. } => Status::permission_denied(msg),
             NodeApiError::InvalidField { .. } => Status::invalid_argument(msg),
             NodeApiError::AttestorNotEnabled(_) => Status::failed_precondition(msg),
-            NodeApiError::X509Pop(X509PopError::Busy) | NodeApiError::Claims(ClaimsError::Busy) => {
-                Status::resource_exhausted(msg)
-            }
+            NodeApiError::X509Pop(X509PopError::Busy)
+            | NodeApiError::Claims(ClaimsError::Busy)
+            | NodeApiError::RateLimited { .. } => Status::resource_exhausted(msg),
             NodeApiError::X509Pop(e) if e.is_malformed() => Status::invalid_argument(msg),
             NodeApiError::Claims(e) if e.is_malformed() => Status::invalid_argument(msg),
             NodeApiError::X509Pop(_)
@@ -110,9 +114,9 @@ pub(super) fn attestation_failure(e: &NodeApiError) -> AttestationFailure {
         NodeApiError::UnknownJoinToken => AttestationFailure::UnknownJoinToken,
         NodeApiError::ExpiredJoinToken => AttestationFailure::ExpiredJoinToken,
         NodeApiError::AttestorNotEnabled(_) => AttestationFailure::AttestorNotEnabled,
-        NodeApiError::X509Pop(X509PopError::Busy) | NodeApiError::Claims(ClaimsError::Busy) => {
-            AttestationFailure::Busy
-        }
+        NodeApiError::X509Pop(X509PopError::Busy)
+        | NodeApiError::Claims(ClaimsError::Busy)
+        | NodeApiError::RateLimited { .. } => AttestationFailure::Busy,
         NodeApiError::X509Pop(e) if e.is_malformed() => AttestationFailure::InvalidRequest,
         NodeApiError::Claims(e) if e.is_malformed() => AttestationFailure::InvalidRequest,
         NodeApiError::X509Pop(_) | NodeApiError::Claims(_) => AttestationFailure::EvidenceRejected,
