@@ -130,10 +130,7 @@ mod tests {
         );
         assert_eq!(live.head_sequence, 3);
         stop.cancel();
-        let end = tokio::time::timeout(WAIT, async {
-            while feed.next().await.is_some() {}
-        })
-        .await;
+        let end = tokio::time::timeout(WAIT, async { while feed.next().await.is_some() {} }).await;
         assert!(end.is_ok(), "the stream ends when the server stops");
     }
 

@@ -468,7 +468,10 @@ mod tests {
             matches!(err, RevocationLogError::NotDurable { sequence: 1, .. }),
             "{err}"
         );
-        assert!(err.to_string().contains("revocation 1 is in force"), "{err}");
+        assert!(
+            err.to_string().contains("revocation 1 is in force"),
+            "{err}"
+        );
         // Committed, so in force and on the feed, though the caller heard an error.
         assert_eq!(store.revocation_head().await.unwrap(), 1);
         assert_eq!(log.standing(&node("a")), Some(1));
