@@ -21,6 +21,7 @@ use crate::revocation::{event_from_proto, RevocationEvent, RevocationSet};
 
 /// A feed that has been silent this long is treated as lost, and the subscriber reconnects.
 const SILENCE: Duration = Duration::from_secs(3 * HEARTBEAT.as_secs());
+const MIN_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Default)]
@@ -80,6 +81,11 @@ impl NodeRevocations {
         self.read()
             .last_heard
             .is_some_and(|t| now.duration_since(t) <= self.max_silence)
+    }
+
+    /// Whether the feed delivered a message at or after `t`.
+    fn heard_since(&self, t: Instant) -> bool {
+        self.read().last_heard.is_some_and(|h| h >= t)
     }
 
     pub fn is_jwt_revoked(&self, jti: &str) -> bool {
@@ -208,13 +214,19 @@ impl RevocationSubscriber {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), NodeError> {
         use crate::telemetry::conditions::REVOCATION_FEED;
         self.readiness.require(REVOCATION_FEED);
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = MIN_BACKOFF;
         loop {
+            let connected_at = Instant::now();
             let result = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 r = self.follow() => r,
             };
             self.readiness.set(REVOCATION_FEED, false);
+            if self.revocations.heard_since(connected_at) {
+                // That connection worked: a server restart is not a run of failures, and
+                // the node should be back on the feed as soon as the server is.
+                backoff = MIN_BACKOFF;
+            }
             if let Err(e) = result {
                 tracing::warn!(error = %e, retry_in = ?backoff, applied = self.revocations.applied(), "revocation feed lost; reconnecting");
             }
