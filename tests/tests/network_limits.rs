@@ -210,8 +210,8 @@ fn audit_records(server: &Server) -> anyhow::Result<Vec<serde_json::Value>> {
 /// Before aggregation, each of these refusals appended and fsynced one audit record with
 /// the peer's text: 300 bad join tokens made 300 records.
 #[test]
-fn a_flood_of_bad_attestations_makes_a_few_audit_records_and_is_rate_limited(
-) -> anyhow::Result<()> {
+fn a_flood_of_bad_attestations_makes_a_few_audit_records_and_is_rate_limited() -> anyhow::Result<()>
+{
     let env = Env::new();
     let config = env.path().join("server.toml");
     std::fs::write(
@@ -271,5 +271,71 @@ fn a_flood_of_bad_attestations_makes_a_few_audit_records_and_is_rate_limited(
         let reason = r["fields"]["reason"].as_str().unwrap_or_default();
         assert!(reason.len() <= 300, "an untruncated reason: {reason}");
     }
+    Ok(())
+}
+
+/// A platform token with a `jti`, accepted once, stays used after the server restarts
+/// (the used ids were in memory: a restart let a captured token attest again).
+#[test]
+fn a_claims_token_accepted_before_a_restart_is_refused_after_it() -> anyhow::Result<()> {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    use ring::signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_FIXED_SIGNING};
+
+    let env = Env::new();
+    let rng = ring::rand::SystemRandom::new();
+    let doc = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+    let key =
+        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, doc.as_ref(), &rng).unwrap();
+    let p = key.public_key().as_ref();
+    let jwks = serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1",
+        "x": URL_SAFE_NO_PAD.encode(&p[1..33]), "y": URL_SAFE_NO_PAD.encode(&p[33..65])}]});
+    let jwks_file = env.path().join("jwks.json");
+    std::fs::write(&jwks_file, jwks.to_string())?;
+    let config = env.path().join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[node_attestors.claims]\njwks_file = \"{}\"\nissuer = \"https://issuer.example\"\naudience = \"agentd\"\n",
+            jwks_file.display()
+        ),
+    )?;
+    let mut server = Server::start_with(&env, &["--config", &config.display().to_string()])?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let claims = serde_json::json!({"iss": "https://issuer.example", "aud": "agentd",
+        "sub": "runner-1", "jti": "captured-1", "exp": now + 600, "iat": now});
+    let input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(r#"{"alg":"ES256","kid":"k1"}"#),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let sig = key.sign(&rng, input.as_bytes()).unwrap();
+    let token = format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref()));
+
+    let rt = tokio::runtime::Runtime::new()?;
+    let attest = |address: String, token: String| {
+        rt.block_on(async move {
+            let node_key = agentd::keys::PrivateKey::generate().expect("a node key");
+            let csr = node_key.csr_der().expect("a CSR");
+            let mut client = anonymous_client(&address).await;
+            client
+                .attest(pb::AttestRequest {
+                    attestation: Some(pb::attest_request::Attestation::Claims(
+                        pb::ClaimsAttestation { token },
+                    )),
+                    csr,
+                })
+                .await
+        })
+    };
+    attest(server.address.clone(), token.clone()).expect("the first use is accepted");
+    let again = attest(server.address.clone(), token.clone()).unwrap_err();
+    assert!(again.message().contains("already used"), "{again}");
+    server.restart()?;
+    let replayed = attest(server.address.clone(), token).unwrap_err();
+    assert_eq!(replayed.code(), tonic::Code::PermissionDenied, "{replayed}");
+    assert!(replayed.message().contains("already used"), "{replayed}");
     Ok(())
 }

@@ -5,6 +5,7 @@
 mod lifecycle;
 mod model;
 mod revocation_records;
+mod seen_tokens;
 pub mod sled_store;
 
 use std::fmt::Debug;
@@ -152,4 +153,10 @@ pub trait DataStore: Send + Sync + Debug + 'static {
         now: i64,
         grants_expired_before: i64,
     ) -> Result<(usize, usize)>;
+
+    /// Where node attestation records single-use platform token ids so that they stay
+    /// used across restarts; `None` keeps them in memory only.
+    fn seen_tokens(&self) -> Option<std::sync::Arc<dyn agentd_attestor::node::SeenTokens>> {
+        None
+    }
 }

@@ -42,6 +42,8 @@ const OWNERS: &str = "owners";
 const MAX_LIVE_PER_ENTRY: usize = 256;
 const GRANTS: &str = "grants";
 const DELEGATION_OFFERS: &str = "delegation_offers";
+/// Used platform token ids (see `seen_tokens`).
+const SEEN_TOKENS: &str = "seen_tokens";
 
 #[derive(Debug)]
 pub struct SledStore {
@@ -73,6 +75,7 @@ pub struct SledStore {
     /// Tests: make every flush fail (after its transaction committed), as a full disk would.
     #[cfg(test)]
     pub(crate) fail_flushes: std::sync::atomic::AtomicBool,
+    seen_tokens: std::sync::Arc<super::seen_tokens::SledSeenTokens>,
 }
 
 fn backend(e: impl std::fmt::Display) -> DataStoreError {
@@ -120,6 +123,10 @@ impl SledStore {
             owners: db.open_tree(OWNERS).map_err(backend)?,
             grants: db.open_tree(GRANTS).map_err(backend)?,
             delegation_offers: db.open_tree(DELEGATION_OFFERS).map_err(backend)?,
+            seen_tokens: std::sync::Arc::new(super::seen_tokens::SledSeenTokens::new(
+                db.clone(),
+                db.open_tree(SEEN_TOKENS).map_err(backend)?,
+            )),
             db,
             entry_writes: Mutex::new(()),
             offer_writes: Mutex::new(()),
@@ -456,6 +463,10 @@ fn same_identity(a: &EntrySpec, b: &EntrySpec) -> bool {
 
 #[async_trait::async_trait]
 impl DataStore for SledStore {
+    fn seen_tokens(&self) -> Option<std::sync::Arc<dyn agentd_attestor::node::SeenTokens>> {
+        Some(self.seen_tokens.clone())
+    }
+
     async fn create_entry(&self, spec: EntrySpec, now: i64) -> Result<Entry> {
         let _guard = self.entry_writes.lock().await;
         if let Some(dup) = self

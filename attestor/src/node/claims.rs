@@ -5,12 +5,12 @@
 //!
 //! Only RS256 and ES256 are accepted: `none` and the HMAC algorithms (whose "key" would be
 //! the public JWKS) are refused by name. A token carrying a `jti` is accepted once until it
-//! expires; tokens without one may be presented again (platforms re-issue them).
+//! expires, across server restarts when the server gives it a persistent [`SeenTokens`];
+//! tokens without one may be presented again (platforms re-issue them).
 //!
 //! Over 600 lines only with its unit tests, which sign their own tokens.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -21,6 +21,7 @@ use ring::signature::{
 use serde_json::{Map, Value};
 use spiffe::TrustDomain;
 
+use super::seen::{MemorySeenTokens, SeenError, SeenTokens};
 use super::template::{IdTemplate, TemplateError};
 use super::{unix_seconds, NodeAttestation};
 use crate::Selector;
@@ -86,6 +87,9 @@ pub enum ClaimsError {
     /// The claims do not yield a usable node ID from the template.
     #[error("node SPIFFE ID from spiffe_id_template: {0}")]
     Template(#[from] TemplateError),
+    /// The store of used token ids failed; the token is refused.
+    #[error("recording the token id: {reason}")]
+    Store { reason: String },
 }
 
 impl ClaimsError {
@@ -184,7 +188,7 @@ pub fn parse_jwks(text: &str) -> Result<Vec<Jwk>, String> {
 pub struct ClaimsAttestor {
     config: ClaimsConfig,
     trust_domain: TrustDomain,
-    seen_jti: Mutex<HashMap<String, i64>>,
+    seen_jti: Arc<dyn SeenTokens>,
 }
 
 fn malformed(reason: impl Into<String>) -> ClaimsError {
@@ -232,8 +236,14 @@ impl ClaimsAttestor {
         Self {
             config,
             trust_domain,
-            seen_jti: Mutex::new(HashMap::new()),
+            seen_jti: Arc::new(MemorySeenTokens::new(MAX_SEEN_JTI)),
         }
+    }
+
+    /// Remembers used `jti` values in `seen` instead of in memory.
+    pub fn with_seen_tokens(mut self, seen: Arc<dyn SeenTokens>) -> Self {
+        self.seen_jti = seen;
+        self
     }
 
     /// Verifies `token`; returns the node's SPIFFE ID and selectors.
@@ -340,22 +350,19 @@ impl ClaimsAttestor {
             let jti = jti
                 .as_str()
                 .ok_or_else(|| claim_err("jti", "not a string"))?;
-            let mut seen = self.seen_jti.lock().unwrap_or_else(|p| p.into_inner());
-            if seen
-                .get(jti)
-                .is_some_and(|e| e.saturating_add(LEEWAY_SECS) > now_s)
-            {
-                return Err(ClaimsError::Replayed {
-                    jti: jti.chars().take(100).collect(),
-                });
-            }
-            if seen.len() >= MAX_SEEN_JTI {
-                seen.retain(|_, e| e.saturating_add(LEEWAY_SECS) > now_s);
-            }
-            if seen.len() >= MAX_SEEN_JTI {
-                return Err(ClaimsError::Busy);
-            }
-            seen.insert(jti.to_string(), exp);
+            // Remembered until the token could no longer be accepted (exp plus the leeway).
+            let until = exp.saturating_add(LEEWAY_SECS);
+            self.seen_jti
+                .first_use(jti, until, now_s)
+                .map_err(|e| match e {
+                    SeenError::Replayed => ClaimsError::Replayed {
+                        jti: jti.chars().take(100).collect(),
+                    },
+                    SeenError::Full => ClaimsError::Busy,
+                    other => ClaimsError::Store {
+                        reason: other.to_string(),
+                    },
+                })?;
         }
         Ok(NodeAttestation {
             spiffe_id,

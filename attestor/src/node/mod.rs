@@ -14,6 +14,7 @@
 
 pub mod agent;
 pub mod claims;
+pub mod seen;
 pub mod template;
 #[cfg(any(test, feature = "test-support"))]
 #[doc(hidden)]
@@ -27,6 +28,7 @@ use spiffe::{SpiffeId, TrustDomain};
 use crate::Selector;
 
 pub use claims::{ClaimsAttestor, ClaimsConfig, ClaimsError};
+pub use seen::{MemorySeenTokens, SeenError, SeenTokens};
 pub use template::{IdTemplate, TemplateError};
 pub use x509pop::{X509PopAttestor, X509PopConfig, X509PopError};
 
@@ -66,6 +68,15 @@ impl NodeAttestors {
                 .clone()
                 .map(|c| ClaimsAttestor::new(c, trust_domain.clone())),
         }
+    }
+
+    /// Remembers the claims attestor's token ids in `seen` (kept across restarts) instead of
+    /// in memory.
+    pub fn with_seen_tokens(mut self, seen: Option<std::sync::Arc<dyn SeenTokens>>) -> Self {
+        if let (Some(seen), Some(claims)) = (seen, self.claims.take()) {
+            self.claims = Some(claims.with_seen_tokens(seen));
+        }
+        self
     }
 }
 

@@ -477,6 +477,28 @@ mod tests {
         a.attest(&chain, &c.nonce, &sign(signer, &c), now)
     }
 
+    /// Why the nonce table may stay in memory (issue 12, item 7 named it with the jti cache):
+    /// a nonce is random and single-use, so a server that forgot its nonces (restarted)
+    /// refuses every signed challenge from before; nothing captured can be replayed. Only
+    /// a challenge in flight during the restart fails, and the node asks for a new one.
+    #[test]
+    fn a_signed_challenge_from_before_a_restart_is_refused_and_used_once() {
+        let ca = ca("Node CA");
+        let node = node_cert(&ca, "n1");
+        let chain = vec![node.der.clone()];
+        let now = SystemTime::now();
+        let before = attestor(&ca, DEFAULT_TEMPLATE);
+        let c = before.challenge(&chain, now).unwrap();
+        let sig = sign(&node.key, &c);
+        let restarted = attestor(&ca, DEFAULT_TEMPLATE);
+        let err = restarted.attest(&chain, &c.nonce, &sig, now).unwrap_err();
+        assert!(matches!(err, X509PopError::BadNonce { .. }), "{err}");
+        // And on the same server, the captured answer works once only.
+        before.attest(&chain, &c.nonce, &sig, now).unwrap();
+        let err = before.attest(&chain, &c.nonce, &sig, now).unwrap_err();
+        assert!(matches!(err, X509PopError::BadNonce { .. }), "{err}");
+    }
+
     #[test]
     fn attests_with_p256_ed25519_and_p384_keys() {
         let ca = ca("Node CA");

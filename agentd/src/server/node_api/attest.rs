@@ -238,10 +238,7 @@ impl NodeApi {
                             .subject(id)
                             .field("attestation_type", kind)
                             .field("selectors", &selectors)
-                            .field(
-                                "reason",
-                                super::failures::truncate_reason(&e.to_string()),
-                            )
+                            .field("reason", super::failures::truncate_reason(&e.to_string()))
                             .field("remote", &remote_text);
                         self.state.audit.record_or_log(record).await;
                     }

@@ -290,7 +290,11 @@ mod tests {
         }));
         assert_eq!(written.len(), 2, "one record per (source, reason)");
         let reason = written[0].fields["reason"].as_str().unwrap();
-        assert!(reason.chars().count() <= MAX_REASON_CHARS + 3, "{}", reason.len());
+        assert!(
+            reason.chars().count() <= MAX_REASON_CHARS + 3,
+            "{}",
+            reason.len()
+        );
         assert_eq!(
             written[1].fields["reason"],
             "join token not found or already used"

@@ -62,10 +62,10 @@ pub struct NodeApi {
 
 impl NodeApi {
     pub fn new(state: Arc<ServerState>, stop: CancellationToken) -> Self {
-        let attestors = Arc::new(NodeAttestors::new(
-            &state.config.node_attestors,
-            &state.config.trust_domain,
-        ));
+        let attestors = Arc::new(
+            NodeAttestors::new(&state.config.node_attestors, &state.config.trust_domain)
+                .with_seen_tokens(state.store.seen_tokens()),
+        );
         let failures = Arc::new(failures::AttestFailures::new(
             &state.config.node_api,
             state.clock.clone(),

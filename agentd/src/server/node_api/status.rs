@@ -92,6 +92,10 @@ impl From<NodeApiError> for Status {
             NodeApiError::X509Pop(X509PopError::Busy)
             | NodeApiError::Claims(ClaimsError::Busy)
             | NodeApiError::RateLimited { .. } => Status::resource_exhausted(msg),
+            NodeApiError::Claims(ClaimsError::Store { .. }) => {
+                tracing::error!(error = %msg, "node API internal error");
+                Status::internal(msg)
+            }
             NodeApiError::X509Pop(e) if e.is_malformed() => Status::invalid_argument(msg),
             NodeApiError::Claims(e) if e.is_malformed() => Status::invalid_argument(msg),
             NodeApiError::X509Pop(_)
@@ -117,6 +121,7 @@ pub(super) fn attestation_failure(e: &NodeApiError) -> AttestationFailure {
         NodeApiError::X509Pop(X509PopError::Busy)
         | NodeApiError::Claims(ClaimsError::Busy)
         | NodeApiError::RateLimited { .. } => AttestationFailure::Busy,
+        NodeApiError::Claims(ClaimsError::Store { .. }) => AttestationFailure::Internal,
         NodeApiError::X509Pop(e) if e.is_malformed() => AttestationFailure::InvalidRequest,
         NodeApiError::Claims(e) if e.is_malformed() => AttestationFailure::InvalidRequest,
         NodeApiError::X509Pop(_) | NodeApiError::Claims(_) => AttestationFailure::EvidenceRejected,
