@@ -380,3 +380,118 @@ pub fn source_chain(e: &dyn std::error::Error) -> String {
     }
     out.join(": ")
 }
+
+#[cfg(test)]
+mod tests {
+    //! The node's server-certificate verifier through a real TLS 1.3 handshake (in memory):
+    //! the server must present a certificate from the trust bundle for exactly the expected
+    //! SPIFFE ID; another SVID of the same CA is not the server.
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::ca::{CaConfig, CertificateAuthority, X509SvidParams};
+    use crate::clock::ManualClock;
+
+    fn ca(dir: &std::path::Path) -> CertificateAuthority {
+        let cfg = CaConfig {
+            trust_domain: TrustDomain::new("example.org").unwrap(),
+            key_dir: dir.to_path_buf(),
+            ca_ttl: Duration::from_secs(86_400),
+            upstream: None,
+            organization: "tls test".into(),
+        };
+        CertificateAuthority::load_or_create(&cfg, &ManualClock::new(SystemTime::now())).unwrap()
+    }
+
+    /// A server certificate for `spiffe_id` from `ca` valid for `ttl` from `at`, and its key.
+    fn svid(
+        ca: &CertificateAuthority,
+        spiffe_id: &str,
+        at: SystemTime,
+        ttl: Duration,
+    ) -> (Vec<Vec<u8>>, PrivateKey) {
+        let key = PrivateKey::generate().unwrap();
+        let csr = key.csr_der().unwrap();
+        let issued = ca
+            .sign_x509_svid(
+                &X509SvidParams {
+                    csr_der: &csr,
+                    spiffe_id: &SpiffeId::new(spiffe_id).unwrap(),
+                    ttl,
+                    dns_names: &[],
+                    extensions: &[],
+                },
+                at,
+            )
+            .unwrap();
+        (issued.cert_chain, key)
+    }
+
+    /// Handshakes a client trusting `roots` and expecting `expected` with a server presenting
+    /// `chain`; the client's error, if any.
+    async fn handshake(
+        chain: &[Vec<u8>],
+        key: &PrivateKey,
+        roots: &[Vec<u8>],
+        expected: Option<SpiffeId>,
+    ) -> Result<(), String> {
+        let server = tokio_rustls::TlsAcceptor::from(server_config(chain, key, roots).unwrap());
+        let client =
+            tokio_rustls::TlsConnector::from(client_config(roots, expected, None).unwrap());
+        let (c, s) = tokio::io::duplex(64 * 1024);
+        let accept = tokio::spawn(async move { server.accept(s).await.map(|_| ()) });
+        let name = ServerName::try_from("agentd-server").unwrap();
+        let result = client
+            .connect(name, c)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        let _ = accept.await;
+        result
+    }
+
+    #[tokio::test]
+    async fn only_the_expected_server_id_from_the_bundle_is_accepted() {
+        let (dir, other_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (ca, other) = (ca(dir.path()), ca(other_dir.path()));
+        let roots = ca.bundle().x509_authorities;
+        let server_id = server_spiffe_id(ca.trust_domain());
+        let now = SystemTime::now();
+        let hour = Duration::from_secs(3600);
+
+        let (chain, key) = svid(&ca, &server_id.to_string(), now, hour);
+        handshake(&chain, &key, &roots, Some(server_id.clone()))
+            .await
+            .expect("the real server is accepted");
+
+        // A workload's SVID from the same CA: the chain verifies, the ID is not the server's.
+        let (chain, key) = svid(&ca, "spiffe://example.org/agent/impostor", now, hour);
+        let err = handshake(&chain, &key, &roots, Some(server_id.clone()))
+            .await
+            .unwrap_err();
+        assert!(
+            err.contains(
+                "server presented spiffe://example.org/agent/impostor, expected spiffe://example.org/agentd/server"
+            ),
+            "{err}"
+        );
+        // --insecure-bootstrap (no expected ID) accepts it: only for the first attestation.
+        handshake(&chain, &key, &roots, None)
+            .await
+            .expect("insecure bootstrap verifies nothing");
+
+        // The server's ID from a CA outside the bundle.
+        let (chain, key) = svid(&other, &server_id.to_string(), now, hour);
+        let err = handshake(&chain, &key, &roots, Some(server_id.clone()))
+            .await
+            .unwrap_err();
+        assert!(err.contains("server certificate"), "{err}");
+
+        // The server's ID from the bundle's CA, but expired.
+        let (chain, key) = svid(&ca, &server_id.to_string(), now - 2 * hour, hour);
+        let err = handshake(&chain, &key, &roots, Some(server_id))
+            .await
+            .unwrap_err();
+        assert!(err.contains("CertExpired"), "{err}");
+    }
+}

@@ -20,3 +20,6 @@ pub use model::{
 pub use scope::{Scope, ScopeError, ScopeSet};
 pub use verify::{VerifiedIdentity, Verifier, VerifyError};
 pub use x509ext::{OidBase, SvidExtension};
+
+#[cfg(test)]
+mod verify_tests;
