@@ -773,11 +773,36 @@ fn crls_are_signed_once_per_revocation_not_per_fetch() -> anyhow::Result<()> {
 }
 
 /// A TCP proxy between a node agent and the server that can cut every connection and
-/// refuse new ones (`cut`) until `restore`: the feed is lost while the server stays up.
+/// refuse new ones (`cut`), or hold every byte while keeping the connections open
+/// (`freeze`), until `restore`: the feed is lost, or goes silent, while the server stays up.
 struct CutProxy {
     address: String,
     down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
     live: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+/// Copies `from` to `to` until either ends, holding what it read while `frozen` is set.
+fn copy_unless_frozen(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    frozen: &std::sync::atomic::AtomicBool,
+) {
+    use std::io::{Read, Write};
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        while frozen.load(std::sync::atomic::Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Both);
 }
 
 impl CutProxy {
@@ -786,8 +811,14 @@ impl CutProxy {
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         let address = listener.local_addr()?.to_string();
         let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let frozen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let live = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (d, l, up) = (down.clone(), live.clone(), upstream.to_string());
+        let (d, f, l, up) = (
+            down.clone(),
+            frozen.clone(),
+            live.clone(),
+            upstream.to_string(),
+        );
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(client) = conn else { return };
@@ -804,22 +835,25 @@ impl CutProxy {
                     }
                 }
                 drop(guard);
-                for (mut from, mut to) in [
+                for (from, to) in [
                     (client.try_clone().unwrap(), server.try_clone().unwrap()),
                     (server, client),
                 ] {
-                    std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
-                        let _ = to.shutdown(std::net::Shutdown::Both);
-                    });
+                    let f = f.clone();
+                    std::thread::spawn(move || copy_unless_frozen(from, to, &f));
                 }
             }
         });
         Ok(Self {
             address,
             down,
+            frozen,
             live,
         })
+    }
+
+    fn freeze(&self) {
+        self.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn cut(&self) {
@@ -831,6 +865,8 @@ impl CutProxy {
 
     fn restore(&self) {
         self.down.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.frozen
+            .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -1006,5 +1042,54 @@ fn api_revocations_follow_prints_each_new_revocation() -> anyhow::Result<()> {
     assert_eq!(second["head_sequence"].as_u64(), Some(2), "{second}");
     assert_eq!(second["events"][0]["id"], "second", "{second}");
     assert_eq!(second["events"][0]["reason"], "done", "{second}");
+    Ok(())
+}
+
+#[test]
+fn a_feed_that_goes_silent_is_dropped_and_followed_again() -> anyhow::Result<()> {
+    let env = Env::new();
+    let server = Server::start(&env)?;
+    let proxy = CutProxy::start(&server.address)?;
+    let node_id = "spiffe://example.org/node/silent";
+    let token = server.join_token(node_id)?;
+    let bundle = env.path().join("silent-bundle.pem");
+    server.write_bundle(&bundle)?;
+    let socket = env.path().join("silent.sock");
+    let sock = socket.display().to_string();
+    let mut daemon = agentd_e2e::spawn_node_with(
+        &proxy.address,
+        &bundle,
+        &env.path().join("silent"),
+        &socket,
+        Some(&token),
+        &[],
+    )?;
+    daemon.wait_node_healthy(&socket)?;
+    let id = "spiffe://example.org/agent/silent";
+    server.register_own_uid(node_id, id, &[])?;
+    server.cli_ok(&["revoke", "task", "--id", "t-1"])?;
+    assert!(
+        wait_until(Duration::from_secs(20), || node_head(&sock) == Some(1)),
+        "{}",
+        daemon.log_text()
+    );
+
+    // Every byte is held but no connection closes: only the missing heartbeats tell.
+    proxy.freeze();
+    assert!(
+        wait_until(Duration::from_secs(30), || daemon
+            .log_text()
+            .contains("revocation feed went silent")),
+        "a silent feed was never given up:\n{}",
+        daemon.log_text()
+    );
+    server.cli_ok(&["revoke", "task", "--id", "t-2"])?;
+    proxy.restore();
+    assert!(
+        wait_until(Duration::from_secs(30), || node_head(&sock) == Some(2)),
+        "the feed was not followed again after the silence:\n{}",
+        daemon.log_text()
+    );
+    daemon.wait_node_healthy(&socket)?;
     Ok(())
 }
