@@ -1,6 +1,10 @@
 //! The `agentd` command line. Names are fixed by the design (users and scripts rely on them):
 //! `server run`, `node run`, `token generate`, `entry ...`, `node list|show|evict`,
 //! `bundle show`, `api fetch|validate|watch`, `healthcheck`.
+//!
+//! Over 600 lines: this file is the clap definition of every command and flag (with the help
+//! text users read) and the dispatch to the command modules; keeping the whole tree in one
+//! place is what lets a reader check it against docs/cli.md.
 
 mod admin;
 mod audit;
