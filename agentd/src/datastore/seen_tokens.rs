@@ -5,8 +5,14 @@
 //! values the unix second until which it is remembered (big-endian i64). At most
 //! [`MAX_SEEN`] are kept: when full, expired ones are removed; if none has expired, new ids
 //! are refused (`Full`, the token is refused as busy) rather than forgetting live ones.
+//!
+//! One lock serialises check, insert, prune and flush, so the bound is exact and a prune
+//! never removes an id recorded again meanwhile; the compare-and-swap still guards against
+//! another process on the same tree. Called from a blocking thread (the node API runs the
+//! claims attestor in `spawn_blocking`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use agentd_attestor::node::{SeenError, SeenTokens};
 
@@ -19,6 +25,7 @@ pub struct SledSeenTokens {
     tree: sled::Tree,
     count: AtomicUsize,
     max: usize,
+    writes: Mutex<()>,
 }
 
 fn store_err(e: impl std::fmt::Display) -> SeenError {
@@ -43,6 +50,7 @@ impl SledSeenTokens {
             tree,
             count,
             max,
+            writes: Mutex::new(()),
         }
     }
 
@@ -51,7 +59,11 @@ impl SledSeenTokens {
         for item in self.tree.iter() {
             let (k, v) = item.map_err(store_err)?;
             if until_of(&v) <= now {
-                self.tree.remove(k).map_err(store_err)?;
+                // Only if unchanged since it was read: a mismatch means it was recorded again.
+                let _ = self
+                    .tree
+                    .compare_and_swap(&k, Some(&v), None::<&[u8]>)
+                    .map_err(store_err)?;
             }
         }
         self.count.store(self.tree.len(), Ordering::SeqCst);
@@ -63,6 +75,7 @@ impl SeenTokens for SledSeenTokens {
     fn first_use(&self, id: &str, until: i64, now: i64) -> Result<(), SeenError> {
         let key = ring::digest::digest(&ring::digest::SHA256, id.as_bytes());
         let value = until.to_be_bytes();
+        let _writes = self.writes.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             let old = self.tree.get(key.as_ref()).map_err(store_err)?;
             if old.as_ref().is_some_and(|v| until_of(v) > now) {

@@ -125,12 +125,22 @@ impl NodeApi {
                     .as_ref()
                     .ok_or(NodeApiError::AttestorNotEnabled("x509pop"))?
                     .attest(&x.cert_chain, &x.nonce, &x.signature, now)?,
-                Some(pb::attest_request::Attestation::Claims(c)) => self
-                    .attestors
-                    .claims
-                    .as_ref()
-                    .ok_or(NodeApiError::AttestorNotEnabled("claims"))?
-                    .attest(&c.token, now)?,
+                Some(pb::attest_request::Attestation::Claims(c)) => {
+                    if self.attestors.claims.is_none() {
+                        return Err(NodeApiError::AttestorNotEnabled("claims"));
+                    }
+                    // The attestor records the token's jti durably (a flush): off the async
+                    // workers, so a slow disk does not stall every other call.
+                    let attestors = self.attestors.clone();
+                    tokio::task::spawn_blocking(move || {
+                        attestors.claims.as_ref().map(|a| a.attest(&c.token, now))
+                    })
+                    .await
+                    .map_err(|e| agentd_attestor::node::ClaimsError::Store {
+                        reason: format!("attestation task: {e}"),
+                    })?
+                    .ok_or(NodeApiError::AttestorNotEnabled("claims"))??
+                }
                 None => {
                     return Err(NodeApiError::InvalidField {
                         field: "attestation",

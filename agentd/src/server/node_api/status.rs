@@ -93,8 +93,9 @@ impl From<NodeApiError> for Status {
             | NodeApiError::Claims(ClaimsError::Busy)
             | NodeApiError::RateLimited { .. } => Status::resource_exhausted(msg),
             NodeApiError::Claims(ClaimsError::Store { .. }) => {
+                // The caller is not authenticated yet: the store's error stays in the log.
                 tracing::error!(error = %msg, "node API internal error");
-                Status::internal(msg)
+                Status::internal("claims attestation: the server could not record the token's id")
             }
             NodeApiError::X509Pop(e) if e.is_malformed() => Status::invalid_argument(msg),
             NodeApiError::Claims(e) if e.is_malformed() => Status::invalid_argument(msg),
