@@ -241,8 +241,9 @@ fn a_flood_of_bad_attestations_makes_a_few_audit_records_and_is_rate_limited() -
         (refused, limited)
     });
     println!("{refused} refused, {limited} rate limited");
-    // The budget is 100 a minute; the loop takes well under a minute.
-    assert!((100..=110).contains(&refused), "{refused} refused");
+    // The budget is 100 a minute, refilled continuously: a loop that takes up to 30 s on a
+    // loaded machine gets at most 50 more; without the limit all 300 would be refused.
+    assert!((100..=150).contains(&refused), "{refused} refused");
     assert_eq!(refused + limited, 300);
 
     let mut all = Vec::new();

@@ -1084,9 +1084,12 @@ fn a_feed_that_goes_silent_is_dropped_and_followed_again() -> anyhow::Result<()>
         daemon.log_text()
     );
     server.cli_ok(&["revoke", "task", "--id", "t-2"])?;
+    // Drop the held connections before reopening: the revocation must come over a feed the
+    // node opens again, not from the old stream coming back to life.
+    proxy.cut();
     proxy.restore();
     assert!(
-        wait_until(Duration::from_secs(30), || node_head(&sock) == Some(2)),
+        wait_until(Duration::from_secs(60), || node_head(&sock) == Some(2)),
         "the feed was not followed again after the silence:\n{}",
         daemon.log_text()
     );
