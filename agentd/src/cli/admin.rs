@@ -138,8 +138,8 @@ pub async fn token(cmd: TokenCommand, out: Output) -> anyhow::Result<()> {
 
 fn spec_from_args(a: EntryCreateArgs) -> pb::EntrySpec {
     pb::EntrySpec {
-        spiffe_id: a.spiffe_id,
-        parent_id: a.parent_id,
+        spiffe_id: a.spiffe_id.unwrap_or_default(),
+        parent_id: a.parent_id.unwrap_or_default(),
         selectors: a.selectors,
         x509_svid_ttl_seconds: ttl_secs(a.x509_svid_ttl),
         jwt_svid_ttl_seconds: ttl_secs(a.jwt_svid_ttl),
@@ -227,8 +227,192 @@ async fn warn_unknown_parent(c: &mut AdminClient<Channel>, parent_id: &str) {
     }
 }
 
+/// Entries per batch call: well under the server's 1000 and the message limit.
+const BULK_PAGE: usize = 500;
+
+/// A `--data` argument's text: a file, or stdin for `-`.
+fn read_data(path: &str) -> anyhow::Result<String> {
+    if path == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .map_err(|e| anyhow!("--data -: reading stdin: {e}"))?;
+        Ok(s)
+    } else {
+        std::fs::read_to_string(path).map_err(|e| anyhow!("--data {path}: {e}"))
+    }
+}
+
+/// One line (text) and one object (JSON) per entry of a bulk command, printed in input
+/// order (entries refused before sending are known before the server answers the others).
+struct BulkReport {
+    verb: &'static str,
+    rows: Vec<(usize, serde_json::Value, String)>,
+    failed: usize,
+}
+
+impl BulkReport {
+    fn new(verb: &'static str) -> Self {
+        Self {
+            verb,
+            rows: Vec::new(),
+            failed: 0,
+        }
+    }
+
+    fn refused(&mut self, i: usize, path: &str, label: &str, status: &str, why: &str) {
+        self.failed += 1;
+        let what = if label.is_empty() {
+            path.to_string()
+        } else {
+            format!("{path} {label}")
+        };
+        self.rows.push((
+            i,
+            json!({"entry": path, "status": status, "error": why}),
+            format!("{status:<9} {what}: {why}"),
+        ));
+    }
+
+    fn result(&mut self, i: usize, path: &str, label: &str, r: pb::EntryResult) {
+        match r.entry {
+            Some(e) if r.code == 0 => self.rows.push((
+                i,
+                json!({"entry": path, "status": self.verb, "result": entry_json(&e)}),
+                format!("{:<9} {path} {} {}", self.verb, e.id, e.spiffe_id),
+            )),
+            _ => {
+                let status = if r.code == tonic::Code::AlreadyExists as i32 {
+                    "duplicate"
+                } else {
+                    "error"
+                };
+                self.refused(i, path, label, status, &r.message);
+            }
+        }
+    }
+
+    /// Prints the report; an error (exit 1) when any entry failed.
+    fn finish(mut self, out: Output) -> anyhow::Result<()> {
+        self.rows.sort_by_key(|(i, _, _)| *i);
+        let total = self.rows.len();
+        let done = total - self.failed;
+        let (json_rows, lines): (Vec<_>, Vec<_>) =
+            self.rows.into_iter().map(|(_, j, l)| (j, l)).unzip();
+        out.print(
+            &json!({"results": json_rows, self.verb: done, "failed": self.failed}),
+            || {
+                let mut t = lines.join("\n");
+                t += &format!("\n{done} of {total} entries {}\n", self.verb);
+                t
+            },
+        );
+        if self.failed > 0 {
+            return Err(anyhow!(
+                "{} of {total} entries were not {}",
+                self.failed,
+                self.verb
+            ));
+        }
+        Ok(())
+    }
+}
+
+async fn bulk_create(c: &mut AdminClient<Channel>, data: &str, out: Output) -> anyhow::Result<()> {
+    let items = super::bulk::entries(data).map_err(|e| anyhow!("--data: {e}"))?;
+    let mut report = BulkReport::new("created");
+    let mut parents = std::collections::BTreeSet::new();
+    let mut page: Vec<(usize, String, String, pb::EntrySpec)> = Vec::new();
+    let mut items = items.into_iter().enumerate().peekable();
+    while let Some((i, (path, o))) = items.next() {
+        let label = o
+            .get("spiffe_id")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        match super::bulk::spec(&path, &o) {
+            Ok(spec) => page.push((i, path, label, spec)),
+            Err(why) => report.refused(i, &path, &label, "error", &why),
+        }
+        if page.len() == BULK_PAGE || (items.peek().is_none() && !page.is_empty()) {
+            let sent = std::mem::take(&mut page);
+            let results = c
+                .batch_create_entries(pb::BatchCreateEntriesRequest {
+                    entries: sent.iter().map(|(_, _, _, s)| s.clone()).collect(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner()
+                .results;
+            anyhow::ensure!(
+                results.len() == sent.len(),
+                "the server answered {} results for {} entries",
+                results.len(),
+                sent.len()
+            );
+            for ((i, path, label, spec), r) in sent.into_iter().zip(results) {
+                if r.code == 0 {
+                    parents.insert(spec.parent_id);
+                }
+                report.result(i, &path, &label, r);
+            }
+        }
+    }
+    for parent in &parents {
+        warn_unknown_parent(c, parent).await;
+    }
+    report.finish(out)
+}
+
+async fn bulk_delete(c: &mut AdminClient<Channel>, data: &str, out: Output) -> anyhow::Result<()> {
+    let items = super::bulk::entries(data).map_err(|e| anyhow!("--data: {e}"))?;
+    let mut report = BulkReport::new("deleted");
+    let mut page: Vec<(usize, String, String)> = Vec::new();
+    let mut items = items.into_iter().enumerate().peekable();
+    while let Some((i, (path, o))) = items.next() {
+        match super::bulk::entry_id(&path, &o) {
+            Ok(id) => page.push((i, path, id)),
+            Err(why) => report.refused(i, &path, "", "error", &why),
+        }
+        if page.len() == BULK_PAGE || (items.peek().is_none() && !page.is_empty()) {
+            let sent = std::mem::take(&mut page);
+            let results = c
+                .batch_delete_entries(pb::BatchDeleteEntriesRequest {
+                    ids: sent.iter().map(|(_, _, id)| id.clone()).collect(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner()
+                .results;
+            anyhow::ensure!(
+                results.len() == sent.len(),
+                "the server answered {} results for {} ids",
+                results.len(),
+                sent.len()
+            );
+            for ((i, path, id), r) in sent.into_iter().zip(results) {
+                report.result(i, &path, &id, r);
+            }
+        }
+    }
+    report.finish(out)
+}
+
 pub async fn entry(cmd: EntryCommand, out: Output) -> anyhow::Result<()> {
     match cmd {
+        EntryCommand::Create { args, admin } if args.data.is_some() => {
+            let data = read_data(args.data.as_deref().unwrap_or("-"))?;
+            let mut c = admin_client(&admin.admin_socket).await?;
+            bulk_create(&mut c, &data, out).await?;
+        }
+        EntryCommand::Delete {
+            data: Some(data),
+            admin,
+            ..
+        } => {
+            let data = read_data(&data)?;
+            let mut c = admin_client(&admin.admin_socket).await?;
+            bulk_delete(&mut c, &data, out).await?;
+        }
         EntryCommand::Create { args, admin } => {
             let spec = spec_from_args(args);
             let parent_id = spec.parent_id.clone();
@@ -277,10 +461,12 @@ pub async fn entry(cmd: EntryCommand, out: Output) -> anyhow::Result<()> {
             }
             out.print(&entry_json(&e), || entry_text(&e));
         }
-        EntryCommand::Delete { id, admin } => {
+        EntryCommand::Delete { id, admin, .. } => {
             let e = admin_client(&admin.admin_socket)
                 .await?
-                .delete_entry(pb::DeleteEntryRequest { id })
+                .delete_entry(pb::DeleteEntryRequest {
+                    id: id.unwrap_or_default(),
+                })
                 .await
                 .map_err(status)?
                 .into_inner();

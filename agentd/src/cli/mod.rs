@@ -8,6 +8,7 @@
 
 mod admin;
 mod audit;
+mod bulk;
 pub mod connect;
 mod daemon;
 mod delegation;
@@ -363,15 +364,27 @@ pub enum TokenCommand {
 /// `entry create`: the three fields every entry has, and the optional ones.
 #[derive(Debug, Args)]
 pub struct EntryCreateArgs {
+    /// Creates every entry in FILE (- for stdin) instead: SPIRE's {"entries": [...]} JSON,
+    /// or what `entry show --output json` prints; each entry is reported, and the exit
+    /// status is 1 if any was not created.
+    #[arg(long, value_name = "FILE", conflicts_with_all = [
+        "spiffe_id", "parent_id", "selectors", "x509_svid_ttl", "jwt_svid_ttl",
+        "scopes", "owner", "dns_names", "hint",
+    ])]
+    pub data: Option<String>,
     /// The workload's SPIFFE ID: in the server's trust domain, with a path.
-    #[arg(long)]
-    pub spiffe_id: String,
+    #[arg(long, required_unless_present = "data")]
+    pub spiffe_id: Option<String>,
     /// The SPIFFE ID of the node agent that serves the entry (its join token's --spiffe-id),
     /// or of a node-set alias.
-    #[arg(long)]
-    pub parent_id: String,
+    #[arg(long, required_unless_present = "data")]
+    pub parent_id: Option<String>,
     /// TYPE:VALUE, e.g. unix:uid:1000; repeat for several (all must match).
-    #[arg(long = "selector", value_name = "TYPE:VALUE", required = true)]
+    #[arg(
+        long = "selector",
+        value_name = "TYPE:VALUE",
+        required_unless_present = "data"
+    )]
     pub selectors: Vec<String>,
     /// X.509-SVID lifetime: seconds or a duration [default: the server's
     /// default_x509_svid_ttl, 1h unless configured].
@@ -481,11 +494,15 @@ pub enum EntryCommand {
         #[command(flatten)]
         admin: AdminSocketArg,
     },
-    /// Deletes an entry.
+    /// Deletes an entry, or every entry whose id is in --data.
     Delete {
         /// The entry's id.
-        #[arg(long)]
-        id: String,
+        #[arg(long, required_unless_present = "data")]
+        id: Option<String>,
+        /// Deletes the entries in FILE (- for stdin) instead, by their "id": what
+        /// `entry show --output json` prints; the exit status is 1 if any was not deleted.
+        #[arg(long, value_name = "FILE", conflicts_with = "id")]
+        data: Option<String>,
         #[command(flatten)]
         admin: AdminSocketArg,
     },

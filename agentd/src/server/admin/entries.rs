@@ -1,4 +1,4 @@
-//! Registration entries: create, show, list, update, delete.
+//! Registration entries: create, show, list, update, delete, and their batch forms.
 
 use agentd_proto::admin as pb;
 use spiffe::SpiffeId;
@@ -117,7 +117,76 @@ pub(super) async fn create(
     request: Request<pb::EntrySpec>,
 ) -> Result<Response<pb::Entry>, Status> {
     let uid = caller_uid(&request);
-    let spec = api.spec_from_proto(request.into_inner())?;
+    create_one(api, uid, request.into_inner())
+        .await
+        .map(Response::new)
+}
+
+/// Most entries or ids in one batch call: a page the CLI sends, well under the message limit.
+pub const MAX_BATCH_ENTRIES: usize = 1000;
+
+fn check_batch_len(field: &'static str, n: usize) -> Result<(), Status> {
+    if n > MAX_BATCH_ENTRIES {
+        return Err(invalid(
+            field,
+            format!("{n} in one call; at most {MAX_BATCH_ENTRIES} (send several pages)"),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+fn entry_result(r: Result<pb::Entry, Status>) -> pb::EntryResult {
+    match r {
+        Ok(entry) => pb::EntryResult {
+            entry: Some(entry),
+            code: 0,
+            message: String::new(),
+        },
+        Err(s) => pb::EntryResult {
+            entry: None,
+            code: s.code() as i32,
+            message: s.message().to_string(),
+        },
+    }
+}
+
+/// Each entry on its own, as `create` would: a refusal is that entry's result.
+pub(super) async fn batch_create(
+    api: &AdminApi,
+    request: Request<pb::BatchCreateEntriesRequest>,
+) -> Result<Response<pb::BatchEntriesResponse>, Status> {
+    let uid = caller_uid(&request);
+    let specs = request.into_inner().entries;
+    check_batch_len("entries", specs.len())?;
+    let mut results = Vec::with_capacity(specs.len());
+    for spec in specs {
+        results.push(entry_result(create_one(api, uid, spec).await));
+    }
+    Ok(Response::new(pb::BatchEntriesResponse { results }))
+}
+
+/// Each id on its own, as `delete` would.
+pub(super) async fn batch_delete(
+    api: &AdminApi,
+    request: Request<pb::BatchDeleteEntriesRequest>,
+) -> Result<Response<pb::BatchEntriesResponse>, Status> {
+    let uid = caller_uid(&request);
+    let ids = request.into_inner().ids;
+    check_batch_len("ids", ids.len())?;
+    let mut results = Vec::with_capacity(ids.len());
+    for id in ids {
+        results.push(entry_result(delete_one(api, uid, &id).await));
+    }
+    Ok(Response::new(pb::BatchEntriesResponse { results }))
+}
+
+async fn create_one(
+    api: &AdminApi,
+    uid: Option<u32>,
+    spec: pb::EntrySpec,
+) -> Result<pb::Entry, Status> {
+    let spec = api.spec_from_proto(spec)?;
     api.check_owner(&spec)?;
     api.refuse_node_id(&spec.spiffe_id).await?;
     let entry = api
@@ -135,7 +204,7 @@ pub(super) async fn create(
         ))
         .await
         .map_err(AdminError::from)?;
-    Ok(Response::new(entry_to_proto(&entry)))
+    Ok(entry_to_proto(&entry))
 }
 
 pub(super) async fn get(
@@ -270,7 +339,13 @@ pub(super) async fn delete(
     request: Request<pb::DeleteEntryRequest>,
 ) -> Result<Response<pb::Entry>, Status> {
     let uid = caller_uid(&request);
-    let id = parse_entry_id(&request.get_ref().id)?;
+    delete_one(api, uid, &request.get_ref().id)
+        .await
+        .map(Response::new)
+}
+
+async fn delete_one(api: &AdminApi, uid: Option<u32>, id: &str) -> Result<pb::Entry, Status> {
+    let id = parse_entry_id(id)?;
     let entry = api
         .state
         .store
@@ -286,5 +361,5 @@ pub(super) async fn delete(
         ))
         .await
         .map_err(AdminError::from)?;
-    Ok(Response::new(entry_to_proto(&entry)))
+    Ok(entry_to_proto(&entry))
 }

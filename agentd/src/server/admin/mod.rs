@@ -181,6 +181,20 @@ impl Admin for AdminApi {
         entries::delete(self, request).await
     }
 
+    async fn batch_create_entries(
+        &self,
+        request: Request<pb::BatchCreateEntriesRequest>,
+    ) -> Result<Response<pb::BatchEntriesResponse>, Status> {
+        entries::batch_create(self, request).await
+    }
+
+    async fn batch_delete_entries(
+        &self,
+        request: Request<pb::BatchDeleteEntriesRequest>,
+    ) -> Result<Response<pb::BatchEntriesResponse>, Status> {
+        entries::batch_delete(self, request).await
+    }
+
     async fn list_nodes(
         &self,
         _request: Request<pb::ListNodesRequest>,
