@@ -43,8 +43,11 @@ const UNSUPPORTED: &[&str] = &[
     "entry_expiry",
 ];
 
-/// The entries of a data document, each with the path its errors name.
-pub fn entries(text: &str) -> Result<Vec<(String, Map<String, Value>)>, String> {
+/// One entry of a data document: the path its errors name (`entries[3]`), and its fields.
+pub type DataEntry = (String, Map<String, Value>);
+
+/// The entries of a data document.
+pub fn entries(text: &str) -> Result<Vec<DataEntry>, String> {
     let doc: Value =
         serde_json::from_str(text).map_err(|e| format!("the data is not JSON: {e}"))?;
     let (prefix, items) = match doc {
