@@ -27,8 +27,23 @@ pub struct RevocationSet {
     standing: HashMap<RevocationHandle, RevocationEvent>,
     /// Sequence -> handle, to lift by sequence.
     by_sequence: BTreeMap<u64, RevocationHandle>,
-    serials: HashSet<String>,
-    jwt_ids: HashSet<String>,
+    /// Revoked serials, each with the number of standing events that cover it: an event
+    /// applied or lifted adds or removes only its own, so applying is O(what it covers), not
+    /// O(everything standing), and a serial two events cover stays revoked when one is lifted.
+    serials: HashMap<String, u32>,
+    jwt_ids: HashMap<String, u32>,
+}
+
+/// Counts `key` in or out of `map` (a count reaching zero removes it).
+fn count(map: &mut HashMap<String, u32>, key: &str, up: bool) {
+    if up {
+        *map.entry(key.to_string()).or_default() += 1;
+    } else if let Some(n) = map.get_mut(key) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            map.remove(key);
+        }
+    }
 }
 
 impl RevocationSet {
@@ -47,55 +62,61 @@ impl RevocationSet {
             RevocationAction::Revoke => {
                 self.by_sequence
                     .insert(event.sequence, event.handle.clone());
-                self.standing.insert(event.handle.clone(), event.clone());
-                self.rebuild_covered();
+                if let Some(old) = self.standing.insert(event.handle.clone(), event.clone()) {
+                    self.account(&old, false);
+                }
+                self.account(event, true);
             }
             RevocationAction::Lift { revocation } => {
                 if let Some(handle) = self.by_sequence.remove(&revocation) {
-                    self.standing.remove(&handle);
-                    self.rebuild_covered();
+                    if let Some(old) = self.standing.remove(&handle) {
+                        self.account(&old, false);
+                    }
                 }
             }
         }
     }
 
-    fn rebuild_covered(&mut self) {
-        self.serials = self
-            .standing
-            .values()
-            .flat_map(|e| e.serials.iter().map(|s| s.serial.clone()))
-            .collect();
-        self.jwt_ids = self
-            .standing
-            .values()
-            .flat_map(|e| e.jwt_ids.iter().cloned())
-            .collect();
+    /// Counts what a standing event covers in (`up`) or out.
+    fn account(&mut self, e: &RevocationEvent, up: bool) {
+        for s in &e.serials {
+            count(&mut self.serials, &s.serial, up);
+        }
+        for j in &e.jwt_ids {
+            count(&mut self.jwt_ids, j, up);
+        }
         // A serial revoked by handle stands by its own value too.
-        for h in self.standing.keys() {
-            if let RevocationHandle::Svid(s) = h {
-                self.serials.insert(s.clone());
-            }
+        if let RevocationHandle::Svid(s) = &e.handle {
+            count(&mut self.serials, s, up);
         }
     }
 
     /// Drops what can no longer matter: standing SVID revocations whose SVIDs all expired.
     pub fn forget_expired(&mut self, now: i64) {
-        let before = self.standing.len();
-        self.standing
-            .retain(|h, e| !(matches!(h, RevocationHandle::Svid(_)) && e.expires_at < now));
-        if self.standing.len() != before {
-            let live: HashSet<u64> = self.standing.values().map(|e| e.sequence).collect();
-            self.by_sequence.retain(|seq, _| live.contains(seq));
-            self.rebuild_covered();
+        let expired: Vec<RevocationHandle> = self
+            .standing
+            .iter()
+            .filter(|(h, e)| matches!(h, RevocationHandle::Svid(_)) && e.expires_at < now)
+            .map(|(h, _)| h.clone())
+            .collect();
+        if expired.is_empty() {
+            return;
         }
+        for h in &expired {
+            if let Some(old) = self.standing.remove(h) {
+                self.account(&old, false);
+            }
+        }
+        let live: HashSet<u64> = self.standing.values().map(|e| e.sequence).collect();
+        self.by_sequence.retain(|seq, _| live.contains(seq));
     }
 
     pub fn is_serial_revoked(&self, serial: &str) -> bool {
-        self.serials.contains(serial)
+        self.serials.contains_key(serial)
     }
 
     pub fn is_jwt_revoked(&self, jti: &str) -> bool {
-        self.jwt_ids.contains(jti)
+        self.jwt_ids.contains_key(jti)
     }
 
     /// The standing revocation of this handle, if any.
@@ -292,6 +313,70 @@ mod tests {
                 !RevocationHandle::parse(kind, id).unwrap().covers(&svid),
                 "{kind}"
             );
+        }
+    }
+
+    /// What a set with `standing` must answer, computed from scratch (the old way).
+    fn oracle(standing: &[RevocationEvent]) -> (HashSet<String>, HashSet<String>) {
+        let mut serials: HashSet<String> = standing
+            .iter()
+            .flat_map(|e| e.serials.iter().map(|s| s.serial.clone()))
+            .collect();
+        for e in standing {
+            if let RevocationHandle::Svid(s) = &e.handle {
+                serials.insert(s.clone());
+            }
+        }
+        let jwts = standing.iter().flat_map(|e| e.jwt_ids.clone()).collect();
+        (serials, jwts)
+    }
+
+    proptest::proptest! {
+        /// Revokes (overlapping serials and jtis, re-revoked handles), lifts and expiry in
+        /// any order: the counted set answers as a set rebuilt from the standing events.
+        #[test]
+        fn the_counted_set_matches_a_rebuild(ops in proptest::collection::vec((0u8..4, 0u8..6, proptest::collection::vec(0u8..8, 0..4)), 1..60)) {
+            let mut set = RevocationSet::new();
+            let mut seq = 0;
+            for (op, h, covered) in ops {
+                seq += 1;
+                let handle = if h < 3 {
+                    RevocationHandle::Svid(format!("h{h}"))
+                } else {
+                    RevocationHandle::Task(format!("t{h}"))
+                };
+                match op {
+                    0 | 1 => {
+                        let names: Vec<String> = covered.iter().map(|c| format!("s{c}")).collect();
+                        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+                        let mut e = event(seq, handle, &refs);
+                        e.jwt_ids = covered.iter().map(|c| format!("j{c}")).collect();
+                        e.expires_at = 100 + i64::from(h) * 10;
+                        set.apply(&e);
+                    }
+                    2 => {
+                        if let Some(target) = set.standing_events().first().map(|e| e.sequence) {
+                            let mut lift = event(seq, handle, &[]);
+                            lift.action = RevocationAction::Lift { revocation: target };
+                            set.apply(&lift);
+                        }
+                    }
+                    _ => set.forget_expired(100 + i64::from(h) * 10 + 1),
+                }
+                let standing: Vec<RevocationEvent> =
+                    set.standing_events().into_iter().cloned().collect();
+                let (serials, jwts) = oracle(&standing);
+                for n in 0..8 {
+                    let s = format!("s{n}");
+                    proptest::prop_assert_eq!(set.is_serial_revoked(&s), serials.contains(&s), "serial {}", s);
+                    let j = format!("j{n}");
+                    proptest::prop_assert_eq!(set.is_jwt_revoked(&j), jwts.contains(&j), "jti {}", j);
+                }
+                for n in 0..3 {
+                    let h = format!("h{n}");
+                    proptest::prop_assert_eq!(set.is_serial_revoked(&h), serials.contains(&h), "handle {}", h);
+                }
+            }
         }
     }
 
