@@ -50,11 +50,16 @@ const GRANTS: &str = "grants";
 const DELEGATION_OFFERS: &str = "delegation_offers";
 /// Used platform token ids (see `seen_tokens`).
 const SEEN_TOKENS: &str = "seen_tokens";
+/// Index: an entry's identity (SPIFFE ID, parent, selectors; see `identity_key`) -> its id,
+/// so the duplicate check of a create or update is one lookup, not a scan of every entry.
+/// Rebuilt from the entries at every open, so it cannot disagree with them for long.
+const ENTRY_IDENTITIES: &str = "entry_identities";
 
 #[derive(Debug)]
 pub struct SledStore {
     db: sled::Db,
     entries: sled::Tree,
+    entry_identities: sled::Tree,
     nodes: sled::Tree,
     join_tokens: sled::Tree,
     issued: sled::Tree,
@@ -115,8 +120,9 @@ pub(crate) fn open_db(dir: &Path) -> Result<sled::Db> {
 impl SledStore {
     pub fn open(dir: &Path) -> Result<Self> {
         let db = open_db(dir)?;
-        Ok(Self {
+        let store = Self {
             entries: db.open_tree(ENTRIES).map_err(backend)?,
+            entry_identities: db.open_tree(ENTRY_IDENTITIES).map_err(backend)?,
             nodes: db.open_tree(NODES).map_err(backend)?,
             join_tokens: db.open_tree(JOIN_TOKENS).map_err(backend)?,
             issued: db.open_tree(ISSUED).map_err(backend)?,
@@ -140,7 +146,38 @@ impl SledStore {
             activity_writes: Mutex::new(()),
             #[cfg(test)]
             fail_flushes: Default::default(),
-        })
+        };
+        store.rebuild_entry_identities()?;
+        Ok(store)
+    }
+
+    /// Makes the identity index exactly the entries' identities (a store written before the
+    /// index existed, or a crash between the two trees, is repaired here).
+    fn rebuild_entry_identities(&self) -> Result<()> {
+        self.entry_identities.clear().map_err(backend)?;
+        for kv in self.entries.iter() {
+            let (k, v) = kv.map_err(backend)?;
+            // A record that does not decode is not indexed: reading it keeps failing with
+            // an error naming it (`Corrupt`), but it does not keep the store from opening.
+            match decode::<EntryRecord>(&k, &v).and_then(|r| r.into_entry(&k)) {
+                Ok(e) => {
+                    self.entry_identities
+                        .insert(identity_key(&e.spec), e.id.as_str())
+                        .map_err(backend)?;
+                }
+                Err(e) => tracing::warn!(error = %e, "entry record not indexed"),
+            }
+        }
+        Ok(())
+    }
+
+    /// The id of the entry with `spec`'s identity, if any.
+    fn entry_with_identity(&self, spec: &EntrySpec) -> Result<Option<String>> {
+        Ok(self
+            .entry_identities
+            .get(identity_key(spec))
+            .map_err(backend)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
     async fn flush(&self) -> Result<()> {
@@ -463,8 +500,26 @@ struct OfferRecord {
     redeem_by: i64,
 }
 
-fn same_identity(a: &EntrySpec, b: &EntrySpec) -> bool {
-    a.spiffe_id == b.spiffe_id && a.parent_id == b.parent_id && a.selectors == b.selectors
+/// SHA-256 over the length-prefixed SPIFFE ID, parent ID and (sorted) selectors: two entries
+/// with the same key are the same identity.
+fn identity_key(spec: &EntrySpec) -> [u8; 32] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut part = |bytes: &[u8]| {
+        ctx.update(&(bytes.len() as u64).to_be_bytes());
+        ctx.update(bytes);
+    };
+    part(spec.spiffe_id.to_string().as_bytes());
+    part(spec.parent_id.to_string().as_bytes());
+    for sel in &spec.selectors {
+        part(sel.to_string().as_bytes());
+    }
+    let mut key = [0u8; 32];
+    key.copy_from_slice(ctx.finish().as_ref());
+    key
+}
+
+fn tx_err(e: sled::transaction::TransactionError<()>) -> DataStoreError {
+    backend(format!("{e:?}"))
 }
 
 #[async_trait::async_trait]
@@ -475,14 +530,8 @@ impl DataStore for SledStore {
 
     async fn create_entry(&self, spec: EntrySpec, now: i64) -> Result<Entry> {
         let _guard = self.entry_writes.lock().await;
-        if let Some(dup) = self
-            .entry_records()?
-            .into_iter()
-            .find(|e| same_identity(&e.spec, &spec))
-        {
-            return Err(DataStoreError::DuplicateEntry {
-                id: dup.id.to_string(),
-            });
+        if let Some(id) = self.entry_with_identity(&spec)? {
+            return Err(DataStoreError::DuplicateEntry { id });
         }
         let entry = Entry {
             id: EntryId::generate(),
@@ -490,9 +539,15 @@ impl DataStore for SledStore {
             revision: 1,
             created_at: now,
         };
-        self.entries
-            .insert(entry.id.as_str(), encode(&EntryRecord::from_entry(&entry))?)
-            .map_err(backend)?;
+        let value = encode(&EntryRecord::from_entry(&entry))?;
+        let key = identity_key(&entry.spec);
+        (&self.entries, &self.entry_identities)
+            .transaction(|(entries, identities)| {
+                entries.insert(entry.id.as_str(), value.as_slice())?;
+                identities.insert(&key, entry.id.as_str())?;
+                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(tx_err)?;
         self.flush().await?;
         Ok(entry)
     }
@@ -523,24 +578,28 @@ impl DataStore for SledStore {
             .get_entry(id)
             .await?
             .ok_or_else(|| DataStoreError::EntryNotFound { id: id.to_string() })?;
-        if let Some(dup) = self
-            .entry_records()?
-            .into_iter()
-            .find(|e| e.id != *id && same_identity(&e.spec, &spec))
-        {
-            return Err(DataStoreError::DuplicateEntry {
-                id: dup.id.to_string(),
-            });
+        if let Some(dup) = self.entry_with_identity(&spec)? {
+            if dup != id.as_str() {
+                return Err(DataStoreError::DuplicateEntry { id: dup });
+            }
         }
+        let old_key = identity_key(&current.spec);
         let updated = Entry {
             id: current.id,
             spec,
             revision: current.revision + 1,
             created_at: current.created_at,
         };
-        self.entries
-            .insert(id.as_str(), encode(&EntryRecord::from_entry(&updated))?)
-            .map_err(backend)?;
+        let value = encode(&EntryRecord::from_entry(&updated))?;
+        let new_key = identity_key(&updated.spec);
+        (&self.entries, &self.entry_identities)
+            .transaction(|(entries, identities)| {
+                entries.insert(id.as_str(), value.as_slice())?;
+                identities.remove(&old_key)?;
+                identities.insert(&new_key, id.as_str())?;
+                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(tx_err)?;
         self.flush().await?;
         Ok(updated)
     }
@@ -548,13 +607,20 @@ impl DataStore for SledStore {
     async fn delete_entry(&self, id: &EntryId) -> Result<Entry> {
         let _guard = self.entry_writes.lock().await;
         let old = self
-            .entries
-            .remove(id.as_str())
-            .map_err(backend)?
+            .get_entry(id)
+            .await?
             .ok_or_else(|| DataStoreError::EntryNotFound { id: id.to_string() })?;
+        let key = identity_key(&old.spec);
+        (&self.entries, &self.entry_identities)
+            .transaction(|(entries, identities)| {
+                entries.remove(id.as_str())?;
+                identities.remove(&key)?;
+                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(tx_err)?;
         self.entry_activity.remove(id.as_str()).map_err(backend)?;
         self.flush().await?;
-        decode::<EntryRecord>(id.as_str().as_bytes(), &old)?.into_entry(id.as_str().as_bytes())
+        Ok(old)
     }
 
     async fn upsert_node(&self, node: AttestedNode) -> Result<()> {
@@ -1145,6 +1211,44 @@ mod tests {
         );
     }
 
+    /// The identity index follows every write: an update moves an entry's identity (the old
+    /// one is free, the new one taken), a delete frees it, a reopen keeps it, and an index
+    /// lost or stale (a store from before it, or a crash between the trees) is rebuilt.
+    #[tokio::test]
+    async fn the_duplicate_check_follows_updates_deletes_and_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let a_spec = || spec("spiffe://example.org/a", "unix:uid:1");
+        let b_spec = || spec("spiffe://example.org/b", "unix:uid:1");
+        let dup = |r: Result<Entry>| matches!(r, Err(DataStoreError::DuplicateEntry { .. }));
+        let a_id = {
+            let store = SledStore::open(dir.path()).unwrap();
+            let a = store.create_entry(a_spec(), 0).await.unwrap();
+            let b = store.create_entry(b_spec(), 0).await.unwrap();
+            // b cannot take a's identity; a may keep its own.
+            assert!(dup(store.update_entry(&b.id, a_spec()).await));
+            store.update_entry(&a.id, a_spec()).await.unwrap();
+            // a moves to c: a's identity is free, c's is taken.
+            let c_spec = spec("spiffe://example.org/c", "unix:uid:1");
+            store.update_entry(&a.id, c_spec.clone()).await.unwrap();
+            assert!(dup(store.create_entry(c_spec, 0).await));
+            let a2 = store.create_entry(a_spec(), 0).await.unwrap();
+            // Deleting frees the identity.
+            store.delete_entry(&a2.id).await.unwrap();
+            store.create_entry(a_spec(), 0).await.unwrap();
+            a.id
+        };
+        let store = SledStore::open(dir.path()).unwrap();
+        assert!(dup(store.create_entry(a_spec(), 0).await));
+        assert!(dup(store.create_entry(b_spec(), 0).await));
+        assert!(store.get_entry(&a_id).await.unwrap().is_some());
+        // A stale index (here: emptied behind the store's back) is repaired at open.
+        store.entry_identities.clear().unwrap();
+        drop(store);
+        let store = SledStore::open(dir.path()).unwrap();
+        assert!(dup(store.create_entry(a_spec(), 0).await));
+        assert_eq!(store.entry_identities.len(), 3);
+    }
+
     #[tokio::test]
     async fn filters_and_delete() {
         let dir = tempfile::tempdir().unwrap();
@@ -1366,6 +1470,13 @@ mod tests {
             .entries
             .insert("0123456789abcdef0123456789abcdef", b"{not json".to_vec())
             .unwrap();
+        assert!(matches!(
+            store.list_entries(&EntryFilter::default()).await,
+            Err(DataStoreError::Corrupt { .. })
+        ));
+        // The store still opens (the identity index skips it), and still names it.
+        drop(store);
+        let store = SledStore::open(dir.path()).unwrap();
         assert!(matches!(
             store.list_entries(&EntryFilter::default()).await,
             Err(DataStoreError::Corrupt { .. })
