@@ -54,12 +54,16 @@ const SEEN_TOKENS: &str = "seen_tokens";
 /// so the duplicate check of a create or update is one lookup, not a scan of every entry.
 /// Rebuilt from the entries at every open, so it cannot disagree with them for long.
 const ENTRY_IDENTITIES: &str = "entry_identities";
+/// Index: parent ID, a 0 byte, entry id -> nothing, so the entries a node (or a node-set
+/// alias) serves are a prefix scan, not a scan of every entry. Rebuilt at every open too.
+const ENTRIES_BY_PARENT: &str = "entries_by_parent";
 
 #[derive(Debug)]
 pub struct SledStore {
     db: sled::Db,
     entries: sled::Tree,
     entry_identities: sled::Tree,
+    entries_by_parent: sled::Tree,
     nodes: sled::Tree,
     join_tokens: sled::Tree,
     issued: sled::Tree,
@@ -123,6 +127,7 @@ impl SledStore {
         let store = Self {
             entries: db.open_tree(ENTRIES).map_err(backend)?,
             entry_identities: db.open_tree(ENTRY_IDENTITIES).map_err(backend)?,
+            entries_by_parent: db.open_tree(ENTRIES_BY_PARENT).map_err(backend)?,
             nodes: db.open_tree(NODES).map_err(backend)?,
             join_tokens: db.open_tree(JOIN_TOKENS).map_err(backend)?,
             issued: db.open_tree(ISSUED).map_err(backend)?,
@@ -151,10 +156,11 @@ impl SledStore {
         Ok(store)
     }
 
-    /// Makes the identity index exactly the entries' identities (a store written before the
-    /// index existed, or a crash between the two trees, is repaired here).
+    /// Makes the entry indexes exactly what the entries say (a store written before an index
+    /// existed is repaired here).
     fn rebuild_entry_identities(&self) -> Result<()> {
         self.entry_identities.clear().map_err(backend)?;
+        self.entries_by_parent.clear().map_err(backend)?;
         for kv in self.entries.iter() {
             let (k, v) = kv.map_err(backend)?;
             // A record that does not decode is not indexed: reading it keeps failing with
@@ -163,6 +169,9 @@ impl SledStore {
                 Ok(e) => {
                     self.entry_identities
                         .insert(identity_key(&e.spec), e.id.as_str())
+                        .map_err(backend)?;
+                    self.entries_by_parent
+                        .insert(parent_key(&e.spec.parent_id, &e.id), &[])
                         .map_err(backend)?;
                 }
                 Err(e) => tracing::warn!(error = %e, "entry record not indexed"),
@@ -518,6 +527,19 @@ fn identity_key(spec: &EntrySpec) -> [u8; 32] {
     key
 }
 
+/// `entries_by_parent` key: the parent ID, a 0 byte (in no SPIFFE ID), the entry id.
+fn parent_key(parent: &SpiffeId, id: &EntryId) -> Vec<u8> {
+    let mut key = parent_prefix(parent);
+    key.extend_from_slice(id.as_str().as_bytes());
+    key
+}
+
+fn parent_prefix(parent: &SpiffeId) -> Vec<u8> {
+    let mut key = parent.to_string().into_bytes();
+    key.push(0);
+    key
+}
+
 fn tx_err(e: sled::transaction::TransactionError<()>) -> DataStoreError {
     backend(format!("{e:?}"))
 }
@@ -541,10 +563,16 @@ impl DataStore for SledStore {
         };
         let value = encode(&EntryRecord::from_entry(&entry))?;
         let key = identity_key(&entry.spec);
-        (&self.entries, &self.entry_identities)
-            .transaction(|(entries, identities)| {
+        let by_parent = parent_key(&entry.spec.parent_id, &entry.id);
+        (
+            &self.entries,
+            &self.entry_identities,
+            &self.entries_by_parent,
+        )
+            .transaction(|(entries, identities, parents)| {
                 entries.insert(entry.id.as_str(), value.as_slice())?;
                 identities.insert(&key, entry.id.as_str())?;
+                parents.insert(by_parent.as_slice(), &[])?;
                 Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
             })
             .map_err(tx_err)?;
@@ -563,8 +591,22 @@ impl DataStore for SledStore {
     }
 
     async fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<Entry>> {
-        let mut entries: Vec<Entry> = self
-            .entry_records()?
+        let candidates = match &filter.parent_id {
+            // O(entries with that parent), through the index.
+            Some(parent) => {
+                let mut out = Vec::new();
+                for kv in self.entries_by_parent.scan_prefix(parent_prefix(parent)) {
+                    let (k, _) = kv.map_err(backend)?;
+                    let id = &k[parent_prefix(parent).len()..];
+                    if let Some(v) = self.entries.get(id).map_err(backend)? {
+                        out.push(decode::<EntryRecord>(id, &v)?.into_entry(id)?);
+                    }
+                }
+                out
+            }
+            None => self.entry_records()?,
+        };
+        let mut entries: Vec<Entry> = candidates
             .into_iter()
             .filter(|e| filter.matches(e))
             .collect();
@@ -592,11 +634,19 @@ impl DataStore for SledStore {
         };
         let value = encode(&EntryRecord::from_entry(&updated))?;
         let new_key = identity_key(&updated.spec);
-        (&self.entries, &self.entry_identities)
-            .transaction(|(entries, identities)| {
+        let old_parent = parent_key(&current.spec.parent_id, id);
+        let new_parent = parent_key(&updated.spec.parent_id, id);
+        (
+            &self.entries,
+            &self.entry_identities,
+            &self.entries_by_parent,
+        )
+            .transaction(|(entries, identities, parents)| {
                 entries.insert(id.as_str(), value.as_slice())?;
                 identities.remove(&old_key)?;
                 identities.insert(&new_key, id.as_str())?;
+                parents.remove(old_parent.as_slice())?;
+                parents.insert(new_parent.as_slice(), &[])?;
                 Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
             })
             .map_err(tx_err)?;
@@ -611,10 +661,16 @@ impl DataStore for SledStore {
             .await?
             .ok_or_else(|| DataStoreError::EntryNotFound { id: id.to_string() })?;
         let key = identity_key(&old.spec);
-        (&self.entries, &self.entry_identities)
-            .transaction(|(entries, identities)| {
+        let by_parent = parent_key(&old.spec.parent_id, id);
+        (
+            &self.entries,
+            &self.entry_identities,
+            &self.entries_by_parent,
+        )
+            .transaction(|(entries, identities, parents)| {
                 entries.remove(id.as_str())?;
                 identities.remove(&key)?;
+                parents.remove(by_parent.as_slice())?;
                 Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
             })
             .map_err(tx_err)?;
@@ -1247,6 +1303,77 @@ mod tests {
         let store = SledStore::open(dir.path()).unwrap();
         assert!(dup(store.create_entry(a_spec(), 0).await));
         assert_eq!(store.entry_identities.len(), 3);
+        assert_eq!(store.entries_by_parent.len(), 3);
+    }
+
+    /// Asserts that listing by each parent (and one with no entries) answers as a scan
+    /// filtered by parent; returns how many entries there are.
+    async fn listing_by_parent_check(store: &SledStore, parents: &[&str]) -> usize {
+        let all = store.list_entries(&EntryFilter::default()).await.unwrap();
+        for parent in parents.iter().chain(&["spiffe://example.org/node/none"]) {
+            let parent = SpiffeId::new(parent).unwrap();
+            let scanned: Vec<_> = all
+                .iter()
+                .filter(|e| e.spec.parent_id == parent)
+                .cloned()
+                .collect();
+            let filter = EntryFilter {
+                parent_id: Some(parent.clone()),
+                ..Default::default()
+            };
+            assert_eq!(
+                store.list_entries(&filter).await.unwrap(),
+                scanned,
+                "{parent}"
+            );
+        }
+        all.len()
+    }
+
+    /// Listing by parent goes through the index and answers as a full scan filtered by
+    /// parent would, after creates, a re-parenting update, a delete and a reopen.
+    #[tokio::test]
+    async fn listing_by_parent_matches_a_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        let with_parent = |id: &str, parent: &str| {
+            let mut s = spec(id, "unix:uid:1");
+            s.parent_id = SpiffeId::new(parent).unwrap();
+            s
+        };
+        let (n1, n2) = (
+            "spiffe://example.org/node/n1",
+            "spiffe://example.org/node/n2",
+        );
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            let mut ids = Vec::new();
+            for i in 0..6 {
+                let parent = if i % 2 == 0 { n1 } else { n2 };
+                let e = store
+                    .create_entry(
+                        with_parent(&format!("spiffe://example.org/w{i}"), parent),
+                        0,
+                    )
+                    .await
+                    .unwrap();
+                ids.push(e.id);
+            }
+            assert_eq!(listing_by_parent_check(&store, &[n1, n2]).await, 6);
+            // w0 moves from n1 to n2; w1 is deleted.
+            store
+                .update_entry(&ids[0], with_parent("spiffe://example.org/w0", n2))
+                .await
+                .unwrap();
+            store.delete_entry(&ids[1]).await.unwrap();
+            assert_eq!(listing_by_parent_check(&store, &[n1, n2]).await, 5);
+            let n1_filter = EntryFilter {
+                parent_id: Some(SpiffeId::new(n1).unwrap()),
+                ..Default::default()
+            };
+            assert_eq!(store.list_entries(&n1_filter).await.unwrap().len(), 2);
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(listing_by_parent_check(&store, &[n1, n2]).await, 5);
     }
 
     #[tokio::test]

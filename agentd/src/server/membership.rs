@@ -54,16 +54,24 @@ pub async fn entries_for_node(
     node: &AttestedNode,
     revocations: Option<&RevocationLog>,
 ) -> Result<Vec<Entry>, DataStoreError> {
-    let all = store.list_entries(&EntryFilter::default()).await?;
-    let aliases: std::collections::HashSet<&SpiffeId> =
-        aliases_of(&all, server_id, node, revocations)
+    // Through the store's parent index: the node's own entries, the aliases (entries
+    // parented to the server), then each alias's entries; never every entry.
+    let by_parent = |parent: &SpiffeId| EntryFilter {
+        parent_id: Some(parent.clone()),
+        ..Default::default()
+    };
+    let mut served = store.list_entries(&by_parent(&node.spiffe_id)).await?;
+    let alias_entries = store.list_entries(&by_parent(server_id)).await?;
+    let aliases: std::collections::BTreeSet<&SpiffeId> =
+        aliases_of(&alias_entries, server_id, node, revocations)
             .map(|e| &e.spec.spiffe_id)
+            .filter(|id| **id != node.spiffe_id)
             .collect();
-    let served = all
-        .iter()
-        .filter(|e| e.spec.parent_id == node.spiffe_id || aliases.contains(&e.spec.parent_id))
-        .cloned()
-        .collect();
+    for alias in aliases {
+        served.extend(store.list_entries(&by_parent(alias)).await?);
+    }
+    // The order a full listing has (by SPIFFE ID, then id).
+    served.sort_by(|a, b| (&a.spec.spiffe_id, &a.id).cmp(&(&b.spec.spiffe_id, &b.id)));
     Ok(served)
 }
 
