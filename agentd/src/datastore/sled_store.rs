@@ -52,11 +52,18 @@ const DELEGATION_OFFERS: &str = "delegation_offers";
 const SEEN_TOKENS: &str = "seen_tokens";
 /// Index: an entry's identity (SPIFFE ID, parent, selectors; see `identity_key`) -> its id,
 /// so the duplicate check of a create or update is one lookup, not a scan of every entry.
-/// Rebuilt from the entries at every open, so it cannot disagree with them for long.
+/// Written in each entry's transaction; rebuilt at open when it may not match
+/// (`ensure_entry_indexes`), like the two below.
 const ENTRY_IDENTITIES: &str = "entry_identities";
 /// Index: parent ID, a 0 byte, entry id -> nothing, so the entries a node (or a node-set
-/// alias) serves are a prefix scan, not a scan of every entry. Rebuilt at every open too.
+/// alias) serves are a prefix scan, not a scan of every entry.
 const ENTRIES_BY_PARENT: &str = "entries_by_parent";
+/// Index: SPIFFE ID, a 0 byte, entry id -> nothing: the entries of one workload identity
+/// (a delegated mint's ceiling, Attest's node-ID check) without a scan.
+const ENTRIES_BY_SPIFFE_ID: &str = "entries_by_spiffe_id";
+/// In `meta`: the entry indexes have been built; they are kept in each entry's transaction
+/// from then on.
+const ENTRY_INDEXES_BUILT: &[u8] = b"entry_indexes_built";
 
 #[derive(Debug)]
 pub struct SledStore {
@@ -64,6 +71,7 @@ pub struct SledStore {
     entries: sled::Tree,
     entry_identities: sled::Tree,
     entries_by_parent: sled::Tree,
+    entries_by_spiffe_id: sled::Tree,
     nodes: sled::Tree,
     join_tokens: sled::Tree,
     issued: sled::Tree,
@@ -128,6 +136,7 @@ impl SledStore {
             entries: db.open_tree(ENTRIES).map_err(backend)?,
             entry_identities: db.open_tree(ENTRY_IDENTITIES).map_err(backend)?,
             entries_by_parent: db.open_tree(ENTRIES_BY_PARENT).map_err(backend)?,
+            entries_by_spiffe_id: db.open_tree(ENTRIES_BY_SPIFFE_ID).map_err(backend)?,
             nodes: db.open_tree(NODES).map_err(backend)?,
             join_tokens: db.open_tree(JOIN_TOKENS).map_err(backend)?,
             issued: db.open_tree(ISSUED).map_err(backend)?,
@@ -152,15 +161,41 @@ impl SledStore {
             #[cfg(test)]
             fail_flushes: Default::default(),
         };
-        store.rebuild_entry_identities()?;
+        store.ensure_entry_indexes()?;
         Ok(store)
     }
 
-    /// Makes the entry indexes exactly what the entries say (a store written before an index
-    /// existed is repaired here).
-    fn rebuild_entry_identities(&self) -> Result<()> {
+    /// Rebuilds the entry indexes when they may not match the entries: never built (a store
+    /// from before them), or a count that differs (an index lost, or entries written by an
+    /// older binary). Otherwise nothing is written at open: with 100k entries a rebuild is
+    /// 300k index writes.
+    fn ensure_entry_indexes(&self) -> Result<()> {
+        let built = self
+            .meta
+            .get(ENTRY_INDEXES_BUILT)
+            .map_err(backend)?
+            .is_some();
+        let n = self.entries.len();
+        if built
+            && self.entry_identities.len() == n
+            && self.entries_by_parent.len() == n
+            && self.entries_by_spiffe_id.len() == n
+        {
+            return Ok(());
+        }
+        self.rebuild_entry_indexes()?;
+        self.meta
+            .insert(ENTRY_INDEXES_BUILT, &[1u8])
+            .map_err(backend)?;
+        self.db.flush().map_err(backend)?;
+        Ok(())
+    }
+
+    /// Makes the entry indexes exactly what the entries say.
+    fn rebuild_entry_indexes(&self) -> Result<()> {
         self.entry_identities.clear().map_err(backend)?;
         self.entries_by_parent.clear().map_err(backend)?;
+        self.entries_by_spiffe_id.clear().map_err(backend)?;
         for kv in self.entries.iter() {
             let (k, v) = kv.map_err(backend)?;
             // A record that does not decode is not indexed: reading it keeps failing with
@@ -172,6 +207,9 @@ impl SledStore {
                         .map_err(backend)?;
                     self.entries_by_parent
                         .insert(parent_key(&e.spec.parent_id, &e.id), &[])
+                        .map_err(backend)?;
+                    self.entries_by_spiffe_id
+                        .insert(parent_key(&e.spec.spiffe_id, &e.id), &[])
                         .map_err(backend)?;
                 }
                 Err(e) => tracing::warn!(error = %e, "entry record not indexed"),
@@ -527,7 +565,8 @@ fn identity_key(spec: &EntrySpec) -> [u8; 32] {
     key
 }
 
-/// `entries_by_parent` key: the parent ID, a 0 byte (in no SPIFFE ID), the entry id.
+/// `entries_by_parent` (and `entries_by_spiffe_id`) key: the ID, a 0 byte (in no SPIFFE
+/// ID), the entry id.
 fn parent_key(parent: &SpiffeId, id: &EntryId) -> Vec<u8> {
     let mut key = parent_prefix(parent);
     key.extend_from_slice(id.as_str().as_bytes());
@@ -564,15 +603,18 @@ impl DataStore for SledStore {
         let value = encode(&EntryRecord::from_entry(&entry))?;
         let key = identity_key(&entry.spec);
         let by_parent = parent_key(&entry.spec.parent_id, &entry.id);
+        let by_id = parent_key(&entry.spec.spiffe_id, &entry.id);
         (
             &self.entries,
             &self.entry_identities,
             &self.entries_by_parent,
+            &self.entries_by_spiffe_id,
         )
-            .transaction(|(entries, identities, parents)| {
+            .transaction(|(entries, identities, parents, ids)| {
                 entries.insert(entry.id.as_str(), value.as_slice())?;
                 identities.insert(&key, entry.id.as_str())?;
                 parents.insert(by_parent.as_slice(), &[])?;
+                ids.insert(by_id.as_slice(), &[])?;
                 Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
             })
             .map_err(tx_err)?;
@@ -591,13 +633,19 @@ impl DataStore for SledStore {
     }
 
     async fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<Entry>> {
-        let candidates = match &filter.parent_id {
-            // O(entries with that parent), through the index.
-            Some(parent) => {
+        // O(matching entries) through an index when the filter names a parent or a SPIFFE ID.
+        let index = match (&filter.parent_id, &filter.spiffe_id) {
+            (Some(parent), _) => Some((&self.entries_by_parent, parent)),
+            (None, Some(id)) => Some((&self.entries_by_spiffe_id, id)),
+            (None, None) => None,
+        };
+        let candidates = match index {
+            Some((tree, key)) => {
+                let prefix = parent_prefix(key);
                 let mut out = Vec::new();
-                for kv in self.entries_by_parent.scan_prefix(parent_prefix(parent)) {
+                for kv in tree.scan_prefix(&prefix) {
                     let (k, _) = kv.map_err(backend)?;
-                    let id = &k[parent_prefix(parent).len()..];
+                    let id = &k[prefix.len()..];
                     if let Some(v) = self.entries.get(id).map_err(backend)? {
                         out.push(decode::<EntryRecord>(id, &v)?.into_entry(id)?);
                     }
@@ -636,17 +684,22 @@ impl DataStore for SledStore {
         let new_key = identity_key(&updated.spec);
         let old_parent = parent_key(&current.spec.parent_id, id);
         let new_parent = parent_key(&updated.spec.parent_id, id);
+        let old_id = parent_key(&current.spec.spiffe_id, id);
+        let new_id = parent_key(&updated.spec.spiffe_id, id);
         (
             &self.entries,
             &self.entry_identities,
             &self.entries_by_parent,
+            &self.entries_by_spiffe_id,
         )
-            .transaction(|(entries, identities, parents)| {
+            .transaction(|(entries, identities, parents, ids)| {
                 entries.insert(id.as_str(), value.as_slice())?;
                 identities.remove(&old_key)?;
                 identities.insert(&new_key, id.as_str())?;
                 parents.remove(old_parent.as_slice())?;
                 parents.insert(new_parent.as_slice(), &[])?;
+                ids.remove(old_id.as_slice())?;
+                ids.insert(new_id.as_slice(), &[])?;
                 Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
             })
             .map_err(tx_err)?;
@@ -662,15 +715,18 @@ impl DataStore for SledStore {
             .ok_or_else(|| DataStoreError::EntryNotFound { id: id.to_string() })?;
         let key = identity_key(&old.spec);
         let by_parent = parent_key(&old.spec.parent_id, id);
+        let by_id = parent_key(&old.spec.spiffe_id, id);
         (
             &self.entries,
             &self.entry_identities,
             &self.entries_by_parent,
+            &self.entries_by_spiffe_id,
         )
-            .transaction(|(entries, identities, parents)| {
+            .transaction(|(entries, identities, parents, ids)| {
                 entries.remove(id.as_str())?;
                 identities.remove(&key)?;
                 parents.remove(by_parent.as_slice())?;
+                ids.remove(by_id.as_slice())?;
                 Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
             })
             .map_err(tx_err)?;
@@ -1304,6 +1360,7 @@ mod tests {
         assert!(dup(store.create_entry(a_spec(), 0).await));
         assert_eq!(store.entry_identities.len(), 3);
         assert_eq!(store.entries_by_parent.len(), 3);
+        assert_eq!(store.entries_by_spiffe_id.len(), 3);
     }
 
     /// Asserts that listing by each parent (and one with no entries) answers as a scan
@@ -1327,11 +1384,24 @@ mod tests {
                 "{parent}"
             );
         }
+        // And by SPIFFE ID, through its own index.
+        for e in &all {
+            let scanned: Vec<_> = all
+                .iter()
+                .filter(|o| o.spec.spiffe_id == e.spec.spiffe_id)
+                .cloned()
+                .collect();
+            let filter = EntryFilter {
+                spiffe_id: Some(e.spec.spiffe_id.clone()),
+                ..Default::default()
+            };
+            assert_eq!(store.list_entries(&filter).await.unwrap(), scanned);
+        }
         all.len()
     }
 
-    /// Listing by parent goes through the index and answers as a full scan filtered by
-    /// parent would, after creates, a re-parenting update, a delete and a reopen.
+    /// Listing by parent (or SPIFFE ID) goes through an index and answers as a filtered full
+    /// scan would, after creates, a re-parenting update, a delete and a reopen.
     #[tokio::test]
     async fn listing_by_parent_matches_a_scan() {
         let dir = tempfile::tempdir().unwrap();
