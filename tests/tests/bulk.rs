@@ -210,3 +210,74 @@ async fn a_batch_over_the_limit_is_refused_whole() -> anyhow::Result<()> {
     assert!(listed.entries.is_empty(), "nothing written");
     Ok(())
 }
+
+/// `ListEntries` answers in pages (1000 by default) with a token for the next, and
+/// `entry list` follows them: a store with more entries than a page lists them all, once.
+#[tokio::test]
+async fn listing_more_entries_than_a_page_follows_the_pages() -> anyhow::Result<()> {
+    let env = Env::new();
+    let server = Server::start(&env)?;
+    let mut client = agentd::cli::connect::admin_client(&server.admin_socket).await?;
+    let spec = |i: usize| admin::EntrySpec {
+        spiffe_id: format!("spiffe://example.org/paged/{i:05}"),
+        parent_id: "spiffe://example.org/node/n1".into(),
+        selectors: vec![format!("unix:uid:{i}")],
+        ..Default::default()
+    };
+    for chunk in (0..2500).collect::<Vec<_>>().chunks(1000) {
+        let done = client
+            .batch_create_entries(admin::BatchCreateEntriesRequest {
+                entries: chunk.iter().map(|i| spec(*i)).collect(),
+            })
+            .await?
+            .into_inner();
+        assert!(done.results.iter().all(|r| r.code == 0));
+    }
+    let first = client
+        .list_entries(admin::ListEntriesRequest::default())
+        .await?
+        .into_inner();
+    assert_eq!(first.entries.len(), 1000);
+    assert!(!first.next_page_token.is_empty());
+    let mut seen: Vec<String> = first.entries.iter().map(|e| e.spiffe_id.clone()).collect();
+    let mut token = first.next_page_token;
+    while !token.is_empty() {
+        let page = client
+            .list_entries(admin::ListEntriesRequest {
+                page_size: 700,
+                page_token: token,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        assert!(page.entries.len() <= 700);
+        seen.extend(page.entries.iter().map(|e| e.spiffe_id.clone()));
+        token = page.next_page_token;
+    }
+    let expected: Vec<String> = (0..2500).map(|i| spec(i).spiffe_id).collect();
+    assert_eq!(seen, expected, "every entry once, in order");
+
+    let err = client
+        .list_entries(admin::ListEntriesRequest {
+            page_token: "not a token".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("page_token"), "{err}");
+    let err = client
+        .list_entries(admin::ListEntriesRequest {
+            page_size: 5001,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("page_size"), "{err}");
+
+    // The CLI follows the pages.
+    let listed: Value =
+        serde_json::from_str(&server.cli_ok(&["entry", "list", "--output", "json"])?)?;
+    assert_eq!(listed.as_array().map(Vec::len), Some(2500));
+    Ok(())
+}

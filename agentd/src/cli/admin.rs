@@ -157,6 +157,7 @@ fn list_request(f: EntryFilterArgs) -> pb::ListEntriesRequest {
         selector: f.selector.unwrap_or_default(),
         stale_seconds: ttl_secs(f.stale),
         orphaned: f.orphaned,
+        ..Default::default()
     }
 }
 
@@ -165,12 +166,21 @@ async fn list_entries(
     filter: EntryFilterArgs,
     out: Output,
 ) -> anyhow::Result<()> {
-    let list = c
-        .list_entries(list_request(filter))
-        .await
-        .map_err(status)?
-        .into_inner()
-        .entries;
+    // The server answers in pages; follow them all.
+    let mut request = list_request(filter);
+    let mut list = Vec::new();
+    loop {
+        let page = c
+            .list_entries(request.clone())
+            .await
+            .map_err(status)?
+            .into_inner();
+        list.extend(page.entries);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        request.page_token = page.next_page_token;
+    }
     out.print_list("entries", &list, entry_json, entry_text);
     Ok(())
 }

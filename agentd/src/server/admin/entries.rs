@@ -257,7 +257,32 @@ pub(super) async fn list(
         },
         orphaned: req.orphaned,
     };
-    let entries = ownership::list_entries(
+    let page_size = match req.page_size as usize {
+        0 => DEFAULT_ENTRY_PAGE,
+        n if n > MAX_ENTRY_PAGE => {
+            return Err(invalid("page_size", format!("{n}: at most {MAX_ENTRY_PAGE}")).into())
+        }
+        n => n,
+    };
+    // The token is the last entry's sort key (SPIFFE ID, a space, entry id): the listing is
+    // sorted by it, so the next page starts after it even if entries came or went meanwhile.
+    let after: Option<(String, String)> = if req.page_token.is_empty() {
+        None
+    } else {
+        match req.page_token.split_once(' ') {
+            Some((id, entry)) if parse_entry_id(entry).is_ok() && SpiffeId::new(id).is_ok() => {
+                Some((id.to_string(), entry.to_string()))
+            }
+            _ => {
+                return Err(invalid(
+                    "page_token",
+                    "not a token from a previous ListEntries answer",
+                )
+                .into())
+            }
+        }
+    };
+    let mut entries = ownership::list_entries(
         api.state.store.as_ref(),
         &filter,
         &lifecycle,
@@ -266,17 +291,41 @@ pub(super) async fn list(
     )
     .await
     .map_err(AdminError::from)?;
+    let key = |s: &EntryStatus| (s.entry.spec.spiffe_id.to_string(), s.entry.id.to_string());
+    // Pages follow the token's own order, whatever order the store lists in.
+    entries.sort_by_cached_key(key);
+    let mut page = Vec::new();
+    let mut bytes = 0;
+    let mut more = false;
+    for s in entries
+        .iter()
+        .filter(|s| after.as_ref().is_none_or(|a| key(s) > *a))
+    {
+        let mut out = status_to_proto(s);
+        out.revoked_by = api.revoked_by(&s.entry.id);
+        let len = prost::Message::encoded_len(&out) + 8;
+        if page.len() == page_size || (!page.is_empty() && bytes + len > MAX_ENTRY_PAGE_BYTES) {
+            more = true;
+            break;
+        }
+        bytes += len;
+        page.push((key(s), out));
+    }
+    let next_page_token = match (more, page.last()) {
+        (true, Some(((id, entry), _))) => format!("{id} {entry}"),
+        _ => String::new(),
+    };
     Ok(Response::new(pb::ListEntriesResponse {
-        entries: entries
-            .iter()
-            .map(|s| {
-                let mut out = status_to_proto(s);
-                out.revoked_by = api.revoked_by(&s.entry.id);
-                out
-            })
-            .collect(),
+        entries: page.into_iter().map(|(_, e)| e).collect(),
+        next_page_token,
     }))
 }
+
+/// Entries in a ListEntries page when the request names no size, and the most it may name.
+pub const DEFAULT_ENTRY_PAGE: usize = 1000;
+pub const MAX_ENTRY_PAGE: usize = 5000;
+/// A page stops before this many encoded bytes (the admin API's messages are capped at 4 MiB).
+const MAX_ENTRY_PAGE_BYTES: usize = 3 * 1024 * 1024;
 
 pub(super) async fn update(
     api: &AdminApi,
