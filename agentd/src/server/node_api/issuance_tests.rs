@@ -23,12 +23,20 @@ pub(super) const NODE: &str = "spiffe://example.org/node/a";
 
 /// A server state on a temp dir, and its clock.
 pub(super) async fn fixture(dir: &std::path::Path) -> (Arc<ServerState>, Arc<ManualClock>) {
+    fixture_with(dir, crate::server::RawServerConfig::default()).await
+}
+
+/// [`fixture`] with other server settings (`data_dir` is the temp dir's).
+pub(super) async fn fixture_with(
+    dir: &std::path::Path,
+    raw: crate::server::RawServerConfig,
+) -> (Arc<ServerState>, Arc<ManualClock>) {
     let clock = Arc::new(ManualClock::new(
         std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
     ));
     let config = crate::server::ServerConfig::try_from(crate::server::RawServerConfig {
         data_dir: Some(dir.to_path_buf()),
-        ..Default::default()
+        ..raw
     })
     .unwrap();
     let store: Arc<dyn crate::datastore::DataStore> =

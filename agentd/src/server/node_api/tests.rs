@@ -8,7 +8,6 @@ use crate::server::ServerState;
 use crate::ttl::Ttl;
 use spiffe::SpiffeId;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 fn spec(id: &str, parent: &str, selectors: &[&str]) -> EntrySpec {
@@ -41,46 +40,11 @@ fn node(id: &str, selectors: &[&str]) -> AttestedNode {
 
 /// A server state on a temp dir, with `suspend_disabled_owners` as given.
 async fn state(dir: &std::path::Path, suspend: bool) -> Arc<ServerState> {
-    use crate::clock::{Clock, ManualClock};
-    let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(
-        std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
-    ));
-    let config = crate::server::ServerConfig::try_from(crate::server::RawServerConfig {
+    let raw = crate::server::RawServerConfig {
         suspend_disabled_owners: Some(suspend),
-        data_dir: Some(dir.to_path_buf()),
         ..Default::default()
-    })
-    .unwrap();
-    let store: Arc<dyn crate::datastore::DataStore> =
-        Arc::new(SledStore::open(&dir.join("datastore")).unwrap());
-    let ca = crate::ca::CertificateAuthority::load_or_create(
-        &crate::ca::CaConfig {
-            trust_domain: config.trust_domain.clone(),
-            key_dir: dir.join("keys"),
-            ca_ttl: config.ca_ttl,
-            upstream: None,
-            organization: config.organization.clone(),
-        },
-        clock.as_ref(),
-    )
-    .unwrap();
-    let audit = Arc::new(crate::audit::Audit::new(store.clone(), clock.clone(), None).unwrap());
-    let revocations = Arc::new(
-        crate::revocation::log::RevocationLog::open(store.clone())
-            .await
-            .unwrap(),
-    );
-    Arc::new(ServerState {
-        revocations,
-        config,
-        store,
-        ca: Arc::new(ca),
-        clock,
-        node_api_address: "127.0.0.1:0".parse().unwrap(),
-        audit,
-        metrics: Arc::new(crate::telemetry::ServerMetrics::new()),
-        readiness: crate::telemetry::Readiness::new(&[]),
-    })
+    };
+    super::issuance_tests::fixture_with(dir, raw).await.0
 }
 
 #[tokio::test]
