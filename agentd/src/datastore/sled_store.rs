@@ -206,10 +206,10 @@ impl SledStore {
                         .insert(identity_key(&e.spec), e.id.as_str())
                         .map_err(backend)?;
                     self.entries_by_parent
-                        .insert(parent_key(&e.spec.parent_id, &e.id), &[])
+                        .insert(index_key(&e.spec.parent_id, &e.id), &[])
                         .map_err(backend)?;
                     self.entries_by_spiffe_id
-                        .insert(parent_key(&e.spec.spiffe_id, &e.id), &[])
+                        .insert(index_key(&e.spec.spiffe_id, &e.id), &[])
                         .map_err(backend)?;
                 }
                 Err(e) => tracing::warn!(error = %e, "entry record not indexed"),
@@ -565,15 +565,15 @@ fn identity_key(spec: &EntrySpec) -> [u8; 32] {
     key
 }
 
-/// `entries_by_parent` (and `entries_by_spiffe_id`) key: the ID, a 0 byte (in no SPIFFE
-/// ID), the entry id.
-fn parent_key(parent: &SpiffeId, id: &EntryId) -> Vec<u8> {
-    let mut key = parent_prefix(parent);
+/// `entries_by_parent` and `entries_by_spiffe_id` key: the SPIFFE ID indexed by, a 0 byte
+/// (in no SPIFFE ID), the entry id.
+fn index_key(parent: &SpiffeId, id: &EntryId) -> Vec<u8> {
+    let mut key = index_prefix(parent);
     key.extend_from_slice(id.as_str().as_bytes());
     key
 }
 
-fn parent_prefix(parent: &SpiffeId) -> Vec<u8> {
+fn index_prefix(parent: &SpiffeId) -> Vec<u8> {
     let mut key = parent.to_string().into_bytes();
     key.push(0);
     key
@@ -602,8 +602,8 @@ impl DataStore for SledStore {
         };
         let value = encode(&EntryRecord::from_entry(&entry))?;
         let key = identity_key(&entry.spec);
-        let by_parent = parent_key(&entry.spec.parent_id, &entry.id);
-        let by_id = parent_key(&entry.spec.spiffe_id, &entry.id);
+        let by_parent = index_key(&entry.spec.parent_id, &entry.id);
+        let by_id = index_key(&entry.spec.spiffe_id, &entry.id);
         (
             &self.entries,
             &self.entry_identities,
@@ -641,7 +641,7 @@ impl DataStore for SledStore {
         };
         let candidates = match index {
             Some((tree, key)) => {
-                let prefix = parent_prefix(key);
+                let prefix = index_prefix(key);
                 let mut out = Vec::new();
                 for kv in tree.scan_prefix(&prefix) {
                     let (k, _) = kv.map_err(backend)?;
@@ -682,10 +682,10 @@ impl DataStore for SledStore {
         };
         let value = encode(&EntryRecord::from_entry(&updated))?;
         let new_key = identity_key(&updated.spec);
-        let old_parent = parent_key(&current.spec.parent_id, id);
-        let new_parent = parent_key(&updated.spec.parent_id, id);
-        let old_id = parent_key(&current.spec.spiffe_id, id);
-        let new_id = parent_key(&updated.spec.spiffe_id, id);
+        let old_parent = index_key(&current.spec.parent_id, id);
+        let new_parent = index_key(&updated.spec.parent_id, id);
+        let old_id = index_key(&current.spec.spiffe_id, id);
+        let new_id = index_key(&updated.spec.spiffe_id, id);
         (
             &self.entries,
             &self.entry_identities,
@@ -714,8 +714,8 @@ impl DataStore for SledStore {
             .await?
             .ok_or_else(|| DataStoreError::EntryNotFound { id: id.to_string() })?;
         let key = identity_key(&old.spec);
-        let by_parent = parent_key(&old.spec.parent_id, id);
-        let by_id = parent_key(&old.spec.spiffe_id, id);
+        let by_parent = index_key(&old.spec.parent_id, id);
+        let by_id = index_key(&old.spec.spiffe_id, id);
         (
             &self.entries,
             &self.entry_identities,
