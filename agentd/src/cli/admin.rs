@@ -327,82 +327,98 @@ impl BulkReport {
     }
 }
 
-async fn bulk_create(c: &mut AdminClient<Channel>, data: &str, out: Output) -> anyhow::Result<()> {
+/// What a bulk command does with each entry of its data.
+#[derive(Clone, Copy)]
+enum Bulk {
+    Create,
+    Delete,
+}
+
+/// `entry create --data` and `entry delete --data`: every entry is parsed first (a bad one is
+/// reported and not sent), the rest go in pages of [`BULK_PAGE`], and each is reported.
+async fn bulk(
+    c: &mut AdminClient<Channel>,
+    kind: Bulk,
+    data: &str,
+    out: Output,
+) -> anyhow::Result<()> {
     let items = super::bulk::entries(data).map_err(|e| anyhow!("--data: {e}"))?;
-    let mut report = BulkReport::new("created");
-    let mut parents = std::collections::BTreeSet::new();
-    let mut page: Vec<(usize, String, String, pb::EntrySpec)> = Vec::new();
-    let mut items = items.into_iter().enumerate().peekable();
-    while let Some((i, (path, o))) = items.next() {
-        let label = o
-            .get("spiffe_id")
-            .and_then(serde_json::Value::as_str)
-            .unwrap_or("")
-            .to_string();
-        match super::bulk::spec(&path, &o) {
-            Ok(spec) => page.push((i, path, label, spec)),
+    let mut report = BulkReport::new(match kind {
+        Bulk::Create => "created",
+        Bulk::Delete => "deleted",
+    });
+    /// What is sent for one entry.
+    enum Item {
+        Spec(pb::EntrySpec),
+        Id(String),
+    }
+    // (input index, path, label, item).
+    let mut good: Vec<(usize, String, String, Item)> = Vec::new();
+    for (i, (path, o)) in items.into_iter().enumerate() {
+        let parsed = match kind {
+            Bulk::Create => super::bulk::spec(&path, &o).map(Item::Spec),
+            Bulk::Delete => super::bulk::entry_id(&path, &o).map(Item::Id),
+        };
+        let label = match (&parsed, kind) {
+            (Ok(Item::Id(id)), _) => id.clone(),
+            (_, Bulk::Create) => o
+                .get("spiffe_id")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            (_, Bulk::Delete) => String::new(),
+        };
+        match parsed {
+            Ok(item) => good.push((i, path, label, item)),
             Err(why) => report.refused(i, &path, &label, "error", &why),
         }
-        if page.len() == BULK_PAGE || (items.peek().is_none() && !page.is_empty()) {
-            let sent = std::mem::take(&mut page);
-            let results = c
-                .batch_create_entries(pb::BatchCreateEntriesRequest {
-                    entries: sent.iter().map(|(_, _, _, s)| s.clone()).collect(),
+    }
+    let mut parents = std::collections::BTreeSet::new();
+    for page in good.chunks(BULK_PAGE) {
+        let results = match kind {
+            Bulk::Create => {
+                c.batch_create_entries(pb::BatchCreateEntriesRequest {
+                    entries: page
+                        .iter()
+                        .filter_map(|(.., item)| match item {
+                            Item::Spec(s) => Some(s.clone()),
+                            Item::Id(_) => None,
+                        })
+                        .collect(),
                 })
                 .await
-                .map_err(status)?
-                .into_inner()
-                .results;
-            anyhow::ensure!(
-                results.len() == sent.len(),
-                "the server answered {} results for {} entries",
-                results.len(),
-                sent.len()
-            );
-            for ((i, path, label, spec), r) in sent.into_iter().zip(results) {
-                if r.code == 0 {
-                    parents.insert(spec.parent_id);
-                }
-                report.result(i, &path, &label, r);
             }
+            Bulk::Delete => {
+                c.batch_delete_entries(pb::BatchDeleteEntriesRequest {
+                    ids: page
+                        .iter()
+                        .filter_map(|(.., item)| match item {
+                            Item::Id(id) => Some(id.clone()),
+                            Item::Spec(_) => None,
+                        })
+                        .collect(),
+                })
+                .await
+            }
+        }
+        .map_err(status)?
+        .into_inner()
+        .results;
+        anyhow::ensure!(
+            results.len() == page.len(),
+            "the server answered {} results for {} entries",
+            results.len(),
+            page.len()
+        );
+        for ((i, path, label, item), r) in page.iter().zip(results) {
+            if let (Item::Spec(spec), 0) = (item, r.code) {
+                parents.insert(spec.parent_id.clone());
+            }
+            report.result(*i, path, label, r);
         }
     }
     for parent in &parents {
         warn_unknown_parent(c, parent).await;
-    }
-    report.finish(out)
-}
-
-async fn bulk_delete(c: &mut AdminClient<Channel>, data: &str, out: Output) -> anyhow::Result<()> {
-    let items = super::bulk::entries(data).map_err(|e| anyhow!("--data: {e}"))?;
-    let mut report = BulkReport::new("deleted");
-    let mut page: Vec<(usize, String, String)> = Vec::new();
-    let mut items = items.into_iter().enumerate().peekable();
-    while let Some((i, (path, o))) = items.next() {
-        match super::bulk::entry_id(&path, &o) {
-            Ok(id) => page.push((i, path, id)),
-            Err(why) => report.refused(i, &path, "", "error", &why),
-        }
-        if page.len() == BULK_PAGE || (items.peek().is_none() && !page.is_empty()) {
-            let sent = std::mem::take(&mut page);
-            let results = c
-                .batch_delete_entries(pb::BatchDeleteEntriesRequest {
-                    ids: sent.iter().map(|(_, _, id)| id.clone()).collect(),
-                })
-                .await
-                .map_err(status)?
-                .into_inner()
-                .results;
-            anyhow::ensure!(
-                results.len() == sent.len(),
-                "the server answered {} results for {} ids",
-                results.len(),
-                sent.len()
-            );
-            for ((i, path, id), r) in sent.into_iter().zip(results) {
-                report.result(i, &path, &id, r);
-            }
-        }
     }
     report.finish(out)
 }
@@ -412,7 +428,7 @@ pub async fn entry(cmd: EntryCommand, out: Output) -> anyhow::Result<()> {
         EntryCommand::Create { args, admin } if args.data.is_some() => {
             let data = read_data(args.data.as_deref().unwrap_or("-"))?;
             let mut c = admin_client(&admin.admin_socket).await?;
-            bulk_create(&mut c, &data, out).await?;
+            bulk(&mut c, Bulk::Create, &data, out).await?;
         }
         EntryCommand::Delete {
             data: Some(data),
@@ -421,7 +437,7 @@ pub async fn entry(cmd: EntryCommand, out: Output) -> anyhow::Result<()> {
         } => {
             let data = read_data(&data)?;
             let mut c = admin_client(&admin.admin_socket).await?;
-            bulk_delete(&mut c, &data, out).await?;
+            bulk(&mut c, Bulk::Delete, &data, out).await?;
         }
         EntryCommand::Create { args, admin } => {
             let spec = spec_from_args(args);
