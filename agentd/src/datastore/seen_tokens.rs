@@ -7,11 +7,9 @@
 //! are refused (`Full`, the token is refused as busy) rather than forgetting live ones.
 //!
 //! One lock serialises check, insert, prune and flush, so the bound is exact and a prune
-//! never removes an id recorded again meanwhile; the compare-and-swap still guards against
-//! another process on the same tree. Called from a blocking thread (the node API runs the
-//! claims attestor in `spawn_blocking`).
+//! never removes an id recorded again meanwhile. Called from a blocking thread (the node API
+//! runs the claims attestor in `spawn_blocking`).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use agentd_attestor::node::{SeenError, SeenTokens};
@@ -23,9 +21,10 @@ pub const MAX_SEEN: usize = agentd_attestor::node::claims::MAX_SEEN_JTI;
 pub struct SledSeenTokens {
     db: sled::Db,
     tree: sled::Tree,
-    count: AtomicUsize,
     max: usize,
-    writes: Mutex<()>,
+    /// How many ids the tree holds; the lock also serialises every write (the store's
+    /// directory lock keeps other processes out), so check-then-insert is atomic.
+    count: Mutex<usize>,
 }
 
 fn store_err(e: impl std::fmt::Display) -> SeenError {
@@ -44,64 +43,51 @@ impl SledSeenTokens {
     }
 
     pub fn with_max(db: sled::Db, tree: sled::Tree, max: usize) -> Self {
-        let count = AtomicUsize::new(tree.len());
+        let count = Mutex::new(tree.len());
         Self {
             db,
             tree,
-            count,
             max,
-            writes: Mutex::new(()),
+            count,
         }
     }
 
-    /// Removes the ids whose time has passed; recounts.
-    fn prune(&self, now: i64) -> Result<(), SeenError> {
+    /// Removes the ids whose time has passed; returns how many are left.
+    fn prune(&self, now: i64) -> Result<usize, SeenError> {
+        let mut left = 0;
         for item in self.tree.iter() {
             let (k, v) = item.map_err(store_err)?;
             if until_of(&v) <= now {
-                // Only if unchanged since it was read: a mismatch means it was recorded again.
-                let _ = self
-                    .tree
-                    .compare_and_swap(&k, Some(&v), None::<&[u8]>)
-                    .map_err(store_err)?;
+                self.tree.remove(k).map_err(store_err)?;
+            } else {
+                left += 1;
             }
         }
-        self.count.store(self.tree.len(), Ordering::SeqCst);
-        Ok(())
+        Ok(left)
     }
 }
 
 impl SeenTokens for SledSeenTokens {
     fn first_use(&self, id: &str, until: i64, now: i64) -> Result<(), SeenError> {
         let key = ring::digest::digest(&ring::digest::SHA256, id.as_bytes());
-        let value = until.to_be_bytes();
-        let _writes = self.writes.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            let old = self.tree.get(key.as_ref()).map_err(store_err)?;
-            if old.as_ref().is_some_and(|v| until_of(v) > now) {
-                return Err(SeenError::Replayed);
+        let mut count = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.tree.get(key.as_ref()).map_err(store_err)?;
+        if old.as_ref().is_some_and(|v| until_of(v) > now) {
+            return Err(SeenError::Replayed);
+        }
+        if old.is_none() && *count >= self.max {
+            *count = self.prune(now)?;
+            if *count >= self.max {
+                return Err(SeenError::Full);
             }
-            if old.is_none() && self.count.load(Ordering::SeqCst) >= self.max {
-                self.prune(now)?;
-                if self.count.load(Ordering::SeqCst) >= self.max {
-                    return Err(SeenError::Full);
-                }
-            }
-            // Compare-and-swap: of two servers' threads presenting the same id at once, one
-            // records it and the other sees it recorded.
-            match self
-                .tree
-                .compare_and_swap(key.as_ref(), old.clone(), Some(&value[..]))
-                .map_err(store_err)?
-            {
-                Ok(()) => {
-                    if old.is_none() {
-                        self.count.fetch_add(1, Ordering::SeqCst);
-                    }
-                    break;
-                }
-                Err(_) => continue,
-            }
+        }
+        if self
+            .tree
+            .insert(key.as_ref(), &until.to_be_bytes())
+            .map_err(store_err)?
+            .is_none()
+        {
+            *count += 1;
         }
         // Durable before the token is accepted: a crash right after must not forget it.
         self.db.flush().map_err(store_err)?;
