@@ -463,7 +463,7 @@ pub struct EntryFilterArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum EntryCommand {
-    /// Creates an entry; prints its id.
+    /// Creates an entry and prints its id, or every entry in --data.
     Create {
         #[command(flatten)]
         args: EntryCreateArgs,
