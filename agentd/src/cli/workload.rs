@@ -224,23 +224,31 @@ pub async fn api(cmd: ApiCommand, out: Output) -> anyhow::Result<()> {
                 .await
                 .map_err(status)?
                 .into_inner();
+            // Pages of the backlog (`more`) are printed as one, with split events whole.
+            let mut parts = crate::revocation::feed::EventAssembler::default();
+            let mut events = Vec::new();
             loop {
                 let Some(msg) = stream.message().await.map_err(status)? else {
                     return Ok(());
                 };
-                if follow && msg.events.is_empty() {
+                events.extend(msg.events.into_iter().filter_map(|e| parts.push(e)));
+                if msg.more || parts.is_pending() {
+                    continue;
+                }
+                if follow && events.is_empty() {
                     continue; // a heartbeat
                 }
+                let shown = std::mem::take(&mut events);
                 out.print(
                     &json!({
                         "head_sequence": msg.head_sequence,
-                        "events": msg.events.iter().map(super::revoke::event_json).collect::<Vec<_>>(),
+                        "events": shown.iter().map(super::revoke::event_json).collect::<Vec<_>>(),
                     }),
                     || {
-                        if msg.events.is_empty() {
+                        if shown.is_empty() {
                             return format!("no revocations (head {})", msg.head_sequence);
                         }
-                        msg.events
+                        shown
                             .iter()
                             .map(|e| super::revoke::event_line(e) + "\n")
                             .collect()

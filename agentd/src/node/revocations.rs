@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::node::cache::Cache;
 use crate::node::client::ServerLink;
 use crate::node::NodeError;
-use crate::revocation::feed::{EventSource, HEARTBEAT};
+use crate::revocation::feed::{EventAssembler, EventSource, HEARTBEAT};
 use crate::revocation::log::EventsAfter;
 use crate::revocation::{event_from_proto, RevocationEvent, RevocationSet};
 
@@ -33,6 +33,8 @@ struct Applied {
     last_heard: Option<Instant>,
     /// The server's head is at or below what we applied: nothing is pending.
     caught_up: bool,
+    /// The parts of a split event received so far on this connection.
+    parts: EventAssembler,
 }
 
 /// What the node agent knows of revocations. Shared by the subscriber (writes), the
@@ -117,6 +119,10 @@ impl NodeRevocations {
                 break;
             }
             seen = seen.max(raw.sequence);
+            // A part of a split event waits for the rest (see `EventAssembler`).
+            let Some(raw) = self.write().parts.push(raw) else {
+                continue;
+            };
             let event = match event_from_proto(raw) {
                 Ok(e) => e,
                 Err(e) => {
@@ -134,14 +140,15 @@ impl NodeRevocations {
             g.events.push(Arc::new(event));
             applied_count += 1;
         }
-        gap |= !msg.compacted && seen < msg.head_sequence;
+        // A page of the backlog (`more`) does not reach the head; the last page does.
+        gap |= !msg.compacted && !msg.more && seen < msg.head_sequence;
         let mut g = self.write();
-        if msg.head_sequence > g.set.applied && !gap {
+        if msg.head_sequence > g.set.applied && !gap && !msg.more && !g.parts.is_pending() {
             // Compacted events below the head no longer matter; move past them.
             g.set.applied = msg.head_sequence;
         }
         g.last_heard = Some(now);
-        g.caught_up = !gap;
+        g.caught_up = !gap && !msg.more;
         g.set.forget_expired(unix_now);
         let live = |e: &RevocationEvent| {
             !e.is_revoke() || e.expires_at >= unix_now || g.set.is_standing(&e.handle)
@@ -170,6 +177,12 @@ impl NodeRevocations {
         );
         self.reset();
         true
+    }
+
+    /// A new connection to the feed: parts of an event cut off with the last one are dropped
+    /// (the event is sent again whole, from the last sequence applied).
+    fn connection_started(&self) {
+        self.write().parts.reset();
     }
 
     /// The server's log was reset (a new data dir): start again from zero.
@@ -241,6 +254,7 @@ impl RevocationSubscriber {
     /// One connection to the feed, until it fails or goes silent.
     async fn follow(&self) -> Result<(), NodeError> {
         let own_id = self.link.identity().spiffe_id.clone();
+        self.revocations.connection_started();
         let mut client = self.link.client().await?;
         let mut stream = client
             .watch_revocations(rpb::WatchRevocationsRequest {
@@ -265,8 +279,13 @@ impl RevocationSubscriber {
                 msg.head_sequence.saturating_sub(self.revocations.applied()),
             );
             let head = msg.head_sequence;
+            let more = msg.more;
             self.revocations
                 .apply_message(msg, &self.cache, &own_id, Instant::now(), unix_now);
+            if more {
+                // A page of the backlog; the rest follows at once.
+                continue;
+            }
             if self.revocations.applied() < head {
                 // A gap the server did not explain: ask again from the last event applied.
                 return Err(NodeError::Server(format!(
@@ -315,6 +334,7 @@ mod tests {
                 ],
                 head_sequence: 2,
                 compacted: false,
+                more: false,
             },
             &cache,
             &own,
@@ -332,6 +352,7 @@ mod tests {
                 events: vec![event(2, RevocationHandle::Task("t".into()))],
                 head_sequence: 2,
                 compacted: false,
+                more: false,
             },
             &cache,
             &own,
@@ -348,6 +369,7 @@ mod tests {
                 events: vec![],
                 head_sequence: 5,
                 compacted: true,
+                more: false,
             },
             &cache,
             &own,
@@ -369,6 +391,7 @@ mod tests {
                 events: vec![event(1, RevocationHandle::Task("new".into()))],
                 head_sequence: 1,
                 compacted: false,
+                more: false,
             },
             &cache,
             &own,
@@ -392,6 +415,7 @@ mod tests {
                 events: vec![event(1, task("a")), event(3, task("c"))],
                 head_sequence: 3,
                 compacted: false,
+                more: false,
             },
             &cache,
             &own,
@@ -411,6 +435,7 @@ mod tests {
                 events: vec![],
                 head_sequence: 3,
                 compacted: false,
+                more: false,
             },
             &cache,
             &own,
@@ -424,6 +449,7 @@ mod tests {
                 events: vec![event(2, task("b")), event(3, task("c"))],
                 head_sequence: 3,
                 compacted: false,
+                more: false,
             },
             &cache,
             &own,
@@ -433,5 +459,51 @@ mod tests {
         assert_eq!(n, 2);
         assert_eq!(revs.applied(), 3);
         assert!(revs.caught_up());
+    }
+
+    #[test]
+    fn a_split_event_is_applied_once_whole_and_pages_do_not_count_as_caught_up() {
+        let revs = NodeRevocations::new(Duration::from_secs(5), false);
+        let cache = Cache::new();
+        let own = SpiffeId::new("spiffe://example.org/node/a").unwrap();
+        let now = Instant::now();
+        let feed = |events, more| rpb::RevocationFeed {
+            events,
+            head_sequence: 2,
+            compacted: false,
+            more,
+        };
+        let mut first = event(1, RevocationHandle::Task("t".into()));
+        first.jwt_ids = vec!["a".into()];
+        first.continued = true;
+        let mut second = event(1, RevocationHandle::Task("t".into()));
+        second.jwt_ids = vec!["b".into()];
+        // Page one: half of event 1.
+        assert_eq!(
+            revs.apply_message(feed(vec![first], true), &cache, &own, now, 10),
+            0
+        );
+        assert_eq!(revs.applied(), 0);
+        assert!(!revs.caught_up());
+        assert!(
+            !revs.is_jwt_revoked("a"),
+            "nothing applied before the event is whole"
+        );
+        // Page two: the rest of event 1 and event 2, the last page.
+        let n = revs.apply_message(
+            feed(
+                vec![second, event(2, RevocationHandle::Task("u".into()))],
+                false,
+            ),
+            &cache,
+            &own,
+            now,
+            10,
+        );
+        assert_eq!(n, 2);
+        assert_eq!(revs.applied(), 2);
+        assert!(revs.caught_up());
+        assert!(revs.is_jwt_revoked("a") && revs.is_jwt_revoked("b"));
+        assert_eq!(revs.events_after(0).events[0].jwt_ids, ["a", "b"]);
     }
 }

@@ -180,6 +180,7 @@ pub fn event_to_proto(e: &RevocationEvent) -> agentd_proto::revocation::Revocati
             .collect(),
         jwt_ids: e.jwt_ids.clone(),
         expires_at: e.expires_at,
+        continued: false,
     }
 }
 

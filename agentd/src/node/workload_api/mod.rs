@@ -770,6 +770,7 @@ impl Revocations for RevocationsService {
             self.api.revocations.clone(),
             request.get_ref().after_sequence,
             HEARTBEAT,
+            self.api.clock.clone(),
             self.stop.clone(),
         )))
     }

@@ -32,6 +32,7 @@ impl NodeApi {
             self.state.revocations.clone(),
             after,
             HEARTBEAT,
+            self.state.clock.clone(),
             self.stop.clone(),
         )))
     }
