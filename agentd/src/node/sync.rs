@@ -24,6 +24,9 @@ const TICK: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// CSRs per MintX509Svids call.
 const MINT_BATCH: usize = 100;
+/// Pages one sync may take (a page holds up to 5,000 entries): a bound on a server that
+/// never ends its pages.
+const MAX_SYNC_PAGES: usize = 1_000;
 
 #[derive(Debug)]
 pub struct Syncer {
@@ -138,17 +141,12 @@ impl Syncer {
         let mut client = self.link.client().await?;
         let as_of = self.cache.lift_generation();
         let fetched = self.cache.take_fetched();
-        let resp = match client
-            .sync_entries(pb::SyncEntriesRequest {
-                fetched_entry_ids: fetched.clone(),
-            })
-            .await
-        {
-            Ok(r) => r.into_inner(),
-            Err(status) => {
+        let resp = match self.fetch_pages(&mut client, fetched.clone()).await {
+            Ok(r) => r,
+            Err(e) => {
                 // Reported with the next sync instead.
                 self.cache.note_fetched(fetched);
-                return Err(NodeError::from_status(status));
+                return Err(e);
             }
         };
         let bundle = resp
@@ -180,6 +178,36 @@ impl Syncer {
         self.mint_due(&mut client).await?;
         self.mint_delegated(&mut client).await?;
         self.renew_node_svid_if_due().await
+    }
+
+    /// Every page of one sync, put together (the bundle from the last page).
+    async fn fetch_pages(
+        &self,
+        client: &mut agentd_proto::node::node_client::NodeClient<tonic::transport::Channel>,
+        fetched: Vec<String>,
+    ) -> Result<pb::SyncEntriesResponse, NodeError> {
+        let mut whole = pb::SyncEntriesResponse::default();
+        let mut request = pb::SyncEntriesRequest {
+            fetched_entry_ids: fetched,
+            page_token: String::new(),
+        };
+        for _ in 0..MAX_SYNC_PAGES {
+            let page = client
+                .sync_entries(std::mem::take(&mut request))
+                .await
+                .map_err(NodeError::from_status)?
+                .into_inner();
+            whole.entries.extend(page.entries);
+            whole.grants.extend(page.grants);
+            whole.bundle = page.bundle;
+            if page.next_page_token.is_empty() {
+                return Ok(whole);
+            }
+            request.page_token = page.next_page_token;
+        }
+        Err(NodeError::Server(format!(
+            "sync did not end within {MAX_SYNC_PAGES} pages"
+        )))
     }
 
     /// Entries due for an SVID, less those waiting out a refusal.

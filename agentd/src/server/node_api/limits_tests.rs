@@ -242,3 +242,100 @@ async fn entry_update_refuses_reserved_ids() {
     let stored = state.store.get_entry(&e.id).await.unwrap().unwrap();
     assert_eq!(stored, e);
 }
+
+/// A node with more entries than fit one message syncs in pages: each page under the
+/// budget, every entry exactly once in order, grants after the entries, the bundle on every
+/// page; a token this server did not give out is refused naming the field.
+#[tokio::test]
+async fn a_node_with_more_entries_than_one_message_holds_syncs_in_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, _clock) = fixture(dir.path()).await;
+    let api = NodeApi::new(state.clone(), CancellationToken::new());
+    attested(&state, NODE, "a1", &[]).await;
+    const N: usize = 6_000;
+    for i in 0..N {
+        let mut spec = entry(
+            &state,
+            &format!("spiffe://example.org/w/{i:05}"),
+            NODE,
+            &["calendar:*"],
+        )
+        .await
+        .spec;
+        // Large entries, so the byte budget cuts pages as well as the item count.
+        spec.hint = "h".repeat(400);
+        let id = state
+            .store
+            .list_entries(&crate::datastore::EntryFilter {
+                spiffe_id: Some(spec.spiffe_id.clone()),
+                ..Default::default()
+            })
+            .await
+            .unwrap()[0]
+            .id
+            .clone();
+        state.store.update_entry(&id, spec).await.unwrap();
+    }
+    root_grant(
+        &state,
+        "spiffe://example.org/w/00007",
+        &["calendar:read"],
+        "",
+    )
+    .await;
+    let mut token = String::new();
+    let mut ids = Vec::new();
+    let mut grants = Vec::new();
+    let mut pages = 0;
+    loop {
+        let page = api
+            .sync_node(from_node(
+                pb::SyncEntriesRequest {
+                    page_token: token.clone(),
+                    ..Default::default()
+                },
+                NODE,
+                "a1",
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        assert!(
+            prost::Message::encoded_len(&page) < 3 << 20,
+            "page {pages}: {} bytes",
+            prost::Message::encoded_len(&page)
+        );
+        assert!(page.bundle.is_some(), "page {pages} without the bundle");
+        assert!(
+            grants.is_empty() || page.entries.is_empty(),
+            "grants come after entries"
+        );
+        ids.extend(page.entries.into_iter().map(|e| e.spiffe_id));
+        grants.extend(page.grants.into_iter().map(|g| g.agent));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert!(pages >= 2, "{pages} pages");
+    let want: Vec<String> = (0..N)
+        .map(|i| format!("spiffe://example.org/w/{i:05}"))
+        .collect();
+    assert_eq!(ids, want);
+    assert_eq!(grants, ["spiffe://example.org/w/00007"]);
+
+    let err = api
+        .sync_node(from_node(
+            pb::SyncEntriesRequest {
+                page_token: "x\tnot-ours".into(),
+                ..Default::default()
+            },
+            NODE,
+            "a1",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("page_token: "), "{err:?}");
+}

@@ -1,6 +1,7 @@
 //! Entry sync: what a node serves, with bundle and grants.
 
 use agentd_proto::node as pb;
+use prost::Message;
 use spiffe::SpiffeId;
 use tonic::{Request, Response, Status};
 
@@ -37,6 +38,138 @@ pub fn entry_to_proto(e: &Entry) -> pb::Entry {
 
 /// Most fetched entry ids taken from one sync request.
 const MAX_FETCHED_IDS: usize = 10_000;
+/// About the most one sync page carries (encoded), well under a client's 4 MiB default.
+const PAGE_BUDGET: usize = 2 << 20;
+/// Most entries and grants on one sync page.
+const PAGE_ITEMS: usize = 5_000;
+
+/// Where a sync page starts: after an entry (by its place in the order), or after a grant
+/// once every entry went out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SyncCursor {
+    Start,
+    AfterEntry { spiffe_id: String, id: String },
+    AfterGrant { id: String },
+}
+
+impl SyncCursor {
+    fn parse(token: &str) -> Result<Self, NodeApiError> {
+        let bad = |reason: &str| NodeApiError::InvalidField {
+            field: "page_token",
+            reason: reason.to_string(),
+        };
+        if token.is_empty() {
+            return Ok(Self::Start);
+        }
+        if token.len() > 4096 {
+            return Err(bad("longer than 4096 bytes"));
+        }
+        let mut parts = token.split('\t');
+        match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some("e"), Some(spiffe_id), Some(id), None) => Ok(Self::AfterEntry {
+                spiffe_id: spiffe_id.to_string(),
+                id: id.to_string(),
+            }),
+            (Some("g"), Some(id), None, None) => Ok(Self::AfterGrant { id: id.to_string() }),
+            _ => Err(bad("not a token this server gave out")),
+        }
+    }
+
+    fn token(&self) -> String {
+        match self {
+            Self::Start => String::new(),
+            Self::AfterEntry { spiffe_id, id } => format!("e\t{spiffe_id}\t{id}"),
+            Self::AfterGrant { id } => format!("g\t{id}"),
+        }
+    }
+}
+
+/// One page of a node's sync.
+#[derive(Debug, Default)]
+struct SyncPage {
+    entries: Vec<pb::Entry>,
+    grants: Vec<pb::Grant>,
+    next: Option<SyncCursor>,
+}
+
+impl SyncPage {
+    /// The page after `cursor` of `entries` (in (SPIFFE ID, id) order) and then `grants`
+    /// (sorted here by id). Entries that changed between pages are seen by the next sync
+    /// (a change notice or the regular interval brings one).
+    fn cut(entries: &[&Entry], grants: &[crate::datastore::Grant], cursor: &SyncCursor) -> Self {
+        let mut page = Self::default();
+        let mut size = 0usize;
+        let mut full = |len: usize, items: usize| {
+            let over = items > 0 && (size + len > PAGE_BUDGET || items >= PAGE_ITEMS);
+            size += len;
+            over
+        };
+        let entry_start = match cursor {
+            SyncCursor::Start => 0,
+            SyncCursor::AfterEntry { spiffe_id, id } => entries.partition_point(|e| {
+                (e.spec.spiffe_id.to_string().as_str(), e.id.as_str())
+                    <= (spiffe_id.as_str(), id.as_str())
+            }),
+            SyncCursor::AfterGrant { .. } => entries.len(),
+        };
+        for e in &entries[entry_start..] {
+            let wire = entry_to_proto(e);
+            if full(wire.encoded_len() + 4, page.entries.len()) {
+                page.next = Some(SyncCursor::AfterEntry {
+                    spiffe_id: page
+                        .entries
+                        .last()
+                        .map(|l| l.spiffe_id.clone())
+                        .unwrap_or_default(),
+                    id: page
+                        .entries
+                        .last()
+                        .map(|l| l.id.clone())
+                        .unwrap_or_default(),
+                });
+                return page;
+            }
+            page.entries.push(wire);
+        }
+        let mut grants: Vec<&crate::datastore::Grant> = grants.iter().collect();
+        grants.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
+        let grant_start = match cursor {
+            SyncCursor::AfterGrant { id } => {
+                grants.partition_point(|g| g.id.as_str() <= id.as_str())
+            }
+            _ => 0,
+        };
+        for g in &grants[grant_start..] {
+            let wire = crate::server::grants::grant_to_node_proto(g);
+            if full(
+                wire.encoded_len() + 4,
+                page.entries.len() + page.grants.len(),
+            ) {
+                page.next = Some(match page.grants.last() {
+                    Some(last) => SyncCursor::AfterGrant {
+                        id: last.id.clone(),
+                    },
+                    // No grant on this page yet: the page ends after its last entry.
+                    None => SyncCursor::AfterEntry {
+                        spiffe_id: page
+                            .entries
+                            .last()
+                            .map(|l| l.spiffe_id.clone())
+                            .unwrap_or_default(),
+                        id: page
+                            .entries
+                            .last()
+                            .map(|l| l.id.clone())
+                            .unwrap_or_default(),
+                    },
+                });
+                return page;
+            }
+            page.grants.push(wire);
+        }
+        page
+    }
+}
 
 impl NodeApi {
     pub(super) async fn sync_node(
@@ -46,7 +179,9 @@ impl NodeApi {
         let node = self
             .caller(request.extensions().get::<PeerIdentity>())
             .await?;
-        let fetched = request.into_inner().fetched_entry_ids;
+        let request = request.into_inner();
+        let cursor = SyncCursor::parse(&request.page_token)?;
+        let fetched = request.fetched_entry_ids;
         let server_id = crate::tls::server_spiffe_id(&self.state.config.trust_domain);
         let mut entries = crate::server::membership::entries_for_node(
             self.state.store.as_ref(),
@@ -85,21 +220,20 @@ impl NodeApi {
         .filter(|g| crate::server::grants::check_not_revoked(&self.state.revocations, g).is_ok())
         .collect::<Vec<_>>();
         let revocations = &self.state.revocations;
+        let entries: Vec<&Entry> = entries
+            .iter()
+            .filter(|e| {
+                revocations
+                    .standing(&RevocationHandle::Entry(e.id.clone()))
+                    .is_none()
+            })
+            .collect();
+        let page = SyncPage::cut(&entries, &grants, &cursor);
         Ok(Response::new(pb::SyncEntriesResponse {
-            entries: entries
-                .iter()
-                .filter(|e| {
-                    revocations
-                        .standing(&RevocationHandle::Entry(e.id.clone()))
-                        .is_none()
-                })
-                .map(entry_to_proto)
-                .collect(),
+            entries: page.entries,
             bundle: Some(bundle_to_proto(&self.state.ca.bundle())),
-            grants: grants
-                .iter()
-                .map(crate::server::grants::grant_to_node_proto)
-                .collect(),
+            grants: page.grants,
+            next_page_token: page.next.map(|c| c.token()).unwrap_or_default(),
         }))
     }
 
