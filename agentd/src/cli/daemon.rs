@@ -117,6 +117,9 @@ pub async fn node_run(args: NodeRunArgs) -> anyhow::Result<()> {
     if let Some(v) = args.data_dir {
         raw.data_dir = Some(v);
     }
+    if let Some(n) = args.svid_prefetch {
+        raw.svid_prefetch = Some(n);
+    }
     if let Some(v) = args.sync_interval {
         raw.sync_interval = Some(v.to_string());
     }

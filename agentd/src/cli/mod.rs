@@ -338,6 +338,12 @@ pub struct NodeRunArgs {
         DEFAULT_SYNC_INTERVAL.as_secs()
     ))]
     pub sync_interval: Option<Ttl>,
+    #[arg(long, value_name = "N", help = format!(
+        "Mint an SVID for every entry ahead of any request while the node has at most N \
+         entries; above that, only for entries a workload asked for [default: {}]",
+        crate::node::config::DEFAULT_SVID_PREFETCH
+    ))]
+    pub svid_prefetch: Option<u64>,
     /// Serve /metrics, /live and /ready on HOST:PORT (port 0 picks a free one, logged).
     #[arg(long)]
     pub metrics_address: Option<String>,

@@ -137,6 +137,8 @@ struct Inner {
     synced_lifts: u64,
     /// Delegated SVIDs by (entry id, grant id).
     delegated: HashMap<(String, String), Arc<CachedX509Svid>>,
+    /// Entries an attested caller matched: above the prefetch bound, only these are minted.
+    wanted: std::collections::HashSet<String>,
 }
 
 /// "revoked by entry <id> (revocation #N: reason)": what a workload is told.
@@ -171,6 +173,9 @@ pub struct Cache {
     mint_now: tokio::sync::Notify,
     /// Entries whose SVIDs workloads fetched since the last report to the server.
     fetched: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// While the node has at most this many entries every SVID is minted ahead of any
+    /// request; above it, only those of entries a caller matched (see `due_for_mint`).
+    prefetch: usize,
 }
 
 impl Default for Cache {
@@ -181,12 +186,28 @@ impl Default for Cache {
 
 impl Cache {
     pub fn new() -> Self {
+        Self::with_prefetch(crate::node::config::DEFAULT_SVID_PREFETCH)
+    }
+
+    /// A cache that mints every SVID ahead of any request up to `prefetch` entries.
+    pub fn with_prefetch(prefetch: usize) -> Self {
         Self {
             inner: RwLock::new(Inner::default()),
             version: watch::channel(0).0,
             mint_now: tokio::sync::Notify::new(),
             fetched: Default::default(),
+            prefetch,
         }
+    }
+
+    /// Whether `entry`'s SVIDs are minted without a caller asking: every entry of a node
+    /// within the prefetch bound, else those a caller matched. A node with 20,000 entries
+    /// must not hold 20,000 keys it never serves; a small node answers its first call
+    /// without waiting for a mint. Chosen over an LRU of SVIDs (SPIRE's agent) because a
+    /// wanted entry is as many as the callers on this machine, bounded by what they match,
+    /// and an SVID a stream holds is never evicted under it.
+    fn minted_ahead(&self, g: &Inner, entry: &NodeEntry) -> bool {
+        g.entries.len() <= self.prefetch || g.wanted.contains(&entry.id)
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
@@ -267,6 +288,7 @@ impl Cache {
             g.remint.retain(|id| live.contains(id.as_str()));
             g.jwt.retain(|(id, _), _| live.contains(id.as_str()));
             g.delegated.retain(|(id, _), _| live.contains(id.as_str()));
+            g.wanted.retain(|id| live.contains(id.as_str()));
             let Inner { held, .. } = &mut *g;
             held.retain(|id, _| !live.contains(id.as_str()));
             g.entries = entries;
@@ -284,6 +306,7 @@ impl Cache {
         let g = self.read();
         g.entries
             .iter()
+            .filter(|e| self.minted_ahead(&g, e))
             .filter(|e| match g.x509.get(&e.id) {
                 None => true,
                 Some(s) => s.rotate_at <= now || s.entry_revision != e.revision,
@@ -371,12 +394,37 @@ impl Cache {
             }
         }
         let reminting = entries.iter().any(|e| g.remint.contains(&e.id));
+        let unwanted =
+            g.entries.len() > self.prefetch && entries.iter().any(|e| !g.wanted.contains(&e.id));
+        let bundle = g.bundle.clone();
+        drop(g);
+        if unwanted {
+            self.want(&entries);
+        }
         WorkloadView {
             svids,
             entries,
-            bundle: g.bundle.clone(),
+            bundle,
             reminting,
         }
+    }
+
+    /// Marks entries a caller matched as wanted and wakes the sync loop to mint them (above
+    /// the prefetch bound nothing is minted before a caller asks).
+    fn want(&self, entries: &[NodeEntry]) {
+        let mut g = self.write();
+        let before = g.wanted.len();
+        g.wanted.extend(entries.iter().map(|e| e.id.clone()));
+        let added = g.wanted.len() != before;
+        drop(g);
+        if added {
+            self.mint_now.notify_one();
+        }
+    }
+
+    /// Entries marked wanted by callers (see [`Cache::with_prefetch`]).
+    pub fn wanted_count(&self) -> usize {
+        self.read().wanted.len()
     }
 
     /// Applies a revocation event from the feed (DESIGN.md section 4): drops every cached
@@ -641,7 +689,11 @@ impl Cache {
         let g = self.read();
         let mut out = Vec::new();
         for gr in g.grants.iter().filter(|gr| gr.expires_at > now) {
-            for e in g.entries.iter().filter(|e| e.spiffe_id == gr.agent) {
+            for e in g
+                .entries
+                .iter()
+                .filter(|e| e.spiffe_id == gr.agent && self.minted_ahead(&g, e))
+            {
                 let due = match g.delegated.get(&(e.id.clone(), gr.id.clone())) {
                     None => true,
                     Some(s) => s.rotate_at <= now || s.entry_revision != e.revision,
@@ -767,6 +819,65 @@ mod tests {
             grant_chain: vec![id.into()],
             remaining_depth: 0,
         }
+    }
+
+    #[test]
+    fn above_the_prefetch_bound_only_entries_a_caller_matched_are_minted() {
+        let now = UNIX_EPOCH + Duration::from_secs(1000);
+        let entries = || {
+            (0..3)
+                .map(|i| {
+                    entry(
+                        &format!("e{i}"),
+                        &format!("spiffe://example.org/w{i}"),
+                        &format!("unix:uid:{i}"),
+                        1,
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        // Within the bound, every entry is minted ahead of any caller.
+        let small = Cache::with_prefetch(3);
+        small.set_entries(entries(), bundle());
+        assert_eq!(small.due_for_mint(now).len(), 3);
+
+        let large = Cache::with_prefetch(2);
+        large.set_entries(entries(), bundle());
+        assert!(
+            large.due_for_mint(now).is_empty(),
+            "nothing before a caller asks"
+        );
+        let uid1: Vec<Selector> = vec!["unix:uid:1".parse().unwrap()];
+        let view = large.view_for(&uid1, now);
+        assert_eq!(view.entries.len(), 1);
+        assert!(view.svids.is_empty());
+        let due: Vec<String> = large.due_for_mint(now).into_iter().map(|e| e.id).collect();
+        assert_eq!(due, ["e1"], "the caller's entry, and only it");
+        assert_eq!(large.wanted_count(), 1);
+        large.set_grants(vec![
+            grant(
+                "g1",
+                "spiffe://example.org/w1",
+                now + Duration::from_secs(60),
+            ),
+            grant(
+                "g2",
+                "spiffe://example.org/w2",
+                now + Duration::from_secs(60),
+            ),
+        ]);
+        let delegated: Vec<String> = large
+            .due_delegated(now)
+            .into_iter()
+            .map(|(_, g)| g.id)
+            .collect();
+        assert_eq!(delegated, ["g1"], "delegated SVIDs of wanted entries only");
+        // An entry that goes is no longer wanted.
+        large.set_entries(
+            entries().into_iter().filter(|e| e.id != "e1").collect(),
+            bundle(),
+        );
+        assert_eq!(large.wanted_count(), 0);
     }
 
     #[test]

@@ -16,6 +16,10 @@ pub const DEFAULT_SERVER_ADDRESS: &str = "127.0.0.1:8081";
 pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(5);
 /// How long the revocation feed may be lost before the node agent reports unhealthy.
 pub const DEFAULT_FEED_TIMEOUT: Duration = Duration::from_secs(30);
+/// Entries up to which a node mints every SVID ahead of any request (SPIRE's agent keeps an
+/// LRU of 1000 by default, `x509_svid_cache_max_size`).
+pub const DEFAULT_SVID_PREFETCH: usize = 1_000;
+const MAX_SVID_PREFETCH: u64 = 1_000_000;
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -30,6 +34,9 @@ pub struct RawNodeConfig {
     pub data_dir: Option<PathBuf>,
     /// How often entries and the bundle are synced from the server.
     pub sync_interval: Option<String>,
+    /// A node with at most this many entries mints an X.509-SVID for every one ahead of any
+    /// request; above it, only for entries an attested caller asked for (default 1000).
+    pub svid_prefetch: Option<u64>,
     /// The server's trust domain. Needed with a trust bundle whose CA carries no SPIFFE ID
     /// (an upstream CA); otherwise taken from the bundle.
     pub trust_domain: Option<String>,
@@ -97,6 +104,9 @@ pub struct NodeConfig {
     pub socket_path: PathBuf,
     pub data_dir: PathBuf,
     pub sync_interval: Duration,
+    /// Entries up to which every SVID is minted ahead of any request (see
+    /// `Cache::due_for_mint`).
+    pub svid_prefetch: usize,
     /// How long the revocation feed may be lost before the node agent reports unhealthy.
     pub revocation_feed_timeout: Duration,
     /// Stop serving while the revocation feed is lost for longer than the timeout.
@@ -188,6 +198,17 @@ impl TryFrom<RawNodeConfig> for NodeConfig {
                 .unwrap_or_default(),
             None => DEFAULT_SYNC_INTERVAL,
         };
+        let svid_prefetch = match raw.svid_prefetch {
+            Some(n) if n > MAX_SVID_PREFETCH => {
+                errs.push(
+                    "svid_prefetch",
+                    format!("{n} is more than {MAX_SVID_PREFETCH}"),
+                );
+                0
+            }
+            Some(n) => n as usize,
+            None => DEFAULT_SVID_PREFETCH,
+        };
         let revocation = raw.revocation.clone().unwrap_or_default();
         let revocation_feed_timeout = match &revocation.feed_timeout {
             Some(s) => errs
@@ -223,6 +244,7 @@ impl TryFrom<RawNodeConfig> for NodeConfig {
             socket_path,
             data_dir: raw.data_dir.unwrap_or_else(|| default_data_dir("node")),
             sync_interval,
+            svid_prefetch,
             revocation_feed_timeout,
             revocation_fail_closed: revocation.fail_closed.unwrap_or(false),
         })

@@ -70,7 +70,7 @@ impl NodeAgent {
         tracing::info!(node = %identity.spiffe_id, serial = %identity.serial, "node identity ready");
         readiness.set(conditions::ATTESTED, true);
 
-        let cache = Arc::new(Cache::new());
+        let cache = Arc::new(Cache::with_prefetch(cfg.svid_prefetch));
         let _ = cache_slot.set(cache.clone());
         cache.set_bundle(identity.bundle.clone());
         let link = Arc::new(ServerLink::new(cfg.server_address.clone(), identity));

@@ -103,20 +103,31 @@ impl Syncer {
             // rather than waiting for the regular interval.
             // A lifted revocation wants a sync at once too (the cache restored what it held,
             // the server has the entry as it stands).
-            let due = !self.due_for_mint(now).is_empty()
-                || !self.due_delegated(now).is_empty()
-                || self.cache.resync_wanted();
-            if now >= not_before && (now >= next_sync || due) {
-                match self.sync_once().await {
+            let mint_due =
+                !self.due_for_mint(now).is_empty() || !self.due_delegated(now).is_empty();
+            let sync_due = now >= next_sync || self.cache.resync_wanted();
+            if now >= not_before && (sync_due || mint_due) {
+                // SVIDs alone (a rotation, a caller's first request on a large node) need no
+                // sync of every entry first.
+                let round = if sync_due {
+                    self.sync_once().await
+                } else {
+                    self.mint_once().await
+                };
+                match round {
                     Ok(()) => {
-                        self.metrics.sync_succeeded();
-                        self.readiness.set(conditions::SYNCED, true);
+                        if sync_due {
+                            self.metrics.sync_succeeded();
+                            self.readiness.set(conditions::SYNCED, true);
+                            next_sync = self.clock.now() + self.sync_interval;
+                        }
                         backoff = Duration::from_secs(1);
-                        next_sync = self.clock.now() + self.sync_interval;
                         not_before = self.clock.now();
                     }
                     Err(e) => {
-                        self.metrics.sync_failed();
+                        if sync_due {
+                            self.metrics.sync_failed();
+                        }
                         tracing::warn!(error = %e, retry_in = ?backoff, "sync with the server failed; serving cached SVIDs");
                         self.link.reset().await;
                         not_before = self.clock.now() + backoff;
@@ -178,6 +189,13 @@ impl Syncer {
         self.mint_due(&mut client).await?;
         self.mint_delegated(&mut client).await?;
         self.renew_node_svid_if_due().await
+    }
+
+    /// Mints what is due with the entries as last synced.
+    pub async fn mint_once(&self) -> Result<(), NodeError> {
+        let mut client = self.link.client().await?;
+        self.mint_due(&mut client).await?;
+        self.mint_delegated(&mut client).await
     }
 
     /// Every page of one sync, put together (the bundle from the last page).
