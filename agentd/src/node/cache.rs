@@ -176,6 +176,8 @@ pub struct Cache {
     /// While the node has at most this many entries every SVID is minted ahead of any
     /// request; above it, only those of entries a caller matched (see `due_for_mint`).
     prefetch: usize,
+    /// The server said something this node serves changed: sync now.
+    sync_requested: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Cache {
@@ -197,7 +199,27 @@ impl Cache {
             mint_now: tokio::sync::Notify::new(),
             fetched: Default::default(),
             prefetch,
+            sync_requested: Default::default(),
         }
+    }
+
+    /// Asks the sync loop for a sync now (a change notice from the server).
+    pub fn request_sync(&self) {
+        self.sync_requested
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.mint_now.notify_one();
+    }
+
+    /// Whether a sync was asked for and not yet started.
+    pub fn sync_requested(&self) -> bool {
+        self.sync_requested
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Takes the request as a sync starts (a notice arriving during the sync asks again).
+    pub fn take_sync_request(&self) {
+        self.sync_requested
+            .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Whether `entry`'s SVIDs are minted without a caller asking: every entry of a node

@@ -2,6 +2,7 @@
 //! and serves them to local workloads on the Workload API socket.
 
 pub mod cache;
+pub mod changes;
 pub mod client;
 pub mod config;
 mod error;
@@ -90,6 +91,13 @@ impl NodeAgent {
                 clock: self.clock.clone(),
                 metrics: metrics.clone(),
                 readiness: readiness.clone(),
+            }
+            .run(stop.clone()),
+        );
+        tasks.spawn(
+            changes::ChangeSubscriber {
+                link: link.clone(),
+                cache: cache.clone(),
             }
             .run(stop.clone()),
         );

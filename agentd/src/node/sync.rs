@@ -105,7 +105,8 @@ impl Syncer {
             // the server has the entry as it stands).
             let mint_due =
                 !self.due_for_mint(now).is_empty() || !self.due_delegated(now).is_empty();
-            let sync_due = now >= next_sync || self.cache.resync_wanted();
+            let sync_due =
+                now >= next_sync || self.cache.resync_wanted() || self.cache.sync_requested();
             if now >= not_before && (sync_due || mint_due) {
                 // SVIDs alone (a rotation, a caller's first request on a large node) need no
                 // sync of every entry first.
@@ -149,6 +150,7 @@ impl Syncer {
 
     /// One round: entries and bundle, then minting, then the node SVID.
     pub async fn sync_once(&self) -> Result<(), NodeError> {
+        self.cache.take_sync_request();
         let mut client = self.link.client().await?;
         let as_of = self.cache.lift_generation();
         let fetched = self.cache.take_fetched();

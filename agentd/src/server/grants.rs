@@ -187,6 +187,7 @@ pub async fn create_root_grant(
         created_at: now,
     };
     state.store.create_grant(grant.clone()).await?;
+    publish_grant(state, &grant).await;
     Ok(grant)
 }
 
@@ -556,7 +557,28 @@ pub async fn exchange_delegation_token(
         created_at: now,
     };
     state.store.create_grant(grant.clone()).await?;
+    publish_grant(state, &grant).await;
     Ok(grant)
+}
+
+/// Tells the nodes serving the grant's agent that it has a new grant (through the parents
+/// of the agent's entries, by the store's SPIFFE ID index). A lookup that fails costs the
+/// push, not the grant: the node's regular sync still brings it.
+async fn publish_grant(state: &ServerState, grant: &Grant) {
+    let Some(agent) = grant.agent() else { return };
+    let filter = crate::datastore::EntryFilter {
+        spiffe_id: Some(agent.clone()),
+        ..Default::default()
+    };
+    match state.store.list_entries(&filter).await {
+        Ok(entries) => state.changes.publish_entry_change(
+            &crate::tls::server_spiffe_id(&state.config.trust_domain),
+            entries.iter().map(|e| &e.spec.parent_id),
+        ),
+        Err(e) => {
+            tracing::warn!(grant = %grant.id, error = %e, "finding the nodes to tell of a grant failed")
+        }
+    }
 }
 
 pub fn grant_to_node_proto(g: &Grant) -> npb::Grant {
@@ -682,6 +704,7 @@ mod tests {
             audit,
             metrics: Arc::new(crate::telemetry::ServerMetrics::new()),
             readiness: crate::telemetry::Readiness::new(&[]),
+            changes: Default::default(),
         };
         (dir, state, clock)
     }

@@ -61,18 +61,32 @@ pub async fn entries_for_node(
         ..Default::default()
     };
     let mut served = store.list_entries(&by_parent(&node.spiffe_id)).await?;
-    let alias_entries = store.list_entries(&by_parent(server_id)).await?;
-    let aliases: std::collections::BTreeSet<&SpiffeId> =
-        aliases_of(&alias_entries, server_id, node, revocations)
-            .map(|e| &e.spec.spiffe_id)
-            .filter(|id| **id != node.spiffe_id)
-            .collect();
-    for alias in aliases {
-        served.extend(store.list_entries(&by_parent(alias)).await?);
+    for alias in aliases_for_node(store, server_id, node, revocations).await? {
+        served.extend(store.list_entries(&by_parent(&alias)).await?);
     }
     // The order a full listing has (by SPIFFE ID, then id).
     served.sort_by(|a, b| (&a.spec.spiffe_id, &a.id).cmp(&(&b.spec.spiffe_id, &b.id)));
     Ok(served)
+}
+
+/// The SPIFFE IDs of the node-set aliases `node` belongs to (with `revocations`, those not
+/// revoked), besides its own ID.
+pub async fn aliases_for_node(
+    store: &dyn crate::datastore::DataStore,
+    server_id: &SpiffeId,
+    node: &AttestedNode,
+    revocations: Option<&RevocationLog>,
+) -> Result<std::collections::BTreeSet<SpiffeId>, DataStoreError> {
+    let alias_entries = store
+        .list_entries(&EntryFilter {
+            parent_id: Some(server_id.clone()),
+            ..Default::default()
+        })
+        .await?;
+    Ok(aliases_of(&alias_entries, server_id, node, revocations)
+        .map(|e| e.spec.spiffe_id.clone())
+        .filter(|id| *id != node.spiffe_id)
+        .collect())
 }
 
 /// Whether `node` may obtain SVIDs for `entry` (through an alias not revoked).

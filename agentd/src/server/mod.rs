@@ -2,6 +2,7 @@
 //! (TLS, node agents) and the admin API (Unix socket, the CLI).
 
 pub mod admin;
+pub mod changes;
 pub mod config;
 pub mod crl;
 pub mod grants;
@@ -84,6 +85,8 @@ pub struct ServerState {
     pub metrics: Arc<ServerMetrics>,
     /// What `/ready` reports.
     pub readiness: Readiness,
+    /// Entry and grant changes, pushed to the node agents they touch.
+    pub changes: Arc<changes::ChangeLog>,
 }
 
 /// A configured server, not yet running.
@@ -191,6 +194,7 @@ impl Server {
             audit,
             metrics,
             readiness: readiness.clone(),
+            changes: Arc::new(changes::ChangeLog::new()),
         });
         let (tls_config, renew_at, server_svid) = issue_server_tls(&state)?;
         let tls_source: ServerConfigSource = Arc::new(std::sync::RwLock::new(tls_config));

@@ -195,6 +195,9 @@ async fn create_one(
         .create_entry(spec, unix_seconds(api.state.clock.now()))
         .await
         .map_err(AdminError::from)?;
+    api.state
+        .changes
+        .publish_entry_change(&api.server_id(), [&entry.spec.parent_id]);
     tracing::info!(?uid, entry = %entry.id, spiffe_id = %entry.spec.spiffe_id, "entry created");
     api.state
         .audit
@@ -335,6 +338,7 @@ pub(super) async fn update(
     let req = request.into_inner();
     let id = parse_entry_id(&req.id)?;
     let current = api.load_entry(&id).await?;
+    let current_parent = current.spec.parent_id.clone();
     let mut spec = current.spec;
     if let Some(v) = &req.spiffe_id {
         spec.spiffe_id = api.issuable_id("spiffe_id", v)?;
@@ -371,6 +375,9 @@ pub(super) async fn update(
         .update_entry(&id, spec)
         .await
         .map_err(AdminError::from)?;
+    api.state
+        .changes
+        .publish_entry_change(&api.server_id(), [&current_parent, &entry.spec.parent_id]);
     tracing::info!(?uid, entry = %entry.id, revision = entry.revision, "entry updated");
     api.state
         .audit
@@ -401,6 +408,9 @@ async fn delete_one(api: &AdminApi, uid: Option<u32>, id: &str) -> Result<pb::En
         .delete_entry(&id)
         .await
         .map_err(AdminError::from)?;
+    api.state
+        .changes
+        .publish_entry_change(&api.server_id(), [&entry.spec.parent_id]);
     tracing::info!(?uid, entry = %entry.id, "entry deleted");
     api.state
         .audit

@@ -48,6 +48,11 @@ impl AdminApi {
     pub fn new(state: Arc<ServerState>) -> Self {
         Self { state }
     }
+
+    /// The server's own SPIFFE ID (the parent of node-set aliases).
+    pub(crate) fn server_id(&self) -> spiffe::SpiffeId {
+        crate::tls::server_spiffe_id(&self.state.config.trust_domain)
+    }
 }
 
 pub async fn serve(

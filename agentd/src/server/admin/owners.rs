@@ -23,6 +23,10 @@ pub(super) async fn set_disabled(
         .set_owner_disabled(&owner, req.disabled, api.now())
         .await
         .map_err(AdminError::from)?;
+    // Suspension withdraws (and restores) entries on whichever nodes serve them.
+    api.state
+        .changes
+        .publish(crate::server::changes::ChangeScope::All);
     let entries: Vec<EntryStatus> = ownership::list_entries(
         api.state.store.as_ref(),
         &EntryFilter::default(),

@@ -68,6 +68,7 @@ pub(super) async fn fixture_with(
         audit,
         metrics: Arc::new(crate::telemetry::ServerMetrics::new()),
         readiness: crate::telemetry::Readiness::new(&[]),
+        changes: Default::default(),
     });
     (state, clock)
 }

@@ -25,6 +25,7 @@ use crate::tls::{PeerIdentity, ServerConfigSource};
 
 mod attest;
 mod caller;
+mod changes;
 mod delegation;
 mod failures;
 mod feed;
@@ -206,5 +207,14 @@ impl Node for NodeApi {
         request: Request<pb::ExchangeDelegationTokenRequest>,
     ) -> Result<Response<pb::ExchangeDelegationTokenResponse>, Status> {
         self.exchange_delegation(request).await
+    }
+
+    type WatchChangesStream = changes::ChangeStream;
+
+    async fn watch_changes(
+        &self,
+        request: Request<pb::WatchChangesRequest>,
+    ) -> Result<Response<changes::ChangeStream>, Status> {
+        self.change_notices(request).await
     }
 }

@@ -1,0 +1,107 @@
+//! The node agent's side of pushed changes (`Node/WatchChanges`): a notice that something
+//! this node serves changed makes the sync loop sync at once. The regular sync interval
+//! still runs, so a lost stream costs latency, never an entry.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentd_proto::node as pb;
+use tokio_util::sync::CancellationToken;
+
+use crate::node::cache::Cache;
+use crate::node::client::ServerLink;
+use crate::node::NodeError;
+
+/// The server sends a heartbeat every 30 s; three missed and the stream counts as lost.
+const SILENCE: Duration = Duration::from_secs(90);
+const MIN_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+#[derive(Debug)]
+pub struct ChangeSubscriber {
+    pub link: Arc<ServerLink>,
+    pub cache: Arc<Cache>,
+}
+
+/// How a connection to the change stream ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    /// After delivering at least one notice.
+    Heard,
+    /// Silent, or closed before any notice.
+    Silent,
+    /// The server does not serve the stream.
+    Unsupported,
+}
+
+/// Where the node is in the server's change log.
+#[derive(Debug, Default, Clone, Copy)]
+struct Position {
+    sequence: u64,
+    epoch: u64,
+}
+
+impl ChangeSubscriber {
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), NodeError> {
+        let mut at = Position::default();
+        let mut backoff = MIN_BACKOFF;
+        loop {
+            let result = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                r = self.follow(&mut at) => r,
+            };
+            match result {
+                Ok(Ended::Heard) => backoff = MIN_BACKOFF,
+                Ok(Ended::Silent) => {}
+                Ok(Ended::Unsupported) => {
+                    // A server without pushed changes: the regular sync is all there is.
+                    tracing::info!("the server pushes no changes; syncing at the interval");
+                    shutdown.cancelled().await;
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, retry_in = ?backoff, "change stream lost; reconnecting");
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// One connection, until it fails or goes silent.
+    async fn follow(&self, at: &mut Position) -> Result<Ended, NodeError> {
+        let mut client = self.link.client().await?;
+        let request = pb::WatchChangesRequest {
+            after_sequence: at.sequence,
+            epoch: at.epoch,
+        };
+        let mut stream = match client.watch_changes(request).await {
+            Ok(s) => s.into_inner(),
+            Err(status) if status.code() == tonic::Code::Unimplemented => {
+                return Ok(Ended::Unsupported)
+            }
+            Err(status) => return Err(NodeError::from_status(status)),
+        };
+        let mut heard = Ended::Silent;
+        loop {
+            let notice = match tokio::time::timeout(SILENCE, stream.message()).await {
+                Err(_) => return Ok(heard),
+                Ok(Err(status)) => return Err(NodeError::from_status(status)),
+                Ok(Ok(None)) => return Ok(heard),
+                Ok(Ok(Some(n))) => n,
+            };
+            heard = Ended::Heard;
+            if notice.sync {
+                tracing::debug!(sequence = notice.sequence, "change notice: syncing now");
+                self.cache.request_sync();
+            }
+            *at = Position {
+                sequence: at.sequence.max(notice.sequence),
+                epoch: notice.epoch,
+            };
+        }
+    }
+}

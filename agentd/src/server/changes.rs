@@ -1,0 +1,124 @@
+//! Pushed changes: a numbered, in-memory log of what changed in the entries and grants a
+//! node syncs, so that a node agent syncs within moments of a change instead of at its next
+//! poll. Each change names the parents it touches (a node's SPIFFE ID, or a node-set alias);
+//! a node's stream (`Node/WatchChanges`) sends a notice only for changes that touch it.
+//!
+//! The notice is a nudge, not the data: the node answers it with a (paged) SyncEntries, so a
+//! missed or dropped notice costs latency (the regular sync interval still runs), never an
+//! entry. The sequence restarts with the process; `epoch` tells a node it is talking to
+//! another run, and a node that reconnects with an older sequence or another epoch is told
+//! to sync at once ("since N").
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use spiffe::SpiffeId;
+use tokio::sync::broadcast;
+
+/// Changes a slow subscriber may fall behind before it is told to sync everything.
+const BUFFER: usize = 4096;
+
+/// Which nodes a change touches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChangeScope {
+    /// Nodes serving entries parented to these IDs (a node's own ID, or an alias's).
+    Parents(BTreeSet<SpiffeId>),
+    /// Every node (an owner suspended or restored, the bundle, an alias changed).
+    All,
+}
+
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub sequence: u64,
+    pub scope: ChangeScope,
+}
+
+#[derive(Debug)]
+pub struct ChangeLog {
+    /// Differs between runs of the server, so a node can tell a restart from a quiet log.
+    epoch: u64,
+    head: AtomicU64,
+    tx: broadcast::Sender<Change>,
+}
+
+impl Default for ChangeLog {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ChangeLog {
+    pub fn new() -> Self {
+        Self {
+            epoch: rand::random::<u64>() | 1,
+            head: AtomicU64::new(0),
+            tx: broadcast::channel(BUFFER).0,
+        }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The sequence of the last change published.
+    pub fn head(&self) -> u64 {
+        self.head.load(Ordering::SeqCst)
+    }
+
+    /// Publishes a change after it was committed to the store.
+    pub fn publish(&self, scope: ChangeScope) {
+        // fetch_add under no lock: two publishers may send out of order, which a subscriber
+        // tolerates (every notice means "sync now").
+        let sequence = self.head.fetch_add(1, Ordering::SeqCst) + 1;
+        // No receiver (no node connected) is not an error.
+        let _ = self.tx.send(Change { sequence, scope });
+    }
+
+    /// Publishes a change touching nodes that serve entries under these parents.
+    pub fn publish_parents<'a>(&self, parents: impl IntoIterator<Item = &'a SpiffeId>) {
+        let parents: BTreeSet<SpiffeId> = parents.into_iter().cloned().collect();
+        if !parents.is_empty() {
+            self.publish(ChangeScope::Parents(parents));
+        }
+    }
+
+    /// Publishes a change to entries under these parents; an alias (an entry parented to the
+    /// server) changes which nodes are in its set, so that one reaches every node.
+    pub fn publish_entry_change<'a>(
+        &self,
+        server_id: &SpiffeId,
+        parents: impl IntoIterator<Item = &'a SpiffeId>,
+    ) {
+        let parents: BTreeSet<SpiffeId> = parents.into_iter().cloned().collect();
+        if parents.contains(server_id) {
+            self.publish(ChangeScope::All);
+        } else {
+            self.publish_parents(&parents);
+        }
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.tx.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_are_numbered_in_order_and_subscribers_see_those_after_they_joined() {
+        let log = ChangeLog::new();
+        log.publish(ChangeScope::All);
+        let mut rx = log.subscribe();
+        let a = SpiffeId::new("spiffe://example.org/node/a").unwrap();
+        log.publish_parents([&a]);
+        log.publish_parents(std::iter::empty());
+        assert_eq!(log.head(), 2, "an empty parent set is no change");
+        let got = rx.try_recv().unwrap();
+        assert_eq!(got.sequence, 2);
+        assert_eq!(got.scope, ChangeScope::Parents([a].into()));
+        assert!(rx.try_recv().is_err());
+        assert_ne!(ChangeLog::new().epoch(), log.epoch());
+    }
+}

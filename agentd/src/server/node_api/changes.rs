@@ -1,0 +1,236 @@
+//! `Node/WatchChanges`: the notices that make a node sync as soon as something it serves
+//! changes (see `server::changes`).
+
+use std::collections::BTreeSet;
+use std::pin::Pin;
+use std::time::Duration;
+
+use agentd_proto::node as pb;
+use futures::Stream;
+use spiffe::SpiffeId;
+use tokio::sync::{broadcast, mpsc};
+use tonic::{Request, Response, Status};
+
+use super::{NodeApi, NodeApiError};
+use crate::server::changes::ChangeScope;
+use crate::tls::PeerIdentity;
+
+/// How often a quiet change stream sends a heartbeat notice; a node that hears nothing for
+/// three of these reconnects.
+pub const CHANGE_HEARTBEAT: Duration = Duration::from_secs(30);
+
+pub type ChangeStream = Pin<Box<dyn Stream<Item = Result<pb::ChangeNotice, Status>> + Send>>;
+
+impl NodeApi {
+    pub(super) async fn change_notices(
+        &self,
+        request: Request<pb::WatchChangesRequest>,
+    ) -> Result<Response<ChangeStream>, Status> {
+        let node = self
+            .caller(request.extensions().get::<PeerIdentity>())
+            .await?;
+        let req = request.into_inner();
+        let state = self.state.clone();
+        let stop = self.stop.clone();
+        // Subscribed before the first notice is worked out, so no change falls in between.
+        let mut changes = state.changes.subscribe();
+        let epoch = state.changes.epoch();
+        let head = state.changes.head();
+        let mut parents = node_parents(&state, &node)
+            .await
+            .map_err(NodeApiError::from)?;
+        let (tx, rx) = mpsc::channel::<Result<pb::ChangeNotice, Status>>(2);
+        let first = pb::ChangeNotice {
+            sequence: head,
+            epoch,
+            sync: req.epoch != epoch || req.after_sequence < head,
+        };
+        tokio::spawn(async move {
+            if tx.send(Ok(first)).await.is_err() {
+                return;
+            }
+            loop {
+                let notice = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tx.closed() => return,
+                    _ = tokio::time::sleep(CHANGE_HEARTBEAT) => pb::ChangeNotice {
+                        sequence: state.changes.head(),
+                        epoch,
+                        sync: false,
+                    },
+                    change = changes.recv() => match change {
+                        Ok(change) => {
+                            let touches = match &change.scope {
+                                ChangeScope::All => true,
+                                ChangeScope::Parents(p) => !p.is_disjoint(&parents),
+                            };
+                            if !touches {
+                                continue;
+                            }
+                            if change.scope == ChangeScope::All {
+                                // An alias may have changed: work out the node's sets again.
+                                if let Ok(now) = node_parents(&state, &node).await {
+                                    parents = now;
+                                }
+                            }
+                            pb::ChangeNotice { sequence: change.sequence, epoch, sync: true }
+                        }
+                        // Fell behind: whatever was missed, a sync covers it.
+                        Err(broadcast::error::RecvError::Lagged(_)) => pb::ChangeNotice {
+                            sequence: state.changes.head(),
+                            epoch,
+                            sync: true,
+                        },
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                };
+                if tx.send(Ok(notice)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+/// The parents whose entries `node` serves: its own ID and its aliases not revoked.
+async fn node_parents(
+    state: &crate::server::ServerState,
+    node: &crate::datastore::AttestedNode,
+) -> Result<BTreeSet<SpiffeId>, crate::datastore::DataStoreError> {
+    let server_id = crate::tls::server_spiffe_id(&state.config.trust_domain);
+    let mut parents = crate::server::membership::aliases_for_node(
+        state.store.as_ref(),
+        &server_id,
+        node,
+        Some(&state.revocations),
+    )
+    .await?;
+    parents.insert(node.spiffe_id.clone());
+    Ok(parents)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use agentd_proto::admin as apb;
+    use agentd_proto::admin::admin_server::Admin;
+    use futures::StreamExt;
+    use tokio_util::sync::CancellationToken;
+    use tonic::Request;
+
+    use super::super::issuance_tests::{attested, fixture, from_node, NODE};
+    use super::*;
+
+    const WAIT: Duration = Duration::from_secs(20);
+
+    async fn next(stream: &mut ChangeStream) -> pb::ChangeNotice {
+        tokio::time::timeout(WAIT, stream.next())
+            .await
+            .expect("a notice within the bound")
+            .unwrap()
+            .unwrap()
+    }
+
+    fn spec(id: &str, parent: &str) -> Request<apb::EntrySpec> {
+        Request::new(apb::EntrySpec {
+            spiffe_id: id.into(),
+            parent_id: parent.into(),
+            selectors: vec!["unix:uid:1000".into()],
+            ..Default::default()
+        })
+    }
+
+    /// A node hears of changes to what it serves (its own entries, its alias's), and of
+    /// nothing else; a reconnect with an old position is told to sync at once.
+    #[tokio::test]
+    async fn a_node_is_told_of_changes_to_what_it_serves_and_only_those() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, _clock) = fixture(dir.path()).await;
+        let api = NodeApi::new(state.clone(), CancellationToken::new());
+        let admin = crate::server::admin::AdminApi::new(state.clone());
+        let ca = "x509pop:ca:fingerprint:aa";
+        attested(&state, NODE, "a1", &[ca]).await;
+        let server = crate::tls::server_spiffe_id(&state.config.trust_domain).to_string();
+        let mut alias = spec("spiffe://example.org/nodes/fleet", &server);
+        alias.get_mut().selectors = vec![ca.into()];
+        admin.create_entry(alias).await.unwrap();
+
+        let mut stream = api
+            .change_notices(from_node(pb::WatchChangesRequest::default(), NODE, "a1"))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = next(&mut stream).await;
+        assert!(first.sync, "a new node (epoch 0) syncs at once: {first:?}");
+        assert_eq!(first.epoch, state.changes.epoch());
+
+        // Another node's entry: no notice. Then this node's own: a notice.
+        admin
+            .create_entry(spec(
+                "spiffe://example.org/w/other",
+                "spiffe://example.org/node/b",
+            ))
+            .await
+            .unwrap();
+        let own = admin
+            .create_entry(spec("spiffe://example.org/w/own", NODE))
+            .await
+            .unwrap()
+            .into_inner();
+        let notice = next(&mut stream).await;
+        assert!(notice.sync);
+        assert_eq!(
+            notice.sequence,
+            state.changes.head(),
+            "{notice:?}: the other node's change was skipped"
+        );
+        // An entry under the node's alias, and a deletion: a notice each.
+        admin
+            .create_entry(spec(
+                "spiffe://example.org/w/fleet",
+                "spiffe://example.org/nodes/fleet",
+            ))
+            .await
+            .unwrap();
+        assert!(next(&mut stream).await.sync);
+        admin
+            .delete_entry(Request::new(apb::DeleteEntryRequest { id: own.id }))
+            .await
+            .unwrap();
+        assert!(next(&mut stream).await.sync);
+        let head = state.changes.head();
+        drop(stream);
+
+        // Reconnecting where it left off: nothing to do. From an older position: sync.
+        let mut again = api
+            .change_notices(from_node(
+                pb::WatchChangesRequest {
+                    after_sequence: head,
+                    epoch: state.changes.epoch(),
+                },
+                NODE,
+                "a1",
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!next(&mut again).await.sync);
+        let mut behind = api
+            .change_notices(from_node(
+                pb::WatchChangesRequest {
+                    after_sequence: head - 1,
+                    epoch: state.changes.epoch(),
+                },
+                NODE,
+                "a1",
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(next(&mut behind).await.sync);
+    }
+}
