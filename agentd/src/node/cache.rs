@@ -178,7 +178,19 @@ pub struct Cache {
     prefetch: usize,
     /// The server said something this node serves changed: sync now.
     sync_requested: std::sync::atomic::AtomicBool,
+    /// Entries and grant agents the server said changed, for a delta sync.
+    delta: std::sync::Mutex<DeltaRequest>,
 }
+
+/// What a delta sync asks for (see `Cache::request_delta`).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct DeltaRequest {
+    pub entry_ids: std::collections::BTreeSet<String>,
+    pub grant_agents: std::collections::BTreeSet<String>,
+}
+
+/// More changed ids than this pending at once and a whole sync is cheaper.
+const MAX_DELTA: usize = 1_000;
 
 impl Default for Cache {
     fn default() -> Self {
@@ -200,6 +212,109 @@ impl Cache {
             fetched: Default::default(),
             prefetch,
             sync_requested: Default::default(),
+            delta: Default::default(),
+        }
+    }
+
+    /// Asks the sync loop for a delta: these entries and these agents' grants changed.
+    pub fn request_delta(
+        &self,
+        entry_ids: impl IntoIterator<Item = String>,
+        grant_agents: impl IntoIterator<Item = String>,
+    ) {
+        let mut d = self.delta.lock().unwrap_or_else(|p| p.into_inner());
+        d.entry_ids.extend(entry_ids);
+        d.grant_agents.extend(grant_agents);
+        let too_many = d.entry_ids.len() > MAX_DELTA || d.grant_agents.len() > MAX_DELTA;
+        if too_many {
+            *d = DeltaRequest::default();
+        }
+        drop(d);
+        if too_many {
+            self.request_sync();
+        } else {
+            self.mint_now.notify_one();
+        }
+    }
+
+    /// Whether a delta is waiting.
+    pub fn delta_pending(&self) -> bool {
+        let d = self.delta.lock().unwrap_or_else(|p| p.into_inner());
+        !d.entry_ids.is_empty() || !d.grant_agents.is_empty()
+    }
+
+    /// Takes the pending delta (a whole sync takes it too: it covers everything).
+    pub fn take_delta(&self) -> DeltaRequest {
+        std::mem::take(&mut *self.delta.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Applies a delta sync: the entries given replace (or join) those held, the removed
+    /// ones go with their SVIDs, and the grants of the asked agents are replaced by those
+    /// given. Revocations already applied keep what they cover out, as in `set_entries`.
+    pub fn apply_delta(
+        &self,
+        upserts: Vec<NodeEntry>,
+        removed: &[String],
+        agents: &[SpiffeId],
+        grants: Vec<NodeGrant>,
+    ) {
+        let mut g = self.write();
+        let mut changed = false;
+        for id in removed {
+            if let Some(i) = g.entries.iter().position(|e| e.id == *id) {
+                g.entries.remove(i);
+                g.x509.remove(id);
+                g.remint.remove(id);
+                g.wanted.remove(id);
+                g.jwt.retain(|(e, _), _| e != id);
+                g.delegated.retain(|(e, _), _| e != id);
+                changed = true;
+            }
+        }
+        for e in upserts {
+            if g.node_revoked || g.revoked_entries.contains(&e.id) {
+                continue;
+            }
+            let key = |x: &NodeEntry| (x.spiffe_id.clone(), x.id.clone());
+            match g.entries.iter().position(|x| x.id == e.id) {
+                Some(i) if g.entries[i] == e => {}
+                Some(i) => {
+                    g.entries.remove(i);
+                    let at = g.entries.partition_point(|x| key(x) < key(&e));
+                    g.entries.insert(at, e);
+                    changed = true;
+                }
+                None => {
+                    let at = g.entries.partition_point(|x| key(x) < key(&e));
+                    g.entries.insert(at, e);
+                    changed = true;
+                }
+            }
+        }
+        if !agents.is_empty() {
+            let before = g.grants.clone();
+            let Inner {
+                grants: held,
+                revoked_grants,
+                ..
+            } = &mut *g;
+            held.retain(|gr| !agents.contains(&gr.agent));
+            held.extend(
+                grants
+                    .into_iter()
+                    .filter(|gr| !revoked_grants.contains(&gr.id)),
+            );
+            held.sort_by(|a, b| a.id.cmp(&b.id));
+            if *held != before {
+                let live: std::collections::HashSet<String> =
+                    held.iter().map(|gr| gr.id.clone()).collect();
+                g.delegated.retain(|(_, grant), _| live.contains(grant));
+                changed = true;
+            }
+        }
+        drop(g);
+        if changed {
+            self.bump();
         }
     }
 
@@ -841,6 +956,78 @@ mod tests {
             grant_chain: vec![id.into()],
             remaining_depth: 0,
         }
+    }
+
+    #[test]
+    fn a_delta_replaces_adds_and_removes_entries_and_the_grants_of_the_asked_agents() {
+        let now = UNIX_EPOCH + Duration::from_secs(1000);
+        let cache = Cache::new();
+        cache.set_entries(
+            vec![
+                entry("a", "spiffe://example.org/a", "unix:uid:1", 1),
+                entry("c", "spiffe://example.org/c", "unix:uid:3", 1),
+            ],
+            bundle(),
+        );
+        cache.put_x509(vec![svid(
+            "c",
+            1,
+            now + Duration::from_secs(60),
+            now + Duration::from_secs(30),
+        )]);
+        let ga = grant(
+            "g-a",
+            "spiffe://example.org/a",
+            now + Duration::from_secs(60),
+        );
+        let gc = grant(
+            "g-c",
+            "spiffe://example.org/c",
+            now + Duration::from_secs(60),
+        );
+        cache.set_grants(vec![ga.clone(), gc.clone()]);
+        let mut rx = cache.subscribe();
+        rx.mark_unchanged();
+        cache.apply_delta(
+            vec![
+                entry("b", "spiffe://example.org/b", "unix:uid:2", 1),
+                entry("a", "spiffe://example.org/a", "unix:uid:1", 2),
+            ],
+            &["c".to_string(), "not-held".to_string()],
+            &[SpiffeId::new("spiffe://example.org/a").unwrap()],
+            vec![],
+        );
+        assert!(rx.has_changed().unwrap());
+        let held: Vec<(String, u64)> = cache
+            .entries()
+            .into_iter()
+            .map(|e| (e.id, e.revision))
+            .collect();
+        assert_eq!(
+            held,
+            [("a".to_string(), 2), ("b".to_string(), 1)],
+            "in order, a at its new revision"
+        );
+        assert_eq!(
+            cache.svid_count(),
+            0,
+            "the removed entry's SVID went with it"
+        );
+        let grants: Vec<String> = cache.grants().into_iter().map(|g| g.id).collect();
+        assert_eq!(
+            grants,
+            ["g-c"],
+            "a's grants replaced by none; c's untouched though c went"
+        );
+        // The same delta again changes nothing and notifies no one.
+        rx.mark_unchanged();
+        cache.apply_delta(
+            vec![entry("b", "spiffe://example.org/b", "unix:uid:2", 1)],
+            &[],
+            &[],
+            vec![],
+        );
+        assert!(!rx.has_changed().unwrap());
     }
 
     #[test]

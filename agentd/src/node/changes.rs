@@ -95,8 +95,17 @@ impl ChangeSubscriber {
             };
             heard = Ended::Heard;
             if notice.sync {
-                tracing::debug!(sequence = notice.sequence, "change notice: syncing now");
-                self.cache.request_sync();
+                if notice.entry_ids.is_empty() && notice.grant_agents.is_empty() {
+                    tracing::debug!(
+                        sequence = notice.sequence,
+                        "change notice: syncing everything now"
+                    );
+                    self.cache.request_sync();
+                } else {
+                    tracing::debug!(sequence = notice.sequence, entries = ?notice.entry_ids, agents = ?notice.grant_agents, "change notice: syncing what changed now");
+                    self.cache
+                        .request_delta(notice.entry_ids, notice.grant_agents);
+                }
             }
             *at = Position {
                 sequence: at.sequence.max(notice.sequence),

@@ -31,6 +31,16 @@ pub enum ChangeScope {
 pub struct Change {
     pub sequence: u64,
     pub scope: ChangeScope,
+    /// What changed, for a node to fetch just that (a delta); empty with `All`.
+    pub what: Changed,
+}
+
+/// What a change touched.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changed {
+    pub entries: Vec<crate::datastore::EntryId>,
+    /// Agents (SPIFFE IDs) with a new grant.
+    pub grant_agents: Vec<SpiffeId>,
 }
 
 #[derive(Debug)]
@@ -65,36 +75,54 @@ impl ChangeLog {
         self.head.load(Ordering::SeqCst)
     }
 
-    /// Publishes a change after it was committed to the store.
-    pub fn publish(&self, scope: ChangeScope) {
+    /// Publishes a change after it was committed to the store; `All` asks every node for a
+    /// whole sync.
+    pub fn publish(&self, scope: ChangeScope, what: Changed) {
         // fetch_add under no lock: two publishers may send out of order, which a subscriber
         // tolerates (every notice means "sync now").
         let sequence = self.head.fetch_add(1, Ordering::SeqCst) + 1;
+        let what = if scope == ChangeScope::All {
+            Changed::default()
+        } else {
+            what
+        };
         // No receiver (no node connected) is not an error.
-        let _ = self.tx.send(Change { sequence, scope });
+        let _ = self.tx.send(Change {
+            sequence,
+            scope,
+            what,
+        });
     }
 
-    /// Publishes a change touching nodes that serve entries under these parents.
-    pub fn publish_parents<'a>(&self, parents: impl IntoIterator<Item = &'a SpiffeId>) {
-        let parents: BTreeSet<SpiffeId> = parents.into_iter().cloned().collect();
-        if !parents.is_empty() {
-            self.publish(ChangeScope::Parents(parents));
-        }
-    }
-
-    /// Publishes a change to entries under these parents; an alias (an entry parented to the
-    /// server) changes which nodes are in its set, so that one reaches every node.
-    pub fn publish_entry_change<'a>(
+    /// Publishes a change touching nodes that serve entries under these parents; an alias
+    /// (an entry parented to the server) changes which nodes are in its set, so a change
+    /// under the server reaches every node, as a whole sync.
+    pub fn publish_under<'a>(
         &self,
         server_id: &SpiffeId,
         parents: impl IntoIterator<Item = &'a SpiffeId>,
+        what: Changed,
     ) {
         let parents: BTreeSet<SpiffeId> = parents.into_iter().cloned().collect();
         if parents.contains(server_id) {
-            self.publish(ChangeScope::All);
-        } else {
-            self.publish_parents(&parents);
+            self.publish(ChangeScope::All, what);
+        } else if !parents.is_empty() {
+            self.publish(ChangeScope::Parents(parents), what);
         }
+    }
+
+    /// An entry created, changed or deleted, under these parents (before and after).
+    pub fn publish_entry<'a>(
+        &self,
+        server_id: &SpiffeId,
+        entry: &crate::datastore::EntryId,
+        parents: impl IntoIterator<Item = &'a SpiffeId>,
+    ) {
+        let what = Changed {
+            entries: vec![entry.clone()],
+            ..Default::default()
+        };
+        self.publish_under(server_id, parents, what);
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Change> {
@@ -109,15 +137,23 @@ mod tests {
     #[test]
     fn changes_are_numbered_in_order_and_subscribers_see_those_after_they_joined() {
         let log = ChangeLog::new();
-        log.publish(ChangeScope::All);
+        log.publish(ChangeScope::All, Changed::default());
         let mut rx = log.subscribe();
+        let server = SpiffeId::new("spiffe://example.org/agentd/server").unwrap();
         let a = SpiffeId::new("spiffe://example.org/node/a").unwrap();
-        log.publish_parents([&a]);
-        log.publish_parents(std::iter::empty());
+        let id: crate::datastore::EntryId = "0".repeat(32).parse().unwrap();
+        log.publish_entry(&server, &id, [&a]);
+        log.publish_under(&server, std::iter::empty(), Changed::default());
         assert_eq!(log.head(), 2, "an empty parent set is no change");
         let got = rx.try_recv().unwrap();
         assert_eq!(got.sequence, 2);
         assert_eq!(got.scope, ChangeScope::Parents([a].into()));
+        assert_eq!(got.what.entries, [id.clone()]);
+        // Under the server (an alias): every node, as a whole sync.
+        log.publish_entry(&server, &id, [&server]);
+        let got = rx.try_recv().unwrap();
+        assert_eq!(got.scope, ChangeScope::All);
+        assert_eq!(got.what, Changed::default());
         assert!(rx.try_recv().is_err());
         assert_ne!(ChangeLog::new().epoch(), log.epoch());
     }

@@ -571,9 +571,13 @@ async fn publish_grant(state: &ServerState, grant: &Grant) {
         ..Default::default()
     };
     match state.store.list_entries(&filter).await {
-        Ok(entries) => state.changes.publish_entry_change(
+        Ok(entries) => state.changes.publish_under(
             &crate::tls::server_spiffe_id(&state.config.trust_domain),
             entries.iter().map(|e| &e.spec.parent_id),
+            crate::server::changes::Changed {
+                grant_agents: vec![agent.clone()],
+                ..Default::default()
+            },
         ),
         Err(e) => {
             tracing::warn!(grant = %grant.id, error = %e, "finding the nodes to tell of a grant failed")

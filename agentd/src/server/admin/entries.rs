@@ -197,7 +197,7 @@ async fn create_one(
         .map_err(AdminError::from)?;
     api.state
         .changes
-        .publish_entry_change(&api.server_id(), [&entry.spec.parent_id]);
+        .publish_entry(&api.server_id(), &entry.id, [&entry.spec.parent_id]);
     tracing::info!(?uid, entry = %entry.id, spiffe_id = %entry.spec.spiffe_id, "entry created");
     api.state
         .audit
@@ -375,9 +375,11 @@ pub(super) async fn update(
         .update_entry(&id, spec)
         .await
         .map_err(AdminError::from)?;
-    api.state
-        .changes
-        .publish_entry_change(&api.server_id(), [&current_parent, &entry.spec.parent_id]);
+    api.state.changes.publish_entry(
+        &api.server_id(),
+        &entry.id,
+        [&current_parent, &entry.spec.parent_id],
+    );
     tracing::info!(?uid, entry = %entry.id, revision = entry.revision, "entry updated");
     api.state
         .audit
@@ -410,7 +412,7 @@ async fn delete_one(api: &AdminApi, uid: Option<u32>, id: &str) -> Result<pb::En
         .map_err(AdminError::from)?;
     api.state
         .changes
-        .publish_entry_change(&api.server_id(), [&entry.spec.parent_id]);
+        .publish_entry(&api.server_id(), &entry.id, [&entry.spec.parent_id]);
     tracing::info!(?uid, entry = %entry.id, "entry deleted");
     api.state
         .audit

@@ -26,7 +26,7 @@ pub(super) async fn set_disabled(
     // Suspension withdraws (and restores) entries on whichever nodes serve them.
     api.state
         .changes
-        .publish(crate::server::changes::ChangeScope::All);
+        .publish(crate::server::changes::ChangeScope::All, Default::default());
     let entries: Vec<EntryStatus> = ownership::list_entries(
         api.state.store.as_ref(),
         &EntryFilter::default(),

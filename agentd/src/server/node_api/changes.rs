@@ -44,6 +44,7 @@ impl NodeApi {
             sequence: head,
             epoch,
             sync: req.epoch != epoch || req.after_sequence < head,
+            ..Default::default()
         };
         tokio::spawn(async move {
             if tx.send(Ok(first)).await.is_err() {
@@ -56,7 +57,7 @@ impl NodeApi {
                     _ = tokio::time::sleep(CHANGE_HEARTBEAT) => pb::ChangeNotice {
                         sequence: state.changes.head(),
                         epoch,
-                        sync: false,
+                        ..Default::default()
                     },
                     change = changes.recv() => match change {
                         Ok(change) => {
@@ -73,13 +74,20 @@ impl NodeApi {
                                     parents = now;
                                 }
                             }
-                            pb::ChangeNotice { sequence: change.sequence, epoch, sync: true }
+                            pb::ChangeNotice {
+                                sequence: change.sequence,
+                                epoch,
+                                sync: true,
+                                entry_ids: change.what.entries.iter().map(ToString::to_string).collect(),
+                                grant_agents: change.what.grant_agents.iter().map(ToString::to_string).collect(),
+                            }
                         }
                         // Fell behind: whatever was missed, a sync covers it.
                         Err(broadcast::error::RecvError::Lagged(_)) => pb::ChangeNotice {
                             sequence: state.changes.head(),
                             epoch,
                             sync: true,
+                            ..Default::default()
                         },
                         Err(broadcast::error::RecvError::Closed) => return,
                     },

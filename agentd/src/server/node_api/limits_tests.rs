@@ -339,3 +339,59 @@ async fn a_node_with_more_entries_than_one_message_holds_syncs_in_pages() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     assert!(err.message().starts_with("page_token: "), "{err:?}");
 }
+
+/// A delta sync answers just the asked entries: the node's own, and as removed those of
+/// another node, a deleted one and a revoked one; and the grants of an agent it serves.
+#[tokio::test]
+async fn a_delta_sync_answers_only_the_asked_entries_the_node_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, _clock) = fixture(dir.path()).await;
+    let api = NodeApi::new(state.clone(), CancellationToken::new());
+    attested(&state, NODE, "a1", &[]).await;
+    let own = entry(&state, ORCH, NODE, &["calendar:*"]).await;
+    let other = entry(
+        &state,
+        SCHED,
+        "spiffe://example.org/node/b",
+        &["calendar:*"],
+    )
+    .await;
+    let gone = entry(&state, "spiffe://example.org/agent/gone", NODE, &[]).await;
+    state.store.delete_entry(&gone.id).await.unwrap();
+    let revoked = entry(&state, "spiffe://example.org/agent/revoked", NODE, &[]).await;
+    state
+        .revocations
+        .revoke(
+            crate::revocation::RevocationHandle::Entry(revoked.id.clone()),
+            "",
+            unix_seconds(state.clock.now()),
+        )
+        .await
+        .unwrap();
+    let grant = root_grant(&state, ORCH, &["calendar:read"], "").await;
+    root_grant(&state, SCHED, &["calendar:read"], "").await;
+    let ids = [&own, &other, &gone, &revoked].map(|e| e.id.to_string());
+    let resp = api
+        .sync_node(from_node(
+            pb::SyncEntriesRequest {
+                entry_ids: ids.to_vec(),
+                grant_agents: vec![ORCH.into(), SCHED.into()],
+                ..Default::default()
+            },
+            NODE,
+            "a1",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let served: Vec<&str> = resp.entries.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(served, [ids[0].as_str()]);
+    assert_eq!(resp.removed_entry_ids, ids[1..]);
+    let grants: Vec<&str> = resp.grants.iter().map(|g| g.id.as_str()).collect();
+    assert_eq!(
+        grants,
+        [grant.id.to_string().as_str()],
+        "SCHED is not this node's"
+    );
+    assert!(resp.bundle.is_some() && resp.next_page_token.is_empty());
+}

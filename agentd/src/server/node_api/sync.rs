@@ -40,6 +40,8 @@ pub fn entry_to_proto(e: &Entry) -> pb::Entry {
 const MAX_FETCHED_IDS: usize = 10_000;
 /// About the most one sync page carries (encoded), well under a client's 4 MiB default.
 const PAGE_BUDGET: usize = 2 << 20;
+/// Most entries, and most agents, one delta sync may name.
+const MAX_DELTA_IDS: usize = 1_000;
 /// Most entries and grants on one sync page.
 const PAGE_ITEMS: usize = 5_000;
 
@@ -180,6 +182,12 @@ impl NodeApi {
             .caller(request.extensions().get::<PeerIdentity>())
             .await?;
         let request = request.into_inner();
+        if !request.entry_ids.is_empty() || !request.grant_agents.is_empty() {
+            // Fetches are reported with whole syncs, which know what the node serves.
+            return self
+                .sync_delta(&node, request.entry_ids, request.grant_agents)
+                .await;
+        }
         let cursor = SyncCursor::parse(&request.page_token)?;
         let fetched = request.fetched_entry_ids;
         let server_id = crate::tls::server_spiffe_id(&self.state.config.trust_domain);
@@ -234,7 +242,129 @@ impl NodeApi {
             bundle: Some(bundle_to_proto(&self.state.ca.bundle())),
             grants: page.grants,
             next_page_token: page.next.map(|c| c.token()).unwrap_or_default(),
+            removed_entry_ids: Vec::new(),
         }))
+    }
+
+    /// A delta sync: the asked entries the node serves (each checked as a whole sync would:
+    /// membership, standing revocations, owner suspension), the ids of those it does not,
+    /// and the live grants to the asked agents it serves. O(asked), not O(node's entries).
+    async fn sync_delta(
+        &self,
+        node: &crate::datastore::AttestedNode,
+        entry_ids: Vec<String>,
+        grant_agents: Vec<String>,
+    ) -> Result<Response<pb::SyncEntriesResponse>, Status> {
+        for (field, n) in [
+            ("entry_ids", entry_ids.len()),
+            ("grant_agents", grant_agents.len()),
+        ] {
+            if n > MAX_DELTA_IDS {
+                return Err(NodeApiError::InvalidField {
+                    field,
+                    reason: format!("{n} ids; at most {MAX_DELTA_IDS}"),
+                }
+                .into());
+            }
+        }
+        let state = &self.state;
+        let server_id = crate::tls::server_spiffe_id(&state.config.trust_domain);
+        let store = state.store.as_ref();
+        let mut entries = Vec::new();
+        let mut removed = Vec::new();
+        for raw in entry_ids {
+            let id: EntryId = raw.parse().map_err(|e| NodeApiError::InvalidField {
+                field: "entry_ids",
+                reason: format!("{raw:?}: {e}"),
+            })?;
+            match store.get_entry(&id).await.map_err(NodeApiError::from)? {
+                Some(e) if self.delta_serves(node, &server_id, &e).await? => {
+                    entries.push(entry_to_proto(&e))
+                }
+                _ => removed.push(raw),
+            }
+        }
+        let mut agents = std::collections::BTreeSet::new();
+        for raw in &grant_agents {
+            let agent = SpiffeId::new(raw).map_err(|e| NodeApiError::InvalidField {
+                field: "grant_agents",
+                reason: format!("{raw:?}: {e}"),
+            })?;
+            let filter = crate::datastore::EntryFilter {
+                spiffe_id: Some(agent.clone()),
+                ..Default::default()
+            };
+            for e in store
+                .list_entries(&filter)
+                .await
+                .map_err(NodeApiError::from)?
+            {
+                if self.delta_serves(node, &server_id, &e).await? {
+                    agents.insert(agent);
+                    break;
+                }
+            }
+        }
+        let grants = if agents.is_empty() {
+            Vec::new()
+        } else {
+            crate::server::grants::live_grants_for(
+                store,
+                &agents.iter().collect(),
+                unix_seconds(state.clock.now()),
+            )
+            .await
+            .map_err(NodeApiError::from)?
+            .into_iter()
+            .filter(|g| crate::server::grants::check_not_revoked(&state.revocations, g).is_ok())
+            .map(|g| crate::server::grants::grant_to_node_proto(&g))
+            .collect()
+        };
+        Ok(Response::new(pb::SyncEntriesResponse {
+            entries,
+            bundle: Some(bundle_to_proto(&state.ca.bundle())),
+            grants,
+            next_page_token: String::new(),
+            removed_entry_ids: removed,
+        }))
+    }
+
+    /// Whether a delta sync hands `e` to `node`: as a whole sync would (membership, no
+    /// standing revocation of the entry, its owner not suspended).
+    async fn delta_serves(
+        &self,
+        node: &crate::datastore::AttestedNode,
+        server_id: &SpiffeId,
+        e: &Entry,
+    ) -> Result<bool, NodeApiError> {
+        let state = &self.state;
+        if state
+            .revocations
+            .standing(&RevocationHandle::Entry(e.id.clone()))
+            .is_some()
+        {
+            return Ok(false);
+        }
+        if state.config.suspend_disabled_owners {
+            if let Some(owner) = &e.spec.owner {
+                if state
+                    .store
+                    .get_owner(owner)
+                    .await?
+                    .is_some_and(|o| o.disabled)
+                {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(crate::server::membership::node_serves(
+            state.store.as_ref(),
+            server_id,
+            node,
+            e,
+            &state.revocations,
+        )
+        .await?)
     }
 
     /// Records `last_fetched` for the entries the node reports, among those it serves (a node
