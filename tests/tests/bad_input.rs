@@ -328,7 +328,10 @@ async fn admin_api_refuses_every_bad_field_naming_it_and_writes_nothing() -> any
         .into_inner();
     assert!(entries.entries.is_empty(), "{entries:?}");
     let revocations = client
-        .list_revocations(admin::ListRevocationsRequest { all: true })
+        .list_revocations(admin::ListRevocationsRequest {
+            all: true,
+            ..Default::default()
+        })
         .await?
         .into_inner();
     assert!(revocations.events.is_empty(), "{revocations:?}");

@@ -24,6 +24,10 @@ pub fn event_json(e: &rpb::RevocationEvent) -> serde_json::Value {
             "expires_at": s.expires_at,
         })).collect::<Vec<_>>(),
         "jwt_ids": e.jwt_ids,
+        // Serials and JWT ids the event covers beyond those listed (the server lists at
+        // most 1,000 of each; CRLs and the feed carry every one).
+        "serials_omitted": e.serials_omitted,
+        "jwt_ids_omitted": e.jwt_ids_omitted,
         "expires_at": e.expires_at,
     })
 }
@@ -35,8 +39,8 @@ pub fn event_line(e: &rpb::RevocationEvent) -> String {
             "revoked {} {} ({} X.509-SVIDs, {} JWT-SVIDs)",
             handle.kind,
             handle.id,
-            e.serials.len(),
-            e.jwt_ids.len()
+            e.serials.len() as u64 + e.serials_omitted,
+            e.jwt_ids.len() as u64 + e.jwt_ids_omitted
         )
     } else {
         format!(
@@ -61,12 +65,27 @@ pub async fn revoke(cmd: RevokeCommand, out: Output) -> anyhow::Result<()> {
         RevokeCommand::Task { id, args } => ("task", id, args),
         RevokeCommand::Authority { id, args } => ("authority", id, args),
         RevokeCommand::List { all, admin } => {
-            let resp = admin_client(&admin.admin_socket)
-                .await?
-                .list_revocations(pb::ListRevocationsRequest { all })
-                .await
-                .map_err(status)?
-                .into_inner();
+            // Every page, in order.
+            let mut client = admin_client(&admin.admin_socket).await?;
+            let mut resp = pb::ListRevocationsResponse::default();
+            let mut page_token = String::new();
+            loop {
+                let page = client
+                    .list_revocations(pb::ListRevocationsRequest {
+                        all,
+                        page_token,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                resp.events.extend(page.events);
+                resp.head_sequence = page.head_sequence;
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
             out.print(
                 &json!({
                     "head_sequence": resp.head_sequence,

@@ -201,7 +201,7 @@ impl Syncer {
         );
         self.mint_due(&mut client).await?;
         self.mint_delegated(&mut client).await?;
-        self.renew_node_svid_if_due().await
+        self.renew_node_svid_if_due().await.map(|_| ())
     }
 
     /// A delta sync: just the entries and grant agents a change notice named, then mints.
@@ -313,6 +313,7 @@ impl Syncer {
     ) -> Result<(), NodeError> {
         let due = self.due_for_mint(self.clock.now());
         for chunk in due.chunks(MINT_BATCH) {
+            self.keep_node_svid(client).await?;
             let mut keys = Vec::with_capacity(chunk.len());
             let mut params = Vec::with_capacity(chunk.len());
             for e in chunk {
@@ -385,6 +386,7 @@ impl Syncer {
     ) -> Result<(), NodeError> {
         let due = self.due_delegated(self.clock.now());
         for chunk in due.chunks(MINT_BATCH) {
+            self.keep_node_svid(client).await?;
             let mut keys = Vec::with_capacity(chunk.len());
             let mut params = Vec::with_capacity(chunk.len());
             for (e, g) in chunk {
@@ -438,7 +440,21 @@ impl Syncer {
         Ok(())
     }
 
-    async fn renew_node_svid_if_due(&self) -> Result<(), NodeError> {
+    /// Between mint batches: a long round (thousands of SVIDs) must not outlast the node
+    /// SVID, or the node is locked out mid-round. Renews when due and reconnects with the
+    /// new SVID.
+    async fn keep_node_svid(
+        &self,
+        client: &mut agentd_proto::node::node_client::NodeClient<tonic::transport::Channel>,
+    ) -> Result<(), NodeError> {
+        if self.renew_node_svid_if_due().await? {
+            *client = self.link.client().await?;
+        }
+        Ok(())
+    }
+
+    /// Renews the node SVID when due; true when it did.
+    async fn renew_node_svid_if_due(&self) -> Result<bool, NodeError> {
         let id = self.link.identity();
         let now = self.clock.now();
         // Renew when less than half of a (typical) lifetime is left; we only know the expiry,
@@ -446,7 +462,7 @@ impl Syncer {
         let not_before = cert_not_before(&id.chain[0]).unwrap_or(now);
         let lifetime = id.expires_at.duration_since(not_before).unwrap_or_default();
         if now < not_before + lifetime / 2 {
-            return Ok(());
+            return Ok(false);
         }
         let key = PrivateKey::generate()?;
         let csr = key.csr_der()?;
@@ -466,7 +482,7 @@ impl Syncer {
         }
         tracing::info!(serial = %renewed.serial, "node SVID renewed");
         self.link.replace_identity(renewed).await;
-        Ok(())
+        Ok(true)
     }
 }
 

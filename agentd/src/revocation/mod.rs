@@ -181,7 +181,24 @@ pub fn event_to_proto(e: &RevocationEvent) -> agentd_proto::revocation::Revocati
         jwt_ids: e.jwt_ids.clone(),
         expires_at: e.expires_at,
         continued: false,
+        serials_omitted: 0,
+        jwt_ids_omitted: 0,
     }
+}
+
+/// The wire form with at most `listed` serials and JWT ids, and how many were left out: an
+/// answer to an admin call stays small however many SVIDs the event covers (the feed and
+/// the CRLs carry every one).
+pub fn event_summary_to_proto(
+    e: &RevocationEvent,
+    listed: usize,
+) -> agentd_proto::revocation::RevocationEvent {
+    let mut wire = event_to_proto(e);
+    wire.serials_omitted = wire.serials.len().saturating_sub(listed) as u64;
+    wire.jwt_ids_omitted = wire.jwt_ids.len().saturating_sub(listed) as u64;
+    wire.serials.truncate(listed);
+    wire.jwt_ids.truncate(listed);
+    wire
 }
 
 /// Parses an event from the wire; a bad field is named.

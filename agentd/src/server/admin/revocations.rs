@@ -10,7 +10,7 @@ use super::{caller_uid, invalid, AdminApi, AdminError};
 use crate::audit::{Actor, AuditRecord};
 use crate::clock::unix_seconds;
 use crate::datastore::DataStoreError;
-use crate::revocation::{event_to_proto, RevocationError, RevocationHandle};
+use crate::revocation::{event_summary_to_proto, RevocationError, RevocationHandle};
 use crate::server::crl::current_crls;
 
 /// The audit fields describing a revocation event.
@@ -126,7 +126,10 @@ pub(super) async fn revoke(
         ))
         .await
         .map_err(AdminError::from)?;
-    Ok(Response::new(event_to_proto(&event)))
+    Ok(Response::new(event_summary_to_proto(
+        &event,
+        LISTED_PER_EVENT,
+    )))
 }
 
 pub(super) async fn lift(
@@ -160,21 +163,59 @@ pub(super) async fn lift(
         )
         .await
         .map_err(AdminError::from)?;
-    Ok(Response::new(event_to_proto(&event)))
+    Ok(Response::new(event_summary_to_proto(
+        &event,
+        LISTED_PER_EVENT,
+    )))
 }
+
+/// Serials (and JWT ids) an admin answer lists per event; the rest are counted.
+const LISTED_PER_EVENT: usize = 1_000;
+const DEFAULT_REVOCATION_PAGE: usize = 500;
+const MAX_REVOCATION_PAGE: usize = 1_000;
+/// A page stops before this many encoded bytes (clients take 4 MiB by default).
+const MAX_REVOCATION_PAGE_BYTES: usize = 2 << 20;
 
 pub(super) async fn list(
     api: &AdminApi,
     request: Request<pb::ListRevocationsRequest>,
 ) -> Result<Response<pb::ListRevocationsResponse>, Status> {
+    use prost::Message;
+    let req = request.into_inner();
+    let size = match req.page_size as usize {
+        0 => DEFAULT_REVOCATION_PAGE,
+        n if n > MAX_REVOCATION_PAGE => {
+            return Err(invalid("page_size", format!("{n}; at most {MAX_REVOCATION_PAGE}")).into())
+        }
+        n => n,
+    };
+    let after: u64 = match req.page_token.as_str() {
+        "" => 0,
+        t => t
+            .parse()
+            .map_err(|_| invalid("page_token", "not a token this server gave out"))?,
+    };
     let log = &api.state.revocations;
+    let head = log.head();
+    let mut events = Vec::new();
+    let mut bytes = 0;
+    let mut next = None;
+    for e in log.list(req.all).iter().filter(|e| e.sequence > after) {
+        let wire = event_summary_to_proto(e, LISTED_PER_EVENT);
+        let len = wire.encoded_len() + 8;
+        if events.len() >= size || (!events.is_empty() && bytes + len > MAX_REVOCATION_PAGE_BYTES) {
+            next = events
+                .last()
+                .map(|l: &agentd_proto::revocation::RevocationEvent| l.sequence.to_string());
+            break;
+        }
+        bytes += len;
+        events.push(wire);
+    }
     Ok(Response::new(pb::ListRevocationsResponse {
-        events: log
-            .list(request.get_ref().all)
-            .iter()
-            .map(event_to_proto)
-            .collect(),
-        head_sequence: log.head(),
+        events,
+        head_sequence: head,
+        next_page_token: next.unwrap_or_default(),
     }))
 }
 
