@@ -402,7 +402,7 @@ mod paging_tests {
             wire_len > 4 * MESSAGE_BUDGET,
             "{wire_len}: the case must not fit"
         );
-        let pages = self::pages(&[big.clone()], 0);
+        let pages = self::pages(std::slice::from_ref(&big), 0);
         assert!(pages.len() >= 5, "{} pages", pages.len());
         let mut parts = EventAssembler::default();
         let mut whole = Vec::new();

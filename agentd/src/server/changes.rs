@@ -148,7 +148,7 @@ mod tests {
         let got = rx.try_recv().unwrap();
         assert_eq!(got.sequence, 2);
         assert_eq!(got.scope, ChangeScope::Parents([a].into()));
-        assert_eq!(got.what.entries, [id.clone()]);
+        assert_eq!(got.what.entries, std::slice::from_ref(&id));
         // Under the server (an alias): every node, as a whole sync.
         log.publish_entry(&server, &id, [&server]);
         let got = rx.try_recv().unwrap();
