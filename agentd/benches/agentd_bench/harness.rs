@@ -78,12 +78,22 @@ impl Drop for ServerGuard {
 }
 
 pub async fn start_server(dir: &Path) -> anyhow::Result<(ServerGuard, AdminClient<Channel>)> {
+    start_server_with(dir, None).await
+}
+
+/// [`start_server`] with other node API limits (the scale figures connect thousands of
+/// simulated nodes from one address).
+pub async fn start_server_with(
+    dir: &Path,
+    node_api: Option<agentd::server::config::RawNodeApi>,
+) -> anyhow::Result<(ServerGuard, AdminClient<Channel>)> {
     let admin_socket = dir.join("admin").join("admin.sock");
     let config = ServerConfig::try_from(RawServerConfig {
         trust_domain: Some(TRUST_DOMAIN.into()),
         data_dir: Some(dir.join("server")),
         bind_address: Some("127.0.0.1:0".into()),
         admin_socket: Some(admin_socket.clone()),
+        node_api,
         ..Default::default()
     })?;
     let stop = CancellationToken::new();

@@ -15,9 +15,13 @@
 //!   revocations, with 1 node agent; then again with 200 simulated node agents also
 //!   subscribed to the revocation feed (the load harness `FeedLoad` in `revocation`).
 //!
+//! - (f) Scale: bulk load rate, SyncEntries CPU at 1,000 vs 100,000 stored entries, new
+//!   entry to node latency with thousands of simulated node agents on `WatchChanges`, restart
+//!   time with every entry, peak RSS (its own server and data dir; see `scale`).
+//!
 //! One module per figure: `ca` (a), `node_api` (b), `fetch_latency` (c), `node_rss` (d),
-//! `revocation` (e); `harness` starts the server and the node agents, `output` prints the
-//! table.
+//! `revocation` (e), `scale` (f); `harness` starts the server and the node agents, `output`
+//! prints the table. `AGENTD_BENCH_ONLY=scale` runs (f) alone.
 //!
 //! Temp dirs are removed and the child process is killed on every exit path (Drop guards).
 #![forbid(unsafe_code)]
@@ -29,6 +33,7 @@ mod node_api;
 mod node_rss;
 mod output;
 mod revocation;
+mod scale;
 
 use std::path::Path;
 use std::time::Duration;
@@ -54,13 +59,18 @@ fn main() -> anyhow::Result<()> {
         .tempdir()
         .context("creating a temp dir")?;
     output::print_header();
-
-    let a = ca::run(dir.path())?;
-
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("building the tokio runtime")?;
+    if std::env::var("AGENTD_BENCH_ONLY").as_deref() == Ok("scale") {
+        rt.block_on(scale::run(dir.path()))?;
+        drop(rt);
+        dir.close().context("removing the temp dir")?;
+        return Ok(());
+    }
+
+    let a = ca::run(dir.path())?;
     rt.block_on(run_online(dir.path(), &a))?;
     drop(rt);
     dir.close().context("removing the temp dir")?;
@@ -95,8 +105,10 @@ async fn run_online(dir: &Path, a: &ca::CaFigures) -> anyhow::Result<()> {
     fetch_latency::run(&env, &mut admin, &selector).await?;
     node_rss::run(&env, &mut admin, &selector).await?;
     revocation::run(&env, &mut admin, &address, &bundle.x509_authorities).await?;
+    server.shutdown().await?;
+
+    scale::run(dir).await?;
 
     output::print_notes();
-
-    server.shutdown().await
+    Ok(())
 }

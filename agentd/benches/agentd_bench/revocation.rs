@@ -203,7 +203,10 @@ impl FeedLoad {
             let link = ServerLink::new(address.to_string(), identity);
             let mut client = link.client().await?;
             let head = admin
-                .list_revocations(apb::ListRevocationsRequest { all: false })
+                .list_revocations(apb::ListRevocationsRequest {
+                    all: false,
+                    ..Default::default()
+                })
                 .await?
                 .into_inner()
                 .head_sequence;
