@@ -246,6 +246,12 @@ impl Syncer {
             agents = agents.len(),
             "delta sync"
         );
+        // An asked entry the server neither sent nor removed (its answer was full): a whole
+        // sync settles it.
+        let answered = entries.len() + resp.removed_entry_ids.len();
+        if answered < delta.entry_ids.len() {
+            self.cache.request_sync();
+        }
         self.cache.apply_delta(
             entries,
             &resp.removed_entry_ids,

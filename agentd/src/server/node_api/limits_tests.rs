@@ -395,3 +395,48 @@ async fn a_delta_sync_answers_only_the_asked_entries_the_node_serves() {
     );
     assert!(resp.bundle.is_some() && resp.next_page_token.is_empty());
 }
+
+/// A delta whose entries would not fit one answer stops under the budget and leaves the
+/// rest unanswered (neither sent nor removed), which sends the node to a whole sync.
+#[tokio::test]
+async fn a_delta_too_large_for_one_answer_leaves_the_rest_unanswered() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, _clock) = fixture(dir.path()).await;
+    let api = NodeApi::new(state.clone(), CancellationToken::new());
+    attested(&state, NODE, "a1", &[]).await;
+    let mut ids = Vec::new();
+    for i in 0..1_000 {
+        let e = entry(
+            &state,
+            &format!("spiffe://example.org/big/{i:04}"),
+            NODE,
+            &[],
+        )
+        .await;
+        let mut spec = e.spec.clone();
+        spec.hint = "h".repeat(4_000);
+        state.store.update_entry(&e.id, spec).await.unwrap();
+        ids.push(e.id.to_string());
+    }
+    let resp = api
+        .sync_node(from_node(
+            pb::SyncEntriesRequest {
+                entry_ids: ids.clone(),
+                ..Default::default()
+            },
+            NODE,
+            "a1",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let size = prost::Message::encoded_len(&resp);
+    assert!(size < 3 << 20, "{size} bytes");
+    assert!(resp.removed_entry_ids.is_empty());
+    assert!(
+        !resp.entries.is_empty() && resp.entries.len() < ids.len(),
+        "{} of {} answered",
+        resp.entries.len(),
+        ids.len()
+    );
+}

@@ -272,14 +272,22 @@ impl NodeApi {
         let store = state.store.as_ref();
         let mut entries = Vec::new();
         let mut removed = Vec::new();
+        let mut size = 0usize;
         for raw in entry_ids {
             let id: EntryId = raw.parse().map_err(|e| NodeApiError::InvalidField {
                 field: "entry_ids",
                 reason: format!("{raw:?}: {e}"),
             })?;
+            if size > PAGE_BUDGET {
+                // Too large for one answer: the ids left unanswered tell the node to sync
+                // everything instead.
+                break;
+            }
             match store.get_entry(&id).await.map_err(NodeApiError::from)? {
                 Some(e) if self.delta_serves(node, &server_id, &e).await? => {
-                    entries.push(entry_to_proto(&e))
+                    let wire = entry_to_proto(&e);
+                    size += wire.encoded_len();
+                    entries.push(wire);
                 }
                 _ => removed.push(raw),
             }
