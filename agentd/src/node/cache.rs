@@ -480,9 +480,18 @@ impl Cache {
 
     /// Takes the entries fetched since the last call, to report them to the server (given
     /// back with `note_fetched` if the report fails).
+    /// At most the 10,000 the server takes per sync; the rest wait for the next one.
     pub fn take_fetched(&self) -> Vec<String> {
+        const MAX_REPORTED: usize = 10_000;
         let mut g = self.fetched.lock().unwrap_or_else(|p| p.into_inner());
-        std::mem::take(&mut *g).into_iter().collect()
+        if g.len() <= MAX_REPORTED {
+            return std::mem::take(&mut *g).into_iter().collect();
+        }
+        let rest = match g.iter().nth(MAX_REPORTED).cloned() {
+            Some(first_left) => g.split_off(&first_left),
+            None => Default::default(),
+        };
+        std::mem::replace(&mut *g, rest).into_iter().collect()
     }
 
     /// Drops SVIDs past their expiry, and grants past theirs with their SVIDs: a stale SVID
@@ -956,6 +965,22 @@ mod tests {
             grant_chain: vec![id.into()],
             remaining_depth: 0,
         }
+    }
+
+    #[test]
+    fn fetches_are_reported_at_most_10000_at_a_time_and_none_is_lost() {
+        let cache = Cache::new();
+        cache.note_fetched((0..25_000).map(|i| format!("{i:06}")));
+        let mut all = Vec::new();
+        for expected in [10_000, 10_000, 5_000, 0] {
+            let batch = cache.take_fetched();
+            assert_eq!(batch.len(), expected);
+            all.extend(batch);
+        }
+        assert_eq!(
+            all,
+            (0..25_000).map(|i| format!("{i:06}")).collect::<Vec<_>>()
+        );
     }
 
     #[test]

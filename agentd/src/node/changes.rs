@@ -41,6 +41,22 @@ struct Position {
     epoch: u64,
 }
 
+impl Position {
+    /// Where a notice leaves the node: another run of the server numbers from its own
+    /// start, so its sequence is taken as it is.
+    fn after(self, notice: &pb::ChangeNotice) -> Self {
+        let sequence = if notice.epoch == self.epoch {
+            self.sequence.max(notice.sequence)
+        } else {
+            notice.sequence
+        };
+        Self {
+            sequence,
+            epoch: notice.epoch,
+        }
+    }
+}
+
 impl ChangeSubscriber {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), NodeError> {
         let mut at = Position::default();
@@ -94,6 +110,7 @@ impl ChangeSubscriber {
                 Ok(Ok(Some(n))) => n,
             };
             heard = Ended::Heard;
+            *at = at.after(&notice);
             if notice.sync {
                 if notice.entry_ids.is_empty() && notice.grant_agents.is_empty() {
                     tracing::debug!(
@@ -107,10 +124,29 @@ impl ChangeSubscriber {
                         .request_delta(notice.entry_ids, notice.grant_agents);
                 }
             }
-            *at = Position {
-                sequence: at.sequence.max(notice.sequence),
-                epoch: notice.epoch,
-            };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_server_run_resets_the_position_and_the_same_run_never_goes_back() {
+        let notice = |sequence, epoch| pb::ChangeNotice {
+            sequence,
+            epoch,
+            ..Default::default()
+        };
+        let at = Position::default().after(&notice(5_000, 7));
+        assert_eq!((at.sequence, at.epoch), (5_000, 7));
+        // A notice delivered late (out of order) on the same run does not move it back.
+        let same = at.after(&notice(4_000, 7));
+        assert_eq!(same.sequence, 5_000);
+        // The server restarted: its head is near 0, and that is where the node now is, so a
+        // reconnect after changes 1-3 is told to sync.
+        let restarted = at.after(&notice(2, 9));
+        assert_eq!((restarted.sequence, restarted.epoch), (2, 9));
     }
 }

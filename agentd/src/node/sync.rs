@@ -235,11 +235,17 @@ impl Syncer {
                 Err(reason) => tracing::warn!(%reason, "skipping an entry the server sent"),
             }
         }
-        let agents: Vec<SpiffeId> = delta
-            .grant_agents
-            .iter()
-            .filter_map(|a| SpiffeId::new(a).ok())
-            .collect();
+        // Grants that did not fit are not "none": keep what is held and sync everything.
+        let agents: Vec<SpiffeId> = if resp.grants_incomplete {
+            self.cache.request_sync();
+            Vec::new()
+        } else {
+            delta
+                .grant_agents
+                .iter()
+                .filter_map(|a| SpiffeId::new(a).ok())
+                .collect()
+        };
         tracing::debug!(
             entries = entries.len(),
             removed = resp.removed_entry_ids.len(),

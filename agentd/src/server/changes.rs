@@ -111,16 +111,22 @@ impl ChangeLog {
         }
     }
 
-    /// An entry created, changed or deleted, under these parents (before and after).
+    /// An entry created, changed or deleted, under these parents (before and after). `agents`
+    /// are the entry's SPIFFE IDs when it was created or renamed: their grants come with it
+    /// (a new entry for an agent that already has grants serves them at once).
     pub fn publish_entry<'a>(
         &self,
         server_id: &SpiffeId,
         entry: &crate::datastore::EntryId,
         parents: impl IntoIterator<Item = &'a SpiffeId>,
+        agents: impl IntoIterator<Item = &'a SpiffeId>,
     ) {
+        let mut grant_agents: Vec<SpiffeId> = agents.into_iter().cloned().collect();
+        grant_agents.sort();
+        grant_agents.dedup();
         let what = Changed {
             entries: vec![entry.clone()],
-            ..Default::default()
+            grant_agents,
         };
         self.publish_under(server_id, parents, what);
     }
@@ -142,7 +148,7 @@ mod tests {
         let server = SpiffeId::new("spiffe://example.org/agentd/server").unwrap();
         let a = SpiffeId::new("spiffe://example.org/node/a").unwrap();
         let id: crate::datastore::EntryId = "0".repeat(32).parse().unwrap();
-        log.publish_entry(&server, &id, [&a]);
+        log.publish_entry(&server, &id, [&a], []);
         log.publish_under(&server, std::iter::empty(), Changed::default());
         assert_eq!(log.head(), 2, "an empty parent set is no change");
         let got = rx.try_recv().unwrap();
@@ -150,7 +156,7 @@ mod tests {
         assert_eq!(got.scope, ChangeScope::Parents([a].into()));
         assert_eq!(got.what.entries, std::slice::from_ref(&id));
         // Under the server (an alias): every node, as a whole sync.
-        log.publish_entry(&server, &id, [&server]);
+        log.publish_entry(&server, &id, [&server], []);
         let got = rx.try_recv().unwrap();
         assert_eq!(got.scope, ChangeScope::All);
         assert_eq!(got.what, Changed::default());

@@ -195,9 +195,12 @@ async fn create_one(
         .create_entry(spec, unix_seconds(api.state.clock.now()))
         .await
         .map_err(AdminError::from)?;
-    api.state
-        .changes
-        .publish_entry(&api.server_id(), &entry.id, [&entry.spec.parent_id]);
+    api.state.changes.publish_entry(
+        &api.server_id(),
+        &entry.id,
+        [&entry.spec.parent_id],
+        [&entry.spec.spiffe_id],
+    );
     tracing::info!(?uid, entry = %entry.id, spiffe_id = %entry.spec.spiffe_id, "entry created");
     api.state
         .audit
@@ -339,6 +342,7 @@ pub(super) async fn update(
     let id = parse_entry_id(&req.id)?;
     let current = api.load_entry(&id).await?;
     let current_parent = current.spec.parent_id.clone();
+    let current_spiffe_id = current.spec.spiffe_id.clone();
     let mut spec = current.spec;
     if let Some(v) = &req.spiffe_id {
         spec.spiffe_id = api.issuable_id("spiffe_id", v)?;
@@ -379,6 +383,7 @@ pub(super) async fn update(
         &api.server_id(),
         &entry.id,
         [&current_parent, &entry.spec.parent_id],
+        [&current_spiffe_id, &entry.spec.spiffe_id],
     );
     tracing::info!(?uid, entry = %entry.id, revision = entry.revision, "entry updated");
     api.state
@@ -412,7 +417,7 @@ async fn delete_one(api: &AdminApi, uid: Option<u32>, id: &str) -> Result<pb::En
         .map_err(AdminError::from)?;
     api.state
         .changes
-        .publish_entry(&api.server_id(), &entry.id, [&entry.spec.parent_id]);
+        .publish_entry(&api.server_id(), &entry.id, [&entry.spec.parent_id], []);
     tracing::info!(?uid, entry = %entry.id, "entry deleted");
     api.state
         .audit

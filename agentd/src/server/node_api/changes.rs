@@ -50,17 +50,23 @@ impl NodeApi {
             if tx.send(Ok(first)).await.is_err() {
                 return;
             }
+            // The heartbeat is due 30 s after the last notice sent, however many changes for
+            // other nodes pass by meanwhile; it names the last change this stream has
+            // looked at, not the log's head (a change still queued here is not yet seen).
+            let mut beat = tokio::time::Instant::now() + CHANGE_HEARTBEAT;
+            let mut seen = head;
             loop {
                 let notice = tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tx.closed() => return,
-                    _ = tokio::time::sleep(CHANGE_HEARTBEAT) => pb::ChangeNotice {
-                        sequence: state.changes.head(),
+                    _ = tokio::time::sleep_until(beat) => pb::ChangeNotice {
+                        sequence: seen,
                         epoch,
                         ..Default::default()
                     },
                     change = changes.recv() => match change {
                         Ok(change) => {
+                            seen = seen.max(change.sequence);
                             let touches = match &change.scope {
                                 ChangeScope::All => true,
                                 ChangeScope::Parents(p) => !p.is_disjoint(&parents),
@@ -83,18 +89,22 @@ impl NodeApi {
                             }
                         }
                         // Fell behind: whatever was missed, a sync covers it.
-                        Err(broadcast::error::RecvError::Lagged(_)) => pb::ChangeNotice {
-                            sequence: state.changes.head(),
-                            epoch,
-                            sync: true,
-                            ..Default::default()
-                        },
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            seen = state.changes.head();
+                            pb::ChangeNotice {
+                                sequence: seen,
+                                epoch,
+                                sync: true,
+                                ..Default::default()
+                            }
+                        }
                         Err(broadcast::error::RecvError::Closed) => return,
                     },
                 };
                 if tx.send(Ok(notice)).await.is_err() {
                     return;
                 }
+                beat = tokio::time::Instant::now() + CHANGE_HEARTBEAT;
             }
         });
         Ok(Response::new(Box::pin(
@@ -103,19 +113,17 @@ impl NodeApi {
     }
 }
 
-/// The parents whose entries `node` serves: its own ID and its aliases not revoked.
+/// The parents whose entries `node` may serve: its own ID and every alias whose selectors
+/// it has, revoked or not (a lifted alias must not go quiet; a superset is safe, since the
+/// delta sync checks what the node is given).
 async fn node_parents(
     state: &crate::server::ServerState,
     node: &crate::datastore::AttestedNode,
 ) -> Result<BTreeSet<SpiffeId>, crate::datastore::DataStoreError> {
     let server_id = crate::tls::server_spiffe_id(&state.config.trust_domain);
-    let mut parents = crate::server::membership::aliases_for_node(
-        state.store.as_ref(),
-        &server_id,
-        node,
-        Some(&state.revocations),
-    )
-    .await?;
+    let mut parents =
+        crate::server::membership::aliases_for_node(state.store.as_ref(), &server_id, node, None)
+            .await?;
     parents.insert(node.spiffe_id.clone());
     Ok(parents)
 }
@@ -196,6 +204,12 @@ mod tests {
             state.changes.head(),
             "{notice:?}: the other node's change was skipped"
         );
+        assert_eq!(notice.entry_ids, std::slice::from_ref(&own.id));
+        assert_eq!(
+            notice.grant_agents,
+            ["spiffe://example.org/w/own"],
+            "a new entry brings its agent's grants"
+        );
         // An entry under the node's alias, and a deletion: a notice each.
         admin
             .create_entry(spec(
@@ -240,5 +254,79 @@ mod tests {
             .unwrap()
             .into_inner();
         assert!(next(&mut behind).await.sync);
+    }
+
+    /// Changes for other nodes do not hold back this node's heartbeat (it would go silent
+    /// and reconnect into a whole sync), and the heartbeat names the last change the stream
+    /// looked at.
+    #[tokio::test(start_paused = true)]
+    async fn the_heartbeat_comes_on_time_however_many_changes_pass_for_other_nodes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, _clock) = fixture(dir.path()).await;
+        let api = NodeApi::new(state.clone(), CancellationToken::new());
+        attested(&state, NODE, "a1", &[]).await;
+        let mut stream = api
+            .change_notices(from_node(pb::WatchChangesRequest::default(), NODE, "a1"))
+            .await
+            .unwrap()
+            .into_inner();
+        next(&mut stream).await;
+        let server = crate::tls::server_spiffe_id(&state.config.trust_domain);
+        let other = SpiffeId::new("spiffe://example.org/node/b").unwrap();
+        let id: crate::datastore::EntryId = "0".repeat(32).parse().unwrap();
+        // A change for another node every 5 s, for 40 s.
+        for _ in 0..8 {
+            state.changes.publish_entry(&server, &id, [&other], []);
+            tokio::time::advance(Duration::from_secs(5)).await;
+            tokio::task::yield_now().await;
+        }
+        let beat = futures::FutureExt::now_or_never(stream.next())
+            .expect("a heartbeat within 40 s")
+            .unwrap()
+            .unwrap();
+        assert!(!beat.sync, "{beat:?}");
+        assert!(beat.sequence >= 6, "{beat:?}: the changes looked at so far");
+    }
+
+    /// An alias revoked when the node connected still counts for its stream (a lift
+    /// publishes nothing, so the alias must not go quiet): changes under it reach the node,
+    /// and the delta sync decides what it is given.
+    #[tokio::test]
+    async fn changes_under_an_alias_revoked_at_connect_still_reach_the_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, _clock) = fixture(dir.path()).await;
+        let api = NodeApi::new(state.clone(), CancellationToken::new());
+        let admin = crate::server::admin::AdminApi::new(state.clone());
+        let ca = "x509pop:ca:fingerprint:aa";
+        attested(&state, NODE, "a1", &[ca]).await;
+        let server = crate::tls::server_spiffe_id(&state.config.trust_domain).to_string();
+        let mut alias = spec("spiffe://example.org/nodes/fleet", &server);
+        alias.get_mut().selectors = vec![ca.into()];
+        let alias = admin.create_entry(alias).await.unwrap().into_inner();
+        state
+            .revocations
+            .revoke(
+                crate::revocation::RevocationHandle::Entry(alias.id.parse().unwrap()),
+                "",
+                1,
+            )
+            .await
+            .unwrap();
+        let mut stream = api
+            .change_notices(from_node(pb::WatchChangesRequest::default(), NODE, "a1"))
+            .await
+            .unwrap()
+            .into_inner();
+        next(&mut stream).await;
+        let child = admin
+            .create_entry(spec(
+                "spiffe://example.org/w/fleet",
+                "spiffe://example.org/nodes/fleet",
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let notice = next(&mut stream).await;
+        assert_eq!(notice.entry_ids, [child.id]);
     }
 }

@@ -243,6 +243,7 @@ impl NodeApi {
             grants: page.grants,
             next_page_token: page.next.map(|c| c.token()).unwrap_or_default(),
             removed_entry_ids: Vec::new(),
+            grants_incomplete: false,
         }))
     }
 
@@ -313,7 +314,7 @@ impl NodeApi {
                 }
             }
         }
-        let grants = if agents.is_empty() {
+        let mut grants: Vec<pb::Grant> = if agents.is_empty() {
             Vec::new()
         } else {
             crate::server::grants::live_grants_for(
@@ -328,12 +329,18 @@ impl NodeApi {
             .map(|g| crate::server::grants::grant_to_node_proto(&g))
             .collect()
         };
+        let grant_bytes: usize = grants.iter().map(|g| g.encoded_len() + 4).sum();
+        let grants_incomplete = size + grant_bytes > PAGE_BUDGET;
+        if grants_incomplete {
+            grants.clear();
+        }
         Ok(Response::new(pb::SyncEntriesResponse {
             entries,
             bundle: Some(bundle_to_proto(&state.ca.bundle())),
             grants,
             next_page_token: String::new(),
             removed_entry_ids: removed,
+            grants_incomplete,
         }))
     }
 
