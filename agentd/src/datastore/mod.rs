@@ -136,6 +136,16 @@ pub trait DataStore: Send + Sync + Debug + 'static {
     async fn get_grant(&self, id: &crate::delegation::GrantId) -> Result<Option<Grant>>;
     /// Every grant, expired ones included, ordered by (agent, id).
     async fn list_grants(&self) -> Result<Vec<Grant>>;
+    /// The grants to one agent, expired ones included (through an index where the store
+    /// has one; this default scans).
+    async fn list_grants_for_agent(&self, agent: &SpiffeId) -> Result<Vec<Grant>> {
+        Ok(self
+            .list_grants()
+            .await?
+            .into_iter()
+            .filter(|g| g.agent() == Some(agent))
+            .collect())
+    }
     /// Stores `offer` unless its parent grant already has `max_per_grant` offers still
     /// redeemable at `now` (the count and the insert are one step); false when refused.
     async fn create_delegation_offer(

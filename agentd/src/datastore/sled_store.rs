@@ -61,6 +61,10 @@ const ENTRIES_BY_PARENT: &str = "entries_by_parent";
 /// Index: SPIFFE ID, a 0 byte, entry id -> nothing: the entries of one workload identity
 /// (a delegated mint's ceiling, Attest's node-ID check) without a scan.
 const ENTRIES_BY_SPIFFE_ID: &str = "entries_by_spiffe_id";
+/// Index: agent SPIFFE ID, a 0 byte, grant id -> nothing: an agent's grants without a scan
+/// (a sync's or a delta's grants). Kept after each grant write; rebuilt at open when its
+/// count differs from the grants'.
+const GRANTS_BY_AGENT: &str = "grants_by_agent";
 /// In `meta`: the entry indexes have been built; they are kept in each entry's transaction
 /// from then on.
 const ENTRY_INDEXES_BUILT: &[u8] = b"entry_indexes_built";
@@ -81,6 +85,7 @@ pub struct SledStore {
     /// Serialises revocation appends: read head, write event and head, as one step.
     revocation_writes: Mutex<()>,
     grants: sled::Tree,
+    grants_by_agent: sled::Tree,
     delegation_offers: sled::Tree,
     /// Serialises entry writes, so the duplicate check and the insert are one step.
     entry_writes: Mutex<()>,
@@ -148,6 +153,7 @@ impl SledStore {
             entry_activity: db.open_tree(ENTRY_ACTIVITY).map_err(backend)?,
             owners: db.open_tree(OWNERS).map_err(backend)?,
             grants: db.open_tree(GRANTS).map_err(backend)?,
+            grants_by_agent: db.open_tree(GRANTS_BY_AGENT).map_err(backend)?,
             delegation_offers: db.open_tree(DELEGATION_OFFERS).map_err(backend)?,
             seen_tokens: std::sync::Arc::new(super::seen_tokens::SledSeenTokens::new(
                 db.clone(),
@@ -162,7 +168,32 @@ impl SledStore {
             fail_flushes: Default::default(),
         };
         store.ensure_entry_indexes()?;
+        store.ensure_grant_index()?;
         Ok(store)
+    }
+
+    /// Rebuilds the grants-by-agent index when its count differs from the grants' (a store
+    /// from before it, or a crash between a grant and its index write).
+    fn ensure_grant_index(&self) -> Result<()> {
+        if self.grants.len() == self.grants_by_agent.len() {
+            return Ok(());
+        }
+        self.grants_by_agent.clear().map_err(backend)?;
+        for kv in self.grants.iter() {
+            let (k, v) = kv.map_err(backend)?;
+            match decode::<GrantRecord>(&k, &v).and_then(|r| r.into_grant(&k)) {
+                Ok(g) => {
+                    if let Some(agent) = g.agent() {
+                        self.grants_by_agent
+                            .insert(grant_index_key(agent, &g.id), &[])
+                            .map_err(backend)?;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "grant record not indexed"),
+            }
+        }
+        self.db.flush().map_err(backend)?;
+        Ok(())
     }
 
     /// Rebuilds the entry indexes when they may not match the entries: never built (a store
@@ -569,6 +600,13 @@ fn identity_key(spec: &EntrySpec) -> [u8; 32] {
 /// (in no SPIFFE ID), the entry id.
 fn index_key(parent: &SpiffeId, id: &EntryId) -> Vec<u8> {
     let mut key = index_prefix(parent);
+    key.extend_from_slice(id.as_str().as_bytes());
+    key
+}
+
+/// `grants_by_agent` key: the agent's SPIFFE ID, a 0 byte, the grant id.
+fn grant_index_key(agent: &SpiffeId, id: &GrantId) -> Vec<u8> {
+    let mut key = index_prefix(agent);
     key.extend_from_slice(id.as_str().as_bytes());
     key
 }
@@ -1127,6 +1165,11 @@ impl DataStore for SledStore {
             .map_err(|_| DataStoreError::DuplicateGrant {
                 id: record.id.clone(),
             })?;
+        if let Some(agent) = grant.agent() {
+            self.grants_by_agent
+                .insert(grant_index_key(agent, &grant.id), &[])
+                .map_err(backend)?;
+        }
         self.flush().await
     }
 
@@ -1149,6 +1192,19 @@ impl DataStore for SledStore {
             .collect::<Result<Vec<_>>>()?;
         grants.sort_by(|a, b| (a.agent(), &a.id).cmp(&(b.agent(), &b.id)));
         Ok(grants)
+    }
+
+    async fn list_grants_for_agent(&self, agent: &SpiffeId) -> Result<Vec<Grant>> {
+        let prefix = index_prefix(agent);
+        let mut out = Vec::new();
+        for kv in self.grants_by_agent.scan_prefix(&prefix) {
+            let (k, _) = kv.map_err(backend)?;
+            let id = &k[prefix.len()..];
+            if let Some(v) = self.grants.get(id).map_err(backend)? {
+                out.push(decode::<GrantRecord>(id, &v)?.into_grant(id)?);
+            }
+        }
+        Ok(out)
     }
 
     async fn create_delegation_offer(
@@ -1200,14 +1256,21 @@ impl DataStore for SledStore {
             }
         }
         let mut grants = sled::Batch::default();
+        let mut index = sled::Batch::default();
         let mut n_grants = 0;
         for kv in self.grants.iter() {
             let (k, v) = kv.map_err(backend)?;
-            if decode::<GrantRecord>(&k, &v)?.expires_at < grants_expired_before {
+            let record = decode::<GrantRecord>(&k, &v)?;
+            if record.expires_at < grants_expired_before {
+                let grant = record.into_grant(&k)?;
+                if let Some(agent) = grant.agent() {
+                    index.remove(grant_index_key(agent, &grant.id));
+                }
                 grants.remove(k);
                 n_grants += 1;
             }
         }
+        self.grants_by_agent.apply_batch(index).map_err(backend)?;
         self.delegation_offers
             .apply_batch(offers)
             .map_err(backend)?;
@@ -1522,6 +1585,80 @@ mod tests {
         let got = store.get_node(&old).await.unwrap().unwrap();
         assert!(got.selectors.is_empty());
         assert_eq!(got.attestation_type, "join_token");
+    }
+
+    fn grant_to(agent: &str, expires_at: i64) -> Grant {
+        let id = GrantId::generate();
+        Grant {
+            id: id.clone(),
+            delegation: Delegation {
+                principal: "user:alice@example.com".parse().unwrap(),
+                chain: vec![Hop {
+                    agent: SpiffeId::new(agent).unwrap(),
+                    grant_id: id,
+                }],
+                scopes: ScopeSet::parse(&["calendar:*"]).unwrap(),
+                expires_at,
+                remaining_depth: 0,
+                task_id: None,
+            },
+            parent_grant_id: None,
+            created_at: 1,
+        }
+    }
+
+    /// An agent's grants come from the index, which pruning keeps exact and which is
+    /// rebuilt at open when it was lost.
+    #[tokio::test]
+    async fn an_agents_grants_come_from_an_index_kept_through_pruning_and_rebuilt_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        const A: &str = "spiffe://example.org/a";
+        const AB: &str = "spiffe://example.org/ab";
+        let (a1, a2, ab) = (grant_to(A, 100), grant_to(A, 10), grant_to(AB, 100));
+        let ids = |gs: Vec<Grant>| {
+            let mut v: Vec<String> = gs.into_iter().map(|g| g.id.to_string()).collect();
+            v.sort();
+            v
+        };
+        let sorted = |gs: &[&Grant]| {
+            let mut v: Vec<String> = gs.iter().map(|g| g.id.to_string()).collect();
+            v.sort();
+            v
+        };
+        let a = SpiffeId::new(A).unwrap();
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            for g in [&a1, &a2, &ab] {
+                store.create_grant(g.clone()).await.unwrap();
+            }
+            // A prefix of another agent's ID is another agent.
+            assert_eq!(
+                ids(store.list_grants_for_agent(&a).await.unwrap()),
+                sorted(&[&a1, &a2])
+            );
+            store.prune_delegation(50, 50).await.unwrap();
+            assert_eq!(
+                ids(store.list_grants_for_agent(&a).await.unwrap()),
+                sorted(&[&a1])
+            );
+            assert_eq!(
+                store.grants_by_agent.len(),
+                2,
+                "the pruned grant left the index"
+            );
+            store.grants_by_agent.clear().unwrap();
+            store.db.flush().unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(
+            ids(store.list_grants_for_agent(&a).await.unwrap()),
+            sorted(&[&a1])
+        );
+        let ab_id = SpiffeId::new(AB).unwrap();
+        assert_eq!(
+            ids(store.list_grants_for_agent(&ab_id).await.unwrap()),
+            sorted(&[&ab])
+        );
     }
 
     #[tokio::test]

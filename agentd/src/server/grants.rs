@@ -644,14 +644,26 @@ pub async fn prune(store: &dyn DataStore, now: i64) -> Result<(usize, usize), Da
 }
 
 /// Live grants to any of `agents`.
+/// Up to this many agents, `live_grants_for` looks each one up in the store's index.
+const AGENTS_LOOKED_UP: usize = 256;
+
 pub async fn live_grants_for(
     store: &dyn DataStore,
     agents: &BTreeSet<&SpiffeId>,
     now: i64,
 ) -> Result<Vec<Grant>, GrantError> {
-    Ok(store
-        .list_grants()
-        .await?
+    // A few agents (a delta, a small node): one index lookup each; many (a large node's
+    // whole sync): one pass over every grant is cheaper than thousands of lookups.
+    let candidates = if agents.len() <= AGENTS_LOOKED_UP {
+        let mut out = Vec::new();
+        for agent in agents {
+            out.extend(store.list_grants_for_agent(agent).await?);
+        }
+        out
+    } else {
+        store.list_grants().await?
+    };
+    Ok(candidates
         .into_iter()
         .filter(|g| g.delegation.expires_at > now && g.agent().is_some_and(|a| agents.contains(a)))
         .collect())
