@@ -643,10 +643,10 @@ pub async fn prune(store: &dyn DataStore, now: i64) -> Result<(usize, usize), Da
         .await
 }
 
-/// Live grants to any of `agents`.
 /// Up to this many agents, `live_grants_for` looks each one up in the store's index.
 const AGENTS_LOOKED_UP: usize = 256;
 
+/// Live grants to any of `agents`.
 pub async fn live_grants_for(
     store: &dyn DataStore,
     agents: &BTreeSet<&SpiffeId>,
