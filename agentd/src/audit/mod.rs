@@ -190,6 +190,39 @@ impl Audit {
 
     /// The records matching `query`, oldest first. Unreadable records are skipped here (and
     /// reported by `verify`).
+    /// At most `limit` records matching `query` after sequence `after`, oldest first, and
+    /// whether more may follow (the sequence to ask after next).
+    pub async fn query_page(
+        &self,
+        query: &AuditQuery,
+        mut after: u64,
+        limit: usize,
+    ) -> Result<(Vec<SealedAuditRecord>, Option<u64>), AuditError> {
+        let mut out = Vec::new();
+        loop {
+            let page = self.store.audit_records(after, PAGE).await?;
+            let short = page.len() < PAGE;
+            for stored in &page {
+                after = stored.seq;
+                match serde_json::from_slice::<SealedAuditRecord>(&stored.body) {
+                    Ok(r) if query.matches(&r) => {
+                        out.push(r);
+                        if out.len() >= limit {
+                            return Ok((out, Some(after)));
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(seq = stored.seq, error = %e, "unreadable audit record skipped")
+                    }
+                }
+            }
+            if short {
+                return Ok((out, None));
+            }
+        }
+    }
+
     pub async fn query(&self, query: &AuditQuery) -> Result<Vec<SealedAuditRecord>, AuditError> {
         let mut out = Vec::new();
         let mut after = 0;

@@ -198,6 +198,53 @@ async fn a_lost_checkpoint_or_an_unreadable_record_is_reported() {
     assert_eq!(audit.query(&AuditQuery::default()).await.unwrap().len(), 4);
 }
 
+/// Pages of a query: each at most the limit, every match once and in order, the filter
+/// applied across pages, and no next page after the last.
+#[tokio::test]
+async fn a_query_comes_in_pages_that_hold_every_match_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = audit_at(dir.path(), clock(), None).await;
+    for i in 0..25 {
+        let action = if i % 5 == 0 {
+            "entry.delete"
+        } else {
+            "entry.create"
+        };
+        audit
+            .record(
+                AuditRecord::new(action, Actor::admin(Some(0)))
+                    .subject(format!("spiffe://example.org/w/{i}")),
+            )
+            .await
+            .unwrap();
+    }
+    let pages = |q: AuditQuery| {
+        let audit = &audit;
+        async move {
+            let mut after = 0;
+            let mut pages: Vec<Vec<u64>> = Vec::new();
+            loop {
+                let (page, next) = audit.query_page(&q, after, 7).await.unwrap();
+                assert!(page.len() <= 7);
+                pages.push(page.iter().map(|r| r.seq).collect());
+                match next {
+                    Some(n) => after = n,
+                    None => return pages,
+                }
+            }
+        }
+    };
+    let all = pages(AuditQuery::default()).await;
+    assert_eq!(all.concat(), (1..=25).collect::<Vec<u64>>());
+    assert_eq!(all.iter().map(Vec::len).collect::<Vec<_>>(), [7, 7, 7, 4]);
+    let deletes = pages(AuditQuery {
+        action: Some("entry.delete".into()),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(deletes.concat(), [1, 6, 11, 16, 21]);
+}
+
 #[tokio::test]
 async fn queries_filter_by_time_identity_and_action() {
     let dir = tempfile::tempdir().unwrap();

@@ -71,17 +71,28 @@ pub async fn audit(cmd: AuditCommand, out: Output) -> anyhow::Result<()> {
                 .map(|s| parse_since(s, SystemTime::now()))
                 .transpose()?
                 .unwrap_or(0);
-            let records = admin_client(&admin.admin_socket)
-                .await?
-                .list_audit_records(pb::ListAuditRecordsRequest {
-                    since,
-                    spiffe_id: spiffe_id.unwrap_or_default(),
-                    action: action.unwrap_or_default(),
-                })
-                .await
-                .map_err(status)?
-                .into_inner()
-                .records;
+            // Every page, oldest first.
+            let mut client = admin_client(&admin.admin_socket).await?;
+            let mut records = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let page = client
+                    .list_audit_records(pb::ListAuditRecordsRequest {
+                        since,
+                        spiffe_id: spiffe_id.clone().unwrap_or_default(),
+                        action: action.clone().unwrap_or_default(),
+                        page_size: 0,
+                        page_token,
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                records.extend(page.records);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
             out.print(
                 &json!(records.iter().map(record_json).collect::<Vec<_>>()),
                 || records.iter().map(record_text).collect(),

@@ -38,16 +38,47 @@ pub(super) async fn list(
         },
         action: non_empty(req.action),
     };
-    let records = api
+    let limit = match req.page_size as usize {
+        0 => DEFAULT_AUDIT_PAGE,
+        n if n > MAX_AUDIT_PAGE => {
+            return Err(invalid("page_size", format!("{n}; at most {MAX_AUDIT_PAGE}")).into())
+        }
+        n => n,
+    };
+    let after: u64 = match req.page_token.as_str() {
+        "" => 0,
+        t => t
+            .parse()
+            .map_err(|_| invalid("page_token", "not a token this server gave out"))?,
+    };
+    let (records, mut next) = api
         .state
         .audit
-        .query(&query)
+        .query_page(&query, after, limit)
         .await
         .map_err(AdminError::from)?;
+    let mut out = Vec::with_capacity(records.len());
+    let mut bytes = 0;
+    for r in &records {
+        let wire = audit_to_proto(r);
+        let len = prost::Message::encoded_len(&wire) + 8;
+        if !out.is_empty() && bytes + len > MAX_AUDIT_PAGE_BYTES {
+            next = out.last().map(|l: &pb::AuditRecord| l.seq);
+            break;
+        }
+        bytes += len;
+        out.push(wire);
+    }
     Ok(Response::new(pb::ListAuditRecordsResponse {
-        records: records.iter().map(audit_to_proto).collect(),
+        records: out,
+        next_page_token: next.map(|n| n.to_string()).unwrap_or_default(),
     }))
 }
+
+const DEFAULT_AUDIT_PAGE: usize = 1_000;
+const MAX_AUDIT_PAGE: usize = 5_000;
+/// A page stops before this many encoded bytes (clients take 4 MiB by default).
+const MAX_AUDIT_PAGE_BYTES: usize = 2 << 20;
 
 pub(super) async fn verify(
     api: &AdminApi,
