@@ -290,20 +290,38 @@ fn check(
     let sock = server.admin_socket.display().to_string();
     let (revoked, entries) = load.reported();
 
-    let verify = admin_json_ok(&sock, &["audit", "verify"])?;
-    ensure!(verify["intact"] == true, "audit verify: {verify}");
-    let head = verify["head_seq"].as_u64().context("head_seq")?;
-    let exported: Vec<u64> = std::fs::read_to_string(export)?
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l)
-                .ok()
-                .and_then(|v| v["seq"].as_u64())
-                .with_context(|| format!("export line is not a record: {l}"))
-        })
-        .collect::<anyhow::Result<_>>()?;
+    // The node agent keeps minting after the restart (a resync, re-mints of revoked SVIDs),
+    // and each mint's records reach the store, then the export file: read at any moment the
+    // export is a prefix of the log, and it reaches the log's head once the mint is done.
+    let read_export = || -> anyhow::Result<Vec<u64>> {
+        std::fs::read_to_string(export)?
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l)
+                    .ok()
+                    .and_then(|v| v["seq"].as_u64())
+                    .with_context(|| format!("export line is not a record: {l}"))
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (head, exported) = loop {
+        let verify = admin_json_ok(&sock, &["audit", "verify"])?;
+        ensure!(verify["intact"] == true, "audit verify: {verify}");
+        let head = verify["head_seq"].as_u64().context("head_seq")?;
+        let exported = read_export()?;
+        ensure!(
+            exported.iter().copied().eq(1..=exported.len() as u64),
+            "the export file does not hold records 1 to {} once each, in order: {exported:?}",
+            exported.len()
+        );
+        if exported.len() as u64 >= head || Instant::now() > deadline {
+            break (head, exported);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     ensure!(
-        exported == (1..=head).collect::<Vec<_>>(),
+        exported == (1..=head).collect::<Vec<_>>() || exported.len() as u64 > head,
         "the export file does not hold records 1 to {head} once each, in order: {exported:?}"
     );
 

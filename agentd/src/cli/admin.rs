@@ -506,13 +506,24 @@ pub async fn node(cmd: NodeCommand, out: Output) -> anyhow::Result<()> {
     match cmd {
         NodeCommand::Run(_) => unreachable!("dispatched to the daemon"),
         NodeCommand::List(admin) => {
-            let nodes = admin_client(&admin.admin_socket)
-                .await?
-                .list_nodes(pb::ListNodesRequest {})
-                .await
-                .map_err(status)?
-                .into_inner()
-                .nodes;
+            let mut client = admin_client(&admin.admin_socket).await?;
+            let mut nodes = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let page = client
+                    .list_nodes(pb::ListNodesRequest {
+                        page_size: 0,
+                        page_token,
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                nodes.extend(page.nodes);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
             out.print_list("attested nodes", &nodes, node_json, node_text);
         }
         NodeCommand::Show { spiffe_id, admin } => {

@@ -85,16 +85,26 @@ pub async fn grant(cmd: GrantCommand, out: Output) -> anyhow::Result<()> {
             out.print(&grant_json(&g), || g.id.clone());
         }
         GrantCommand::List { agent, all, admin } => {
-            let list = admin_client(&admin.admin_socket)
-                .await?
-                .list_grants(pb::ListGrantsRequest {
-                    agent: agent.unwrap_or_default(),
-                    include_expired: all,
-                })
-                .await
-                .map_err(status)?
-                .into_inner()
-                .grants;
+            let mut client = admin_client(&admin.admin_socket).await?;
+            let mut list = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let page = client
+                    .list_grants(pb::ListGrantsRequest {
+                        agent: agent.clone().unwrap_or_default(),
+                        include_expired: all,
+                        page_size: 0,
+                        page_token,
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                list.extend(page.grants);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
             out.print_list("grants", &list, grant_json, grant_text);
         }
         GrantCommand::Show { id, admin } => {

@@ -68,17 +68,28 @@ pub(super) async fn list(
                 .map_err(|e| invalid("agent", format!("{:?}: {e}", req.agent)))?,
         )
     };
+    let page = super::paging::PageRequest::parse(req.page_size, &req.page_token, 1_000, 5_000)?;
     let now = unix_seconds(api.state.clock.now());
-    let grants = api
-        .state
-        .store
-        .list_grants()
-        .await
-        .map_err(AdminError::from)?
-        .into_iter()
-        .filter(|g| agent.as_ref().is_none_or(|a| g.agent() == Some(a)))
-        .filter(|g| req.include_expired || g.delegation.expires_at > now)
-        .map(|g| crate::server::grants::grant_to_admin_proto(&g))
-        .collect();
-    Ok(Response::new(pb::ListGrantsResponse { grants }))
+    let store = api.state.store.as_ref();
+    let grants = match &agent {
+        Some(a) => store.list_grants_for_agent(a).await,
+        None => store.list_grants().await,
+    }
+    .map_err(AdminError::from)?
+    .into_iter()
+    .filter(|g| req.include_expired || g.delegation.expires_at > now)
+    .map(|g| {
+        let key = format!(
+            "{}\t{}",
+            g.agent().map(ToString::to_string).unwrap_or_default(),
+            g.id
+        );
+        (key, crate::server::grants::grant_to_admin_proto(&g))
+    })
+    .collect();
+    let (grants, next_page_token) = page.cut(grants);
+    Ok(Response::new(pb::ListGrantsResponse {
+        grants,
+        next_page_token,
+    }))
 }

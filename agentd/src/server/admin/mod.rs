@@ -25,6 +25,7 @@ mod entries;
 mod grants;
 mod nodes;
 mod owners;
+mod paging;
 mod parse;
 mod revocations;
 mod status;

@@ -22,16 +22,25 @@ fn node_to_proto(n: &AttestedNode) -> pb::Node {
 
 pub(super) async fn list(
     api: &AdminApi,
-    _request: Request<pb::ListNodesRequest>,
+    request: Request<pb::ListNodesRequest>,
 ) -> Result<Response<pb::ListNodesResponse>, Status> {
+    let req = request.into_inner();
+    let page = super::paging::PageRequest::parse(req.page_size, &req.page_token, 1_000, 5_000)?;
     let nodes = api
         .state
         .store
         .list_nodes()
         .await
         .map_err(AdminError::from)?;
+    let (nodes, next_page_token) = page.cut(
+        nodes
+            .iter()
+            .map(|n| (n.spiffe_id.to_string(), node_to_proto(n)))
+            .collect(),
+    );
     Ok(Response::new(pb::ListNodesResponse {
-        nodes: nodes.iter().map(node_to_proto).collect(),
+        nodes,
+        next_page_token,
     }))
 }
 
