@@ -38,19 +38,8 @@ pub(super) async fn list(
         },
         action: non_empty(req.action),
     };
-    let limit = match req.page_size as usize {
-        0 => DEFAULT_AUDIT_PAGE,
-        n if n > MAX_AUDIT_PAGE => {
-            return Err(invalid("page_size", format!("{n}; at most {MAX_AUDIT_PAGE}")).into())
-        }
-        n => n,
-    };
-    let after: u64 = match req.page_token.as_str() {
-        "" => 0,
-        t => t
-            .parse()
-            .map_err(|_| invalid("page_token", "not a token this server gave out"))?,
-    };
+    let limit = super::paging::page_size_or(req.page_size, DEFAULT_AUDIT_PAGE, MAX_AUDIT_PAGE)?;
+    let after = super::paging::sequence_token(&req.page_token)?;
     let (records, mut next) = api
         .state
         .audit

@@ -7,6 +7,30 @@ use super::status::{invalid, AdminError};
 /// A page stops before this many encoded bytes (clients take 4 MiB by default).
 const PAGE_BYTES: usize = 2 << 20;
 
+/// A request's `page_size`: 0 for `default`, at most `max`.
+pub(super) fn page_size_or(
+    page_size: u32,
+    default: usize,
+    max: usize,
+) -> Result<usize, AdminError> {
+    match page_size as usize {
+        0 => Ok(default),
+        n if n > max => Err(invalid("page_size", format!("{n}; at most {max}"))),
+        n => Ok(n),
+    }
+}
+
+/// A page token that is a sequence number (audit records, revocations): the last one sent;
+/// empty for the first page.
+pub(super) fn sequence_token(page_token: &str) -> Result<u64, AdminError> {
+    match page_token {
+        "" => Ok(0),
+        t => t
+            .parse()
+            .map_err(|_| invalid("page_token", "not a token this server gave out")),
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct PageRequest {
     size: usize,
@@ -21,11 +45,7 @@ impl PageRequest {
         default: usize,
         max: usize,
     ) -> Result<Self, AdminError> {
-        let size = match page_size as usize {
-            0 => default,
-            n if n > max => return Err(invalid("page_size", format!("{n}; at most {max}"))),
-            n => n,
-        };
+        let size = page_size_or(page_size, default, max)?;
         if page_token.len() > 4096 {
             return Err(invalid("page_token", "longer than 4096 bytes"));
         }

@@ -182,19 +182,9 @@ pub(super) async fn list(
 ) -> Result<Response<pb::ListRevocationsResponse>, Status> {
     use prost::Message;
     let req = request.into_inner();
-    let size = match req.page_size as usize {
-        0 => DEFAULT_REVOCATION_PAGE,
-        n if n > MAX_REVOCATION_PAGE => {
-            return Err(invalid("page_size", format!("{n}; at most {MAX_REVOCATION_PAGE}")).into())
-        }
-        n => n,
-    };
-    let after: u64 = match req.page_token.as_str() {
-        "" => 0,
-        t => t
-            .parse()
-            .map_err(|_| invalid("page_token", "not a token this server gave out"))?,
-    };
+    let size =
+        super::paging::page_size_or(req.page_size, DEFAULT_REVOCATION_PAGE, MAX_REVOCATION_PAGE)?;
+    let after = super::paging::sequence_token(&req.page_token)?;
     let log = &api.state.revocations;
     let head = log.head();
     let mut events = Vec::new();

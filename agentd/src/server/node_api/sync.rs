@@ -95,6 +95,15 @@ struct SyncPage {
 }
 
 impl SyncPage {
+    /// The cursor after this page's last entry (a page always holds one before it is cut).
+    fn after_last_entry(&self) -> SyncCursor {
+        let last = self.entries.last();
+        SyncCursor::AfterEntry {
+            spiffe_id: last.map(|l| l.spiffe_id.clone()).unwrap_or_default(),
+            id: last.map(|l| l.id.clone()).unwrap_or_default(),
+        }
+    }
+
     /// The page after `cursor` of `entries` (in (SPIFFE ID, id) order) and then `grants`
     /// (sorted here by id). Entries that changed between pages are seen by the next sync
     /// (a change notice or the regular interval brings one).
@@ -117,18 +126,7 @@ impl SyncPage {
         for e in &entries[entry_start..] {
             let wire = entry_to_proto(e);
             if full(wire.encoded_len() + 4, page.entries.len()) {
-                page.next = Some(SyncCursor::AfterEntry {
-                    spiffe_id: page
-                        .entries
-                        .last()
-                        .map(|l| l.spiffe_id.clone())
-                        .unwrap_or_default(),
-                    id: page
-                        .entries
-                        .last()
-                        .map(|l| l.id.clone())
-                        .unwrap_or_default(),
-                });
+                page.next = Some(page.after_last_entry());
                 return page;
             }
             page.entries.push(wire);
@@ -152,18 +150,7 @@ impl SyncPage {
                         id: last.id.clone(),
                     },
                     // No grant on this page yet: the page ends after its last entry.
-                    None => SyncCursor::AfterEntry {
-                        spiffe_id: page
-                            .entries
-                            .last()
-                            .map(|l| l.spiffe_id.clone())
-                            .unwrap_or_default(),
-                        id: page
-                            .entries
-                            .last()
-                            .map(|l| l.id.clone())
-                            .unwrap_or_default(),
-                    },
+                    None => page.after_last_entry(),
                 });
                 return page;
             }
