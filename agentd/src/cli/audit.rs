@@ -172,12 +172,30 @@ pub async fn inventory(
     out: Output,
 ) -> anyhow::Result<()> {
     let stale_seconds = ttl_secs(stale);
-    let inv = admin_client(&admin.admin_socket)
-        .await?
-        .get_inventory(pb::GetInventoryRequest { stale_seconds })
+    let mut client = admin_client(&admin.admin_socket).await?;
+    // The counts come on every page (the first page's are shown); the by-node and by-owner
+    // rows are paged.
+    let request = |page_token| pb::GetInventoryRequest {
+        stale_seconds,
+        page_size: 0,
+        page_token,
+    };
+    let mut inv = client
+        .get_inventory(request(String::new()))
         .await
         .map_err(status)?
         .into_inner();
+    let mut next = std::mem::take(&mut inv.next_page_token);
+    while !next.is_empty() {
+        let page = client
+            .get_inventory(request(next))
+            .await
+            .map_err(status)?
+            .into_inner();
+        inv.by_node.extend(page.by_node);
+        inv.by_owner.extend(page.by_owner);
+        next = page.next_page_token;
+    }
     out.print(
         &json!({
             "generated_at": inv.generated_at,

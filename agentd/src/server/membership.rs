@@ -30,7 +30,7 @@ pub fn is_alias(server_id: &SpiffeId, entry: &Entry) -> bool {
 /// then be the parent of workload entries, which every node whose attested selectors include
 /// all of the alias's selectors serves. A node with no selectors (join token) is in no set.
 /// With `revocations`, a revoked alias is no set at all.
-fn aliases_of<'a>(
+pub(crate) fn aliases_of<'a>(
     all: &'a [Entry],
     server_id: &SpiffeId,
     node: &AttestedNode,

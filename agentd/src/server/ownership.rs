@@ -204,19 +204,39 @@ pub async fn inventory(
         slot.live_svids += live_of.get(&s.entry.id).copied().unwrap_or(0);
     }
 
+    // One pass over the entries for every node's counts (a node with a scan of its own
+    // would make the inventory nodes x entries): entries by parent, live SVIDs by node, and
+    // the node-set aliases, which each node is matched against.
+    let mut by_parent: HashMap<&SpiffeId, u64> = HashMap::new();
+    let mut live_by_node: HashMap<&str, u64> = HashMap::new();
+    for s in &statuses {
+        *by_parent.entry(&s.entry.spec.parent_id).or_default() += 1;
+        for live in s.activity.live_at(now) {
+            *live_by_node.entry(live.node.as_str()).or_default() += 1;
+        }
+    }
+    let alias_entries: Vec<Entry> = statuses
+        .iter()
+        .filter(|s| s.entry.spec.parent_id == *server_id)
+        .map(|s| s.entry.clone())
+        .collect();
     let mut by_node = Vec::with_capacity(nodes.len());
     for n in &nodes {
         let node_id = n.spiffe_id.to_string();
-        let served = crate::server::membership::entries_for_node(store, server_id, n, None).await?;
-        let live = statuses
-            .iter()
-            .flat_map(|s| s.activity.live_at(now))
-            .filter(|l| l.node == node_id)
-            .count() as u64;
+        let aliases: std::collections::BTreeSet<&SpiffeId> =
+            crate::server::membership::aliases_of(&alias_entries, server_id, n, None)
+                .map(|e| &e.spec.spiffe_id)
+                .filter(|id| **id != n.spiffe_id)
+                .collect();
+        let served = by_parent.get(&n.spiffe_id).copied().unwrap_or(0)
+            + aliases
+                .iter()
+                .map(|a| by_parent.get(a).copied().unwrap_or(0))
+                .sum::<u64>();
         by_node.push(NodeInventory {
+            entries: served,
+            live_svids: live_by_node.get(node_id.as_str()).copied().unwrap_or(0),
             spiffe_id: node_id,
-            entries: served.len() as u64,
-            live_svids: live,
         });
     }
     by_node.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id));

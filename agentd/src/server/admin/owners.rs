@@ -4,6 +4,7 @@ use agentd_proto::admin as pb;
 use tonic::{Request, Response, Status};
 
 use super::entries::status_to_proto;
+use super::paging::PageRequest;
 use super::parse_owner;
 use super::{caller_uid, invalid, AdminApi, AdminError};
 use crate::audit::{Actor, AuditRecord};
@@ -71,15 +72,32 @@ pub(super) async fn set_disabled(
     }))
 }
 
+/// A row of the inventory's two listings, which page as one sequence.
+enum InventoryRow {
+    Node(pb::NodeInventory),
+    Owner(pb::OwnerInventory),
+}
+
+/// Rows per inventory page by default, and at most.
+const INVENTORY_PAGE: usize = 1_000;
+const MAX_INVENTORY_PAGE: usize = 5_000;
+
 pub(super) async fn inventory(
     api: &AdminApi,
     request: Request<pb::GetInventoryRequest>,
 ) -> Result<Response<pb::Inventory>, Status> {
-    let window = match request.get_ref().stale_seconds {
+    let req = request.get_ref();
+    let window = match req.stale_seconds {
         0 => ownership::DEFAULT_STALE_WINDOW,
         s if s < 0 => return Err(invalid("stale", "must not be negative").into()),
         s => std::time::Duration::from_secs(s.unsigned_abs()),
     };
+    let page = PageRequest::parse(
+        req.page_size,
+        &req.page_token,
+        INVENTORY_PAGE,
+        MAX_INVENTORY_PAGE,
+    )?;
     let now = api.now();
     let inv = ownership::inventory(
         api.state.store.as_ref(),
@@ -90,6 +108,44 @@ pub(super) async fn inventory(
     )
     .await
     .map_err(AdminError::from)?;
+    // Nodes first ('n' sorts before 'o'), each list in its own key order.
+    let rows: Vec<(String, InventoryRow)> = inv
+        .by_node
+        .into_iter()
+        .map(|n| {
+            (
+                format!("n\t{}", n.spiffe_id),
+                InventoryRow::Node(pb::NodeInventory {
+                    spiffe_id: n.spiffe_id,
+                    entries: n.entries,
+                    live_svids: n.live_svids,
+                }),
+            )
+        })
+        .chain(inv.by_owner.into_iter().map(|o| {
+            let owner = o.owner.unwrap_or_default();
+            (
+                format!("o\t{owner}"),
+                InventoryRow::Owner(pb::OwnerInventory {
+                    owner,
+                    disabled: o.disabled,
+                    entries: o.entries,
+                    live_svids: o.live_svids,
+                }),
+            )
+        }))
+        .collect();
+    let (rows, next_page_token) = page.cut_by(rows, |row| match row {
+        InventoryRow::Node(n) => prost::Message::encoded_len(n),
+        InventoryRow::Owner(o) => prost::Message::encoded_len(o),
+    });
+    let (mut by_node, mut by_owner) = (Vec::new(), Vec::new());
+    for row in rows {
+        match row {
+            InventoryRow::Node(n) => by_node.push(n),
+            InventoryRow::Owner(o) => by_owner.push(o),
+        }
+    }
     Ok(Response::new(pb::Inventory {
         entries: inv.entries,
         nodes: inv.nodes,
@@ -98,25 +154,9 @@ pub(super) async fn inventory(
         revocations: inv.revocations,
         stale_entries: inv.stale_entries,
         orphaned_entries: inv.orphaned_entries,
-        by_owner: inv
-            .by_owner
-            .into_iter()
-            .map(|o| pb::OwnerInventory {
-                owner: o.owner.unwrap_or_default(),
-                disabled: o.disabled,
-                entries: o.entries,
-                live_svids: o.live_svids,
-            })
-            .collect(),
-        by_node: inv
-            .by_node
-            .into_iter()
-            .map(|n| pb::NodeInventory {
-                spiffe_id: n.spiffe_id,
-                entries: n.entries,
-                live_svids: n.live_svids,
-            })
-            .collect(),
+        by_owner,
+        by_node,
         generated_at: now,
+        next_page_token,
     }))
 }

@@ -57,7 +57,17 @@ impl PageRequest {
 
     /// The page of `items` (sorted here by key) after the token, and the next token (empty
     /// after the last page).
-    pub(super) fn cut<T: prost::Message>(&self, mut items: Vec<(String, T)>) -> (Vec<T>, String) {
+    pub(super) fn cut<T: prost::Message>(&self, items: Vec<(String, T)>) -> (Vec<T>, String) {
+        self.cut_by(items, prost::Message::encoded_len)
+    }
+
+    /// [`cut`](Self::cut) for items that are not one message (rows of two kinds), sized by
+    /// `encoded_len`.
+    pub(super) fn cut_by<T>(
+        &self,
+        mut items: Vec<(String, T)>,
+        encoded_len: impl Fn(&T) -> usize,
+    ) -> (Vec<T>, String) {
         items.sort_by(|a, b| a.0.cmp(&b.0));
         let start = match &self.after {
             Some(after) => items.partition_point(|(k, _)| k <= after),
@@ -67,7 +77,7 @@ impl PageRequest {
         let mut last = None;
         let mut bytes = 0;
         for (key, item) in items.into_iter().skip(start) {
-            let len = item.encoded_len() + 8;
+            let len = encoded_len(&item) + 8;
             if page.len() >= self.size || (!page.is_empty() && bytes + len > PAGE_BYTES) {
                 return (page, last.unwrap_or_default());
             }

@@ -212,3 +212,77 @@ async fn inventory_counts_by_owner_and_node() {
     let activity = store.entry_activity().await.unwrap();
     assert_eq!(activity[&a.id].last_issued, Some(50));
 }
+
+#[tokio::test]
+async fn a_nodes_inventory_row_counts_its_node_set_aliases_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let server_id = SpiffeId::new("spiffe://example.org/agentd/server").unwrap();
+    let with_parent = |id: &str, parent: &SpiffeId, selector: &str| EntrySpec {
+        parent_id: parent.clone(),
+        selectors: vec![selector.parse().unwrap()],
+        ..spec(id, None)
+    };
+    let alias = SpiffeId::new("spiffe://example.org/cluster/prod").unwrap();
+    // The alias: nodes with the selector are in the set.
+    store
+        .create_entry(
+            with_parent(alias.to_string().as_str(), &server_id, "join_token:prod"),
+            0,
+        )
+        .await
+        .unwrap();
+    for i in 0..3 {
+        store
+            .create_entry(
+                with_parent(
+                    &format!("spiffe://example.org/prod/{i}"),
+                    &alias,
+                    &format!("unix:uid:{i}"),
+                ),
+                0,
+            )
+            .await
+            .unwrap();
+    }
+    // One entry of the node's own.
+    store
+        .create_entry(spec("spiffe://example.org/own", None), 0)
+        .await
+        .unwrap();
+    let node = |id: &str, selectors: &[&str]| crate::datastore::AttestedNode {
+        spiffe_id: SpiffeId::new(id).unwrap(),
+        attestation_type: "join_token".into(),
+        serial: "1".into(),
+        svid_expires_at: 10_000,
+        attested_at: 0,
+        last_seen_at: 0,
+        selectors: selectors.iter().map(|s| s.parse().unwrap()).collect(),
+        previous_serial: None,
+        previous_svid_expires_at: None,
+    };
+    store
+        .upsert_node(node("spiffe://example.org/node/a", &["join_token:prod"]))
+        .await
+        .unwrap();
+    store
+        .upsert_node(node("spiffe://example.org/node/b", &["join_token:dev"]))
+        .await
+        .unwrap();
+    let inv = inventory(&store, &server_id, false, DEFAULT_STALE_WINDOW, 200)
+        .await
+        .unwrap();
+    let counts: Vec<(&str, u64)> = inv
+        .by_node
+        .iter()
+        .map(|n| (n.spiffe_id.as_str(), n.entries))
+        .collect();
+    // a: its own entry and the alias's three; b: in no set, nothing of its own.
+    assert_eq!(
+        counts,
+        [
+            ("spiffe://example.org/node/a", 4),
+            ("spiffe://example.org/node/b", 0)
+        ]
+    );
+}
