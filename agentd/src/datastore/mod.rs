@@ -82,6 +82,19 @@ pub trait DataStore: Send + Sync + Debug + 'static {
     /// ignored) and returns it; durable before it returns. Sequence numbers are gap-free
     /// and never reused, even after compaction.
     async fn append_revocation(&self, event: RevocationEvent) -> Result<RevocationEvent>;
+    /// Appends `events` in order under the next sequence numbers, all or none (a bulk
+    /// import; the scale bench's million-event log). This default appends them one by one,
+    /// which is not all-or-none; a store with transactions overrides it.
+    async fn append_revocations(
+        &self,
+        events: Vec<RevocationEvent>,
+    ) -> Result<Vec<RevocationEvent>> {
+        let mut out = Vec::with_capacity(events.len());
+        for e in events {
+            out.push(self.append_revocation(e).await?);
+        }
+        Ok(out)
+    }
     /// Every event still kept, in sequence order.
     async fn list_revocations(&self) -> Result<Vec<RevocationEvent>>;
     /// The last sequence number handed out (0 when none).

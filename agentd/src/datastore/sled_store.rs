@@ -908,6 +908,37 @@ impl DataStore for SledStore {
         Ok(event)
     }
 
+    async fn append_revocations(
+        &self,
+        mut events: Vec<RevocationEvent>,
+    ) -> Result<Vec<RevocationEvent>> {
+        let _guard = self.revocation_writes.lock().await;
+        let head = self.revocation_head().await?;
+        let mut records = Vec::with_capacity(events.len());
+        for (n, event) in (1..).zip(events.iter_mut()) {
+            event.sequence = head + n;
+            records.push((
+                event.sequence.to_be_bytes(),
+                encode(&EventRecord::from_event(event))?,
+            ));
+        }
+        let Some((last, _)) = records.last() else {
+            return Ok(events);
+        };
+        let last = *last;
+        (&self.revocations, &self.meta)
+            .transaction(|(revocations, meta)| {
+                for (key, value) in &records {
+                    revocations.insert(key, value.as_slice())?;
+                }
+                meta.insert(REVOCATION_HEAD, &last)?;
+                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| backend(format!("{e:?}")))?;
+        self.flush().await?;
+        Ok(events)
+    }
+
     async fn list_revocations(&self) -> Result<Vec<RevocationEvent>> {
         self.revocations
             .iter()
@@ -1333,6 +1364,68 @@ mod tests {
             }
             other => panic!("expected InUse, got {other:?}"),
         }
+    }
+
+    fn serial_revocation(serial: &str) -> RevocationEvent {
+        use crate::model::revocation::{RevocationAction, RevocationHandle, RevokedSerial};
+        RevocationEvent {
+            sequence: 0,
+            action: RevocationAction::Revoke,
+            handle: RevocationHandle::Svid(serial.into()),
+            reason: "test".into(),
+            at: 10,
+            serials: vec![RevokedSerial {
+                serial: serial.into(),
+                authority_id: "ca".into(),
+                expires_at: 100,
+            }],
+            jwt_ids: vec![],
+            expires_at: 100,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_revocations_takes_the_next_sequences_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            let one = store
+                .append_revocation(serial_revocation("a1"))
+                .await
+                .unwrap();
+            assert_eq!(one.sequence, 1);
+            let batch = store
+                .append_revocations(vec![
+                    serial_revocation("b1"),
+                    serial_revocation("b2"),
+                    serial_revocation("b3"),
+                ])
+                .await
+                .unwrap();
+            let seqs: Vec<u64> = batch.iter().map(|e| e.sequence).collect();
+            assert_eq!(seqs, [2, 3, 4]);
+            assert!(store.append_revocations(vec![]).await.unwrap().is_empty());
+            assert_eq!(store.revocation_head().await.unwrap(), 4);
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(store.revocation_head().await.unwrap(), 4);
+        let kept: Vec<(u64, String)> = store
+            .list_revocations()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.sequence, e.handle.id()))
+            .collect();
+        assert_eq!(
+            kept,
+            [(1, "a1"), (2, "b1"), (3, "b2"), (4, "b3")].map(|(n, s)| (n, s.to_string()))
+        );
+        // The next single append follows the batch.
+        let next = store
+            .append_revocation(serial_revocation("c1"))
+            .await
+            .unwrap();
+        assert_eq!(next.sequence, 5);
     }
 
     #[tokio::test]
