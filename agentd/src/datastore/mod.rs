@@ -24,7 +24,7 @@ use crate::model::audit::{
 
 use spiffe::SpiffeId;
 
-use crate::model::revocation::{IssuedSvid, RevocationEvent};
+use crate::model::revocation::{IssuedSvid, RevocationEvent, RevocationHandle};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataStoreError {
@@ -74,6 +74,22 @@ pub trait DataStore: Send + Sync + Debug + 'static {
     async fn record_issued(&self, svids: &[IssuedSvid]) -> Result<()>;
     /// Issued SVIDs that have not expired at `now`.
     async fn list_issued(&self, now: i64) -> Result<Vec<IssuedSvid>>;
+    /// Issued SVIDs that have not expired at `now` and that any of `handles` covers
+    /// (`RevocationHandle::covers`), each once: what a revocation of them lists. Through an
+    /// index where the store has one, so a revocation reads what it covers, not every
+    /// record; this default scans.
+    async fn list_issued_covered(
+        &self,
+        handles: &[RevocationHandle],
+        now: i64,
+    ) -> Result<Vec<IssuedSvid>> {
+        Ok(self
+            .list_issued(now)
+            .await?
+            .into_iter()
+            .filter(|s| handles.iter().any(|h| h.covers(s)))
+            .collect())
+    }
     /// Removes expired issuance records; returns how many.
     async fn prune_issued(&self, now: i64) -> Result<usize>;
 

@@ -152,3 +152,55 @@ impl EventRecord {
         })
     }
 }
+
+/// The `issued_by_handle` index prefix of what `handle` covers: a letter for the handle's
+/// kind, its id, a 0 byte. Each issuance record is indexed under one such prefix per
+/// handle that covers it ([`issued_index_keys`]), so a revocation reads the records it
+/// covers, not every record.
+pub fn handle_prefix(handle: &RevocationHandle) -> Vec<u8> {
+    let (kind, id): (u8, &str) = match handle {
+        RevocationHandle::Svid(serial) => (b's', serial.as_str()),
+        RevocationHandle::Entry(id) => (b'e', id.as_str()),
+        RevocationHandle::Node(id) => return prefix(b'n', &id.to_string()),
+        RevocationHandle::Grant(id) => (b'g', id.as_str()),
+        RevocationHandle::Task(id) => (b't', id.as_str()),
+        RevocationHandle::Authority(id) => (b'a', id.as_str()),
+    };
+    prefix(kind, id)
+}
+
+fn prefix(kind: u8, id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(id.len() + 2);
+    key.push(kind);
+    key.extend_from_slice(id.as_bytes());
+    key.push(0);
+    key
+}
+
+/// The index keys of the issuance record stored under `record_key`: every handle that
+/// covers it (see `RevocationHandle::covers`), then the record's key.
+pub fn issued_index_keys(svid: &IssuedSvid, record_key: &[u8]) -> Vec<Vec<u8>> {
+    let mut handles = vec![
+        // `covers` compares a serial without its leading zeros.
+        prefix(b's', svid.id.trim_start_matches('0')),
+        prefix(b'a', &svid.authority_id),
+    ];
+    if let Some(entry) = &svid.entry_id {
+        handles.push(prefix(b'e', entry));
+    }
+    if let Some(node) = &svid.node_id {
+        handles.push(prefix(b'n', &node.to_string()));
+    }
+    for grant in &svid.grant_chain {
+        handles.push(prefix(b'g', grant));
+    }
+    if let Some(task) = &svid.task_id {
+        handles.push(prefix(b't', task));
+    }
+    handles.sort();
+    handles.dedup();
+    for key in &mut handles {
+        key.extend_from_slice(record_key);
+    }
+    handles
+}

@@ -15,7 +15,9 @@ use sled::Transactional;
 use spiffe::SpiffeId;
 use tokio::sync::Mutex;
 
-use super::revocation_records::{issued_key, EventRecord, IssuedRecord};
+use super::revocation_records::{
+    handle_prefix, issued_index_keys, issued_key, EventRecord, IssuedRecord,
+};
 use super::{
     AttestedNode, DataStore, DataStoreError, Entry, EntryFilter, EntryId, EntrySpec, JoinToken,
     Result,
@@ -26,7 +28,7 @@ use crate::delegation::{Delegation, GrantId, Hop, ScopeSet};
 use crate::model::audit::{
     AuditHead, AuditRecord, ChainSigner, SealedAuditRecord, StoredAuditRecord,
 };
-use crate::model::revocation::{IssuedSvid, RevocationEvent};
+use crate::model::revocation::{IssuedSvid, RevocationEvent, RevocationHandle};
 use crate::ttl::Ttl;
 
 const ENTRIES: &str = "entries";
@@ -65,6 +67,14 @@ const ENTRIES_BY_SPIFFE_ID: &str = "entries_by_spiffe_id";
 /// (a sync's or a delta's grants). Kept after each grant write; rebuilt at open when its
 /// count differs from the grants'.
 const GRANTS_BY_AGENT: &str = "grants_by_agent";
+/// Index: a revocation handle's prefix (`revocation_records::handle_prefix`), then an
+/// issuance record's key -> nothing: the records each handle covers without a scan of every
+/// record (an authority revocation over 50,000 SVIDs reads those 50,000, an entry's its
+/// few). Written before the records it names, removed after them (`prune_issued`), so a
+/// crash can leave a key naming no record (skipped), never a record its handles miss.
+const ISSUED_BY_HANDLE: &str = "issued_by_handle";
+/// In `meta`: the issuance index has been built from the records.
+const ISSUED_INDEX_BUILT: &[u8] = b"issued_index_built";
 /// In `meta`: the entry indexes have been built; they are kept in each entry's transaction
 /// from then on.
 const ENTRY_INDEXES_BUILT: &[u8] = b"entry_indexes_built";
@@ -79,6 +89,7 @@ pub struct SledStore {
     nodes: sled::Tree,
     join_tokens: sled::Tree,
     issued: sled::Tree,
+    issued_by_handle: sled::Tree,
     /// Revocation events keyed by sequence (u64 big-endian, so iteration is in order).
     revocations: sled::Tree,
     meta: sled::Tree,
@@ -145,6 +156,7 @@ impl SledStore {
             nodes: db.open_tree(NODES).map_err(backend)?,
             join_tokens: db.open_tree(JOIN_TOKENS).map_err(backend)?,
             issued: db.open_tree(ISSUED).map_err(backend)?,
+            issued_by_handle: db.open_tree(ISSUED_BY_HANDLE).map_err(backend)?,
             revocations: db.open_tree(REVOCATIONS).map_err(backend)?,
             meta: db.open_tree(META).map_err(backend)?,
             revocation_writes: Mutex::new(()),
@@ -169,7 +181,39 @@ impl SledStore {
         };
         store.ensure_entry_indexes()?;
         store.ensure_grant_index()?;
+        store.ensure_issued_index()?;
         Ok(store)
+    }
+
+    /// Builds the issuance index from the records once (a store from before it).
+    fn ensure_issued_index(&self) -> Result<()> {
+        if self
+            .meta
+            .get(ISSUED_INDEX_BUILT)
+            .map_err(backend)?
+            .is_some()
+        {
+            return Ok(());
+        }
+        self.issued_by_handle.clear().map_err(backend)?;
+        let mut batch = sled::Batch::default();
+        for kv in self.issued.iter() {
+            let (k, v) = kv.map_err(backend)?;
+            match decode::<IssuedRecord>(&k, &v).and_then(|r| r.into_issued(&k)) {
+                Ok(svid) => {
+                    for key in issued_index_keys(&svid, &k) {
+                        batch.insert(key, &[]);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "issuance record not indexed"),
+            }
+        }
+        self.issued_by_handle.apply_batch(batch).map_err(backend)?;
+        self.meta
+            .insert(ISSUED_INDEX_BUILT, &[1u8])
+            .map_err(backend)?;
+        self.db.flush().map_err(backend)?;
+        Ok(())
     }
 
     /// Rebuilds the grants-by-agent index when its count differs from the grants' (a store
@@ -854,14 +898,19 @@ impl DataStore for SledStore {
     }
 
     async fn record_issued(&self, svids: &[IssuedSvid]) -> Result<()> {
-        let mut batch = sled::Batch::default();
+        let mut records = sled::Batch::default();
+        let mut index = sled::Batch::default();
         for svid in svids {
-            batch.insert(
-                issued_key(svid.kind, &svid.id),
-                encode(&IssuedRecord::from_issued(svid))?,
-            );
+            let key = issued_key(svid.kind, &svid.id);
+            for index_key in issued_index_keys(svid, &key) {
+                index.insert(index_key, &[]);
+            }
+            records.insert(key, encode(&IssuedRecord::from_issued(svid))?);
         }
-        self.issued.apply_batch(batch).map_err(backend)
+        // The index first: a crash between the two leaves keys naming no record, which
+        // lookups skip, never a record no handle finds.
+        self.issued_by_handle.apply_batch(index).map_err(backend)?;
+        self.issued.apply_batch(records).map_err(backend)
     }
 
     async fn list_issued(&self, now: i64) -> Result<Vec<IssuedSvid>> {
@@ -876,18 +925,64 @@ impl DataStore for SledStore {
         Ok(out)
     }
 
-    async fn prune_issued(&self, now: i64) -> Result<usize> {
-        let mut batch = sled::Batch::default();
-        let mut n = 0;
-        for kv in self.issued.iter() {
-            let (k, v) = kv.map_err(backend)?;
-            if decode::<IssuedRecord>(&k, &v)?.expires_at() <= now {
-                batch.remove(k);
-                n += 1;
+    async fn list_issued_covered(
+        &self,
+        handles: &[RevocationHandle],
+        now: i64,
+    ) -> Result<Vec<IssuedSvid>> {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut out = Vec::new();
+        for handle in handles {
+            let prefix = handle_prefix(handle);
+            for kv in self.issued_by_handle.scan_prefix(&prefix) {
+                let (index_key, _) = kv.map_err(backend)?;
+                let Some(key) = index_key.strip_prefix(prefix.as_slice()) else {
+                    continue;
+                };
+                if seen.contains(key) {
+                    continue;
+                }
+                let Some(v) = self.issued.get(key).map_err(backend)? else {
+                    continue; // a key a crash left behind
+                };
+                let record: IssuedRecord = decode(key, &v)?;
+                if record.expires_at() <= now {
+                    continue;
+                }
+                let svid = record.into_issued(key)?;
+                // The index narrows, `covers` decides (a prefix could in principle name a
+                // record another way).
+                if handles.iter().any(|h| h.covers(&svid)) {
+                    seen.insert(key.to_vec());
+                    out.push(svid);
+                }
             }
         }
-        self.issued.apply_batch(batch).map_err(backend)?;
-        Ok(n)
+        Ok(out)
+    }
+
+    async fn prune_issued(&self, now: i64) -> Result<usize> {
+        let mut expired = Vec::new();
+        for kv in self.issued.iter() {
+            let (k, v) = kv.map_err(backend)?;
+            let record: IssuedRecord = decode(&k, &v)?;
+            if record.expires_at() <= now {
+                let index_keys = issued_index_keys(&record.into_issued(&k)?, &k);
+                expired.push((k, index_keys));
+            }
+        }
+        // Records first, then their index keys (see ISSUED_BY_HANDLE).
+        let mut records = sled::Batch::default();
+        let mut index = sled::Batch::default();
+        for (k, index_keys) in &expired {
+            records.remove(k);
+            for key in index_keys {
+                index.remove(key.as_slice());
+            }
+        }
+        self.issued.apply_batch(records).map_err(backend)?;
+        self.issued_by_handle.apply_batch(index).map_err(backend)?;
+        Ok(expired.len())
     }
 
     async fn append_revocation(&self, mut event: RevocationEvent) -> Result<RevocationEvent> {
@@ -1426,6 +1521,138 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(next.sequence, 5);
+    }
+
+    fn issued(kind: crate::model::revocation::SvidKind, id: &str, expires_at: i64) -> IssuedSvid {
+        IssuedSvid {
+            kind,
+            id: id.into(),
+            spiffe_id: "spiffe://example.org/w".into(),
+            entry_id: None,
+            node_id: None,
+            grant_chain: vec![],
+            task_id: None,
+            authority_id: "ca1".into(),
+            expires_at,
+        }
+    }
+
+    /// Every handle a set of records could be revoked by, with what a scan finds for it.
+    async fn covered_by_index_and_by_scan(
+        store: &SledStore,
+        handles: &[RevocationHandle],
+        now: i64,
+    ) -> (Vec<String>, Vec<String>) {
+        let ids = |v: Vec<IssuedSvid>| {
+            let mut ids: Vec<String> = v
+                .into_iter()
+                .map(|s| format!("{:?}:{}", s.kind, s.id))
+                .collect();
+            ids.sort();
+            ids
+        };
+        let indexed = store.list_issued_covered(handles, now).await.unwrap();
+        let scanned: Vec<IssuedSvid> = store
+            .list_issued(now)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|s| handles.iter().any(|h| h.covers(s)))
+            .collect();
+        (ids(indexed), ids(scanned))
+    }
+
+    #[tokio::test]
+    async fn the_issuance_index_finds_what_each_handle_covers() {
+        use crate::model::revocation::SvidKind;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let node = SpiffeId::new("spiffe://example.org/node/a").unwrap();
+        let entry: EntryId = "ab".repeat(16).parse().unwrap();
+        let mut delegated = issued(SvidKind::X509, "00c0ffee", 1_000);
+        delegated.entry_id = Some(entry.to_string());
+        delegated.node_id = Some(node.clone());
+        delegated.grant_chain = vec!["g-root".into(), "g-hop".into()];
+        delegated.task_id = Some("task-7".into());
+        let mut jwt = issued(SvidKind::Jwt, "0011", 1_000);
+        jwt.entry_id = Some(entry.to_string());
+        jwt.authority_id = "kid2".into();
+        let mut node_svid = issued(SvidKind::Node, "5", 1_000);
+        node_svid.node_id = Some(node.clone());
+        let expired = {
+            let mut s = issued(SvidKind::X509, "e1", 50);
+            s.entry_id = Some(entry.to_string());
+            s
+        };
+        store
+            .record_issued(&[
+                delegated,
+                jwt,
+                node_svid,
+                expired,
+                issued(SvidKind::X509, "77", 1_000),
+            ])
+            .await
+            .unwrap();
+        let handles = [
+            RevocationHandle::Svid("c0ffee".into()),
+            RevocationHandle::Svid("11".into()),
+            RevocationHandle::Entry(entry.clone()),
+            RevocationHandle::Node(node.clone()),
+            RevocationHandle::Grant("g-hop".into()),
+            RevocationHandle::Grant("g-root".into()),
+            RevocationHandle::Task("task-7".into()),
+            RevocationHandle::Authority("ca1".into()),
+            RevocationHandle::Authority("kid2".into()),
+            RevocationHandle::Authority("nobody".into()),
+        ];
+        for h in &handles {
+            let (indexed, scanned) =
+                covered_by_index_and_by_scan(&store, std::slice::from_ref(h), 100).await;
+            assert_eq!(indexed, scanned, "{h}");
+        }
+        let (indexed, scanned) = covered_by_index_and_by_scan(&store, &handles, 100).await;
+        assert_eq!(indexed, scanned, "several handles: each record once");
+        assert_eq!(indexed.len(), 4, "{indexed:?}");
+        let (entry_svids, _) =
+            covered_by_index_and_by_scan(&store, &[RevocationHandle::Entry(entry.clone())], 100)
+                .await;
+        assert_eq!(
+            entry_svids,
+            ["Jwt:0011", "X509:00c0ffee"],
+            "the expired one is left out"
+        );
+
+        // Pruning removes the expired record's index keys with it.
+        let before = store.issued_by_handle.len();
+        assert_eq!(store.prune_issued(100).await.unwrap(), 1);
+        assert!(store.issued_by_handle.len() < before);
+        assert_eq!(store.prune_issued(2_000).await.unwrap(), 4);
+        assert_eq!(store.issued_by_handle.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_store_from_before_the_issuance_index_is_indexed_at_open() {
+        use crate::model::revocation::SvidKind;
+        let dir = tempfile::tempdir().unwrap();
+        let entry: EntryId = "cd".repeat(16).parse().unwrap();
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            let mut s = issued(SvidKind::X509, "aa", 1_000);
+            s.entry_id = Some(entry.to_string());
+            store.record_issued(&[s]).await.unwrap();
+            // As a store written before the index was.
+            store.issued_by_handle.clear().unwrap();
+            store.meta.remove(ISSUED_INDEX_BUILT).unwrap();
+            store.db.flush().unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        let found = store
+            .list_issued_covered(&[RevocationHandle::Entry(entry)], 0)
+            .await
+            .unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].id, "aa");
     }
 
     #[tokio::test]

@@ -151,28 +151,21 @@ impl RevocationLog {
         // No mint is between its standing check and its record while this is held, and
         // none starts until the event is in the set.
         let _issuance = self.issuance.write().await;
-        let children: HashSet<String> = match children_of {
-            Some(parent) => self
-                .store
-                .list_entries(&crate::datastore::EntryFilter {
-                    parent_id: Some(parent.clone()),
-                    ..Default::default()
-                })
-                .await?
-                .into_iter()
-                .map(|e| e.id.to_string())
-                .collect(),
-            None => HashSet::new(),
-        };
-        let covered: Vec<IssuedSvid> = self
-            .store
-            .list_issued(now)
-            .await?
-            .into_iter()
-            .filter(|s| {
-                handle.covers(s) || s.entry_id.as_ref().is_some_and(|e| children.contains(e))
-            })
-            .collect();
+        // What the handle covers, and each child entry's SVIDs, through the store's index.
+        let mut covering = vec![handle.clone()];
+        if let Some(parent) = children_of {
+            covering.extend(
+                self.store
+                    .list_entries(&crate::datastore::EntryFilter {
+                        parent_id: Some(parent.clone()),
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_iter()
+                    .map(|e| RevocationHandle::Entry(e.id)),
+            );
+        }
+        let covered: Vec<IssuedSvid> = self.store.list_issued_covered(&covering, now).await?;
         if let RevocationHandle::Svid(serial) = &handle {
             if covered.is_empty() {
                 return Err(RevocationError::UnknownSerial {

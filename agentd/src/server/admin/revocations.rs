@@ -70,11 +70,11 @@ pub(super) async fn revoke(
             let nodes: BTreeSet<String> = api
                 .state
                 .store
-                .list_issued(now_secs)
+                .list_issued_covered(std::slice::from_ref(&handle), now_secs)
                 .await
                 .map_err(AdminError::from)?
                 .into_iter()
-                .filter(|s| s.kind == crate::revocation::SvidKind::Node && s.authority_id == *id)
+                .filter(|s| s.kind == crate::revocation::SvidKind::Node)
                 .map(|s| s.spiffe_id)
                 .collect();
             if !nodes.is_empty() {
