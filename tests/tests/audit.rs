@@ -407,6 +407,28 @@ fn stale_orphaned_and_inventory_from_the_cli() -> anyhow::Result<()> {
     assert_eq!(inv["by_node"][0]["live_svids"], 3);
     let text = server.cli_ok(&["inventory"])?;
     assert!(text.contains("bob@example.com [disabled]"), "{text}");
+    // One owner's entries.
+    assert_eq!(
+        entry_ids(&json(
+            &server,
+            &["entry", "show", "--owner", "bob@example.com"]
+        )?),
+        [bobs.as_str()]
+    );
+    assert_eq!(
+        entry_ids(&json(
+            &server,
+            &["entry", "show", "--owner", "alice@example.com"]
+        )?),
+        [used.as_str()]
+    );
+    let out = server.cli(&["entry", "show", "--owner", "not an owner"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("owner"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 

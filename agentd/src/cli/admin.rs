@@ -155,6 +155,7 @@ fn list_request(f: EntryFilterArgs) -> pb::ListEntriesRequest {
         spiffe_id: f.spiffe_id.unwrap_or_default(),
         parent_id: f.parent_id.unwrap_or_default(),
         selector: f.selector.unwrap_or_default(),
+        owner: f.owner.unwrap_or_default(),
         stale_seconds: ttl_secs(f.stale),
         orphaned: f.orphaned,
         ..Default::default()

@@ -459,6 +459,9 @@ pub struct EntryFilterArgs {
     /// Only entries with this selector (TYPE:VALUE).
     #[arg(long)]
     pub selector: Option<String>,
+    /// Only entries whose accountable owner is this one.
+    #[arg(long)]
+    pub owner: Option<String>,
     /// Only zombies: entries none of whose SVIDs was fetched within this window (e.g. 30d).
     #[arg(long, value_name = "TTL", allow_hyphen_values = true)]
     pub stale: Option<Ttl>,

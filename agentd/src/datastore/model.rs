@@ -69,6 +69,8 @@ pub struct EntryFilter {
     pub parent_id: Option<SpiffeId>,
     /// The entry has this selector among its own.
     pub selector: Option<Selector>,
+    /// The entry's accountable owner is this one.
+    pub owner: Option<String>,
 }
 
 impl EntryFilter {
@@ -84,6 +86,10 @@ impl EntryFilter {
                 .selector
                 .as_ref()
                 .is_none_or(|s| e.spec.selectors.contains(s))
+            && self
+                .owner
+                .as_ref()
+                .is_none_or(|o| e.spec.owner.as_ref() == Some(o))
     }
 }
 

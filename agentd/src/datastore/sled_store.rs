@@ -75,6 +75,12 @@ const GRANTS_BY_AGENT: &str = "grants_by_agent";
 const ISSUED_BY_HANDLE: &str = "issued_by_handle";
 /// In `meta`: the issuance index has been built from the records.
 const ISSUED_INDEX_BUILT: &[u8] = b"issued_index_built";
+/// Index: owner, a 0 byte, entry id -> nothing: an owner's entries (owner suspension,
+/// `entry show --owner`) without a scan. Entries without an owner are not in it. Kept in each
+/// entry's transaction; built at open once (`OWNER_INDEX_BUILT`) and with the other entry
+/// indexes whenever they are rebuilt.
+const ENTRIES_BY_OWNER: &str = "entries_by_owner";
+const OWNER_INDEX_BUILT: &[u8] = b"owner_index_built";
 /// In `meta`: the entry indexes have been built; they are kept in each entry's transaction
 /// from then on.
 const ENTRY_INDEXES_BUILT: &[u8] = b"entry_indexes_built";
@@ -86,6 +92,7 @@ pub struct SledStore {
     entry_identities: sled::Tree,
     entries_by_parent: sled::Tree,
     entries_by_spiffe_id: sled::Tree,
+    entries_by_owner: sled::Tree,
     nodes: sled::Tree,
     join_tokens: sled::Tree,
     issued: sled::Tree,
@@ -153,6 +160,7 @@ impl SledStore {
             entry_identities: db.open_tree(ENTRY_IDENTITIES).map_err(backend)?,
             entries_by_parent: db.open_tree(ENTRIES_BY_PARENT).map_err(backend)?,
             entries_by_spiffe_id: db.open_tree(ENTRIES_BY_SPIFFE_ID).map_err(backend)?,
+            entries_by_owner: db.open_tree(ENTRIES_BY_OWNER).map_err(backend)?,
             nodes: db.open_tree(NODES).map_err(backend)?,
             join_tokens: db.open_tree(JOIN_TOKENS).map_err(backend)?,
             issued: db.open_tree(ISSUED).map_err(backend)?,
@@ -250,8 +258,10 @@ impl SledStore {
             .get(ENTRY_INDEXES_BUILT)
             .map_err(backend)?
             .is_some();
+        let owners_built = self.meta.get(OWNER_INDEX_BUILT).map_err(backend)?.is_some();
         let n = self.entries.len();
         if built
+            && owners_built
             && self.entry_identities.len() == n
             && self.entries_by_parent.len() == n
             && self.entries_by_spiffe_id.len() == n
@@ -262,6 +272,9 @@ impl SledStore {
         self.meta
             .insert(ENTRY_INDEXES_BUILT, &[1u8])
             .map_err(backend)?;
+        self.meta
+            .insert(OWNER_INDEX_BUILT, &[1u8])
+            .map_err(backend)?;
         self.db.flush().map_err(backend)?;
         Ok(())
     }
@@ -271,6 +284,7 @@ impl SledStore {
         self.entry_identities.clear().map_err(backend)?;
         self.entries_by_parent.clear().map_err(backend)?;
         self.entries_by_spiffe_id.clear().map_err(backend)?;
+        self.entries_by_owner.clear().map_err(backend)?;
         for kv in self.entries.iter() {
             let (k, v) = kv.map_err(backend)?;
             // A record that does not decode is not indexed: reading it keeps failing with
@@ -286,6 +300,9 @@ impl SledStore {
                     self.entries_by_spiffe_id
                         .insert(index_key(&e.spec.spiffe_id, &e.id), &[])
                         .map_err(backend)?;
+                    if let Some(key) = owner_key(&e.spec, &e.id) {
+                        self.entries_by_owner.insert(key, &[]).map_err(backend)?;
+                    }
                 }
                 Err(e) => tracing::warn!(error = %e, "entry record not indexed"),
             }
@@ -655,6 +672,19 @@ fn grant_index_key(agent: &SpiffeId, id: &GrantId) -> Vec<u8> {
     key
 }
 
+/// `entries_by_owner` key of an entry with an owner: the owner, a 0 byte, the entry id.
+fn owner_key(spec: &EntrySpec, id: &EntryId) -> Option<Vec<u8>> {
+    let mut key = owner_prefix(spec.owner.as_deref()?);
+    key.extend_from_slice(id.as_str().as_bytes());
+    Some(key)
+}
+
+fn owner_prefix(owner: &str) -> Vec<u8> {
+    let mut key = owner.as_bytes().to_vec();
+    key.push(0);
+    key
+}
+
 fn index_prefix(parent: &SpiffeId) -> Vec<u8> {
     let mut key = parent.to_string().into_bytes();
     key.push(0);
@@ -686,17 +716,22 @@ impl DataStore for SledStore {
         let key = identity_key(&entry.spec);
         let by_parent = index_key(&entry.spec.parent_id, &entry.id);
         let by_id = index_key(&entry.spec.spiffe_id, &entry.id);
+        let by_owner = owner_key(&entry.spec, &entry.id);
         (
             &self.entries,
             &self.entry_identities,
             &self.entries_by_parent,
             &self.entries_by_spiffe_id,
+            &self.entries_by_owner,
         )
-            .transaction(|(entries, identities, parents, ids)| {
+            .transaction(|(entries, identities, parents, ids, owners)| {
                 entries.insert(entry.id.as_str(), value.as_slice())?;
                 identities.insert(&key, entry.id.as_str())?;
                 parents.insert(by_parent.as_slice(), &[])?;
                 ids.insert(by_id.as_slice(), &[])?;
+                if let Some(k) = &by_owner {
+                    owners.insert(k.as_slice(), &[])?;
+                }
                 Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
             })
             .map_err(tx_err)?;
@@ -716,14 +751,14 @@ impl DataStore for SledStore {
 
     async fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<Entry>> {
         // O(matching entries) through an index when the filter names a parent or a SPIFFE ID.
-        let index = match (&filter.parent_id, &filter.spiffe_id) {
-            (Some(parent), _) => Some((&self.entries_by_parent, parent)),
-            (None, Some(id)) => Some((&self.entries_by_spiffe_id, id)),
-            (None, None) => None,
+        let index = match (&filter.parent_id, &filter.spiffe_id, &filter.owner) {
+            (Some(parent), _, _) => Some((&self.entries_by_parent, index_prefix(parent))),
+            (None, Some(id), _) => Some((&self.entries_by_spiffe_id, index_prefix(id))),
+            (None, None, Some(owner)) => Some((&self.entries_by_owner, owner_prefix(owner))),
+            (None, None, None) => None,
         };
         let candidates = match index {
-            Some((tree, key)) => {
-                let prefix = index_prefix(key);
+            Some((tree, prefix)) => {
                 let mut out = Vec::new();
                 for kv in tree.scan_prefix(&prefix) {
                     let (k, _) = kv.map_err(backend)?;
@@ -768,13 +803,16 @@ impl DataStore for SledStore {
         let new_parent = index_key(&updated.spec.parent_id, id);
         let old_id = index_key(&current.spec.spiffe_id, id);
         let new_id = index_key(&updated.spec.spiffe_id, id);
+        let old_owner = owner_key(&current.spec, id);
+        let new_owner = owner_key(&updated.spec, id);
         (
             &self.entries,
             &self.entry_identities,
             &self.entries_by_parent,
             &self.entries_by_spiffe_id,
+            &self.entries_by_owner,
         )
-            .transaction(|(entries, identities, parents, ids)| {
+            .transaction(|(entries, identities, parents, ids, owners)| {
                 entries.insert(id.as_str(), value.as_slice())?;
                 identities.remove(&old_key)?;
                 identities.insert(&new_key, id.as_str())?;
@@ -782,6 +820,12 @@ impl DataStore for SledStore {
                 parents.insert(new_parent.as_slice(), &[])?;
                 ids.remove(old_id.as_slice())?;
                 ids.insert(new_id.as_slice(), &[])?;
+                if let Some(k) = &old_owner {
+                    owners.remove(k.as_slice())?;
+                }
+                if let Some(k) = &new_owner {
+                    owners.insert(k.as_slice(), &[])?;
+                }
                 Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
             })
             .map_err(tx_err)?;
@@ -798,17 +842,22 @@ impl DataStore for SledStore {
         let key = identity_key(&old.spec);
         let by_parent = index_key(&old.spec.parent_id, id);
         let by_id = index_key(&old.spec.spiffe_id, id);
+        let by_owner = owner_key(&old.spec, id);
         (
             &self.entries,
             &self.entry_identities,
             &self.entries_by_parent,
             &self.entries_by_spiffe_id,
+            &self.entries_by_owner,
         )
-            .transaction(|(entries, identities, parents, ids)| {
+            .transaction(|(entries, identities, parents, ids, owners)| {
                 entries.remove(id.as_str())?;
                 identities.remove(&key)?;
                 parents.remove(by_parent.as_slice())?;
                 ids.remove(by_id.as_slice())?;
+                if let Some(k) = &by_owner {
+                    owners.remove(k.as_slice())?;
+                }
                 Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
             })
             .map_err(tx_err)?;
@@ -1653,6 +1702,91 @@ mod tests {
             .unwrap();
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].id, "aa");
+    }
+
+    #[tokio::test]
+    async fn the_owner_index_follows_creates_updates_deletes_and_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let by_owner = |owner: &str| EntryFilter {
+            owner: Some(owner.into()),
+            ..Default::default()
+        };
+        let paths = |v: Vec<Entry>| -> Vec<String> {
+            v.into_iter()
+                .map(|e| e.spec.spiffe_id.path().to_string())
+                .collect()
+        };
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            // `spec` gives alice as the owner.
+            let a = store
+                .create_entry(spec("spiffe://example.org/a", "unix:uid:1"), 0)
+                .await
+                .unwrap();
+            let b = store
+                .create_entry(spec("spiffe://example.org/b", "unix:uid:2"), 0)
+                .await
+                .unwrap();
+            let mut none = spec("spiffe://example.org/c", "unix:uid:3");
+            none.owner = None;
+            store.create_entry(none, 0).await.unwrap();
+            assert_eq!(
+                store.entries_by_owner.len(),
+                2,
+                "entries without an owner are not indexed"
+            );
+            assert_eq!(
+                paths(
+                    store
+                        .list_entries(&by_owner("alice@example.com"))
+                        .await
+                        .unwrap()
+                ),
+                ["/a", "/b"]
+            );
+            let mut moved = b.spec.clone();
+            moved.owner = Some("bob@example.com".into());
+            store.update_entry(&b.id, moved).await.unwrap();
+            assert_eq!(
+                paths(
+                    store
+                        .list_entries(&by_owner("alice@example.com"))
+                        .await
+                        .unwrap()
+                ),
+                ["/a"]
+            );
+            assert_eq!(
+                paths(
+                    store
+                        .list_entries(&by_owner("bob@example.com"))
+                        .await
+                        .unwrap()
+                ),
+                ["/b"]
+            );
+            store.delete_entry(&a.id).await.unwrap();
+            assert!(store
+                .list_entries(&by_owner("alice@example.com"))
+                .await
+                .unwrap()
+                .is_empty());
+            // As a store written before the owner index.
+            store.entries_by_owner.clear().unwrap();
+            store.meta.remove(OWNER_INDEX_BUILT).unwrap();
+            store.db.flush().unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(
+            paths(
+                store
+                    .list_entries(&by_owner("bob@example.com"))
+                    .await
+                    .unwrap()
+            ),
+            ["/b"]
+        );
+        assert_eq!(store.entries_by_owner.len(), 1);
     }
 
     #[tokio::test]

@@ -254,6 +254,7 @@ pub(super) async fn list(
         } else {
             Some(req.selector.parse().map_err(|e| invalid("selector", e))?)
         },
+        owner: parse_owner(&req.owner)?,
     };
     let lifecycle = LifecycleFilter {
         stale: match req.stale_seconds {

@@ -28,18 +28,19 @@ pub(super) async fn set_disabled(
     api.state
         .changes
         .publish(crate::server::changes::ChangeScope::All, Default::default());
+    // The owner's entries, through the store's owner index.
     let entries: Vec<EntryStatus> = ownership::list_entries(
         api.state.store.as_ref(),
-        &EntryFilter::default(),
+        &EntryFilter {
+            owner: Some(owner.clone()),
+            ..Default::default()
+        },
         &LifecycleFilter::default(),
         suspend,
         api.now(),
     )
     .await
-    .map_err(AdminError::from)?
-    .into_iter()
-    .filter(|s| s.entry.spec.owner.as_deref() == Some(owner.as_str()))
-    .collect();
+    .map_err(AdminError::from)?;
     let actor = Actor::admin(uid);
     let (owner_action, entry_action) = if req.disabled {
         ("owner.disable", "entry.owner_disabled")
