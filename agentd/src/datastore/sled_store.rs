@@ -328,15 +328,36 @@ impl SledStore {
         Ok(())
     }
 
-    fn entry_records(&self) -> Result<Vec<Entry>> {
-        self.entries
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv.map_err(backend)?;
-                decode::<EntryRecord>(&k, &v)?.into_entry(&k)
-            })
-            .collect()
+    async fn entry_records(&self) -> Result<Vec<Entry>> {
+        scan_tree(&self.entries, |k, v| {
+            decode::<EntryRecord>(k, v)?.into_entry(k).map(Some)
+        })
+        .await
     }
+}
+
+/// Decodes every record of `tree` through `decode_one` (`None` skips one) on the blocking
+/// pool: a scan of a large tree (100,000 entries, a million revocation events) runs long
+/// enough to stall an async worker, and with it every call that worker serves. Lookups
+/// through a key or an index stay inline; they are a few microseconds.
+async fn scan_tree<T, F>(tree: &sled::Tree, decode_one: F) -> Result<Vec<T>>
+where
+    T: Send + 'static,
+    F: Fn(&[u8], &[u8]) -> Result<Option<T>> + Send + 'static,
+{
+    let tree = tree.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        for kv in tree.iter() {
+            let (k, v) = kv.map_err(backend)?;
+            if let Some(item) = decode_one(&k, &v)? {
+                out.push(item);
+            }
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|e| backend(format!("store scan: {e}")))?
 }
 
 /// sled reports a store locked by another process as a generic I/O error whose message
@@ -769,7 +790,7 @@ impl DataStore for SledStore {
                 }
                 out
             }
-            None => self.entry_records()?,
+            None => self.entry_records().await?,
         };
         let mut entries: Vec<Entry> = candidates
             .into_iter()
@@ -895,13 +916,10 @@ impl DataStore for SledStore {
     }
 
     async fn list_nodes(&self) -> Result<Vec<AttestedNode>> {
-        self.nodes
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv.map_err(backend)?;
-                decode::<NodeRecord>(&k, &v)?.into_node(&k)
-            })
-            .collect()
+        scan_tree(&self.nodes, |k, v| {
+            decode::<NodeRecord>(k, v)?.into_node(k).map(Some)
+        })
+        .await
     }
 
     async fn delete_node(&self, spiffe_id: &SpiffeId) -> Result<AttestedNode> {
@@ -963,15 +981,15 @@ impl DataStore for SledStore {
     }
 
     async fn list_issued(&self, now: i64) -> Result<Vec<IssuedSvid>> {
-        let mut out = Vec::new();
-        for kv in self.issued.iter() {
-            let (k, v) = kv.map_err(backend)?;
-            let record: IssuedRecord = decode(&k, &v)?;
+        scan_tree(&self.issued, move |k, v| {
+            let record: IssuedRecord = decode(k, v)?;
             if record.expires_at() > now {
-                out.push(record.into_issued(&k)?);
+                record.into_issued(k).map(Some)
+            } else {
+                Ok(None)
             }
-        }
-        Ok(out)
+        })
+        .await
     }
 
     async fn list_issued_covered(
@@ -1011,20 +1029,20 @@ impl DataStore for SledStore {
     }
 
     async fn prune_issued(&self, now: i64) -> Result<usize> {
-        let mut expired = Vec::new();
-        for kv in self.issued.iter() {
-            let (k, v) = kv.map_err(backend)?;
-            let record: IssuedRecord = decode(&k, &v)?;
-            if record.expires_at() <= now {
-                let index_keys = issued_index_keys(&record.into_issued(&k)?, &k);
-                expired.push((k, index_keys));
+        let expired = scan_tree(&self.issued, move |k, v| {
+            let record: IssuedRecord = decode(k, v)?;
+            if record.expires_at() > now {
+                return Ok(None);
             }
-        }
+            let index_keys = issued_index_keys(&record.into_issued(k)?, k);
+            Ok(Some((k.to_vec(), index_keys)))
+        })
+        .await?;
         // Records first, then their index keys (see ISSUED_BY_HANDLE).
         let mut records = sled::Batch::default();
         let mut index = sled::Batch::default();
         for (k, index_keys) in &expired {
-            records.remove(k);
+            records.remove(k.as_slice());
             for key in index_keys {
                 index.remove(key.as_slice());
             }
@@ -1084,13 +1102,10 @@ impl DataStore for SledStore {
     }
 
     async fn list_revocations(&self) -> Result<Vec<RevocationEvent>> {
-        self.revocations
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv.map_err(backend)?;
-                decode::<EventRecord>(&k, &v)?.into_event(&k)
-            })
-            .collect()
+        scan_tree(&self.revocations, |k, v| {
+            decode::<EventRecord>(k, v)?.into_event(k).map(Some)
+        })
+        .await
     }
 
     async fn revocation_head(&self) -> Result<u64> {
@@ -1254,17 +1269,15 @@ impl DataStore for SledStore {
     }
 
     async fn entry_activity(&self) -> Result<std::collections::HashMap<EntryId, EntryActivity>> {
-        self.entry_activity
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv.map_err(backend)?;
-                let id: EntryId = std::str::from_utf8(&k)
-                    .map_err(|e| corrupt(&k, "key", e))?
-                    .parse()
-                    .map_err(|e| corrupt(&k, "key", e))?;
-                Ok((id, decode::<ActivityRecord>(&k, &v)?.into_activity()))
-            })
-            .collect()
+        let pairs = scan_tree(&self.entry_activity, |k, v| {
+            let id: EntryId = std::str::from_utf8(k)
+                .map_err(|e| corrupt(k, "key", e))?
+                .parse()
+                .map_err(|e| corrupt(k, "key", e))?;
+            Ok(Some((id, decode::<ActivityRecord>(k, v)?.into_activity())))
+        })
+        .await?;
+        Ok(pairs.into_iter().collect())
     }
 
     async fn set_owner_disabled(
@@ -1357,14 +1370,10 @@ impl DataStore for SledStore {
     }
 
     async fn list_grants(&self) -> Result<Vec<Grant>> {
-        let mut grants = self
-            .grants
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv.map_err(backend)?;
-                decode::<GrantRecord>(&k, &v)?.into_grant(&k)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let mut grants = scan_tree(&self.grants, |k, v| {
+            decode::<GrantRecord>(k, v)?.into_grant(k).map(Some)
+        })
+        .await?;
         grants.sort_by(|a, b| (a.agent(), &a.id).cmp(&(b.agent(), &b.id)));
         Ok(grants)
     }
