@@ -134,11 +134,21 @@ impl NodeRevocations {
                 continue;
             }
             cache.apply_revocation(&event, own_id);
-            tracing::info!(sequence = event.sequence, handle = %event.handle, lift = !event.is_revoke(), "revocation applied");
+            // Per event at debug: a node catching up a long log applies a million of them.
+            tracing::debug!(sequence = event.sequence, handle = %event.handle, lift = !event.is_revoke(), "revocation applied");
+            let event = Arc::new(event);
             let mut g = self.write();
-            g.set.apply(&event);
-            g.events.push(Arc::new(event));
+            g.set.apply_shared(&event);
+            g.events.push(event);
             applied_count += 1;
+        }
+        if applied_count > 0 {
+            tracing::info!(
+                applied = applied_count,
+                through = self.applied(),
+                head = msg.head_sequence,
+                "revocations applied"
+            );
         }
         // A page of the backlog (`more`) does not reach the head; the last page does.
         gap |= !msg.compacted && !msg.more && seen < msg.head_sequence;
@@ -149,13 +159,17 @@ impl NodeRevocations {
         }
         g.last_heard = Some(now);
         g.caught_up = !gap && !msg.more;
-        g.set.forget_expired(unix_now);
-        let live = |e: &RevocationEvent| {
-            !e.is_revoke() || e.expires_at >= unix_now || g.set.is_standing(&e.handle)
-        };
-        let keep: Vec<Arc<RevocationEvent>> =
-            g.events.iter().filter(|e| live(e)).cloned().collect();
-        g.events = keep;
+        // Expired events go once the backlog is in (each pass is O(events kept); once per
+        // page of a million-event catch-up would make it quadratic).
+        if !msg.more {
+            g.set.forget_expired(unix_now);
+            let live = |e: &RevocationEvent| {
+                !e.is_revoke() || e.expires_at >= unix_now || g.set.is_standing(&e.handle)
+            };
+            let keep: Vec<Arc<RevocationEvent>> =
+                g.events.iter().filter(|e| live(e)).cloned().collect();
+            g.events = keep;
+        }
         let head = g.set.applied;
         drop(g);
         self.head.send_replace(head);

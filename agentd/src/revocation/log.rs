@@ -77,17 +77,15 @@ impl RevocationLog {
     pub async fn open(store: Arc<dyn DataStore>) -> Result<Self, DataStoreError> {
         let events = store.list_revocations().await?;
         let head = store.revocation_head().await?;
+        let events: Vec<Arc<RevocationEvent>> = events.into_iter().map(Arc::new).collect();
         let mut set = RevocationSet::new();
         for e in &events {
-            set.apply(e);
+            set.apply_shared(e);
         }
         set.applied = head;
         Ok(Self {
             store,
-            state: RwLock::new(LogState {
-                events: events.into_iter().map(Arc::new).collect(),
-                set,
-            }),
+            state: RwLock::new(LogState { events, set }),
             head: watch::channel(head).0,
             writes: Mutex::new(()),
             issuance: tokio::sync::RwLock::new(()),
@@ -305,8 +303,9 @@ impl RevocationLog {
     fn publish(&self, event: &RevocationEvent) {
         {
             let mut g = self.write();
-            g.set.apply(event);
-            g.events.push(Arc::new(event.clone()));
+            let event = Arc::new(event.clone());
+            g.set.apply_shared(&event);
+            g.events.push(event);
         }
         self.head.send_replace(event.sequence);
         tracing::info!(sequence = event.sequence, handle = %event.handle, lift = !event.is_revoke(), svids = event.serials.len(), jwts = event.jwt_ids.len(), "revocation committed");

@@ -13,6 +13,7 @@ pub mod feed;
 pub mod log;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 pub use crate::model::revocation::*;
 
@@ -23,10 +24,11 @@ pub use crate::model::revocation::*;
 pub struct RevocationSet {
     /// The last sequence applied.
     pub applied: u64,
-    /// Standing revocations by handle, with their event.
-    standing: HashMap<RevocationHandle, RevocationEvent>,
-    /// Sequence -> handle, to lift by sequence.
-    by_sequence: BTreeMap<u64, RevocationHandle>,
+    /// Standing revocations by handle, with their event (shared with the log or feed that
+    /// keeps the same event: a million standing events are held once, not twice).
+    standing: HashMap<RevocationHandle, Arc<RevocationEvent>>,
+    /// Sequence -> its event (the same one), to lift by sequence.
+    by_sequence: BTreeMap<u64, Arc<RevocationEvent>>,
     /// Revoked serials, each with the number of standing events that cover it: an event
     /// applied or lifted adds or removes only its own, so applying is O(what it covers), not
     /// O(everything standing), and a serial two events cover stays revoked when one is lifted.
@@ -54,22 +56,28 @@ impl RevocationSet {
     /// Applies one event; events at or below `applied` are ignored (a replay after a
     /// reconnect is harmless).
     pub fn apply(&mut self, event: &RevocationEvent) {
+        if event.sequence > self.applied {
+            self.apply_shared(&Arc::new(event.clone()));
+        }
+    }
+
+    /// [`apply`](Self::apply) of an event the caller keeps too, without a copy of it.
+    pub fn apply_shared(&mut self, event: &Arc<RevocationEvent>) {
         if event.sequence <= self.applied {
             return;
         }
         self.applied = event.sequence;
         match event.action {
             RevocationAction::Revoke => {
-                self.by_sequence
-                    .insert(event.sequence, event.handle.clone());
+                self.by_sequence.insert(event.sequence, event.clone());
                 if let Some(old) = self.standing.insert(event.handle.clone(), event.clone()) {
                     self.account(&old, false);
                 }
                 self.account(event, true);
             }
             RevocationAction::Lift { revocation } => {
-                if let Some(handle) = self.by_sequence.remove(&revocation) {
-                    if let Some(old) = self.standing.remove(&handle) {
+                if let Some(lifted) = self.by_sequence.remove(&revocation) {
+                    if let Some(old) = self.standing.remove(&lifted.handle) {
                         self.account(&old, false);
                     }
                 }
@@ -121,7 +129,7 @@ impl RevocationSet {
 
     /// The standing revocation of this handle, if any.
     pub fn standing(&self, handle: &RevocationHandle) -> Option<&RevocationEvent> {
-        self.standing.get(handle)
+        self.standing.get(handle).map(|e| &**e)
     }
 
     /// The standing revocation of this handle, if any.
@@ -131,7 +139,7 @@ impl RevocationSet {
 
     /// Every standing revocation, by sequence.
     pub fn standing_events(&self) -> Vec<&RevocationEvent> {
-        let mut v: Vec<&RevocationEvent> = self.standing.values().collect();
+        let mut v: Vec<&RevocationEvent> = self.standing.values().map(|e| &**e).collect();
         v.sort_by_key(|e| e.sequence);
         v
     }
