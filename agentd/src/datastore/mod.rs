@@ -2,6 +2,8 @@
 //! that another store (PostgreSQL, shared by several servers) can sit behind it. Every
 //! operation is one transaction, durable when it returns.
 
+#[cfg(test)]
+pub(crate) mod conformance;
 mod lifecycle;
 mod model;
 mod revocation_records;

@@ -1489,6 +1489,18 @@ impl DataStore for SledStore {
     }
 }
 
+/// The store conformance suite (`datastore::conformance`) on sled.
+#[cfg(test)]
+mod conformance_suite {
+    fn open() -> (tempfile::TempDir, crate::datastore::conformance::Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(super::SledStore::open(dir.path()).unwrap());
+        (dir, store)
+    }
+
+    crate::datastore::conformance::datastore_conformance!(open());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

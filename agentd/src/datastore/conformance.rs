@@ -1,0 +1,626 @@
+//! The one conformance suite of the `DataStore` trait: every backend runs these same checks
+//! (sled's test module instantiates them with [`datastore_conformance!`]; a shared SQL store
+//! runs them too), each on a fresh, empty store. They assert what the trait promises a
+//! caller, not how a backend keeps it: records round-trip, listings filter and order, a
+//! single-use token is used once, sequence numbers are gap-free and never reused, and
+//! concurrent writers of the revocation and audit logs still get one unbroken sequence
+//! and hash chain. What only one backend has (sled's index rebuilds, its file lock) is
+//! tested beside that backend.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use spiffe::SpiffeId;
+
+use super::{
+    AttestedNode, DataStore, DataStoreError, DelegationOffer, EntryFilter, EntryId, EntryIssuance,
+    EntrySpec, Grant, JoinToken,
+};
+use crate::delegation::{Delegation, GrantId, Hop, ScopeSet};
+use crate::model::audit::AuditRecord;
+use crate::model::revocation::{
+    IssuedSvid, RevocationAction, RevocationEvent, RevocationHandle, RevokedSerial, SvidKind,
+};
+use crate::ttl::Ttl;
+
+pub(crate) type Store = Arc<dyn DataStore>;
+
+/// Writers in the concurrency checks, and appends each.
+const WRITERS: usize = 4;
+const APPENDS: usize = 25;
+
+fn id(s: &str) -> SpiffeId {
+    SpiffeId::new(s).unwrap()
+}
+
+fn spec(spiffe_id: &str, parent: &str, selector: &str, owner: Option<&str>) -> EntrySpec {
+    EntrySpec {
+        spiffe_id: id(spiffe_id),
+        parent_id: id(parent),
+        selectors: vec![selector.parse().unwrap()],
+        x509_svid_ttl: Ttl::from_secs(3600).unwrap(),
+        jwt_svid_ttl: Ttl::from_secs(300).unwrap(),
+        dns_names: vec!["api.example.org".into()],
+        hint: "primary".into(),
+        scopes: vec!["crm:read".into()],
+        owner: owner.map(str::to_string),
+    }
+}
+
+fn node(spiffe_id: &str, selectors: &[&str]) -> AttestedNode {
+    AttestedNode {
+        spiffe_id: id(spiffe_id),
+        attestation_type: "join_token".into(),
+        serial: "1a".into(),
+        svid_expires_at: 10_000,
+        attested_at: 5,
+        last_seen_at: 6,
+        selectors: selectors.iter().map(|s| s.parse().unwrap()).collect(),
+        previous_serial: Some("19".into()),
+        previous_svid_expires_at: Some(9_000),
+    }
+}
+
+fn revocation(serial: &str) -> RevocationEvent {
+    RevocationEvent {
+        sequence: 0,
+        action: RevocationAction::Revoke,
+        handle: RevocationHandle::Svid(serial.into()),
+        reason: "conformance".into(),
+        at: 10,
+        serials: vec![RevokedSerial {
+            serial: serial.into(),
+            authority_id: "ca1".into(),
+            expires_at: 1_000,
+        }],
+        jwt_ids: vec![],
+        expires_at: 1_000,
+    }
+}
+
+fn grant(agent: &str, expires_at: i64) -> Grant {
+    let grant_id = GrantId::generate();
+    Grant {
+        id: grant_id.clone(),
+        delegation: Delegation {
+            principal: "user:alice@example.com".parse().unwrap(),
+            chain: vec![Hop {
+                agent: id(agent),
+                grant_id,
+            }],
+            scopes: ScopeSet::parse(&["calendar:*"]).unwrap(),
+            expires_at,
+            remaining_depth: 1,
+            task_id: None,
+        },
+        parent_grant_id: None,
+        created_at: 0,
+    }
+}
+
+fn paths(entries: &[super::Entry]) -> Vec<&str> {
+    entries.iter().map(|e| e.spec.spiffe_id.path()).collect()
+}
+
+pub(crate) async fn entries_round_trip_with_revisions_and_duplicates(store: Store) {
+    let a = store
+        .create_entry(
+            spec(
+                "spiffe://example.org/a",
+                "spiffe://example.org/node/1",
+                "unix:uid:1",
+                Some("alice@example.com"),
+            ),
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!((a.revision, a.created_at), (1, 10));
+    assert_eq!(store.get_entry(&a.id).await.unwrap().as_ref(), Some(&a));
+    // The same SPIFFE ID, parent and selectors: a duplicate, however the rest differs.
+    let mut same = a.spec.clone();
+    same.hint = "other".into();
+    match store.create_entry(same, 11).await {
+        Err(DataStoreError::DuplicateEntry { id }) => assert_eq!(id, a.id.to_string()),
+        other => panic!("expected DuplicateEntry, got {other:?}"),
+    }
+    let mut changed = a.spec.clone();
+    changed.scopes = vec!["crm:write".into()];
+    let updated = store.update_entry(&a.id, changed.clone()).await.unwrap();
+    assert_eq!((updated.revision, updated.created_at), (2, 10));
+    assert_eq!(updated.spec, changed);
+    // An update may not take another entry's identity.
+    let b = store
+        .create_entry(
+            spec(
+                "spiffe://example.org/b",
+                "spiffe://example.org/node/1",
+                "unix:uid:2",
+                None,
+            ),
+            12,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.update_entry(&b.id, changed).await,
+        Err(DataStoreError::DuplicateEntry { .. })
+    ));
+    let gone = store.delete_entry(&a.id).await.unwrap();
+    assert_eq!(gone.id, a.id);
+    assert_eq!(store.get_entry(&a.id).await.unwrap(), None);
+    let missing = EntryId::generate();
+    assert!(matches!(
+        store.delete_entry(&missing).await,
+        Err(DataStoreError::EntryNotFound { .. })
+    ));
+    assert!(matches!(
+        store.update_entry(&missing, b.spec.clone()).await,
+        Err(DataStoreError::EntryNotFound { .. })
+    ));
+    // Its identity is free again.
+    store
+        .create_entry(
+            spec(
+                "spiffe://example.org/a",
+                "spiffe://example.org/node/1",
+                "unix:uid:1",
+                None,
+            ),
+            13,
+        )
+        .await
+        .unwrap();
+}
+
+pub(crate) async fn entry_listings_filter_and_order_by_spiffe_id(store: Store) {
+    let n1 = "spiffe://example.org/node/1";
+    let n2 = "spiffe://example.org/node/2";
+    for (path, parent, sel, owner) in [
+        ("c", n1, "unix:uid:1", Some("alice@example.com")),
+        ("a", n2, "unix:uid:1", None),
+        ("b", n1, "unix:uid:2", Some("bob@example.com")),
+        ("a", n1, "unix:uid:3", Some("alice@example.com")),
+    ] {
+        store
+            .create_entry(
+                spec(&format!("spiffe://example.org/{path}"), parent, sel, owner),
+                0,
+            )
+            .await
+            .unwrap();
+    }
+    let list = |f: EntryFilter| {
+        let store = store.clone();
+        async move { store.list_entries(&f).await.unwrap() }
+    };
+    let all = list(EntryFilter::default()).await;
+    assert_eq!(
+        paths(&all),
+        ["/a", "/a", "/b", "/c"],
+        "ordered by SPIFFE ID"
+    );
+    let by_parent = list(EntryFilter {
+        parent_id: Some(id(n1)),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(paths(&by_parent), ["/a", "/b", "/c"]);
+    let by_id = list(EntryFilter {
+        spiffe_id: Some(id("spiffe://example.org/a")),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(by_id.len(), 2);
+    let by_selector = list(EntryFilter {
+        selector: Some("unix:uid:1".parse().unwrap()),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(paths(&by_selector), ["/a", "/c"]);
+    let by_owner = list(EntryFilter {
+        owner: Some("alice@example.com".into()),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(paths(&by_owner), ["/a", "/c"]);
+    let combined = list(EntryFilter {
+        parent_id: Some(id(n1)),
+        spiffe_id: Some(id("spiffe://example.org/a")),
+        owner: Some("alice@example.com".into()),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(combined.len(), 1);
+    assert_eq!(combined[0].spec.parent_id, id(n1));
+}
+
+pub(crate) async fn nodes_and_join_tokens(store: Store) {
+    let a = node("spiffe://example.org/node/a", &["join_token:fleet"]);
+    store.upsert_node(a.clone()).await.unwrap();
+    assert_eq!(store.get_node(&a.spiffe_id).await.unwrap(), Some(a.clone()));
+    let mut seen = a.clone();
+    seen.last_seen_at = 99;
+    store.upsert_node(seen.clone()).await.unwrap();
+    store
+        .upsert_node(node("spiffe://example.org/node/b", &[]))
+        .await
+        .unwrap();
+    let listed = store.list_nodes().await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(listed.contains(&seen));
+    assert_eq!(store.delete_node(&a.spiffe_id).await.unwrap(), seen);
+    assert!(matches!(
+        store.delete_node(&a.spiffe_id).await,
+        Err(DataStoreError::NodeNotFound { .. })
+    ));
+
+    // A join token is taken once, even by several takers at the same moment.
+    let token = JoinToken {
+        token_sha256: "ab".repeat(32),
+        spiffe_id: id("spiffe://example.org/node/c"),
+        expires_at: 500,
+    };
+    store.create_join_token(token.clone()).await.unwrap();
+    let takers: Vec<_> = (0..WRITERS)
+        .map(|_| {
+            let store = store.clone();
+            let digest = token.token_sha256.clone();
+            tokio::spawn(async move { store.take_join_token(&digest).await.unwrap() })
+        })
+        .collect();
+    let mut taken = Vec::new();
+    for t in takers {
+        taken.extend(t.await.unwrap());
+    }
+    assert_eq!(taken, [token]);
+}
+
+fn issued(kind: SvidKind, serial: &str) -> IssuedSvid {
+    IssuedSvid {
+        kind,
+        id: serial.into(),
+        spiffe_id: "spiffe://example.org/w".into(),
+        entry_id: None,
+        node_id: None,
+        grant_chain: vec![],
+        task_id: None,
+        authority_id: "ca1".into(),
+        expires_at: 1_000,
+    }
+}
+
+pub(crate) async fn issued_svids_are_found_by_every_handle_and_pruned(store: Store) {
+    let entry = EntryId::generate();
+    let node_id = id("spiffe://example.org/node/a");
+    let mut delegated = issued(SvidKind::X509, "00beef");
+    delegated.entry_id = Some(entry.to_string());
+    delegated.node_id = Some(node_id.clone());
+    delegated.grant_chain = vec!["g1".into(), "g2".into()];
+    delegated.task_id = Some("t1".into());
+    let mut jwt = issued(SvidKind::Jwt, "0a0a");
+    jwt.entry_id = Some(entry.to_string());
+    jwt.authority_id = "kid".into();
+    let mut node_svid = issued(SvidKind::Node, "7");
+    node_svid.node_id = Some(node_id.clone());
+    let mut old = issued(SvidKind::X509, "99");
+    old.expires_at = 50;
+    old.entry_id = Some(entry.to_string());
+    store
+        .record_issued(&[delegated, jwt, node_svid, old])
+        .await
+        .unwrap();
+    let ids = |v: Vec<IssuedSvid>| -> BTreeSet<String> { v.into_iter().map(|s| s.id).collect() };
+    assert_eq!(
+        store.list_issued(100).await.unwrap().len(),
+        3,
+        "the expired one is not live"
+    );
+    let covered = |handles: Vec<RevocationHandle>| {
+        let store = store.clone();
+        async move { ids(store.list_issued_covered(&handles, 100).await.unwrap()) }
+    };
+    let set = |v: &[&str]| -> BTreeSet<String> { v.iter().map(|s| s.to_string()).collect() };
+    assert_eq!(
+        covered(vec![RevocationHandle::Svid("beef".into())]).await,
+        set(&["00beef"])
+    );
+    assert_eq!(
+        covered(vec![RevocationHandle::Entry(entry.clone())]).await,
+        set(&["00beef", "0a0a"])
+    );
+    assert_eq!(
+        covered(vec![RevocationHandle::Node(node_id)]).await,
+        set(&["00beef", "7"])
+    );
+    assert_eq!(
+        covered(vec![RevocationHandle::Grant("g2".into())]).await,
+        set(&["00beef"])
+    );
+    assert_eq!(
+        covered(vec![RevocationHandle::Task("t1".into())]).await,
+        set(&["00beef"])
+    );
+    assert_eq!(
+        covered(vec![RevocationHandle::Authority("kid".into())]).await,
+        set(&["0a0a"])
+    );
+    assert_eq!(
+        covered(vec![
+            RevocationHandle::Authority("ca1".into()),
+            RevocationHandle::Entry(entry),
+        ])
+        .await,
+        set(&["00beef", "0a0a", "7"]),
+        "several handles: each SVID once"
+    );
+    assert_eq!(store.prune_issued(100).await.unwrap(), 1);
+    assert_eq!(store.prune_issued(100).await.unwrap(), 0);
+    assert_eq!(store.prune_issued(1_000).await.unwrap(), 3);
+    assert!(store.list_issued(0).await.unwrap().is_empty());
+}
+
+pub(crate) async fn revocation_sequences_are_gap_free_under_concurrent_appends(store: Store) {
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                for i in 0..APPENDS {
+                    let e = if i % 5 == 4 {
+                        let batch = vec![
+                            revocation(&format!("{w}b{i}")),
+                            revocation(&format!("{w}c{i}")),
+                        ];
+                        store.append_revocations(batch).await.unwrap()
+                    } else {
+                        vec![store
+                            .append_revocation(revocation(&format!("{w}a{i}")))
+                            .await
+                            .unwrap()]
+                    };
+                    got.extend(e.into_iter().map(|e| e.sequence));
+                }
+                got
+            })
+        })
+        .collect();
+    let mut sequences = Vec::new();
+    for w in writers {
+        let got = w.await.unwrap();
+        assert!(
+            got.windows(2).all(|p| p[0] < p[1]),
+            "one writer's appends in order"
+        );
+        sequences.extend(got);
+    }
+    sequences.sort_unstable();
+    let n = sequences.len() as u64;
+    assert_eq!(
+        sequences,
+        (1..=n).collect::<Vec<_>>(),
+        "gap-free, each once"
+    );
+    assert_eq!(store.revocation_head().await.unwrap(), n);
+    let kept = store.list_revocations().await.unwrap();
+    assert_eq!(
+        kept.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        (1..=n).collect::<Vec<_>>()
+    );
+    // Compaction removes events, never their numbers.
+    store.compact_revocations(&[1, 2, n]).await.unwrap();
+    assert_eq!(store.list_revocations().await.unwrap().len() as u64, n - 3);
+    assert_eq!(store.revocation_head().await.unwrap(), n);
+    let next = store.append_revocation(revocation("after")).await.unwrap();
+    assert_eq!(next.sequence, n + 1);
+}
+
+pub(crate) async fn audit_appends_from_concurrent_writers_form_one_chain(store: Store) {
+    let key = Arc::new(crate::audit::key::AuditKey::generate());
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let (store, key) = (store.clone(), key.clone());
+            tokio::spawn(async move {
+                for i in 0..APPENDS {
+                    let records = (0..1 + i % 3)
+                        .map(|k| {
+                            AuditRecord::new("conformance.write", format!("writer-{w}"))
+                                .field("i", i)
+                                .field("k", k)
+                        })
+                        .collect();
+                    store
+                        .append_audit(records, 100 + i as i64, key.as_ref())
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let expected: u64 = (0..APPENDS).map(|i| 1 + (i % 3) as u64).sum::<u64>() * WRITERS as u64;
+    let mut records = Vec::new();
+    loop {
+        let after = records
+            .last()
+            .map_or(0, |r: &crate::model::audit::StoredAuditRecord| r.seq);
+        let page = store.audit_records(after, 7).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 7);
+        records.extend(page);
+    }
+    assert_eq!(
+        records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        (1..=expected).collect::<Vec<_>>(),
+        "gap-free, each once"
+    );
+    let head = store.audit_head().await.unwrap();
+    assert_eq!(head.as_ref().map(|h| h.seq), Some(expected));
+    let report = crate::audit::verify_records(&records, head.as_ref(), key.as_ref());
+    assert!(report.is_intact(), "{:?}", report.problem);
+}
+
+pub(crate) async fn grants_and_single_use_offers(store: Store) {
+    let orchestrator = "spiffe://example.org/orchestrator";
+    let live = grant(orchestrator, 1_000);
+    let expired = grant(orchestrator, 10);
+    let other = grant("spiffe://example.org/scheduler", 1_000);
+    for g in [&live, &expired, &other] {
+        store.create_grant(g.clone()).await.unwrap();
+    }
+    assert!(matches!(
+        store.create_grant(live.clone()).await,
+        Err(DataStoreError::DuplicateGrant { .. })
+    ));
+    assert_eq!(store.get_grant(&live.id).await.unwrap(), Some(live.clone()));
+    assert_eq!(store.list_grants().await.unwrap().len(), 3);
+    let mine: BTreeSet<GrantId> = store
+        .list_grants_for_agent(&id(orchestrator))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|g| g.id)
+        .collect();
+    assert_eq!(mine, BTreeSet::from([live.id.clone(), expired.id.clone()]));
+    assert_eq!(store.count_live_grants(100).await.unwrap(), 2);
+
+    let offer = |n: u32, redeem_by| DelegationOffer {
+        id: format!("{n:032x}"),
+        parent_grant_id: live.id.clone(),
+        from: id(orchestrator),
+        to: id("spiffe://example.org/scheduler"),
+        scopes: ScopeSet::parse(&["calendar:read"]).unwrap(),
+        expires_at: 500,
+        redeem_by,
+    };
+    assert!(store
+        .create_delegation_offer(offer(1, 200), 2, 100)
+        .await
+        .unwrap());
+    assert!(
+        store
+            .create_delegation_offer(offer(2, 50), 2, 100)
+            .await
+            .unwrap(),
+        "an expired offer does not count"
+    );
+    assert!(store
+        .create_delegation_offer(offer(3, 200), 2, 100)
+        .await
+        .unwrap());
+    assert!(
+        !store
+            .create_delegation_offer(offer(4, 200), 2, 100)
+            .await
+            .unwrap(),
+        "the bound"
+    );
+    // Taken once, even by several takers at the same moment.
+    let takers: Vec<_> = (0..WRITERS)
+        .map(|_| {
+            let store = store.clone();
+            let offer_id = offer(1, 0).id;
+            tokio::spawn(async move { store.take_delegation_offer(&offer_id).await.unwrap() })
+        })
+        .collect();
+    let mut taken = Vec::new();
+    for t in takers {
+        taken.extend(t.await.unwrap());
+    }
+    assert_eq!(taken, [offer(1, 200)]);
+    let (offers, grants) = store.prune_delegation(100, 50).await.unwrap();
+    assert_eq!(
+        (offers, grants),
+        (1, 1),
+        "offer 2's token expired; the grant expired at 10"
+    );
+    assert_eq!(store.get_grant(&expired.id).await.unwrap(), None);
+}
+
+pub(crate) async fn owners_and_entry_activity(store: Store) {
+    let e = store
+        .create_entry(
+            spec(
+                "spiffe://example.org/a",
+                "spiffe://example.org/node/1",
+                "unix:uid:1",
+                Some("alice@example.com"),
+            ),
+            0,
+        )
+        .await
+        .unwrap();
+    let issuance = |serial: &str, expires_at| EntryIssuance {
+        entry_id: e.id.clone(),
+        kind: "x509",
+        serial: serial.into(),
+        node: "spiffe://example.org/node/1".into(),
+        expires_at,
+    };
+    store
+        .note_issued(vec![issuance("01", 100), issuance("02", 1_000)], 50)
+        .await
+        .unwrap();
+    store.note_fetched(vec![e.id.clone()], 60).await.unwrap();
+    let activity = store.entry_activity().await.unwrap();
+    let a = &activity[&e.id];
+    assert_eq!((a.last_issued, a.last_fetched), (Some(50), Some(60)));
+    assert_eq!(
+        a.live_at(200).count(),
+        1,
+        "the SVID that expired at 100 is not live"
+    );
+
+    assert_eq!(store.get_owner("alice@example.com").await.unwrap(), None);
+    let off = store
+        .set_owner_disabled("alice@example.com", true, 70)
+        .await
+        .unwrap();
+    assert!(off.disabled);
+    assert_eq!(off.changed_at, 70);
+    assert_eq!(
+        store.get_owner("alice@example.com").await.unwrap(),
+        Some(off.clone())
+    );
+    assert_eq!(store.list_owners().await.unwrap(), [off]);
+    let on = store
+        .set_owner_disabled("alice@example.com", false, 80)
+        .await
+        .unwrap();
+    assert!(!on.disabled);
+    // A deleted entry's activity goes with it.
+    store.delete_entry(&e.id).await.unwrap();
+    assert!(!store.entry_activity().await.unwrap().contains_key(&e.id));
+}
+
+/// Instantiates every check of the suite as a test, each with a fresh store from `$open`
+/// (an expression giving `(guard, Store)`; the guard keeps whatever backs the store alive).
+/// Multi-threaded, so the concurrent writers really run at once.
+macro_rules! datastore_conformance {
+    ($open:expr) => {
+        $crate::datastore::conformance::datastore_conformance!(@cases $open;
+            entries_round_trip_with_revisions_and_duplicates,
+            entry_listings_filter_and_order_by_spiffe_id,
+            nodes_and_join_tokens,
+            issued_svids_are_found_by_every_handle_and_pruned,
+            revocation_sequences_are_gap_free_under_concurrent_appends,
+            audit_appends_from_concurrent_writers_form_one_chain,
+            grants_and_single_use_offers,
+            owners_and_entry_activity,
+        );
+    };
+    (@cases $open:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let (_guard, store) = $open;
+                $crate::datastore::conformance::$case(store).await;
+            }
+        )*
+    };
+}
+pub(crate) use datastore_conformance;
