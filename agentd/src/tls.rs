@@ -330,39 +330,138 @@ pub fn incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
+/// Time for one address's TCP connect and TLS handshake before the next address is tried.
+const CONNECT_ATTEMPT: Duration = Duration::from_secs(5);
+
+/// The server addresses a node agent knows, and the one it reached last. Shared by the
+/// channel's connector (tonic reconnects through it when a connection drops), so a server
+/// that goes away is replaced by the next one that answers, on every stream at once.
+#[derive(Debug, Clone)]
+pub struct ServerAddresses {
+    list: Arc<[String]>,
+    current: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl ServerAddresses {
+    /// Starts at one address picked at random, so that a fleet of node agents given the same
+    /// list spreads over the servers, as a load balancer would spread it.
+    pub fn new(list: Vec<String>) -> Self {
+        let start = match list.len() {
+            0 | 1 => 0,
+            n => {
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.subsec_nanos() as usize);
+                (nanos ^ std::process::id() as usize) % n
+            }
+        };
+        Self {
+            list: list.into(),
+            current: Arc::new(start.into()),
+        }
+    }
+
+    pub fn one(address: &str) -> Self {
+        Self::new(vec![address.to_string()])
+    }
+
+    /// The address in use (or to be tried first).
+    pub fn current(&self) -> &str {
+        let i = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        self.list.get(i).map_or("", String::as_str)
+    }
+
+    pub fn all(&self) -> &[String] {
+        &self.list
+    }
+
+    /// Every address, the current one first, then the others in list order after it.
+    fn in_order(&self) -> impl Iterator<Item = (usize, &str)> {
+        let start = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        let n = self.list.len();
+        (0..n).map(move |k| {
+            let i = (start + k) % n;
+            (i, self.list[i].as_str())
+        })
+    }
+}
+
+async fn connect_one(
+    addr: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let _ = tcp.set_nodelay(true);
+    let name = ServerName::try_from("agentd-server").map_err(io::Error::other)?;
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+}
+
 /// A gRPC channel to the server over TLS with the given client config.
 pub async fn connect(
     addr: &str,
     config: Arc<rustls::ClientConfig>,
 ) -> Result<tonic::transport::Channel, TlsError> {
-    let target = addr.to_string();
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+    connect_any(&ServerAddresses::one(addr), config).await
+}
+
+/// A gRPC channel to whichever of `addresses` answers: the current one first, then the
+/// others; every reconnect of the channel goes through the same choice.
+pub async fn connect_any(
+    addresses: &ServerAddresses,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<tonic::transport::Channel, TlsError> {
+    let shown = addresses.all().join(",");
+    let first = addresses.current().to_string();
+    let attempts = u32::try_from(addresses.all().len().max(1)).unwrap_or(u32::MAX);
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{first}"))
         .map_err(|e| TlsError::Connect {
-            addr: target.clone(),
+            addr: shown.clone(),
             reason: e.to_string(),
         })?
-        .connect_timeout(Duration::from_secs(5))
+        .connect_timeout(CONNECT_ATTEMPT.saturating_mul(attempts) + Duration::from_secs(1))
         .timeout(Duration::from_secs(30))
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_while_idle(true);
+    let targets = addresses.clone();
     let connector = tower::service_fn(move |_uri: tonic::transport::Uri| {
         let config = config.clone();
-        let addr = target.clone();
+        let targets = targets.clone();
         async move {
-            let tcp = TcpStream::connect(&addr).await?;
-            let _ = tcp.set_nodelay(true);
-            let name = ServerName::try_from("agentd-server").map_err(io::Error::other)?;
-            let tls = tokio_rustls::TlsConnector::from(config)
-                .connect(name, tcp)
-                .await?;
-            Ok::<_, io::Error>(TokioIo::new(tls))
+            let mut failures = Vec::new();
+            let previous = targets.current().to_string();
+            for (i, addr) in targets.in_order() {
+                match tokio::time::timeout(CONNECT_ATTEMPT, connect_one(addr, config.clone())).await
+                {
+                    Ok(Ok(tls)) => {
+                        targets
+                            .current
+                            .store(i, std::sync::atomic::Ordering::Relaxed);
+                        if addr != previous {
+                            tracing::warn!(from = %previous, to = %addr, "server unreachable; connected to another");
+                        }
+                        return Ok::<_, io::Error>(TokioIo::new(tls));
+                    }
+                    Ok(Err(e)) => failures.push(format!("{addr}: {e}")),
+                    Err(_) => failures.push(format!(
+                        "{addr}: no answer within {} s",
+                        CONNECT_ATTEMPT.as_secs()
+                    )),
+                }
+            }
+            Err(io::Error::other(if failures.is_empty() {
+                "no server address configured".to_string()
+            } else {
+                failures.join("; ")
+            }))
         }
     });
     endpoint
         .connect_with_connector(connector)
         .await
         .map_err(|e| TlsError::Connect {
-            addr: addr.to_string(),
+            addr: shown,
             reason: format!("{e}: {}", source_chain(&e)),
         })
 }

@@ -313,6 +313,25 @@ impl Server {
         Ok(())
     }
 
+    /// Starts the server again on the same data dir at another address (`bind`,
+    /// HOST:PORT), as a second server of the same deployment would answer there.
+    pub fn restart_at(&mut self, bind: &str) -> anyhow::Result<()> {
+        self.daemon.stop();
+        let (daemon, address) =
+            Self::launch(&self.data_dir, &self.admin_socket, bind, &self.extra)?;
+        self.daemon = daemon;
+        self.address = address;
+        Ok(())
+    }
+
+    /// Kills the server with SIGKILL (no shutdown of any kind) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.daemon.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Runs an admin command against this server (`--admin-socket` appended).
     pub fn cli(&self, args: &[&str]) -> Output {
         let sock = self.admin_socket.display().to_string();
@@ -406,11 +425,13 @@ pub fn spawn_node_with(
         data_dir.display().to_string(),
         "--socket-path".into(),
         socket.display().to_string(),
-        "--sync-interval".into(),
-        "1s".into(),
         "--log-level".into(),
         "debug".into(),
     ];
+    // A short sync interval unless the test sets its own.
+    if !extra.contains(&"--sync-interval") {
+        args.extend(["--sync-interval".into(), "1s".into()]);
+    }
     if let Some(t) = token {
         args.extend(["--join-token".into(), t.into()]);
     }
@@ -440,6 +461,13 @@ pub fn openssl() -> Command {
             "the openssl binary is missing ({e}): this test verifies agentd's output with OpenSSL; install it (scripts/install-tools.sh)"
         ),
     }
+}
+
+/// A 127.0.0.1 port nothing listens on at the moment (bound, read, released).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// A node agent process.

@@ -84,8 +84,10 @@ pub async fn node_run(args: NodeRunArgs) -> anyhow::Result<()> {
         Some(p) => read_toml(p)?,
         None => RawNodeConfig::default(),
     };
-    if let Some(v) = args.server_address {
-        raw.server_address = Some(v);
+    if !args.server_address.is_empty() {
+        // The flags replace the file's addresses.
+        raw.server_address = Some(args.server_address.join(","));
+        raw.server_addresses = None;
     }
     if let Some(v) = args.join_token {
         raw.join_token = Some(v);

@@ -303,10 +303,10 @@ pub struct NodeRunArgs {
     /// TOML config file; flags override it, and the defaults shown apply to what neither sets.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    #[arg(long, help = format!(
-        "The server's node API, HOST:PORT [default: {DEFAULT_SERVER_ADDRESS}]"
+    #[arg(long, value_delimiter = ',', help = format!(
+        "The server's node API, HOST:PORT; several servers comma-separated or with the flag repeated (the node agent uses one and fails over to the next that answers) [default: {DEFAULT_SERVER_ADDRESS}]"
     ))]
-    pub server_address: Option<String>,
+    pub server_address: Vec<String>,
     /// Join token for the first attestation; unused once the data dir holds an identity.
     #[arg(long, env = "AGENTD_JOIN_TOKEN", hide_env_values = true)]
     pub join_token: Option<String>,

@@ -44,9 +44,25 @@ pub async fn attest(
     expected_trust_domain: Option<&TrustDomain>,
     attestor: &AttestorConfig,
 ) -> Result<NodeIdentity, NodeError> {
+    attest_any(
+        &tls::ServerAddresses::one(address),
+        bootstrap_roots,
+        expected_trust_domain,
+        attestor,
+    )
+    .await
+}
+
+/// [`attest`] with whichever of the servers answers.
+pub async fn attest_any(
+    addresses: &tls::ServerAddresses,
+    bootstrap_roots: Option<&[Vec<u8>]>,
+    expected_trust_domain: Option<&TrustDomain>,
+    attestor: &AttestorConfig,
+) -> Result<NodeIdentity, NodeError> {
     let expected = expected_trust_domain.map(tls::server_spiffe_id);
     let cfg = tls::client_config(bootstrap_roots.unwrap_or(&[]), expected, None)?;
-    let channel = tls::connect(address, cfg).await?;
+    let channel = tls::connect_any(addresses, cfg).await?;
     let mut client = NodeClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let refused = |s: tonic::Status| NodeError::Attestation(s.message().to_string());
     let attestation = match attestor {
@@ -100,21 +116,31 @@ pub async fn attest(
     Ok(NodeIdentity::from_response(resp.svid, key, bundle)?)
 }
 
-/// The authenticated link to the server.
+/// The authenticated link to the server: to one of the servers of the trust domain, the
+/// next that answers when it goes away (see `tls::ServerAddresses`).
 #[derive(Debug)]
 pub struct ServerLink {
-    address: String,
+    addresses: tls::ServerAddresses,
     identity: std::sync::RwLock<Arc<NodeIdentity>>,
     channel: Mutex<Option<Channel>>,
 }
 
 impl ServerLink {
     pub fn new(address: String, identity: NodeIdentity) -> Self {
+        Self::with_addresses(tls::ServerAddresses::new(vec![address]), identity)
+    }
+
+    pub fn with_addresses(addresses: tls::ServerAddresses, identity: NodeIdentity) -> Self {
         Self {
-            address,
+            addresses,
             identity: std::sync::RwLock::new(Arc::new(identity)),
             channel: Mutex::new(None),
         }
+    }
+
+    /// The server address in use (or to be tried first).
+    pub fn current_address(&self) -> &str {
+        self.addresses.current()
     }
 
     pub fn identity(&self) -> Arc<NodeIdentity> {
@@ -136,7 +162,7 @@ impl ServerLink {
             Some(tls::server_spiffe_id(&id.bundle.trust_domain)),
             Some((&id.chain, &id.key)),
         )?;
-        let ch = tls::connect(&self.address, cfg).await?;
+        let ch = tls::connect_any(&self.addresses, cfg).await?;
         *guard = Some(ch.clone());
         Ok(NodeClient::new(ch).max_decoding_message_size(MAX_MESSAGE_BYTES))
     }

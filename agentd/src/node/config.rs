@@ -24,7 +24,10 @@ const MAX_SVID_PREFETCH: u64 = 1_000_000;
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawNodeConfig {
+    /// HOST:PORT of the server's node API; several, comma-separated, for several servers.
     pub server_address: Option<String>,
+    /// The servers' node API addresses (with `server_address`, both lists are used).
+    pub server_addresses: Option<Vec<String>>,
     pub join_token: Option<String>,
     /// PEM or SPIFFE bundle (JSON) file with the server's trust bundle.
     pub trust_bundle: Option<PathBuf>,
@@ -96,7 +99,8 @@ pub enum Bootstrap {
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
-    pub server_address: String,
+    /// Every server's node API address, in the order given, without repeats (at least one).
+    pub server_addresses: Vec<String>,
     /// How to attest when there is no valid persisted identity: the join token if one is
     /// given, else x509pop if configured, else claims if configured.
     pub attestor: Option<AttestorConfig>,
@@ -116,21 +120,51 @@ pub struct NodeConfig {
     pub metrics_address: Option<std::net::SocketAddr>,
 }
 
+/// `server_address` (comma-separated) then `server_addresses`: each trimmed and checked as
+/// HOST:PORT, repeats dropped; the default when neither names one.
+fn server_addresses(
+    joined: Option<&str>,
+    list: Option<&[String]>,
+    errs: &mut Errors,
+) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut check = |field: String, raw: &str| {
+        let addr = raw.trim();
+        match addr.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+                if !out.iter().any(|a| a == addr) {
+                    out.push(addr.to_string());
+                }
+            }
+            _ => errs.push(&field, format!("{addr:?} is not HOST:PORT")),
+        }
+    };
+    if let Some(joined) = joined {
+        for part in joined.split(',') {
+            check("server_address".into(), part);
+        }
+    }
+    for (i, addr) in list.unwrap_or_default().iter().enumerate() {
+        check(format!("server_addresses[{i}]"), addr);
+    }
+    match (joined, list) {
+        (None, None) => out.push(DEFAULT_SERVER_ADDRESS.to_string()),
+        (None, Some([])) => errs.push("server_addresses", "is empty: name at least one HOST:PORT"),
+        _ => {}
+    }
+    out
+}
+
 impl TryFrom<RawNodeConfig> for NodeConfig {
     type Error = ConfigError;
 
     fn try_from(raw: RawNodeConfig) -> Result<Self, ConfigError> {
         let mut errs = Errors::default();
-        let server_address = raw
-            .server_address
-            .unwrap_or_else(|| DEFAULT_SERVER_ADDRESS.to_string());
-        match server_address.rsplit_once(':') {
-            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
-            _ => errs.push(
-                "server_address",
-                format!("{server_address:?} is not HOST:PORT"),
-            ),
-        }
+        let server_addresses = server_addresses(
+            raw.server_address.as_deref(),
+            raw.server_addresses.as_deref(),
+            &mut errs,
+        );
         let join_token = raw.join_token.filter(|t| !t.is_empty());
         if let Some(t) = &join_token {
             if t.len() > 256 || !t.bytes().all(|b| b.is_ascii_graphic()) {
@@ -238,7 +272,7 @@ impl TryFrom<RawNodeConfig> for NodeConfig {
             metrics_address,
             trust_domain,
             workload_attestors: raw.workload_attestors,
-            server_address,
+            server_addresses,
             attestor,
             bootstrap,
             socket_path,
@@ -258,7 +292,7 @@ mod tests {
     #[test]
     fn defaults() {
         let cfg = NodeConfig::try_from(RawNodeConfig::default()).unwrap();
-        assert_eq!(cfg.server_address, DEFAULT_SERVER_ADDRESS);
+        assert_eq!(cfg.server_addresses, [DEFAULT_SERVER_ADDRESS]);
         assert_eq!(cfg.sync_interval, Duration::from_secs(5));
         assert_eq!(cfg.bootstrap, None);
     }
@@ -353,6 +387,39 @@ mod tests {
                 "socket_path"
             ]
         );
+    }
+
+    #[test]
+    fn several_server_addresses_are_listed_in_order_once_and_each_checked() {
+        let raw: RawNodeConfig = toml::from_str(
+            r#"
+            server_address = "10.0.0.1:8081, 10.0.0.2:8081"
+            server_addresses = ["10.0.0.2:8081", "server-c:8081"]
+            "#,
+        )
+        .unwrap();
+        let cfg = NodeConfig::try_from(raw).unwrap();
+        assert_eq!(
+            cfg.server_addresses,
+            ["10.0.0.1:8081", "10.0.0.2:8081", "server-c:8081"]
+        );
+        let raw: RawNodeConfig = toml::from_str(
+            r#"
+            server_address = "10.0.0.1:8081,nohost"
+            server_addresses = ["ok:1", "bad:0"]
+            "#,
+        )
+        .unwrap();
+        let err = NodeConfig::try_from(raw).unwrap_err();
+        let paths: Vec<&str> = err.errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["server_address", "server_addresses[1]"]);
+        assert!(
+            err.to_string().contains("\"nohost\" is not HOST:PORT"),
+            "{err}"
+        );
+        let raw: RawNodeConfig = toml::from_str("server_addresses = []").unwrap();
+        let err = NodeConfig::try_from(raw).unwrap_err();
+        assert!(err.to_string().contains("server_addresses"), "{err}");
     }
 
     #[test]

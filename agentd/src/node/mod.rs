@@ -74,7 +74,10 @@ impl NodeAgent {
         let cache = Arc::new(Cache::with_prefetch(cfg.svid_prefetch));
         let _ = cache_slot.set(cache.clone());
         cache.set_bundle(identity.bundle.clone());
-        let link = Arc::new(ServerLink::new(cfg.server_address.clone(), identity));
+        let link = Arc::new(ServerLink::with_addresses(
+            crate::tls::ServerAddresses::new(cfg.server_addresses.clone()),
+            identity,
+        ));
         let listener = crate::node::workload_api::bind_socket(&cfg.socket_path)?;
 
         let revocations = Arc::new(crate::node::revocations::NodeRevocations::new(
@@ -125,7 +128,7 @@ impl NodeAgent {
             .with_metrics(metrics.clone())
             .serve(listener, stop.clone()),
         );
-        tracing::info!(socket = %cfg.socket_path.display(), server = %cfg.server_address, "node agent ready");
+        tracing::info!(socket = %cfg.socket_path.display(), server = %link.current_address(), servers = cfg.server_addresses.len(), "node agent ready");
         let result = crate::runtime::supervise(&mut tasks, &stop).await;
         let _ = std::fs::remove_file(&cfg.socket_path);
         result
@@ -182,16 +185,17 @@ async fn obtain_identity(cfg: &NodeConfig, clock: &dyn Clock) -> Result<NodeIden
         data_dir: cfg.data_dir.display().to_string(),
     })?;
     tracing::info!(attestor = attestor.name(), "attesting this node");
+    let servers = crate::tls::ServerAddresses::new(cfg.server_addresses.clone());
     let identity = match cfg.bootstrap.as_ref().ok_or(NodeError::NoBootstrap)? {
         Bootstrap::Insecure => {
             tracing::warn!(
                 "insecure bootstrap: the server's certificate is not verified for attestation"
             );
-            client::attest(&cfg.server_address, None, None, attestor).await?
+            client::attest_any(&servers, None, None, attestor).await?
         }
         Bootstrap::TrustBundle(path) => {
             let (roots, td) = load_trust_bundle(path, cfg.trust_domain.as_ref())?;
-            client::attest(&cfg.server_address, Some(&roots), Some(&td), attestor).await?
+            client::attest_any(&servers, Some(&roots), Some(&td), attestor).await?
         }
     };
     identity.save(&cfg.data_dir)?;

@@ -1,0 +1,100 @@
+//! A node agent given several server addresses attests through whichever answers, and when
+//! its server is killed (SIGKILL) it moves to the next address that answers: new entries and
+//! revocations reach its workloads, and its revocation feed resumes where it was.
+//!
+//! The second address is the same server's data dir started again elsewhere (one store can
+//! have one server here); the node agent only sees one address refuse and another answer.
+
+use std::time::{Duration, Instant};
+
+use agentd_e2e::{agentd, free_port, spawn_node_with, wait_until, Env, Node, Server};
+
+fn fetch_x509(node: &Node) -> std::process::Output {
+    agentd(&[
+        "api",
+        "fetch",
+        "x509",
+        "--socket-path",
+        &node.socket_arg(),
+        "--output",
+        "json",
+    ])
+}
+
+#[test]
+fn a_node_agent_fails_over_to_the_next_server_address() -> anyhow::Result<()> {
+    let env = Env::new();
+    let mut server = Server::start(&env)?;
+    let first = server.address.clone();
+    let second = format!("127.0.0.1:{}", free_port()?);
+
+    // Attestation with a dead address listed first goes through the one that answers.
+    let spiffe_id = "spiffe://example.org/node/ha".to_string();
+    let token = server.join_token(&spiffe_id)?;
+    let bundle = env.path().join("bundle.pem");
+    server.write_bundle(&bundle)?;
+    let data_dir = env.path().join("ha");
+    let socket = env.path().join("ha.sock");
+    let addresses = format!("{second},{first}");
+    let daemon = spawn_node_with(&addresses, &bundle, &data_dir, &socket, Some(&token), &[])?;
+    let mut node = Node {
+        spiffe_id,
+        data_dir,
+        socket,
+        bundle,
+        server_address: addresses,
+        daemon,
+    };
+    node.wait_healthy()?;
+    let before = server.register_own_uid(&node.spiffe_id, "spiffe://example.org/ha/before", &[])?;
+    node.wait_for_svid("spiffe://example.org/ha/before")?;
+
+    // The server dies; the same deployment answers at the other address.
+    server.kill();
+    server.restart_at(&second)?;
+    assert_eq!(server.address, second);
+
+    // A new entry made there reaches the node agent's workload.
+    server.register_own_uid(&node.spiffe_id, "spiffe://example.org/ha/after", &[])?;
+    node.wait_for_svid("spiffe://example.org/ha/after")?;
+    let log = node.daemon.log_text();
+    assert!(
+        log.contains("server unreachable; connected to another"),
+        "the node agent's log says nothing of the failover:\n{log}"
+    );
+
+    // A revocation made there reaches it too, through the feed resumed on the new server
+    // (healthy: synced, and the feed caught up on the new server).
+    node.wait_healthy()?;
+    let started = Instant::now();
+    server.cli_ok(&[
+        "revoke",
+        "entry",
+        "--id",
+        &before,
+        "--reason",
+        "failover test",
+    ])?;
+    let gone = wait_until(Duration::from_secs(10), || {
+        let out = fetch_x509(&node);
+        !String::from_utf8_lossy(&out.stdout).contains("spiffe://example.org/ha/before")
+    });
+    assert!(
+        gone,
+        "the revoked SVID is still served:\n{}",
+        node.daemon.log_text()
+    );
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "the revocation took {took:?} to reach the node agent after the failover"
+    );
+    // The other SVID is still served.
+    let out = fetch_x509(&node);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("spiffe://example.org/ha/after"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    Ok(())
+}
