@@ -92,6 +92,32 @@ async fn wait_for(what: &str, mut f: impl FnMut() -> anyhow::Result<bool>) -> an
     }
 }
 
+/// An authority change is pushed: a node agent whose periodic sync is an hour away still
+/// hands the prepared authority to its workloads within moments of `authority prepare`.
+#[tokio::test]
+async fn a_prepared_authority_reaches_workloads_without_waiting_for_a_sync() -> anyhow::Result<()> {
+    let env = Env::new();
+    let server = Server::start(&env)?;
+    let node = Node::start_with(&env, &server, "n1", &["--sync-interval", "1h"])?;
+    let id = "spiffe://example.org/agent/pushed-bundle";
+    server.register_own_uid(&node.spiffe_id, id, &["--hint", "old"])?;
+    node.wait_for_svid(id)?;
+    let source = source(&node, "old").await?;
+    assert_eq!(x509_authority_count(&source)?, 1);
+    let started = std::time::Instant::now();
+    server.cli_ok(&["authority", "prepare"])?;
+    wait_for("the workload's bundle has the prepared CA", || {
+        Ok(x509_authority_count(&source)? == 2)
+    })
+    .await?;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "the prepared authority took {took:?} to reach the workload"
+    );
+    Ok(())
+}
+
 /// One mTLS exchange: `server` presents its SVID and requires `client_id`; `client`
 /// presents its SVID and requires `server_id`.
 async fn handshake(

@@ -134,11 +134,57 @@ impl ChangeLog {
     pub fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.tx.subscribe()
     }
+
+    /// Tells every node of each authority change (`authority changes`, a watch that bumps
+    /// on every prepare, activate, revoke and prune): node agents fetch the new bundle at
+    /// once, not at their next periodic sync. A prepared authority must be in the workloads'
+    /// bundles before it signs (docs/ca.md), whatever the node's sync interval.
+    pub async fn follow_authorities(
+        self: std::sync::Arc<Self>,
+        mut authority_changes: tokio::sync::watch::Receiver<u64>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Result<(), crate::server::ServerError> {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                changed = authority_changes.changed() => {
+                    if changed.is_err() {
+                        // The CA is gone: the server is stopping.
+                        return Ok(());
+                    }
+                    self.publish(ChangeScope::All, Changed::default());
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn every_authority_change_is_a_notice_to_every_node() {
+        let log = std::sync::Arc::new(ChangeLog::new());
+        let mut rx = log.subscribe();
+        let (authorities, watched) = tokio::sync::watch::channel(0u64);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(log.clone().follow_authorities(watched, stop.clone()));
+        authorities.send_replace(1);
+        let change = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(change.scope, ChangeScope::All);
+        authorities.send_replace(2);
+        let next = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(next.sequence > change.sequence);
+        stop.cancel();
+        task.await.unwrap().unwrap();
+    }
 
     #[test]
     fn changes_are_numbered_in_order_and_subscribers_see_those_after_they_joined() {

@@ -219,6 +219,12 @@ impl Server {
         tasks.spawn(
             rotation::CaRotation::new(state.ca.clone(), state.clock.clone()).run(stop.clone()),
         );
+        tasks.spawn(
+            state
+                .changes
+                .clone()
+                .follow_authorities(state.ca.subscribe(), stop.clone()),
+        );
         tracing::info!(
             trust_domain = %cfg.trust_domain,
             node_api = %node_api_address,
