@@ -243,7 +243,17 @@ pub async fn fetch_x509(
 
 /// Waits until the node agent serves `n` SVIDs to this process.
 pub async fn wait_for_svids(node: &mut ChildGuard, socket: &Path, n: usize) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    wait_for_svids_within(node, socket, n, Duration::from_secs(30)).await
+}
+
+/// [`wait_for_svids`], giving up after `limit`; polls every 50 ms.
+pub async fn wait_for_svids_within(
+    node: &mut ChildGuard,
+    socket: &Path,
+    n: usize,
+    limit: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
     let mut last = String::from("the socket is not there yet");
     loop {
         node.check_alive()?;
@@ -258,9 +268,12 @@ pub async fn wait_for_svids(node: &mut ChildGuard, socket: &Path, n: usize) -> a
             }
         }
         if Instant::now() > deadline {
-            bail!("the node agent did not serve {n} SVIDs within 30 s: {last}");
+            bail!(
+                "the node agent did not serve {n} SVIDs within {} s: {last}",
+                limit.as_secs()
+            );
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -16,8 +16,10 @@
 //!   subscribed to the revocation feed (the load harness `FeedLoad` in `revocation`).
 //!
 //! - (f) Scale: bulk load rate, SyncEntries CPU at 1,000 vs 100,000 stored entries, new
-//!   entry to node latency with thousands of simulated node agents on `WatchChanges`, restart
-//!   time with every entry, peak RSS (its own server and data dir; see `scale`).
+//!   entry to node latency with 10,000 simulated node agents on `WatchChanges` (in a child
+//!   process, `scale_child`), a node agent with 20,000 entries, restart time with every entry,
+//!   startup with 1,000,000 revocation events and a node agent catching them up, peak RSS
+//!   (its own server and data dir; see `scale`).
 //!
 //! One module per figure: `ca` (a), `node_api` (b), `fetch_latency` (c), `node_rss` (d),
 //! `revocation` (e), `scale` (f); `harness` starts the server and the node agents, `output`
@@ -34,6 +36,7 @@ mod node_rss;
 mod output;
 mod revocation;
 mod scale;
+mod scale_child;
 
 use std::path::Path;
 use std::time::Duration;
@@ -54,6 +57,9 @@ const CLIENTS: usize = 100;
 const TRUST_DOMAIN: &str = "example.org";
 
 fn main() -> anyhow::Result<()> {
+    if let Ok(role) = std::env::var(scale_child::ROLE_VAR) {
+        return scale_child::main(&role);
+    }
     let dir = tempfile::Builder::new()
         .prefix("agentd-bench-")
         .tempdir()

@@ -80,14 +80,14 @@ pub async fn run(
 }
 
 #[derive(Debug)]
-struct ProcStatus {
+pub(crate) struct ProcStatus {
     rss_mb: f64,
-    hwm_mb: f64,
+    pub(crate) hwm_mb: f64,
     threads: u64,
 }
 
 /// VmRSS, VmHWM and Threads of the (live) child process.
-fn proc_status(node: &mut ChildGuard) -> anyhow::Result<ProcStatus> {
+pub(crate) fn proc_status(node: &mut ChildGuard) -> anyhow::Result<ProcStatus> {
     node.check_alive()?;
     let status = std::fs::read_to_string(format!("/proc/{}/status", node.pid()))?;
     Ok(ProcStatus {

@@ -2,13 +2,17 @@
 //! the CPU one SyncEntries costs (a node with 10 entries) when the store holds `SMALL` and
 //! then `ENTRIES` entries, and their ratio; new entry to node latency with `NODES` simulated
 //! node agents holding `WatchChanges` streams (notice, then the delta sync that brings the
-//! entry); the server's restart time with every entry; the bench process's peak RSS (server
-//! and simulated nodes share it).
+//! entry) in a process of their own (`scale_child`); a real `agentd node run` with `BIG`
+//! entries parented to it (time to serve, peak RSS); the server's restart time with every
+//! entry; then `REVOCATIONS` standing revocation events appended to the stopped server's
+//! store, the server's startup time with them, and a new real node agent catching up all of
+//! them from sequence 0 (it serves nothing before it has); the server's peak RSS (the bench
+//! process, without the simulated nodes) at both points.
 //!
-//! Sizes: `AGENTD_BENCH_ENTRIES` (default 100,000, parented to `ENTRIES / 10` nodes) and
-//! `AGENTD_BENCH_NODES` (default 5,000): the node agents attested and holding a stream. Both
-//! ends of every connection are in this one process, so the 20,000 file descriptors a
-//! process may open here cap it below 10,000; raise `ulimit -n` to run more.
+//! Sizes: `AGENTD_BENCH_ENTRIES` (default 100,000, parented to `ENTRIES / 10` nodes),
+//! `AGENTD_BENCH_NODES` (default 10,000): the simulated node agents attested and holding a
+//! stream, `AGENTD_BENCH_BIG` (default 20,000) and `AGENTD_BENCH_REVOCATIONS` (default
+//! 1,000,000).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -18,9 +22,11 @@ use agentd_proto::admin as apb;
 use agentd_proto::node as npb;
 use anyhow::{anyhow, bail, Context};
 use spiffe::TrustDomain;
+use tokio::io::AsyncBufReadExt;
 
-use crate::harness::{join_token, percentile};
+use crate::harness::{join_token, percentile, wait_for_svids_within, NodeEnv};
 use crate::output::row;
+use crate::scale_child;
 use crate::TRUST_DOMAIN;
 
 /// Entries in the store for the first SyncEntries figure.
@@ -36,6 +42,8 @@ const SYNC_CALLS: usize = 2_000;
 const TARGET_SYNC_RATIO: f64 = 1.5;
 const TARGET_NEW_ENTRY_P99_MS: f64 = 1_000.0;
 const TARGET_RESTART_S: f64 = 10.0;
+const TARGET_CATCH_UP_S: f64 = 10.0;
+const TARGET_NODE_RSS_MB: f64 = 100.0;
 
 fn size(var: &str, default: usize) -> usize {
     std::env::var(var)
@@ -131,13 +139,118 @@ async fn sync_cpu(
     Ok((process_cpu() - before) / SYNC_CALLS as u32)
 }
 
+/// Entries for one node agent, `BIG` of them plus one this process matches (so the node's
+/// serving it says it has synced them all).
+fn big_specs(node: &str, big: usize, uid: u32) -> Vec<apb::EntrySpec> {
+    let mut specs: Vec<apb::EntrySpec> = (0..big)
+        .map(|i| apb::EntrySpec {
+            spiffe_id: format!("spiffe://{TRUST_DOMAIN}/scale/{node}-{i}"),
+            parent_id: format!("spiffe://{TRUST_DOMAIN}/node/{node}"),
+            selectors: vec![format!("unix:uid:{}", 1_000_000 + i)],
+            ..Default::default()
+        })
+        .collect();
+    specs.push(apb::EntrySpec {
+        spiffe_id: format!("spiffe://{TRUST_DOMAIN}/scale/{node}-mine"),
+        parent_id: format!("spiffe://{TRUST_DOMAIN}/node/{node}"),
+        selectors: vec![format!("unix:uid:{uid}")],
+        ..Default::default()
+    });
+    specs
+}
+
+/// The simulated node agents' process, once every one holds its stream.
+struct SimulatedNodes {
+    _child: tokio::process::Child,
+    attest_time: f64,
+}
+
+async fn start_simulated_nodes(
+    dir: &Path,
+    admin: &mut apb::admin_client::AdminClient<tonic::transport::Channel>,
+    address: &str,
+    bundle_file: &Path,
+    nodes: std::ops::Range<usize>,
+) -> anyhow::Result<SimulatedNodes> {
+    let mut tokens = Vec::with_capacity(nodes.len());
+    for i in nodes.clone() {
+        tokens.push(join_token(admin, &node_id(i)).await?);
+    }
+    let tokens_file = dir.join("sim-tokens");
+    std::fs::write(&tokens_file, tokens.join("\n"))?;
+    let log = dir.join("sim-nodes.log");
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .env(scale_child::ROLE_VAR, scale_child::ROLE_NODES)
+        .env(scale_child::ADDRESS_VAR, address)
+        .env(scale_child::BUNDLE_VAR, bundle_file)
+        .env(scale_child::TOKENS_VAR, &tokens_file)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log)?)
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the simulated nodes' process")?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow!("no stdout from the simulated nodes"))?;
+    let line = tokio::time::timeout(
+        Duration::from_secs(900),
+        tokio::io::BufReader::new(stdout).lines().next_line(),
+    )
+    .await
+    .context("the simulated nodes were not ready within 15 min")??;
+    let Some(line) = line else {
+        let log = std::fs::read_to_string(&log).unwrap_or_default();
+        bail!("the simulated nodes' process exited: {}", log.trim());
+    };
+    let attest_time = match line.split_whitespace().collect::<Vec<_>>()[..] {
+        ["ready", n, secs] if n.parse::<usize>().ok() == Some(nodes.len()) => secs.parse()?,
+        _ => bail!("the simulated nodes said {line:?}"),
+    };
+    Ok(SimulatedNodes {
+        _child: child,
+        attest_time,
+    })
+}
+
+/// Appends `count` standing revocations to the stopped server's store, in a child process
+/// (so the server process's peak RSS is the server's); returns the rate.
+async fn make_revocation_log(
+    store_dir: &Path,
+    count: usize,
+    authority_id: &str,
+) -> anyhow::Result<f64> {
+    let out = tokio::process::Command::new(std::env::current_exe()?)
+        .env(scale_child::ROLE_VAR, scale_child::ROLE_REVOCATIONS)
+        .env(scale_child::STORE_VAR, store_dir)
+        .env(scale_child::COUNT_VAR, count.to_string())
+        .env(scale_child::AUTHORITY_VAR, authority_id)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .context("running the revocation appender")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    match stdout.trim().strip_prefix("appended ") {
+        Some(rate) if out.status.success() => Ok(rate.parse()?),
+        _ => bail!(
+            "the revocation appender failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+    }
+}
+
 pub async fn run(dir: &Path) -> anyhow::Result<()> {
     let entries = size("AGENTD_BENCH_ENTRIES", 100_000);
-    let parents = (entries / PER_NODE).max(1);
-    let nodes = size("AGENTD_BENCH_NODES", 5_000).min(parents).max(1);
+    let nodes = size("AGENTD_BENCH_NODES", 10_000).max(1);
+    let big = size("AGENTD_BENCH_BIG", 20_000);
+    let revocations = size("AGENTD_BENCH_REVOCATIONS", 1_000_000);
+    let uid = agentd::net::own_uid();
     let dir = dir.join("scale");
     std::fs::create_dir_all(&dir)?;
     let limits = || agentd::server::config::RawNodeApi {
+        // Each node's stream, and room for the attestation connections closing meanwhile.
         max_connections: Some(2 * nodes + 100),
         max_connections_per_source: Some(2 * nodes + 100),
         max_handshakes_per_source: Some(64),
@@ -149,11 +262,13 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
         .get_server_info(apb::GetServerInfoRequest {})
         .await?
         .into_inner();
-    let roots = admin
+    let bundle = admin
         .get_bundle(apb::GetBundleRequest {})
         .await?
-        .into_inner()
-        .x509_authorities;
+        .into_inner();
+    let roots = bundle.x509_authorities;
+    let bundle_file = dir.join("bundle.pem");
+    std::fs::write(&bundle_file, &bundle.pem)?;
     let address = info.node_api_address;
     let trust_domain = TrustDomain::new(TRUST_DOMAIN)?;
 
@@ -167,38 +282,21 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
     let mut client0 = link0.client().await?;
     let small_cpu = sync_cpu(&mut client0).await?;
 
-    // The rest of the entries: the bulk load rate.
+    // The rest of the entries (with the big node's and the catching-up node's): the bulk
+    // load rate.
+    let mut rest = specs(SMALL..entries);
+    rest.extend(big_specs("scale-big", big, uid));
+    rest.extend(big_specs("scale-catch-up", 0, uid));
+    let loaded = rest.len();
     let started = Instant::now();
-    bulk_create(&mut admin, specs(SMALL..entries)).await?;
-    let load_rate = (entries - SMALL) as f64 / started.elapsed().as_secs_f64();
+    bulk_create(&mut admin, rest).await?;
+    let load_rate = loaded as f64 / started.elapsed().as_secs_f64();
     let large_cpu = sync_cpu(&mut client0).await?;
     let ratio = large_cpu.as_secs_f64() / small_cpu.as_secs_f64().max(1e-9);
+    let total = SMALL + loaded;
 
-    // Every other node attested and on its change stream.
-    let started = Instant::now();
-    let mut streams = Vec::with_capacity(nodes);
-    let mut links = Vec::with_capacity(nodes);
-    for i in 1..nodes {
-        let token = join_token(&mut admin, &node_id(i)).await?;
-        let identity = attest_with_join_token(&address, Some(&roots), Some(&trust_domain), &token)
-            .await
-            .with_context(|| format!("attesting node {i}"))?;
-        let link = ServerLink::new(address.clone(), identity);
-        let mut client = link.client().await?;
-        let stream = client
-            .watch_changes(npb::WatchChangesRequest::default())
-            .await
-            .map_err(|s| anyhow!("WatchChanges: {}", s.message()))?
-            .into_inner();
-        streams.push(stream);
-        links.push(link);
-    }
-    let attest_time = started.elapsed();
-    // Drain the other nodes' streams so the server is never held back by them.
-    let drains: Vec<_> = streams
-        .into_iter()
-        .map(|mut s| tokio::spawn(async move { while let Ok(Some(_)) = s.message().await {} }))
-        .collect();
+    // Every other node attested and on its change stream, in their own process.
+    let sims = start_simulated_nodes(&dir, &mut admin, &address, &bundle_file, 1..nodes).await?;
 
     // New entry to node 0: create, notice, delta sync with the entry in it.
     let mut stream0 = client0
@@ -244,12 +342,33 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
     }
     samples.sort_by(f64::total_cmp);
     let (p50, p99) = (percentile(&samples, 0.50), percentile(&samples, 0.99));
-    for d in drains {
-        d.abort();
-    }
-    drop(links);
+
+    // A real node agent with `big` entries parented to it.
+    let env = NodeEnv {
+        dir: &dir,
+        address: &address,
+        bundle_file: &bundle_file,
+    };
+    let started = Instant::now();
+    let (mut big_node, big_socket) = env.start_node(&mut admin, "scale-big").await?;
+    wait_for_svids_within(&mut big_node, &big_socket, 1, Duration::from_secs(300)).await?;
+    let big_serving = started.elapsed().as_secs_f64();
+    let big_rss = crate::node_rss::proc_status(&mut big_node)?.hwm_mb;
+    drop(big_node);
+    let authorities = admin
+        .list_authorities(apb::ListAuthoritiesRequest {})
+        .await?
+        .into_inner()
+        .authorities;
+    let authority_id = authorities
+        .iter()
+        .find(|a| a.kind == "x509" && a.state == "active")
+        .map(|a| a.id.clone())
+        .ok_or_else(|| anyhow!("no active X.509 authority"))?;
+    let attest_time = sims.attest_time;
+    drop(sims);
     drop(link0);
-    let rss_running = peak_rss_mb();
+    let server_rss = peak_rss_mb();
 
     // Restart on the same data dir: time to the admin socket answering.
     server.shutdown().await?;
@@ -258,9 +377,45 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
     let restart = started.elapsed().as_secs_f64();
     server.shutdown().await?;
 
-    let total = entries + SAMPLES;
+    // The revocation log, then a start with it and a node agent catching up from 0.
+    let append_rate = make_revocation_log(
+        &dir.join("server").join("datastore"),
+        revocations,
+        &authority_id,
+    )
+    .await?;
+    let started = Instant::now();
+    let (server, mut admin) = crate::harness::start_server_with(&dir, Some(limits())).await?;
+    let startup = started.elapsed().as_secs_f64();
+    let info = admin
+        .get_server_info(apb::GetServerInfoRequest {})
+        .await?
+        .into_inner();
+    let env = NodeEnv {
+        dir: &dir,
+        address: &info.node_api_address,
+        bundle_file: &bundle_file,
+    };
+    let started = Instant::now();
+    let (mut catch_up, catch_up_socket) = env.start_node(&mut admin, "scale-catch-up").await?;
+    wait_for_svids_within(&mut catch_up, &catch_up_socket, 1, Duration::from_secs(600)).await?;
+    let catch_up_time = started.elapsed().as_secs_f64();
+    let catch_up_rss = crate::node_rss::proc_status(&mut catch_up)?.hwm_mb;
+    drop(catch_up);
+    let standing = admin
+        .get_inventory(apb::GetInventoryRequest::default())
+        .await
+        .map_err(|s| anyhow!("GetInventory: {}", s.message()))?
+        .into_inner()
+        .revocations;
+    if standing < revocations as u64 {
+        bail!("the restarted server holds {standing} revocations, not {revocations}");
+    }
+    let server_rss_revocations = peak_rss_mb();
+    server.shutdown().await?;
+
     row(
-        &format!("(f) bulk load, {entries} entries for {parents} nodes"),
+        &format!("(f) bulk load, {loaded} entries"),
         format!("{load_rate:.0} entries/s"),
         "",
         None,
@@ -272,20 +427,20 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
         None,
     );
     row(
-        &format!("(f) SyncEntries CPU per call, {entries} entries stored"),
+        &format!("(f) SyncEntries CPU per call, {total} entries stored"),
         format!("{:.0} us", large_cpu.as_secs_f64() * 1e6),
         "",
         None,
     );
     row(
-        &format!("(f) SyncEntries CPU ratio, {entries} vs {SMALL}"),
+        &format!("(f) SyncEntries CPU ratio, {total} vs {SMALL}"),
         format!("{ratio:.2}"),
         &format!("<= {TARGET_SYNC_RATIO}"),
         Some(ratio <= TARGET_SYNC_RATIO),
     );
     row(
         &format!("(f) {nodes} nodes attested + on WatchChanges"),
-        format!("{:.1} s", attest_time.as_secs_f64()),
+        format!("{attest_time:.1} s"),
         "",
         None,
     );
@@ -302,14 +457,59 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
         Some(p99 <= TARGET_NEW_ENTRY_P99_MS),
     );
     row(
+        &format!("(f) node agent, {} entries: start to serving", big + 1),
+        format!("{big_serving:.1} s"),
+        "",
+        None,
+    );
+    row(
+        &format!("(f) node agent, {} entries: peak RSS", big + 1),
+        format!("{big_rss:.0} MB"),
+        &format!("<= {TARGET_NODE_RSS_MB:.0} MB"),
+        Some(big_rss <= TARGET_NODE_RSS_MB),
+    );
+    row(
+        &format!("(f) server peak RSS, {total} entries, {nodes} nodes"),
+        format!("{server_rss:.0} MB"),
+        "",
+        None,
+    );
+    row(
         &format!("(f) server restart, {total} entries"),
         format!("{restart:.2} s"),
         &format!("<= {TARGET_RESTART_S:.0} s"),
         Some(restart <= TARGET_RESTART_S),
     );
     row(
-        "(f) peak RSS, server + simulated nodes (one process)",
-        format!("{rss_running:.0} MB"),
+        &format!(
+            "(f) revocation events appended ({} a batch)",
+            scale_child::APPEND_BATCH
+        ),
+        format!("{append_rate:.0} events/s"),
+        "",
+        None,
+    );
+    row(
+        &format!("(f) server start, {total} entries + {revocations} revocations"),
+        format!("{startup:.2} s"),
+        &format!("<= {TARGET_RESTART_S:.0} s"),
+        Some(startup <= TARGET_RESTART_S),
+    );
+    row(
+        &format!("(f) new node agent catching up {revocations} events"),
+        format!("{catch_up_time:.1} s"),
+        &format!("<= {TARGET_CATCH_UP_S:.0} s"),
+        Some(catch_up_time <= TARGET_CATCH_UP_S),
+    );
+    row(
+        "(f) that node agent's peak RSS",
+        format!("{catch_up_rss:.0} MB"),
+        "",
+        None,
+    );
+    row(
+        &format!("(f) server peak RSS, with {revocations} revocations"),
+        format!("{server_rss_revocations:.0} MB"),
         "",
         None,
     );
