@@ -508,7 +508,7 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
         None,
     );
     row(
-        &format!("(f) server peak RSS, with {revocations} revocations"),
+        &format!("(f) server peak RSS so far, after {revocations} revocations"),
         format!("{server_rss_revocations:.0} MB"),
         "",
         None,

@@ -188,12 +188,15 @@ pub async fn inventory(
     let mut next = std::mem::take(&mut inv.next_page_token);
     while !next.is_empty() {
         let page = client
-            .get_inventory(request(next))
+            .get_inventory(request(next.clone()))
             .await
             .map_err(status)?
             .into_inner();
         inv.by_node.extend(page.by_node);
         inv.by_owner.extend(page.by_owner);
+        if page.next_page_token == next {
+            anyhow::bail!("the server answered the same inventory page token twice: {next:?}");
+        }
         next = page.next_page_token;
     }
     out.print(

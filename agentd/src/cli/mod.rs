@@ -482,7 +482,7 @@ pub enum EntryCommand {
     /// Shows one entry (--id), or lists the entries matching the filters (all without any).
     Show {
         /// The entry's id.
-        #[arg(long, conflicts_with_all = ["spiffe_id", "parent_id", "selector", "stale", "orphaned"])]
+        #[arg(long, conflicts_with_all = ["spiffe_id", "parent_id", "selector", "owner", "stale", "orphaned"])]
         id: Option<String>,
         #[command(flatten)]
         filter: EntryFilterArgs,

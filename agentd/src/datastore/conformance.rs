@@ -1,6 +1,6 @@
-//! The one conformance suite of the `DataStore` trait: every backend runs these same checks
-//! (sled's test module instantiates them with [`datastore_conformance!`]; a shared SQL store
-//! runs them too), each on a fresh, empty store. They assert what the trait promises a
+//! The one conformance suite of the `DataStore` trait: every backend runs these same checks,
+//! each on a fresh, empty store (sled's test module instantiates them with
+//! [`datastore_conformance!`]; another backend is instantiated the same way). They assert what the trait promises a
 //! caller, not how a backend keeps it: records round-trip, listings filter and order, a
 //! single-use token is used once, sequence numbers are gap-free and never reused, and
 //! concurrent writers of the revocation and audit logs still get one unbroken sequence
@@ -310,7 +310,12 @@ pub(crate) async fn issued_svids_are_found_by_every_handle_and_pruned(store: Sto
         .record_issued(&[delegated, jwt, node_svid, old])
         .await
         .unwrap();
-    let ids = |v: Vec<IssuedSvid>| -> BTreeSet<String> { v.into_iter().map(|s| s.id).collect() };
+    // Sorted lists, not sets: an SVID listed twice must show.
+    let ids = |v: Vec<IssuedSvid>| -> Vec<String> {
+        let mut ids: Vec<String> = v.into_iter().map(|s| s.id).collect();
+        ids.sort();
+        ids
+    };
     assert_eq!(
         store.list_issued(100).await.unwrap().len(),
         3,
@@ -320,7 +325,7 @@ pub(crate) async fn issued_svids_are_found_by_every_handle_and_pruned(store: Sto
         let store = store.clone();
         async move { ids(store.list_issued_covered(&handles, 100).await.unwrap()) }
     };
-    let set = |v: &[&str]| -> BTreeSet<String> { v.iter().map(|s| s.to_string()).collect() };
+    let set = |v: &[&str]| -> Vec<String> { v.iter().map(|s| s.to_string()).collect() };
     assert_eq!(
         covered(vec![RevocationHandle::Svid("beef".into())]).await,
         set(&["00beef"])
@@ -372,7 +377,12 @@ pub(crate) async fn revocation_sequences_are_gap_free_under_concurrent_appends(s
                             revocation(&format!("{w}b{i}")),
                             revocation(&format!("{w}c{i}")),
                         ];
-                        store.append_revocations(batch).await.unwrap()
+                        let got = store.append_revocations(batch).await.unwrap();
+                        // One batch: consecutive numbers, in the order given.
+                        assert_eq!(got.len(), 2);
+                        assert_eq!(got[1].sequence, got[0].sequence + 1);
+                        assert_eq!(got[0].handle.id(), format!("{w}b{i}"));
+                        got
                     } else {
                         vec![store
                             .append_revocation(revocation(&format!("{w}a{i}")))

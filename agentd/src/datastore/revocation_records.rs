@@ -153,20 +153,29 @@ impl EventRecord {
     }
 }
 
+/// The letter of each revocation handle kind in `issued_by_handle` keys: one table for the
+/// lookup ([`handle_prefix`]) and the writing ([`issued_index_keys`]), which must agree or a
+/// revocation would miss what it covers.
+const SERIAL: u8 = b's';
+const ENTRY: u8 = b'e';
+const NODE: u8 = b'n';
+const GRANT: u8 = b'g';
+const TASK: u8 = b't';
+const AUTHORITY: u8 = b'a';
+
 /// The `issued_by_handle` index prefix of what `handle` covers: a letter for the handle's
 /// kind, its id, a 0 byte. Each issuance record is indexed under one such prefix per
 /// handle that covers it ([`issued_index_keys`]), so a revocation reads the records it
 /// covers, not every record.
 pub fn handle_prefix(handle: &RevocationHandle) -> Vec<u8> {
-    let (kind, id): (u8, &str) = match handle {
-        RevocationHandle::Svid(serial) => (b's', serial.as_str()),
-        RevocationHandle::Entry(id) => (b'e', id.as_str()),
-        RevocationHandle::Node(id) => return prefix(b'n', &id.to_string()),
-        RevocationHandle::Grant(id) => (b'g', id.as_str()),
-        RevocationHandle::Task(id) => (b't', id.as_str()),
-        RevocationHandle::Authority(id) => (b'a', id.as_str()),
-    };
-    prefix(kind, id)
+    match handle {
+        RevocationHandle::Svid(serial) => prefix(SERIAL, serial),
+        RevocationHandle::Entry(id) => prefix(ENTRY, id.as_str()),
+        RevocationHandle::Node(id) => prefix(NODE, &id.to_string()),
+        RevocationHandle::Grant(id) => prefix(GRANT, id),
+        RevocationHandle::Task(id) => prefix(TASK, id),
+        RevocationHandle::Authority(id) => prefix(AUTHORITY, id),
+    }
 }
 
 fn prefix(kind: u8, id: &str) -> Vec<u8> {
@@ -182,20 +191,20 @@ fn prefix(kind: u8, id: &str) -> Vec<u8> {
 pub fn issued_index_keys(svid: &IssuedSvid, record_key: &[u8]) -> Vec<Vec<u8>> {
     let mut handles = vec![
         // `covers` compares a serial without its leading zeros.
-        prefix(b's', svid.id.trim_start_matches('0')),
-        prefix(b'a', &svid.authority_id),
+        prefix(SERIAL, svid.id.trim_start_matches('0')),
+        prefix(AUTHORITY, &svid.authority_id),
     ];
     if let Some(entry) = &svid.entry_id {
-        handles.push(prefix(b'e', entry));
+        handles.push(prefix(ENTRY, entry));
     }
     if let Some(node) = &svid.node_id {
-        handles.push(prefix(b'n', &node.to_string()));
+        handles.push(prefix(NODE, &node.to_string()));
     }
     for grant in &svid.grant_chain {
-        handles.push(prefix(b'g', grant));
+        handles.push(prefix(GRANT, grant));
     }
     if let Some(task) = &svid.task_id {
-        handles.push(prefix(b't', task));
+        handles.push(prefix(TASK, task));
     }
     handles.sort();
     handles.dedup();
@@ -203,4 +212,11 @@ pub fn issued_index_keys(svid: &IssuedSvid, record_key: &[u8]) -> Vec<Vec<u8>> {
         key.extend_from_slice(record_key);
     }
     handles
+}
+
+/// The record key an index key names: what follows its handle prefix (the first 0 byte
+/// after the kind letter; no handle id holds one).
+pub fn record_key_of(index_key: &[u8]) -> Option<&[u8]> {
+    let end = index_key.iter().skip(1).position(|b| *b == 0)? + 1;
+    index_key.get(end + 1..)
 }

@@ -16,7 +16,7 @@ use spiffe::SpiffeId;
 use tokio::sync::Mutex;
 
 use super::revocation_records::{
-    handle_prefix, issued_index_keys, issued_key, EventRecord, IssuedRecord,
+    handle_prefix, issued_index_keys, issued_key, record_key_of, EventRecord, IssuedRecord,
 };
 use super::{
     AttestedNode, DataStore, DataStoreError, Entry, EntryFilter, EntryId, EntrySpec, JoinToken,
@@ -71,10 +71,9 @@ const GRANTS_BY_AGENT: &str = "grants_by_agent";
 /// issuance record's key -> nothing: the records each handle covers without a scan of every
 /// record (an authority revocation over 50,000 SVIDs reads those 50,000, an entry's its
 /// few). Written before the records it names, removed after them (`prune_issued`), so a
-/// crash can leave a key naming no record (skipped), never a record its handles miss.
+/// crash can leave a key naming no record (skipped, and dropped at the next open), never a
+/// record its handles miss; every open also indexes any record without its keys.
 const ISSUED_BY_HANDLE: &str = "issued_by_handle";
-/// In `meta`: the issuance index has been built from the records.
-const ISSUED_INDEX_BUILT: &[u8] = b"issued_index_built";
 /// Index: owner, a 0 byte, entry id -> nothing: an owner's entries (owner suspension,
 /// `entry show --owner`) without a scan. Entries without an owner are not in it. Kept in each
 /// entry's transaction; built at open once (`OWNER_INDEX_BUILT`) and with the other entry
@@ -193,34 +192,47 @@ impl SledStore {
         Ok(store)
     }
 
-    /// Builds the issuance index from the records once (a store from before it).
+    /// Makes the issuance index cover every record, at every open: a store from before the
+    /// index, or one an older binary wrote to meanwhile, has records with no keys, which no
+    /// revocation would find. Also drops keys naming no record (a crash between a record's
+    /// index and its write, or between a prune's two steps). Issuance records live only until
+    /// their SVIDs expire, so this pass is bounded by the live SVIDs, not by history.
     fn ensure_issued_index(&self) -> Result<()> {
-        if self
-            .meta
-            .get(ISSUED_INDEX_BUILT)
-            .map_err(backend)?
-            .is_some()
-        {
-            return Ok(());
-        }
-        self.issued_by_handle.clear().map_err(backend)?;
-        let mut batch = sled::Batch::default();
+        let mut add = sled::Batch::default();
+        let mut added = 0usize;
         for kv in self.issued.iter() {
             let (k, v) = kv.map_err(backend)?;
             match decode::<IssuedRecord>(&k, &v).and_then(|r| r.into_issued(&k)) {
                 Ok(svid) => {
                     for key in issued_index_keys(&svid, &k) {
-                        batch.insert(key, &[]);
+                        if !self.issued_by_handle.contains_key(&key).map_err(backend)? {
+                            add.insert(key, &[]);
+                            added += 1;
+                        }
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "issuance record not indexed"),
             }
         }
-        self.issued_by_handle.apply_batch(batch).map_err(backend)?;
-        self.meta
-            .insert(ISSUED_INDEX_BUILT, &[1u8])
-            .map_err(backend)?;
-        self.db.flush().map_err(backend)?;
+        let mut drop = sled::Batch::default();
+        let mut dropped = 0usize;
+        for kv in self.issued_by_handle.iter() {
+            let (key, _) = kv.map_err(backend)?;
+            let named = match record_key_of(&key) {
+                Some(record) => self.issued.contains_key(record).map_err(backend)?,
+                None => false,
+            };
+            if !named {
+                drop.remove(key);
+                dropped += 1;
+            }
+        }
+        if added + dropped > 0 {
+            tracing::info!(added, dropped, "issuance index brought up to date");
+            self.issued_by_handle.apply_batch(add).map_err(backend)?;
+            self.issued_by_handle.apply_batch(drop).map_err(backend)?;
+            self.db.flush().map_err(backend)?;
+        }
         Ok(())
     }
 
@@ -1017,9 +1029,9 @@ impl DataStore for SledStore {
                     continue;
                 }
                 let svid = record.into_issued(key)?;
-                // The index narrows, `covers` decides (a prefix could in principle name a
-                // record another way).
-                if handles.iter().any(|h| h.covers(&svid)) {
+                // The index narrows, `covers` decides. Only this handle: checking every one
+                // would make a cascade over many child entries quadratic.
+                if handle.covers(&svid) {
                     seen.insert(key.to_vec());
                     out.push(svid);
                 }
@@ -1034,7 +1046,15 @@ impl DataStore for SledStore {
             if record.expires_at() > now {
                 return Ok(None);
             }
-            let index_keys = issued_index_keys(&record.into_issued(k)?, k);
+            // A record whose other fields do not parse still goes; its index keys, if it
+            // had any, are dropped at the next open.
+            let index_keys = match record.into_issued(k) {
+                Ok(svid) => issued_index_keys(&svid, k),
+                Err(e) => {
+                    tracing::warn!(error = %e, "pruning an unreadable issuance record");
+                    Vec::new()
+                }
+            };
             Ok(Some((k.to_vec(), index_keys)))
         })
         .await?;
@@ -1052,22 +1072,11 @@ impl DataStore for SledStore {
         Ok(expired.len())
     }
 
-    async fn append_revocation(&self, mut event: RevocationEvent) -> Result<RevocationEvent> {
-        let _guard = self.revocation_writes.lock().await;
-        let head = self.revocation_head().await?;
-        event.sequence = head + 1;
-        let value = encode(&EventRecord::from_event(&event))?;
-        // Event and head in one transaction: a crash leaves both or neither.
-        let key = event.sequence.to_be_bytes();
-        (&self.revocations, &self.meta)
-            .transaction(|(revocations, meta)| {
-                revocations.insert(&key, value.as_slice())?;
-                meta.insert(REVOCATION_HEAD, &key)?;
-                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e| backend(format!("{e:?}")))?;
-        self.flush().await?;
-        Ok(event)
+    async fn append_revocation(&self, event: RevocationEvent) -> Result<RevocationEvent> {
+        self.append_revocations(vec![event])
+            .await?
+            .pop()
+            .ok_or_else(|| backend("a batch of one revocation appended none"))
     }
 
     async fn append_revocations(
@@ -1702,7 +1711,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_store_from_before_the_issuance_index_is_indexed_at_open() {
+    async fn the_issuance_index_is_brought_up_to_date_at_every_open() {
         use crate::model::revocation::SvidKind;
         let dir = tempfile::tempdir().unwrap();
         let entry: EntryId = "cd".repeat(16).parse().unwrap();
@@ -1711,18 +1720,35 @@ mod tests {
             let mut s = issued(SvidKind::X509, "aa", 1_000);
             s.entry_id = Some(entry.to_string());
             store.record_issued(&[s]).await.unwrap();
-            // As a store written before the index was.
+            // As a store written before the index was, or by an older binary since: a
+            // record without its keys. And a key naming no record, as a crash leaves one.
             store.issued_by_handle.clear().unwrap();
-            store.meta.remove(ISSUED_INDEX_BUILT).unwrap();
+            let mut ghost = issued(SvidKind::X509, "bb", 1_000);
+            ghost.entry_id = Some(entry.to_string());
+            for key in issued_index_keys(&ghost, &issued_key(SvidKind::X509, "bb")) {
+                store.issued_by_handle.insert(key, &[]).unwrap();
+            }
             store.db.flush().unwrap();
         }
         let store = SledStore::open(dir.path()).unwrap();
         let found = store
-            .list_issued_covered(&[RevocationHandle::Entry(entry)], 0)
+            .list_issued_covered(&[RevocationHandle::Entry(entry.clone())], 0)
             .await
             .unwrap();
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].id, "aa");
+        let expected: usize = store
+            .list_issued(0)
+            .await
+            .unwrap()
+            .iter()
+            .map(|s| issued_index_keys(s, &issued_key(s.kind, &s.id)).len())
+            .sum();
+        assert_eq!(
+            store.issued_by_handle.len(),
+            expected,
+            "the record's keys are back and the ghost's are gone"
+        );
     }
 
     #[tokio::test]

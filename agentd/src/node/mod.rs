@@ -67,17 +67,16 @@ impl NodeAgent {
             source,
         })?;
         let _ = std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700));
-        let identity = obtain_identity(&cfg, self.clock.as_ref()).await?;
+        // One list for the attestation and the link: the server first tried is picked once.
+        let servers = crate::tls::ServerAddresses::new(cfg.server_addresses.clone());
+        let identity = obtain_identity(&cfg, &servers, self.clock.as_ref()).await?;
         tracing::info!(node = %identity.spiffe_id, serial = %identity.serial, "node identity ready");
         readiness.set(conditions::ATTESTED, true);
 
         let cache = Arc::new(Cache::with_prefetch(cfg.svid_prefetch));
         let _ = cache_slot.set(cache.clone());
         cache.set_bundle(identity.bundle.clone());
-        let link = Arc::new(ServerLink::with_addresses(
-            crate::tls::ServerAddresses::new(cfg.server_addresses.clone()),
-            identity,
-        ));
+        let link = Arc::new(ServerLink::with_addresses(servers, identity));
         let listener = crate::node::workload_api::bind_socket(&cfg.socket_path)?;
 
         let revocations = Arc::new(crate::node::revocations::NodeRevocations::new(
@@ -162,7 +161,11 @@ async fn start_metrics_endpoint(
 
 /// The persisted identity if it is still valid; otherwise a fresh attestation with the
 /// configured attestor (join token, else x509pop, else platform claims).
-async fn obtain_identity(cfg: &NodeConfig, clock: &dyn Clock) -> Result<NodeIdentity, NodeError> {
+async fn obtain_identity(
+    cfg: &NodeConfig,
+    servers: &crate::tls::ServerAddresses,
+    clock: &dyn Clock,
+) -> Result<NodeIdentity, NodeError> {
     match NodeIdentity::load(&cfg.data_dir) {
         Ok(Some(id)) if id.expires_at > clock.now() => {
             if let Some(a) = &cfg.attestor {
@@ -185,17 +188,16 @@ async fn obtain_identity(cfg: &NodeConfig, clock: &dyn Clock) -> Result<NodeIden
         data_dir: cfg.data_dir.display().to_string(),
     })?;
     tracing::info!(attestor = attestor.name(), "attesting this node");
-    let servers = crate::tls::ServerAddresses::new(cfg.server_addresses.clone());
     let identity = match cfg.bootstrap.as_ref().ok_or(NodeError::NoBootstrap)? {
         Bootstrap::Insecure => {
             tracing::warn!(
                 "insecure bootstrap: the server's certificate is not verified for attestation"
             );
-            client::attest_any(&servers, None, None, attestor).await?
+            client::attest_any(servers, None, None, attestor).await?
         }
         Bootstrap::TrustBundle(path) => {
             let (roots, td) = load_trust_bundle(path, cfg.trust_domain.as_ref())?;
-            client::attest_any(&servers, Some(&roots), Some(&td), attestor).await?
+            client::attest_any(servers, Some(&roots), Some(&td), attestor).await?
         }
     };
     identity.save(&cfg.data_dir)?;

@@ -704,7 +704,8 @@ mod tests {
         .unwrap();
         let store: Arc<dyn crate::datastore::DataStore> =
             Arc::new(SledStore::open(&dir.path().join("db")).unwrap());
-        // Opening the log only reads the store: no runtime needed.
+        // Opening the log reads the store on tokio's blocking pool: this runs inside the
+        // calling #[tokio::test], whose runtime it finds.
         let revocations = Arc::new(
             futures::executor::block_on(crate::revocation::log::RevocationLog::open(store.clone()))
                 .unwrap(),
