@@ -6,6 +6,7 @@
 pub(crate) mod conformance;
 mod lifecycle;
 mod model;
+mod records;
 mod revocation_records;
 mod seen_tokens;
 pub mod sled_store;

@@ -1,7 +1,8 @@
 //! The embedded default store, on sled. Records are JSON, one tree per resource; every write
 //! is flushed to disk before it returns.
 //!
-//! Over 600 lines (about 1,050 of code, then its unit tests): it is one implementation of the
+//! Over 600 lines (about 1,150 of code, then its unit tests; the record codecs are in
+//! `records.rs`): it is one implementation of the
 //! whole `DataStore` trait, and its multi-tree transactions (entries with their indexes,
 //! revocation events with issued records and the head, audit records with the checkpoint)
 //! share the tree handles and locks below; splitting it by resource would spread each
@@ -9,12 +10,14 @@
 
 use std::path::Path;
 
-use agentd_attestor::Selector;
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sled::Transactional;
 use spiffe::SpiffeId;
 use tokio::sync::Mutex;
 
+use super::records::{
+    backend, corrupt, decode, encode, identity_key, key_name, ActivityRecord, EntryRecord,
+    GrantRecord, JoinTokenRecord, LiveSvidRecord, NodeRecord, OfferRecord, OwnerRecord,
+};
 use super::revocation_records::{
     handle_prefix, issued_index_keys, issued_key, record_key_of, EventRecord, IssuedRecord,
 };
@@ -23,13 +26,12 @@ use super::{
     Result,
 };
 use super::{DelegationOffer, Grant};
-use super::{EntryActivity, EntryIssuance, LiveSvid, OwnerState};
-use crate::delegation::{Delegation, GrantId, Hop, ScopeSet};
+use super::{EntryActivity, EntryIssuance, OwnerState};
+use crate::delegation::{GrantId, ScopeSet};
 use crate::model::audit::{
     AuditHead, AuditRecord, ChainSigner, SealedAuditRecord, StoredAuditRecord,
 };
 use crate::model::revocation::{IssuedSvid, RevocationEvent, RevocationHandle};
-use crate::ttl::Ttl;
 
 const ENTRIES: &str = "entries";
 const NODES: &str = "nodes";
@@ -121,12 +123,6 @@ pub struct SledStore {
     #[cfg(test)]
     pub(crate) fail_flushes: std::sync::atomic::AtomicBool,
     seen_tokens: std::sync::Arc<super::seen_tokens::SledSeenTokens>,
-}
-
-fn backend(e: impl std::fmt::Display) -> DataStoreError {
-    DataStoreError::Backend {
-        reason: e.to_string(),
-    }
 }
 
 /// Opens the sled database in `dir`, waiting up to [`OPEN_LOCK_WAIT`] for a lock being
@@ -391,178 +387,6 @@ fn open_error(dir: &Path, e: sled::Error) -> DataStoreError {
     }
 }
 
-fn key_name(key: &[u8]) -> String {
-    String::from_utf8_lossy(key).into_owned()
-}
-
-fn decode<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T> {
-    serde_json::from_slice(value).map_err(|e| DataStoreError::Corrupt {
-        key: key_name(key),
-        reason: e.to_string(),
-    })
-}
-
-fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
-    serde_json::to_vec(value).map_err(backend)
-}
-
-fn corrupt(key: &[u8], field: &str, reason: impl std::fmt::Display) -> DataStoreError {
-    DataStoreError::Corrupt {
-        key: key_name(key),
-        reason: format!("{field}: {reason}"),
-    }
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct EntryRecord {
-    id: String,
-    spiffe_id: String,
-    parent_id: String,
-    selectors: Vec<String>,
-    x509_svid_ttl: u64,
-    jwt_svid_ttl: u64,
-    dns_names: Vec<String>,
-    hint: String,
-    scopes: Vec<String>,
-    owner: Option<String>,
-    revision: u64,
-    created_at: i64,
-}
-
-impl EntryRecord {
-    fn from_entry(e: &Entry) -> Self {
-        Self {
-            id: e.id.to_string(),
-            spiffe_id: e.spec.spiffe_id.to_string(),
-            parent_id: e.spec.parent_id.to_string(),
-            selectors: e.spec.selectors.iter().map(ToString::to_string).collect(),
-            x509_svid_ttl: e.spec.x509_svid_ttl.as_secs(),
-            jwt_svid_ttl: e.spec.jwt_svid_ttl.as_secs(),
-            dns_names: e.spec.dns_names.clone(),
-            hint: e.spec.hint.clone(),
-            scopes: e.spec.scopes.clone(),
-            owner: e.spec.owner.clone(),
-            revision: e.revision,
-            created_at: e.created_at,
-        }
-    }
-
-    /// Stored records are parsed again on the way out: a corrupt record is an error, not a
-    /// bad identity.
-    fn into_entry(self, key: &[u8]) -> Result<Entry> {
-        let selectors = self
-            .selectors
-            .iter()
-            .map(|s| s.parse::<Selector>())
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| corrupt(key, "selectors", e))?;
-        Ok(Entry {
-            id: self.id.parse().map_err(|e| corrupt(key, "id", e))?,
-            spec: EntrySpec {
-                spiffe_id: SpiffeId::new(&self.spiffe_id)
-                    .map_err(|e| corrupt(key, "spiffe_id", e))?,
-                parent_id: SpiffeId::new(&self.parent_id)
-                    .map_err(|e| corrupt(key, "parent_id", e))?,
-                selectors,
-                x509_svid_ttl: Ttl::from_secs(self.x509_svid_ttl)
-                    .map_err(|e| corrupt(key, "x509_svid_ttl", e))?,
-                jwt_svid_ttl: Ttl::from_secs(self.jwt_svid_ttl)
-                    .map_err(|e| corrupt(key, "jwt_svid_ttl", e))?,
-                dns_names: self.dns_names,
-                hint: self.hint,
-                scopes: self.scopes,
-                owner: self.owner,
-            },
-            revision: self.revision,
-            created_at: self.created_at,
-        })
-    }
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct NodeRecord {
-    spiffe_id: String,
-    attestation_type: String,
-    serial: String,
-    svid_expires_at: i64,
-    attested_at: i64,
-    last_seen_at: i64,
-    /// Absent in records written before node selectors existed.
-    #[serde(default)]
-    selectors: Vec<String>,
-    #[serde(default)]
-    previous_serial: Option<String>,
-    #[serde(default)]
-    previous_svid_expires_at: Option<i64>,
-}
-
-impl NodeRecord {
-    fn into_node(self, key: &[u8]) -> Result<AttestedNode> {
-        Ok(AttestedNode {
-            spiffe_id: SpiffeId::new(&self.spiffe_id).map_err(|e| corrupt(key, "spiffe_id", e))?,
-            attestation_type: self.attestation_type,
-            serial: self.serial,
-            svid_expires_at: self.svid_expires_at,
-            attested_at: self.attested_at,
-            last_seen_at: self.last_seen_at,
-            selectors: self
-                .selectors
-                .iter()
-                .map(|s| s.parse().map_err(|e| corrupt(key, "selectors", e)))
-                .collect::<Result<_>>()?,
-            previous_serial: self.previous_serial,
-            previous_svid_expires_at: self.previous_svid_expires_at,
-        })
-    }
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct JoinTokenRecord {
-    spiffe_id: String,
-    expires_at: i64,
-}
-
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct ActivityRecord {
-    last_issued: Option<i64>,
-    last_fetched: Option<i64>,
-    #[serde(default)]
-    live: Vec<LiveSvidRecord>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct LiveSvidRecord {
-    kind: String,
-    serial: String,
-    node: String,
-    expires_at: i64,
-}
-
-impl ActivityRecord {
-    fn into_activity(self) -> EntryActivity {
-        EntryActivity {
-            last_issued: self.last_issued,
-            last_fetched: self.last_fetched,
-            live: self
-                .live
-                .into_iter()
-                .map(|l| LiveSvid {
-                    kind: l.kind,
-                    serial: l.serial,
-                    node: l.node,
-                    expires_at: l.expires_at,
-                })
-                .collect(),
-        }
-    }
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct OwnerRecord {
-    disabled: bool,
-    changed_at: i64,
-}
-
 impl SledStore {
     fn activity_record(&self, key: &str) -> Result<ActivityRecord> {
         match self.entry_activity.get(key).map_err(backend)? {
@@ -574,120 +398,6 @@ impl SledStore {
 
 fn audit_key(seq: u64) -> [u8; 8] {
     seq.to_be_bytes()
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct HopRecord {
-    agent: String,
-    grant_id: String,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct GrantRecord {
-    id: String,
-    principal: String,
-    chain: Vec<HopRecord>,
-    scopes: Vec<String>,
-    expires_at: i64,
-    remaining_depth: u32,
-    task_id: Option<String>,
-    parent_grant_id: Option<String>,
-    created_at: i64,
-}
-
-impl GrantRecord {
-    fn from_grant(g: &Grant) -> Self {
-        let d = &g.delegation;
-        Self {
-            id: g.id.to_string(),
-            principal: d.principal.to_string(),
-            chain: d
-                .chain
-                .iter()
-                .map(|h| HopRecord {
-                    agent: h.agent.to_string(),
-                    grant_id: h.grant_id.to_string(),
-                })
-                .collect(),
-            scopes: d.scopes.to_strings(),
-            expires_at: d.expires_at,
-            remaining_depth: d.remaining_depth,
-            task_id: d.task_id.as_ref().map(ToString::to_string),
-            parent_grant_id: g.parent_grant_id.as_ref().map(ToString::to_string),
-            created_at: g.created_at,
-        }
-    }
-
-    fn into_grant(self, key: &[u8]) -> Result<Grant> {
-        let chain = self
-            .chain
-            .into_iter()
-            .map(|h| {
-                Ok(Hop {
-                    agent: SpiffeId::new(&h.agent).map_err(|e| corrupt(key, "chain", e))?,
-                    grant_id: h.grant_id.parse().map_err(|e| corrupt(key, "chain", e))?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        if chain.is_empty() {
-            return Err(corrupt(key, "chain", "empty"));
-        }
-        Ok(Grant {
-            id: self.id.parse().map_err(|e| corrupt(key, "id", e))?,
-            delegation: Delegation {
-                principal: self
-                    .principal
-                    .parse()
-                    .map_err(|e| corrupt(key, "principal", e))?,
-                chain,
-                scopes: ScopeSet::parse(&self.scopes).map_err(|e| corrupt(key, "scopes", e))?,
-                expires_at: self.expires_at,
-                remaining_depth: self.remaining_depth,
-                task_id: self
-                    .task_id
-                    .map(|t| t.parse())
-                    .transpose()
-                    .map_err(|e| corrupt(key, "task_id", e))?,
-            },
-            parent_grant_id: self
-                .parent_grant_id
-                .map(|p| p.parse())
-                .transpose()
-                .map_err(|e| corrupt(key, "parent_grant_id", e))?,
-            created_at: self.created_at,
-        })
-    }
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct OfferRecord {
-    parent_grant_id: String,
-    from: String,
-    to: String,
-    scopes: Vec<String>,
-    expires_at: i64,
-    /// Absent in records written before offers were pruned: those are pruned at once
-    /// (their token lived at most five minutes).
-    #[serde(default)]
-    redeem_by: i64,
-}
-
-/// SHA-256 over the length-prefixed SPIFFE ID, parent ID and (sorted) selectors: two entries
-/// with the same key are the same identity.
-fn identity_key(spec: &EntrySpec) -> [u8; 32] {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut part = |bytes: &[u8]| {
-        ctx.update(&(bytes.len() as u64).to_be_bytes());
-        ctx.update(bytes);
-    };
-    part(spec.spiffe_id.to_string().as_bytes());
-    part(spec.parent_id.to_string().as_bytes());
-    for sel in &spec.selectors {
-        part(sel.to_string().as_bytes());
-    }
-    let mut key = [0u8; 32];
-    key.copy_from_slice(ctx.finish().as_ref());
-    key
 }
 
 /// `entries_by_parent` and `entries_by_spiffe_id` key: the SPIFFE ID indexed by, a 0 byte
@@ -1513,6 +1223,8 @@ mod conformance_suite {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::delegation::{Delegation, Hop};
+    use crate::ttl::Ttl;
 
     fn spec(id: &str, sel: &str) -> EntrySpec {
         EntrySpec {

@@ -1,0 +1,305 @@
+//! The JSON records a store keeps for each resource, and their checks on the way back in:
+//! a stored record is parsed again when it is read, so a corrupt one is an error naming its
+//! key and field, never a wrong answer. Backend-neutral: the sled store keeps these bytes
+//! under its keys; another backend can keep the same documents.
+
+use agentd_attestor::Selector;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use spiffe::SpiffeId;
+
+use super::{AttestedNode, DataStoreError, Entry, EntrySpec, Grant, Result};
+use super::{EntryActivity, LiveSvid};
+use crate::delegation::{Delegation, Hop, ScopeSet};
+use crate::ttl::Ttl;
+
+pub(super) fn backend(e: impl std::fmt::Display) -> DataStoreError {
+    DataStoreError::Backend {
+        reason: e.to_string(),
+    }
+}
+
+pub(super) fn key_name(key: &[u8]) -> String {
+    String::from_utf8_lossy(key).into_owned()
+}
+
+pub(super) fn decode<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T> {
+    serde_json::from_slice(value).map_err(|e| DataStoreError::Corrupt {
+        key: key_name(key),
+        reason: e.to_string(),
+    })
+}
+
+pub(super) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(backend)
+}
+
+pub(super) fn corrupt(key: &[u8], field: &str, reason: impl std::fmt::Display) -> DataStoreError {
+    DataStoreError::Corrupt {
+        key: key_name(key),
+        reason: format!("{field}: {reason}"),
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct EntryRecord {
+    pub(super) id: String,
+    pub(super) spiffe_id: String,
+    pub(super) parent_id: String,
+    pub(super) selectors: Vec<String>,
+    pub(super) x509_svid_ttl: u64,
+    pub(super) jwt_svid_ttl: u64,
+    pub(super) dns_names: Vec<String>,
+    pub(super) hint: String,
+    pub(super) scopes: Vec<String>,
+    pub(super) owner: Option<String>,
+    pub(super) revision: u64,
+    pub(super) created_at: i64,
+}
+
+impl EntryRecord {
+    pub(super) fn from_entry(e: &Entry) -> Self {
+        Self {
+            id: e.id.to_string(),
+            spiffe_id: e.spec.spiffe_id.to_string(),
+            parent_id: e.spec.parent_id.to_string(),
+            selectors: e.spec.selectors.iter().map(ToString::to_string).collect(),
+            x509_svid_ttl: e.spec.x509_svid_ttl.as_secs(),
+            jwt_svid_ttl: e.spec.jwt_svid_ttl.as_secs(),
+            dns_names: e.spec.dns_names.clone(),
+            hint: e.spec.hint.clone(),
+            scopes: e.spec.scopes.clone(),
+            owner: e.spec.owner.clone(),
+            revision: e.revision,
+            created_at: e.created_at,
+        }
+    }
+
+    /// Stored records are parsed again on the way out: a corrupt record is an error, not a
+    /// bad identity.
+    pub(super) fn into_entry(self, key: &[u8]) -> Result<Entry> {
+        let selectors = self
+            .selectors
+            .iter()
+            .map(|s| s.parse::<Selector>())
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| corrupt(key, "selectors", e))?;
+        Ok(Entry {
+            id: self.id.parse().map_err(|e| corrupt(key, "id", e))?,
+            spec: EntrySpec {
+                spiffe_id: SpiffeId::new(&self.spiffe_id)
+                    .map_err(|e| corrupt(key, "spiffe_id", e))?,
+                parent_id: SpiffeId::new(&self.parent_id)
+                    .map_err(|e| corrupt(key, "parent_id", e))?,
+                selectors,
+                x509_svid_ttl: Ttl::from_secs(self.x509_svid_ttl)
+                    .map_err(|e| corrupt(key, "x509_svid_ttl", e))?,
+                jwt_svid_ttl: Ttl::from_secs(self.jwt_svid_ttl)
+                    .map_err(|e| corrupt(key, "jwt_svid_ttl", e))?,
+                dns_names: self.dns_names,
+                hint: self.hint,
+                scopes: self.scopes,
+                owner: self.owner,
+            },
+            revision: self.revision,
+            created_at: self.created_at,
+        })
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct NodeRecord {
+    pub(super) spiffe_id: String,
+    pub(super) attestation_type: String,
+    pub(super) serial: String,
+    pub(super) svid_expires_at: i64,
+    pub(super) attested_at: i64,
+    pub(super) last_seen_at: i64,
+    /// Absent in records written before node selectors existed.
+    #[serde(default)]
+    pub(super) selectors: Vec<String>,
+    #[serde(default)]
+    pub(super) previous_serial: Option<String>,
+    #[serde(default)]
+    pub(super) previous_svid_expires_at: Option<i64>,
+}
+
+impl NodeRecord {
+    pub(super) fn into_node(self, key: &[u8]) -> Result<AttestedNode> {
+        Ok(AttestedNode {
+            spiffe_id: SpiffeId::new(&self.spiffe_id).map_err(|e| corrupt(key, "spiffe_id", e))?,
+            attestation_type: self.attestation_type,
+            serial: self.serial,
+            svid_expires_at: self.svid_expires_at,
+            attested_at: self.attested_at,
+            last_seen_at: self.last_seen_at,
+            selectors: self
+                .selectors
+                .iter()
+                .map(|s| s.parse().map_err(|e| corrupt(key, "selectors", e)))
+                .collect::<Result<_>>()?,
+            previous_serial: self.previous_serial,
+            previous_svid_expires_at: self.previous_svid_expires_at,
+        })
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct JoinTokenRecord {
+    pub(super) spiffe_id: String,
+    pub(super) expires_at: i64,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(super) struct ActivityRecord {
+    pub(super) last_issued: Option<i64>,
+    pub(super) last_fetched: Option<i64>,
+    #[serde(default)]
+    pub(super) live: Vec<LiveSvidRecord>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct LiveSvidRecord {
+    pub(super) kind: String,
+    pub(super) serial: String,
+    pub(super) node: String,
+    pub(super) expires_at: i64,
+}
+
+impl ActivityRecord {
+    pub(super) fn into_activity(self) -> EntryActivity {
+        EntryActivity {
+            last_issued: self.last_issued,
+            last_fetched: self.last_fetched,
+            live: self
+                .live
+                .into_iter()
+                .map(|l| LiveSvid {
+                    kind: l.kind,
+                    serial: l.serial,
+                    node: l.node,
+                    expires_at: l.expires_at,
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct OwnerRecord {
+    pub(super) disabled: bool,
+    pub(super) changed_at: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct HopRecord {
+    pub(super) agent: String,
+    pub(super) grant_id: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct GrantRecord {
+    pub(super) id: String,
+    pub(super) principal: String,
+    pub(super) chain: Vec<HopRecord>,
+    pub(super) scopes: Vec<String>,
+    pub(super) expires_at: i64,
+    pub(super) remaining_depth: u32,
+    pub(super) task_id: Option<String>,
+    pub(super) parent_grant_id: Option<String>,
+    pub(super) created_at: i64,
+}
+
+impl GrantRecord {
+    pub(super) fn from_grant(g: &Grant) -> Self {
+        let d = &g.delegation;
+        Self {
+            id: g.id.to_string(),
+            principal: d.principal.to_string(),
+            chain: d
+                .chain
+                .iter()
+                .map(|h| HopRecord {
+                    agent: h.agent.to_string(),
+                    grant_id: h.grant_id.to_string(),
+                })
+                .collect(),
+            scopes: d.scopes.to_strings(),
+            expires_at: d.expires_at,
+            remaining_depth: d.remaining_depth,
+            task_id: d.task_id.as_ref().map(ToString::to_string),
+            parent_grant_id: g.parent_grant_id.as_ref().map(ToString::to_string),
+            created_at: g.created_at,
+        }
+    }
+
+    pub(super) fn into_grant(self, key: &[u8]) -> Result<Grant> {
+        let chain = self
+            .chain
+            .into_iter()
+            .map(|h| {
+                Ok(Hop {
+                    agent: SpiffeId::new(&h.agent).map_err(|e| corrupt(key, "chain", e))?,
+                    grant_id: h.grant_id.parse().map_err(|e| corrupt(key, "chain", e))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if chain.is_empty() {
+            return Err(corrupt(key, "chain", "empty"));
+        }
+        Ok(Grant {
+            id: self.id.parse().map_err(|e| corrupt(key, "id", e))?,
+            delegation: Delegation {
+                principal: self
+                    .principal
+                    .parse()
+                    .map_err(|e| corrupt(key, "principal", e))?,
+                chain,
+                scopes: ScopeSet::parse(&self.scopes).map_err(|e| corrupt(key, "scopes", e))?,
+                expires_at: self.expires_at,
+                remaining_depth: self.remaining_depth,
+                task_id: self
+                    .task_id
+                    .map(|t| t.parse())
+                    .transpose()
+                    .map_err(|e| corrupt(key, "task_id", e))?,
+            },
+            parent_grant_id: self
+                .parent_grant_id
+                .map(|p| p.parse())
+                .transpose()
+                .map_err(|e| corrupt(key, "parent_grant_id", e))?,
+            created_at: self.created_at,
+        })
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct OfferRecord {
+    pub(super) parent_grant_id: String,
+    pub(super) from: String,
+    pub(super) to: String,
+    pub(super) scopes: Vec<String>,
+    pub(super) expires_at: i64,
+    /// Absent in records written before offers were pruned: those are pruned at once
+    /// (their token lived at most five minutes).
+    #[serde(default)]
+    pub(super) redeem_by: i64,
+}
+
+/// SHA-256 over the length-prefixed SPIFFE ID, parent ID and (sorted) selectors: two entries
+/// with the same key are the same identity.
+pub(super) fn identity_key(spec: &EntrySpec) -> [u8; 32] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut part = |bytes: &[u8]| {
+        ctx.update(&(bytes.len() as u64).to_be_bytes());
+        ctx.update(bytes);
+    };
+    part(spec.spiffe_id.to_string().as_bytes());
+    part(spec.parent_id.to_string().as_bytes());
+    for sel in &spec.selectors {
+        part(sel.to_string().as_bytes());
+    }
+    let mut key = [0u8; 32];
+    key.copy_from_slice(ctx.finish().as_ref());
+    key
+}
