@@ -552,6 +552,19 @@ impl Node {
         self.socket.display().to_string()
     }
 
+    /// `agentd api fetch x509 --output json` against this node agent.
+    pub fn fetch_x509(&self) -> Output {
+        agentd(&[
+            "api",
+            "fetch",
+            "x509",
+            "--socket-path",
+            &self.socket_arg(),
+            "--output",
+            "json",
+        ])
+    }
+
     /// Waits until `api fetch x509` returns an SVID for `spiffe_id`.
     pub fn wait_for_svid(&self, spiffe_id: &str) -> anyhow::Result<()> {
         let sock = self.socket_arg();

@@ -7,19 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use agentd_e2e::{agentd, free_port, spawn_node_with, wait_until, Env, Node, Server};
-
-fn fetch_x509(node: &Node) -> std::process::Output {
-    agentd(&[
-        "api",
-        "fetch",
-        "x509",
-        "--socket-path",
-        &node.socket_arg(),
-        "--output",
-        "json",
-    ])
-}
+use agentd_e2e::{free_port, spawn_node_with, wait_until, Env, Node, Server};
 
 #[test]
 fn a_node_agent_fails_over_to_the_next_server_address() -> anyhow::Result<()> {
@@ -79,7 +67,7 @@ fn a_node_agent_fails_over_to_the_next_server_address() -> anyhow::Result<()> {
         "failover test",
     ])?;
     let gone = wait_until(Duration::from_secs(10), || {
-        let out = fetch_x509(&node);
+        let out = node.fetch_x509();
         !String::from_utf8_lossy(&out.stdout).contains("spiffe://example.org/ha/before")
     });
     assert!(
@@ -93,7 +81,7 @@ fn a_node_agent_fails_over_to_the_next_server_address() -> anyhow::Result<()> {
         "the revocation took {took:?} to reach the node agent after the failover"
     );
     // The other SVID is still served.
-    let out = fetch_x509(&node);
+    let out = node.fetch_x509();
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("spiffe://example.org/ha/after"),
         "{}",

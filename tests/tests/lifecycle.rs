@@ -5,15 +5,7 @@ use std::time::Duration;
 use agentd_e2e::{agentd, spawn_node, wait_until, Env, Node, Server};
 
 fn fetch_json(node: &Node) -> Option<serde_json::Value> {
-    let out = agentd(&[
-        "api",
-        "fetch",
-        "x509",
-        "--socket-path",
-        &node.socket_arg(),
-        "--output",
-        "json",
-    ]);
+    let out = node.fetch_x509();
     out.status
         .success()
         .then(|| serde_json::from_slice(&out.stdout).ok())

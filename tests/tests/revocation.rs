@@ -35,18 +35,6 @@ fn withdrawn(r: &SvidResult) -> bool {
     matches!(r, Err(X509SourceError::Withdrawn(_)))
 }
 
-fn fetch_x509(node: &Node) -> std::process::Output {
-    agentd(&[
-        "api",
-        "fetch",
-        "x509",
-        "--socket-path",
-        &node.socket_arg(),
-        "--output",
-        "json",
-    ])
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_an_entry_withdraws_its_svid_and_jwt_until_lifted() -> anyhow::Result<()> {
     let env = Env::new();
@@ -146,7 +134,7 @@ async fn revoking_an_entry_withdraws_its_svid_and_jwt_until_lifted() -> anyhow::
         )),
         "{stderr}"
     );
-    let out = fetch_x509(&node);
+    let out = node.fetch_x509();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no identity issued"));
     let v = validate();
@@ -162,7 +150,7 @@ async fn revoking_an_entry_withdraws_its_svid_and_jwt_until_lifted() -> anyhow::
     assert_eq!(shown["revoked_by"].as_u64(), Some(sequence), "{shown}");
     agentd_e2e::wait_for_a_full_sync(&server, &node, "revoked")?;
     assert!(
-        !fetch_x509(&node).status.success(),
+        !node.fetch_x509().status.success(),
         "never re-issued while it stands"
     );
     let listed = json(&server.cli_ok(&["revoke", "list", "--output", "json"])?);
@@ -258,7 +246,7 @@ async fn revoking_an_svid_by_serial_brings_a_fresh_one() -> anyhow::Result<()> {
     assert_ne!(new, old, "a fresh SVID, with a new serial");
     assert_eq!(fresh.spiffe_id().to_string(), id);
     // The revoked serial is never served again.
-    let served = json(&String::from_utf8_lossy(&fetch_x509(&node).stdout));
+    let served = json(&String::from_utf8_lossy(&node.fetch_x509().stdout));
     assert_ne!(served["svids"][0]["serial"], old.as_str(), "{served}");
 
     // An unknown serial is refused and nothing is logged.
@@ -306,7 +294,7 @@ fn a_node_offline_during_a_revocation_applies_it_before_serving() -> anyhow::Res
     ));
     assert_eq!(seen["head_sequence"].as_u64(), Some(sequence), "{seen}");
     node.wait_for_svid(kept)?;
-    let served = String::from_utf8_lossy(&fetch_x509(&node).stdout).into_owned();
+    let served = String::from_utf8_lossy(&node.fetch_x509().stdout).into_owned();
     assert!(served.contains(kept));
     assert!(!served.contains(gone), "{served}");
     Ok(())
@@ -332,7 +320,7 @@ fn revocations_survive_a_server_restart() -> anyhow::Result<()> {
     // Still refused once the node has synced with the restarted server, and numbering
     // continues.
     agentd_e2e::wait_for_a_full_sync(&server, &node, "restarted")?;
-    let out = fetch_x509(&node);
+    let out = node.fetch_x509();
     assert!(
         !out.status.success(),
         "{}",
@@ -384,7 +372,7 @@ async fn revoking_a_node_is_a_kill_switch() -> anyhow::Result<()> {
         .log_text()
         .contains("is revoked")));
     // Another node is untouched.
-    assert!(fetch_x509(&other).status.success());
+    assert!(other.fetch_x509().status.success());
 
     // A join token made before the revocation cannot bring it back...
     let bundle = env.path().join("readmit-bundle.pem");
@@ -626,7 +614,7 @@ fn a_node_that_loses_the_feed_reports_unhealthy_and_fails_closed_when_configured
     let sock = node.socket_arg();
     let mut last = String::new();
     let closed = wait_until(Duration::from_secs(20), || {
-        let out = fetch_x509(&node);
+        let out = node.fetch_x509();
         last = String::from_utf8_lossy(&out.stderr).into_owned();
         !out.status.success() && last.contains("revocation feed")
     });
@@ -636,7 +624,8 @@ fn a_node_that_loses_the_feed_reports_unhealthy_and_fails_closed_when_configured
     // Back once the server is.
     server.restart()?;
     assert!(
-        wait_until(Duration::from_secs(30), || fetch_x509(&node)
+        wait_until(Duration::from_secs(30), || node
+            .fetch_x509()
             .status
             .success()),
         "{}",
@@ -723,7 +712,7 @@ fn a_restarted_node_serves_an_entry_whose_revocation_was_lifted() -> anyhow::Res
     // first sync (which already lists the entry): healthy must mean the entry is served.
     for attempt in 0..6 {
         node.restart()?;
-        let out = fetch_x509(&node);
+        let out = node.fetch_x509();
         assert!(
             out.status.success() && String::from_utf8_lossy(&out.stdout).contains(id),
             "restart {attempt}: healthy but not serving {id}: {}\n{}",
