@@ -63,3 +63,36 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "${NODE_PACKAGES[*]}" ]; then
     (cd "$INTEROP/node" && npm install --silent --no-audit --no-fund --no-save "${NODE_PACKAGES[@]}" >&2)
     echo "${NODE_PACKAGES[*]}" > "$stamp"
 fi
+
+# A running PostgreSQL for the PostgreSQL datastore's tests (agentd/src/datastore/pg_store.rs):
+# reachable as postgres on 127.0.0.1:5432 without a password, or wherever
+# AGENTD_TEST_POSTGRES points (then this leaves it alone). Installs Debian's server and
+# starts its cluster when missing; each test makes and drops its own database.
+if [ -z "${AGENTD_TEST_POSTGRES:-}" ]; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    pg_ready() { command -v pg_isready >/dev/null 2>&1 && pg_isready -q -h 127.0.0.1 -p 5432; }
+    if ! pg_ready; then
+        if ! command -v pg_ctlcluster >/dev/null 2>&1 || [ -z "$(ls /etc/postgresql 2>/dev/null)" ]; then
+            if command -v apt-get >/dev/null 2>&1; then
+                echo "installing postgresql" >&2
+                $SUDO apt-get update -qq && $SUDO apt-get install -y -qq postgresql >/dev/null
+            else
+                echo "PostgreSQL is required for the datastore tests; please install and start it" >&2
+                exit 1
+            fi
+        fi
+        version="$(ls /etc/postgresql | sort -V | tail -1)"
+        hba="/etc/postgresql/$version/main/pg_hba.conf"
+        # The tests connect as postgres over TCP without a password: trust on loopback only.
+        if ! $SUDO grep -q '^host all all 127.0.0.1/32 trust' "$hba"; then
+            $SUDO sed -i '1i host all all 127.0.0.1/32 trust' "$hba"
+        fi
+        echo "starting PostgreSQL $version" >&2
+        $SUDO pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+        for _ in $(seq 1 30); do pg_ready && break; sleep 1; done
+        if ! pg_ready; then
+            echo "PostgreSQL did not start on 127.0.0.1:5432 (see /var/log/postgresql)" >&2
+            exit 1
+        fi
+    fi
+fi

@@ -366,9 +366,21 @@ pub(crate) async fn issued_svids_are_found_by_every_handle_and_pruned(store: Sto
 }
 
 pub(crate) async fn revocation_sequences_are_gap_free_under_concurrent_appends(store: Store) {
+    revocation_appends_through(&[store]).await;
+}
+
+/// The revocation and audit checks with the writers spread over `handles`: handles of one
+/// database (two servers' stores) must give one sequence and one chain as one handle does.
+pub(crate) async fn appends_through_several_handles_form_one_log(handles: Vec<Store>) {
+    revocation_appends_through(&handles).await;
+    audit_appends_through(&handles).await;
+}
+
+async fn revocation_appends_through(handles: &[Store]) {
+    let store = handles[0].clone();
     let writers: Vec<_> = (0..WRITERS)
         .map(|w| {
-            let store = store.clone();
+            let store = handles[w % handles.len()].clone();
             tokio::spawn(async move {
                 let mut got = Vec::new();
                 for i in 0..APPENDS {
@@ -426,10 +438,15 @@ pub(crate) async fn revocation_sequences_are_gap_free_under_concurrent_appends(s
 }
 
 pub(crate) async fn audit_appends_from_concurrent_writers_form_one_chain(store: Store) {
+    audit_appends_through(&[store]).await;
+}
+
+async fn audit_appends_through(handles: &[Store]) {
+    let store = handles[0].clone();
     let key = Arc::new(crate::audit::key::AuditKey::generate());
     let writers: Vec<_> = (0..WRITERS)
         .map(|w| {
-            let (store, key) = (store.clone(), key.clone());
+            let (store, key) = (handles[w % handles.len()].clone(), key.clone());
             tokio::spawn(async move {
                 for i in 0..APPENDS {
                     let records = (0..1 + i % 3)

@@ -6,6 +6,7 @@
 pub(crate) mod conformance;
 mod lifecycle;
 mod model;
+pub mod pg_store;
 mod records;
 mod revocation_records;
 mod seen_tokens;
@@ -15,6 +16,7 @@ use std::fmt::Debug;
 
 pub use model::{AttestedNode, Entry, EntryFilter, EntryId, EntryIdError, EntrySpec, JoinToken};
 pub use model::{DelegationOffer, Grant};
+pub use pg_store::PgStore;
 pub use sled_store::SledStore;
 
 pub use lifecycle::{EntryActivity, EntryIssuance, LiveSvid, OwnerState};

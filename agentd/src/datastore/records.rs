@@ -124,6 +124,20 @@ pub(super) struct NodeRecord {
 }
 
 impl NodeRecord {
+    pub(super) fn from_node(node: &AttestedNode) -> Self {
+        Self {
+            spiffe_id: node.spiffe_id.to_string(),
+            attestation_type: node.attestation_type.clone(),
+            serial: node.serial.clone(),
+            svid_expires_at: node.svid_expires_at,
+            attested_at: node.attested_at,
+            last_seen_at: node.last_seen_at,
+            selectors: node.selectors.iter().map(ToString::to_string).collect(),
+            previous_serial: node.previous_serial.clone(),
+            previous_svid_expires_at: node.previous_svid_expires_at,
+        }
+    }
+
     pub(super) fn into_node(self, key: &[u8]) -> Result<AttestedNode> {
         Ok(AttestedNode {
             spiffe_id: SpiffeId::new(&self.spiffe_id).map_err(|e| corrupt(key, "spiffe_id", e))?,
@@ -165,7 +179,32 @@ pub(super) struct LiveSvidRecord {
     pub(super) expires_at: i64,
 }
 
+/// Most live SVIDs remembered per entry; the oldest go first.
+pub(super) const MAX_LIVE_PER_ENTRY: usize = 256;
+
 impl ActivityRecord {
+    /// Notes SVIDs issued at `now`: `last_issued`, and the live set (expired ones dropped,
+    /// at most [`MAX_LIVE_PER_ENTRY`], the oldest going first).
+    pub(super) fn note_issued(&mut self, svids: Vec<super::EntryIssuance>, now: i64) {
+        self.last_issued = Some(now);
+        self.live.retain(|l| l.expires_at > now);
+        self.live.extend(svids.into_iter().map(|s| LiveSvidRecord {
+            kind: s.kind.to_string(),
+            serial: s.serial,
+            node: s.node,
+            expires_at: s.expires_at,
+        }));
+        if self.live.len() > MAX_LIVE_PER_ENTRY {
+            let extra = self.live.len() - MAX_LIVE_PER_ENTRY;
+            self.live.drain(..extra);
+        }
+    }
+
+    /// Notes a fetch at `now` (never moving `last_fetched` back).
+    pub(super) fn note_fetched(&mut self, now: i64) {
+        self.last_fetched = Some(self.last_fetched.map_or(now, |t| t.max(now)));
+    }
+
     pub(super) fn into_activity(self) -> EntryActivity {
         EntryActivity {
             last_issued: self.last_issued,
@@ -302,4 +341,33 @@ pub(super) fn identity_key(spec: &EntrySpec) -> [u8; 32] {
     let mut key = [0u8; 32];
     key.copy_from_slice(ctx.finish().as_ref());
     key
+}
+
+impl OfferRecord {
+    pub(super) fn from_offer(offer: &super::DelegationOffer) -> Self {
+        Self {
+            parent_grant_id: offer.parent_grant_id.to_string(),
+            from: offer.from.to_string(),
+            to: offer.to.to_string(),
+            scopes: offer.scopes.to_strings(),
+            expires_at: offer.expires_at,
+            redeem_by: offer.redeem_by,
+        }
+    }
+
+    pub(super) fn into_offer(self, id: &str) -> Result<super::DelegationOffer> {
+        let key = id.as_bytes();
+        Ok(super::DelegationOffer {
+            id: id.to_string(),
+            parent_grant_id: self
+                .parent_grant_id
+                .parse()
+                .map_err(|e| corrupt(key, "parent_grant_id", e))?,
+            from: SpiffeId::new(&self.from).map_err(|e| corrupt(key, "from", e))?,
+            to: SpiffeId::new(&self.to).map_err(|e| corrupt(key, "to", e))?,
+            scopes: ScopeSet::parse(&self.scopes).map_err(|e| corrupt(key, "scopes", e))?,
+            expires_at: self.expires_at,
+            redeem_by: self.redeem_by,
+        })
+    }
 }

@@ -16,7 +16,7 @@ use tokio::sync::Mutex;
 
 use super::records::{
     backend, corrupt, decode, encode, identity_key, key_name, ActivityRecord, EntryRecord,
-    GrantRecord, JoinTokenRecord, LiveSvidRecord, NodeRecord, OfferRecord, OwnerRecord,
+    GrantRecord, JoinTokenRecord, NodeRecord, OfferRecord, OwnerRecord,
 };
 use super::revocation_records::{
     handle_prefix, issued_index_keys, issued_key, record_key_of, EventRecord, IssuedRecord,
@@ -27,7 +27,7 @@ use super::{
 };
 use super::{DelegationOffer, Grant};
 use super::{EntryActivity, EntryIssuance, OwnerState};
-use crate::delegation::{GrantId, ScopeSet};
+use crate::delegation::GrantId;
 use crate::model::audit::{
     AuditHead, AuditRecord, ChainSigner, SealedAuditRecord, StoredAuditRecord,
 };
@@ -48,8 +48,6 @@ pub const AUDIT_META: &str = "audit_meta";
 pub const AUDIT_HEAD_KEY: &[u8] = b"head";
 const ENTRY_ACTIVITY: &str = "entry_activity";
 const OWNERS: &str = "owners";
-/// Most live SVIDs remembered per entry; the oldest go first.
-const MAX_LIVE_PER_ENTRY: usize = 256;
 const GRANTS: &str = "grants";
 const DELEGATION_OFFERS: &str = "delegation_offers";
 /// Used platform token ids (see `seen_tokens`).
@@ -610,17 +608,7 @@ impl DataStore for SledStore {
     }
 
     async fn upsert_node(&self, node: AttestedNode) -> Result<()> {
-        let record = NodeRecord {
-            spiffe_id: node.spiffe_id.to_string(),
-            attestation_type: node.attestation_type,
-            serial: node.serial,
-            svid_expires_at: node.svid_expires_at,
-            attested_at: node.attested_at,
-            last_seen_at: node.last_seen_at,
-            selectors: node.selectors.iter().map(ToString::to_string).collect(),
-            previous_serial: node.previous_serial,
-            previous_svid_expires_at: node.previous_svid_expires_at,
-        };
+        let record = NodeRecord::from_node(&node);
         self.nodes
             .insert(record.spiffe_id.as_bytes(), encode(&record)?)
             .map_err(backend)?;
@@ -951,18 +939,7 @@ impl DataStore for SledStore {
                 continue;
             }
             let mut rec = self.activity_record(&id)?;
-            rec.last_issued = Some(now);
-            rec.live.retain(|l| l.expires_at > now);
-            rec.live.extend(svids.into_iter().map(|s| LiveSvidRecord {
-                kind: s.kind.to_string(),
-                serial: s.serial,
-                node: s.node,
-                expires_at: s.expires_at,
-            }));
-            if rec.live.len() > MAX_LIVE_PER_ENTRY {
-                let extra = rec.live.len() - MAX_LIVE_PER_ENTRY;
-                rec.live.drain(..extra);
-            }
+            rec.note_issued(svids, now);
             batch.insert(id.as_bytes(), encode(&rec)?);
         }
         // Statistics, on the minting and sync paths: not flushed here (see the trait).
@@ -980,7 +957,7 @@ impl DataStore for SledStore {
                 continue;
             }
             let mut rec = self.activity_record(id.as_str())?;
-            rec.last_fetched = Some(rec.last_fetched.map_or(now, |t| t.max(now)));
+            rec.note_fetched(now);
             batch.insert(id.as_str().as_bytes(), encode(&rec)?);
         }
         // Statistics, on the minting and sync paths: not flushed here (see the trait).
@@ -1116,14 +1093,7 @@ impl DataStore for SledStore {
         max_per_grant: usize,
         now: i64,
     ) -> Result<bool> {
-        let record = OfferRecord {
-            parent_grant_id: offer.parent_grant_id.to_string(),
-            from: offer.from.to_string(),
-            to: offer.to.to_string(),
-            scopes: offer.scopes.to_strings(),
-            expires_at: offer.expires_at,
-            redeem_by: offer.redeem_by,
-        };
+        let record = OfferRecord::from_offer(&offer);
         let _guard = self.offer_writes.lock().await;
         // Offers are pruned at expiry, so this scan stays short.
         let mut live = 0;
@@ -1191,20 +1161,9 @@ impl DataStore for SledStore {
             return Ok(None);
         };
         self.flush().await?;
-        let key = id.as_bytes();
-        let r: OfferRecord = decode(key, &v)?;
-        Ok(Some(DelegationOffer {
-            id: id.to_string(),
-            parent_grant_id: r
-                .parent_grant_id
-                .parse()
-                .map_err(|e| corrupt(key, "parent_grant_id", e))?,
-            from: SpiffeId::new(&r.from).map_err(|e| corrupt(key, "from", e))?,
-            to: SpiffeId::new(&r.to).map_err(|e| corrupt(key, "to", e))?,
-            scopes: ScopeSet::parse(&r.scopes).map_err(|e| corrupt(key, "scopes", e))?,
-            expires_at: r.expires_at,
-            redeem_by: r.redeem_by,
-        }))
+        Ok(Some(
+            decode::<OfferRecord>(id.as_bytes(), &v)?.into_offer(id)?,
+        ))
     }
 }
 
@@ -1223,7 +1182,7 @@ mod conformance_suite {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::delegation::{Delegation, Hop};
+    use crate::delegation::{Delegation, Hop, ScopeSet};
     use crate::ttl::Ttl;
 
     fn spec(id: &str, sel: &str) -> EntrySpec {
