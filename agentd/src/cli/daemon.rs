@@ -71,6 +71,9 @@ pub async fn server_run(args: ServerRunArgs) -> anyhow::Result<()> {
     if let Some(v) = args.metrics_address {
         raw.metrics_address = Some(v);
     }
+    if let Some(url) = args.datastore {
+        raw.datastore.get_or_insert_with(Default::default).url = Some(url);
+    }
     let config = ServerConfig::try_from(raw)?;
     Server::new(config, Arc::new(SystemClock))
         .run(shutdown_on_signals())

@@ -1,6 +1,6 @@
 //! The one conformance suite of the `DataStore` trait: every backend runs these same checks,
-//! each on a fresh, empty store (sled's test module instantiates them with
-//! [`datastore_conformance!`]; another backend is instantiated the same way). They assert what the trait promises a
+//! each on a fresh, empty store (the sled and PostgreSQL stores' test modules instantiate
+//! them with [`datastore_conformance!`]). They assert what the trait promises a
 //! caller, not how a backend keeps it: records round-trip, listings filter and order, a
 //! single-use token is used once, sequence numbers are gap-free and never reused, and
 //! concurrent writers of the revocation and audit logs still get one unbroken sequence

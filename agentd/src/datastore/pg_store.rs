@@ -135,7 +135,7 @@ impl std::fmt::Debug for PgStore {
 }
 
 /// `postgres://user:secret@host/db` as `postgres://user@host/db`.
-fn without_password(url: &str) -> String {
+pub(crate) fn without_password(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let userinfo = &url[scheme + 3..at];

@@ -53,6 +53,37 @@ pub struct RawServerConfig {
     pub max_delegation_depth: Option<u32>,
     /// Connection, stream and request-rate limits of the node API.
     pub node_api: Option<RawNodeApi>,
+    /// `[datastore]`: where the server keeps its records (default: sled in the data dir).
+    pub datastore: Option<RawDatastore>,
+}
+
+/// `[datastore]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDatastore {
+    /// `postgres://user[:password]@host[:port]/database`: several servers may share it.
+    pub url: Option<String>,
+}
+
+/// Where the server keeps its records.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Datastore {
+    /// The embedded sled store, in `data_dir/datastore` (one server).
+    Sled,
+    /// PostgreSQL at this URL, which may hold a password (kept out of `Debug`).
+    Postgres(zeroize::Zeroizing<String>),
+}
+
+impl std::fmt::Debug for Datastore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Sled => f.write_str("Sled"),
+            Self::Postgres(url) => f
+                .debug_tuple("Postgres")
+                .field(&crate::datastore::pg_store::without_password(url))
+                .finish(),
+        }
+    }
 }
 
 /// `[node_api]`: limits that keep an unauthenticated peer from exhausting the node API.
@@ -138,6 +169,7 @@ pub struct ServerConfig {
     pub metrics_address: Option<SocketAddr>,
     pub delegation: DelegationConfig,
     pub node_api: NodeApiLimits,
+    pub datastore: Datastore,
 }
 
 /// The node API's limits, validated (`[node_api]`).
@@ -341,6 +373,22 @@ impl TryFrom<RawServerConfig> for ServerConfig {
             errs.push("max_delegation_depth", "must be at most 32");
         }
         let node_api = node_api_limits(&mut errs, raw.node_api);
+        let datastore = match raw.datastore.and_then(|d| d.url) {
+            None => Datastore::Sled,
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                Datastore::Postgres(zeroize::Zeroizing::new(url))
+            }
+            Some(url) => {
+                errs.push(
+                    "datastore.url",
+                    format!(
+                        "{:?} is not a postgres:// URL (postgres://user@host:port/database)",
+                        crate::datastore::pg_store::without_password(&url)
+                    ),
+                );
+                Datastore::Sled
+            }
+        };
         // Both are `Some` unless an error was recorded for them, which `finish` reports.
         let (Some(trust_domain), Some(bind_address)) = (trust_domain, bind_address) else {
             errs.finish()?;
@@ -371,6 +419,7 @@ impl TryFrom<RawServerConfig> for ServerConfig {
                 max_depth,
             },
             node_api,
+            datastore,
         })
     }
 }
@@ -655,6 +704,28 @@ mod tests {
     fn unknown_fields_are_refused() {
         let err = toml::from_str::<RawServerConfig>("trust_domian = \"x\"").unwrap_err();
         assert!(err.to_string().contains("trust_domian"), "{err}");
+    }
+
+    #[test]
+    fn the_datastore_is_sled_by_default_or_a_postgres_url_kept_out_of_debug() {
+        let cfg = ServerConfig::try_from(RawServerConfig::default()).unwrap();
+        assert_eq!(cfg.datastore, Datastore::Sled);
+        let raw: RawServerConfig = toml::from_str(
+            "[datastore]\nurl = \"postgres://agentd:s3cret@db.example.org:5432/agentd\"",
+        )
+        .unwrap();
+        let cfg = ServerConfig::try_from(raw).unwrap();
+        assert!(matches!(&cfg.datastore, Datastore::Postgres(u) if u.contains("s3cret")));
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(
+            shown.contains("postgres://agentd@db.example.org:5432/agentd"),
+            "{shown}"
+        );
+        let raw: RawServerConfig =
+            toml::from_str("[datastore]\nurl = \"sqlite:///tmp/x.db\"").unwrap();
+        let err = ServerConfig::try_from(raw).unwrap_err();
+        assert_eq!(err.errors[0].path, "datastore.url");
     }
 
     #[test]

@@ -138,14 +138,21 @@ impl Server {
             None => None,
         };
         create_private_dir(&cfg.data_dir)?;
-        let store: Arc<dyn DataStore> = Arc::new(
-            SledStore::open(&cfg.data_dir.join("datastore")).map_err(|e| match e {
-                DataStoreError::InUse { .. } => ServerError::DataDirInUse {
-                    path: cfg.data_dir.display().to_string(),
-                },
-                other => ServerError::Store(other),
-            })?,
-        );
+        let store: Arc<dyn DataStore> = match &cfg.datastore {
+            config::Datastore::Sled => Arc::new(
+                SledStore::open(&cfg.data_dir.join("datastore")).map_err(|e| match e {
+                    DataStoreError::InUse { .. } => ServerError::DataDirInUse {
+                        path: cfg.data_dir.display().to_string(),
+                    },
+                    other => ServerError::Store(other),
+                })?,
+            ),
+            config::Datastore::Postgres(url) => Arc::new(
+                crate::datastore::PgStore::open(url)
+                    .await
+                    .map_err(ServerError::Store)?,
+            ),
+        };
         let _ = store_slot.set(store.clone());
         readiness.set(conditions::STORE_OPEN, true);
         let ca = Arc::new(CertificateAuthority::load_or_create(

@@ -1,0 +1,143 @@
+//! The server on the PostgreSQL datastore (`--datastore postgres://...`): entries, node
+//! attestation, issuance, revocation and the audit log live in the database, survive a
+//! restart, and nothing is written to an embedded store in the data dir. Each test makes its
+//! own database on the local PostgreSQL (scripts/install-tools.sh starts one) and drops it.
+
+use std::time::Duration;
+
+use agentd_e2e::{wait_until, Env, Node, Server};
+
+fn admin_url() -> String {
+    std::env::var("AGENTD_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A fresh database, dropped when the test ends.
+struct Database {
+    url: String,
+    name: String,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Database {
+    fn create() -> anyhow::Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let admin = admin_url();
+        let name = format!("agentd_e2e_{:016x}", rand::random::<u64>());
+        rt.block_on(async {
+            let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "PostgreSQL is not reachable at {admin} ({e}): these tests need a running server; scripts/install-tools.sh (run by make test and .ci/run) installs and starts one, or set AGENTD_TEST_POSTGRES"
+                    )
+                })?;
+            tokio::spawn(conn);
+            client
+                .batch_execute(&format!("CREATE DATABASE {name}"))
+                .await?;
+            anyhow::Ok(())
+        })?;
+        let (base, _) = admin
+            .rsplit_once('/')
+            .ok_or_else(|| anyhow::anyhow!("AGENTD_TEST_POSTGRES must end in /DATABASE"))?;
+        Ok(Self {
+            url: format!("{base}/{name}"),
+            name,
+            rt,
+        })
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        let (admin, name) = (admin_url(), self.name.clone());
+        let _ = self.rt.block_on(async move {
+            let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+                .await
+                .ok()?;
+            tokio::spawn(conn);
+            client
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await
+                .ok()
+        });
+    }
+}
+
+#[test]
+fn a_server_on_postgres_issues_revokes_and_keeps_everything_across_a_restart() -> anyhow::Result<()>
+{
+    let db = Database::create()?;
+    let env = Env::new();
+    let mut server = Server::start_with(&env, &["--datastore", &db.url])?;
+    let node = Node::start(&env, &server, "n1")?;
+    let kept = "spiffe://example.org/pg/kept";
+    let revoked = "spiffe://example.org/pg/revoked";
+    server.register_own_uid(&node.spiffe_id, kept, &["--hint", "kept"])?;
+    let revoked_id = server.register_own_uid(&node.spiffe_id, revoked, &["--hint", "revoked"])?;
+    node.wait_for_svid(kept)?;
+    node.wait_for_svid(revoked)?;
+    server.cli_ok(&[
+        "revoke",
+        "entry",
+        "--id",
+        &revoked_id,
+        "--reason",
+        "postgres test",
+    ])?;
+    let gone = wait_until(Duration::from_secs(10), || {
+        !String::from_utf8_lossy(&node.fetch_x509().stdout).contains(revoked)
+    });
+    assert!(gone, "the revoked SVID is still served");
+    assert!(
+        !server.data_dir.join("datastore").exists(),
+        "an embedded store was made in the data dir"
+    );
+
+    // Everything is in the database: a restart (same data dir for the CA keys) sees it.
+    server.restart()?;
+    let entries: serde_json::Value =
+        serde_json::from_str(&server.cli_ok(&["entry", "show", "--output", "json"])?)?;
+    let ids: Vec<&str> = entries
+        .as_array()
+        .map(|a| a.iter().filter_map(|e| e["spiffe_id"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(ids, [kept, revoked]);
+    let listed: serde_json::Value =
+        serde_json::from_str(&server.cli_ok(&["revoke", "list", "--output", "json"])?)?;
+    assert!(listed.to_string().contains(&revoked_id), "{listed}");
+    let nodes = server.cli_ok(&["node", "list"])?;
+    assert!(nodes.contains(&node.spiffe_id), "{nodes}");
+    let verify: serde_json::Value =
+        serde_json::from_str(&server.cli_ok(&["audit", "verify", "--output", "json"])?)?;
+    assert_eq!(verify["intact"], true, "{verify}");
+    assert!(verify["head_seq"].as_u64().unwrap_or(0) > 3, "{verify}");
+    // The node agent carries on against the restarted server.
+    node.wait_for_svid(kept)?;
+    Ok(())
+}
+
+#[test]
+fn a_bad_datastore_url_is_refused_naming_the_field() {
+    let env = Env::new();
+    let out = agentd_e2e::agentd(&[
+        "server",
+        "run",
+        "--data-dir",
+        &env.path().join("server").display().to_string(),
+        "--admin-socket",
+        &env.path().join("admin.sock").display().to_string(),
+        "--datastore",
+        "mysql://root:hunter2@db/agentd",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("datastore.url"), "{stderr}");
+    assert!(
+        !stderr.contains("hunter2"),
+        "the password was printed: {stderr}"
+    );
+}
