@@ -252,8 +252,8 @@ pub struct ServerRunArgs {
     /// Serve /metrics, /live and /ready on HOST:PORT (port 0 picks a free one, logged).
     #[arg(long)]
     pub metrics_address: Option<String>,
-    /// Keep the records in PostgreSQL, postgres://user@host:port/database (several servers
-    /// may share one) [default: the embedded store in the data dir].
+    /// Keep the records in PostgreSQL, postgres://user@host:port/database [default: the
+    /// embedded store in the data dir].
     #[arg(long, env = "AGENTD_DATASTORE", hide_env_values = true)]
     pub datastore: Option<String>,
     #[command(flatten)]

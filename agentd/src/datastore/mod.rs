@@ -118,6 +118,16 @@ pub trait DataStore: Send + Sync + Debug + 'static {
     }
     /// Every event still kept, in sequence order.
     async fn list_revocations(&self) -> Result<Vec<RevocationEvent>>;
+    /// The kept events after sequence `after`, in order (what another server appended since
+    /// this one last looked). This default filters the whole log.
+    async fn list_revocations_after(&self, after: u64) -> Result<Vec<RevocationEvent>> {
+        Ok(self
+            .list_revocations()
+            .await?
+            .into_iter()
+            .filter(|e| e.sequence > after)
+            .collect())
+    }
     /// The last sequence number handed out (0 when none).
     async fn revocation_head(&self) -> Result<u64>;
     /// Removes events that no longer matter (see `revocation::log::compactable`).

@@ -339,6 +339,13 @@ struct EntryRow {
     record: String,
 }
 
+fn event_of_row(row: &tokio_postgres::Row) -> Result<RevocationEvent> {
+    let seq: i64 = row.get(0);
+    let key = seq.to_string();
+    let record: &str = row.get(1);
+    decode::<EventRecord>(key.as_bytes(), record.as_bytes())?.into_event(key.as_bytes())
+}
+
 fn entry_row(entry: &Entry) -> Result<EntryRow> {
     Ok(EntryRow {
         id: entry.id.to_string(),
@@ -753,14 +760,20 @@ impl DataStore for PgStore {
             )
             .await
             .map_err(pg)?;
-        rows.iter()
-            .map(|r| {
-                let seq: i64 = r.get(0);
-                let key = seq.to_string();
-                let record: &str = r.get(1);
-                decode::<EventRecord>(key.as_bytes(), record.as_bytes())?.into_event(key.as_bytes())
-            })
-            .collect()
+        rows.iter().map(event_of_row).collect()
+    }
+
+    async fn list_revocations_after(&self, after: u64) -> Result<Vec<RevocationEvent>> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT sequence, record FROM revocations WHERE sequence > $1 ORDER BY sequence",
+                &[&int(after)],
+            )
+            .await
+            .map_err(pg)?;
+        rows.iter().map(event_of_row).collect()
     }
 
     async fn revocation_head(&self) -> Result<u64> {
@@ -1269,6 +1282,53 @@ mod tests {
             std::sync::Arc::new(PgStore::open(&db.url).await.unwrap());
         crate::datastore::conformance::appends_through_several_handles_form_one_log(vec![a, b])
             .await;
+    }
+
+    /// A revocation committed through one server is in force on another server of the same
+    /// database within its poll, and that server's feed carries it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_revocation_through_one_server_is_in_force_on_the_other() {
+        use crate::revocation::log::RevocationLog;
+        let db = testing::database().await;
+        let a: std::sync::Arc<dyn DataStore> =
+            std::sync::Arc::new(PgStore::open(&db.url).await.unwrap());
+        let b: std::sync::Arc<dyn DataStore> =
+            std::sync::Arc::new(PgStore::open(&db.url).await.unwrap());
+        let log_a = RevocationLog::open(a).await.unwrap();
+        let log_b = std::sync::Arc::new(RevocationLog::open(b).await.unwrap());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let follower = tokio::spawn(
+            log_b
+                .clone()
+                .follow_store(std::time::Duration::from_millis(50), stop.clone()),
+        );
+        let handle = RevocationHandle::Entry(EntryId::generate());
+        let event = log_a
+            .revoke(handle.clone(), "elsewhere", 100)
+            .await
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while log_b.standing(&handle).is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the other server never applied the revocation"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(log_b.standing(&handle), Some(event.sequence));
+        assert_eq!(
+            log_b.events_after(0).events.len(),
+            1,
+            "on the other server's feed"
+        );
+        // Its own next append numbers after it.
+        let next = log_b
+            .revoke(RevocationHandle::Task("t1".into()), "here", 100)
+            .await
+            .unwrap();
+        assert_eq!(next.sequence, event.sequence + 1);
+        stop.cancel();
+        follower.await.unwrap();
     }
 
     #[tokio::test]

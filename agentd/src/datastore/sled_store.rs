@@ -815,6 +815,19 @@ impl DataStore for SledStore {
         .await
     }
 
+    async fn list_revocations_after(&self, after: u64) -> Result<Vec<RevocationEvent>> {
+        let Some(from) = after.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        self.revocations
+            .range(from.to_be_bytes()..)
+            .map(|kv| {
+                let (k, v) = kv.map_err(backend)?;
+                decode::<EventRecord>(&k, &v)?.into_event(&k)
+            })
+            .collect()
+    }
+
     async fn revocation_head(&self) -> Result<u64> {
         match self.meta.get(REVOCATION_HEAD).map_err(backend)? {
             None => Ok(0),

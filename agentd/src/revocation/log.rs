@@ -277,13 +277,7 @@ impl RevocationLog {
         if stored <= mine {
             return Ok(mine);
         }
-        let missing: Vec<RevocationEvent> = self
-            .store
-            .list_revocations()
-            .await?
-            .into_iter()
-            .filter(|e| e.sequence > mine)
-            .collect();
+        let missing: Vec<RevocationEvent> = self.store.list_revocations_after(mine).await?;
         for e in &missing {
             self.publish(e);
         }
@@ -292,10 +286,10 @@ impl RevocationLog {
             self.write().set.applied = stored;
             self.head.send_replace(stored);
         }
-        tracing::warn!(
+        tracing::info!(
             from = mine + 1,
             to = stored,
-            "read committed revocations back from the store"
+            "revocations in the store beyond this server's applied (committed by another server, or read back after an error)"
         );
         Ok(stored)
     }
@@ -312,6 +306,27 @@ impl RevocationLog {
     }
 
     /// The standing revocation of `handle`, if any: its sequence number.
+    /// Applies what other servers commit to a shared store: every `every`, the store's head
+    /// is read, and events beyond this server's are published in order (the standing set
+    /// refuses them at once; node agents on this server's feed get them). Store errors are
+    /// logged and tried again next time.
+    pub async fn follow_store(
+        self: Arc<Self>,
+        every: std::time::Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let _guard = self.writes.lock().await;
+            if let Err(e) = self.catch_up().await {
+                tracing::warn!(error = %e, "reading other servers' revocations failed; trying again");
+            }
+        }
+    }
+
     pub fn standing(&self, handle: &RevocationHandle) -> Option<u64> {
         self.read().set.standing(handle).map(|e| e.sequence)
     }

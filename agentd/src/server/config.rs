@@ -61,7 +61,7 @@ pub struct RawServerConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawDatastore {
-    /// `postgres://user[:password]@host[:port]/database`: several servers may share it.
+    /// `postgres://user[:password]@host[:port]/database` (docs/operations.md: several servers).
     pub url: Option<String>,
 }
 

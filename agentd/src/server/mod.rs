@@ -232,6 +232,16 @@ impl Server {
                 .clone()
                 .follow_authorities(state.ca.subscribe(), stop.clone()),
         );
+        if matches!(cfg.datastore, config::Datastore::Postgres(_)) {
+            // Another server may append to the shared log: its revocations are applied
+            // here within a poll (the log in the database is the source of truth).
+            let log = state.revocations.clone();
+            let stop = stop.clone();
+            tasks.spawn(async move {
+                log.follow_store(FOLLOW_STORE_EVERY, stop).await;
+                Ok(())
+            });
+        }
         tracing::info!(
             trust_domain = %cfg.trust_domain,
             node_api = %node_api_address,
@@ -419,6 +429,8 @@ async fn renew_server_tls(
 /// How often expired issuance records, revocation events that no longer matter, expired
 /// delegation offers and long-expired grants are removed.
 const COMPACT_EVERY: Duration = Duration::from_secs(600);
+/// How often a server on a shared database reads the revocations other servers committed.
+const FOLLOW_STORE_EVERY: Duration = Duration::from_millis(500);
 
 async fn compact_revocations(
     state: Arc<ServerState>,
