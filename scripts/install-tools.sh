@@ -75,7 +75,8 @@ if [ -z "${AGENTD_TEST_POSTGRES:-}" ]; then
         if ! command -v pg_ctlcluster >/dev/null 2>&1 || [ -z "$(ls /etc/postgresql 2>/dev/null)" ]; then
             if command -v apt-get >/dev/null 2>&1; then
                 echo "installing postgresql" >&2
-                $SUDO apt-get update -qq && $SUDO apt-get install -y -qq postgresql >/dev/null
+                $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive \
+                    apt-get install -y -qq postgresql >/dev/null
             else
                 echo "PostgreSQL is required for the datastore tests; please install and start it" >&2
                 exit 1
@@ -83,12 +84,15 @@ if [ -z "${AGENTD_TEST_POSTGRES:-}" ]; then
         fi
         version="$(ls /etc/postgresql | sort -V | tail -1)"
         hba="/etc/postgresql/$version/main/pg_hba.conf"
-        # The tests connect as postgres over TCP without a password: trust on loopback only.
-        if ! $SUDO grep -q '^host all all 127.0.0.1/32 trust' "$hba"; then
-            $SUDO sed -i '1i host all all 127.0.0.1/32 trust' "$hba"
+        # The tests connect as postgres over TCP without a password: trust on loopback, for
+        # the postgres user only (a test machine's cluster).
+        if ! $SUDO grep -qE '^host +all +(all|postgres) +127.0.0.1/32 +trust' "$hba"; then
+            $SUDO sed -i '1i host all postgres 127.0.0.1/32 trust' "$hba"
         fi
         echo "starting PostgreSQL $version" >&2
-        $SUDO pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+        # Started by the package already (systemd hosts): reload, so the line above counts.
+        $SUDO pg_ctlcluster --skip-systemctl-redirect "$version" main start \
+            || $SUDO pg_ctlcluster --skip-systemctl-redirect "$version" main reload || true
         for _ in $(seq 1 30); do pg_ready && break; sleep 1; done
         if ! pg_ready; then
             echo "PostgreSQL did not start on 127.0.0.1:5432 (see /var/log/postgresql)" >&2

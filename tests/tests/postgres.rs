@@ -30,8 +30,9 @@ impl Database {
             let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
                 .await
                 .map_err(|e| {
+                    let why = e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string());
                     anyhow::anyhow!(
-                        "PostgreSQL is not reachable at {admin} ({e}): these tests need a running server; scripts/install-tools.sh (run by make test and .ci/run) installs and starts one, or set AGENTD_TEST_POSTGRES"
+                        "no test connection to PostgreSQL at {admin} ({why}): these tests need a running server that lets postgres in from 127.0.0.1; scripts/install-tools.sh (run by make test and .ci/run) installs and starts one, or set AGENTD_TEST_POSTGRES"
                     )
                 })?;
             tokio::spawn(conn);

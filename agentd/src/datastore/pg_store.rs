@@ -44,7 +44,8 @@ use crate::model::revocation::{IssuedSvid, RevocationEvent, RevocationHandle};
 const MIGRATION_LOCK: i64 = 0x6167_656e_7464;
 
 /// The schema, one migration per version; a database at version N has run the first N.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE entries (
     id text PRIMARY KEY,
     identity bytea NOT NULL UNIQUE,
@@ -81,7 +82,11 @@ CREATE TABLE delegation_offers (
     record text NOT NULL
 );
 CREATE INDEX offers_by_grant ON delegation_offers (parent_grant_id);
-"#];
+"#,
+    r#"
+CREATE TABLE seen_tokens (digest bytea PRIMARY KEY, until bigint NOT NULL);
+"#,
+];
 
 /// A PostgreSQL error with what the server said (the driver's own text is often only
 /// "db error").
@@ -136,14 +141,30 @@ impl std::fmt::Debug for PgStore {
 
 /// `postgres://user:secret@host/db` as `postgres://user@host/db`.
 pub(crate) fn without_password(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let mut shown = match (base.find("://"), base.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
+            let userinfo = &base[scheme + 3..at];
             let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{user}{}", &url[..scheme + 3], &url[at..])
+            format!("{}{user}{}", &base[..scheme + 3], &base[at..])
         }
-        _ => url.to_string(),
+        _ => base.to_string(),
+    };
+    if let Some(query) = query {
+        // `?password=...` is a password too.
+        let kept: Vec<&str> = query
+            .split('&')
+            .filter(|p| !p.to_ascii_lowercase().starts_with("password="))
+            .collect();
+        if !kept.is_empty() {
+            shown.push('?');
+            shown.push_str(&kept.join("&"));
+        }
     }
+    shown
 }
 
 impl PgStore {
@@ -178,26 +199,19 @@ impl PgStore {
         })
     }
 
+    /// Every missing migration, in one transaction on one connection, under a
+    /// transaction-scoped advisory lock: servers starting together migrate once, and a
+    /// start cancelled halfway leaves neither a half-applied schema nor a held lock.
     async fn migrate(&self) -> Result<()> {
-        let client = self.client().await?;
-        client
-            .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        let mut conn = self.client().await?;
+        let tx = conn.transaction().await.map_err(pg)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
             .await
             .map_err(pg)?;
-        let result = self.migrate_locked(&client).await;
-        let unlocked = client
-            .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
-            .await
-            .map_err(pg);
-        result.and(unlocked.map(|_| ()))
-    }
-
-    async fn migrate_locked(&self, client: &deadpool_postgres::Object) -> Result<()> {
-        client
-            .batch_execute("CREATE TABLE IF NOT EXISTS agentd_schema (version integer NOT NULL)")
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS agentd_schema (version integer NOT NULL)")
             .await
             .map_err(pg)?;
-        let version: i32 = match client
+        let version: i32 = match tx
             .query_opt("SELECT version FROM agentd_schema", &[])
             .await
             .map_err(pg)?
@@ -218,19 +232,18 @@ impl PgStore {
             .zip(MIGRATIONS)
             .skip(usize::try_from(version).unwrap_or(0))
         {
-            let mut conn = self.client().await?;
-            let tx = conn.transaction().await.map_err(pg)?;
             tx.batch_execute(sql).await.map_err(pg)?;
+            tracing::info!(version = n, database = %self.shown, "datastore schema migrated");
+        }
+        if version < known {
             tx.execute("DELETE FROM agentd_schema", &[])
                 .await
                 .map_err(pg)?;
-            tx.execute("INSERT INTO agentd_schema (version) VALUES ($1)", &[&n])
+            tx.execute("INSERT INTO agentd_schema (version) VALUES ($1)", &[&known])
                 .await
                 .map_err(pg)?;
-            tx.commit().await.map_err(pg)?;
-            tracing::info!(version = n, database = %self.shown, "datastore schema migrated");
         }
-        Ok(())
+        tx.commit().await.map_err(pg)
     }
 
     /// The entry id that holds `spec`'s identity, if any.
@@ -274,6 +287,9 @@ impl PgStore {
     }
 
     async fn note_activity(&self, updates: Vec<(String, ActivityUpdate)>) -> Result<()> {
+        // One lock order for every server (by entry id), so two never deadlock.
+        let mut updates = updates;
+        updates.sort_by(|a, b| a.0.cmp(&b.0));
         let mut conn = self.client().await?;
         let tx = conn.transaction().await.map_err(pg)?;
         for (id, update) in updates {
@@ -286,6 +302,16 @@ impl PgStore {
             {
                 continue;
             }
+            // The row first, so that the lock below holds even for an entry's first
+            // activity (two servers' first notes would otherwise both start empty).
+            let empty = text(encode(&ActivityRecord::default())?)?;
+            tx.execute(
+                "INSERT INTO entry_activity (entry_id, record) VALUES ($1, $2)
+                 ON CONFLICT (entry_id) DO NOTHING",
+                &[&id, &empty],
+            )
+            .await
+            .map_err(pg)?;
             let mut record = match tx
                 .query_opt(
                     "SELECT record FROM entry_activity WHERE entry_id = $1 FOR UPDATE",
@@ -302,8 +328,7 @@ impl PgStore {
             };
             update(&mut record);
             tx.execute(
-                "INSERT INTO entry_activity (entry_id, record) VALUES ($1, $2)
-                 ON CONFLICT (entry_id) DO UPDATE SET record = EXCLUDED.record",
+                "UPDATE entry_activity SET record = $2 WHERE entry_id = $1",
                 &[&id, &text(encode(&record)?)?],
             )
             .await
@@ -360,8 +385,99 @@ fn entry_row(entry: &Entry) -> Result<EntryRow> {
 /// A change to one entry's activity record, made under its row lock.
 type ActivityUpdate = Box<dyn FnOnce(&mut ActivityRecord) + Send>;
 
+/// The claims attestor's used token ids in the database, shared by every server: a platform
+/// token one server accepted is refused by all, across restarts. The node API runs the
+/// attestor on the blocking pool, so this waits for the database on the runtime it came from.
+#[derive(Debug)]
+struct PgSeenTokens {
+    store: PgStore,
+    runtime: tokio::runtime::Handle,
+}
+
+impl PgSeenTokens {
+    async fn first_use_async(
+        &self,
+        digest: Vec<u8>,
+        until: i64,
+        now: i64,
+    ) -> std::result::Result<(), agentd_attestor::node::SeenError> {
+        use agentd_attestor::node::SeenError;
+        let store_err = |e: DataStoreError| SeenError::Store {
+            reason: e.to_string(),
+        };
+        let client = self.store.client().await.map_err(store_err)?;
+        let live: i64 = client
+            .query_one("SELECT count(*) FROM seen_tokens WHERE until > $1", &[&now])
+            .await
+            .map_err(|e| store_err(pg(e)))?
+            .get(0);
+        if uint(live) >= super::seen_tokens::MAX_SEEN as u64 {
+            client
+                .execute("DELETE FROM seen_tokens WHERE until <= $1", &[&now])
+                .await
+                .map_err(|e| store_err(pg(e)))?;
+            return Err(SeenError::Full);
+        }
+        // Inserted, or an expired id taken again: a row back. A live one: none.
+        let first = client
+            .query_opt(
+                "INSERT INTO seen_tokens (digest, until) VALUES ($1, $2)
+                 ON CONFLICT (digest) DO UPDATE SET until = EXCLUDED.until
+                 WHERE seen_tokens.until <= $3
+                 RETURNING 1",
+                &[&digest, &until, &now],
+            )
+            .await
+            .map_err(|e| store_err(pg(e)))?;
+        match first {
+            Some(_) => Ok(()),
+            None => Err(SeenError::Replayed),
+        }
+    }
+}
+
+impl agentd_attestor::node::SeenTokens for PgSeenTokens {
+    fn first_use(
+        &self,
+        id: &str,
+        until: i64,
+        now: i64,
+    ) -> std::result::Result<(), agentd_attestor::node::SeenError> {
+        let digest = ring::digest::digest(&ring::digest::SHA256, id.as_bytes())
+            .as_ref()
+            .to_vec();
+        let wait = || {
+            self.runtime
+                .block_on(self.first_use_async(digest, until, now))
+        };
+        match tokio::runtime::Handle::try_current() {
+            // A worker thread (or a blocking one, where this is a plain call).
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(wait)
+            }
+            Ok(_) => Err(agentd_attestor::node::SeenError::Store {
+                reason: "the PostgreSQL token id store needs a multi-threaded runtime".into(),
+            }),
+            Err(_) => wait(),
+        }
+    }
+}
+
 #[async_trait::async_trait]
 impl DataStore for PgStore {
+    fn seen_tokens(&self) -> Option<std::sync::Arc<dyn agentd_attestor::node::SeenTokens>> {
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => Some(std::sync::Arc::new(PgSeenTokens {
+                store: self.clone(),
+                runtime,
+            })),
+            Err(_) => {
+                tracing::warn!("no runtime: used platform token ids are kept in memory only");
+                None
+            }
+        }
+    }
+
     async fn create_entry(&self, spec: EntrySpec, now: i64) -> Result<Entry> {
         let entry = Entry {
             id: EntryId::generate(),
@@ -472,7 +588,12 @@ impl DataStore for PgStore {
             Ok(_) => {}
             // Another server took the identity since the check above.
             Err(e) if is_unique_violation(&e) => {
-                return Err(DataStoreError::DuplicateEntry { id: String::new() })
+                drop(tx);
+                let holder = self
+                    .entry_with_identity(&conn, &updated.spec)
+                    .await?
+                    .unwrap_or_default();
+                return Err(DataStoreError::DuplicateEntry { id: holder });
             }
             Err(e) => return Err(pg(e)),
         }
@@ -535,7 +656,7 @@ impl DataStore for PgStore {
             .client()
             .await?
             .query(
-                "SELECT spiffe_id, record FROM nodes ORDER BY spiffe_id",
+                "SELECT spiffe_id, record FROM nodes ORDER BY spiffe_id COLLATE \"C\"",
                 &[],
             )
             .await
@@ -1004,7 +1125,10 @@ impl DataStore for PgStore {
         let rows = self
             .client()
             .await?
-            .query("SELECT owner, record FROM owners ORDER BY owner", &[])
+            .query(
+                "SELECT owner, record FROM owners ORDER BY owner COLLATE \"C\"",
+                &[],
+            )
             .await
             .map_err(pg)?;
         rows.iter()
@@ -1090,7 +1214,7 @@ impl DataStore for PgStore {
             .client()
             .await?
             .query(
-                "SELECT id, record FROM grants WHERE agent = $1 ORDER BY id",
+                "SELECT id, record FROM grants WHERE agent = $1 ORDER BY id COLLATE \"C\"",
                 &[&agent.to_string()],
             )
             .await
@@ -1235,7 +1359,8 @@ pub(crate) mod testing {
         let (client, conn) = match tokio_postgres::connect(&admin, tokio_postgres::NoTls).await {
             Ok(c) => c,
             Err(e) => panic!(
-                "PostgreSQL is not reachable at {admin} ({e}): the PostgreSQL store's tests need a running server; scripts/install-tools.sh (run by make test and .ci/run) installs and starts one, or set AGENTD_TEST_POSTGRES"
+                "no test connection to PostgreSQL at {admin} ({}): the PostgreSQL store's tests need a running server that lets postgres in from 127.0.0.1; scripts/install-tools.sh (run by make test and .ci/run) installs and starts one, or set AGENTD_TEST_POSTGRES",
+                super::pg(e)
             ),
         };
         tokio::spawn(conn);
@@ -1331,6 +1456,33 @@ mod tests {
         follower.await.unwrap();
     }
 
+    /// A platform token id used through one server is refused by another, and again after
+    /// it expires is accepted; called from the blocking pool, as the node API calls it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn used_token_ids_are_shared_by_every_server_on_the_database() {
+        use agentd_attestor::node::SeenError;
+        let db = testing::database().await;
+        let a = PgStore::open(&db.url).await.unwrap().seen_tokens().unwrap();
+        let b = PgStore::open(&db.url).await.unwrap().seen_tokens().unwrap();
+        let (first, again, other, later) = tokio::task::spawn_blocking(move || {
+            (
+                a.first_use("jti-1", 100, 10),
+                b.first_use("jti-1", 100, 20),
+                b.first_use("jti-2", 100, 20),
+                a.first_use("jti-1", 300, 150),
+            )
+        })
+        .await
+        .unwrap();
+        assert!(first.is_ok(), "{first:?}");
+        assert!(matches!(again, Err(SeenError::Replayed)), "{again:?}");
+        assert!(other.is_ok(), "{other:?}");
+        assert!(
+            later.is_ok(),
+            "expired at 100, used again at 150: {later:?}"
+        );
+    }
+
     #[tokio::test]
     async fn migrations_run_once_and_a_newer_schema_is_refused() {
         let db = testing::database().await;
@@ -1364,7 +1516,13 @@ mod tests {
             without_password("postgres://postgres@127.0.0.1/x"),
             "postgres://postgres@127.0.0.1/x"
         );
-        let store_debug = format!("{:?}", without_password("postgres://u:p@h/d"));
-        assert!(!store_debug.contains(":p@"));
+        assert_eq!(
+            without_password("postgres://u@h/d?sslmode=disable&password=s3cret"),
+            "postgres://u@h/d?sslmode=disable"
+        );
+        assert_eq!(
+            without_password("postgres://u@h/d?PASSWORD=s3cret"),
+            "postgres://u@h/d"
+        );
     }
 }

@@ -75,14 +75,17 @@ pub struct RevocationLog {
 impl RevocationLog {
     /// Loads the kept events from the store.
     pub async fn open(store: Arc<dyn DataStore>) -> Result<Self, DataStoreError> {
-        let events = store.list_revocations().await?;
+        // The head first: an event another server appends between the two reads is then
+        // listed (and applied, moving `applied` past the head read), never skipped.
         let head = store.revocation_head().await?;
+        let events = store.list_revocations().await?;
         let events: Vec<Arc<RevocationEvent>> = events.into_iter().map(Arc::new).collect();
         let mut set = RevocationSet::new();
         for e in &events {
             set.apply_shared(e);
         }
-        set.applied = head;
+        set.applied = set.applied.max(head);
+        let head = set.applied;
         Ok(Self {
             store,
             state: RwLock::new(LogState { events, set }),
@@ -139,6 +142,9 @@ impl RevocationLog {
     ) -> Result<RevocationEvent, RevocationLogError> {
         check_reason(reason)?;
         let _guard = self.writes.lock().await;
+        // What other servers of a shared store committed counts too: one handle is not
+        // revoked twice.
+        self.catch_up().await?;
         if let Some(existing) = self.read().set.standing(&handle) {
             return Err(RevocationError::AlreadyRevoked {
                 handle: handle.to_string(),
@@ -305,7 +311,6 @@ impl RevocationLog {
         tracing::info!(sequence = event.sequence, handle = %event.handle, lift = !event.is_revoke(), svids = event.serials.len(), jwts = event.jwt_ids.len(), "revocation committed");
     }
 
-    /// The standing revocation of `handle`, if any: its sequence number.
     /// Applies what other servers commit to a shared store: every `every`, the store's head
     /// is read, and events beyond this server's are published in order (the standing set
     /// refuses them at once; node agents on this server's feed get them). Store errors are
@@ -327,6 +332,7 @@ impl RevocationLog {
         }
     }
 
+    /// The standing revocation of `handle`, if any: its sequence number.
     pub fn standing(&self, handle: &RevocationHandle) -> Option<u64> {
         self.read().set.standing(handle).map(|e| e.sequence)
     }

@@ -58,11 +58,25 @@ pub struct RawServerConfig {
 }
 
 /// `[datastore]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawDatastore {
     /// `postgres://user[:password]@host[:port]/database` (docs/operations.md: several servers).
     pub url: Option<String>,
+}
+
+impl std::fmt::Debug for RawDatastore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawDatastore")
+            .field(
+                "url",
+                &self
+                    .url
+                    .as_deref()
+                    .map(crate::datastore::pg_store::without_password),
+            )
+            .finish()
+    }
 }
 
 /// Where the server keeps its records.
