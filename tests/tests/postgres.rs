@@ -12,6 +12,17 @@ fn admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
+/// HOST:PORT of the test PostgreSQL (from its URL).
+fn db_address() -> String {
+    let url = admin_url();
+    let after_at = url.rsplit_once('@').map_or(url.as_str(), |(_, h)| h);
+    after_at
+        .split('/')
+        .next()
+        .unwrap_or("127.0.0.1:5432")
+        .to_string()
+}
+
 /// A fresh database, dropped when the test ends.
 struct Database {
     url: String,
@@ -141,4 +152,166 @@ fn a_bad_datastore_url_is_refused_naming_the_field() {
         !stderr.contains("hunter2"),
         "the password was printed: {stderr}"
     );
+}
+
+/// A TCP relay to PostgreSQL that the test can cut (every connection closed, the port
+/// refusing) and restore on the same port: the database going away, as the server sees it.
+struct Relay {
+    port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Relay {
+    fn start() -> anyhow::Result<Self> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let relay = Self {
+            port,
+            cut: Default::default(),
+            open: Default::default(),
+        };
+        relay.serve(listener);
+        Ok(relay)
+    }
+
+    fn serve(&self, listener: std::net::TcpListener) {
+        let (cut, open) = (self.cut.clone(), self.open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if cut.load(std::sync::atomic::Ordering::SeqCst) {
+                    return; // the listener goes with this thread: the port refuses
+                }
+                let Ok(client) = client else { continue };
+                let Ok(db) = std::net::TcpStream::connect(db_address()) else {
+                    continue;
+                };
+                if let (Ok(c2), Ok(d2)) = (client.try_clone(), db.try_clone()) {
+                    let mut held = open.lock().unwrap_or_else(|p| p.into_inner());
+                    held.push(c2);
+                    held.push(d2);
+                }
+                for (mut from, mut to) in [
+                    (client.try_clone(), db.try_clone()),
+                    (db.try_clone(), client.try_clone()),
+                ]
+                .into_iter()
+                .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+    }
+
+    /// Closes every relayed connection and stops accepting.
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wake the accept loop so that it drops the listener.
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+        for s in self
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Accepts again on the same port.
+    fn restore(&self) -> anyhow::Result<()> {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let listener = loop {
+            match std::net::TcpListener::bind(("127.0.0.1", self.port)) {
+                Ok(l) => break l,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        self.serve(listener);
+        Ok(())
+    }
+}
+
+/// While the database is unreachable the server is not ready and refuses writes with a clear
+/// error, writing nothing; when it is back the server is ready and writes again, without a
+/// restart.
+#[test]
+fn a_server_whose_database_goes_away_is_not_ready_refuses_writes_and_recovers() -> anyhow::Result<()>
+{
+    let db = Database::create()?;
+    let relay = Relay::start()?;
+    let (base, name) = db.url.rsplit_once('/').map_or(("", ""), |p| p);
+    let host_end = base.rfind(':').unwrap_or(base.len());
+    let url = format!("{}:{}/{name}", &base[..host_end], relay.port);
+    let env = Env::new();
+    let server = Server::start_with(
+        &env,
+        &["--datastore", &url, "--metrics-address", "127.0.0.1:0"],
+    )?;
+    let metrics = agentd_e2e::metrics_address(&server.daemon)?;
+    let ready = || agentd_e2e::http_get(&metrics, "/ready").map(|(code, _)| code == 200);
+    assert!(ready()?);
+    let create = |path: &str| {
+        server.cli(&[
+            "entry",
+            "create",
+            "--parent-id",
+            "spiffe://example.org/node/n1",
+            "--spiffe-id",
+            &format!("spiffe://example.org/db/{path}"),
+            "--selector",
+            "unix:uid:4242",
+        ])
+    };
+    assert!(create("before").status.success());
+
+    relay.cut();
+    assert!(
+        wait_until(Duration::from_secs(15), || ready().is_ok_and(|r| !r)),
+        "/ready stayed 200 with the database gone"
+    );
+    let out = create("while-down");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("datastore is unreachable") && stderr.contains("nothing was written"),
+        "{stderr}"
+    );
+    let health = server.cli(&["healthcheck"]);
+    assert!(!health.status.success());
+    assert!(
+        String::from_utf8_lossy(&health.stderr).contains("datastore_reachable"),
+        "{}",
+        String::from_utf8_lossy(&health.stderr)
+    );
+
+    relay.restore()?;
+    assert!(
+        wait_until(Duration::from_secs(20), || ready().unwrap_or(false)),
+        "/ready did not come back with the database"
+    );
+    assert!(create("after").status.success());
+    let listed: serde_json::Value =
+        serde_json::from_str(&server.cli_ok(&["entry", "show", "--output", "json"])?)?;
+    let ids: Vec<&str> = listed
+        .as_array()
+        .map(|a| a.iter().filter_map(|e| e["spiffe_id"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        ids,
+        [
+            "spiffe://example.org/db/after",
+            "spiffe://example.org/db/before"
+        ]
+    );
+    Ok(())
 }

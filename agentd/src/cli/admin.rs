@@ -612,6 +612,13 @@ pub async fn healthcheck(path: &Path, out: Output) -> anyhow::Result<()> {
         .await
         .map_err(status)?
         .into_inner();
+    if !info.not_ready.is_empty() {
+        anyhow::bail!(
+            "not ready: waiting for {} (datastore {})",
+            info.not_ready.join(", "),
+            info.datastore
+        );
+    }
     out.print(
         &json!({
             "healthy": true,
@@ -619,11 +626,12 @@ pub async fn healthcheck(path: &Path, out: Output) -> anyhow::Result<()> {
             "node_api_address": info.node_api_address,
             "version": info.version,
             "bundle_sequence": info.bundle_sequence,
+            "datastore": info.datastore,
         }),
         || {
             format!(
-                "Server is healthy (trust domain {}, node API {})",
-                info.trust_domain, info.node_api_address
+                "Server is healthy (trust domain {}, node API {}, datastore {})",
+                info.trust_domain, info.node_api_address, info.datastore
             )
         },
     );

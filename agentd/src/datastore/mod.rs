@@ -48,6 +48,9 @@ pub enum DataStoreError {
     /// Another process holds the store's lock (a second server on the same data dir).
     #[error("{path} is locked: another process is using it")]
     InUse { path: String },
+    /// The database could not be reached: nothing was read or written.
+    #[error("the datastore is unreachable ({reason}); nothing was written")]
+    Unavailable { reason: String },
 }
 
 pub type Result<T> = std::result::Result<T, DataStoreError>;
@@ -207,6 +210,12 @@ pub trait DataStore: Send + Sync + Debug + 'static {
         now: i64,
         grants_expired_before: i64,
     ) -> Result<(usize, usize)>;
+
+    /// Whether the store answers now (a shared database may be down); the embedded store
+    /// always does.
+    async fn ping(&self) -> Result<()> {
+        Ok(())
+    }
 
     /// Where node attestation records single-use platform token ids so that they stay
     /// used across restarts; `None` keeps them in memory only.

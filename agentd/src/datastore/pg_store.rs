@@ -98,14 +98,21 @@ fn pg(e: tokio_postgres::Error) -> DataStoreError {
     DataStoreError::Backend { reason }
 }
 
+/// No connection to be had: the database is down or unreachable (nothing was done).
 fn pool_error(e: deadpool_postgres::PoolError) -> DataStoreError {
-    match e {
-        deadpool_postgres::PoolError::Backend(e) => pg(e),
-        other => DataStoreError::Backend {
-            reason: format!("postgres connection pool: {other}"),
+    let reason = match e {
+        deadpool_postgres::PoolError::Backend(e) => match e.as_db_error() {
+            Some(db) => db.message().to_string(),
+            None => e.to_string(),
         },
-    }
+        other => other.to_string(),
+    };
+    DataStoreError::Unavailable { reason }
 }
+
+/// How long a call waits for a connection (and a new connection for its handshake) before
+/// the store reports itself unreachable.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
     e.code() == Some(&SqlState::UNIQUE_VIOLATION)
@@ -175,7 +182,18 @@ impl PgStore {
         let mut cfg = deadpool_postgres::Config::new();
         cfg.url = Some(url.to_string());
         cfg.manager = Some(deadpool_postgres::ManagerConfig {
-            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+            // Verified before reuse: a connection the database dropped (a restart) is
+            // replaced, so the store recovers by itself when the database is back.
+            recycling_method: deadpool_postgres::RecyclingMethod::Verified,
+        });
+        cfg.connect_timeout = Some(CONNECT_TIMEOUT);
+        cfg.pool = Some(deadpool_postgres::PoolConfig {
+            timeouts: deadpool_postgres::Timeouts {
+                wait: Some(CONNECT_TIMEOUT),
+                create: Some(CONNECT_TIMEOUT),
+                recycle: Some(CONNECT_TIMEOUT),
+            },
+            ..Default::default()
         });
         let pool = cfg
             .create_pool(
@@ -192,8 +210,8 @@ impl PgStore {
 
     async fn client(&self) -> Result<deadpool_postgres::Object> {
         self.pool.get().await.map_err(|e| match pool_error(e) {
-            DataStoreError::Backend { reason } => DataStoreError::Backend {
-                reason: format!("{} ({reason})", self.shown),
+            DataStoreError::Unavailable { reason } => DataStoreError::Unavailable {
+                reason: format!("{}: {reason}", self.shown),
             },
             other => other,
         })
@@ -465,6 +483,17 @@ impl agentd_attestor::node::SeenTokens for PgSeenTokens {
 
 #[async_trait::async_trait]
 impl DataStore for PgStore {
+    async fn ping(&self) -> Result<()> {
+        let client = self.client().await?;
+        client
+            .execute("SELECT 1", &[])
+            .await
+            .map(|_| ())
+            .map_err(|e| DataStoreError::Unavailable {
+                reason: format!("{}: {}", self.shown, pg(e)),
+            })
+    }
+
     fn seen_tokens(&self) -> Option<std::sync::Arc<dyn agentd_attestor::node::SeenTokens>> {
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => Some(std::sync::Arc::new(PgSeenTokens {

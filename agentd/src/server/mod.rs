@@ -118,6 +118,7 @@ impl Server {
         let metrics = Arc::new(ServerMetrics::new());
         let readiness = Readiness::new(&[
             conditions::STORE_OPEN,
+            conditions::STORE_REACHABLE,
             conditions::CA_LOADED,
             conditions::SERVING,
         ]);
@@ -155,6 +156,7 @@ impl Server {
         };
         let _ = store_slot.set(store.clone());
         readiness.set(conditions::STORE_OPEN, true);
+        readiness.set(conditions::STORE_REACHABLE, true);
         let ca = Arc::new(CertificateAuthority::load_or_create(
             &CaConfig {
                 trust_domain: cfg.trust_domain.clone(),
@@ -232,6 +234,11 @@ impl Server {
                 .clone()
                 .follow_authorities(state.ca.subscribe(), stop.clone()),
         );
+        tasks.spawn(watch_datastore(
+            state.store.clone(),
+            readiness.clone(),
+            stop.clone(),
+        ));
         if matches!(cfg.datastore, config::Datastore::Postgres(_)) {
             // Another server may append to the shared log: its revocations are applied
             // here within a poll (the log in the database is the source of truth).
@@ -429,6 +436,40 @@ async fn renew_server_tls(
 /// How often expired issuance records, revocation events that no longer matter, expired
 /// delegation offers and long-expired grants are removed.
 const COMPACT_EVERY: Duration = Duration::from_secs(600);
+/// How often the datastore is asked whether it answers (`datastore_reachable`).
+const PING_EVERY: Duration = Duration::from_secs(1);
+
+/// Keeps `datastore_reachable` true while the store answers: `/ready` goes false while a
+/// shared database is down (calls then fail with Unavailable, writing nothing) and true
+/// again when it is back, without a restart.
+async fn watch_datastore(
+    store: Arc<dyn DataStore>,
+    readiness: Readiness,
+    stop: CancellationToken,
+) -> Result<(), ServerError> {
+    let mut reachable = true;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(PING_EVERY) => {}
+        }
+        let now = match store.ping().await {
+            Ok(()) => true,
+            Err(e) => {
+                if reachable {
+                    tracing::warn!(error = %e, "the datastore is unreachable; not ready until it answers");
+                }
+                false
+            }
+        };
+        if now && !reachable {
+            tracing::info!("the datastore answers again; ready");
+        }
+        reachable = now;
+        readiness.set(conditions::STORE_REACHABLE, now);
+    }
+}
+
 /// How often a server on a shared database reads the revocations other servers committed.
 const FOLLOW_STORE_EVERY: Duration = Duration::from_millis(500);
 

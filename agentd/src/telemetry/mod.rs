@@ -27,6 +27,8 @@ pub mod conditions {
     pub const CA_LOADED: &str = "ca_loaded";
     /// Server: the datastore is open.
     pub const STORE_OPEN: &str = "store_open";
+    /// Server: the datastore answered its last check (a shared database may go away).
+    pub const STORE_REACHABLE: &str = "datastore_reachable";
     /// Server: the node API and admin API are accepting calls; cleared at shutdown.
     pub const SERVING: &str = "serving";
     /// Node agent: it holds a node SVID (attested now, or a persisted identity).

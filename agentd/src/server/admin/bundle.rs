@@ -14,6 +14,19 @@ pub(super) async fn server_info(
         node_api_address: api.state.node_api_address.to_string(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         bundle_sequence: api.state.ca.bundle().sequence,
+        datastore: match &api.state.config.datastore {
+            crate::server::config::Datastore::Sled => "sled".into(),
+            crate::server::config::Datastore::Postgres(url) => {
+                crate::datastore::pg_store::without_password(url)
+            }
+        },
+        not_ready: api
+            .state
+            .readiness
+            .unmet()
+            .into_iter()
+            .map(str::to_string)
+            .collect(),
     }))
 }
 

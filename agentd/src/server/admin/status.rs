@@ -21,6 +21,9 @@ pub enum AdminError {
     DuplicateEntry(String),
     #[error("store: {0}")]
     Store(String),
+    /// The datastore is down: the call did nothing; try again when it is back.
+    #[error("{0}")]
+    StoreUnavailable(String),
     /// The change was made but its audit record could not be written.
     #[error("audit log: {0}")]
     Audit(String),
@@ -52,6 +55,7 @@ impl From<DataStoreError> for AdminError {
             DataStoreError::EntryNotFound { id } => AdminError::EntryNotFound(id),
             DataStoreError::NodeNotFound { spiffe_id } => AdminError::NodeNotFound(spiffe_id),
             DataStoreError::DuplicateEntry { id } => AdminError::DuplicateEntry(id),
+            e @ DataStoreError::Unavailable { .. } => AdminError::StoreUnavailable(e.to_string()),
             other => AdminError::Store(other.to_string()),
         }
     }
@@ -65,6 +69,7 @@ impl From<AdminError> for Status {
             AdminError::EntryNotFound(_) | AdminError::NodeNotFound(_) => Status::not_found(msg),
             AdminError::DuplicateEntry(_) => Status::already_exists(msg),
             AdminError::Store(_) | AdminError::Audit(_) => Status::internal(msg),
+            AdminError::StoreUnavailable(_) => Status::unavailable(msg),
             AdminError::Revocation(e) => match e {
                 RevocationError::InvalidField { .. } => Status::invalid_argument(msg),
                 RevocationError::AlreadyRevoked { .. } => Status::already_exists(msg),
