@@ -435,6 +435,11 @@ async fn revocation_appends_through(handles: &[Store]) {
     assert_eq!(store.revocation_head().await.unwrap(), n);
     let next = store.append_revocation(revocation("after")).await.unwrap();
     assert_eq!(next.sequence, n + 1);
+    assert_eq!(
+        store.count_revocations().await.unwrap(),
+        n - 3 + 1,
+        "every kept event is a standing revocation"
+    );
 }
 
 pub(crate) async fn audit_appends_from_concurrent_writers_form_one_chain(store: Store) {

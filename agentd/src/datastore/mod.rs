@@ -167,15 +167,26 @@ pub trait DataStore: Send + Sync + Debug + 'static {
     async fn get_owner(&self, owner: &str) -> Result<Option<OwnerState>>;
     async fn list_owners(&self) -> Result<Vec<OwnerState>>;
 
-    // Inventory hooks for resources other parts of the server own. The defaults count
-    // nothing; the store that keeps grants (revocations) overrides them.
+    // Inventory counts. Live grants: none by default, the stores that keep grants count
+    // them; standing revocations: from the log, the same for every store.
     /// Grants not yet expired at `now`.
     async fn count_live_grants(&self, _now: i64) -> Result<u64> {
         Ok(0)
     }
-    /// Revocations standing in the revocation log.
+    /// Revocations standing in the revocation log: revokes no kept lift ends.
     async fn count_revocations(&self) -> Result<u64> {
-        Ok(0)
+        let events = self.list_revocations().await?;
+        let lifted: std::collections::HashSet<u64> = events
+            .iter()
+            .filter_map(|e| match e.action {
+                crate::model::revocation::RevocationAction::Lift { revocation } => Some(revocation),
+                crate::model::revocation::RevocationAction::Revoke => None,
+            })
+            .collect();
+        Ok(events
+            .iter()
+            .filter(|e| e.is_revoke() && !lifted.contains(&e.sequence))
+            .count() as u64)
     }
 
     // Delegation grants and single-use delegation offers.

@@ -940,21 +940,6 @@ impl DataStore for PgStore {
         Ok(uint(head))
     }
 
-    async fn count_revocations(&self) -> Result<u64> {
-        let events = self.list_revocations().await?;
-        let lifted: std::collections::HashSet<u64> = events
-            .iter()
-            .filter_map(|e| match e.action {
-                crate::model::revocation::RevocationAction::Lift { revocation } => Some(revocation),
-                crate::model::revocation::RevocationAction::Revoke => None,
-            })
-            .collect();
-        Ok(events
-            .iter()
-            .filter(|e| e.is_revoke() && !lifted.contains(&e.sequence))
-            .count() as u64)
-    }
-
     async fn compact_revocations(&self, sequences: &[u64]) -> Result<()> {
         let sequences: Vec<i64> = sequences.iter().map(|s| int(*s)).collect();
         self.client()
