@@ -433,7 +433,7 @@ async fn revocation_appends_through(handles: &[Store]) {
     store.compact_revocations(&[1, 2, n]).await.unwrap();
     assert_eq!(store.list_revocations().await.unwrap().len() as u64, n - 3);
     assert_eq!(store.revocation_head().await.unwrap(), n);
-    let next = store.append_revocation(revocation("after")).await.unwrap();
+    let next = store.append_revocation(revocation("af7e5")).await.unwrap();
     assert_eq!(next.sequence, n + 1);
     assert_eq!(
         store.count_revocations().await.unwrap(),
