@@ -222,6 +222,13 @@ pub trait DataStore: Send + Sync + Debug + 'static {
         grants_expired_before: i64,
     ) -> Result<(usize, usize)>;
 
+    /// Woken when another server may have appended revocations (PostgreSQL's NOTIFY); `None`
+    /// where no other server writes (the embedded store). A wake-up is a hint to read the
+    /// log; the log stays the truth.
+    fn revocation_signal(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        None
+    }
+
     /// Whether the store answers now (a shared database may be down); the embedded store
     /// always does.
     async fn ping(&self) -> Result<()> {

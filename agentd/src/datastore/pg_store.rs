@@ -138,6 +138,62 @@ pub struct PgStore {
     pool: Pool,
     /// The URL without its password, for messages.
     shown: String,
+    /// The URL itself, for the listener's own connection (see `revocation_signal`).
+    url: std::sync::Arc<zeroize::Zeroizing<String>>,
+    /// Woken by `NOTIFY agentd_revocations` (started on first use).
+    revocation_signal: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<tokio::sync::Notify>>>,
+}
+
+/// The channel each revocation append notifies (on commit) for the other servers.
+const REVOCATIONS_CHANNEL: &str = "agentd_revocations";
+
+/// Listens on `channel` over a connection of its own, waking `signal` on each notification;
+/// reconnects after a second when the connection goes. A notification lost meanwhile costs
+/// latency only: the listener's user also polls the log.
+async fn listen(
+    url: std::sync::Arc<zeroize::Zeroizing<String>>,
+    shown: String,
+    channel: &'static str,
+    signal: std::sync::Arc<tokio::sync::Notify>,
+) {
+    loop {
+        match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+            Ok((client, mut connection)) => {
+                let listening = async {
+                    client.batch_execute(&format!("LISTEN {channel}")).await?;
+                    // Something may have been committed before LISTEN took effect.
+                    signal.notify_one();
+                    std::future::pending::<std::result::Result<(), tokio_postgres::Error>>().await
+                };
+                let messages = async {
+                    while let Some(message) =
+                        std::future::poll_fn(|cx| connection.poll_message(cx)).await
+                    {
+                        match message {
+                            Ok(tokio_postgres::AsyncMessage::Notification(_)) => {
+                                signal.notify_one()
+                            }
+                            Ok(_) => {}
+                            Err(e) => return e.to_string(),
+                        }
+                    }
+                    "closed".to_string()
+                };
+                tokio::select! {
+                    r = listening => if let Err(e) = r {
+                        tracing::warn!(database = %shown, error = %pg(e), "LISTEN failed; retrying");
+                    },
+                    why = messages => {
+                        tracing::warn!(database = %shown, reason = %why, "the notification connection ended; reconnecting");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(database = %shown, error = %pg(e), "no notification connection; retrying");
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
 }
 
 impl std::fmt::Debug for PgStore {
@@ -203,7 +259,12 @@ impl PgStore {
             .map_err(|e| DataStoreError::Backend {
                 reason: format!("datastore url {shown}: {e}"),
             })?;
-        let store = Self { pool, shown };
+        let store = Self {
+            pool,
+            shown,
+            url: std::sync::Arc::new(zeroize::Zeroizing::new(url.to_string())),
+            revocation_signal: Default::default(),
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -483,6 +544,24 @@ impl agentd_attestor::node::SeenTokens for PgSeenTokens {
 
 #[async_trait::async_trait]
 impl DataStore for PgStore {
+    fn revocation_signal(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        Some(
+            self.revocation_signal
+                .get_or_init(|| {
+                    let signal = std::sync::Arc::new(tokio::sync::Notify::new());
+                    runtime.spawn(listen(
+                        self.url.clone(),
+                        self.shown.clone(),
+                        REVOCATIONS_CHANNEL,
+                        signal.clone(),
+                    ));
+                    signal
+                })
+                .clone(),
+        )
+    }
+
     async fn ping(&self) -> Result<()> {
         let client = self.client().await?;
         client
@@ -896,6 +975,10 @@ impl DataStore for PgStore {
         )
         .await
         .map_err(pg)?;
+        // Delivered to every listening server when (and only if) this commits.
+        tx.batch_execute(&format!("NOTIFY {REVOCATIONS_CHANNEL}"))
+            .await
+            .map_err(pg)?;
         tx.commit().await.map_err(pg)?;
         Ok(events)
     }
@@ -1495,6 +1578,42 @@ mod tests {
             later.is_ok(),
             "expired at 100, used again at 150: {later:?}"
         );
+    }
+
+    /// The other server hears of the revocation through NOTIFY, not its poll: with the
+    /// poll a minute away, the revocation is in force there within moments.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_revocation_is_pushed_to_the_other_server_by_notify() {
+        use crate::revocation::log::RevocationLog;
+        let db = testing::database().await;
+        let a: std::sync::Arc<dyn DataStore> =
+            std::sync::Arc::new(PgStore::open(&db.url).await.unwrap());
+        let b: std::sync::Arc<dyn DataStore> =
+            std::sync::Arc::new(PgStore::open(&db.url).await.unwrap());
+        let log_a = RevocationLog::open(a).await.unwrap();
+        let log_b = std::sync::Arc::new(RevocationLog::open(b).await.unwrap());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let follower = tokio::spawn(
+            log_b
+                .clone()
+                .follow_store(std::time::Duration::from_secs(60), stop.clone()),
+        );
+        for n in 0..3 {
+            // Each after the listener may have (re)connected: none is missed.
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            let handle = RevocationHandle::Task(format!("task-{n}"));
+            let event = log_a.revoke(handle.clone(), "notified", 100).await.unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+            while log_b.standing(&handle) != Some(event.sequence) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "revocation {n} did not reach the other server without its poll"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+        stop.cancel();
+        follower.await.unwrap();
     }
 
     #[tokio::test]

@@ -311,19 +311,28 @@ impl RevocationLog {
         tracing::info!(sequence = event.sequence, handle = %event.handle, lift = !event.is_revoke(), svids = event.serials.len(), jwts = event.jwt_ids.len(), "revocation committed");
     }
 
-    /// Applies what other servers commit to a shared store: every `every`, the store's head
-    /// is read, and events beyond this server's are published in order (the standing set
-    /// refuses them at once; node agents on this server's feed get them). Store errors are
-    /// logged and tried again next time.
+    /// Applies what other servers commit to a shared store: when the store signals an
+    /// append (PostgreSQL's NOTIFY, `DataStore::revocation_signal`), and every `every` in
+    /// case a signal was lost, the store's head is read and events beyond this server's are
+    /// published in order (the standing set refuses them at once; node agents on this
+    /// server's feed get them). Store errors are logged and tried again next time.
     pub async fn follow_store(
         self: Arc<Self>,
         every: std::time::Duration,
         shutdown: tokio_util::sync::CancellationToken,
     ) {
+        let signal = self.store.revocation_signal();
         loop {
+            let signalled = async {
+                match &signal {
+                    Some(s) => s.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(every) => {}
+                _ = signalled => {}
             }
             let _guard = self.writes.lock().await;
             if let Err(e) = self.catch_up().await {

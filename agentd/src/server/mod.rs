@@ -470,8 +470,9 @@ async fn watch_datastore(
     }
 }
 
-/// How often a server on a shared database reads the revocations other servers committed.
-const FOLLOW_STORE_EVERY: Duration = Duration::from_millis(500);
+/// How often a server on a shared database reads the revocations other servers committed
+/// when no notification came (a lost NOTIFY costs this much latency at most).
+const FOLLOW_STORE_EVERY: Duration = Duration::from_secs(1);
 
 async fn compact_revocations(
     state: Arc<ServerState>,
