@@ -168,20 +168,19 @@ async fn list_entries(
     out: Output,
 ) -> anyhow::Result<()> {
     // The server answers in pages; follow them all.
-    let mut request = list_request(filter);
-    let mut list = Vec::new();
-    loop {
-        let page = c
-            .list_entries(request.clone())
-            .await
-            .map_err(status)?
-            .into_inner();
-        list.extend(page.entries);
-        if page.next_page_token.is_empty() {
-            break;
+    let request = list_request(filter);
+    let list = crate::cli::connect::all_pages(|page_token| {
+        let mut c = c.clone();
+        let request = pb::ListEntriesRequest {
+            page_token,
+            ..request.clone()
+        };
+        async move {
+            let page = c.list_entries(request).await?.into_inner();
+            Ok((page.entries, page.next_page_token))
         }
-        request.page_token = page.next_page_token;
-    }
+    })
+    .await?;
     out.print_list("entries", &list, entry_json, entry_text);
     Ok(())
 }
@@ -507,24 +506,21 @@ pub async fn node(cmd: NodeCommand, out: Output) -> anyhow::Result<()> {
     match cmd {
         NodeCommand::Run(_) => unreachable!("dispatched to the daemon"),
         NodeCommand::List(admin) => {
-            let mut client = admin_client(&admin.admin_socket).await?;
-            let mut nodes = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let page = client
-                    .list_nodes(pb::ListNodesRequest {
-                        page_size: 0,
-                        page_token,
-                    })
-                    .await
-                    .map_err(status)?
-                    .into_inner();
-                nodes.extend(page.nodes);
-                if page.next_page_token.is_empty() {
-                    break;
+            let client = admin_client(&admin.admin_socket).await?;
+            let nodes = crate::cli::connect::all_pages(|page_token| {
+                let mut client = client.clone();
+                async move {
+                    let page = client
+                        .list_nodes(pb::ListNodesRequest {
+                            page_size: 0,
+                            page_token,
+                        })
+                        .await?
+                        .into_inner();
+                    Ok((page.nodes, page.next_page_token))
                 }
-                page_token = page.next_page_token;
-            }
+            })
+            .await?;
             out.print_list("attested nodes", &nodes, node_json, node_text);
         }
         NodeCommand::Show { spiffe_id, admin } => {

@@ -72,27 +72,26 @@ pub async fn audit(cmd: AuditCommand, out: Output) -> anyhow::Result<()> {
                 .transpose()?
                 .unwrap_or(0);
             // Every page, oldest first.
-            let mut client = admin_client(&admin.admin_socket).await?;
-            let mut records = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let page = client
-                    .list_audit_records(pb::ListAuditRecordsRequest {
-                        since,
-                        spiffe_id: spiffe_id.clone().unwrap_or_default(),
-                        action: action.clone().unwrap_or_default(),
-                        page_size: 0,
-                        page_token,
-                    })
-                    .await
-                    .map_err(status)?
-                    .into_inner();
-                records.extend(page.records);
-                if page.next_page_token.is_empty() {
-                    break;
+            let client = admin_client(&admin.admin_socket).await?;
+            let request = pb::ListAuditRecordsRequest {
+                since,
+                spiffe_id: spiffe_id.unwrap_or_default(),
+                action: action.unwrap_or_default(),
+                page_size: 0,
+                page_token: String::new(),
+            };
+            let records = crate::cli::connect::all_pages(|page_token| {
+                let mut client = client.clone();
+                let request = pb::ListAuditRecordsRequest {
+                    page_token,
+                    ..request.clone()
+                };
+                async move {
+                    let page = client.list_audit_records(request).await?.into_inner();
+                    Ok((page.records, page.next_page_token))
                 }
-                page_token = page.next_page_token;
-            }
+            })
+            .await?;
             out.print(
                 &json!(records.iter().map(record_json).collect::<Vec<_>>()),
                 || records.iter().map(record_text).collect(),

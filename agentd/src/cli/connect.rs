@@ -123,6 +123,30 @@ pub fn status(s: tonic::Status) -> anyhow::Error {
     anyhow!("{}", s.message())
 }
 
+/// Every item of a paged admin listing. `fetch` asks for the page after a token (empty for
+/// the first) and answers its items and the next token (empty after the last page); a token
+/// the server gives twice in a row ends the listing with an error instead of a loop.
+pub async fn all_pages<T, Fut>(mut fetch: impl FnMut(String) -> Fut) -> anyhow::Result<Vec<T>>
+where
+    Fut: std::future::Future<Output = Result<(Vec<T>, String), tonic::Status>>,
+{
+    let mut items = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (page, next) = fetch(token.clone()).await.map_err(status)?;
+        items.extend(page);
+        if next.is_empty() {
+            return Ok(items);
+        }
+        if next == token {
+            return Err(anyhow!(
+                "the server answered the same page token twice: {next:?}"
+            ));
+        }
+        token = next;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -85,26 +85,25 @@ pub async fn grant(cmd: GrantCommand, out: Output) -> anyhow::Result<()> {
             out.print(&grant_json(&g), || g.id.clone());
         }
         GrantCommand::List { agent, all, admin } => {
-            let mut client = admin_client(&admin.admin_socket).await?;
-            let mut list = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let page = client
-                    .list_grants(pb::ListGrantsRequest {
-                        agent: agent.clone().unwrap_or_default(),
-                        include_expired: all,
-                        page_size: 0,
-                        page_token,
-                    })
-                    .await
-                    .map_err(status)?
-                    .into_inner();
-                list.extend(page.grants);
-                if page.next_page_token.is_empty() {
-                    break;
+            let client = admin_client(&admin.admin_socket).await?;
+            let agent = agent.unwrap_or_default();
+            let list = crate::cli::connect::all_pages(|page_token| {
+                let mut client = client.clone();
+                let agent = agent.clone();
+                async move {
+                    let page = client
+                        .list_grants(pb::ListGrantsRequest {
+                            agent,
+                            include_expired: all,
+                            page_size: 0,
+                            page_token,
+                        })
+                        .await?
+                        .into_inner();
+                    Ok((page.grants, page.next_page_token))
                 }
-                page_token = page.next_page_token;
-            }
+            })
+            .await?;
             out.print_list("grants", &list, grant_json, grant_text);
         }
         GrantCommand::Show { id, admin } => {

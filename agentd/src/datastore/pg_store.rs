@@ -1056,37 +1056,24 @@ impl DataStore for PgStore {
             None => None,
             Some(r) => Some(decode(b"audit head", r.as_bytes())?),
         };
-        let (mut seq, mut prev) = match head {
-            Some(h) => (h.seq, h.hash),
-            None => (0, crate::model::audit::GENESIS_HASH.to_string()),
-        };
+        let (sealed, head) = crate::model::audit::seal_after(head.as_ref(), &records, time, signer);
         let insert = tx
             .prepare("INSERT INTO audit (seq, body) VALUES ($1, $2)")
             .await
             .map_err(pg)?;
-        let mut out = Vec::with_capacity(records.len());
-        for r in records {
-            seq += 1;
-            let sealed = crate::model::audit::seal(r, seq, time, &prev, signer);
-            tx.execute(&insert, &[&int(seq), &encode(&sealed)?])
+        for s in &sealed {
+            tx.execute(&insert, &[&int(s.seq), &encode(s)?])
                 .await
                 .map_err(pg)?;
-            prev = sealed.hash.clone();
-            out.push(sealed);
         }
-        let head = AuditHead {
-            seq,
-            mac: Some(signer.head_mac(seq, &prev)),
-            hash: prev,
-        };
         tx.execute(
             "UPDATE log_heads SET sequence = $1, record = $2 WHERE name = 'audit'",
-            &[&int(seq), &text(encode(&head)?)?],
+            &[&int(head.seq), &text(encode(&head)?)?],
         )
         .await
         .map_err(pg)?;
         tx.commit().await.map_err(pg)?;
-        Ok(out)
+        Ok(sealed)
     }
 
     async fn audit_records(&self, after_seq: u64, limit: usize) -> Result<Vec<StoredAuditRecord>> {
@@ -1492,6 +1479,58 @@ mod conformance_suite {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::revocation::log::RevocationLog;
+
+    /// Two servers' revocation logs on one database; the second follows the store (its
+    /// poll every `poll`, besides NOTIFY).
+    struct TwoServers {
+        a: RevocationLog,
+        b: std::sync::Arc<RevocationLog>,
+        stop: tokio_util::sync::CancellationToken,
+        follower: tokio::task::JoinHandle<()>,
+    }
+
+    impl TwoServers {
+        async fn on(db: &testing::TestDatabase, poll: std::time::Duration) -> Self {
+            let open = || async {
+                let store: std::sync::Arc<dyn DataStore> =
+                    std::sync::Arc::new(PgStore::open(&db.url).await.unwrap());
+                RevocationLog::open(store).await.unwrap()
+            };
+            let a = open().await;
+            let b = std::sync::Arc::new(open().await);
+            let stop = tokio_util::sync::CancellationToken::new();
+            let follower = tokio::spawn(b.clone().follow_store(poll, stop.clone()));
+            Self {
+                a,
+                b,
+                stop,
+                follower,
+            }
+        }
+
+        async fn stop(self) {
+            self.stop.cancel();
+            self.follower.await.unwrap();
+        }
+    }
+
+    /// Waits (up to 3 s) until `log` holds `handle` standing as revocation `sequence`.
+    async fn wait_standing(
+        log: &RevocationLog,
+        handle: &RevocationHandle,
+        sequence: u64,
+        what: &str,
+    ) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        while log.standing(handle) != Some(sequence) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what} did not reach the other server"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
 
     /// Two servers' stores on one database: their revocation and audit appends, at once,
     /// still make one gap-free sequence and one hash chain.
@@ -1510,34 +1549,15 @@ mod tests {
     /// database within its poll, and that server's feed carries it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_revocation_through_one_server_is_in_force_on_the_other() {
-        use crate::revocation::log::RevocationLog;
         let db = testing::database().await;
-        let a: std::sync::Arc<dyn DataStore> =
-            std::sync::Arc::new(PgStore::open(&db.url).await.unwrap());
-        let b: std::sync::Arc<dyn DataStore> =
-            std::sync::Arc::new(PgStore::open(&db.url).await.unwrap());
-        let log_a = RevocationLog::open(a).await.unwrap();
-        let log_b = std::sync::Arc::new(RevocationLog::open(b).await.unwrap());
-        let stop = tokio_util::sync::CancellationToken::new();
-        let follower = tokio::spawn(
-            log_b
-                .clone()
-                .follow_store(std::time::Duration::from_millis(50), stop.clone()),
-        );
+        let servers = TwoServers::on(&db, std::time::Duration::from_millis(50)).await;
+        let (log_a, log_b) = (&servers.a, &servers.b);
         let handle = RevocationHandle::Entry(EntryId::generate());
         let event = log_a
             .revoke(handle.clone(), "elsewhere", 100)
             .await
             .unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-        while log_b.standing(&handle).is_none() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the other server never applied the revocation"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        assert_eq!(log_b.standing(&handle), Some(event.sequence));
+        wait_standing(log_b, &handle, event.sequence, "the revocation").await;
         assert_eq!(
             log_b.events_after(0).events.len(),
             1,
@@ -1549,8 +1569,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(next.sequence, event.sequence + 1);
-        stop.cancel();
-        follower.await.unwrap();
+        servers.stop().await;
     }
 
     /// A platform token id used through one server is refused by another, and again after
@@ -1584,36 +1603,17 @@ mod tests {
     /// poll a minute away, the revocation is in force there within moments.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_revocation_is_pushed_to_the_other_server_by_notify() {
-        use crate::revocation::log::RevocationLog;
         let db = testing::database().await;
-        let a: std::sync::Arc<dyn DataStore> =
-            std::sync::Arc::new(PgStore::open(&db.url).await.unwrap());
-        let b: std::sync::Arc<dyn DataStore> =
-            std::sync::Arc::new(PgStore::open(&db.url).await.unwrap());
-        let log_a = RevocationLog::open(a).await.unwrap();
-        let log_b = std::sync::Arc::new(RevocationLog::open(b).await.unwrap());
-        let stop = tokio_util::sync::CancellationToken::new();
-        let follower = tokio::spawn(
-            log_b
-                .clone()
-                .follow_store(std::time::Duration::from_secs(60), stop.clone()),
-        );
+        let servers = TwoServers::on(&db, std::time::Duration::from_secs(60)).await;
+        let (log_a, log_b) = (&servers.a, &servers.b);
         for n in 0..3 {
             // Each after the listener may have (re)connected: none is missed.
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             let handle = RevocationHandle::Task(format!("task-{n}"));
             let event = log_a.revoke(handle.clone(), "notified", 100).await.unwrap();
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
-            while log_b.standing(&handle) != Some(event.sequence) {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "revocation {n} did not reach the other server without its poll"
-                );
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
+            wait_standing(log_b, &handle, event.sequence, &format!("revocation {n}")).await;
         }
-        stop.cancel();
-        follower.await.unwrap();
+        servers.stop().await;
     }
 
     #[tokio::test]

@@ -867,25 +867,13 @@ impl DataStore for SledStore {
                     None => None,
                     Some(v) => Some(decode(AUDIT_HEAD_KEY, &v).map_err(abort)?),
                 };
-                let (mut seq, mut prev) = match head {
-                    Some(h) => (h.seq, h.hash),
-                    None => (0, crate::model::audit::GENESIS_HASH.to_string()),
-                };
-                let mut out = Vec::with_capacity(records.len());
-                for r in &records {
-                    seq += 1;
-                    let s = crate::model::audit::seal(r.clone(), seq, time, &prev, signer);
-                    log.insert(audit_key(seq).to_vec(), encode(&s).map_err(abort)?)?;
-                    prev = s.hash.clone();
-                    out.push(s);
+                let (sealed, head) =
+                    crate::model::audit::seal_after(head.as_ref(), &records, time, signer);
+                for s in &sealed {
+                    log.insert(audit_key(s.seq).to_vec(), encode(s).map_err(abort)?)?;
                 }
-                let head = AuditHead {
-                    seq,
-                    mac: Some(signer.head_mac(seq, &prev)),
-                    hash: prev,
-                };
                 meta.insert(AUDIT_HEAD_KEY, encode(&head).map_err(abort)?)?;
-                Ok(out)
+                Ok(sealed)
             })
             .map_err(|e| match e {
                 TransactionError::Abort(e) => e,

@@ -133,6 +133,34 @@ pub struct StoredAuditRecord {
     pub body: Vec<u8>,
 }
 
+/// Seals `records` after `head` (`None`: the first records of the log): numbered on from
+/// it, each chained to the one before, all timed `time`; returns them and the new head, its
+/// MAC by `signer`. Every store's append makes the chain here, inside its transaction.
+pub fn seal_after(
+    head: Option<&AuditHead>,
+    records: &[AuditRecord],
+    time: i64,
+    signer: &dyn ChainSigner,
+) -> (Vec<SealedAuditRecord>, AuditHead) {
+    let (mut seq, mut prev) = match head {
+        Some(h) => (h.seq, h.hash.clone()),
+        None => (0, GENESIS_HASH.to_string()),
+    };
+    let mut sealed = Vec::with_capacity(records.len());
+    for r in records {
+        seq += 1;
+        let s = seal(r.clone(), seq, time, &prev, signer);
+        prev = s.hash.clone();
+        sealed.push(s);
+    }
+    let head = AuditHead {
+        seq,
+        mac: Some(signer.head_mac(seq, &prev)),
+        hash: prev,
+    };
+    (sealed, head)
+}
+
 /// Numbers, times, chains and signs a record: called by the store inside its append
 /// transaction.
 pub fn seal(

@@ -212,6 +212,8 @@ impl RevocationLog {
     ) -> Result<RevocationEvent, RevocationLogError> {
         check_reason(reason)?;
         let _guard = self.writes.lock().await;
+        // A revocation another server committed may be the one lifted.
+        self.catch_up().await?;
         let handle = self
             .read()
             .set
@@ -235,15 +237,15 @@ impl RevocationLog {
         self.append(event).await
     }
 
-    /// Commits `event` and publishes it. Called with `writes` held.
+    /// Commits `event` and publishes it. Called with `writes` held, after `catch_up`.
     ///
     /// An error from the store does not prove that nothing was committed (sled commits the
     /// transaction, then flushes): the store's head is read back, and whatever it holds
     /// beyond memory is published before the error is reported, so the event is neither
     /// lost to the standing set nor skipped by the feed.
     async fn append(&self, event: RevocationEvent) -> Result<RevocationEvent, RevocationLogError> {
-        // A previous append whose read-back failed as well may have left memory behind.
-        self.catch_up().await?;
+        // Both callers caught up with the store (a previous append whose read-back failed,
+        // or another server's appends) before their checks, under the same lock.
         let before = self.read().set.applied;
         match self.store.append_revocation(event).await {
             Ok(committed) => {
