@@ -440,6 +440,8 @@ pub async fn connect_any(
                             .store(i, std::sync::atomic::Ordering::Relaxed);
                         if addr != previous {
                             tracing::warn!(from = %previous, to = %addr, "server unreachable; connected to another");
+                        } else {
+                            tracing::info!(server = %addr, "connected to the server");
                         }
                         return Ok::<_, io::Error>(TokioIo::new(tls));
                     }

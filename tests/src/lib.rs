@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 
+pub mod pg;
+
 /// The `agentd` binary, built once per test run if it is missing or stale.
 pub fn agentd_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
@@ -242,8 +244,24 @@ impl Server {
     }
 
     pub fn start_with(env: &Env, extra: &[&str]) -> anyhow::Result<Self> {
-        let data_dir = env.path().join("server");
-        let admin_socket = env.path().join("admin.sock");
+        Self::start_in(
+            env.path().join("server"),
+            env.path().join("admin.sock"),
+            extra,
+        )
+    }
+
+    /// A server of its own in `env` (data dir `env/NAME`, admin socket `env/NAME.sock`):
+    /// one of several servers of a deployment.
+    pub fn start_named(env: &Env, name: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_in(
+            env.path().join(name),
+            env.path().join(format!("{name}.sock")),
+            extra,
+        )
+    }
+
+    fn start_in(data_dir: PathBuf, admin_socket: PathBuf, extra: &[&str]) -> anyhow::Result<Self> {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let (daemon, address) = Self::launch(&data_dir, &admin_socket, "127.0.0.1:0", &extra)?;
         Ok(Self {
@@ -311,6 +329,12 @@ impl Server {
         self.daemon = daemon;
         anyhow::ensure!(address == self.address, "server came back on {address}");
         Ok(())
+    }
+
+    /// Starts the server again on the same data dir and port with other extra flags.
+    pub fn restart_with(&mut self, extra: &[&str]) -> anyhow::Result<()> {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+        self.restart()
     }
 
     /// Starts the server again on the same data dir at another address (`bind`,

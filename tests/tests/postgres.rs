@@ -5,79 +5,8 @@
 
 use std::time::Duration;
 
+use agentd_e2e::pg::{db_address, Database};
 use agentd_e2e::{wait_until, Env, Node, Server};
-
-fn admin_url() -> String {
-    std::env::var("AGENTD_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-/// HOST:PORT of the test PostgreSQL (from its URL).
-fn db_address() -> String {
-    let url = admin_url();
-    let after_at = url.rsplit_once('@').map_or(url.as_str(), |(_, h)| h);
-    after_at
-        .split('/')
-        .next()
-        .unwrap_or("127.0.0.1:5432")
-        .to_string()
-}
-
-/// A fresh database, dropped when the test ends.
-struct Database {
-    url: String,
-    name: String,
-    rt: tokio::runtime::Runtime,
-}
-
-impl Database {
-    fn create() -> anyhow::Result<Self> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let admin = admin_url();
-        let name = format!("agentd_e2e_{:016x}", rand::random::<u64>());
-        rt.block_on(async {
-            let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
-                .await
-                .map_err(|e| {
-                    let why = e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string());
-                    anyhow::anyhow!(
-                        "no test connection to PostgreSQL at {admin} ({why}): these tests need a running server that lets postgres in from 127.0.0.1; scripts/install-tools.sh (run by make test and .ci/run) installs and starts one, or set AGENTD_TEST_POSTGRES"
-                    )
-                })?;
-            tokio::spawn(conn);
-            client
-                .batch_execute(&format!("CREATE DATABASE {name}"))
-                .await?;
-            anyhow::Ok(())
-        })?;
-        let (base, _) = admin
-            .rsplit_once('/')
-            .ok_or_else(|| anyhow::anyhow!("AGENTD_TEST_POSTGRES must end in /DATABASE"))?;
-        Ok(Self {
-            url: format!("{base}/{name}"),
-            name,
-            rt,
-        })
-    }
-}
-
-impl Drop for Database {
-    fn drop(&mut self) {
-        let (admin, name) = (admin_url(), self.name.clone());
-        let _ = self.rt.block_on(async move {
-            let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
-                .await
-                .ok()?;
-            tokio::spawn(conn);
-            client
-                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                .await
-                .ok()
-        });
-    }
-}
 
 #[test]
 fn a_server_on_postgres_issues_revokes_and_keeps_everything_across_a_restart() -> anyhow::Result<()>
@@ -129,6 +58,115 @@ fn a_server_on_postgres_issues_revokes_and_keeps_everything_across_a_restart() -
     assert!(verify["head_seq"].as_u64().unwrap_or(0) > 3, "{verify}");
     // The node agent carries on against the restarted server.
     node.wait_for_svid(kept)?;
+    Ok(())
+}
+
+/// `agentd server migrate --to postgres://...`: a stopped sled server's records move into an
+/// empty database with their ids, sequence numbers and audit chain; the server then runs on
+/// the same data dir with `--datastore` and serves its node agent as before. A running
+/// server's data dir, a database that holds records and a URL that is not PostgreSQL are
+/// refused, naming the flag.
+#[test]
+fn a_sled_server_moves_onto_postgres_with_server_migrate() -> anyhow::Result<()> {
+    let db = Database::create()?;
+    let env = Env::new();
+    let mut server = Server::start(&env)?;
+    let mut node = Node::start(&env, &server, "n1")?;
+    let kept = "spiffe://example.org/moved/kept";
+    let revoked = "spiffe://example.org/moved/revoked";
+    let kept_id = server.register_own_uid(&node.spiffe_id, kept, &[])?;
+    let revoked_id = server.register_own_uid(&node.spiffe_id, revoked, &[])?;
+    node.wait_for_svid(kept)?;
+    server.cli_ok(&["revoke", "entry", "--id", &revoked_id, "--reason", "moved"])?;
+    let data_dir = server.data_dir.display().to_string();
+    let migrate =
+        |to: &str| agentd_e2e::agentd(&["server", "migrate", "--data-dir", &data_dir, "--to", to]);
+
+    let running = migrate(&db.url);
+    assert!(!running.status.success());
+    let stderr = String::from_utf8_lossy(&running.stderr);
+    assert!(
+        stderr.contains("--data-dir") && stderr.contains("stop it first"),
+        "{stderr}"
+    );
+
+    let before_entries = server.cli_ok(&["entry", "show", "--output", "json"])?;
+    let before_revocations = server.cli_ok(&["revoke", "list", "--output", "json"])?;
+    server.stop();
+    let bad = migrate("mysql://root:hunter2@db/agentd");
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && stderr.contains("--to"), "{stderr}");
+    assert!(
+        !stderr.contains("hunter2"),
+        "the password was printed: {stderr}"
+    );
+
+    let out = migrate(&db.url);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("2 entries") && said.contains("1 nodes"),
+        "{said}"
+    );
+    let again = migrate(&db.url);
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        !again.status.success() && stderr.contains("already holds records"),
+        "{stderr}"
+    );
+    assert!(
+        server.data_dir.join("datastore").is_dir(),
+        "the embedded store was removed"
+    );
+
+    server.restart_with(&["--datastore", &db.url])?;
+    let moved = &mut server;
+    // The same entries (ids, revisions, selectors), with their activity.
+    let identity = |json: &str| -> anyhow::Result<Vec<String>> {
+        let all: serde_json::Value = serde_json::from_str(json)?;
+        Ok(all
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|e| {
+                        format!(
+                            "{} {} {} {} {}",
+                            e["id"], e["spiffe_id"], e["parent_id"], e["selectors"], e["revision"]
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    };
+    let after_entries = moved.cli_ok(&["entry", "show", "--output", "json"])?;
+    assert_eq!(identity(&after_entries)?, identity(&before_entries)?);
+    let shown: serde_json::Value = serde_json::from_str(&after_entries)?;
+    let kept_entry = shown
+        .as_array()
+        .and_then(|a| a.iter().find(|e| e["id"] == kept_id.as_str()).cloned())
+        .unwrap_or_default();
+    assert!(
+        kept_entry["last_issued"].is_number(),
+        "activity not copied: {kept_entry}"
+    );
+    assert_eq!(
+        moved.cli_ok(&["revoke", "list", "--output", "json"])?,
+        before_revocations
+    );
+    let verify: serde_json::Value =
+        serde_json::from_str(&moved.cli_ok(&["audit", "verify", "--output", "json"])?)?;
+    assert_eq!(verify["intact"], true, "{verify}");
+    // The node agent carries on (same address, same CA), and new entries reach it.
+    node.restart()?;
+    node.wait_for_svid(kept)?;
+    assert!(!String::from_utf8_lossy(&node.fetch_x509().stdout).contains(revoked));
+    moved.register_own_uid(&node.spiffe_id, "spiffe://example.org/moved/new", &[])?;
+    node.wait_for_svid("spiffe://example.org/moved/new")?;
+    moved.stop();
     Ok(())
 }
 
@@ -273,8 +311,14 @@ fn a_server_whose_database_goes_away_is_not_ready_refuses_writes_and_recovers() 
         ])
     };
     assert!(create("before").status.success());
+    // A node agent with an SVID: it keeps serving while the database is gone.
+    let node = Node::start(&env, &server, "n1")?;
+    let served = "spiffe://example.org/db/served";
+    server.register_own_uid(&node.spiffe_id, served, &[])?;
+    node.wait_for_svid(served)?;
 
     relay.cut();
+    let cut_at = std::time::Instant::now();
     assert!(
         wait_until(Duration::from_secs(15), || ready().is_ok_and(|r| !r)),
         "/ready stayed 200 with the database gone"
@@ -294,11 +338,25 @@ fn a_server_whose_database_goes_away_is_not_ready_refuses_writes_and_recovers() 
         String::from_utf8_lossy(&health.stderr)
     );
 
+    // Ten seconds without the database: the node agent still serves its SVID.
+    std::thread::sleep(Duration::from_secs(10).saturating_sub(cut_at.elapsed()));
+    let out = node.fetch_x509();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains(served),
+        "the node agent stopped serving with the database down: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     relay.restore()?;
     assert!(
         wait_until(Duration::from_secs(20), || ready().unwrap_or(false)),
         "/ready did not come back with the database"
     );
+    // Recovered without a restart: a new entry reaches the node agent.
+    let later = "spiffe://example.org/db/later";
+    server.register_own_uid(&node.spiffe_id, later, &[])?;
+    node.wait_for_svid(later)?;
     assert!(create("after").status.success());
     let listed: serde_json::Value =
         serde_json::from_str(&server.cli_ok(&["entry", "show", "--output", "json"])?)?;
@@ -310,7 +368,9 @@ fn a_server_whose_database_goes_away_is_not_ready_refuses_writes_and_recovers() 
         ids,
         [
             "spiffe://example.org/db/after",
-            "spiffe://example.org/db/before"
+            "spiffe://example.org/db/before",
+            "spiffe://example.org/db/later",
+            "spiffe://example.org/db/served"
         ]
     );
     Ok(())

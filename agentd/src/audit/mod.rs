@@ -72,6 +72,9 @@ pub struct Audit {
     store: Arc<dyn DataStore>,
     clock: Arc<dyn Clock>,
     key: AuditKey,
+    /// The id of the server writing (`server` field of each record), so that a log shared
+    /// by several servers says which one did what; `None` in tests.
+    server: Option<String>,
     /// Held across the append and the export, so the export file is in sequence order.
     export: Mutex<Option<Exporter>>,
 }
@@ -82,26 +85,49 @@ impl Audit {
     ///
     /// A log whose head is signed and no key file: refused, since every record since the key
     /// was made could no longer be verified (and a key made now would sign whatever the
-    /// store holds). A log written before it had a key gets one, and a first signed record,
-    /// `audit.key.create`, whose MAC and the head's cover the unsigned records before it.
+    /// store holds). A key that does not verify the signed head is refused too: several
+    /// servers on one database share one log, so they share its key (copy `audit.key` from
+    /// the first server), and records signed with another key could never be verified. A log
+    /// written before it had a key gets one, and a first signed record, `audit.key.create`,
+    /// whose MAC and the head's cover the unsigned records before it. Every record the
+    /// server writes names it (`server` = `server_id`).
     pub async fn open(
         store: Arc<dyn DataStore>,
         clock: Arc<dyn Clock>,
         export_file: Option<&Path>,
         key_path: &Path,
+        server_id: &str,
     ) -> Result<Self, AuditError> {
         let head = store.audit_head().await?;
+        let signed = head
+            .as_ref()
+            .and_then(|h| Some((h.seq, &h.hash, h.mac.as_ref()?)));
         let (key, created) = match AuditKey::load(key_path)? {
-            Some(key) => (key, false),
-            None if head.as_ref().is_some_and(|h| h.mac.is_some()) => {
+            Some(key) => {
+                if let Some((seq, hash, mac)) = signed {
+                    // A head the key does not verify is either another key or a rewritten
+                    // head; only the first is refused here (the second is for `audit
+                    // verify` to name): a key that verifies no record MAC either is not
+                    // the log's key.
+                    if !key.verify_head(seq, hash, mac) && !signed_any(store.as_ref(), &key).await? {
+                        return Err(AuditError::Key {
+                            path: key_path.display().to_string(),
+                            reason: "is not the key that signed the audit log (it verifies neither the head nor any record): servers sharing a database share one audit key, so copy audit.key from a server of that database".into(),
+                        });
+                    }
+                }
+                (key, false)
+            }
+            None if signed.is_some() => {
                 return Err(AuditError::Key {
                     path: key_path.display().to_string(),
-                    reason: "is missing, but the audit log was signed with it: restore the file (the server never deletes it); without it `audit verify` cannot tell the log from a rewritten one".into(),
+                    reason: "is missing, but the audit log was signed with it: restore the file (the server never deletes it), or, for another server on the same database, copy it from one of its servers; without it `audit verify` cannot tell the log from a rewritten one".into(),
                 })
             }
             None => (AuditKey::create(key_path)?, true),
         };
-        let audit = Self::with_key(store, clock, None, key);
+        let mut audit = Self::with_key(store, clock, None, key);
+        audit.server = Some(server_id.to_owned());
         if created {
             if let Some(h) = head.as_ref().filter(|h| h.seq > 0) {
                 audit
@@ -141,6 +167,7 @@ impl Audit {
             store,
             clock,
             key,
+            server: None,
             export: Mutex::new(export),
         }
     }
@@ -163,6 +190,18 @@ impl Audit {
         if records.is_empty() {
             return Ok(Vec::new());
         }
+        let records = match &self.server {
+            Some(server) => records
+                .into_iter()
+                .map(|mut r| {
+                    r.fields
+                        .entry("server".to_owned())
+                        .or_insert_with(|| server.as_str().into());
+                    r
+                })
+                .collect(),
+            None => records,
+        };
         let mut export = self.export.lock().await;
         let sealed = self
             .store
@@ -263,6 +302,24 @@ impl Audit {
         }
         Ok(verify_records(&all, head.as_ref(), &self.key))
     }
+}
+
+/// Whether `key` verifies the MAC of any of the log's first signed records (`true` when
+/// they carry none, since then nothing can tell).
+async fn signed_any(store: &dyn DataStore, key: &AuditKey) -> Result<bool, AuditError> {
+    let mut seen_signed = false;
+    for stored in store.audit_records(0, PAGE).await? {
+        let Ok(record) = serde_json::from_slice::<SealedAuditRecord>(&stored.body) else {
+            continue;
+        };
+        if let Some(mac) = &record.mac {
+            seen_signed = true;
+            if key.verify_record(&record.hash, mac) {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(!seen_signed)
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ async fn try_audit_at(
     export: Option<&Path>,
 ) -> Result<Audit, AuditError> {
     let store: Arc<dyn DataStore> = Arc::new(SledStore::open(&dir.join("db")).unwrap());
-    Audit::open(store, clock, export, &dir.join(key::KEY_FILE)).await
+    Audit::open(store, clock, export, &dir.join(key::KEY_FILE), "s1").await
 }
 
 fn clock() -> Arc<ManualClock> {
@@ -523,18 +523,28 @@ async fn the_key_is_made_once_with_mode_0600_and_a_signed_log_needs_it() {
     assert!(audit.verify().await.unwrap().is_intact());
     assert_eq!(std::fs::read(&key_path).unwrap(), bytes);
     assert_eq!(format!("{:?}", audit.key), "AuditKey(<redacted>)");
+
+    // Every record names the server that wrote it.
+    let all = audit.query(&AuditQuery::default()).await.unwrap();
+    assert!(all.iter().all(|r| r.fields["server"] == "s1"), "{all:?}");
     drop(audit);
 
-    // Another key: the log no longer verifies.
+    // Another key (another server's, say): refused before it signs anything, since what
+    // it signed could never be verified with the log's key.
     std::fs::write(&key_path, [7u8; 32]).unwrap();
-    let p = audit_at(dir.path(), clock(), None)
+    let err = try_audit_at(dir.path(), clock(), None)
         .await
-        .verify()
-        .await
-        .unwrap()
-        .problem
-        .unwrap();
-    assert_eq!(p.seq, 1, "{}", p.reason);
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("is not the key that signed the audit log") && err.contains("copy audit.key"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&key_path).unwrap(),
+        [7u8; 32],
+        "the file is kept"
+    );
 
     // Not a key: refused, naming the file and why.
     std::fs::write(&key_path, b"short").unwrap();

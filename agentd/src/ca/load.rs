@@ -144,6 +144,7 @@ impl CertificateAuthority {
             current: RwLock::new(Arc::new(auths)),
             change: Mutex::new(()),
             changes: tokio::sync::watch::channel(0).0,
+            peers: RwLock::default(),
         })
     }
 }

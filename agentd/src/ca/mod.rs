@@ -256,9 +256,28 @@ pub struct CertificateAuthority {
     current: RwLock<Arc<Authorities>>,
     /// Held while an authority change is written and published.
     change: Mutex<()>,
-    /// Counts authority changes, so that users of the signing CA (the server's own TLS
-    /// certificate) can follow them.
+    /// Counts authority changes, this server's and its peers', so that users of the
+    /// bundle (the server's own TLS roots, the node agents) can follow them.
     changes: tokio::sync::watch::Sender<u64>,
+    /// What the other servers of a shared store publish, merged into [`Self::bundle`].
+    peers: RwLock<Arc<Peers>>,
+}
+
+/// Authorities of the other servers of one trust domain (each keeps its own keys; the
+/// bundle is the union of every server's current authorities, as in SPIRE).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerAuthorities {
+    /// DER CA certificates.
+    pub x509_authorities: Vec<Vec<u8>>,
+    pub jwt_authorities: Vec<crate::bundle::JwtAuthority>,
+}
+
+#[derive(Debug, Default)]
+struct Peers {
+    authorities: PeerAuthorities,
+    /// Bumps on every change of `authorities`, so the merged bundle's sequence (own + this)
+    /// grows whenever either part changes.
+    generation: u64,
 }
 
 fn new_jwt(not_after: SystemTime) -> Result<(jwt::JwtSigner, PrivateKey), CaError> {
@@ -292,9 +311,47 @@ impl CertificateAuthority {
         &self.trust_domain
     }
 
-    /// The current bundle.
+    /// The current bundle: this server's authorities and those of its peers.
     pub fn bundle(&self) -> Bundle {
+        let mut bundle = self.snapshot().bundle.clone();
+        let peers = self.peers.read().unwrap_or_else(|p| p.into_inner()).clone();
+        for der in &peers.authorities.x509_authorities {
+            if !bundle.x509_authorities.contains(der) {
+                bundle.x509_authorities.push(der.clone());
+            }
+        }
+        for jwt in &peers.authorities.jwt_authorities {
+            if !bundle
+                .jwt_authorities
+                .iter()
+                .any(|own| own.key_id == jwt.key_id)
+            {
+                bundle.jwt_authorities.push(jwt.clone());
+            }
+        }
+        bundle.sequence += peers.generation;
+        bundle
+    }
+
+    /// This server's own part of the bundle (what it publishes to its peers).
+    pub fn own_bundle(&self) -> Bundle {
         self.snapshot().bundle.clone()
+    }
+
+    /// Replaces the peers' authorities; true (and a change for [`Self::subscribe`]rs) when
+    /// they differ from the last ones.
+    pub fn set_peer_authorities(&self, authorities: PeerAuthorities) -> bool {
+        let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
+        if peers.authorities == authorities {
+            return false;
+        }
+        *peers = Arc::new(Peers {
+            authorities,
+            generation: peers.generation + 1,
+        });
+        drop(peers);
+        self.changes.send_modify(|n| *n += 1);
+        true
     }
 
     /// The active (signing) CA certificate's notAfter: no new SVID outlives it.

@@ -949,3 +949,55 @@ fn an_authority_expired_at_startup_is_dropped_but_its_key_is_kept() {
         );
     }
 }
+
+/// Another server's authorities join the bundle (once each, after this server's own), the
+/// bundle's sequence grows with them, subscribers hear of it, and the server's own part
+/// (what it publishes) stays its own.
+#[test]
+fn peer_authorities_join_the_bundle_and_bump_its_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let other_dir = tempfile::tempdir().unwrap();
+    let (ca, _) = new_ca(dir.path(), Duration::from_secs(86_400));
+    let (other, _) = new_ca(other_dir.path(), Duration::from_secs(86_400));
+    let before = ca.bundle();
+    let mut changes = ca.subscribe();
+    changes.mark_unchanged();
+    let theirs = other.own_bundle();
+    let mut peers = PeerAuthorities {
+        x509_authorities: theirs.x509_authorities.clone(),
+        jwt_authorities: theirs.jwt_authorities.clone(),
+    };
+    // Our own authorities among theirs are not listed twice.
+    peers
+        .x509_authorities
+        .push(before.x509_authorities[0].clone());
+    assert!(ca.set_peer_authorities(peers.clone()));
+    assert!(changes.has_changed().unwrap());
+    let merged = ca.bundle();
+    assert_eq!(
+        merged.x509_authorities,
+        [
+            before.x509_authorities.clone(),
+            theirs.x509_authorities.clone()
+        ]
+        .concat()
+    );
+    assert_eq!(
+        merged.jwt_authorities,
+        [
+            before.jwt_authorities.clone(),
+            theirs.jwt_authorities.clone()
+        ]
+        .concat()
+    );
+    assert!(merged.sequence > before.sequence);
+    assert_eq!(ca.own_bundle(), before, "the own part is unchanged");
+    changes.mark_unchanged();
+    assert!(!ca.set_peer_authorities(peers), "the same set is no change");
+    assert!(!changes.has_changed().unwrap());
+    // A peer gone: the bundle is our own again, with a sequence that still grew.
+    assert!(ca.set_peer_authorities(PeerAuthorities::default()));
+    let after = ca.bundle();
+    assert_eq!(after.x509_authorities, before.x509_authorities);
+    assert!(after.sequence > merged.sequence);
+}

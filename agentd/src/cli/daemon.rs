@@ -5,7 +5,7 @@ use std::sync::Arc;
 use anyhow::anyhow;
 use tokio_util::sync::CancellationToken;
 
-use super::{LogArgs, LogFormat, NodeRunArgs, ServerRunArgs};
+use super::{LogArgs, LogFormat, NodeRunArgs, ServerMigrateArgs, ServerRunArgs};
 use crate::clock::SystemClock;
 use crate::config::read_toml;
 use crate::node::{NodeAgent, NodeConfig, RawNodeConfig};
@@ -48,6 +48,82 @@ fn shutdown_on_signals() -> CancellationToken {
         t.cancel();
     });
     token
+}
+
+/// `agentd server migrate`: the embedded store of a stopped server into an empty
+/// PostgreSQL database, in one transaction (docs/ha.md, "Moving a server onto PostgreSQL").
+/// Nothing is deleted: the embedded store stays in the data dir.
+pub async fn server_migrate(args: ServerMigrateArgs, out: super::Output) -> anyhow::Result<()> {
+    use crate::datastore::migrate::StoreCopy;
+    use crate::datastore::{DataStoreError, PgStore, SledStore};
+    init_logging(&args.log);
+    let url = zeroize::Zeroizing::new(args.to);
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(anyhow!(
+            "--to: {} is not a postgres:// URL",
+            crate::datastore::pg_store::without_password(&url)
+        ));
+    }
+    let embedded = args.data_dir.join("datastore");
+    if !embedded.is_dir() {
+        return Err(anyhow!(
+            "--data-dir: {} holds no embedded store (no datastore directory)",
+            args.data_dir.display()
+        ));
+    }
+    let source = SledStore::open(&embedded).map_err(|e| match e {
+        DataStoreError::InUse { .. } => anyhow!(
+            "--data-dir: {} is in use by a running server: stop it first, so that nothing is written during the copy",
+            args.data_dir.display()
+        ),
+        other => anyhow!("--data-dir: {}: {other}", embedded.display()),
+    })?;
+    let target = PgStore::open(&url)
+        .await
+        .map_err(|e| anyhow!("--to: {e}"))?;
+    if !target.is_empty().await.map_err(|e| anyhow!("--to: {e}"))? {
+        return Err(anyhow!(
+            "--to: the database {} already holds records: a migration fills an empty database only (nothing was written)",
+            target.shown()
+        ));
+    }
+    let now = crate::clock::unix_seconds(std::time::SystemTime::now());
+    let copy = StoreCopy::read(&source, now)
+        .await
+        .map_err(|e| anyhow!("reading {}: {e}", embedded.display()))?;
+    target
+        .import(&copy)
+        .await
+        .map_err(|e| anyhow!("writing {} (nothing was written): {e}", target.shown()))?;
+    out.print(
+        &serde_json::json!({
+            "database": target.shown(),
+            "entries": copy.entries.len(),
+            "nodes": copy.nodes.len(),
+            "issued": copy.issued.len(),
+            "revocations": copy.revocations.len(),
+            "revocation_head": copy.revocation_head,
+            "audit_records": copy.audit.len(),
+            "grants": copy.grants.len(),
+            "owners": copy.owners.len(),
+        }),
+        || {
+            format!(
+                "copied to {}: {} entries, {} nodes, {} live SVID records, {} revocation events (head {}), {} audit records, {} grants, {} owners\nnext: start the server on the same data dir (its CA and audit keys stay there) with --datastore and the same URL; the embedded store in {} is kept, remove it once the server runs on PostgreSQL\n",
+                target.shown(),
+                copy.entries.len(),
+                copy.nodes.len(),
+                copy.issued.len(),
+                copy.revocations.len(),
+                copy.revocation_head,
+                copy.audit.len(),
+                copy.grants.len(),
+                copy.owners.len(),
+                embedded.display()
+            )
+        },
+    );
+    Ok(())
 }
 
 pub async fn server_run(args: ServerRunArgs) -> anyhow::Result<()> {

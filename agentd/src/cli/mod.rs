@@ -226,6 +226,23 @@ pub struct LogArgs {
 pub enum ServerCommand {
     /// Runs the server.
     Run(ServerRunArgs),
+    /// Copies a stopped server's embedded store into an empty PostgreSQL database; then run
+    /// the server on the same data dir with `--datastore URL`. The embedded store is kept.
+    Migrate(ServerMigrateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServerMigrateArgs {
+    /// The server's data dir (its embedded store is DATA_DIR/datastore; the server must be
+    /// stopped).
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// The PostgreSQL database to fill, postgres://user@host:port/database; it must hold no
+    /// records yet.
+    #[arg(long, env = "AGENTD_MIGRATE_TO", hide_env_values = true)]
+    pub to: String,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 // The daemons' flags carry no clap default: a flag overrides the config file, so an absent
@@ -764,6 +781,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let out = cli.output;
     match cli.command {
         Command::Server(ServerCommand::Run(args)) => daemon::server_run(args).await,
+        Command::Server(ServerCommand::Migrate(args)) => daemon::server_migrate(args, out).await,
         Command::Node(NodeCommand::Run(args)) => daemon::node_run(args).await,
         Command::Node(cmd) => admin::node(cmd, out).await,
         Command::Token(cmd) => admin::token(cmd, out).await,

@@ -629,6 +629,34 @@ pub(crate) async fn owners_and_entry_activity(store: Store) {
     assert!(!store.entry_activity().await.unwrap().contains_key(&e.id));
 }
 
+/// Each server's authorities: published under its id, replaced (not added to) by its next
+/// publication, listed by server id with every byte and expiry kept.
+pub(crate) async fn server_authorities_are_kept_per_server(store: Store) {
+    use crate::bundle::JwtAuthority;
+    let published = |server: &str, der: &[u8], kid: &str, at| super::ServerAuthorities {
+        server_id: server.into(),
+        x509_authorities: vec![der.to_vec(), vec![0, 1, 2]],
+        jwt_authorities: vec![JwtAuthority {
+            key_id: kid.into(),
+            public_key_spki_der: vec![9; 91],
+            expires_at: crate::clock::from_unix_seconds(2_000_000_000),
+        }],
+        updated_at: at,
+    };
+    assert!(store.list_server_authorities().await.unwrap().is_empty());
+    let b = published("b-server", b"b-ca", "kid-b", 10);
+    let a = published("a-server", b"a-ca", "kid-a", 11);
+    store.publish_server_authorities(b.clone()).await.unwrap();
+    store.publish_server_authorities(a.clone()).await.unwrap();
+    assert_eq!(
+        store.list_server_authorities().await.unwrap(),
+        [a.clone(), b.clone()]
+    );
+    let a2 = published("a-server", b"a-ca-rotated", "kid-a2", 12);
+    store.publish_server_authorities(a2.clone()).await.unwrap();
+    assert_eq!(store.list_server_authorities().await.unwrap(), [a2, b]);
+}
+
 /// Instantiates every check of the suite as a test, each with a fresh store from `$open`
 /// (an expression giving `(guard, Store)`; the guard keeps whatever backs the store alive).
 /// Multi-threaded, so the concurrent writers really run at once.
@@ -643,6 +671,7 @@ macro_rules! datastore_conformance {
             audit_appends_from_concurrent_writers_form_one_chain,
             grants_and_single_use_offers,
             owners_and_entry_activity,
+            server_authorities_are_kept_per_server,
         );
     };
     (@cases $open:expr; $($case:ident),* $(,)?) => {

@@ -5,6 +5,7 @@
 #[cfg(test)]
 pub(crate) mod conformance;
 mod lifecycle;
+pub mod migrate;
 mod model;
 pub mod pg_store;
 mod records;
@@ -15,7 +16,7 @@ pub mod sled_store;
 use std::fmt::Debug;
 
 pub use model::{AttestedNode, Entry, EntryFilter, EntryId, EntryIdError, EntrySpec, JoinToken};
-pub use model::{DelegationOffer, Grant};
+pub use model::{DelegationOffer, Grant, ServerAuthorities};
 pub use pg_store::PgStore;
 pub use sled_store::SledStore;
 
@@ -54,6 +55,10 @@ pub enum DataStoreError {
 }
 
 pub type Result<T> = std::result::Result<T, DataStoreError>;
+
+/// The largest notice [`DataStore::notify_servers`] takes (PostgreSQL's NOTIFY payload is
+/// under 8,000 bytes).
+pub const MAX_SERVER_NOTICE: usize = 7_900;
 
 #[async_trait::async_trait]
 pub trait DataStore: Send + Sync + Debug + 'static {
@@ -221,6 +226,24 @@ pub trait DataStore: Send + Sync + Debug + 'static {
         now: i64,
         grants_expired_before: i64,
     ) -> Result<(usize, usize)>;
+
+    // Servers sharing the store: one trust domain, a CA per server.
+    /// Stores what `published.server_id` holds of its authorities now, replacing what it
+    /// published before.
+    async fn publish_server_authorities(&self, published: ServerAuthorities) -> Result<()>;
+    /// What every server published, ordered by server id.
+    async fn list_server_authorities(&self) -> Result<Vec<ServerAuthorities>>;
+    /// Tells the other servers of the store of a committed change (`notice` is under
+    /// [`MAX_SERVER_NOTICE`] bytes). A notice is a hint to read the store, never the data:
+    /// where no other server writes (the embedded store) there is nobody to tell.
+    async fn notify_servers(&self, _notice: &str) -> Result<()> {
+        Ok(())
+    }
+    /// The notices other servers (and this one) sent through [`Self::notify_servers`];
+    /// `None` where no other server writes.
+    fn server_notices(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        None
+    }
 
     /// Woken when another server may have appended revocations (PostgreSQL's NOTIFY); `None`
     /// where no other server writes (the embedded store). A wake-up is a hint to read the

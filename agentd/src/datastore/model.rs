@@ -127,3 +127,17 @@ pub struct DelegationOffer {
     /// When the token expires: after that the offer can never be redeemed, and is pruned.
     pub redeem_by: i64,
 }
+
+/// What one server of a shared store publishes of its CA (SPIRE's model: each server keeps
+/// its own keys, the trust bundle is the union of every server's current authorities), so
+/// that an SVID from any server verifies everywhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerAuthorities {
+    /// The server's id (the `server.id` file in its data dir).
+    pub server_id: String,
+    /// DER CA certificates of its bundle (old, active, prepared; or its upstream roots).
+    pub x509_authorities: Vec<Vec<u8>>,
+    pub jwt_authorities: Vec<crate::bundle::JwtAuthority>,
+    /// When it published this (unix seconds).
+    pub updated_at: i64,
+}

@@ -19,20 +19,22 @@
 
 use std::collections::BTreeSet;
 
+mod import;
+
 use deadpool_postgres::{GenericClient, Pool};
 use spiffe::SpiffeId;
 use tokio_postgres::error::SqlState;
 
 use super::records::{
     decode, encode, identity_key, ActivityRecord, EntryRecord, GrantRecord, JoinTokenRecord,
-    NodeRecord, OfferRecord, OwnerRecord,
+    NodeRecord, OfferRecord, OwnerRecord, ServerAuthoritiesRecord,
 };
 use super::revocation_records::{
     handle_prefix, issued_index_keys, issued_key, EventRecord, IssuedRecord,
 };
 use super::{
     AttestedNode, DataStore, DataStoreError, DelegationOffer, Entry, EntryActivity, EntryFilter,
-    EntryId, EntryIssuance, EntrySpec, Grant, JoinToken, OwnerState, Result,
+    EntryId, EntryIssuance, EntrySpec, Grant, JoinToken, OwnerState, Result, ServerAuthorities,
 };
 use crate::delegation::GrantId;
 use crate::model::audit::{
@@ -85,6 +87,9 @@ CREATE INDEX offers_by_grant ON delegation_offers (parent_grant_id);
 "#,
     r#"
 CREATE TABLE seen_tokens (digest bytea PRIMARY KEY, until bigint NOT NULL);
+"#,
+    r#"
+CREATE TABLE server_authorities (server_id text PRIMARY KEY, record text NOT NULL);
 "#,
 ];
 
@@ -142,19 +147,27 @@ pub struct PgStore {
     url: std::sync::Arc<zeroize::Zeroizing<String>>,
     /// Woken by `NOTIFY agentd_revocations` (started on first use).
     revocation_signal: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<tokio::sync::Notify>>>,
+    /// Fed by `LISTEN agentd_notices` (started on first use); an empty notice means "some
+    /// may have been missed" (the listener reconnected).
+    notices: std::sync::Arc<std::sync::OnceLock<tokio::sync::broadcast::Sender<String>>>,
 }
 
 /// The channel each revocation append notifies (on commit) for the other servers.
 const REVOCATIONS_CHANNEL: &str = "agentd_revocations";
+/// The channel of `notify_servers` (entry and grant changes, for the servers' node streams).
+const NOTICES_CHANNEL: &str = "agentd_notices";
+/// Notices a slow reader may fall behind before it is told it missed some.
+const NOTICE_BUFFER: usize = 1024;
 
-/// Listens on `channel` over a connection of its own, waking `signal` on each notification;
-/// reconnects after a second when the connection goes. A notification lost meanwhile costs
-/// latency only: the listener's user also polls the log.
+/// Listens on `channel` over a connection of its own, handing each notification's payload
+/// to `deliver`, and `None` once LISTEN is in place (after a start or a reconnect: anything
+/// sent meanwhile was missed); reconnects after a second when the connection goes. A
+/// notification lost costs latency only: every user also reads the store itself.
 async fn listen(
     url: std::sync::Arc<zeroize::Zeroizing<String>>,
     shown: String,
     channel: &'static str,
-    signal: std::sync::Arc<tokio::sync::Notify>,
+    deliver: impl Fn(Option<String>) + Send + 'static,
 ) {
     loop {
         match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
@@ -162,7 +175,7 @@ async fn listen(
                 let listening = async {
                     client.batch_execute(&format!("LISTEN {channel}")).await?;
                     // Something may have been committed before LISTEN took effect.
-                    signal.notify_one();
+                    deliver(None);
                     std::future::pending::<std::result::Result<(), tokio_postgres::Error>>().await
                 };
                 let messages = async {
@@ -170,8 +183,8 @@ async fn listen(
                         std::future::poll_fn(|cx| connection.poll_message(cx)).await
                     {
                         match message {
-                            Ok(tokio_postgres::AsyncMessage::Notification(_)) => {
-                                signal.notify_one()
+                            Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                                deliver(Some(n.payload().to_owned()))
                             }
                             Ok(_) => {}
                             Err(e) => return e.to_string(),
@@ -264,9 +277,15 @@ impl PgStore {
             shown,
             url: std::sync::Arc::new(zeroize::Zeroizing::new(url.to_string())),
             revocation_signal: Default::default(),
+            notices: Default::default(),
         };
         store.migrate().await?;
         Ok(store)
+    }
+
+    /// The database's URL without its password, for messages.
+    pub fn shown(&self) -> &str {
+        &self.shown
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object> {
@@ -550,16 +569,94 @@ impl DataStore for PgStore {
             self.revocation_signal
                 .get_or_init(|| {
                     let signal = std::sync::Arc::new(tokio::sync::Notify::new());
+                    let wake = signal.clone();
                     runtime.spawn(listen(
                         self.url.clone(),
                         self.shown.clone(),
                         REVOCATIONS_CHANNEL,
-                        signal.clone(),
+                        move |_| wake.notify_one(),
                     ));
                     signal
                 })
                 .clone(),
         )
+    }
+
+    async fn notify_servers(&self, notice: &str) -> Result<()> {
+        if notice.is_empty() || notice.len() > super::MAX_SERVER_NOTICE {
+            return Err(DataStoreError::Backend {
+                reason: format!(
+                    "a server notice is 1 to {} bytes, not {}",
+                    super::MAX_SERVER_NOTICE,
+                    notice.len()
+                ),
+            });
+        }
+        self.client()
+            .await?
+            .execute("SELECT pg_notify($1, $2)", &[&NOTICES_CHANNEL, &notice])
+            .await
+            .map_err(pg)?;
+        Ok(())
+    }
+
+    fn server_notices(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        Some(
+            self.notices
+                .get_or_init(|| {
+                    let (tx, _) = tokio::sync::broadcast::channel(NOTICE_BUFFER);
+                    let feed = tx.clone();
+                    runtime.spawn(listen(
+                        self.url.clone(),
+                        self.shown.clone(),
+                        NOTICES_CHANNEL,
+                        move |payload| {
+                            // No reader yet is not an error.
+                            let _ = feed.send(payload.unwrap_or_default());
+                        },
+                    ));
+                    tx
+                })
+                .subscribe(),
+        )
+    }
+
+    async fn publish_server_authorities(&self, published: ServerAuthorities) -> Result<()> {
+        let record = text(encode(&ServerAuthoritiesRecord::from_published(
+            &published,
+        ))?)?;
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO server_authorities (server_id, record) VALUES ($1, $2)
+                 ON CONFLICT (server_id) DO UPDATE SET record = EXCLUDED.record",
+                &[&published.server_id, &record],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(())
+    }
+
+    async fn list_server_authorities(&self) -> Result<Vec<ServerAuthorities>> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT server_id, record FROM server_authorities ORDER BY server_id COLLATE \"C\"",
+                &[],
+            )
+            .await
+            .map_err(pg)?;
+        rows.iter()
+            .map(|row| {
+                let id: String = row.get(0);
+                let record: &str = row.get(1);
+                let parsed: ServerAuthoritiesRecord = decode(id.as_bytes(), record.as_bytes())?;
+                let key = id.clone();
+                parsed.into_published(key.as_bytes(), id)
+            })
+            .collect()
     }
 
     async fn ping(&self) -> Result<()> {

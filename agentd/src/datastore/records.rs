@@ -205,6 +205,23 @@ impl ActivityRecord {
         self.last_fetched = Some(self.last_fetched.map_or(now, |t| t.max(now)));
     }
 
+    pub(super) fn from_activity(a: &EntryActivity) -> Self {
+        Self {
+            last_issued: a.last_issued,
+            last_fetched: a.last_fetched,
+            live: a
+                .live
+                .iter()
+                .map(|l| LiveSvidRecord {
+                    kind: l.kind.clone(),
+                    serial: l.serial.clone(),
+                    node: l.node.clone(),
+                    expires_at: l.expires_at,
+                })
+                .collect(),
+        }
+    }
+
     pub(super) fn into_activity(self) -> EntryActivity {
         EntryActivity {
             last_issued: self.last_issued,
@@ -368,6 +385,76 @@ impl OfferRecord {
             scopes: ScopeSet::parse(&self.scopes).map_err(|e| corrupt(key, "scopes", e))?,
             expires_at: self.expires_at,
             redeem_by: self.redeem_by,
+        })
+    }
+}
+
+/// What one server published of its authorities (see [`super::ServerAuthorities`]).
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct ServerAuthoritiesRecord {
+    /// Base64 (standard) DER CA certificates.
+    pub(super) x509: Vec<String>,
+    pub(super) jwt: Vec<JwtAuthorityRecord>,
+    pub(super) updated_at: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct JwtAuthorityRecord {
+    pub(super) key_id: String,
+    /// Base64 (standard) SubjectPublicKeyInfo DER.
+    pub(super) public_key: String,
+    pub(super) expires_at: i64,
+}
+
+impl ServerAuthoritiesRecord {
+    pub(super) fn from_published(a: &super::ServerAuthorities) -> Self {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        Self {
+            x509: a.x509_authorities.iter().map(|d| b64.encode(d)).collect(),
+            jwt: a
+                .jwt_authorities
+                .iter()
+                .map(|j| JwtAuthorityRecord {
+                    key_id: j.key_id.clone(),
+                    public_key: b64.encode(&j.public_key_spki_der),
+                    expires_at: crate::clock::unix_seconds(j.expires_at),
+                })
+                .collect(),
+            updated_at: a.updated_at,
+        }
+    }
+
+    pub(super) fn into_published(
+        self,
+        key: &[u8],
+        server_id: String,
+    ) -> Result<super::ServerAuthorities> {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let x509_authorities = self
+            .x509
+            .iter()
+            .map(|d| b64.decode(d).map_err(|e| corrupt(key, "x509", e)))
+            .collect::<Result<Vec<_>>>()?;
+        let jwt_authorities = self
+            .jwt
+            .into_iter()
+            .map(|j| {
+                Ok(crate::bundle::JwtAuthority {
+                    public_key_spki_der: b64
+                        .decode(&j.public_key)
+                        .map_err(|e| corrupt(key, "jwt.public_key", e))?,
+                    key_id: j.key_id,
+                    expires_at: crate::clock::from_unix_seconds(j.expires_at),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(super::ServerAuthorities {
+            server_id,
+            x509_authorities,
+            jwt_authorities,
+            updated_at: self.updated_at,
         })
     }
 }

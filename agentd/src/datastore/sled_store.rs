@@ -16,7 +16,7 @@ use tokio::sync::Mutex;
 
 use super::records::{
     backend, corrupt, decode, encode, identity_key, key_name, ActivityRecord, EntryRecord,
-    GrantRecord, JoinTokenRecord, NodeRecord, OfferRecord, OwnerRecord,
+    GrantRecord, JoinTokenRecord, NodeRecord, OfferRecord, OwnerRecord, ServerAuthoritiesRecord,
 };
 use super::revocation_records::{
     handle_prefix, issued_index_keys, issued_key, record_key_of, EventRecord, IssuedRecord,
@@ -25,7 +25,7 @@ use super::{
     AttestedNode, DataStore, DataStoreError, Entry, EntryFilter, EntryId, EntrySpec, JoinToken,
     Result,
 };
-use super::{DelegationOffer, Grant};
+use super::{DelegationOffer, Grant, ServerAuthorities};
 use super::{EntryActivity, EntryIssuance, OwnerState};
 use crate::delegation::GrantId;
 use crate::model::audit::{
@@ -48,6 +48,9 @@ pub const AUDIT_META: &str = "audit_meta";
 pub const AUDIT_HEAD_KEY: &[u8] = b"head";
 const ENTRY_ACTIVITY: &str = "entry_activity";
 const OWNERS: &str = "owners";
+/// Server id -> what that server published of its authorities (one server here, but the
+/// same records as a shared store, so the server code has one path).
+const SERVER_AUTHORITIES: &str = "server_authorities";
 const GRANTS: &str = "grants";
 const DELEGATION_OFFERS: &str = "delegation_offers";
 /// Used platform token ids (see `seen_tokens`).
@@ -112,6 +115,7 @@ pub struct SledStore {
     audit_meta: sled::Tree,
     entry_activity: sled::Tree,
     owners: sled::Tree,
+    server_authorities: sled::Tree,
     /// Serialises audit appends (the transaction would retry on conflict anyway; this keeps
     /// them from contending).
     audit_writes: Mutex<()>,
@@ -165,6 +169,7 @@ impl SledStore {
             audit_meta: db.open_tree(AUDIT_META).map_err(backend)?,
             entry_activity: db.open_tree(ENTRY_ACTIVITY).map_err(backend)?,
             owners: db.open_tree(OWNERS).map_err(backend)?,
+            server_authorities: db.open_tree(SERVER_AUTHORITIES).map_err(backend)?,
             grants: db.open_tree(GRANTS).map_err(backend)?,
             grants_by_agent: db.open_tree(GRANTS_BY_AGENT).map_err(backend)?,
             delegation_offers: db.open_tree(DELEGATION_OFFERS).map_err(backend)?,
@@ -1009,6 +1014,25 @@ impl DataStore for SledStore {
                     disabled: r.disabled,
                     changed_at: r.changed_at,
                 })
+            })
+            .collect()
+    }
+
+    async fn publish_server_authorities(&self, published: ServerAuthorities) -> Result<()> {
+        let record = ServerAuthoritiesRecord::from_published(&published);
+        self.server_authorities
+            .insert(published.server_id.as_bytes(), encode(&record)?)
+            .map_err(backend)?;
+        self.flush().await
+    }
+
+    async fn list_server_authorities(&self) -> Result<Vec<ServerAuthorities>> {
+        self.server_authorities
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.map_err(backend)?;
+                let record: ServerAuthoritiesRecord = decode(&k, &v)?;
+                record.into_published(&k, key_name(&k))
             })
             .collect()
     }

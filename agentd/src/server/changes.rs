@@ -33,6 +33,10 @@ pub struct Change {
     pub scope: ChangeScope,
     /// What changed, for a node to fetch just that (a delta); empty with `All`.
     pub what: Changed,
+    /// Whether the other servers of a shared store are to hear of it: true for a change
+    /// committed through this server, false for one a peer told us of (it told the others
+    /// itself) or one every server sees for itself (the bundle).
+    pub forward: bool,
 }
 
 /// What a change touched.
@@ -78,6 +82,15 @@ impl ChangeLog {
     /// Publishes a change after it was committed to the store; `All` asks every node for a
     /// whole sync.
     pub fn publish(&self, scope: ChangeScope, what: Changed) {
+        self.send(scope, what, true);
+    }
+
+    /// Publishes a change to this server's nodes only (see [`Change::forward`]).
+    pub fn publish_here(&self, scope: ChangeScope, what: Changed) {
+        self.send(scope, what, false);
+    }
+
+    fn send(&self, scope: ChangeScope, what: Changed, forward: bool) {
         // fetch_add under no lock: two publishers may send out of order, which a subscriber
         // tolerates (every notice means "sync now").
         let sequence = self.head.fetch_add(1, Ordering::SeqCst) + 1;
@@ -91,6 +104,7 @@ impl ChangeLog {
             sequence,
             scope,
             what,
+            forward,
         });
     }
 
@@ -152,7 +166,8 @@ impl ChangeLog {
                         // The CA is gone: the server is stopping.
                         return Ok(());
                     }
-                    self.publish(ChangeScope::All, Changed::default());
+                    // Every server follows the shared bundle itself: nothing to forward.
+                    self.publish_here(ChangeScope::All, Changed::default());
                 }
             }
         }

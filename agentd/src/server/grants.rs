@@ -722,6 +722,7 @@ mod tests {
             metrics: Arc::new(crate::telemetry::ServerMetrics::new()),
             readiness: crate::telemetry::Readiness::new(&[]),
             changes: Default::default(),
+            server_id: "test".into(),
         };
         (dir, state, clock)
     }

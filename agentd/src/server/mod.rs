@@ -11,6 +11,7 @@ pub mod join_token;
 pub mod membership;
 pub mod node_api;
 pub mod ownership;
+pub mod peers;
 pub mod rotation;
 
 use std::net::SocketAddr;
@@ -67,6 +68,9 @@ pub enum ServerError {
     Audit(#[from] crate::audit::AuditError),
     #[error(transparent)]
     Metrics(#[from] crate::telemetry::EndpointError),
+    /// The server's id file (`server.id` in the data dir) cannot be read, written or used.
+    #[error("server id file {path}: {reason}")]
+    ServerId { path: String, reason: String },
 }
 
 /// What the admin and node APIs share.
@@ -87,6 +91,8 @@ pub struct ServerState {
     pub readiness: Readiness,
     /// Entry and grant changes, pushed to the node agents they touch.
     pub changes: Arc<changes::ChangeLog>,
+    /// This server's id among the servers of its store ([`peers::server_id`]).
+    pub server_id: String,
 }
 
 /// A configured server, not yet running.
@@ -139,6 +145,7 @@ impl Server {
             None => None,
         };
         create_private_dir(&cfg.data_dir)?;
+        let server_id = peers::server_id(&cfg.data_dir)?;
         let store: Arc<dyn DataStore> = match &cfg.datastore {
             config::Datastore::Sled => Arc::new(
                 SledStore::open(&cfg.data_dir.join("datastore")).map_err(|e| match e {
@@ -190,6 +197,7 @@ impl Server {
                 self.clock.clone(),
                 cfg.audit_export_file.as_deref(),
                 &cfg.data_dir.join(crate::audit::key::KEY_FILE),
+                &server_id,
             )
             .await?,
         );
@@ -204,6 +212,7 @@ impl Server {
             metrics,
             readiness: readiness.clone(),
             changes: Arc::new(changes::ChangeLog::new()),
+            server_id,
         });
         let (tls_config, renew_at, server_svid) = issue_server_tls(&state)?;
         let tls_source: ServerConfigSource = Arc::new(std::sync::RwLock::new(tls_config));
@@ -239,7 +248,10 @@ impl Server {
             readiness.clone(),
             stop.clone(),
         ));
+        tasks.spawn(peers::share_authorities(state.clone(), stop.clone()));
         if matches!(cfg.datastore, config::Datastore::Postgres(_)) {
+            tasks.spawn(peers::forward_changes(state.clone(), stop.clone()));
+            tasks.spawn(peers::follow_peer_changes(state.clone(), stop.clone()));
             // Another server may append to the shared log: its revocations are applied
             // here within a poll (the log in the database is the source of truth).
             let log = state.revocations.clone();
@@ -254,6 +266,7 @@ impl Server {
             node_api = %node_api_address,
             admin_socket = %cfg.admin_socket.display(),
             data_dir = %cfg.data_dir.display(),
+            server_id = %state.server_id,
             "server ready"
         );
 

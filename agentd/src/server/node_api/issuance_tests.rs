@@ -69,6 +69,7 @@ pub(super) async fn fixture_with(
         metrics: Arc::new(crate::telemetry::ServerMetrics::new()),
         readiness: crate::telemetry::Readiness::new(&[]),
         changes: Default::default(),
+        server_id: "test".into(),
     });
     (state, clock)
 }
