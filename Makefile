@@ -29,7 +29,7 @@ lint: tools
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 ## Benchmarks (release build); figures are recorded in docs/PERFORMANCE.md.
-bench:
+bench: tools
 	$(CARGO) bench -p agentd --bench agentd_bench
 
 ## Coverage-guided fuzzing of the parsers (nightly + cargo-fuzz), FUZZ_SECONDS each (default

@@ -87,6 +87,15 @@ pub async fn start_server_with(
     dir: &Path,
     node_api: Option<agentd::server::config::RawNodeApi>,
 ) -> anyhow::Result<(ServerGuard, AdminClient<Channel>)> {
+    start_server_on(dir, node_api, None).await
+}
+
+/// [`start_server_with`] on a datastore URL (PostgreSQL) instead of the embedded store.
+pub async fn start_server_on(
+    dir: &Path,
+    node_api: Option<agentd::server::config::RawNodeApi>,
+    datastore: Option<String>,
+) -> anyhow::Result<(ServerGuard, AdminClient<Channel>)> {
     let admin_socket = dir.join("admin").join("admin.sock");
     let config = ServerConfig::try_from(RawServerConfig {
         trust_domain: Some(TRUST_DOMAIN.into()),
@@ -94,6 +103,7 @@ pub async fn start_server_with(
         bind_address: Some("127.0.0.1:0".into()),
         admin_socket: Some(admin_socket.clone()),
         node_api,
+        datastore: datastore.map(|url| agentd::server::config::RawDatastore { url: Some(url) }),
         ..Default::default()
     })?;
     let stop = CancellationToken::new();

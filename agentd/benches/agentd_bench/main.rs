@@ -21,9 +21,14 @@
 //!   startup with 1,000,000 revocation events and a node agent catching them up, peak RSS
 //!   (its own server and data dir; see `scale`).
 //!
+//! - (g) The PostgreSQL store beside sled, in the same run: (b)'s mint rate and (e)'s
+//!   revocation latency (one node agent) against a second in-process server on a fresh
+//!   PostgreSQL database (`AGENTD_BENCH_POSTGRES`, default the local server
+//!   scripts/install-tools.sh starts; without one the bench fails saying so).
+//!
 //! One module per figure: `ca` (a), `node_api` (b), `fetch_latency` (c), `node_rss` (d),
-//! `revocation` (e), `scale` (f); `harness` starts the server and the node agents, `output`
-//! prints the table. `AGENTD_BENCH_ONLY=scale` runs (f) alone.
+//! `revocation` (e), `scale` (f), `store` (g); `harness` starts the server and the node agents, `output`
+//! prints the table. `AGENTD_BENCH_ONLY=scale` runs (f) alone, `AGENTD_BENCH_ONLY=store` (g).
 //!
 //! Temp dirs are removed and the child process is killed on every exit path (Drop guards).
 #![forbid(unsafe_code)]
@@ -37,6 +42,7 @@ mod output;
 mod revocation;
 mod scale;
 mod scale_child;
+mod store;
 
 use std::path::Path;
 use std::time::Duration;
@@ -69,11 +75,20 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("building the tokio runtime")?;
-    if std::env::var("AGENTD_BENCH_ONLY").as_deref() == Ok("scale") {
-        rt.block_on(scale::run(dir.path()))?;
-        drop(rt);
-        dir.close().context("removing the temp dir")?;
-        return Ok(());
+    match std::env::var("AGENTD_BENCH_ONLY").as_deref() {
+        Ok("scale") => {
+            rt.block_on(scale::run(dir.path()))?;
+            drop(rt);
+            dir.close().context("removing the temp dir")?;
+            return Ok(());
+        }
+        Ok("store") => {
+            rt.block_on(store::run_alone(dir.path()))?;
+            drop(rt);
+            dir.close().context("removing the temp dir")?;
+            return Ok(());
+        }
+        _ => {}
     }
 
     let a = ca::run(dir.path())?;
@@ -96,7 +111,7 @@ async fn run_online(dir: &Path, a: &ca::CaFigures) -> anyhow::Result<()> {
         .into_inner();
     let address = info.node_api_address;
 
-    node_api::run(&mut admin, &address, &bundle.x509_authorities, a).await?;
+    let sled_mint = node_api::run(&mut admin, &address, &bundle.x509_authorities, a).await?;
 
     let bundle_file = dir.join("bundle.pem");
     std::fs::write(&bundle_file, &bundle.pem)?;
@@ -110,8 +125,11 @@ async fn run_online(dir: &Path, a: &ca::CaFigures) -> anyhow::Result<()> {
 
     fetch_latency::run(&env, &mut admin, &selector).await?;
     node_rss::run(&env, &mut admin, &selector).await?;
-    revocation::run(&env, &mut admin, &address, &bundle.x509_authorities).await?;
+    let sled_revocation =
+        revocation::run(&env, &mut admin, &address, &bundle.x509_authorities).await?;
     server.shutdown().await?;
+
+    store::run(dir, sled_mint, &sled_revocation).await?;
 
     scale::run(dir).await?;
 

@@ -19,13 +19,13 @@ use crate::{RUN, TRUST_DOMAIN, WARMUP};
 const MINT_BATCH: usize = 100;
 const MINT_NODE_ID: &str = "spiffe://example.org/node/bench-mint";
 
-/// Measures (b) and prints its rows; `a` is (a), for the ratio.
+/// Measures (b) and prints its rows; `a` is (a), for the ratio. Returns the rate, for (g).
 pub async fn run(
     admin: &mut AdminClient<Channel>,
     address: &str,
     roots: &[Vec<u8>],
     a: &CaFigures,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<f64> {
     let mint = bench_node_api(admin, address, roots).await?;
     row(
         "(b) node API MintX509Svids, batch 100, mTLS loopback",
@@ -39,10 +39,11 @@ pub async fn run(
         "",
         None,
     );
-    Ok(())
+    Ok(mint)
 }
 
-async fn bench_node_api(
+/// SVIDs per second through `MintX509Svids` (batches of 100, one in flight).
+pub async fn bench_node_api(
     admin: &mut AdminClient<Channel>,
     address: &str,
     roots: &[Vec<u8>],

@@ -27,13 +27,17 @@ const FEED_SUBSCRIBERS: usize = 200;
 // Target (docs/PERFORMANCE.md).
 const TARGET_REVOCATION_P99_MS: f64 = 250.0;
 
-/// Measures (e) on a fresh node agent and prints its rows.
+/// Revoke -> stream update latency, and from the call's start (commit included) p50, p99.
+pub type RevocationFigures = (Latency, f64, f64);
+
+/// Measures (e) on a fresh node agent and prints its rows; returns the one-node-agent
+/// figures, for (g).
 pub async fn run(
     env: &NodeEnv<'_>,
     admin: &mut AdminClient<Channel>,
     address: &str,
     roots: &[Vec<u8>],
-) -> anyhow::Result<()> {
+) -> anyhow::Result<RevocationFigures> {
     // Revocation latency, alone and with 200 more feed subscribers.
     let (mut node, socket) = env.start_node(admin, REVOCATION_NODE).await?;
     let parent = format!("spiffe://{TRUST_DOMAIN}/node/{REVOCATION_NODE}");
@@ -83,14 +87,14 @@ pub async fn run(
         &format!("= {}", FEED_SUBSCRIBERS * REVOCATIONS),
         Some(delivered == (FEED_SUBSCRIBERS * REVOCATIONS) as u64),
     );
-    Ok(())
+    Ok(alone)
 }
 
 /// One workload stream holding `REVOCATIONS` SVIDs (one entry each); each entry is revoked
 /// in turn, and the time from the `Revoke` call returning to the stream's next snapshot
 /// (one SVID fewer) is recorded. The update can reach the stream before the admin call's
 /// answer reaches this process; such a sample counts as 0.
-async fn bench_revocation(
+pub async fn bench_revocation(
     node: &mut ChildGuard,
     socket: &Path,
     admin: &mut AdminClient<Channel>,
