@@ -95,7 +95,16 @@ fn servers_killed_at_random_lose_nothing_that_was_reported_done() -> anyhow::Res
         servers[0].write_bundle(&bundle)?;
         let data_dir = env.path().join(name);
         let socket = env.path().join(format!("{name}.sock"));
-        let daemon = spawn_node_with(&addresses, &bundle, &data_dir, &socket, Some(&token), &[])?;
+        // The periodic sync an hour away: what reaches the node comes by pushed notices,
+        // whichever server it ended up on.
+        let daemon = spawn_node_with(
+            &addresses,
+            &bundle,
+            &data_dir,
+            &socket,
+            Some(&token),
+            &["--sync-interval", "1h"],
+        )?;
         let mut node = Node {
             spiffe_id,
             data_dir,
@@ -235,6 +244,21 @@ fn servers_killed_at_random_lose_nothing_that_was_reported_done() -> anyhow::Res
             applied(node),
             node.daemon.log_text()
         );
+    }
+    // After the chaos, an entry made through any server reaches every node agent.
+    let mut wanted = Vec::new();
+    for (i, server) in servers.iter().enumerate() {
+        for node in &nodes {
+            let path = format!(
+                "spiffe://example.org/chaos/after/s{i}/{}",
+                node.spiffe_id.rsplit('/').next().unwrap_or("node")
+            );
+            server.register_own_uid(&node.spiffe_id, &path, &[])?;
+            wanted.push((node, path));
+        }
+    }
+    for (node, path) in wanted {
+        node.wait_for_svid(&path)?;
     }
     // One audit chain, intact.
     let verify: serde_json::Value =

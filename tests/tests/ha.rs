@@ -149,6 +149,10 @@ fn two_servers_on_one_database_serve_one_node_that_fails_over() -> anyhow::Resul
         (b, a)
     };
     let renewed_from = serial_served(&node, via_a);
+    assert!(
+        renewed_from.is_some(),
+        "no SVID for {via_a} before the kill"
+    );
     killed.kill();
 
     // An entry made on the live server reaches the node's workload.

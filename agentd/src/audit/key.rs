@@ -22,6 +22,8 @@ const KEY_LEN: usize = 32;
 /// Domains of the two MACs: a record's cannot be presented as a head's.
 const RECORD_DOMAIN: &[u8] = b"agentd-audit-record-mac-v1\n";
 const HEAD_DOMAIN: &[u8] = b"agentd-audit-head-mac-v1\n";
+/// Domain of the key's fingerprint (recorded in the store to tell one key from another).
+const KEY_ID_DOMAIN: &[u8] = b"agentd-audit-key-id-v1\n";
 
 /// The HMAC key. Its bytes live in zeroizing memory and never appear in Debug output.
 pub struct AuditKey {
@@ -125,6 +127,12 @@ impl AuditKey {
             ctx.update(p);
         }
         hex::encode(ctx.sign())
+    }
+
+    /// The key's fingerprint: an HMAC of a fixed string, which tells keys apart and gives
+    /// nothing of the key away.
+    pub fn key_id(&self) -> String {
+        self.mac(KEY_ID_DOMAIN, &[])
     }
 
     /// Whether `mac` is the record MAC of `hash` (compared in constant time).

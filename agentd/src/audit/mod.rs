@@ -126,6 +126,19 @@ impl Audit {
             }
             None => (AuditKey::create(key_path)?, true),
         };
+        // The first key to open the log is recorded (its fingerprint): a server that made
+        // or holds another one, even on a log with nothing signed yet, is refused before it
+        // signs anything.
+        let key_id = key.key_id();
+        if store.claim_audit_key_id(&key_id).await? != key_id {
+            return Err(AuditError::Key {
+                path: key_path.display().to_string(),
+                reason: format!(
+                    "is not the key of the audit log (another key was recorded for it first): servers sharing a database share one audit key, so replace this file with the audit.key of a server of that database{}",
+                    if created { " (this file was just made)" } else { "" }
+                ),
+            });
+        }
         let mut audit = Self::with_key(store, clock, None, key);
         audit.server = Some(server_id.to_owned());
         if created {
@@ -305,21 +318,36 @@ impl Audit {
 }
 
 /// Whether `key` verifies the MAC of any of the log's first signed records (`true` when
-/// they carry none, since then nothing can tell).
+/// none is signed, since then nothing can tell).
 async fn signed_any(store: &dyn DataStore, key: &AuditKey) -> Result<bool, AuditError> {
-    let mut seen_signed = false;
-    for stored in store.audit_records(0, PAGE).await? {
-        let Ok(record) = serde_json::from_slice::<SealedAuditRecord>(&stored.body) else {
-            continue;
+    // Pages on past unsigned records (a log from before it had a key), up to the first
+    // page holding signed ones.
+    let mut after = 0;
+    loop {
+        let page = store.audit_records(after, PAGE).await?;
+        let Some(last) = page.last() else {
+            return Ok(true);
         };
-        if let Some(mac) = &record.mac {
-            seen_signed = true;
-            if key.verify_record(&record.hash, mac) {
-                return Ok(true);
+        after = last.seq;
+        let mut seen_signed = false;
+        for stored in &page {
+            let Ok(record) = serde_json::from_slice::<SealedAuditRecord>(&stored.body) else {
+                continue;
+            };
+            if let Some(mac) = &record.mac {
+                seen_signed = true;
+                if key.verify_record(&record.hash, mac) {
+                    return Ok(true);
+                }
             }
         }
+        if seen_signed {
+            return Ok(false);
+        }
+        if page.len() < PAGE {
+            return Ok(true);
+        }
     }
-    Ok(!seen_signed)
 }
 
 #[cfg(test)]

@@ -568,6 +568,31 @@ async fn the_key_is_made_once_with_mode_0600_and_a_signed_log_needs_it() {
     assert!(!key_path.exists(), "no new key is made");
 }
 
+/// Two servers on one store with keys of their own: the second key is refused even when
+/// nothing is signed yet (the first key was recorded when it opened the log), and keeps its
+/// file.
+#[tokio::test]
+async fn a_second_key_is_refused_on_a_log_with_nothing_signed_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_path = dir.path().join(key::KEY_FILE);
+    drop(audit_at(dir.path(), clock(), None).await);
+    std::fs::remove_file(&key_path).unwrap();
+    std::fs::write(&key_path, [9u8; 32]).unwrap();
+    let err = try_audit_at(dir.path(), clock(), None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("is not the key of the audit log"), "{err}");
+    assert_eq!(std::fs::read(&key_path).unwrap(), [9u8; 32]);
+    // A fresh key made at start (no file) is refused the same way.
+    std::fs::remove_file(&key_path).unwrap();
+    let err = try_audit_at(dir.path(), clock(), None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("this file was just made"), "{err}");
+}
+
 #[tokio::test]
 async fn a_log_from_before_the_key_is_adopted_by_a_signed_record() {
     let dir = tempfile::tempdir().unwrap();
@@ -585,6 +610,8 @@ async fn a_log_from_before_the_key_is_adopted_by_a_signed_record() {
         head.mac = None;
         meta.insert(AUDIT_HEAD_KEY, serde_json::to_vec(&head).unwrap())
             .unwrap();
+        // Nor a recorded key fingerprint.
+        meta.remove(b"key_id").unwrap();
     });
     std::fs::remove_file(dir.path().join(key::KEY_FILE)).unwrap();
     let audit = audit_at(dir.path(), clock(), None).await;

@@ -260,7 +260,7 @@ pub struct CertificateAuthority {
     /// bundle (the server's own TLS roots, the node agents) can follow them.
     changes: tokio::sync::watch::Sender<u64>,
     /// What the other servers of a shared store publish, merged into [`Self::bundle`].
-    peers: RwLock<Arc<Peers>>,
+    peers: RwLock<Arc<PeerAuthorities>>,
 }
 
 /// Authorities of the other servers of one trust domain (each keeps its own keys; the
@@ -270,14 +270,10 @@ pub struct PeerAuthorities {
     /// DER CA certificates.
     pub x509_authorities: Vec<Vec<u8>>,
     pub jwt_authorities: Vec<crate::bundle::JwtAuthority>,
-}
-
-#[derive(Debug, Default)]
-struct Peers {
-    authorities: PeerAuthorities,
-    /// Bumps on every change of `authorities`, so the merged bundle's sequence (own + this)
-    /// grows whenever either part changes.
-    generation: u64,
+    /// The sum of the peers' own bundle sequences: the merged bundle's sequence is this
+    /// server's plus this, so it grows when any server's authorities change, survives a
+    /// restart (the peers' sequences are in the store), and is the same at every server.
+    pub sequence: u64,
 }
 
 fn new_jwt(not_after: SystemTime) -> Result<(jwt::JwtSigner, PrivateKey), CaError> {
@@ -315,12 +311,12 @@ impl CertificateAuthority {
     pub fn bundle(&self) -> Bundle {
         let mut bundle = self.snapshot().bundle.clone();
         let peers = self.peers.read().unwrap_or_else(|p| p.into_inner()).clone();
-        for der in &peers.authorities.x509_authorities {
+        for der in &peers.x509_authorities {
             if !bundle.x509_authorities.contains(der) {
                 bundle.x509_authorities.push(der.clone());
             }
         }
-        for jwt in &peers.authorities.jwt_authorities {
+        for jwt in &peers.jwt_authorities {
             if !bundle
                 .jwt_authorities
                 .iter()
@@ -329,7 +325,7 @@ impl CertificateAuthority {
                 bundle.jwt_authorities.push(jwt.clone());
             }
         }
-        bundle.sequence += peers.generation;
+        bundle.sequence += peers.sequence;
         bundle
     }
 
@@ -342,13 +338,10 @@ impl CertificateAuthority {
     /// they differ from the last ones.
     pub fn set_peer_authorities(&self, authorities: PeerAuthorities) -> bool {
         let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
-        if peers.authorities == authorities {
+        if **peers == authorities {
             return false;
         }
-        *peers = Arc::new(Peers {
-            authorities,
-            generation: peers.generation + 1,
-        });
+        *peers = Arc::new(authorities);
         drop(peers);
         self.changes.send_modify(|n| *n += 1);
         true

@@ -106,10 +106,11 @@ pub async fn server_migrate(args: ServerMigrateArgs, out: super::Output) -> anyh
             "audit_records": copy.audit.len(),
             "grants": copy.grants.len(),
             "owners": copy.owners.len(),
+            "used_token_ids": copy.seen_tokens.len(),
         }),
         || {
             format!(
-                "copied to {}: {} entries, {} nodes, {} live SVID records, {} revocation events (head {}), {} audit records, {} grants, {} owners\nnext: start the server on the same data dir (its CA and audit keys stay there) with --datastore and the same URL; the embedded store in {} is kept, remove it once the server runs on PostgreSQL\n",
+                "copied to {}: {} entries, {} nodes, {} live SVID records, {} revocation events (head {}), {} audit records, {} grants, {} owners, {} used platform token ids\nnext: start the server on the same data dir (its CA and audit keys stay there) with --datastore and the same URL; the embedded store in {} is kept, remove it once the server runs on PostgreSQL\n",
                 target.shown(),
                 copy.entries.len(),
                 copy.nodes.len(),
@@ -119,6 +120,7 @@ pub async fn server_migrate(args: ServerMigrateArgs, out: super::Output) -> anyh
                 copy.audit.len(),
                 copy.grants.len(),
                 copy.owners.len(),
+                copy.seen_tokens.len(),
                 embedded.display()
             )
         },

@@ -641,6 +641,7 @@ pub(crate) async fn server_authorities_are_kept_per_server(store: Store) {
             public_key_spki_der: vec![9; 91],
             expires_at: crate::clock::from_unix_seconds(2_000_000_000),
         }],
+        sequence: u64::try_from(at).unwrap(),
         updated_at: at,
     };
     assert!(store.list_server_authorities().await.unwrap().is_empty());
@@ -655,6 +656,13 @@ pub(crate) async fn server_authorities_are_kept_per_server(store: Store) {
     let a2 = published("a-server", b"a-ca-rotated", "kid-a2", 12);
     store.publish_server_authorities(a2.clone()).await.unwrap();
     assert_eq!(store.list_server_authorities().await.unwrap(), [a2, b]);
+}
+
+/// The first audit key fingerprint claimed is the log's; a later claim gets it back.
+pub(crate) async fn the_first_audit_key_claimed_is_kept(store: Store) {
+    assert_eq!(store.claim_audit_key_id("first").await.unwrap(), "first");
+    assert_eq!(store.claim_audit_key_id("second").await.unwrap(), "first");
+    assert_eq!(store.claim_audit_key_id("first").await.unwrap(), "first");
 }
 
 /// Instantiates every check of the suite as a test, each with a fresh store from `$open`
@@ -672,6 +680,7 @@ macro_rules! datastore_conformance {
             grants_and_single_use_offers,
             owners_and_entry_activity,
             server_authorities_are_kept_per_server,
+            the_first_audit_key_claimed_is_kept,
         );
     };
     (@cases $open:expr; $($case:ident),* $(,)?) => {

@@ -5,9 +5,9 @@
 //! Copied: entries (with their ids and revisions) and their activity, attested nodes, live
 //! issued-SVID records, the revocation log (with its sequence numbers and head), the audit
 //! log (records as stored, so the chain and its MACs verify with the same audit key), grants
-//! and owners. Not copied, because they are short-lived: unused join tokens and delegation
-//! offers (make new ones), used platform token ids, and what the servers published of their
-//! authorities (each server publishes again at start).
+//! and owners, the used platform token ids. Not copied: unused join tokens and delegation
+//! offers (short-lived: make new ones), and what the servers published of their authorities
+//! (each server publishes again at start).
 
 use super::AttestedNode;
 use super::{DataStore, Entry, EntryActivity, EntryFilter, EntryId, Grant, OwnerState, Result};
@@ -28,6 +28,9 @@ pub struct StoreCopy {
     pub owners: Vec<OwnerState>,
     /// Activity of the entries that have any, by entry id.
     pub activity: Vec<(EntryId, EntryActivity)>,
+    /// Used platform token ids (digests) and until when they stay used: without them a
+    /// captured token could be presented again after the move.
+    pub seen_tokens: Vec<(Vec<u8>, i64)>,
 }
 
 /// Audit records read per call.
@@ -61,6 +64,7 @@ impl StoreCopy {
                 all.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
                 all
             },
+            seen_tokens: source.list_seen_tokens().await?,
         })
     }
 }

@@ -156,6 +156,10 @@ pub trait DataStore: Send + Sync + Debug + 'static {
     async fn audit_records(&self, after_seq: u64, limit: usize) -> Result<Vec<StoredAuditRecord>>;
     /// The checkpointed head; `None` before the first record.
     async fn audit_head(&self) -> Result<Option<AuditHead>>;
+    /// Records `key_id` (a fingerprint of the audit key, not the key) as the log's key
+    /// unless one is recorded already; returns the one recorded (the first writer's, when
+    /// several servers start at once), so a server holding another key can tell.
+    async fn claim_audit_key_id(&self, key_id: &str) -> Result<String>;
 
     // Entry activity and owners (ownership and lifecycle).
     /// Sets `last_issued` and adds the SVIDs to the live set of their entries. Activity is
@@ -256,6 +260,12 @@ pub trait DataStore: Send + Sync + Debug + 'static {
     /// always does.
     async fn ping(&self) -> Result<()> {
         Ok(())
+    }
+
+    /// The used platform token ids (SHA-256 digests) and until when each is kept, for a
+    /// migration; none where they are kept in memory only.
+    async fn list_seen_tokens(&self) -> Result<Vec<(Vec<u8>, i64)>> {
+        Ok(Vec::new())
     }
 
     /// Where node attestation records single-use platform token ids so that they stay

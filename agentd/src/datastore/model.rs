@@ -138,6 +138,8 @@ pub struct ServerAuthorities {
     /// DER CA certificates of its bundle (old, active, prepared; or its upstream roots).
     pub x509_authorities: Vec<Vec<u8>>,
     pub jwt_authorities: Vec<crate::bundle::JwtAuthority>,
+    /// The sequence of its own bundle when it published this.
+    pub sequence: u64,
     /// When it published this (unix seconds).
     pub updated_at: i64,
 }

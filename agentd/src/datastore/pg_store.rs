@@ -1206,6 +1206,33 @@ impl DataStore for PgStore {
         }
     }
 
+    async fn claim_audit_key_id(&self, key_id: &str) -> Result<String> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO log_heads (name, sequence, record) VALUES ('audit_key', 0, $1)
+                 ON CONFLICT (name) DO NOTHING",
+                &[&key_id],
+            )
+            .await
+            .map_err(pg)?;
+        let row = client
+            .query_one("SELECT record FROM log_heads WHERE name = 'audit_key'", &[])
+            .await
+            .map_err(pg)?;
+        Ok(row.get::<_, Option<String>>(0).unwrap_or_default())
+    }
+
+    async fn list_seen_tokens(&self) -> Result<Vec<(Vec<u8>, i64)>> {
+        let rows = self
+            .client()
+            .await?
+            .query("SELECT digest, until FROM seen_tokens ORDER BY digest", &[])
+            .await
+            .map_err(pg)?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
     async fn note_issued(&self, issued: Vec<EntryIssuance>, now: i64) -> Result<()> {
         let mut by_entry: std::collections::BTreeMap<String, Vec<EntryIssuance>> =
             Default::default();

@@ -395,6 +395,8 @@ pub(super) struct ServerAuthoritiesRecord {
     /// Base64 (standard) DER CA certificates.
     pub(super) x509: Vec<String>,
     pub(super) jwt: Vec<JwtAuthorityRecord>,
+    #[serde(default)]
+    pub(super) sequence: u64,
     pub(super) updated_at: i64,
 }
 
@@ -421,6 +423,7 @@ impl ServerAuthoritiesRecord {
                     expires_at: crate::clock::unix_seconds(j.expires_at),
                 })
                 .collect(),
+            sequence: a.sequence,
             updated_at: a.updated_at,
         }
     }
@@ -454,6 +457,7 @@ impl ServerAuthoritiesRecord {
             server_id,
             x509_authorities,
             jwt_authorities,
+            sequence: self.sequence,
             updated_at: self.updated_at,
         })
     }

@@ -52,6 +52,17 @@ impl SledSeenTokens {
         }
     }
 
+    /// Every id kept (digest) and until when.
+    pub fn list(&self) -> Result<Vec<(Vec<u8>, i64)>, SeenError> {
+        self.tree
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(store_err)?;
+                Ok((k.to_vec(), until_of(&v)))
+            })
+            .collect()
+    }
+
     /// Removes the ids whose time has passed; returns how many are left.
     fn prune(&self, now: i64) -> Result<usize, SeenError> {
         let mut left = 0;

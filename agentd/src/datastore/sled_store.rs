@@ -46,6 +46,8 @@ pub const AUDIT: &str = "audit";
 /// The audit log's checkpointed head, under [`AUDIT_HEAD_KEY`].
 pub const AUDIT_META: &str = "audit_meta";
 pub const AUDIT_HEAD_KEY: &[u8] = b"head";
+/// The audit key's fingerprint, under this key of [`AUDIT_META`].
+const AUDIT_KEY_ID: &[u8] = b"key_id";
 const ENTRY_ACTIVITY: &str = "entry_activity";
 const OWNERS: &str = "owners";
 /// Server id -> what that server published of its authorities (one server here, but the
@@ -911,6 +913,25 @@ impl DataStore for SledStore {
             None => Ok(None),
             Some(v) => Ok(Some(decode(AUDIT_HEAD_KEY, &v)?)),
         }
+    }
+
+    async fn claim_audit_key_id(&self, key_id: &str) -> Result<String> {
+        let claimed = match self
+            .audit_meta
+            .compare_and_swap(AUDIT_KEY_ID, None::<&[u8]>, Some(key_id.as_bytes()))
+            .map_err(backend)?
+        {
+            Ok(()) => {
+                self.flush().await?;
+                key_id.to_owned()
+            }
+            Err(held) => key_name(held.current.as_deref().unwrap_or_default()),
+        };
+        Ok(claimed)
+    }
+
+    async fn list_seen_tokens(&self) -> Result<Vec<(Vec<u8>, i64)>> {
+        self.seen_tokens.list().map_err(backend)
     }
 
     async fn note_issued(&self, issued: Vec<EntryIssuance>, now: i64) -> Result<()> {

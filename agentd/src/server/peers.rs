@@ -60,9 +60,19 @@ pub fn server_id(data_dir: &Path) -> Result<String, ServerError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let id = hex::encode(rand::random::<[u8; 16]>());
             let tmp = data_dir.join(format!(".{SERVER_ID_FILE}.tmp.{}", std::process::id()));
-            std::fs::write(&tmp, format!("{id}\n"))
-                .and_then(|()| std::fs::rename(&tmp, &path))
-                .map_err(|e| bad(e.to_string()))?;
+            (|| -> std::io::Result<()> {
+                use std::io::Write as _;
+                let mut file = std::fs::File::create(&tmp)?;
+                file.write_all(format!("{id}\n").as_bytes())?;
+                // Durable before it is in place: a crash never leaves an empty id file.
+                file.sync_all()?;
+                std::fs::rename(&tmp, &path)?;
+                if let Ok(dir) = std::fs::File::open(data_dir) {
+                    let _ = dir.sync_all();
+                }
+                Ok(())
+            })()
+            .map_err(|e| bad(e.to_string()))?;
             Ok(id)
         }
         Err(e) => Err(bad(e.to_string())),
@@ -85,6 +95,7 @@ pub async fn share_authorities(
                 server_id: state.server_id.clone(),
                 x509_authorities: own.x509_authorities.clone(),
                 jwt_authorities: own.jwt_authorities.clone(),
+                sequence: own.sequence,
                 updated_at: unix_seconds(state.clock.now()),
             };
             match state.store.publish_server_authorities(record).await {
@@ -96,7 +107,7 @@ pub async fn share_authorities(
         }
         match state.store.list_server_authorities().await {
             Ok(all) => {
-                let peers = peer_authorities(&state.server_id, all, state.clock.now());
+                let peers = peer_authorities(&state.server_id, &own, all, state.clock.now());
                 if state.ca.set_peer_authorities(peers) {
                     tracing::info!(
                         bundle_sequence = state.ca.bundle().sequence,
@@ -116,14 +127,25 @@ pub async fn share_authorities(
     }
 }
 
-/// The authorities of every server but `me`, without those expired at `now`, each once.
+/// The authorities of every server but `me`, without those expired at `now`, each once. A
+/// row that holds one of this server's own X.509 authorities is this server under an id it
+/// had before (its `server.id` was replaced) and is left out too, so that an authority this
+/// server revoked does not stay in its bundle through its old row.
 fn peer_authorities(
     me: &str,
+    own: &crate::bundle::Bundle,
     all: Vec<ServerAuthorities>,
     now: std::time::SystemTime,
 ) -> PeerAuthorities {
     let mut out = PeerAuthorities::default();
-    for server in all.into_iter().filter(|s| s.server_id != me) {
+    for server in all.into_iter().filter(|s| {
+        s.server_id != me
+            && !s
+                .x509_authorities
+                .iter()
+                .any(|der| own.x509_authorities.contains(der))
+    }) {
+        out.sequence += server.sequence;
         for der in server.x509_authorities {
             let live = x509_parser::parse_x509_certificate(&der)
                 .map(|(_, cert)| cert.validity().not_after.timestamp() > unix_seconds(now))
@@ -336,49 +358,63 @@ mod tests {
         );
     }
 
-    #[test]
-    fn peers_are_every_other_server_without_what_expired() {
-        use crate::bundle::JwtAuthority;
-        let dir = tempfile::tempdir().unwrap();
-        let now = std::time::SystemTime::now();
-        let ca = crate::ca::CertificateAuthority::load_or_create(
+    fn ca_in(dir: &Path, now: std::time::SystemTime) -> crate::ca::CertificateAuthority {
+        crate::ca::CertificateAuthority::load_or_create(
             &crate::ca::CaConfig {
                 trust_domain: spiffe::TrustDomain::new("example.org").unwrap(),
-                key_dir: dir.path().to_path_buf(),
+                key_dir: dir.to_path_buf(),
                 ca_ttl: Duration::from_secs(3600),
                 upstream: None,
                 organization: "test".into(),
             },
             &crate::clock::ManualClock::new(now),
         )
-        .unwrap();
-        let der = ca.own_bundle().x509_authorities[0].clone();
+        .unwrap()
+    }
+
+    #[test]
+    fn peers_are_every_other_server_without_what_expired_or_what_is_our_own() {
+        use crate::bundle::JwtAuthority;
+        let (theirs, ours) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let now = std::time::SystemTime::now();
+        let der = ca_in(theirs.path(), now).own_bundle().x509_authorities[0].clone();
+        let own = ca_in(ours.path(), now).own_bundle();
         let jwt = |kid: &str, expires_at| JwtAuthority {
             key_id: kid.into(),
             public_key_spki_der: vec![1],
             expires_at,
         };
-        let server = |id: &str, x509: Vec<Vec<u8>>, jwts| ServerAuthorities {
+        let server = |id: &str, x509: Vec<Vec<u8>>, jwts, sequence| ServerAuthorities {
             server_id: id.into(),
             x509_authorities: x509,
             jwt_authorities: jwts,
+            sequence,
             updated_at: 0,
         };
         let later = now + Duration::from_secs(60);
         let all = vec![
-            server("me", vec![b"mine".to_vec()], vec![jwt("mine", later)]),
+            server("me", vec![b"mine".to_vec()], vec![jwt("mine", later)], 1),
             server(
                 "b",
                 vec![der.clone(), b"not a certificate".to_vec()],
                 vec![jwt("b", later), jwt("b-old", now - Duration::from_secs(1))],
+                3,
             ),
-            server("c", vec![der.clone()], vec![jwt("b", later)]),
+            server("c", vec![der.clone()], vec![jwt("b", later)], 4),
+            // This server under an id it had before: not a peer.
+            server(
+                "old-me",
+                own.x509_authorities.clone(),
+                vec![jwt("old", later)],
+                9,
+            ),
         ];
-        let peers = peer_authorities("me", all.clone(), now);
+        let peers = peer_authorities("me", &own, all.clone(), now);
         assert_eq!(peers.x509_authorities, [der]);
         assert_eq!(peers.jwt_authorities, [jwt("b", later)]);
+        assert_eq!(peers.sequence, 3 + 4, "the peers' sequences add up");
         // Two hours on, the peer's CA (one hour) has expired.
-        let peers = peer_authorities("me", all, now + Duration::from_secs(7200));
+        let peers = peer_authorities("me", &own, all, now + Duration::from_secs(7200));
         assert!(peers.x509_authorities.is_empty());
     }
 }

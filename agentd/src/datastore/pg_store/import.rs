@@ -194,6 +194,13 @@ impl PgStore {
                 .await
                 .map_err(pg)?;
         }
+        let seen = tx
+            .prepare("INSERT INTO seen_tokens (digest, until) VALUES ($1, $2)")
+            .await
+            .map_err(pg)?;
+        for (digest, until) in &copy.seen_tokens {
+            tx.execute(&seen, &[digest, until]).await.map_err(pg)?;
+        }
         tx.commit().await.map_err(pg)
     }
 }
