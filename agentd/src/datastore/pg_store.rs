@@ -385,53 +385,72 @@ impl PgStore {
     }
 
     async fn note_activity(&self, updates: Vec<(String, ActivityUpdate)>) -> Result<()> {
-        // One lock order for every server (by entry id), so two never deadlock.
-        let mut updates = updates;
-        updates.sort_by(|a, b| a.0.cmp(&b.0));
+        // A handful of statements for the whole batch (not four per entry): the minting
+        // path notes a batch of up to 100 entries at once.
+        let mut ids: Vec<String> = updates.iter().map(|(id, _)| id.clone()).collect();
+        ids.sort();
+        ids.dedup();
         let mut conn = self.client().await?;
         let tx = conn.transaction().await.map_err(pg)?;
-        for (id, update) in updates {
-            // An entry deleted meanwhile keeps no activity.
-            if tx
-                .query_opt("SELECT 1 FROM entries WHERE id = $1 FOR SHARE", &[&id])
-                .await
-                .map_err(pg)?
-                .is_none()
-            {
-                continue;
-            }
-            // The row first, so that the lock below holds even for an entry's first
-            // activity (two servers' first notes would otherwise both start empty).
-            let empty = text(encode(&ActivityRecord::default())?)?;
-            tx.execute(
-                "INSERT INTO entry_activity (entry_id, record) VALUES ($1, $2)
-                 ON CONFLICT (entry_id) DO NOTHING",
-                &[&id, &empty],
+        // An entry deleted meanwhile keeps no activity. Rows are locked in id order, one
+        // order for every server, so two never deadlock.
+        let live: Vec<String> = tx
+            .query(
+                "SELECT id FROM entries WHERE id = ANY($1) ORDER BY id COLLATE \"C\" FOR SHARE",
+                &[&ids],
             )
             .await
-            .map_err(pg)?;
-            let mut record = match tx
-                .query_opt(
-                    "SELECT record FROM entry_activity WHERE entry_id = $1 FOR UPDATE",
-                    &[&id],
-                )
-                .await
-                .map_err(pg)?
-            {
-                Some(row) => {
-                    let r: String = row.get(0);
-                    decode(id.as_bytes(), r.as_bytes())?
-                }
-                None => ActivityRecord::default(),
-            };
-            update(&mut record);
-            tx.execute(
-                "UPDATE entry_activity SET record = $2 WHERE entry_id = $1",
-                &[&id, &text(encode(&record)?)?],
-            )
-            .await
-            .map_err(pg)?;
+            .map_err(pg)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if live.is_empty() {
+            return tx.commit().await.map_err(pg);
         }
+        // The rows first, so that the lock below holds even for an entry's first activity
+        // (two servers' first notes would otherwise both start empty).
+        let empty = text(encode(&ActivityRecord::default())?)?;
+        tx.execute(
+            "INSERT INTO entry_activity (entry_id, record) SELECT unnest($1::text[]), $2
+             ON CONFLICT (entry_id) DO NOTHING",
+            &[&live, &empty],
+        )
+        .await
+        .map_err(pg)?;
+        let mut records = std::collections::BTreeMap::new();
+        for row in tx
+            .query(
+                "SELECT entry_id, record FROM entry_activity WHERE entry_id = ANY($1)
+                 ORDER BY entry_id COLLATE \"C\" FOR UPDATE",
+                &[&live],
+            )
+            .await
+            .map_err(pg)?
+        {
+            let id: String = row.get(0);
+            let r: String = row.get(1);
+            let record: ActivityRecord = decode(id.as_bytes(), r.as_bytes())?;
+            records.insert(id, record);
+        }
+        for (id, update) in updates {
+            if let Some(record) = records.get_mut(&id) {
+                update(record);
+            }
+        }
+        let mut written_ids = Vec::with_capacity(records.len());
+        let mut written = Vec::with_capacity(records.len());
+        for (id, record) in &records {
+            written_ids.push(id.clone());
+            written.push(text(encode(record)?)?);
+        }
+        tx.execute(
+            "UPDATE entry_activity AS a SET record = u.record
+             FROM unnest($1::text[], $2::text[]) AS u(entry_id, record)
+             WHERE a.entry_id = u.entry_id",
+            &[&written_ids, &written],
+        )
+        .await
+        .map_err(pg)?;
         tx.commit().await.map_err(pg)
     }
 }
@@ -933,37 +952,47 @@ impl DataStore for PgStore {
         if svids.is_empty() {
             return Ok(());
         }
-        let mut conn = self.client().await?;
-        let tx = conn.transaction().await.map_err(pg)?;
-        let insert = tx
-            .prepare(
-                "INSERT INTO issued (key, expires_at, record) VALUES ($1, $2, $3)
-                 ON CONFLICT (key) DO UPDATE SET expires_at = EXCLUDED.expires_at,
-                 record = EXCLUDED.record",
-            )
-            .await
-            .map_err(pg)?;
-        let index = tx
-            .prepare(
-                "INSERT INTO issued_by_handle (handle, key) VALUES ($1, $2)
-                 ON CONFLICT DO NOTHING",
-            )
-            .await
-            .map_err(pg)?;
+        // Two statements for the batch; one row per key (the last record of a key given
+        // twice), since one statement may not update a row twice.
+        let mut rows = std::collections::BTreeMap::new();
+        let mut handles = Vec::new();
+        let mut handle_keys = Vec::new();
         for svid in svids {
             let key = issued_key(svid.kind, &svid.id);
             let key_text = text(key.clone())?;
             let record = text(encode(&IssuedRecord::from_issued(svid))?)?;
-            tx.execute(&insert, &[&key_text, &svid.expires_at, &record])
-                .await
-                .map_err(pg)?;
             for index_key in issued_index_keys(svid, &key) {
-                let handle = &index_key[..index_key.len() - key.len()];
-                tx.execute(&index, &[&handle, &key_text])
-                    .await
-                    .map_err(pg)?;
+                handles.push(index_key[..index_key.len() - key.len()].to_vec());
+                handle_keys.push(key_text.clone());
             }
+            rows.insert(key_text, (svid.expires_at, record));
         }
+        let mut keys = Vec::with_capacity(rows.len());
+        let mut expiries = Vec::with_capacity(rows.len());
+        let mut records = Vec::with_capacity(rows.len());
+        for (key, (expires_at, record)) in rows {
+            keys.push(key);
+            expiries.push(expires_at);
+            records.push(record);
+        }
+        let mut conn = self.client().await?;
+        let tx = conn.transaction().await.map_err(pg)?;
+        tx.execute(
+            "INSERT INTO issued (key, expires_at, record)
+             SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[])
+             ON CONFLICT (key) DO UPDATE SET expires_at = EXCLUDED.expires_at,
+             record = EXCLUDED.record",
+            &[&keys, &expiries, &records],
+        )
+        .await
+        .map_err(pg)?;
+        tx.execute(
+            "INSERT INTO issued_by_handle (handle, key)
+             SELECT * FROM unnest($1::bytea[], $2::text[]) ON CONFLICT DO NOTHING",
+            &[&handles, &handle_keys],
+        )
+        .await
+        .map_err(pg)?;
         tx.commit().await.map_err(pg)
     }
 
@@ -1154,15 +1183,15 @@ impl DataStore for PgStore {
             Some(r) => Some(decode(b"audit head", r.as_bytes())?),
         };
         let (sealed, head) = crate::model::audit::seal_after(head.as_ref(), &records, time, signer);
-        let insert = tx
-            .prepare("INSERT INTO audit (seq, body) VALUES ($1, $2)")
-            .await
-            .map_err(pg)?;
-        for s in &sealed {
-            tx.execute(&insert, &[&int(s.seq), &encode(s)?])
-                .await
-                .map_err(pg)?;
-        }
+        // One statement for the batch.
+        let seqs: Vec<i64> = sealed.iter().map(|s| int(s.seq)).collect();
+        let bodies = sealed.iter().map(encode).collect::<Result<Vec<_>>>()?;
+        tx.execute(
+            "INSERT INTO audit (seq, body) SELECT * FROM unnest($1::bigint[], $2::bytea[])",
+            &[&seqs, &bodies],
+        )
+        .await
+        .map_err(pg)?;
         tx.execute(
             "UPDATE log_heads SET sequence = $1, record = $2 WHERE name = 'audit'",
             &[&int(head.seq), &text(encode(&head)?)?],
