@@ -3,8 +3,8 @@
 //! authorities), an entry made through either reaches the node, and when the server the node
 //! is connected to is killed (SIGKILL) the node fails over: entries and revocations made on
 //! the other still reach its workloads, renewals go on, and the killed server, restarted,
-//! sees everything done meanwhile. The shared audit log verifies and says which server did
-//! what.
+//! sees everything done meanwhile. A rotation on one server shows in the other's bundle. The
+//! shared audit log verifies and says which server did what.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -101,6 +101,15 @@ fn two_servers_on_one_database_serve_one_node_that_fails_over() -> anyhow::Resul
     let jwt = jwt_key_ids(&a)?;
     assert_eq!(jwt.len(), 2, "{jwt:?}");
     assert_eq!(jwt, jwt_key_ids(&b)?);
+    // A rotation on one server shows in the other's bundle: a prepared authority of A (a
+    // new CA and JWT key) is in B's bundle within moments.
+    a.cli_ok(&["authority", "prepare"])?;
+    let rotated = wait_until(Duration::from_secs(10), || {
+        x509_authorities(&b).is_ok_and(|x| x.len() == 3)
+            && jwt_key_ids(&b).is_ok_and(|j| j.len() == 3)
+    });
+    assert!(rotated, "A's prepared authority never reached B's bundle");
+    assert_eq!(x509_authorities(&a)?, x509_authorities(&b)?);
 
     // A node agent knowing both; its periodic sync an hour away, so what reaches it comes by
     // the servers' pushed notices.
