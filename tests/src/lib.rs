@@ -545,6 +545,34 @@ impl Node {
         Ok(node)
     }
 
+    /// A node agent `name` (`spiffe://example.org/node/NAME`) given `addresses` (one or a
+    /// comma-separated list), attesting with `token` and verifying the servers with the
+    /// bundle `bundle_from` serves now; waits until it is healthy.
+    pub fn start_at(
+        env: &Env,
+        name: &str,
+        addresses: &str,
+        bundle_from: &Server,
+        token: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let bundle = env.path().join(format!("{name}-bundle.pem"));
+        bundle_from.write_bundle(&bundle)?;
+        let data_dir = env.path().join(name);
+        let socket = env.path().join(format!("{name}.sock"));
+        let daemon = spawn_node_with(addresses, &bundle, &data_dir, &socket, Some(token), extra)?;
+        let mut node = Self {
+            spiffe_id: format!("spiffe://example.org/node/{name}"),
+            data_dir,
+            socket,
+            bundle,
+            server_address: addresses.to_string(),
+            daemon,
+        };
+        node.wait_healthy()?;
+        Ok(node)
+    }
+
     /// Starts another node agent process on this node's data dir; returns without waiting.
     pub fn launch(&self, token: Option<&str>) -> anyhow::Result<Daemon> {
         spawn_node(

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agentd_e2e::pg::Database;
-use agentd_e2e::{agentd, current_uid, spawn_node_with, wait_until, Env, Node, Server};
+use agentd_e2e::{agentd, current_uid, wait_until, Env, Node, Server};
 
 /// What the writer was told was done.
 #[derive(Debug, Default)]
@@ -89,31 +89,18 @@ fn servers_killed_at_random_lose_nothing_that_was_reported_done() -> anyhow::Res
         .join(",");
     let mut nodes = Vec::new();
     for name in ["c1", "c2"] {
-        let spiffe_id = format!("spiffe://example.org/node/{name}");
-        let token = servers[nodes.len()].join_token(&spiffe_id)?;
-        let bundle = env.path().join(format!("{name}-bundle.pem"));
-        servers[0].write_bundle(&bundle)?;
-        let data_dir = env.path().join(name);
-        let socket = env.path().join(format!("{name}.sock"));
+        let token =
+            servers[nodes.len()].join_token(&format!("spiffe://example.org/node/{name}"))?;
         // The periodic sync an hour away: what reaches the node comes by pushed notices,
         // whichever server it ended up on.
-        let daemon = spawn_node_with(
+        let node = Node::start_at(
+            &env,
+            name,
             &addresses,
-            &bundle,
-            &data_dir,
-            &socket,
-            Some(&token),
+            &servers[0],
+            &token,
             &["--sync-interval", "1h"],
         )?;
-        let mut node = Node {
-            spiffe_id,
-            data_dir,
-            socket,
-            bundle,
-            server_address: addresses.clone(),
-            daemon,
-        };
-        node.wait_healthy()?;
         nodes.push(node);
     }
 

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use agentd_e2e::{free_port, spawn_node_with, wait_until, Env, Node, Server};
+use agentd_e2e::{free_port, wait_until, Env, Node, Server};
 
 #[test]
 fn a_node_agent_fails_over_to_the_next_server_address() -> anyhow::Result<()> {
@@ -20,23 +20,9 @@ fn a_node_agent_fails_over_to_the_next_server_address() -> anyhow::Result<()> {
     // node agent starts at an address picked at random, so only about every other run
     // tries the dead one first; the failover below is exercised every time: the node is on
     // the live address, which then dies.)
-    let spiffe_id = "spiffe://example.org/node/ha".to_string();
-    let token = server.join_token(&spiffe_id)?;
-    let bundle = env.path().join("bundle.pem");
-    server.write_bundle(&bundle)?;
-    let data_dir = env.path().join("ha");
-    let socket = env.path().join("ha.sock");
+    let token = server.join_token("spiffe://example.org/node/ha")?;
     let addresses = format!("{second},{first}");
-    let daemon = spawn_node_with(&addresses, &bundle, &data_dir, &socket, Some(&token), &[])?;
-    let mut node = Node {
-        spiffe_id,
-        data_dir,
-        socket,
-        bundle,
-        server_address: addresses,
-        daemon,
-    };
-    node.wait_healthy()?;
+    let mut node = Node::start_at(&env, "ha", &addresses, &server, &token, &[])?;
     let before = server.register_own_uid(&node.spiffe_id, "spiffe://example.org/ha/before", &[])?;
     node.wait_for_svid("spiffe://example.org/ha/before")?;
 

@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use agentd_e2e::pg::Database;
-use agentd_e2e::{spawn_node_with, wait_until, Env, Node, Server};
+use agentd_e2e::{wait_until, Env, Node, Server};
 
 /// The X.509 authorities (PEM blocks) a server's bundle holds.
 fn x509_authorities(server: &Server) -> anyhow::Result<BTreeSet<String>> {
@@ -113,30 +113,16 @@ fn two_servers_on_one_database_serve_one_node_that_fails_over() -> anyhow::Resul
 
     // A node agent knowing both; its periodic sync an hour away, so what reaches it comes by
     // the servers' pushed notices.
-    let spiffe_id = "spiffe://example.org/node/ha".to_string();
-    let token = b.join_token(&spiffe_id)?;
-    let bundle = env.path().join("bundle.pem");
-    a.write_bundle(&bundle)?;
-    let data_dir = env.path().join("ha");
-    let socket = env.path().join("ha.sock");
+    let token = b.join_token("spiffe://example.org/node/ha")?;
     let addresses = format!("{},{}", a.address, b.address);
-    let daemon = spawn_node_with(
+    let mut node = Node::start_at(
+        &env,
+        "ha",
         &addresses,
-        &bundle,
-        &data_dir,
-        &socket,
-        Some(&token),
+        &a,
+        &token,
         &["--sync-interval", "1h"],
     )?;
-    let mut node = Node {
-        spiffe_id,
-        data_dir,
-        socket,
-        bundle,
-        server_address: addresses,
-        daemon,
-    };
-    node.wait_healthy()?;
     let via_a = "spiffe://example.org/ha/via-a";
     let via_b = "spiffe://example.org/ha/via-b";
     let doomed_id = a.register_own_uid(&node.spiffe_id, via_a, &["--x509-svid-ttl", "10s"])?;

@@ -140,6 +140,21 @@ pub async fn start_server_on(
     }
 }
 
+/// The server's node API address and its bundle, through the admin API.
+pub async fn address_and_bundle(
+    admin: &mut AdminClient<Channel>,
+) -> anyhow::Result<(String, apb::Bundle)> {
+    let info = admin
+        .get_server_info(apb::GetServerInfoRequest {})
+        .await?
+        .into_inner();
+    let bundle = admin
+        .get_bundle(apb::GetBundleRequest {})
+        .await?
+        .into_inner();
+    Ok((info.node_api_address, bundle))
+}
+
 pub async fn create_entries(
     admin: &mut AdminClient<Channel>,
     parent_id: &str,

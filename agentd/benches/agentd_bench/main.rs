@@ -47,7 +47,6 @@ mod store;
 use std::path::Path;
 use std::time::Duration;
 
-use agentd_proto::admin as apb;
 use anyhow::Context;
 
 use harness::NodeEnv;
@@ -101,15 +100,7 @@ fn main() -> anyhow::Result<()> {
 /// (b) to (e), against one in-process server.
 async fn run_online(dir: &Path, a: &ca::CaFigures) -> anyhow::Result<()> {
     let (server, mut admin) = harness::start_server(dir).await?;
-    let info = admin
-        .get_server_info(apb::GetServerInfoRequest {})
-        .await?
-        .into_inner();
-    let bundle = admin
-        .get_bundle(apb::GetBundleRequest {})
-        .await?
-        .into_inner();
-    let address = info.node_api_address;
+    let (address, bundle) = harness::address_and_bundle(&mut admin).await?;
 
     let sled_mint = node_api::run(&mut admin, &address, &bundle.x509_authorities, a).await?;
 

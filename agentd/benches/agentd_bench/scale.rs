@@ -258,18 +258,10 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
         ..Default::default()
     };
     let (server, mut admin) = crate::harness::start_server_with(&dir, Some(limits())).await?;
-    let info = admin
-        .get_server_info(apb::GetServerInfoRequest {})
-        .await?
-        .into_inner();
-    let bundle = admin
-        .get_bundle(apb::GetBundleRequest {})
-        .await?
-        .into_inner();
+    let (address, bundle) = crate::harness::address_and_bundle(&mut admin).await?;
     let roots = bundle.x509_authorities;
     let bundle_file = dir.join("bundle.pem");
     std::fs::write(&bundle_file, &bundle.pem)?;
-    let address = info.node_api_address;
     let trust_domain = TrustDomain::new(TRUST_DOMAIN)?;
 
     // The store at `SMALL` entries; node 0 attested; its sync cost.

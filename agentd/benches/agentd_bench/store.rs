@@ -4,7 +4,6 @@
 
 use std::path::Path;
 
-use agentd_proto::admin as apb;
 use anyhow::{anyhow, Context};
 
 use crate::harness::{start_server_on, NodeEnv};
@@ -70,15 +69,7 @@ async fn measure(
 ) -> anyhow::Result<(f64, RevocationFigures)> {
     std::fs::create_dir_all(dir)?;
     let (server, mut admin) = start_server_on(dir, None, datastore).await?;
-    let info = admin
-        .get_server_info(apb::GetServerInfoRequest {})
-        .await?
-        .into_inner();
-    let bundle = admin
-        .get_bundle(apb::GetBundleRequest {})
-        .await?
-        .into_inner();
-    let address = info.node_api_address;
+    let (address, bundle) = crate::harness::address_and_bundle(&mut admin).await?;
     let mint = bench_node_api(&mut admin, &address, &bundle.x509_authorities).await?;
     let bundle_file = dir.join("bundle.pem");
     std::fs::write(&bundle_file, &bundle.pem)?;
