@@ -375,6 +375,20 @@ impl ServerAddresses {
         &self.list
     }
 
+    /// Moves on to the next address (the one after the current in list order), so the next
+    /// connection tries it first; returns it. One address: stays.
+    pub fn advance(&self) -> &str {
+        let n = self.list.len();
+        if n > 1 {
+            let _ = self.current.fetch_update(
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+                |i| Some((i + 1) % n),
+            );
+        }
+        self.current()
+    }
+
     /// Every address, the current one first, then the others in list order after it.
     fn in_order(&self) -> impl Iterator<Item = (usize, &str)> {
         let start = self.current.load(std::sync::atomic::Ordering::Relaxed);
@@ -492,6 +506,19 @@ mod tests {
     use super::*;
     use crate::ca::{CaConfig, CertificateAuthority, X509SvidParams};
     use crate::clock::ManualClock;
+
+    #[test]
+    fn advancing_moves_to_the_next_address_in_order_and_one_address_stays() {
+        let three = ServerAddresses::new(vec!["a:1".into(), "b:1".into(), "c:1".into()]);
+        let start = three.current().to_string();
+        let order: Vec<String> = (0..3).map(|_| three.advance().to_string()).collect();
+        let all = ["a:1", "b:1", "c:1"];
+        let at = all.iter().position(|a| *a == start).unwrap();
+        let expected: Vec<String> = (1..=3).map(|k| all[(at + k) % 3].to_string()).collect();
+        assert_eq!(order, expected);
+        let one = ServerAddresses::one("a:1");
+        assert_eq!(one.advance(), "a:1");
+    }
 
     fn ca(dir: &std::path::Path) -> CertificateAuthority {
         let cfg = CaConfig {

@@ -228,3 +228,49 @@ fn two_servers_on_one_database_serve_one_node_that_fails_over() -> anyhow::Resul
     );
     Ok(())
 }
+
+/// A server that still accepts connections but has lost its database fails every call; a
+/// node agent on it moves to the next address (the other server, whose database answers)
+/// and gets what is made there.
+#[test]
+fn a_node_agent_leaves_a_server_whose_database_is_gone() -> anyhow::Result<()> {
+    let db = Database::create()?;
+    let relay = agentd_e2e::pg::Relay::start()?;
+    let env = Env::new();
+    // A reaches the database through the relay; B directly.
+    let a = Server::start_named(&env, "a", &["--datastore", &relay.url_for(&db.url)])?;
+    let b_dir = env.path().join("b");
+    std::fs::create_dir(&b_dir)?;
+    std::fs::copy(a.data_dir.join("audit.key"), b_dir.join("audit.key"))?;
+    let mut b = Server::start_named(&env, "b", &["--datastore", &db.url])?;
+    let both = wait_until(Duration::from_secs(10), || {
+        x509_authorities(&a).is_ok_and(|x| x.len() == 2)
+            && x509_authorities(&b).is_ok_and(|x| x.len() == 2)
+    });
+    assert!(both, "the two servers' bundles never held both CAs");
+    // B down while the node agent starts, so that it is on A.
+    b.stop();
+    let token = a.join_token("spiffe://example.org/node/left")?;
+    let addresses = format!("{},{}", a.address, b.address);
+    let node = Node::start_at(&env, "left", &addresses, &a, &token, &[])?;
+    let before = "spiffe://example.org/left/before";
+    a.register_own_uid(&node.spiffe_id, before, &[])?;
+    node.wait_for_svid(before)?;
+    b.restart()?;
+
+    // A loses its database (it keeps answering connections, and fails every call).
+    relay.cut();
+    let after = "spiffe://example.org/left/after";
+    b.register_own_uid(&node.spiffe_id, after, &[])?;
+    if let Err(e) = node.wait_for_svid(after) {
+        anyhow::bail!("{e}\nserver A's log:\n{}", a.daemon.log_text());
+    }
+    let log = node.daemon.log_text();
+    assert!(
+        log.contains("the server failed a call; trying the next server address"),
+        "the node agent's log says nothing of leaving A:\n{log}"
+    );
+    // It kept serving meanwhile.
+    assert!(String::from_utf8_lossy(&node.fetch_x509().stdout).contains(before));
+    Ok(())
+}

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use agentd_e2e::pg::{db_address, Database};
+use agentd_e2e::pg::{Database, Relay};
 use agentd_e2e::{wait_until, Env, Node, Server};
 
 #[test]
@@ -192,93 +192,6 @@ fn a_bad_datastore_url_is_refused_naming_the_field() {
     );
 }
 
-/// A TCP relay to PostgreSQL that the test can cut (every connection closed, the port
-/// refusing) and restore on the same port: the database going away, as the server sees it.
-struct Relay {
-    port: u16,
-    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
-}
-
-impl Relay {
-    fn start() -> anyhow::Result<Self> {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        let port = listener.local_addr()?.port();
-        let relay = Self {
-            port,
-            cut: Default::default(),
-            open: Default::default(),
-        };
-        relay.serve(listener);
-        Ok(relay)
-    }
-
-    fn serve(&self, listener: std::net::TcpListener) {
-        let (cut, open) = (self.cut.clone(), self.open.clone());
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                if cut.load(std::sync::atomic::Ordering::SeqCst) {
-                    return; // the listener goes with this thread: the port refuses
-                }
-                let Ok(client) = client else { continue };
-                let Ok(db) = std::net::TcpStream::connect(db_address()) else {
-                    continue;
-                };
-                if let (Ok(c2), Ok(d2)) = (client.try_clone(), db.try_clone()) {
-                    let mut held = open.lock().unwrap_or_else(|p| p.into_inner());
-                    held.push(c2);
-                    held.push(d2);
-                }
-                for (mut from, mut to) in [
-                    (client.try_clone(), db.try_clone()),
-                    (db.try_clone(), client.try_clone()),
-                ]
-                .into_iter()
-                .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
-                {
-                    std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
-                        let _ = to.shutdown(std::net::Shutdown::Both);
-                    });
-                }
-            }
-        });
-    }
-
-    /// Closes every relayed connection and stops accepting.
-    fn cut(&self) {
-        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
-        // Wake the accept loop so that it drops the listener.
-        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
-        for s in self
-            .open
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-        {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
-    }
-
-    /// Accepts again on the same port.
-    fn restore(&self) -> anyhow::Result<()> {
-        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let listener = loop {
-            match std::net::TcpListener::bind(("127.0.0.1", self.port)) {
-                Ok(l) => break l,
-                Err(e) if std::time::Instant::now() < deadline => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
-        self.serve(listener);
-        Ok(())
-    }
-}
-
 /// While the database is unreachable the server is not ready and refuses writes with a clear
 /// error, writing nothing; when it is back the server is ready and writes again, without a
 /// restart.
@@ -287,9 +200,7 @@ fn a_server_whose_database_goes_away_is_not_ready_refuses_writes_and_recovers() 
 {
     let db = Database::create()?;
     let relay = Relay::start()?;
-    let (base, name) = db.url.rsplit_once('/').map_or(("", ""), |p| p);
-    let host_end = base.rfind(':').unwrap_or(base.len());
-    let url = format!("{}:{}/{name}", &base[..host_end], relay.port);
+    let url = relay.url_for(&db.url);
     let env = Env::new();
     let server = Server::start_with(
         &env,

@@ -172,6 +172,19 @@ impl ServerLink {
         *self.channel.lock().await = None;
     }
 
+    /// After a failed round with the server: forgets the channel, and with several
+    /// addresses moves to the next one, so that a server that accepts connections but fails
+    /// calls (its database unreachable, say) is left too. Whichever address the next
+    /// connection reaches first still goes through the usual choice.
+    pub async fn fail_over(&self) {
+        if self.addresses.all().len() > 1 {
+            let from = self.addresses.current().to_string();
+            let to = self.addresses.advance();
+            tracing::warn!(%from, %to, "the server failed a call; trying the next server address");
+        }
+        self.reset().await;
+    }
+
     /// Switches to a renewed node SVID (new connections present it).
     pub async fn replace_identity(&self, identity: NodeIdentity) {
         *self.identity.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(identity);

@@ -132,7 +132,7 @@ impl Syncer {
                             self.metrics.sync_failed();
                         }
                         tracing::warn!(error = %e, retry_in = ?backoff, "sync with the server failed; serving cached SVIDs");
-                        self.link.reset().await;
+                        self.link.fail_over().await;
                         not_before = self.clock.now() + backoff;
                         next_sync = not_before;
                         backoff = (backoff * 2).min(MAX_BACKOFF);
