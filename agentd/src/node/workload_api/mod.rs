@@ -600,8 +600,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
                         .await
                         .map_err(|s| {
                             if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) {
+                                // The server is gone or cannot serve (its database): the
+                                // next call goes to the next address.
                                 let link = self.link.clone();
-                                tokio::spawn(async move { link.reset().await });
+                                tokio::spawn(async move { link.fail_over().await });
                             }
                             Status::unavailable(format!(
                                 "minting a JWT-SVID failed: {}",

@@ -104,6 +104,13 @@ impl From<NodeApiError> for Status {
             | NodeApiError::AttestationTypeMismatch { .. } => Status::permission_denied(msg),
             NodeApiError::Ca(CaError::Csr { .. })
             | NodeApiError::Ca(CaError::ForeignTrustDomain { .. }) => Status::invalid_argument(msg),
+            // The database is out of reach: nothing was written, and another server of the
+            // same database may answer (the node agent moves on to the next address).
+            NodeApiError::Store(DataStoreError::Unavailable { .. })
+            | NodeApiError::Audit(AuditError::Store(DataStoreError::Unavailable { .. })) => {
+                tracing::warn!(error = %msg, "node API call refused: the datastore is unreachable");
+                Status::unavailable(msg)
+            }
             NodeApiError::Ca(_) | NodeApiError::Store(_) | NodeApiError::Audit(_) => {
                 tracing::error!(error = %msg, "node API internal error");
                 Status::internal(msg)
@@ -157,5 +164,33 @@ impl From<crate::svid::audience::AudienceError> for NodeApiError {
             field: "audience",
             reason: e.reason,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unreachable_datastore_is_unavailable_and_other_store_errors_internal() {
+        let down = || DataStoreError::Unavailable {
+            reason: "connection refused".into(),
+        };
+        for e in [
+            NodeApiError::Store(down()),
+            NodeApiError::Audit(AuditError::Store(down())),
+        ] {
+            let status = Status::from(e);
+            assert_eq!(status.code(), tonic::Code::Unavailable);
+            assert!(
+                status.message().contains("nothing was written"),
+                "{status:?}"
+            );
+        }
+        let corrupt = NodeApiError::Store(DataStoreError::Corrupt {
+            key: "k".into(),
+            reason: "r".into(),
+        });
+        assert_eq!(Status::from(corrupt).code(), tonic::Code::Internal);
     }
 }
