@@ -375,18 +375,28 @@ impl ServerAddresses {
         &self.list
     }
 
-    /// Moves on to the next address (the one after the current in list order), so the next
-    /// connection tries it first; returns it. One address: stays.
-    pub fn advance(&self) -> &str {
+    /// Which address is in use (an index into [`Self::all`]), to hand to [`Self::advance`].
+    pub fn position(&self) -> usize {
+        self.current.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Moves on from the address at `from` to the next one in list order, so that the next
+    /// connection tries it first; true if it moved. Nothing happens when the address in use
+    /// is no longer `from` (another failure moved on already, or a connection went
+    /// elsewhere), so two failures at once never skip a server or move back. One address:
+    /// stays.
+    pub fn advance(&self, from: usize) -> bool {
         let n = self.list.len();
-        if n > 1 {
-            let _ = self.current.fetch_update(
-                std::sync::atomic::Ordering::Relaxed,
-                std::sync::atomic::Ordering::Relaxed,
-                |i| Some((i + 1) % n),
-            );
-        }
-        self.current()
+        n > 1
+            && self
+                .current
+                .compare_exchange(
+                    from,
+                    (from + 1) % n,
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                )
+                .is_ok()
     }
 
     /// Every address, the current one first, then the others in list order after it.
@@ -508,16 +518,20 @@ mod tests {
     use crate::clock::ManualClock;
 
     #[test]
-    fn advancing_moves_to_the_next_address_in_order_and_one_address_stays() {
+    fn advancing_moves_once_from_the_failed_address_to_the_next() {
         let three = ServerAddresses::new(vec!["a:1".into(), "b:1".into(), "c:1".into()]);
-        let start = three.current().to_string();
-        let order: Vec<String> = (0..3).map(|_| three.advance().to_string()).collect();
         let all = ["a:1", "b:1", "c:1"];
-        let at = all.iter().position(|a| *a == start).unwrap();
-        let expected: Vec<String> = (1..=3).map(|k| all[(at + k) % 3].to_string()).collect();
-        assert_eq!(order, expected);
+        let start = three.position();
+        assert!(three.advance(start));
+        assert_eq!(three.current(), all[(start + 1) % 3]);
+        // A second failure seen on the same address changes nothing: no server skipped.
+        assert!(!three.advance(start));
+        assert_eq!(three.current(), all[(start + 1) % 3]);
+        assert!(three.advance(three.position()));
+        assert_eq!(three.current(), all[(start + 2) % 3]);
         let one = ServerAddresses::one("a:1");
-        assert_eq!(one.advance(), "a:1");
+        assert!(!one.advance(one.position()));
+        assert_eq!(one.current(), "a:1");
     }
 
     fn ca(dir: &std::path::Path) -> CertificateAuthority {

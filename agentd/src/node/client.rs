@@ -176,13 +176,23 @@ impl ServerLink {
     /// addresses moves to the next one, so that a server that accepts connections but fails
     /// calls (its database unreachable, say) is left too. Whichever address the next
     /// connection reaches first still goes through the usual choice.
-    pub async fn fail_over(&self) {
-        if self.addresses.all().len() > 1 {
-            let from = self.addresses.current().to_string();
-            let to = self.addresses.advance();
-            tracing::warn!(%from, %to, "the server failed a call; trying the next server address");
+    /// `on` is [`Self::position`] when the failed call started: a failure seen after
+    /// another one already moved the link changes nothing.
+    pub async fn fail_over(&self, on: usize) {
+        if self.addresses.all().len() < 2 {
+            self.reset().await;
+            return;
         }
-        self.reset().await;
+        if self.addresses.advance(on) {
+            let from = self.addresses.all().get(on).cloned().unwrap_or_default();
+            tracing::warn!(%from, to = %self.addresses.current(), "the server failed a call; trying the next server address");
+            self.reset().await;
+        }
+    }
+
+    /// Which server address is in use, for [`Self::fail_over`].
+    pub fn position(&self) -> usize {
+        self.addresses.position()
     }
 
     /// Switches to a renewed node SVID (new connections present it).

@@ -110,6 +110,7 @@ impl Syncer {
             if now >= not_before && (sync_due || mint_due || self.cache.delta_pending()) {
                 // SVIDs alone (a rotation, a caller's first request on a large node) need no
                 // sync of every entry first.
+                let on = self.link.position();
                 let round = if sync_due {
                     self.sync_once().await
                 } else if self.cache.delta_pending() {
@@ -132,7 +133,7 @@ impl Syncer {
                             self.metrics.sync_failed();
                         }
                         tracing::warn!(error = %e, retry_in = ?backoff, "sync with the server failed; serving cached SVIDs");
-                        self.link.fail_over().await;
+                        self.link.fail_over(on).await;
                         not_before = self.clock.now() + backoff;
                         next_sync = not_before;
                         backoff = (backoff * 2).min(MAX_BACKOFF);

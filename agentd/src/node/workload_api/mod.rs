@@ -591,6 +591,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                             "cannot reach the server to mint a JWT-SVID: {e}"
                         ))
                     })?;
+                    let on = self.link.position();
                     let resp = client
                         .mint_jwt_svid(npb::MintJwtSvidRequest {
                             entry_id: e.id.clone(),
@@ -603,7 +604,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                                 // The server is gone or cannot serve (its database): the
                                 // next call goes to the next address.
                                 let link = self.link.clone();
-                                tokio::spawn(async move { link.fail_over().await });
+                                tokio::spawn(async move { link.fail_over(on).await });
                             }
                             Status::unavailable(format!(
                                 "minting a JWT-SVID failed: {}",
