@@ -138,6 +138,74 @@ pub fn client_config(
     Ok(Arc::new(cfg))
 }
 
+/// TLS for a SPIFFE bundle endpoint (SPIFFE Federation spec, section 5): a server
+/// certificate (the server's SVID for https_spiffe, a web PKI one for https_web), no client
+/// authentication, HTTP/1.1. TLS 1.2 too: peers are other SPIFFE implementations'
+/// HTTP clients.
+pub fn bundle_endpoint_server_config(
+    chain: &[Vec<u8>],
+    key: &PrivateKey,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain_der(chain), key_der(key))
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// The client side of an https_spiffe bundle endpoint fetch: the endpoint's chain must lead
+/// to one of `roots` (the bundle last fetched from it) and its SVID name `expected`.
+pub fn bundle_endpoint_spiffe_client(
+    roots: &[Vec<u8>],
+    expected: SpiffeId,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let provider = provider();
+    let verifier = Arc::new(SpiffeServerVerifier {
+        roots: roots
+            .iter()
+            .map(|r| {
+                webpki::anchor_from_trusted_cert(&CertificateDer::from(r.clone()))
+                    .map(|a| a.to_owned())
+                    .map_err(|e| TlsError::Config(format!("trust bundle certificate: {e}")))
+            })
+            .collect::<Result<_, _>>()?,
+        expected: Some(expected),
+        provider: provider.clone(),
+    });
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// The client side of an https_web bundle endpoint fetch: web PKI against `roots` (the
+/// system's, or `SSL_CERT_FILE`), the URL's host checked as usual.
+pub fn bundle_endpoint_web_client(
+    roots: &[CertificateDer<'static>],
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut store = RootCertStore::empty();
+    let (added, _ignored) = store.add_parsable_certificates(roots.iter().cloned());
+    if added == 0 {
+        return Err(TlsError::Config(
+            "no usable web PKI root certificates (system store or SSL_CERT_FILE)".into(),
+        ));
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
 /// Verifies the server's certificate chain against the trust bundle and its SPIFFE ID
 /// against the expected one, instead of a DNS name.
 #[derive(Debug)]

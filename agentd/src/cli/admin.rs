@@ -41,6 +41,7 @@ pub fn entry_json(e: &pb::Entry) -> serde_json::Value {
         "last_fetched": (e.last_fetched != 0).then_some(e.last_fetched),
         "owner_disabled": e.owner_disabled,
         "suspended": e.suspended,
+        "federates_with": e.federates_with,
     })
 }
 
@@ -61,6 +62,9 @@ fn entry_text(e: &pb::Entry) -> String {
     }
     for sc in &e.scopes {
         s += &format!("Scope         : {sc}\n");
+    }
+    for td in &e.federates_with {
+        s += &format!("FederatesWith : {td}\n");
     }
     if e.revoked_by != 0 {
         s += &format!("Revoked       : yes (revocation {})\n", e.revoked_by);
@@ -147,6 +151,7 @@ fn spec_from_args(a: EntryCreateArgs) -> pb::EntrySpec {
         hint: a.options.hint.unwrap_or_default(),
         scopes: a.options.scopes,
         owner: a.options.owner.unwrap_or_default(),
+        federates_with: a.options.federates_with,
     }
 }
 
@@ -479,6 +484,7 @@ pub async fn entry(cmd: EntryCommand, out: Output) -> anyhow::Result<()> {
                 hint: args.options.hint,
                 scopes: list(args.options.scopes),
                 owner: args.options.owner,
+                federates_with: list(args.options.federates_with),
             };
             let mut c = admin_client(&admin.admin_socket).await?;
             let e = c.update_entry(req).await.map_err(status)?.into_inner();
@@ -578,6 +584,8 @@ pub async fn bundle(cmd: BundleCommand, out: Output) -> anyhow::Result<()> {
             );
             return Ok(());
         }
+        // Other trust domains' bundles.
+        other => return super::federation::bundle(other, out).await,
     };
     let b = admin_client(&admin.admin_socket)
         .await?

@@ -149,6 +149,11 @@ pub async fn server_run(args: ServerRunArgs) -> anyhow::Result<()> {
     if let Some(v) = args.metrics_address {
         raw.metrics_address = Some(v);
     }
+    if let Some(addr) = args.federation_bind_address {
+        raw.federation
+            .get_or_insert_with(Default::default)
+            .bind_address = Some(addr);
+    }
     if let Some(url) = args.datastore {
         raw.datastore.get_or_insert_with(Default::default).url = Some(url);
     }

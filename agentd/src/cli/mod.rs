@@ -12,6 +12,7 @@ mod bulk;
 pub mod connect;
 mod daemon;
 mod delegation;
+mod federation;
 mod output;
 mod revoke;
 mod workload;
@@ -55,9 +56,12 @@ pub enum Command {
     /// Registration entries.
     #[command(subcommand)]
     Entry(EntryCommand),
-    /// The trust bundle.
+    /// The trust bundle, and the bundles of federated trust domains.
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// Federation relationships with other trust domains (their bundle endpoints).
+    #[command(subcommand)]
+    Federation(FederationCommand),
     /// Revocations: kill an SVID, entry, node, grant, task or CA authority everywhere.
     #[command(subcommand)]
     Revoke(RevokeCommand),
@@ -273,6 +277,10 @@ pub struct ServerRunArgs {
     /// embedded store in the data dir].
     #[arg(long, env = "AGENTD_DATASTORE", hide_env_values = true)]
     pub datastore: Option<String>,
+    /// Serve this trust domain's bundle to federated trust domains on HOST:PORT (SPIFFE
+    /// bundle endpoint; https_spiffe unless [federation.https_web] is configured).
+    #[arg(long)]
+    pub federation_bind_address: Option<String>,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -466,6 +474,10 @@ pub struct EntryOptions {
     /// The Workload API hint, telling a workload's identities apart (at most 1024 bytes).
     #[arg(long)]
     pub hint: Option<String>,
+    /// A trust domain whose bundle the entry's workloads receive (it needs a federation
+    /// relationship or a bundle set); repeat for several.
+    #[arg(long = "federates-with", value_name = "TD")]
+    pub federates_with: Vec<String>,
 }
 
 /// The filters of `entry show` and `entry list`: an entry must match every one given.
@@ -557,6 +569,112 @@ pub enum BundleCommand {
     /// Prints the CRL of each CA authority (PEM, RFC 5280), listing its unexpired revoked
     /// serials.
     Crl {
+        #[command(flatten)]
+        admin: AdminSocketArg,
+    },
+    /// Sets the bundle of another trust domain by hand (replacing what is held for it).
+    Set {
+        /// The other trust domain, e.g. partner.example.
+        #[arg(long)]
+        trust_domain: String,
+        /// pem: CA certificates; spiffe: a SPIFFE bundle document.
+        #[arg(long, value_enum, default_value_t = BundleFormat::Pem)]
+        format: BundleFormat,
+        /// The file to read, or - for stdin.
+        #[arg(long)]
+        path: PathBuf,
+        #[command(flatten)]
+        admin: AdminSocketArg,
+    },
+    /// Lists the bundles held for other trust domains.
+    List {
+        #[command(flatten)]
+        admin: AdminSocketArg,
+    },
+    /// Deletes the bundle of another trust domain (refused while a federation relationship
+    /// or an entry uses it).
+    Delete {
+        #[arg(long)]
+        trust_domain: String,
+        #[command(flatten)]
+        admin: AdminSocketArg,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EndpointProfileArg {
+    #[value(name = "https_spiffe")]
+    HttpsSpiffe,
+    #[value(name = "https_web")]
+    HttpsWeb,
+}
+
+impl EndpointProfileArg {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::HttpsSpiffe => "https_spiffe",
+            Self::HttpsWeb => "https_web",
+        }
+    }
+}
+
+/// Where a federated trust domain's bundle comes from.
+#[derive(Debug, Args)]
+pub struct FederationArgs {
+    /// The other trust domain, e.g. partner.example.
+    #[arg(long)]
+    pub trust_domain: String,
+    /// Its bundle endpoint, https://HOST:PORT[/PATH].
+    #[arg(long)]
+    pub bundle_endpoint_url: Option<String>,
+    /// How the endpoint is authenticated.
+    #[arg(long, value_enum)]
+    pub bundle_endpoint_profile: Option<EndpointProfileArg>,
+    /// https_spiffe: the SPIFFE ID the endpoint presents [default:
+    /// spiffe://TD/agentd/server; a SPIRE server is spiffe://TD/spire/server].
+    #[arg(long)]
+    pub endpoint_spiffe_id: Option<String>,
+    /// The trust domain's bundle to start from (https_spiffe authenticates the first fetch
+    /// with it); - for stdin.
+    #[arg(long)]
+    pub trust_bundle: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = BundleFormat::Pem)]
+    pub trust_bundle_format: BundleFormat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FederationCommand {
+    /// Creates a relationship: the server fetches the trust domain's bundle from its bundle
+    /// endpoint at once and then at its refresh hint.
+    Create {
+        #[command(flatten)]
+        args: FederationArgs,
+        #[command(flatten)]
+        admin: AdminSocketArg,
+    },
+    /// Lists the relationships, with the bundle held and the last fetch.
+    List {
+        #[command(flatten)]
+        admin: AdminSocketArg,
+    },
+    /// Shows one relationship.
+    Show {
+        #[arg(long)]
+        trust_domain: String,
+        #[command(flatten)]
+        admin: AdminSocketArg,
+    },
+    /// Changes a relationship; what is not given stays.
+    Update {
+        #[command(flatten)]
+        args: FederationArgs,
+        #[command(flatten)]
+        admin: AdminSocketArg,
+    },
+    /// Deletes a relationship (the bundle last fetched is kept: `bundle delete` removes it).
+    Delete {
+        #[arg(long)]
+        trust_domain: String,
         #[command(flatten)]
         admin: AdminSocketArg,
     },
@@ -787,6 +905,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token(cmd) => admin::token(cmd, out).await,
         Command::Entry(cmd) => admin::entry(cmd, out).await,
         Command::Bundle(cmd) => admin::bundle(cmd, out).await,
+        Command::Federation(cmd) => federation::federation(cmd, out).await,
         Command::Revoke(cmd) => revoke::revoke(cmd, out).await,
         Command::Api(cmd) => workload::api(cmd, out).await,
         Command::Healthcheck(args) => match (&args.admin_socket, &args.metrics_address) {

@@ -44,6 +44,7 @@ fn spec(spiffe_id: &str, parent: &str, selector: &str, owner: Option<&str>) -> E
         hint: "primary".into(),
         scopes: vec!["crm:read".into()],
         owner: owner.map(str::to_string),
+        federates_with: vec![spiffe::TrustDomain::new("partner.example").unwrap()],
     }
 }
 
@@ -665,6 +666,93 @@ pub(crate) async fn the_first_audit_key_claimed_is_kept(store: Store) {
     assert_eq!(store.claim_audit_key_id("first").await.unwrap(), "first");
 }
 
+/// A self-signed CA certificate, DER (a federated bundle's X.509 authority).
+fn ca_der() -> Vec<u8> {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.self_signed(&key).unwrap().der().to_vec()
+}
+
+/// Federation relationships and federated bundles round-trip, list in trust domain order,
+/// are replaced by trust domain, and deleted once.
+pub(crate) async fn federations_and_federated_bundles(store: Store) {
+    use crate::model::federation::{
+        BundleSource, EndpointProfile, FederatedBundle, FederationRelationship,
+    };
+    let td = |s: &str| spiffe::TrustDomain::new(s).unwrap();
+    assert!(store.list_federations().await.unwrap().is_empty());
+    let web = FederationRelationship {
+        trust_domain: td("web.example"),
+        bundle_endpoint_url: "https://bundles.web.example/bundle".parse().unwrap(),
+        profile: EndpointProfile::HttpsWeb,
+        created_at: 1,
+        updated_at: 1,
+    };
+    let mut spiffe_rel = FederationRelationship {
+        trust_domain: td("partner.example"),
+        bundle_endpoint_url: "https://127.0.0.1:8443".parse().unwrap(),
+        profile: EndpointProfile::HttpsSpiffe {
+            endpoint_spiffe_id: id("spiffe://partner.example/agentd/server"),
+        },
+        created_at: 2,
+        updated_at: 2,
+    };
+    store.put_federation(&web).await.unwrap();
+    store.put_federation(&spiffe_rel).await.unwrap();
+    assert_eq!(
+        store.list_federations().await.unwrap(),
+        [spiffe_rel.clone(), web.clone()]
+    );
+    spiffe_rel.bundle_endpoint_url = "https://127.0.0.1:9443/b".parse().unwrap();
+    spiffe_rel.updated_at = 3;
+    store.put_federation(&spiffe_rel).await.unwrap();
+    assert_eq!(
+        store.list_federations().await.unwrap(),
+        [spiffe_rel.clone(), web.clone()]
+    );
+    assert!(store.delete_federation(&td("web.example")).await.unwrap());
+    assert!(!store.delete_federation(&td("web.example")).await.unwrap());
+    assert_eq!(store.list_federations().await.unwrap(), [spiffe_rel]);
+
+    let bundle = |name: &str, sequence: u64| FederatedBundle {
+        bundle: crate::bundle::Bundle {
+            trust_domain: td(name),
+            x509_authorities: vec![ca_der()],
+            jwt_authorities: vec![],
+            sequence,
+            refresh_hint: std::time::Duration::from_secs(60),
+        },
+        source: BundleSource::Endpoint,
+        updated_at: 7,
+    };
+    assert!(store.list_federated_bundles().await.unwrap().is_empty());
+    let z = bundle("z.example", 1);
+    let a = bundle("a.example", 4);
+    store.put_federated_bundle(&z).await.unwrap();
+    store.put_federated_bundle(&a).await.unwrap();
+    assert_eq!(
+        store.list_federated_bundles().await.unwrap(),
+        [a.clone(), z.clone()]
+    );
+    let mut a2 = bundle("a.example", 5);
+    a2.source = BundleSource::Static;
+    store.put_federated_bundle(&a2).await.unwrap();
+    assert_eq!(
+        store.list_federated_bundles().await.unwrap(),
+        [a2, z.clone()]
+    );
+    assert!(store
+        .delete_federated_bundle(&td("a.example"))
+        .await
+        .unwrap());
+    assert!(!store
+        .delete_federated_bundle(&td("a.example"))
+        .await
+        .unwrap());
+    assert_eq!(store.list_federated_bundles().await.unwrap(), [z]);
+}
+
 /// Instantiates every check of the suite as a test, each with a fresh store from `$open`
 /// (an expression giving `(guard, Store)`; the guard keeps whatever backs the store alive).
 /// Multi-threaded, so the concurrent writers really run at once.
@@ -681,6 +769,7 @@ macro_rules! datastore_conformance {
             owners_and_entry_activity,
             server_authorities_are_kept_per_server,
             the_first_audit_key_claimed_is_kept,
+            federations_and_federated_bundles,
         );
     };
     (@cases $open:expr; $($case:ident),* $(,)?) => {

@@ -5,7 +5,7 @@
 //! Copied: entries (with their ids and revisions) and their activity, attested nodes, live
 //! issued-SVID records, the revocation log (with its sequence numbers and head), the audit
 //! log (records as stored, so the chain and its MACs verify with the same audit key), grants
-//! and owners, the used platform token ids. Not copied: unused join tokens and delegation
+//! and owners, the used platform token ids, federation relationships and federated bundles. Not copied: unused join tokens and delegation
 //! offers (short-lived: make new ones), and what the servers published of their authorities
 //! (each server publishes again at start).
 
@@ -31,6 +31,8 @@ pub struct StoreCopy {
     /// Used platform token ids (digests) and until when they stay used: without them a
     /// captured token could be presented again after the move.
     pub seen_tokens: Vec<(Vec<u8>, i64)>,
+    pub federations: Vec<crate::model::federation::FederationRelationship>,
+    pub federated_bundles: Vec<crate::model::federation::FederatedBundle>,
 }
 
 /// Audit records read per call.
@@ -65,6 +67,8 @@ impl StoreCopy {
                 all
             },
             seen_tokens: source.list_seen_tokens().await?,
+            federations: source.list_federations().await?,
+            federated_bundles: source.list_federated_bundles().await?,
         })
     }
 }

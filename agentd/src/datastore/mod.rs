@@ -28,7 +28,9 @@ use crate::model::audit::{
     AuditHead, AuditRecord, ChainSigner, SealedAuditRecord, StoredAuditRecord,
 };
 
-use spiffe::SpiffeId;
+use spiffe::{SpiffeId, TrustDomain};
+
+use crate::model::federation::{FederatedBundle, FederationRelationship};
 
 use crate::model::revocation::{IssuedSvid, RevocationEvent, RevocationHandle};
 
@@ -230,6 +232,20 @@ pub trait DataStore: Send + Sync + Debug + 'static {
         now: i64,
         grants_expired_before: i64,
     ) -> Result<(usize, usize)>;
+
+    // Federation (docs/federation.md), by trust domain name.
+    /// Creates or replaces the relationship with `relationship.trust_domain`.
+    async fn put_federation(&self, relationship: &FederationRelationship) -> Result<()>;
+    /// Every relationship, ordered by trust domain name.
+    async fn list_federations(&self) -> Result<Vec<FederationRelationship>>;
+    /// Removes the relationship; false when there was none.
+    async fn delete_federation(&self, trust_domain: &TrustDomain) -> Result<bool>;
+    /// Creates or replaces the bundle of `bundle.bundle.trust_domain`.
+    async fn put_federated_bundle(&self, bundle: &FederatedBundle) -> Result<()>;
+    /// Every federated bundle, ordered by trust domain name.
+    async fn list_federated_bundles(&self) -> Result<Vec<FederatedBundle>>;
+    /// Removes the bundle; false when there was none.
+    async fn delete_federated_bundle(&self, trust_domain: &TrustDomain) -> Result<bool>;
 
     // Servers sharing the store: one trust domain, a CA per server.
     /// Stores what `published.server_id` holds of its authorities now, replacing what it

@@ -20,6 +20,9 @@ pub struct EntrySpec {
     pub hint: String,
     pub scopes: Vec<String>,
     pub owner: Option<String>,
+    /// Trust domains whose bundles the entry's workloads receive; sorted, no duplicates,
+    /// never our own.
+    pub federates_with: Vec<spiffe::TrustDomain>,
 }
 
 /// A stored registration entry.

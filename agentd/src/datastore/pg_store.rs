@@ -26,8 +26,9 @@ use spiffe::SpiffeId;
 use tokio_postgres::error::SqlState;
 
 use super::records::{
-    decode, encode, identity_key, ActivityRecord, EntryRecord, GrantRecord, JoinTokenRecord,
-    NodeRecord, OfferRecord, OwnerRecord, ServerAuthoritiesRecord,
+    decode, encode, identity_key, ActivityRecord, EntryRecord, FederatedBundleRecord,
+    FederationRecord, GrantRecord, JoinTokenRecord, NodeRecord, OfferRecord, OwnerRecord,
+    ServerAuthoritiesRecord,
 };
 use super::revocation_records::{
     handle_prefix, issued_index_keys, issued_key, EventRecord, IssuedRecord,
@@ -40,7 +41,9 @@ use crate::delegation::GrantId;
 use crate::model::audit::{
     AuditHead, AuditRecord, ChainSigner, SealedAuditRecord, StoredAuditRecord,
 };
+use crate::model::federation::{FederatedBundle, FederationRelationship};
 use crate::model::revocation::{IssuedSvid, RevocationEvent, RevocationHandle};
+use spiffe::TrustDomain;
 
 /// The session advisory lock `open` migrates under (any constant; "agentd" in ASCII).
 const MIGRATION_LOCK: i64 = 0x6167_656e_7464;
@@ -90,6 +93,10 @@ CREATE TABLE seen_tokens (digest bytea PRIMARY KEY, until bigint NOT NULL);
 "#,
     r#"
 CREATE TABLE server_authorities (server_id text PRIMARY KEY, record text NOT NULL);
+"#,
+    r#"
+CREATE TABLE federations (trust_domain text PRIMARY KEY, record text NOT NULL);
+CREATE TABLE federated_bundles (trust_domain text PRIMARY KEY, record text NOT NULL);
 "#,
 ];
 
@@ -286,6 +293,51 @@ impl PgStore {
     /// The database's URL without its password, for messages.
     pub fn shown(&self) -> &str {
         &self.shown
+    }
+
+    /// Creates or replaces `(key, record)` in a two-column table keyed by `trust_domain`
+    /// (the federation tables; `table` is one of ours, never input).
+    async fn put_keyed(&self, table: &'static str, key: &str, record: &str) -> Result<()> {
+        self.client()
+            .await?
+            .execute(
+                &format!(
+                    "INSERT INTO {table} (trust_domain, record) VALUES ($1, $2)
+                     ON CONFLICT (trust_domain) DO UPDATE SET record = EXCLUDED.record"
+                ),
+                &[&key, &record],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(())
+    }
+
+    async fn list_keyed(&self, table: &'static str) -> Result<Vec<(String, String)>> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                &format!(
+                    "SELECT trust_domain, record FROM {table} ORDER BY trust_domain COLLATE \"C\""
+                ),
+                &[],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    async fn delete_keyed(&self, table: &'static str, key: &str) -> Result<bool> {
+        let n = self
+            .client()
+            .await?
+            .execute(
+                &format!("DELETE FROM {table} WHERE trust_domain = $1"),
+                &[&key],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(n > 0)
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object> {
@@ -676,6 +728,54 @@ impl DataStore for PgStore {
                 parsed.into_published(key.as_bytes(), id)
             })
             .collect()
+    }
+
+    async fn put_federation(&self, relationship: &FederationRelationship) -> Result<()> {
+        let record = text(encode(&FederationRecord::from_relationship(relationship))?)?;
+        self.put_keyed("federations", relationship.trust_domain.as_str(), &record)
+            .await
+    }
+
+    async fn list_federations(&self) -> Result<Vec<FederationRelationship>> {
+        self.list_keyed("federations")
+            .await?
+            .into_iter()
+            .map(|(key, record)| {
+                decode::<FederationRecord>(key.as_bytes(), record.as_bytes())?
+                    .into_relationship(key.as_bytes())
+            })
+            .collect()
+    }
+
+    async fn delete_federation(&self, trust_domain: &TrustDomain) -> Result<bool> {
+        self.delete_keyed("federations", trust_domain.as_str())
+            .await
+    }
+
+    async fn put_federated_bundle(&self, bundle: &FederatedBundle) -> Result<()> {
+        let record = text(encode(&FederatedBundleRecord::from_bundle(bundle))?)?;
+        self.put_keyed(
+            "federated_bundles",
+            bundle.bundle.trust_domain.as_str(),
+            &record,
+        )
+        .await
+    }
+
+    async fn list_federated_bundles(&self) -> Result<Vec<FederatedBundle>> {
+        self.list_keyed("federated_bundles")
+            .await?
+            .into_iter()
+            .map(|(key, record)| {
+                decode::<FederatedBundleRecord>(key.as_bytes(), record.as_bytes())?
+                    .into_bundle(key.as_bytes())
+            })
+            .collect()
+    }
+
+    async fn delete_federated_bundle(&self, trust_domain: &TrustDomain) -> Result<bool> {
+        self.delete_keyed("federated_bundles", trust_domain.as_str())
+            .await
     }
 
     async fn ping(&self) -> Result<()> {

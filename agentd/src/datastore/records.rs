@@ -10,7 +10,11 @@ use spiffe::SpiffeId;
 use super::{AttestedNode, DataStoreError, Entry, EntrySpec, Grant, Result};
 use super::{EntryActivity, LiveSvid};
 use crate::delegation::{Delegation, Hop, ScopeSet};
+use crate::model::federation::{
+    BundleSource, EndpointProfile, FederatedBundle, FederationRelationship,
+};
 use crate::ttl::Ttl;
+use spiffe::TrustDomain;
 
 pub(super) fn backend(e: impl std::fmt::Display) -> DataStoreError {
     DataStoreError::Backend {
@@ -54,6 +58,9 @@ pub(super) struct EntryRecord {
     pub(super) owner: Option<String>,
     pub(super) revision: u64,
     pub(super) created_at: i64,
+    /// Absent in records written before federation existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(super) federates_with: Vec<String>,
 }
 
 impl EntryRecord {
@@ -71,6 +78,12 @@ impl EntryRecord {
             owner: e.spec.owner.clone(),
             revision: e.revision,
             created_at: e.created_at,
+            federates_with: e
+                .spec
+                .federates_with
+                .iter()
+                .map(|td| td.as_str().to_string())
+                .collect(),
         }
     }
 
@@ -99,6 +112,12 @@ impl EntryRecord {
                 hint: self.hint,
                 scopes: self.scopes,
                 owner: self.owner,
+                federates_with: self
+                    .federates_with
+                    .iter()
+                    .map(spiffe::TrustDomain::new)
+                    .collect::<std::result::Result<_, _>>()
+                    .map_err(|e| corrupt(key, "federates_with", e))?,
             },
             revision: self.revision,
             created_at: self.created_at,
@@ -458,6 +477,99 @@ impl ServerAuthoritiesRecord {
             x509_authorities,
             jwt_authorities,
             sequence: self.sequence,
+            updated_at: self.updated_at,
+        })
+    }
+}
+
+/// A federation relationship as stored (by trust domain name).
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct FederationRecord {
+    pub(super) trust_domain: String,
+    pub(super) bundle_endpoint_url: String,
+    /// "https_web" or "https_spiffe".
+    pub(super) profile: String,
+    #[serde(default)]
+    pub(super) endpoint_spiffe_id: Option<String>,
+    pub(super) created_at: i64,
+    pub(super) updated_at: i64,
+}
+
+impl FederationRecord {
+    pub(super) fn from_relationship(r: &FederationRelationship) -> Self {
+        Self {
+            trust_domain: r.trust_domain.as_str().to_string(),
+            bundle_endpoint_url: r.bundle_endpoint_url.to_string(),
+            profile: r.profile.name().to_string(),
+            endpoint_spiffe_id: r.profile.endpoint_spiffe_id().map(ToString::to_string),
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        }
+    }
+
+    pub(super) fn into_relationship(self, key: &[u8]) -> Result<FederationRelationship> {
+        let profile = match (self.profile.as_str(), self.endpoint_spiffe_id) {
+            ("https_web", _) => EndpointProfile::HttpsWeb,
+            ("https_spiffe", Some(id)) => EndpointProfile::HttpsSpiffe {
+                endpoint_spiffe_id: SpiffeId::new(&id)
+                    .map_err(|e| corrupt(key, "endpoint_spiffe_id", e))?,
+            },
+            ("https_spiffe", None) => {
+                return Err(corrupt(
+                    key,
+                    "endpoint_spiffe_id",
+                    "missing for https_spiffe",
+                ))
+            }
+            (other, _) => return Err(corrupt(key, "profile", format!("unknown {other:?}"))),
+        };
+        Ok(FederationRelationship {
+            trust_domain: TrustDomain::new(&self.trust_domain)
+                .map_err(|e| corrupt(key, "trust_domain", e))?,
+            bundle_endpoint_url: self
+                .bundle_endpoint_url
+                .parse()
+                .map_err(|e| corrupt(key, "bundle_endpoint_url", e))?,
+            profile,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        })
+    }
+}
+
+/// A federated bundle as stored: the SPIFFE bundle document itself.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct FederatedBundleRecord {
+    pub(super) trust_domain: String,
+    pub(super) spiffe_json: String,
+    /// "static" or "endpoint".
+    pub(super) source: String,
+    pub(super) updated_at: i64,
+}
+
+impl FederatedBundleRecord {
+    pub(super) fn from_bundle(b: &FederatedBundle) -> Self {
+        Self {
+            trust_domain: b.bundle.trust_domain.as_str().to_string(),
+            spiffe_json: b.bundle.to_spiffe_json(),
+            source: b.source.name().to_string(),
+            updated_at: b.updated_at,
+        }
+    }
+
+    pub(super) fn into_bundle(self, key: &[u8]) -> Result<FederatedBundle> {
+        let td =
+            TrustDomain::new(&self.trust_domain).map_err(|e| corrupt(key, "trust_domain", e))?;
+        let bundle = crate::bundle::Bundle::from_spiffe_json(td, &self.spiffe_json)
+            .map_err(|e| corrupt(key, "spiffe_json", e))?;
+        let source = match self.source.as_str() {
+            "static" => BundleSource::Static,
+            "endpoint" => BundleSource::Endpoint,
+            other => return Err(corrupt(key, "source", format!("unknown {other:?}"))),
+        };
+        Ok(FederatedBundle {
+            bundle,
+            source,
             updated_at: self.updated_at,
         })
     }

@@ -16,7 +16,8 @@ use tokio::sync::Mutex;
 
 use super::records::{
     backend, corrupt, decode, encode, identity_key, key_name, ActivityRecord, EntryRecord,
-    GrantRecord, JoinTokenRecord, NodeRecord, OfferRecord, OwnerRecord, ServerAuthoritiesRecord,
+    FederatedBundleRecord, FederationRecord, GrantRecord, JoinTokenRecord, NodeRecord, OfferRecord,
+    OwnerRecord, ServerAuthoritiesRecord,
 };
 use super::revocation_records::{
     handle_prefix, issued_index_keys, issued_key, record_key_of, EventRecord, IssuedRecord,
@@ -31,6 +32,7 @@ use crate::delegation::GrantId;
 use crate::model::audit::{
     AuditHead, AuditRecord, ChainSigner, SealedAuditRecord, StoredAuditRecord,
 };
+use crate::model::federation::{FederatedBundle, FederationRelationship};
 use crate::model::revocation::{IssuedSvid, RevocationEvent, RevocationHandle};
 
 const ENTRIES: &str = "entries";
@@ -54,6 +56,8 @@ const OWNERS: &str = "owners";
 /// same records as a shared store, so the server code has one path).
 const SERVER_AUTHORITIES: &str = "server_authorities";
 const GRANTS: &str = "grants";
+const FEDERATIONS: &str = "federations";
+const FEDERATED_BUNDLES: &str = "federated_bundles";
 const DELEGATION_OFFERS: &str = "delegation_offers";
 /// Used platform token ids (see `seen_tokens`).
 const SEEN_TOKENS: &str = "seen_tokens";
@@ -118,6 +122,8 @@ pub struct SledStore {
     entry_activity: sled::Tree,
     owners: sled::Tree,
     server_authorities: sled::Tree,
+    federations: sled::Tree,
+    federated_bundles: sled::Tree,
     /// Serialises audit appends (the transaction would retry on conflict anyway; this keeps
     /// them from contending).
     audit_writes: Mutex<()>,
@@ -172,6 +178,8 @@ impl SledStore {
             entry_activity: db.open_tree(ENTRY_ACTIVITY).map_err(backend)?,
             owners: db.open_tree(OWNERS).map_err(backend)?,
             server_authorities: db.open_tree(SERVER_AUTHORITIES).map_err(backend)?,
+            federations: db.open_tree(FEDERATIONS).map_err(backend)?,
+            federated_bundles: db.open_tree(FEDERATED_BUNDLES).map_err(backend)?,
             grants: db.open_tree(GRANTS).map_err(backend)?,
             grants_by_agent: db.open_tree(GRANTS_BY_AGENT).map_err(backend)?,
             delegation_offers: db.open_tree(DELEGATION_OFFERS).map_err(backend)?,
@@ -1058,6 +1066,68 @@ impl DataStore for SledStore {
             .collect()
     }
 
+    async fn put_federation(&self, relationship: &FederationRelationship) -> Result<()> {
+        let record = FederationRecord::from_relationship(relationship);
+        self.federations
+            .insert(
+                relationship.trust_domain.as_str().as_bytes(),
+                encode(&record)?,
+            )
+            .map_err(backend)?;
+        self.flush().await
+    }
+
+    async fn list_federations(&self) -> Result<Vec<FederationRelationship>> {
+        self.federations
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.map_err(backend)?;
+                decode::<FederationRecord>(&k, &v)?.into_relationship(&k)
+            })
+            .collect()
+    }
+
+    async fn delete_federation(&self, trust_domain: &spiffe::TrustDomain) -> Result<bool> {
+        let gone = self
+            .federations
+            .remove(trust_domain.as_str().as_bytes())
+            .map_err(backend)?
+            .is_some();
+        self.flush().await?;
+        Ok(gone)
+    }
+
+    async fn put_federated_bundle(&self, bundle: &FederatedBundle) -> Result<()> {
+        let record = FederatedBundleRecord::from_bundle(bundle);
+        self.federated_bundles
+            .insert(
+                bundle.bundle.trust_domain.as_str().as_bytes(),
+                encode(&record)?,
+            )
+            .map_err(backend)?;
+        self.flush().await
+    }
+
+    async fn list_federated_bundles(&self) -> Result<Vec<FederatedBundle>> {
+        self.federated_bundles
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.map_err(backend)?;
+                decode::<FederatedBundleRecord>(&k, &v)?.into_bundle(&k)
+            })
+            .collect()
+    }
+
+    async fn delete_federated_bundle(&self, trust_domain: &spiffe::TrustDomain) -> Result<bool> {
+        let gone = self
+            .federated_bundles
+            .remove(trust_domain.as_str().as_bytes())
+            .map_err(backend)?
+            .is_some();
+        self.flush().await?;
+        Ok(gone)
+    }
+
     async fn count_live_grants(&self, now: i64) -> Result<u64> {
         Ok(self
             .list_grants()
@@ -1227,6 +1297,7 @@ mod tests {
             hint: String::new(),
             scopes: vec!["crm:read".into()],
             owner: Some("alice@example.com".into()),
+            federates_with: vec![],
         }
     }
 

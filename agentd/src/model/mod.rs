@@ -2,5 +2,6 @@
 //! the audit log and the revocation log exchange. It imports none of them.
 
 pub mod audit;
+pub mod federation;
 pub mod ids;
 pub mod revocation;

@@ -29,6 +29,8 @@ pub struct NodeEntry {
     pub dns_names: Vec<String>,
     pub hint: String,
     pub revision: u64,
+    /// Trust domains whose bundles this entry's workloads receive.
+    pub federates_with: Vec<spiffe::TrustDomain>,
 }
 
 /// An X.509-SVID held for an entry. The key was generated on this node and never left it.
@@ -103,6 +105,9 @@ struct JwtSlot {
 #[derive(Debug, Default)]
 struct Inner {
     bundle: Option<Bundle>,
+    /// Other trust domains' bundles, by name (all the server holds; each workload gets
+    /// those its entries federate with).
+    federated: std::collections::BTreeMap<String, Arc<Bundle>>,
     /// Sorted by (SPIFFE ID, entry id): the order SVIDs are served in.
     entries: Vec<NodeEntry>,
     synced: bool,
@@ -141,6 +146,24 @@ struct Inner {
     wanted: std::collections::HashSet<String>,
 }
 
+/// The held bundles of the trust domains `entries` federate with, in name order.
+fn federated_for(
+    held: &std::collections::BTreeMap<String, Arc<Bundle>>,
+    entries: &[NodeEntry],
+) -> Vec<Arc<Bundle>> {
+    if held.is_empty() {
+        return Vec::new();
+    }
+    let wanted: std::collections::BTreeSet<&str> = entries
+        .iter()
+        .flat_map(|e| e.federates_with.iter().map(|td| td.as_str()))
+        .collect();
+    wanted
+        .into_iter()
+        .filter_map(|td| held.get(td).cloned())
+        .collect()
+}
+
 /// "revoked by entry <id> (revocation #N: reason)": what a workload is told.
 fn revoked_because(event: &RevocationEvent) -> String {
     let reason = if event.reason.is_empty() {
@@ -161,6 +184,9 @@ pub struct WorkloadView {
     /// Entries that match, whether or not an SVID is ready for them yet.
     pub entries: Vec<NodeEntry>,
     pub bundle: Option<Bundle>,
+    /// The bundles of the trust domains the matching entries federate with, by name;
+    /// never one without keys.
+    pub federated: Vec<Arc<Bundle>>,
     /// A matching entry's SVID was revoked and its replacement is on its way.
     pub reminting: bool,
 }
@@ -543,6 +569,7 @@ impl Cache {
         let unwanted =
             g.entries.len() > self.prefetch && entries.iter().any(|e| !g.wanted.contains(&e.id));
         let bundle = g.bundle.clone();
+        let federated = federated_for(&g.federated, &entries);
         drop(g);
         if unwanted {
             self.want(&entries);
@@ -551,8 +578,45 @@ impl Cache {
             svids,
             entries,
             bundle,
+            federated,
             reminting,
         }
+    }
+
+    /// Replaces the federated bundles (after a sync); a change wakes every stream, which
+    /// re-sends to the workloads whose view it changed.
+    pub fn set_federated(&self, bundles: Vec<Bundle>) {
+        let own = self.read().bundle.as_ref().map(|b| b.trust_domain.clone());
+        let next: std::collections::BTreeMap<String, Arc<Bundle>> = bundles
+            .into_iter()
+            // Never our own trust domain (the server refuses it; a node does not trust it
+            // to), never an empty bundle (py-spiffe closes its source on one).
+            .filter(|b| Some(&b.trust_domain) != own.as_ref())
+            .filter(|b| !b.x509_authorities.is_empty() || !b.jwt_authorities.is_empty())
+            .map(|b| (b.trust_domain.as_str().to_string(), Arc::new(b)))
+            .collect();
+        let mut g = self.write();
+        if g.federated == next {
+            return;
+        }
+        g.federated = next;
+        drop(g);
+        self.bump();
+    }
+
+    /// The federated bundles a caller with these selectors receives.
+    pub fn federated_for_selectors(&self, selectors: &[Selector]) -> Vec<Arc<Bundle>> {
+        let g = self.read();
+        if g.federated.is_empty() {
+            return Vec::new();
+        }
+        let entries: Vec<NodeEntry> = g
+            .entries
+            .iter()
+            .filter(|e| all_present(&e.selectors, selectors))
+            .cloned()
+            .collect();
+        federated_for(&g.federated, &entries)
     }
 
     /// Marks entries a caller matched as wanted and wakes the sync loop to mint them (above
@@ -925,6 +989,7 @@ mod tests {
             dns_names: vec![],
             hint: String::new(),
             revision: rev,
+            federates_with: vec![],
         }
     }
 

@@ -54,6 +54,17 @@ fn entry_from_proto(e: pb::Entry) -> Result<NodeEntry, String> {
         .map(|s| agentd_attestor::Selector::new(s.r#type.clone(), s.value.clone()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|err| format!("entry {}: selector: {err}", e.id))?;
+    let federates_with = e
+        .federates_with
+        .iter()
+        .filter_map(|td| match spiffe::TrustDomain::new(td) {
+            Ok(td) => Some(td),
+            Err(err) => {
+                tracing::warn!(entry = %e.id, trust_domain = %td, error = %err, "skipping a federated trust domain the server sent");
+                None
+            }
+        })
+        .collect();
     Ok(NodeEntry {
         spiffe_id: SpiffeId::new(&e.spiffe_id).map_err(|err| format!("entry {}: {err}", e.id))?,
         id: e.id,
@@ -63,7 +74,23 @@ fn entry_from_proto(e: pb::Entry) -> Result<NodeEntry, String> {
         dns_names: e.dns_names,
         hint: e.hint,
         revision: e.revision,
+        federates_with,
     })
+}
+
+/// The federated bundles of a sync answer; a malformed one is skipped (and logged), so one
+/// bad bundle does not cost a workload the others.
+fn federated_from_proto(bundles: &[pb::Bundle]) -> Vec<crate::bundle::Bundle> {
+    bundles
+        .iter()
+        .filter_map(|b| match bundle_from_proto(b) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                tracing::warn!(trust_domain = %b.trust_domain, error = %e, "skipping a federated bundle the server sent");
+                None
+            }
+        })
+        .collect()
 }
 
 /// A grant as the server sent it; None (and a warning) when it is malformed.
@@ -193,6 +220,8 @@ impl Syncer {
             self.link.update_bundle(bundle.clone()).await;
         }
         self.cache.set_entries(entries, bundle);
+        self.cache
+            .set_federated(federated_from_proto(&resp.federated_bundles));
         self.cache.synced_as_of(as_of);
         self.cache.set_grants(
             resp.grants
@@ -259,6 +288,8 @@ impl Syncer {
         if answered < delta.entry_ids.len() {
             self.cache.request_sync();
         }
+        self.cache
+            .set_federated(federated_from_proto(&resp.federated_bundles));
         self.cache.apply_delta(
             entries,
             &resp.removed_entry_ids,
@@ -299,6 +330,7 @@ impl Syncer {
             whole.entries.extend(page.entries);
             whole.grants.extend(page.grants);
             whole.bundle = page.bundle;
+            whole.federated_bundles = page.federated_bundles;
             if page.next_page_token.is_empty() {
                 return Ok(whole);
             }

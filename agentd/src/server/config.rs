@@ -55,6 +55,99 @@ pub struct RawServerConfig {
     pub node_api: Option<RawNodeApi>,
     /// `[datastore]`: where the server keeps its records (default: sled in the data dir).
     pub datastore: Option<RawDatastore>,
+    /// `[federation]`: this trust domain's bundle endpoint (docs/federation.md).
+    pub federation: Option<RawFederation>,
+}
+
+/// `[federation]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFederation {
+    /// HOST:PORT of the bundle endpoint; off when unset.
+    pub bind_address: Option<String>,
+    /// The `spiffe_refresh_hint` the endpoint publishes (default 5m; 10s to 1h).
+    pub refresh_hint: Option<String>,
+    /// `[federation.https_web]`: serve the endpoint with this web PKI certificate (the
+    /// https_web profile) instead of the server's SVID (https_spiffe).
+    pub https_web: Option<RawHttpsWeb>,
+}
+
+/// `[federation.https_web]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttpsWeb {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: Option<PathBuf>,
+    /// PEM PKCS#8 (or SEC1/PKCS#1) private key of the leaf; mode 0600.
+    pub key_file: Option<PathBuf>,
+}
+
+/// The bundle endpoint, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleEndpointConfig {
+    pub bind_address: SocketAddr,
+    pub refresh_hint: Duration,
+    /// `Some` for https_web (certificate and key files), `None` for https_spiffe.
+    pub https_web: Option<(PathBuf, PathBuf)>,
+}
+
+/// The published refresh hint's bounds: a peer polls at most this often, and at least.
+const MIN_PUBLISHED_HINT: Duration = Duration::from_secs(10);
+const MAX_PUBLISHED_HINT: Duration = Duration::from_secs(3600);
+
+fn bundle_endpoint(errs: &mut Errors, raw: Option<RawFederation>) -> Option<BundleEndpointConfig> {
+    const P: &str = "federation";
+    let raw = raw?;
+    let refresh_hint = match &raw.refresh_hint {
+        None => crate::bundle::DEFAULT_REFRESH_HINT,
+        Some(s) => match errs.parse(&format!("{P}.refresh_hint"), s.parse::<Ttl>()) {
+            Some(t) if (MIN_PUBLISHED_HINT..=MAX_PUBLISHED_HINT).contains(&t.as_duration()) => {
+                t.as_duration()
+            }
+            Some(_) => {
+                errs.push(&format!("{P}.refresh_hint"), "must be 10s to 1h");
+                crate::bundle::DEFAULT_REFRESH_HINT
+            }
+            None => crate::bundle::DEFAULT_REFRESH_HINT,
+        },
+    };
+    let https_web = raw.https_web.and_then(|w| match (w.cert_file, w.key_file) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (c, k) => {
+            if c.is_none() {
+                errs.push(
+                    &format!("{P}.https_web.cert_file"),
+                    "is required with [federation.https_web]",
+                );
+            }
+            if k.is_none() {
+                errs.push(
+                    &format!("{P}.https_web.key_file"),
+                    "is required with [federation.https_web]",
+                );
+            }
+            None
+        }
+    });
+    let Some(addr) = raw.bind_address else {
+        if https_web.is_some() || raw.refresh_hint.is_some() {
+            errs.push(
+                &format!("{P}.bind_address"),
+                "is required to serve a bundle endpoint",
+            );
+        }
+        return None;
+    };
+    let bind_address = errs.parse(
+        &format!("{P}.bind_address"),
+        addr.parse::<SocketAddr>()
+            .map_err(|e| format!("{e} (expected HOST:PORT with an IP address)")),
+    )?;
+    Some(BundleEndpointConfig {
+        bind_address,
+        refresh_hint,
+        https_web,
+    })
 }
 
 /// `[datastore]`.
@@ -184,6 +277,8 @@ pub struct ServerConfig {
     pub delegation: DelegationConfig,
     pub node_api: NodeApiLimits,
     pub datastore: Datastore,
+    /// This trust domain's bundle endpoint; off when `None`.
+    pub bundle_endpoint: Option<BundleEndpointConfig>,
 }
 
 /// The node API's limits, validated (`[node_api]`).
@@ -387,6 +482,7 @@ impl TryFrom<RawServerConfig> for ServerConfig {
             errs.push("max_delegation_depth", "must be at most 32");
         }
         let node_api = node_api_limits(&mut errs, raw.node_api);
+        let bundle_endpoint = bundle_endpoint(&mut errs, raw.federation);
         let datastore = match raw.datastore.and_then(|d| d.url) {
             None => Datastore::Sled,
             Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
@@ -434,6 +530,7 @@ impl TryFrom<RawServerConfig> for ServerConfig {
             },
             node_api,
             datastore,
+            bundle_endpoint,
         })
     }
 }

@@ -723,6 +723,7 @@ mod tests {
             readiness: crate::telemetry::Readiness::new(&[]),
             changes: Default::default(),
             server_id: "test".into(),
+            federation: Default::default(),
         };
         (dir, state, clock)
     }
@@ -741,6 +742,7 @@ mod tests {
                     hint: String::new(),
                     scopes: scopes.iter().map(|s| s.to_string()).collect(),
                     owner: None,
+                    federates_with: vec![],
                 },
                 0,
             )

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod changes;
 pub mod config;
 pub mod crl;
+pub mod federation;
 pub mod grants;
 pub mod issuance;
 pub mod join_token;
@@ -68,6 +69,9 @@ pub enum ServerError {
     Audit(#[from] crate::audit::AuditError),
     #[error(transparent)]
     Metrics(#[from] crate::telemetry::EndpointError),
+    /// A setting could not be put to use (a file it names is unreadable or unusable).
+    #[error("{reason}")]
+    Config { reason: String },
     /// The server's id file (`server.id` in the data dir) cannot be read, written or used.
     #[error("server id file {path}: {reason}")]
     ServerId { path: String, reason: String },
@@ -93,6 +97,8 @@ pub struct ServerState {
     pub changes: Arc<changes::ChangeLog>,
     /// This server's id among the servers of its store ([`peers::server_id`]).
     pub server_id: String,
+    /// Federation refresh status, and the refresh loop's wake-up.
+    pub federation: Arc<federation::FederationState>,
 }
 
 /// A configured server, not yet running.
@@ -213,9 +219,46 @@ impl Server {
             readiness: readiness.clone(),
             changes: Arc::new(changes::ChangeLog::new()),
             server_id,
+            federation: Arc::default(),
         });
         let (tls_config, renew_at, server_svid) = issue_server_tls(&state)?;
         let tls_source: ServerConfigSource = Arc::new(std::sync::RwLock::new(tls_config));
+        // The bundle endpoint: bound before anything is served, so that a taken port fails
+        // the start. https_spiffe follows the server's SVID as it is renewed.
+        let mut spiffe_endpoint_tls: Option<ServerConfigSource> = None;
+        let bundle_endpoint = match &cfg.bundle_endpoint {
+            None => None,
+            Some(ep) => {
+                let listener = TcpListener::bind(ep.bind_address).await.map_err(|source| {
+                    ServerError::Bind {
+                        what: "bundle endpoint",
+                        addr: ep.bind_address.to_string(),
+                        source,
+                    }
+                })?;
+                let tls: ServerConfigSource = match &ep.https_web {
+                    Some((cert, key)) => Arc::new(std::sync::RwLock::new(
+                        federation::endpoint::https_web_config(cert, key)?,
+                    )),
+                    None => {
+                        let source =
+                            Arc::new(std::sync::RwLock::new(tls::bundle_endpoint_server_config(
+                                &server_svid.chain,
+                                &server_svid.key,
+                            )?));
+                        spiffe_endpoint_tls = Some(source.clone());
+                        source
+                    }
+                };
+                let bound = listener.local_addr().map_err(|source| ServerError::Bind {
+                    what: "bundle endpoint",
+                    addr: ep.bind_address.to_string(),
+                    source,
+                })?;
+                tracing::info!(address = %bound, profile = if ep.https_web.is_some() { "https_web" } else { "https_spiffe" }, "bundle endpoint listening");
+                Some((listener, tls, ep.refresh_hint))
+            }
+        };
 
         let stop = shutdown.child_token();
         let mut tasks: JoinSet<Result<(), ServerError>> = JoinSet::new();
@@ -230,10 +273,21 @@ impl Server {
         tasks.spawn(renew_server_tls(
             state.clone(),
             tls_source,
+            spiffe_endpoint_tls,
             renew_at,
             server_svid,
             stop.clone(),
         ));
+        if let Some((listener, tls, hint)) = bundle_endpoint {
+            tasks.spawn(federation::endpoint::serve(
+                state.clone(),
+                listener,
+                tls,
+                hint,
+                stop.clone(),
+            ));
+        }
+        tasks.spawn(federation::refresh::run(state.clone(), stop.clone()));
         tasks.spawn(
             rotation::CaRotation::new(state.ca.clone(), state.clock.clone()).run(stop.clone()),
         );
@@ -404,6 +458,7 @@ fn refresh_server_tls(
 async fn renew_server_tls(
     state: Arc<ServerState>,
     source: ServerConfigSource,
+    bundle_endpoint: Option<ServerConfigSource>,
     mut renew_at: std::time::SystemTime,
     mut svid: ServerSvid,
     stop: CancellationToken,
@@ -434,6 +489,14 @@ async fn renew_server_tls(
         match issue_server_tls(&state) {
             Ok((cfg, next, new_svid)) => {
                 *source.write().unwrap_or_else(|p| p.into_inner()) = cfg;
+                if let Some(endpoint) = &bundle_endpoint {
+                    match tls::bundle_endpoint_server_config(&new_svid.chain, &new_svid.key) {
+                        Ok(c) => *endpoint.write().unwrap_or_else(|p| p.into_inner()) = c,
+                        Err(e) => {
+                            tracing::error!(error = %e, "renewing the bundle endpoint certificate failed")
+                        }
+                    }
+                }
                 renew_at = next;
                 svid = new_svid;
                 tracing::info!("server TLS certificate renewed");

@@ -161,6 +161,14 @@ struct AttestationFailureLabels {
     reason: &'static str,
 }
 
+/// A federated bundle fetch: the trust domain (operator-configured, so a bounded set) and
+/// what came of it.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FederationFetchLabels {
+    trust_domain: String,
+    outcome: &'static str,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HandleLabels {
     handle: &'static str,
@@ -178,6 +186,7 @@ pub struct ServerMetrics {
     entries: Gauge,
     nodes: Gauge,
     rpc_duration: HistogramFamily<RpcLabels>,
+    federation_fetches: Family<FederationFetchLabels, Counter>,
 }
 
 impl Default for ServerMetrics {
@@ -237,6 +246,12 @@ impl ServerMetrics {
             "Time from an RPC's arrival to its response headers, by API (node, admin) and method",
             rpc_duration.clone(),
         );
+        let federation_fetches = Family::<FederationFetchLabels, Counter>::default();
+        registry.register(
+            "federated_bundle_fetches",
+            "Bundle endpoint fetches, by trust domain and outcome (updated, unchanged, failed: not fetched, rejected: fetched but refused)",
+            federation_fetches.clone(),
+        );
         // Counters with fixed label values exist from the start at 0, so that a rate or an
         // alert on them does not wait for the first event.
         for kind in [SvidKind::X509, SvidKind::Jwt] {
@@ -259,7 +274,19 @@ impl ServerMetrics {
             entries,
             nodes,
             rpc_duration,
+            federation_fetches,
         }
+    }
+
+    /// One bundle endpoint fetch for `trust_domain`: `outcome` is "updated", "unchanged",
+    /// "failed" (nothing usable came back) or "rejected" (a bundle came back and was refused).
+    pub fn federation_fetched(&self, trust_domain: &str, outcome: &'static str) {
+        self.federation_fetches
+            .get_or_create(&FederationFetchLabels {
+                trust_domain: trust_domain.to_string(),
+                outcome,
+            })
+            .inc();
     }
 
     /// One workload SVID signed in `took`.

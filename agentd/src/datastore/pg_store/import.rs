@@ -10,7 +10,7 @@ use super::{
     entry_row, int, issued_index_keys, issued_key, pg, text, ActivityRecord, DataStoreError,
     EntryRow, EventRecord, GrantRecord, IssuedRecord, NodeRecord, OwnerRecord, PgStore, Result,
 };
-use crate::datastore::records::encode;
+use crate::datastore::records::{encode, FederatedBundleRecord, FederationRecord};
 
 impl PgStore {
     /// Whether the database holds any entry, node, grant, revocation or audit record.
@@ -183,6 +183,26 @@ impl PgStore {
                 changed_at: o.changed_at,
             })?)?;
             tx.execute(&owner, &[&o.owner, &record]).await.map_err(pg)?;
+        }
+        let federation = tx
+            .prepare("INSERT INTO federations (trust_domain, record) VALUES ($1, $2)")
+            .await
+            .map_err(pg)?;
+        for f in &copy.federations {
+            let record = text(encode(&FederationRecord::from_relationship(f))?)?;
+            tx.execute(&federation, &[&f.trust_domain.as_str(), &record])
+                .await
+                .map_err(pg)?;
+        }
+        let bundle = tx
+            .prepare("INSERT INTO federated_bundles (trust_domain, record) VALUES ($1, $2)")
+            .await
+            .map_err(pg)?;
+        for b in &copy.federated_bundles {
+            let record = text(encode(&FederatedBundleRecord::from_bundle(b))?)?;
+            tx.execute(&bundle, &[&b.bundle.trust_domain.as_str(), &record])
+                .await
+                .map_err(pg)?;
         }
         let activity = tx
             .prepare("INSERT INTO entry_activity (entry_id, record) VALUES ($1, $2)")

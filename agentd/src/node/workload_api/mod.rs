@@ -340,6 +340,10 @@ fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
     }
 }
 
+/// What identifies a bundles snapshot: our own bundle and the federated ones.
+type BundlesKey = (Vec<u8>, Vec<(String, u64)>);
+type JwtBundlesKey = (String, Vec<(String, u64)>);
+
 fn x509_response(view: &WorkloadView) -> Option<pb::X509svidResponse> {
     let bundle = view.bundle.as_ref()?;
     if view.svids.is_empty() || bundle.x509_authorities.is_empty() {
@@ -359,12 +363,53 @@ fn x509_response(view: &WorkloadView) -> Option<pb::X509svidResponse> {
             })
             .collect(),
         crl: vec![],
-        federated_bundles: HashMap::new(),
+        federated_bundles: federated_x509(&view.federated),
     })
 }
 
+/// The federated X.509 bundles, keyed by trust domain ID (`spiffe://partner.example`, as
+/// SPIRE sends them); a bundle without X.509 authorities is left out, never sent empty.
+fn federated_x509(bundles: &[Arc<crate::bundle::Bundle>]) -> HashMap<String, Vec<u8>> {
+    bundles
+        .iter()
+        .filter(|b| !b.x509_authorities.is_empty())
+        .map(|b| (b.trust_domain.id_string(), b.x509_der_concat()))
+        .collect()
+}
+
+/// The federated JWT bundles (JWKS), keyed as [`federated_x509`]; one without JWT
+/// authorities is left out.
+fn federated_jwt(bundles: &[Arc<crate::bundle::Bundle>]) -> HashMap<String, Vec<u8>> {
+    bundles
+        .iter()
+        .filter(|b| !b.jwt_authorities.is_empty())
+        .map(|b| (b.trust_domain.id_string(), b.jwt_jwks_json().into_bytes()))
+        .collect()
+}
+
+/// What tells federated bundles apart: each trust domain with a digest of its keys (a
+/// bundle set by hand may keep its sequence number while its keys change).
+fn federated_fingerprint(bundles: &[Arc<crate::bundle::Bundle>]) -> Vec<(String, u64)> {
+    use std::hash::{Hash as _, Hasher as _};
+    bundles
+        .iter()
+        .map(|b| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            b.x509_authorities.hash(&mut h);
+            for a in &b.jwt_authorities {
+                a.key_id.hash(&mut h);
+                a.public_key_spki_der.hash(&mut h);
+            }
+            b.sequence.hash(&mut h);
+            (b.trust_domain.as_str().to_string(), h.finish())
+        })
+        .collect()
+}
+
 /// What identifies one X.509 snapshot, to send only on change.
-fn x509_fingerprint(view: &WorkloadView) -> (Vec<String>, u64, usize) {
+type X509Fingerprint = (Vec<String>, u64, usize, Vec<(String, u64)>);
+
+fn x509_fingerprint(view: &WorkloadView) -> X509Fingerprint {
     (
         view.svids.iter().map(|s| s.serial.clone()).collect(),
         view.bundle.as_ref().map(|b| b.sequence).unwrap_or(0),
@@ -372,6 +417,7 @@ fn x509_fingerprint(view: &WorkloadView) -> (Vec<String>, u64, usize) {
             .as_ref()
             .map(|b| b.x509_authorities.len())
             .unwrap_or(0),
+        federated_fingerprint(&view.federated),
     )
 }
 
@@ -514,18 +560,24 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         check_header(&request)?;
         self.ready()?;
-        let make = |cache: &Cache| -> Result<(pb::X509BundlesResponse, Vec<u8>), Status> {
+        // Our own bundle goes to any caller; federated ones only to a caller whose entries
+        // federate with them (an unattested caller gets none).
+        let selectors = self.attest(&request).await.unwrap_or_default();
+        let make = move |cache: &Cache| -> Result<(pb::X509BundlesResponse, BundlesKey), Status> {
             let bundle = cache
                 .bundle()
                 .filter(|b| !b.x509_authorities.is_empty())
                 .ok_or_else(|| Status::unavailable("no trust bundle yet"))?;
+            let federated = cache.federated_for_selectors(&selectors);
             let der = bundle.x509_der_concat();
+            let mut bundles = federated_x509(&federated);
+            bundles.insert(bundle.trust_domain.id_string(), der.clone());
             Ok((
                 pb::X509BundlesResponse {
                     crl: vec![],
-                    bundles: HashMap::from([(bundle.trust_domain.id_string(), der.clone())]),
+                    bundles,
                 },
-                der,
+                (der, federated_fingerprint(&federated)),
             ))
         };
         let (first, key) = make(&self.cache)?;
@@ -640,19 +692,18 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         check_header(&request)?;
         self.ready()?;
-        let make = |cache: &Cache| -> Result<(pb::JwtBundlesResponse, String), Status> {
+        let selectors = self.attest(&request).await.unwrap_or_default();
+        let make = move |cache: &Cache| -> Result<(pb::JwtBundlesResponse, JwtBundlesKey), Status> {
             let bundle = cache
                 .bundle()
                 .ok_or_else(|| Status::unavailable("no trust bundle yet"))?;
+            let federated = cache.federated_for_selectors(&selectors);
             let jwks = bundle.jwt_jwks_json();
+            let mut bundles = federated_jwt(&federated);
+            bundles.insert(bundle.trust_domain.id_string(), jwks.clone().into_bytes());
             Ok((
-                pb::JwtBundlesResponse {
-                    bundles: HashMap::from([(
-                        bundle.trust_domain.id_string(),
-                        jwks.clone().into_bytes(),
-                    )]),
-                },
-                jwks,
+                pb::JwtBundlesResponse { bundles },
+                (jwks, federated_fingerprint(&federated)),
             ))
         };
         let (first, key) = make(&self.cache)?;

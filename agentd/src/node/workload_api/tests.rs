@@ -114,6 +114,7 @@ impl Harness {
                     dns_names: vec![],
                     hint: String::new(),
                     revision: 1,
+                    federates_with: vec![],
                 }],
                 bundle(),
             );

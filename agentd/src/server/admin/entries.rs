@@ -35,6 +35,12 @@ fn entry_to_proto(e: &Entry) -> pb::Entry {
         owner: e.spec.owner.clone().unwrap_or_default(),
         revision: e.revision,
         created_at: e.created_at,
+        federates_with: e
+            .spec
+            .federates_with
+            .iter()
+            .map(|td| td.as_str().to_string())
+            .collect(),
         ..Default::default()
     }
 }
@@ -68,6 +74,14 @@ fn entry_audit(record: AuditRecord, e: &Entry) -> AuditRecord {
         .field("x509_svid_ttl", e.spec.x509_svid_ttl.as_secs())
         .field("jwt_svid_ttl", e.spec.jwt_svid_ttl.as_secs())
         .field("dns_names", &e.spec.dns_names)
+        .field(
+            "federates_with",
+            e.spec
+                .federates_with
+                .iter()
+                .map(|td| td.as_str())
+                .collect::<Vec<_>>(),
+        )
         .field("revision", e.revision)
 }
 
@@ -188,6 +202,7 @@ async fn create_one(
 ) -> Result<pb::Entry, Status> {
     let spec = api.spec_from_proto(spec)?;
     api.check_owner(&spec)?;
+    api.check_federates_with(&spec.federates_with).await?;
     api.refuse_node_id(&spec.spiffe_id).await?;
     let entry = api
         .state
@@ -371,6 +386,11 @@ pub(super) async fn update(
     }
     if let Some(v) = &req.owner {
         spec.owner = parse_owner(v)?;
+    }
+    if let Some(v) = &req.federates_with {
+        spec.federates_with =
+            super::federation::parse_federates_with(&v.values, &api.state.config.trust_domain)?;
+        api.check_federates_with(&spec.federates_with).await?;
     }
     api.check_owner(&spec)?;
     api.refuse_node_id(&spec.spiffe_id).await?;

@@ -3,7 +3,7 @@
 //!
 //! This file is the transport: the tonic service on the Unix socket and one thin method per
 //! call, delegating to the module of its resource (`entries`, `nodes`, `tokens`,
-//! `revocations`, `grants`, `bundle`, `audit`, `owners`, `authorities`); `status` maps every
+//! `revocations`, `grants`, `bundle`, `audit`, `owners`, `authorities`, `federation`); `status` maps every
 //! error to a gRPC status once.
 
 use std::sync::Arc;
@@ -22,6 +22,7 @@ mod audit;
 mod authorities;
 mod bundle;
 mod entries;
+mod federation;
 mod grants;
 mod nodes;
 mod owners;
@@ -325,5 +326,61 @@ impl Admin for AdminApi {
         request: Request<pb::ActivateAuthorityRequest>,
     ) -> Result<Response<pb::Authorities>, Status> {
         authorities::activate(self, request).await
+    }
+
+    async fn create_federation(
+        &self,
+        request: Request<pb::FederationSpec>,
+    ) -> Result<Response<pb::Federation>, Status> {
+        federation::create(self, request).await
+    }
+
+    async fn get_federation(
+        &self,
+        request: Request<pb::GetFederationRequest>,
+    ) -> Result<Response<pb::Federation>, Status> {
+        federation::get(self, request).await
+    }
+
+    async fn list_federations(
+        &self,
+        request: Request<pb::ListFederationsRequest>,
+    ) -> Result<Response<pb::ListFederationsResponse>, Status> {
+        federation::list(self, request).await
+    }
+
+    async fn update_federation(
+        &self,
+        request: Request<pb::UpdateFederationRequest>,
+    ) -> Result<Response<pb::Federation>, Status> {
+        federation::update(self, request).await
+    }
+
+    async fn delete_federation(
+        &self,
+        request: Request<pb::DeleteFederationRequest>,
+    ) -> Result<Response<pb::Federation>, Status> {
+        federation::delete(self, request).await
+    }
+
+    async fn set_federated_bundle(
+        &self,
+        request: Request<pb::SetFederatedBundleRequest>,
+    ) -> Result<Response<pb::FederatedBundle>, Status> {
+        federation::set_bundle(self, request).await
+    }
+
+    async fn list_federated_bundles(
+        &self,
+        request: Request<pb::ListFederatedBundlesRequest>,
+    ) -> Result<Response<pb::ListFederatedBundlesResponse>, Status> {
+        federation::list_bundles(self, request).await
+    }
+
+    async fn delete_federated_bundle(
+        &self,
+        request: Request<pb::DeleteFederatedBundleRequest>,
+    ) -> Result<Response<pb::FederatedBundle>, Status> {
+        federation::delete_bundle(self, request).await
     }
 }

@@ -96,6 +96,10 @@ impl AdminApi {
             hint: parse_hint(&p.hint)?,
             scopes: parse_scopes(&p.scopes)?,
             owner: parse_owner(&p.owner)?,
+            federates_with: super::federation::parse_federates_with(
+                &p.federates_with,
+                &cfg.trust_domain,
+            )?,
         })
     }
 }

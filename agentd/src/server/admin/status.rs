@@ -27,6 +27,15 @@ pub enum AdminError {
     /// The change was made but its audit record could not be written.
     #[error("audit log: {0}")]
     Audit(String),
+    /// No federation relationship, or no federated bundle, for the trust domain.
+    #[error("{0}")]
+    FederationNotFound(String),
+    /// A relationship with the trust domain exists already.
+    #[error("{0}")]
+    FederationExists(String),
+    /// The change would leave something depending on what it removes.
+    #[error("{0}")]
+    InUse(String),
     #[error(transparent)]
     Revocation(#[from] RevocationError),
     #[error(transparent)]
@@ -67,7 +76,11 @@ impl From<AdminError> for Status {
         match e {
             AdminError::InvalidField { .. } => Status::invalid_argument(msg),
             AdminError::EntryNotFound(_) | AdminError::NodeNotFound(_) => Status::not_found(msg),
-            AdminError::DuplicateEntry(_) => Status::already_exists(msg),
+            AdminError::DuplicateEntry(_) | AdminError::FederationExists(_) => {
+                Status::already_exists(msg)
+            }
+            AdminError::FederationNotFound(_) => Status::not_found(msg),
+            AdminError::InUse(_) => Status::failed_precondition(msg),
             AdminError::Store(_) | AdminError::Audit(_) => Status::internal(msg),
             AdminError::StoreUnavailable(_) => Status::unavailable(msg),
             AdminError::Revocation(e) => match e {

@@ -70,6 +70,7 @@ pub(super) async fn fixture_with(
         readiness: crate::telemetry::Readiness::new(&[]),
         changes: Default::default(),
         server_id: "test".into(),
+        federation: Default::default(),
     });
     (state, clock)
 }
@@ -111,6 +112,7 @@ pub(super) async fn entry(state: &ServerState, id: &str, parent: &str, scopes: &
                 hint: String::new(),
                 scopes: scopes.iter().map(|s| s.to_string()).collect(),
                 owner: None,
+                federates_with: vec![],
             },
             0,
         )

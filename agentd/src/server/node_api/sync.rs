@@ -33,6 +33,12 @@ pub fn entry_to_proto(e: &Entry) -> pb::Entry {
         scopes: e.spec.scopes.clone(),
         owner: e.spec.owner.clone().unwrap_or_default(),
         revision: e.revision,
+        federates_with: e
+            .spec
+            .federates_with
+            .iter()
+            .map(|td| td.as_str().to_string())
+            .collect(),
     }
 }
 
@@ -231,6 +237,7 @@ impl NodeApi {
             next_page_token: page.next.map(|c| c.token()).unwrap_or_default(),
             removed_entry_ids: Vec::new(),
             grants_incomplete: false,
+            federated_bundles: self.federated_bundles().await?,
         }))
     }
 
@@ -328,7 +335,21 @@ impl NodeApi {
             next_page_token: String::new(),
             removed_entry_ids: removed,
             grants_incomplete,
+            federated_bundles: self.federated_bundles().await?,
         }))
+    }
+
+    /// Every federated bundle the server holds (a handful; the node picks per workload).
+    async fn federated_bundles(&self) -> Result<Vec<pb::Bundle>, NodeApiError> {
+        Ok(self
+            .state
+            .store
+            .list_federated_bundles()
+            .await
+            .map_err(NodeApiError::from)?
+            .iter()
+            .map(|b| bundle_to_proto(&b.bundle))
+            .collect())
     }
 
     /// Whether a delta sync hands `e` to `node`: as a whole sync would (membership, no

@@ -21,6 +21,7 @@ fn spec(id: &str, parent: &str, selectors: &[&str]) -> EntrySpec {
         hint: String::new(),
         scopes: vec![],
         owner: None,
+        federates_with: vec![],
     }
 }
 

@@ -19,6 +19,7 @@ fn spec(id: &str, owner: Option<&str>) -> EntrySpec {
         hint: String::new(),
         scopes: vec![],
         owner: owner.map(str::to_string),
+        federates_with: vec![],
     }
 }
 
