@@ -487,6 +487,39 @@ pub fn openssl() -> Command {
     }
 }
 
+/// A self-signed CA certificate of trust domain `td` (URI SAN `spiffe://TD`, as SPIFFE CAs
+/// carry), made with OpenSSL in `dir`; returns the PEM file. A foreign trust domain's bundle
+/// for `agentd bundle set`.
+pub fn foreign_ca_pem(dir: &Path, td: &str) -> anyhow::Result<PathBuf> {
+    let cert = dir.join(format!("{td}-ca.pem"));
+    let key = dir.join(format!("{td}-ca.key"));
+    let out = openssl()
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "2", "-subj", &format!("/CN={td} CA")])
+        .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+        .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+        .args(["-addext", &format!("subjectAltName=URI:spiffe://{td}")])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "openssl req failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(cert)
+}
+
 /// A 127.0.0.1 port nothing listens on at the moment (bound, read, released).
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -570,6 +603,21 @@ impl Node {
             daemon,
         };
         node.wait_healthy()?;
+        Ok(node)
+    }
+
+    /// A node agent `name` of another trust domain `td` (`spiffe://TD/node/NAME`) on `server`
+    /// (a server of that trust domain); waits until it is healthy.
+    pub fn start_in_domain(
+        env: &Env,
+        server: &Server,
+        name: &str,
+        td: &str,
+    ) -> anyhow::Result<Self> {
+        let spiffe_id = format!("spiffe://{td}/node/{name}");
+        let token = server.join_token(&spiffe_id)?;
+        let mut node = Self::start_at(env, name, &server.address, server, &token, &[])?;
+        node.spiffe_id = spiffe_id;
         Ok(node)
     }
 
