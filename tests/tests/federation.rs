@@ -311,6 +311,22 @@ async fn two_trust_domains_federate_from_the_cli_and_their_workloads_complete_mt
     // a sync).
     partner.cli_ok(&["authority", "prepare"])?;
     wait_authorities(&agent_node, PARTNER, 2, Duration::from_secs(30)).await?;
+    // The source opened before the change got it on its open stream.
+    let partner_td = TrustDomain::new(PARTNER)?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let held = agent_source
+            .bundle_for_trust_domain(&partner_td)?
+            .map(|b| b.authorities().len());
+        if held == Some(2) {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the open X509Source still holds {held:?} partner authorities"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // The partner's endpoint goes away: the fetch fails, is counted, and the last good
     // bundle stays with our workloads.
@@ -560,11 +576,53 @@ fn prepare_suite(src: &Path, dst: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where SPIRE's agent listens in the crate's CI; two of its tests name the path itself.
+const SPIRE_CI_SOCKET_DIR: &str = "/tmp/spire-agent/public";
+
+/// Removes the socket directory SPIRE's CI path needs when the test ends, however it ends.
+struct SocketDir(PathBuf);
+
+impl Drop for SocketDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0).or_else(|_| std::fs::remove_file(&self.0));
+    }
+}
+
 #[test]
 fn the_spiffe_crates_own_workload_api_integration_tests_pass() -> anyhow::Result<()> {
     let env = Env::new();
     let server = Server::start(&env)?;
-    let node = Node::start(&env, &server, "myagent")?;
+    // The node agent on SPIRE's CI socket path: the suite connects there by name as well
+    // as through SPIFFE_ENDPOINT_SOCKET.
+    let dir = PathBuf::from(SPIRE_CI_SOCKET_DIR);
+    let socket = dir.join("api.sock");
+    if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+        bail!("{} is in use by another Workload API server (a SPIRE agent?): stop it, this test needs the path", socket.display());
+    }
+    let created = !Path::new("/tmp/spire-agent").exists();
+    std::fs::create_dir_all(&dir)?;
+    // Only what this test made is removed afterwards.
+    let _cleanup = SocketDir(if created {
+        PathBuf::from("/tmp/spire-agent")
+    } else {
+        dir.join("api.sock")
+    });
+    let node_id = "spiffe://example.org/myagent";
+    let token = server.join_token(node_id)?;
+    let bundle = env.path().join("myagent-bundle.pem");
+    server.write_bundle(&bundle)?;
+    let data_dir = env.path().join("myagent");
+    let mut daemon =
+        agentd_e2e::spawn_node(&server.address, &bundle, &data_dir, &socket, Some(&token))?;
+    daemon.wait_node_healthy(&socket)?;
+    let node = Node {
+        spiffe_id: node_id.to_string(),
+        data_dir,
+        socket,
+        bundle,
+        server_address: server.address.clone(),
+        daemon,
+    };
     // As the crate's CI sets up SPIRE: example-federated.org's bundle, two entries with
     // hints federating with it.
     let federated = foreign_ca_pem(env.path(), "example-federated.org")?;
@@ -593,7 +651,7 @@ fn the_spiffe_crates_own_workload_api_integration_tests_pass() -> anyhow::Result
     let out = cargo_command()
         .args(["test", "--manifest-path"])
         .arg(crate_dir.join("Cargo.toml"))
-        .args(["--features", "x509-source,jwt-source,jwt"])
+        .args(["--features", "workload-api,x509-source,jwt-source,jwt"])
         .args([
             "--test",
             "workload_api_client",

@@ -43,8 +43,28 @@ fn py_spiffe_fetches_two_svids_bundles_and_jwts() -> anyhow::Result<()> {
     let node = Node::start(&env, &server, "n1")?;
     let first = "spiffe://example.org/myservice";
     let second = "spiffe://example.org/myservice2";
-    server.register_own_uid(&node.spiffe_id, first, &["--hint", "myservice"])?;
-    server.register_own_uid(&node.spiffe_id, second, &["--hint", "myservice2"])?;
+    // As the spiffe crate's CI sets up SPIRE: both entries federate with
+    // example-federated.org, whose bundle (X.509 only) is set by hand.
+    let federated = agentd_e2e::foreign_ca_pem(env.path(), "example-federated.org")?;
+    server.cli_ok(&[
+        "bundle",
+        "set",
+        "--trust-domain",
+        "example-federated.org",
+        "--path",
+        &federated.display().to_string(),
+    ])?;
+    let fed = ["--federates-with", "example-federated.org"];
+    server.register_own_uid(
+        &node.spiffe_id,
+        first,
+        &["--hint", "myservice", fed[0], fed[1]],
+    )?;
+    server.register_own_uid(
+        &node.spiffe_id,
+        second,
+        &["--hint", "myservice2", fed[0], fed[1]],
+    )?;
     node.wait_for_svid(first)?;
     node.wait_for_svid(second)?;
 
@@ -56,8 +76,18 @@ fn py_spiffe_fetches_two_svids_bundles_and_jwts() -> anyhow::Result<()> {
     assert!([first, second].contains(&default), "{x}");
     assert_eq!(x["default_id"], x["context_default"], "{x}");
     assert!(x["default_chain_len"].as_u64() >= Some(1), "{x}");
-    assert_eq!(strings(&x["context_bundle_tds"]), ["example.org"], "{x}");
-    assert_eq!(strings(&x["bundle_tds"]), ["example.org"], "{x}");
+    // The federated bundle is in fetch_x509_context().x509_bundle_set and in
+    // fetch_x509_bundles(); the JWT bundles hold none for it (it has no JWT keys).
+    assert_eq!(
+        strings(&x["context_bundle_tds"]),
+        ["example-federated.org", "example.org"],
+        "{x}"
+    );
+    assert_eq!(
+        strings(&x["bundle_tds"]),
+        ["example-federated.org", "example.org"],
+        "{x}"
+    );
     assert!(x["bundle_authorities"].as_u64() >= Some(1), "{x}");
 
     let j = python("jwt", &node, &["my_audience"])?;

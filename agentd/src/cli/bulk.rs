@@ -7,11 +7,12 @@
 //! - one entry object, what `agentd entry show --id ID --output json` prints.
 //!
 //! An entry takes SPIRE's fields (`spiffe_id`, `parent_id`, `selectors`, `x509_svid_ttl`,
-//! `jwt_svid_ttl`, the older `ttl`, `dns_names`, `hint`), ours (`scopes`, `owner`), and ignores
+//! `jwt_svid_ttl`, the older `ttl`, `dns_names`, `hint`, `federates_with`), ours (`scopes`,
+//! `owner`), and ignores
 //! what our own output adds (`id`, `revision`, `created_at`, ...). A SPIFFE ID is a string or
 //! SPIRE's `{"trust_domain": ..., "path": ...}`; a selector is `{"type": ..., "value": ...}` or
 //! a `"type:value"` string. SPIRE features agentd does not have (`admin`, `downstream`,
-//! `federates_with`, `store_svid`, `entry_expiry`) are refused when set rather than silently
+//! `store_svid`, `entry_expiry`) are refused when set rather than silently
 //! dropped; an unknown field is refused too (a typo must not lose a selector).
 //!
 //! Parsing is per entry: a bad entry is reported with its path (`entries[3].selectors[0]`)
@@ -35,13 +36,7 @@ const OUTPUT_ONLY: &[&str] = &[
 ];
 
 /// SPIRE fields agentd has no feature for: accepted only at their "off" value.
-const UNSUPPORTED: &[&str] = &[
-    "admin",
-    "downstream",
-    "federates_with",
-    "store_svid",
-    "entry_expiry",
-];
+const UNSUPPORTED: &[&str] = &["admin", "downstream", "store_svid", "entry_expiry"];
 
 /// One entry of a data document: the path its errors name (`entries[3]`), and its fields.
 pub type DataEntry = (String, Map<String, Value>);
@@ -175,6 +170,7 @@ pub fn spec(path: &str, o: &Map<String, Value>) -> Result<pb::EntrySpec, String>
                 "jwt_svid_ttl" => spec.jwt_svid_ttl_seconds = seconds(path, k, v)?,
                 "dns_names" => spec.dns_names = strings(path, k, v)?,
                 "scopes" => spec.scopes = strings(path, k, v)?,
+                "federates_with" => spec.federates_with = strings(path, k, v)?,
                 "hint" | "owner" => {
                     let s = match v {
                         Value::Null => String::new(),
@@ -241,9 +237,11 @@ mod tests {
             r#"{"entries":[{"selectors":[{"type":"unix","value":"uid:501"}],
             "spiffe_id":"spiffe://example.org/myservice","parent_id":"spiffe://example.org/host",
             "x509_svid_ttl":3600,"jwt_svid_ttl":300,"dns_names":["a.example.org"],
-            "hint":"h","admin":false,"downstream":false,"federates_with":[]}]}"#,
+            "hint":"h","admin":false,"downstream":false,
+            "federates_with":["example-federated.org"]}]}"#,
         )
         .unwrap();
+        assert_eq!(s.federates_with, ["example-federated.org"]);
         assert_eq!(s.spiffe_id, "spiffe://example.org/myservice");
         assert_eq!(s.parent_id, "spiffe://example.org/host");
         assert_eq!(s.selectors, ["unix:uid:501"]);
