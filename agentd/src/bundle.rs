@@ -218,6 +218,7 @@ impl Bundle {
         };
         let mut x509_authorities: Vec<Vec<u8>> = Vec::new();
         let mut jwt_authorities: Vec<JwtAuthority> = Vec::new();
+        let mut skipped = 0usize;
         for (i, key) in keys.iter().enumerate() {
             let at = format!("keys[{i}]");
             let key = key
@@ -277,9 +278,16 @@ impl Bundle {
                     });
                 }
                 other => {
-                    tracing::warn!(key = %at, r#use = ?other, "skipping a bundle key with an unknown use");
+                    if skipped == 0 {
+                        tracing::warn!(key = %at, r#use = ?other, "skipping a bundle key with an unknown use");
+                    }
+                    skipped += 1;
                 }
             }
+        }
+        if skipped > 1 {
+            // One line per document, however many keys it holds (it may come from the network).
+            tracing::warn!(skipped, "skipped bundle keys with an unknown use");
         }
         Ok(Self {
             trust_domain,

@@ -104,6 +104,13 @@ impl FromStr for EndpointUrl {
         if host.is_empty() {
             return Err(err("it has no host"));
         }
+        if port == 0 {
+            return Err(err("port 0 is not a port to fetch from"));
+        }
+        // A DNS name or an IP address, as a TLS client can name it (SNI, certificate check).
+        if rustls_pki_types::ServerName::try_from(host.as_str()).is_err() {
+            return Err(err("its host is neither a DNS name nor an IP address"));
+        }
         let path_and_query = if path.starts_with('?') {
             format!("/{path}")
         } else {
@@ -130,6 +137,43 @@ impl EndpointUrl {
     }
     pub fn path_and_query(&self) -> &str {
         &self.path_and_query
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_urls_parse_host_port_and_path() {
+        let u: EndpointUrl = "https://bundles.partner.example".parse().unwrap();
+        assert_eq!(
+            (u.host(), u.port(), u.path_and_query()),
+            ("bundles.partner.example", 443, "/")
+        );
+        let u: EndpointUrl = "https://127.0.0.1:8443/b?x=1".parse().unwrap();
+        assert_eq!(
+            (u.host(), u.port(), u.path_and_query()),
+            ("127.0.0.1", 8443, "/b?x=1")
+        );
+        let u: EndpointUrl = "https://[::1]:9443".parse().unwrap();
+        assert_eq!((u.host(), u.port(), u.path_and_query()), ("::1", 9443, "/"));
+        let u: EndpointUrl = "https://h.example?q".parse().unwrap();
+        assert_eq!(u.path_and_query(), "/?q");
+        for bad in [
+            "http://h.example",
+            "https://",
+            "https://::1/",
+            "https://h.example:0",
+            "https://h.example:99999",
+            "https://user@h.example",
+            "https://h.example/#frag",
+            "https://h ex/",
+            "https://[::1",
+            "https://h_under$score.example",
+        ] {
+            assert!(bad.parse::<EndpointUrl>().is_err(), "{bad} was accepted");
+        }
     }
 }
 

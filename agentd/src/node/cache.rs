@@ -1003,6 +1003,80 @@ mod tests {
         }
     }
 
+    fn foreign(td: &str, x509: usize, jwt: usize) -> Bundle {
+        Bundle {
+            trust_domain: spiffe::TrustDomain::new(td).unwrap(),
+            x509_authorities: (0..x509).map(|i| vec![9, i as u8]).collect(),
+            jwt_authorities: (0..jwt)
+                .map(|i| crate::bundle::JwtAuthority {
+                    key_id: format!("k{i}"),
+                    public_key_spki_der: vec![7, i as u8],
+                    expires_at: UNIX_EPOCH,
+                })
+                .collect(),
+            sequence: 3,
+            refresh_hint: Duration::from_secs(300),
+        }
+    }
+
+    #[test]
+    fn a_workload_gets_the_federated_bundles_of_its_entries_and_no_others() {
+        let cache = Cache::new();
+        let td = |s: &str| spiffe::TrustDomain::new(s).unwrap();
+        let mut a = entry("a", "spiffe://example.org/a", "unix:uid:1", 1);
+        a.federates_with = vec![td("partner.example")];
+        let mut b = entry("b", "spiffe://example.org/b", "unix:uid:2", 1);
+        b.federates_with = vec![td("other.example"), td("missing.example")];
+        let c = entry("c", "spiffe://example.org/c", "unix:uid:3", 1);
+        cache.set_entries(vec![a, b, c], bundle());
+        let mut rx = cache.subscribe();
+        rx.mark_unchanged();
+        cache.set_federated(vec![
+            foreign("partner.example", 1, 1),
+            foreign("other.example", 2, 0),
+            // Never our own trust domain, never an empty bundle.
+            foreign("example.org", 5, 0),
+            foreign("empty.example", 0, 0),
+        ]);
+        assert!(
+            rx.has_changed().unwrap(),
+            "a new federated set wakes the streams"
+        );
+        let names = |sel: &str| -> Vec<String> {
+            cache
+                .federated_for_selectors(&[sel.parse().unwrap()])
+                .iter()
+                .map(|b| b.trust_domain.as_str().to_string())
+                .collect()
+        };
+        assert_eq!(names("unix:uid:1"), ["partner.example"]);
+        assert_eq!(names("unix:uid:2"), ["other.example"]);
+        assert!(names("unix:uid:3").is_empty());
+        assert!(names("unix:uid:4").is_empty());
+        let view = cache.view_for(&["unix:uid:1".parse().unwrap()], UNIX_EPOCH);
+        assert_eq!(view.federated.len(), 1);
+        assert_eq!(view.federated[0].x509_authorities.len(), 1);
+
+        // The same set again (every sync sends it) changes nothing and wakes nobody.
+        rx.mark_unchanged();
+        cache.set_federated(vec![
+            foreign("partner.example", 1, 1),
+            foreign("other.example", 2, 0),
+        ]);
+        assert!(
+            !rx.has_changed().unwrap(),
+            "an identical set must not re-send streams"
+        );
+        // A changed bundle does.
+        cache.set_federated(vec![
+            foreign("partner.example", 2, 1),
+            foreign("other.example", 2, 0),
+        ]);
+        assert!(rx.has_changed().unwrap());
+        let view = cache.view_for(&["unix:uid:1".parse().unwrap()], UNIX_EPOCH);
+        assert_eq!(view.federated[0].x509_authorities.len(), 2);
+    }
+
     fn svid(entry_id: &str, rev: u64, expires: SystemTime, rotate: SystemTime) -> CachedX509Svid {
         CachedX509Svid {
             entry_id: entry_id.into(),

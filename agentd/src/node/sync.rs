@@ -330,6 +330,7 @@ impl Syncer {
             whole.entries.extend(page.entries);
             whole.grants.extend(page.grants);
             whole.bundle = page.bundle;
+            // Sent with the last page.
             whole.federated_bundles = page.federated_bundles;
             if page.next_page_token.is_empty() {
                 return Ok(whole);

@@ -310,12 +310,20 @@ pub(super) async fn create(
     };
     let actor = Actor::admin(uid);
     let mut records = Vec::new();
+    // The relationship first; should the bundle not be stored, the relationship goes
+    // again, so that a failed create leaves nothing behind.
+    api.state
+        .store
+        .put_federation(&relationship)
+        .await
+        .map_err(AdminError::from)?;
     if let Some(bundle) = bootstrap {
         records.push(bundle_audit(
             AuditRecord::new("bundle.set", &actor).field("source", "federation create"),
             &bundle,
         ));
-        api.state
+        if let Err(e) = api
+            .state
             .store
             .put_federated_bundle(&FederatedBundle {
                 bundle,
@@ -323,13 +331,11 @@ pub(super) async fn create(
                 updated_at: now,
             })
             .await
-            .map_err(AdminError::from)?;
+        {
+            let _ = api.state.store.delete_federation(&td).await;
+            return Err(AdminError::from(e).into());
+        }
     }
-    api.state
-        .store
-        .put_federation(&relationship)
-        .await
-        .map_err(AdminError::from)?;
     records.insert(
         0,
         federation_audit(AuditRecord::new("federation.create", &actor), &relationship),
@@ -401,6 +407,9 @@ pub(super) async fn update(
         r.profile = parse_profile(&td, profile, &id)?;
     }
     let bootstrap = if req.trust_bundle.is_empty() {
+        if !req.trust_bundle_format.is_empty() {
+            return Err(invalid("trust_bundle", "is required with trust_bundle_format").into());
+        }
         None
     } else {
         Some(parse_supplied_bundle(

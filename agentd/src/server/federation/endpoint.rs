@@ -71,10 +71,15 @@ pub async fn serve(
     Ok(())
 }
 
-/// The trust domain's bundle document as the endpoint serves it.
+/// The trust domain's bundle document as the endpoint serves it: authorities in a fixed
+/// order (DER, key id), so that every server of a shared store serves the same document.
 pub fn bundle_document(state: &ServerState, refresh_hint: Duration) -> String {
     let mut bundle = state.ca.bundle().clone();
     bundle.refresh_hint = refresh_hint;
+    bundle.x509_authorities.sort();
+    bundle
+        .jwt_authorities
+        .sort_by(|a, b| a.key_id.cmp(&b.key_id));
     bundle.to_spiffe_json()
 }
 

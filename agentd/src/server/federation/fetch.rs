@@ -32,8 +32,11 @@ pub enum FetchError {
     NoBundleToAuthenticate { trust_domain: String },
     #[error("connecting to {url}: {reason}")]
     Connect { url: String, reason: String },
-    /// The TLS handshake failed: for https_spiffe this is where a wrong SPIFFE ID or an
-    /// unknown CA is refused.
+    /// The endpoint's certificate was refused: it does not chain to the held bundle (or a
+    /// web root), or names another SPIFFE ID or host.
+    #[error("{url}: the endpoint's certificate is refused: {reason}")]
+    Refused { url: String, reason: String },
+    /// The TLS handshake failed otherwise.
     #[error("TLS with {url}: {reason}")]
     Tls { url: String, reason: String },
     #[error("{url}: {reason}")]
@@ -48,11 +51,11 @@ pub enum FetchError {
 }
 
 impl FetchError {
-    /// Whether a document came back and was refused (counted as `rejected`) rather than
-    /// nothing usable coming back (`failed`). A TLS failure of https_spiffe is the SPIFFE ID
-    /// or CA check refusing the endpoint.
+    /// Whether the endpoint answered and was refused (counted as `rejected`: its
+    /// certificate, or a body over the limit) rather than nothing usable coming back
+    /// (`failed`).
     pub fn is_rejection(&self) -> bool {
-        matches!(self, Self::TooLarge { .. } | Self::Tls { .. })
+        matches!(self, Self::TooLarge { .. } | Self::Refused { .. })
     }
 }
 
@@ -108,7 +111,27 @@ async fn fetch_inner(
     let tls = tokio_rustls::TlsConnector::from(config)
         .connect(server_name, tcp)
         .await
-        .map_err(|e| tls_err(e.to_string()))?;
+        .map_err(|e| {
+            // The endpoint's certificate was checked and refused (chain, SPIFFE ID, name):
+            // a rejection. Anything else in the handshake is a failure to fetch.
+            let refused = e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                .is_some_and(|r| {
+                    matches!(
+                        r,
+                        rustls::Error::InvalidCertificate(_) | rustls::Error::General(_)
+                    )
+                });
+            if refused {
+                FetchError::Refused {
+                    url: url.clone(),
+                    reason: e.to_string(),
+                }
+            } else {
+                tls_err(e.to_string())
+            }
+        })?;
     let http_err = |reason: String| FetchError::Http {
         url: url.clone(),
         reason,
@@ -117,12 +140,16 @@ async fn fetch_inner(
         .await
         .map_err(|e| http_err(e.to_string()))?;
     let driver = tokio::spawn(conn);
-    let host = if endpoint.port() == 443 {
-        endpoint.host().to_string()
-    } else if endpoint.host().contains(':') {
-        format!("[{}]:{}", endpoint.host(), endpoint.port())
+    // RFC 9110, section 7.2: an IPv6 literal in brackets; the port unless it is 443.
+    let name = if endpoint.host().contains(':') {
+        format!("[{}]", endpoint.host())
     } else {
-        format!("{}:{}", endpoint.host(), endpoint.port())
+        endpoint.host().to_string()
+    };
+    let host = if endpoint.port() == 443 {
+        name
+    } else {
+        format!("{name}:{}", endpoint.port())
     };
     let req = hyper::Request::get(endpoint.path_and_query())
         .header(hyper::header::HOST, host)

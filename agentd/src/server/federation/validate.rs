@@ -144,7 +144,12 @@ pub fn check_bundle(trust_domain: &TrustDomain, bundle: &Bundle) -> Result<(), B
             let x509_parser::extensions::GeneralName::URI(uri) = name else {
                 continue;
             };
-            let Some(rest) = uri.strip_prefix("spiffe://") else {
+            // URI schemes are case-insensitive (RFC 3986, section 3.1).
+            let Some(rest) = uri
+                .get(..9)
+                .filter(|p| p.eq_ignore_ascii_case("spiffe://"))
+                .map(|_| &uri[9..])
+            else {
                 continue;
             };
             let found = rest.split('/').next().unwrap_or_default();

@@ -22,7 +22,7 @@ use crate::ttl::Ttl;
 pub(super) const NODE: &str = "spiffe://example.org/node/a";
 
 /// A server state on a temp dir, and its clock.
-pub(super) async fn fixture(dir: &std::path::Path) -> (Arc<ServerState>, Arc<ManualClock>) {
+pub(crate) async fn fixture(dir: &std::path::Path) -> (Arc<ServerState>, Arc<ManualClock>) {
     fixture_with(dir, crate::server::RawServerConfig::default()).await
 }
 

@@ -30,7 +30,7 @@ mod delegation;
 mod failures;
 mod feed;
 #[cfg(test)]
-mod issuance_tests;
+pub(crate) mod issuance_tests;
 pub mod limits;
 #[cfg(test)]
 mod limits_tests;

@@ -50,6 +50,9 @@ const PAGE_BUDGET: usize = 2 << 20;
 const MAX_DELTA_IDS: usize = 1_000;
 /// Most entries and grants on one sync page.
 const PAGE_ITEMS: usize = 5_000;
+/// About the most the federated bundles of one sync answer carry, beside [`PAGE_BUDGET`]:
+/// together well under a client's 4 MiB default (a bundle is at most 64 keys).
+const FEDERATED_BUDGET: usize = 1 << 20;
 
 /// Where a sync page starts: after an entry (by its place in the order), or after a grant
 /// once every entry went out.
@@ -230,6 +233,7 @@ impl NodeApi {
             })
             .collect();
         let page = SyncPage::cut(&entries, &grants, &cursor);
+        let last_page = page.next.is_none();
         Ok(Response::new(pb::SyncEntriesResponse {
             entries: page.entries,
             bundle: Some(bundle_to_proto(&self.state.ca.bundle())),
@@ -237,7 +241,12 @@ impl NodeApi {
             next_page_token: page.next.map(|c| c.token()).unwrap_or_default(),
             removed_entry_ids: Vec::new(),
             grants_incomplete: false,
-            federated_bundles: self.federated_bundles().await?,
+            // With the last page: the node takes the set from there.
+            federated_bundles: if last_page {
+                self.federated_bundles().await?
+            } else {
+                Vec::new()
+            },
         }))
     }
 
@@ -339,17 +348,28 @@ impl NodeApi {
         }))
     }
 
-    /// Every federated bundle the server holds (a handful; the node picks per workload).
+    /// Every federated bundle the server holds (a handful; the node picks per workload), in
+    /// trust domain order, as many as fit [`FEDERATED_BUDGET`] beside a full page; the rest
+    /// are left out with a warning (a node keeps serving its own trust domain).
     async fn federated_bundles(&self) -> Result<Vec<pb::Bundle>, NodeApiError> {
-        Ok(self
+        let all = self
             .state
             .store
             .list_federated_bundles()
             .await
-            .map_err(NodeApiError::from)?
-            .iter()
-            .map(|b| bundle_to_proto(&b.bundle))
-            .collect())
+            .map_err(NodeApiError::from)?;
+        let mut out = Vec::with_capacity(all.len());
+        let mut size = 0usize;
+        for b in &all {
+            let wire = bundle_to_proto(&b.bundle);
+            size += wire.encoded_len();
+            if size > FEDERATED_BUDGET {
+                tracing::warn!(trust_domain = %b.bundle.trust_domain, budget = FEDERATED_BUDGET, "federated bundles over the sync budget: this one and those after it are not sent to node agents");
+                break;
+            }
+            out.push(wire);
+        }
+        Ok(out)
     }
 
     /// Whether a delta sync hands `e` to `node`: as a whole sync would (membership, no
