@@ -514,6 +514,94 @@ fn bad_bundles_and_a_wrong_endpoint_id_are_refused_and_the_last_good_bundle_stay
     Ok(())
 }
 
+/// A GET over TLS trusting only `root`, to `addr` named `host`: the status line and body.
+async fn https_get(
+    addr: &str,
+    host: &str,
+    root: &[u8],
+    method: &str,
+) -> anyhow::Result<(String, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls::pki_types::CertificateDer::from(root.to_vec()))?;
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(
+            rustls::pki_types::ServerName::try_from(host.to_string())?,
+            tcp,
+        )
+        .await?;
+    tls.write_all(
+        format!("{method} /anything HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")
+            .as_bytes(),
+    )
+    .await?;
+    let mut raw = Vec::new();
+    let _ = tls.read_to_end(&mut raw).await;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    Ok((
+        head.lines().next().unwrap_or_default().to_string(),
+        body.to_string(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_web_bundle_endpoint_serves_the_bundle_with_its_certificate() -> anyhow::Result<()>
+{
+    use std::os::unix::fs::PermissionsExt as _;
+    let env = Env::new();
+    // A web PKI of our own: a root, and a certificate for localhost under it.
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let leaf_key = rcgen::KeyPair::generate()?;
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])?
+        .signed_by(&leaf_key, &rcgen::Issuer::from_params(&ca, &ca_key))?;
+    let cert_file = env.path().join("web.crt");
+    let key_file = env.path().join("web.key");
+    std::fs::write(&cert_file, format!("{}{}", leaf.pem(), ca_cert.pem()))?;
+    std::fs::write(&key_file, leaf_key.serialize_pem())?;
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644))?;
+    let port = free_port()?;
+    let config = env.path().join("web.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[federation]\nbind_address = \"127.0.0.1:{port}\"\n[federation.https_web]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            cert_file.display(),
+            key_file.display()
+        ),
+    )?;
+    let config_arg = config.display().to_string();
+    // A key others can read is refused at start, naming the file.
+    let err = Server::start_named(&env, "loose", &["--config", &config_arg])
+        .expect_err("a world-readable key was accepted");
+    assert!(format!("{err:#}").contains("chmod 600"), "{err:#}");
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600))?;
+    let server = Server::start_named(&env, "web", &["--config", &config_arg])?;
+
+    let addr = format!("127.0.0.1:{port}");
+    let (status, body) = https_get(&addr, "localhost", ca_cert.der(), "GET").await?;
+    assert!(status.contains(" 200 "), "{status}");
+    let doc: serde_json::Value = serde_json::from_str(&body)?;
+    assert_eq!(doc["spiffe_refresh_hint"], 300, "{doc}");
+    let served = doc["keys"].as_array().map(Vec::len).unwrap_or(0);
+    let ours = json(&server.cli_ok(&["bundle", "show", "--format", "spiffe"])?)?;
+    assert_eq!(Some(served), ours["keys"].as_array().map(Vec::len), "{doc}");
+    assert!(served >= 2, "X.509 and JWT authorities: {doc}");
+    let (status, _) = https_get(&addr, "localhost", ca_cert.der(), "POST").await?;
+    assert!(status.contains(" 405 "), "{status}");
+    Ok(())
+}
+
 /// The published `spiffe` crate's source, as cargo fetched it for this workspace.
 fn spiffe_crate_source() -> anyhow::Result<PathBuf> {
     let out = cargo_command()

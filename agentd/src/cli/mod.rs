@@ -594,6 +594,7 @@ pub enum BundleCommand {
     /// Deletes the bundle of another trust domain (refused while a federation relationship
     /// or an entry uses it).
     Delete {
+        /// The other trust domain whose bundle goes.
         #[arg(long)]
         trust_domain: String,
         #[command(flatten)]
@@ -659,6 +660,7 @@ pub enum FederationCommand {
     },
     /// Shows one relationship.
     Show {
+        /// The other trust domain.
         #[arg(long)]
         trust_domain: String,
         #[command(flatten)]
@@ -673,6 +675,7 @@ pub enum FederationCommand {
     },
     /// Deletes a relationship (the bundle last fetched is kept: `bundle delete` removes it).
     Delete {
+        /// The other trust domain.
         #[arg(long)]
         trust_domain: String,
         #[command(flatten)]

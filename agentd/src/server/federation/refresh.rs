@@ -302,9 +302,24 @@ mod tests {
         id: &str,
         body: Arc<std::sync::Mutex<String>>,
     ) -> std::net::SocketAddr {
+        endpoint_with(
+            ca_params,
+            ca_key,
+            vec![rcgen::SanType::URI(id.try_into().unwrap())],
+            body,
+        )
+        .await
+    }
+
+    async fn endpoint_with(
+        ca_params: &rcgen::CertificateParams,
+        ca_key: &rcgen::KeyPair,
+        sans: Vec<rcgen::SanType>,
+        body: Arc<std::sync::Mutex<String>>,
+    ) -> std::net::SocketAddr {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.subject_alt_names = vec![rcgen::SanType::URI(id.try_into().unwrap())];
+        p.subject_alt_names = sans;
         p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
         let issuer = rcgen::Issuer::from_params(ca_params, ca_key);
         let leaf = p.signed_by(&key, &issuer).unwrap().der().to_vec();
@@ -479,6 +494,67 @@ mod tests {
             "{status:?}"
         );
         assert_eq!(stored().await.unwrap().bundle.sequence, 2);
+    }
+
+    /// https_web: web PKI against the given roots and the URL's host; another host or an
+    /// unknown root is refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_https_web_endpoint_is_checked_by_web_pki() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, _clock) = crate::server::node_api::issuance_tests::fixture(dir.path()).await;
+        let td = spiffe::TrustDomain::new("partner.example").unwrap();
+        let (web_params, web_key, web_root) = ca("web-root.example");
+        let (_, _, partner_der) = ca("partner.example");
+        let doc = crate::bundle::Bundle {
+            trust_domain: td.clone(),
+            x509_authorities: vec![partner_der],
+            jwt_authorities: vec![],
+            sequence: 1,
+            refresh_hint: Duration::from_secs(60),
+        }
+        .to_spiffe_json();
+        let body = Arc::new(std::sync::Mutex::new(doc));
+        let addr = endpoint_with(
+            &web_params,
+            &web_key,
+            vec![rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap())],
+            body,
+        )
+        .await;
+        let rel = |host: &str| FederationRelationship {
+            trust_domain: td.clone(),
+            bundle_endpoint_url: format!("https://{host}:{}/", addr.port()).parse().unwrap(),
+            profile: EndpointProfile::HttpsWeb,
+            created_at: 1,
+            updated_at: 1,
+        };
+        let roots = [rustls::pki_types::CertificateDer::from(web_root)];
+        // No roots that vouch for it: refused.
+        let (_, _, stranger) = ca("stranger.example");
+        let other_roots = [rustls::pki_types::CertificateDer::from(stranger)];
+        let r = rel("127.0.0.1");
+        state.store.put_federation(&r).await.unwrap();
+        assert!(refresh_one(&state, &r, &other_roots).await.is_err());
+        assert!(counted(&state, "rejected"));
+        assert!(state
+            .store
+            .list_federated_bundles()
+            .await
+            .unwrap()
+            .is_empty());
+        // The name in the URL must be the certificate's: localhost is not 127.0.0.1 here.
+        let named = rel("localhost");
+        state.store.put_federation(&named).await.unwrap();
+        assert!(refresh_one(&state, &named, &roots).await.is_err());
+        // The right root and host: fetched.
+        state.store.put_federation(&r).await.unwrap();
+        assert_eq!(
+            refresh_one(&state, &r, &roots).await,
+            Ok(Duration::from_secs(60))
+        );
+        let held = state.store.list_federated_bundles().await.unwrap();
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].source, BundleSource::Endpoint);
     }
 
     #[test]
