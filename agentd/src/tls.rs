@@ -67,6 +67,20 @@ fn root_store(roots: &[Vec<u8>]) -> Result<RootCertStore, TlsError> {
     Ok(store)
 }
 
+/// The bundle's CA certificates as webpki trust anchors.
+fn trust_anchors(
+    roots: &[Vec<u8>],
+) -> Result<Vec<rustls::pki_types::TrustAnchor<'static>>, TlsError> {
+    roots
+        .iter()
+        .map(|r| {
+            webpki::anchor_from_trusted_cert(&CertificateDer::from(r.clone()))
+                .map(|a| a.to_owned())
+                .map_err(|e| TlsError::Config(format!("trust bundle certificate: {e}")))
+        })
+        .collect()
+}
+
 fn key_der(key: &PrivateKey) -> PrivateKeyDer<'static> {
     PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.pkcs8_der().to_vec()))
 }
@@ -112,14 +126,7 @@ pub fn client_config(
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let provider = provider();
     let verifier = Arc::new(SpiffeServerVerifier {
-        roots: roots
-            .iter()
-            .map(|r| {
-                webpki::anchor_from_trusted_cert(&CertificateDer::from(r.clone()))
-                    .map(|a| a.to_owned())
-                    .map_err(|e| TlsError::Config(format!("trust bundle certificate: {e}")))
-            })
-            .collect::<Result<_, _>>()?,
+        roots: trust_anchors(roots)?,
         expected: expected_server,
         provider: provider.clone(),
     });
@@ -164,14 +171,7 @@ pub fn bundle_endpoint_spiffe_client(
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let provider = provider();
     let verifier = Arc::new(SpiffeServerVerifier {
-        roots: roots
-            .iter()
-            .map(|r| {
-                webpki::anchor_from_trusted_cert(&CertificateDer::from(r.clone()))
-                    .map(|a| a.to_owned())
-                    .map_err(|e| TlsError::Config(format!("trust bundle certificate: {e}")))
-            })
-            .collect::<Result<_, _>>()?,
+        roots: trust_anchors(roots)?,
         expected: Some(expected),
         provider: provider.clone(),
     });

@@ -93,12 +93,15 @@ impl AdminApi {
         Ok(())
     }
 
-    /// The change reaches every node agent, and the refresh loop looks again.
-    fn federation_changed(&self) {
+    /// After a committed change: its audit records, then every node agent syncs and the
+    /// refresh loop looks again.
+    async fn federation_changed(&self, records: Vec<AuditRecord>) -> Result<(), AdminError> {
+        let audited = self.state.audit.record_all(records).await;
         self.state
             .changes
             .publish(ChangeScope::All, Default::default());
         self.state.federation.wake();
+        audited.map(|_| ()).map_err(AdminError::from)
     }
 
     async fn federated_bundle(
@@ -340,12 +343,7 @@ pub(super) async fn create(
         0,
         federation_audit(AuditRecord::new("federation.create", &actor), &relationship),
     );
-    api.state
-        .audit
-        .record_all(records)
-        .await
-        .map_err(AdminError::from)?;
-    api.federation_changed();
+    api.federation_changed(records).await?;
     tracing::info!(?uid, trust_domain = %td, url = %relationship.bundle_endpoint_url, "federation relationship created");
     Ok(Response::new(api.federation_to_proto(&relationship).await?))
 }
@@ -446,12 +444,7 @@ pub(super) async fn update(
         .put_federation(&r)
         .await
         .map_err(AdminError::from)?;
-    api.state
-        .audit
-        .record_all(records)
-        .await
-        .map_err(AdminError::from)?;
-    api.federation_changed();
+    api.federation_changed(records).await?;
     tracing::info!(?uid, trust_domain = %td, "federation relationship updated");
     Ok(Response::new(api.federation_to_proto(&r).await?))
 }
@@ -471,15 +464,11 @@ pub(super) async fn delete(
         .await
         .map_err(AdminError::from)?;
     api.state.federation.forget(&td);
-    api.state
-        .audit
-        .record(federation_audit(
-            AuditRecord::new("federation.delete", Actor::admin(uid)),
-            &r,
-        ))
-        .await
-        .map_err(AdminError::from)?;
-    api.federation_changed();
+    api.federation_changed(vec![federation_audit(
+        AuditRecord::new("federation.delete", Actor::admin(uid)),
+        &r,
+    )])
+    .await?;
     tracing::info!(?uid, trust_domain = %td, "federation relationship deleted (its last bundle is kept)");
     Ok(Response::new(shown))
 }
@@ -503,15 +492,11 @@ pub(super) async fn set_bundle(
         .put_federated_bundle(&stored)
         .await
         .map_err(AdminError::from)?;
-    api.state
-        .audit
-        .record(bundle_audit(
-            AuditRecord::new("bundle.set", Actor::admin(uid)),
-            &stored.bundle,
-        ))
-        .await
-        .map_err(AdminError::from)?;
-    api.federation_changed();
+    api.federation_changed(vec![bundle_audit(
+        AuditRecord::new("bundle.set", Actor::admin(uid)),
+        &stored.bundle,
+    )])
+    .await?;
     tracing::info!(?uid, trust_domain = %td, "federated bundle set");
     Ok(Response::new(federated_bundle_to_proto(&stored)))
 }
@@ -570,15 +555,11 @@ pub(super) async fn delete_bundle(
         .delete_federated_bundle(&td)
         .await
         .map_err(AdminError::from)?;
-    api.state
-        .audit
-        .record(bundle_audit(
-            AuditRecord::new("bundle.delete", Actor::admin(uid)),
-            &bundle.bundle,
-        ))
-        .await
-        .map_err(AdminError::from)?;
-    api.federation_changed();
+    api.federation_changed(vec![bundle_audit(
+        AuditRecord::new("bundle.delete", Actor::admin(uid)),
+        &bundle.bundle,
+    )])
+    .await?;
     tracing::info!(?uid, trust_domain = %td, "federated bundle deleted");
     Ok(Response::new(federated_bundle_to_proto(&bundle)))
 }
