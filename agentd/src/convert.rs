@@ -33,16 +33,32 @@ pub enum ConvertError {
 }
 
 pub fn bundle_from_proto(p: &pb::Bundle) -> Result<Bundle, ConvertError> {
-    let trust_domain = TrustDomain::new(&p.trust_domain).map_err(|e| ConvertError::Field {
-        field: "bundle.trust_domain",
-        reason: e.to_string(),
-    })?;
     if p.x509_authorities.is_empty() {
         return Err(ConvertError::Field {
             field: "bundle.x509_authorities",
             reason: "empty".into(),
         });
     }
+    any_bundle_from_proto(p)
+}
+
+/// Another trust domain's bundle: X.509 or JWT authorities, at least one key of either kind
+/// (a federated trust domain may publish JWT keys only).
+pub fn federated_bundle_from_proto(p: &pb::Bundle) -> Result<Bundle, ConvertError> {
+    if p.x509_authorities.is_empty() && p.jwt_authorities.is_empty() {
+        return Err(ConvertError::Field {
+            field: "federated_bundles",
+            reason: format!("the bundle of {} holds no keys", p.trust_domain),
+        });
+    }
+    any_bundle_from_proto(p)
+}
+
+fn any_bundle_from_proto(p: &pb::Bundle) -> Result<Bundle, ConvertError> {
+    let trust_domain = TrustDomain::new(&p.trust_domain).map_err(|e| ConvertError::Field {
+        field: "bundle.trust_domain",
+        reason: e.to_string(),
+    })?;
     Ok(Bundle {
         trust_domain,
         x509_authorities: p.x509_authorities.clone(),

@@ -491,12 +491,30 @@ fn bad_bundles_and_a_wrong_endpoint_id_are_refused_and_the_last_good_bundle_stay
     ])?;
     wait_fetched(&ours, PARTNER, 1, Duration::from_secs(20))?;
 
-    // A bundle in use is not deleted; the relationship goes first, then the bundle.
+    // A bundle in use is not deleted: the relationship goes first, then the entries that
+    // federate with it let go (`--federates-with ""` clears the list), then the bundle.
+    let entry = ours.create_entry(&[
+        "--parent-id",
+        "spiffe://example.org/node/somewhere",
+        "--spiffe-id",
+        "spiffe://example.org/agent/x",
+        "--selector",
+        "unix:uid:4242",
+        "--federates-with",
+        PARTNER,
+    ])?;
     refused(
         &["bundle", "delete", "--trust-domain", PARTNER],
         "federation delete",
     )?;
     ours.cli_ok(&["federation", "delete", "--trust-domain", PARTNER])?;
+    refused(
+        &["bundle", "delete", "--trust-domain", PARTNER],
+        "entries federating with partner.example: 1",
+    )?;
+    ours.cli_ok(&["entry", "update", "--id", &entry, "--federates-with", ""])?;
+    let shown = json(&ours.cli_ok(&["entry", "show", "--id", &entry, "--output", "json"])?)?;
+    assert_eq!(shown["federates_with"], serde_json::json!([]), "{shown}");
     ours.cli_ok(&["bundle", "delete", "--trust-domain", PARTNER])?;
     let listed = json(&ours.cli_ok(&["bundle", "list", "--output", "json"])?)?;
     assert_eq!(listed, serde_json::json!([]), "{listed}");

@@ -484,7 +484,12 @@ pub async fn entry(cmd: EntryCommand, out: Output) -> anyhow::Result<()> {
                 hint: args.options.hint,
                 scopes: list(args.options.scopes),
                 owner: args.options.owner,
-                federates_with: list(args.options.federates_with),
+                // `--federates-with ""` clears the list.
+                federates_with: if args.options.federates_with == [String::new()] {
+                    Some(pb::StringList { values: vec![] })
+                } else {
+                    list(args.options.federates_with)
+                },
             };
             let mut c = admin_client(&admin.admin_socket).await?;
             let e = c.update_entry(req).await.map_err(status)?.into_inner();

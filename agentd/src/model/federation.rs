@@ -77,6 +77,13 @@ impl FromStr for EndpointUrl {
         if path.contains('#') {
             return Err(err("it must not have a fragment"));
         }
+        // What an HTTP request line may carry (RFC 3986 path and query, percent-encoded).
+        if !path
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b))
+        {
+            return Err(err("its path holds characters a URL must percent-encode"));
+        }
         if authority.contains('@') {
             return Err(err("it must not carry credentials"));
         }
@@ -171,6 +178,9 @@ mod tests {
             "https://h ex/",
             "https://[::1",
             "https://h_under$score.example",
+            "https://h.example/p\u{e9}",
+            "https://h.example/a%20b c",
+            "https://h.example/<x>",
         ] {
             assert!(bad.parse::<EndpointUrl>().is_err(), "{bad} was accepted");
         }

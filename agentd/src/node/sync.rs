@@ -83,7 +83,7 @@ fn entry_from_proto(e: pb::Entry) -> Result<NodeEntry, String> {
 fn federated_from_proto(bundles: &[pb::Bundle]) -> Vec<crate::bundle::Bundle> {
     bundles
         .iter()
-        .filter_map(|b| match bundle_from_proto(b) {
+        .filter_map(|b| match crate::convert::federated_bundle_from_proto(b) {
             Ok(b) => Some(b),
             Err(e) => {
                 tracing::warn!(trust_domain = %b.trust_domain, error = %e, "skipping a federated bundle the server sent");
@@ -220,8 +220,11 @@ impl Syncer {
             self.link.update_bundle(bundle.clone()).await;
         }
         self.cache.set_entries(entries, bundle);
-        self.cache
-            .set_federated(federated_from_proto(&resp.federated_bundles));
+        // A server that did not say (an older one) leaves the federated bundles as held.
+        if resp.federated_bundles_included {
+            self.cache
+                .set_federated(federated_from_proto(&resp.federated_bundles));
+        }
         self.cache.synced_as_of(as_of);
         self.cache.set_grants(
             resp.grants
@@ -288,8 +291,10 @@ impl Syncer {
         if answered < delta.entry_ids.len() {
             self.cache.request_sync();
         }
-        self.cache
-            .set_federated(federated_from_proto(&resp.federated_bundles));
+        if resp.federated_bundles_included {
+            self.cache
+                .set_federated(federated_from_proto(&resp.federated_bundles));
+        }
         self.cache.apply_delta(
             entries,
             &resp.removed_entry_ids,
@@ -332,6 +337,7 @@ impl Syncer {
             whole.bundle = page.bundle;
             // Sent with the last page.
             whole.federated_bundles = page.federated_bundles;
+            whole.federated_bundles_included = page.federated_bundles_included;
             if page.next_page_token.is_empty() {
                 return Ok(whole);
             }
@@ -535,4 +541,39 @@ impl Syncer {
 fn cert_not_before(der: &[u8]) -> Option<SystemTime> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     Some(from_unix_seconds(cert.validity().not_before.timestamp()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wire(td: &str, x509: usize, jwt: usize) -> pb::Bundle {
+        pb::Bundle {
+            trust_domain: td.into(),
+            x509_authorities: (0..x509).map(|i| vec![1, i as u8]).collect(),
+            jwt_authorities: (0..jwt)
+                .map(|i| pb::JwtAuthority {
+                    key_id: format!("k{i}"),
+                    public_key: vec![2, i as u8],
+                    expires_at: 0,
+                })
+                .collect(),
+            sequence: 1,
+            refresh_hint_seconds: 60,
+        }
+    }
+
+    /// A federated trust domain may publish JWT keys only; a bundle with no keys at all,
+    /// or a bad trust domain name, is skipped without costing the others.
+    #[test]
+    fn federated_bundles_need_a_key_of_either_kind() {
+        let got = federated_from_proto(&[
+            wire("jwt-only.example", 0, 1),
+            wire("x509.example", 1, 0),
+            wire("empty.example", 0, 0),
+            wire("Not A Domain", 1, 1),
+        ]);
+        let names: Vec<&str> = got.iter().map(|b| b.trust_domain.as_str()).collect();
+        assert_eq!(names, ["jwt-only.example", "x509.example"]);
+    }
 }

@@ -424,26 +424,31 @@ pub(super) async fn update(
         AuditRecord::new("federation.update", &actor),
         &r,
     )];
-    if let Some(bundle) = bootstrap {
-        records.push(bundle_audit(
-            AuditRecord::new("bundle.set", &actor).field("source", "federation update"),
-            &bundle,
-        ));
-        api.state
-            .store
-            .put_federated_bundle(&FederatedBundle {
-                bundle,
-                source: BundleSource::Static,
-                updated_at: r.updated_at,
-            })
-            .await
-            .map_err(AdminError::from)?;
-    }
     api.state
         .store
         .put_federation(&r)
         .await
         .map_err(AdminError::from)?;
+    if let Some(bundle) = bootstrap {
+        let stored = api
+            .state
+            .store
+            .put_federated_bundle(&FederatedBundle {
+                bundle: bundle.clone(),
+                source: BundleSource::Static,
+                updated_at: r.updated_at,
+            })
+            .await;
+        if let Err(e) = stored {
+            // The relationship changed; say so, then why the bundle did not.
+            api.federation_changed(records).await?;
+            return Err(AdminError::from(e).into());
+        }
+        records.push(bundle_audit(
+            AuditRecord::new("bundle.set", &actor).field("source", "federation update"),
+            &bundle,
+        ));
+    }
     api.federation_changed(records).await?;
     tracing::info!(?uid, trust_domain = %td, "federation relationship updated");
     Ok(Response::new(api.federation_to_proto(&r).await?))
@@ -546,7 +551,7 @@ pub(super) async fn delete_bundle(
         .count();
     if users > 0 {
         return Err(AdminError::InUse(format!(
-            "{users} entries federate with {td}: remove it from their --federates-with first"
+            "entries federating with {td}: {users}; take it out of their --federates-with first (`agentd entry update --federates-with ...`)"
         ))
         .into());
     }

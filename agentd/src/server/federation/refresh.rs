@@ -101,9 +101,13 @@ pub async fn run(state: Arc<ServerState>, stop: CancellationToken) -> Result<(),
                     .is_none_or(|s| s.next <= now)
             })
             .collect();
-        let results =
-            futures::future::join_all(due.iter().map(|r| refresh_one(&state, r, roots.as_slice())))
-                .await;
+        let fetches =
+            futures::future::join_all(due.iter().map(|r| refresh_one(&state, r, roots.as_slice())));
+        let results = tokio::select! {
+            // Shutdown does not wait for fetches in flight (each may take 10 s).
+            _ = stop.cancelled() => return Ok(()),
+            r = fetches => r,
+        };
         for (rel, result) in due.iter().zip(results) {
             let s = schedule
                 .entry(rel.trust_domain.as_str().to_string())

@@ -247,6 +247,7 @@ impl NodeApi {
             } else {
                 Vec::new()
             },
+            federated_bundles_included: last_page,
         }))
     }
 
@@ -345,6 +346,7 @@ impl NodeApi {
             removed_entry_ids: removed,
             grants_incomplete,
             federated_bundles: self.federated_bundles().await?,
+            federated_bundles_included: true,
         }))
     }
 
@@ -364,7 +366,23 @@ impl NodeApi {
             let wire = bundle_to_proto(&b.bundle);
             size += wire.encoded_len();
             if size > FEDERATED_BUDGET {
-                tracing::warn!(trust_domain = %b.bundle.trust_domain, budget = FEDERATED_BUDGET, "federated bundles over the sync budget: this one and those after it are not sent to node agents");
+                // Once a minute at most: every sync of every node comes through here.
+                static WARNED_AT: std::sync::atomic::AtomicI64 =
+                    std::sync::atomic::AtomicI64::new(0);
+                let now = unix_seconds(self.state.clock.now());
+                let last = WARNED_AT.load(std::sync::atomic::Ordering::Relaxed);
+                if now - last >= 60
+                    && WARNED_AT
+                        .compare_exchange(
+                            last,
+                            now,
+                            std::sync::atomic::Ordering::Relaxed,
+                            std::sync::atomic::Ordering::Relaxed,
+                        )
+                        .is_ok()
+                {
+                    tracing::warn!(trust_domain = %b.bundle.trust_domain, budget = FEDERATED_BUDGET, "federated bundles over the sync budget: this one and those after it are not sent to node agents");
+                }
                 break;
             }
             out.push(wire);
