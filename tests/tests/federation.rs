@@ -532,6 +532,59 @@ fn bad_bundles_and_a_wrong_endpoint_id_are_refused_and_the_last_good_bundle_stay
     Ok(())
 }
 
+/// Two servers of one trust domain on one PostgreSQL database share their federation: a
+/// relationship created through one is listed by the other, both fetch, and a node agent
+/// attached to the other gets the federated bundle for an entry made through the first.
+#[test]
+fn servers_on_one_database_share_their_federation() -> anyhow::Result<()> {
+    // The database helper runs its own runtime: this test is synchronous and drives the
+    // Workload API client on one of its own.
+    let db = agentd_e2e::pg::Database::create()?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let env = Env::new();
+    let (partner, partner_url) = federating_server(&env, "partner", PARTNER)?;
+    let partner_pem = env.path().join("partner-bundle.pem");
+    partner.write_bundle(&partner_pem)?;
+    let pg = ["--datastore", db.url.as_str()];
+    let a = Server::start_named(&env, "a", &pg)?;
+    let b_dir = env.path().join("b");
+    std::fs::create_dir(&b_dir)?;
+    std::fs::copy(a.data_dir.join("audit.key"), b_dir.join("audit.key"))?;
+    let b = Server::start_named(&env, "b", &pg)?;
+
+    a.cli_ok(&[
+        "federation",
+        "create",
+        "--trust-domain",
+        PARTNER,
+        "--bundle-endpoint-url",
+        &partner_url,
+        "--bundle-endpoint-profile",
+        "https_spiffe",
+        "--trust-bundle",
+        &partner_pem.display().to_string(),
+    ])?;
+    wait_fetched(&a, PARTNER, 1, Duration::from_secs(20))?;
+    // The other server sees the relationship and the bundle, and fetches for itself.
+    wait_fetched(&b, PARTNER, 1, Duration::from_secs(20))?;
+    let mut last = serde_json::Value::Null;
+    let ok = wait_until(Duration::from_secs(20), || {
+        last = federation(&b, PARTNER).unwrap_or_default();
+        last["last_attempt_at"].is_number() && last["last_error"].is_null()
+    });
+    assert!(ok, "the second server never fetched: {last}");
+
+    let node = Node::start(&env, &b, "n")?;
+    let id = "spiffe://example.org/agent/planner";
+    a.register_own_uid(&node.spiffe_id, id, &["--federates-with", PARTNER])?;
+    node.wait_for_svid(id)?;
+    rt.block_on(wait_authorities(&node, PARTNER, 1, Duration::from_secs(20)))?;
+    // A rotation on the partner reaches the node through either server's fetch.
+    partner.cli_ok(&["authority", "prepare"])?;
+    rt.block_on(wait_authorities(&node, PARTNER, 2, Duration::from_secs(30)))?;
+    Ok(())
+}
+
 /// A GET over TLS trusting only `root`, to `addr` named `host`: the status line and body.
 async fn https_get(
     addr: &str,

@@ -46,6 +46,9 @@ fn retry_after(failures: u32, hint: Duration) -> Duration {
 struct Schedule {
     next: Instant,
     failures: u32,
+    /// The relationship's `updated_at` when scheduled: another server of a shared store
+    /// may change it, and a changed relationship is fetched at once.
+    updated_at: i64,
 }
 
 /// Whether two bundles hold the same keys (in any order): what a change is. Another
@@ -91,7 +94,11 @@ pub async fn run(state: Arc<ServerState>, stop: CancellationToken) -> Result<(),
                 }
             }
         };
-        schedule.retain(|td, _| relationships.iter().any(|r| r.trust_domain.as_str() == td));
+        schedule.retain(|td, s| {
+            relationships
+                .iter()
+                .any(|r| r.trust_domain.as_str() == td && r.updated_at == s.updated_at)
+        });
         let now = Instant::now();
         let due: Vec<&FederationRelationship> = relationships
             .iter()
@@ -114,6 +121,7 @@ pub async fn run(state: Arc<ServerState>, stop: CancellationToken) -> Result<(),
                 .or_insert(Schedule {
                     next: Instant::now(),
                     failures: 0,
+                    updated_at: rel.updated_at,
                 });
             let wait = match result {
                 Ok(hint) => {
