@@ -555,13 +555,13 @@ fn undescribed(help: &str) -> Vec<String> {
         if !in_args || item.is_empty() || indent > 6 {
             continue;
         }
-        // "--flag <VALUE>  Description": the spec has single spaces only.
-        let same_line = item
-            .split_once("  ")
-            .is_some_and(|(_, d)| !d.trim().is_empty());
+        // "--flag <VALUE>  Description": the spec has single spaces only. clap's own
+        // "[default: ...]" or "[possible values: ...]" alone is no description.
+        let described = |d: &str| !d.trim().is_empty() && !d.trim_start().starts_with('[');
+        let same_line = item.split_once("  ").is_some_and(|(_, d)| described(d));
         let next_line = lines.get(i + 1).is_some_and(|next| {
             let t = next.trim_start();
-            next.len() - t.len() > 6 && !t.is_empty()
+            next.len() - t.len() > 6 && described(t)
         });
         if !same_line && !next_line {
             missing.push(item.trim_end().to_string());

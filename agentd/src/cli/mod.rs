@@ -639,6 +639,7 @@ pub struct FederationArgs {
     /// with it); - for stdin.
     #[arg(long)]
     pub trust_bundle: Option<PathBuf>,
+    /// The format of --trust-bundle: pem (CA certificates) or spiffe (a bundle document).
     #[arg(long, value_enum, default_value_t = BundleFormat::Pem)]
     pub trust_bundle_format: BundleFormat,
 }
