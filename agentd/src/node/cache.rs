@@ -213,6 +213,8 @@ pub struct Cache {
 pub struct DeltaRequest {
     pub entry_ids: std::collections::BTreeSet<String>,
     pub grant_agents: std::collections::BTreeSet<String>,
+    /// The bundles changed (and nothing else the node serves).
+    pub bundles: bool,
 }
 
 /// More changed ids than this pending at once and a whole sync is cheaper.
@@ -263,10 +265,16 @@ impl Cache {
         }
     }
 
+    /// Asks the sync loop for the bundles alone (a federated bundle changed).
+    pub fn request_bundles(&self) {
+        self.delta.lock().unwrap_or_else(|p| p.into_inner()).bundles = true;
+        self.mint_now.notify_one();
+    }
+
     /// Whether a delta is waiting.
     pub fn delta_pending(&self) -> bool {
         let d = self.delta.lock().unwrap_or_else(|p| p.into_inner());
-        !d.entry_ids.is_empty() || !d.grant_agents.is_empty()
+        !d.entry_ids.is_empty() || !d.grant_agents.is_empty() || d.bundles
     }
 
     /// Takes the pending delta (a whole sync takes it too: it covers everything).

@@ -112,7 +112,13 @@ impl ChangeSubscriber {
             heard = Ended::Heard;
             *at = at.after(&notice);
             if notice.sync {
-                if notice.entry_ids.is_empty() && notice.grant_agents.is_empty() {
+                if notice.bundles && notice.entry_ids.is_empty() && notice.grant_agents.is_empty() {
+                    tracing::debug!(
+                        sequence = notice.sequence,
+                        "change notice: fetching the bundles now"
+                    );
+                    self.cache.request_bundles();
+                } else if notice.entry_ids.is_empty() && notice.grant_agents.is_empty() {
                     tracing::debug!(
                         sequence = notice.sequence,
                         "change notice: syncing everything now"

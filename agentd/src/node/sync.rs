@@ -256,6 +256,9 @@ impl Syncer {
             .sync_entries(pb::SyncEntriesRequest {
                 entry_ids: delta.entry_ids.iter().cloned().collect(),
                 grant_agents: delta.grant_agents.iter().cloned().collect(),
+                // Answered with the bundles alone when no ids are asked; with ids, a
+                // delta carries the federated bundles anyway.
+                bundles_only: delta.bundles,
                 ..Default::default()
             })
             .await

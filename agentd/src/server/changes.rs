@@ -45,6 +45,8 @@ pub struct Changed {
     pub entries: Vec<crate::datastore::EntryId>,
     /// Agents (SPIFFE IDs) with a new grant.
     pub grant_agents: Vec<SpiffeId>,
+    /// Only bundles changed (with `All`): nodes fetch just the bundles.
+    pub bundles: bool,
 }
 
 #[derive(Debug)]
@@ -95,7 +97,10 @@ impl ChangeLog {
         // tolerates (every notice means "sync now").
         let sequence = self.head.fetch_add(1, Ordering::SeqCst) + 1;
         let what = if scope == ChangeScope::All {
-            Changed::default()
+            Changed {
+                bundles: what.bundles,
+                ..Changed::default()
+            }
         } else {
             what
         };
@@ -141,8 +146,20 @@ impl ChangeLog {
         let what = Changed {
             entries: vec![entry.clone()],
             grant_agents,
+            bundles: false,
         };
         self.publish_under(server_id, parents, what);
+    }
+
+    /// Federated bundles changed: every node fetches the bundles, not its entries.
+    pub fn publish_bundles(&self) {
+        self.publish(
+            ChangeScope::All,
+            Changed {
+                bundles: true,
+                ..Changed::default()
+            },
+        );
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Change> {

@@ -176,6 +176,9 @@ struct ChangeNotice {
     entries: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     grant_agents: Vec<String>,
+    /// Only bundles changed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    bundles: bool,
 }
 
 impl ChangeNotice {
@@ -188,6 +191,7 @@ impl ChangeNotice {
             },
             entries: what.entries.iter().map(ToString::to_string).collect(),
             grant_agents: what.grant_agents.iter().map(ToString::to_string).collect(),
+            bundles: what.bundles,
         }
     }
 
@@ -203,6 +207,7 @@ impl ChangeNotice {
             parents: None,
             entries: Vec::new(),
             grant_agents: Vec::new(),
+            bundles: false,
         })
         .unwrap_or_default()
     }
@@ -230,6 +235,7 @@ impl ChangeNotice {
                 .iter()
                 .map(|a| SpiffeId::new(a).ok())
                 .collect::<Option<Vec<_>>>()?,
+            bundles: notice.bundles,
         };
         Some((notice.origin, scope, what))
     }
@@ -316,6 +322,7 @@ mod tests {
         let what = Changed {
             entries: vec![entry],
             grant_agents: vec![id("spiffe://example.org/agent")],
+            bundles: false,
         };
         let text = ChangeNotice::of("s1", &scope, &what).encode();
         assert_eq!(
@@ -327,12 +334,23 @@ mod tests {
                 .map(|n| format!("{n:032x}").parse().unwrap())
                 .collect(),
             grant_agents: Vec::new(),
+            bundles: false,
         };
         let text = ChangeNotice::of("s1", &scope, &many).encode();
         assert!(text.len() <= MAX_SERVER_NOTICE);
         assert_eq!(
             ChangeNotice::decode(&text),
             Some(("s1".to_owned(), ChangeScope::All, Changed::default()))
+        );
+        // "Only the bundles" crosses to the other servers as it is.
+        let bundles = Changed {
+            bundles: true,
+            ..Changed::default()
+        };
+        let text = ChangeNotice::of("s1", &ChangeScope::All, &bundles).encode();
+        assert_eq!(
+            ChangeNotice::decode(&text),
+            Some(("s1".to_owned(), ChangeScope::All, bundles))
         );
         for bad in [
             "",

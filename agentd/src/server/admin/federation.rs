@@ -12,7 +12,6 @@ use crate::bundle::Bundle;
 use crate::model::federation::{
     BundleSource, EndpointProfile, EndpointUrl, FederatedBundle, FederationRelationship,
 };
-use crate::server::changes::ChangeScope;
 use crate::server::federation::{parse_bundle, BundleFormat};
 
 /// Most trust domains one entry may federate with.
@@ -97,9 +96,9 @@ impl AdminApi {
     /// refresh loop looks again.
     async fn federation_changed(&self, records: Vec<AuditRecord>) -> Result<(), AdminError> {
         let audited = self.state.audit.record_all(records).await;
-        self.state
-            .changes
-            .publish(ChangeScope::All, Default::default());
+        // Relationships and bundles are all a node holds of federation; an entry's
+        // `federates_with` travels with the entry.
+        self.state.changes.publish_bundles();
         self.state.federation.wake();
         audited.map(|_| ()).map_err(AdminError::from)
     }

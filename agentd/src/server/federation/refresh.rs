@@ -18,7 +18,6 @@ use super::RefreshStatus;
 use crate::audit::{Actor, AuditRecord};
 use crate::clock::unix_seconds;
 use crate::model::federation::{BundleSource, FederatedBundle, FederationRelationship};
-use crate::server::changes::ChangeScope;
 use crate::server::{ServerError, ServerState};
 
 /// A federated bundle is fetched at least this often, whatever its hint says...
@@ -230,7 +229,7 @@ async fn refresh_one(
             return fail(format!("storing it: {e}"), "failed");
         }
         // Every node agent syncs and hands the new bundle to the workloads that federate.
-        state.changes.publish(ChangeScope::All, Default::default());
+        state.changes.publish_bundles();
         let record = AuditRecord::new("federation.bundle_updated", Actor::Server)
             .field("trust_domain", td.as_str())
             .field("source", "endpoint")

@@ -74,7 +74,7 @@ impl NodeApi {
                             if !touches {
                                 continue;
                             }
-                            if change.scope == ChangeScope::All {
+                            if change.scope == ChangeScope::All && !change.what.bundles {
                                 // An alias may have changed: work out the node's sets again.
                                 if let Ok(now) = node_parents(&state, &node).await {
                                     parents = now;
@@ -86,6 +86,7 @@ impl NodeApi {
                                 sync: true,
                                 entry_ids: change.what.entries.iter().map(ToString::to_string).collect(),
                                 grant_agents: change.what.grant_agents.iter().map(ToString::to_string).collect(),
+                                bundles: change.what.bundles,
                             }
                         }
                         // Fell behind: whatever was missed, a sync covers it.
@@ -158,6 +159,63 @@ mod tests {
             selectors: vec!["unix:uid:1000".into()],
             ..Default::default()
         })
+    }
+
+    /// A federated bundle set by hand is a "bundles only" notice to every node, and the
+    /// bundles-only sync it asks for answers the bundles and no entries.
+    #[tokio::test]
+    async fn a_federated_bundle_change_asks_nodes_for_the_bundles_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, _clock) = fixture(dir.path()).await;
+        let api = NodeApi::new(state.clone(), CancellationToken::new());
+        let admin = crate::server::admin::AdminApi::new(state.clone());
+        attested(&state, NODE, "a1", &[]).await;
+        admin
+            .create_entry(spec("spiffe://example.org/w/own", NODE))
+            .await
+            .unwrap();
+        let mut stream = api
+            .change_notices(from_node(pb::WatchChangesRequest::default(), NODE, "a1"))
+            .await
+            .unwrap()
+            .into_inner();
+        let _first = next(&mut stream).await;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let pem = p.self_signed(&key).unwrap().pem();
+        admin
+            .set_federated_bundle(Request::new(apb::SetFederatedBundleRequest {
+                trust_domain: "partner.example".into(),
+                format: "pem".into(),
+                data: pem.into_bytes(),
+            }))
+            .await
+            .unwrap();
+        let notice = next(&mut stream).await;
+        assert!(notice.sync && notice.bundles, "{notice:?}");
+        assert!(notice.entry_ids.is_empty() && notice.grant_agents.is_empty());
+
+        let resp = api
+            .sync_node(from_node(
+                pb::SyncEntriesRequest {
+                    bundles_only: true,
+                    ..Default::default()
+                },
+                NODE,
+                "a1",
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            resp.entries.is_empty(),
+            "no entries in a bundles-only answer"
+        );
+        assert!(resp.bundle.is_some());
+        assert!(resp.federated_bundles_included);
+        assert_eq!(resp.federated_bundles.len(), 1);
+        assert_eq!(resp.federated_bundles[0].trust_domain, "partner.example");
     }
 
     /// A node hears of changes to what it serves (its own entries, its alias's), and of

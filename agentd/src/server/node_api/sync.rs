@@ -178,6 +178,14 @@ impl NodeApi {
             .caller(request.extensions().get::<PeerIdentity>())
             .await?;
         let request = request.into_inner();
+        if request.bundles_only && request.entry_ids.is_empty() && request.grant_agents.is_empty() {
+            return Ok(Response::new(pb::SyncEntriesResponse {
+                bundle: Some(bundle_to_proto(&self.state.ca.bundle())),
+                federated_bundles: self.federated_bundles().await?,
+                federated_bundles_included: true,
+                ..Default::default()
+            }));
+        }
         if !request.entry_ids.is_empty() || !request.grant_agents.is_empty() {
             // Fetches are reported with whole syncs, which know what the node serves.
             return self
