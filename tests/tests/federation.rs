@@ -38,6 +38,31 @@ fn federating_server(env: &Env, name: &str, td: &str) -> anyhow::Result<(Server,
     Ok((server, format!("https://127.0.0.1:{port}")))
 }
 
+/// `federation create --trust-domain TD --bundle-endpoint-url URL` over https_spiffe, with
+/// `extra` flags, on `server`.
+fn federate(server: &Server, td: &str, url: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "federation",
+        "create",
+        "--trust-domain",
+        td,
+        "--bundle-endpoint-url",
+        url,
+        "--bundle-endpoint-profile",
+        "https_spiffe",
+    ];
+    args.extend_from_slice(extra);
+    server.cli(&args)
+}
+
+/// The output of a command that must succeed, or its stderr as the error.
+fn ok(out: std::process::Output) -> anyhow::Result<std::process::Output> {
+    if !out.status.success() {
+        bail!("{}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(out)
+}
+
 fn json(out: &str) -> anyhow::Result<serde_json::Value> {
     serde_json::from_str(out).with_context(|| format!("not JSON: {out}"))
 }
@@ -180,37 +205,31 @@ async fn two_trust_domains_federate_from_the_cli_and_their_workloads_complete_mt
 
     // Each side: the other's endpoint, authenticated by the bundle it was handed once.
     let partner_pem_arg = partner_pem.display().to_string();
-    ours.cli_ok(&[
-        "federation",
-        "create",
-        "--trust-domain",
+    ok(federate(
+        &ours,
         PARTNER,
-        "--bundle-endpoint-url",
         &partner_url,
-        "--bundle-endpoint-profile",
-        "https_spiffe",
-        "--trust-bundle",
-        &partner_pem_arg,
-        "--trust-bundle-format",
-        "pem",
-    ])?;
+        &[
+            "--trust-bundle",
+            &partner_pem_arg,
+            "--trust-bundle-format",
+            "pem",
+        ],
+    ))?;
     let our_pem_arg = our_pem.display().to_string();
-    partner.cli_ok(&[
-        "federation",
-        "create",
-        "--trust-domain",
+    ok(federate(
+        &partner,
         "example.org",
-        "--bundle-endpoint-url",
         &our_url,
-        "--bundle-endpoint-profile",
-        "https_spiffe",
-        "--endpoint-spiffe-id",
-        "spiffe://example.org/agentd/server",
-        "--trust-bundle",
-        &our_pem_arg,
-        "--trust-bundle-format",
-        "pem",
-    ])?;
+        &[
+            "--endpoint-spiffe-id",
+            "spiffe://example.org/agentd/server",
+            "--trust-bundle",
+            &our_pem_arg,
+            "--trust-bundle-format",
+            "pem",
+        ],
+    ))?;
     wait_fetched(&ours, PARTNER, 1, Duration::from_secs(20))?;
     wait_fetched(&partner, "example.org", 1, Duration::from_secs(20))?;
     let shown = federation(&ours, PARTNER)?;
@@ -224,16 +243,7 @@ async fn two_trust_domains_federate_from_the_cli_and_their_workloads_complete_mt
     assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
 
     // Our own trust domain is refused, as is an entry federating with an unknown one.
-    let own = ours.cli(&[
-        "federation",
-        "create",
-        "--trust-domain",
-        "example.org",
-        "--bundle-endpoint-url",
-        &partner_url,
-        "--bundle-endpoint-profile",
-        "https_spiffe",
-    ]);
+    let own = federate(&ours, "example.org", &partner_url, &[]);
     assert!(!own.status.success());
     assert!(
         String::from_utf8_lossy(&own.stderr).contains("own trust domain"),
@@ -452,18 +462,15 @@ fn bad_bundles_and_a_wrong_endpoint_id_are_refused_and_the_last_good_bundle_stay
         "--path",
         &partner_pem_arg,
     ])?;
-    ours.cli_ok(&[
-        "federation",
-        "create",
-        "--trust-domain",
+    ok(federate(
+        &ours,
         PARTNER,
-        "--bundle-endpoint-url",
         &partner_url,
-        "--bundle-endpoint-profile",
-        "https_spiffe",
-        "--endpoint-spiffe-id",
-        "spiffe://partner.example/not-the-server",
-    ])?;
+        &[
+            "--endpoint-spiffe-id",
+            "spiffe://partner.example/not-the-server",
+        ],
+    ))?;
     let mut last = serde_json::Value::Null;
     let ok = wait_until(Duration::from_secs(20), || {
         last = federation(&ours, PARTNER).unwrap_or_default();
@@ -552,18 +559,12 @@ fn servers_on_one_database_share_their_federation() -> anyhow::Result<()> {
     std::fs::copy(a.data_dir.join("audit.key"), b_dir.join("audit.key"))?;
     let b = Server::start_named(&env, "b", &pg)?;
 
-    a.cli_ok(&[
-        "federation",
-        "create",
-        "--trust-domain",
+    ok(federate(
+        &a,
         PARTNER,
-        "--bundle-endpoint-url",
         &partner_url,
-        "--bundle-endpoint-profile",
-        "https_spiffe",
-        "--trust-bundle",
-        &partner_pem.display().to_string(),
-    ])?;
+        &["--trust-bundle", &partner_pem.display().to_string()],
+    ))?;
     wait_fetched(&a, PARTNER, 1, Duration::from_secs(20))?;
     // The other server sees the relationship and the bundle, and fetches for itself.
     wait_fetched(&b, PARTNER, 1, Duration::from_secs(20))?;

@@ -147,15 +147,15 @@ struct Inner {
 }
 
 /// The held bundles of the trust domains `entries` federate with, in name order.
-fn federated_for(
+fn federated_for<'a>(
     held: &std::collections::BTreeMap<String, Arc<Bundle>>,
-    entries: &[NodeEntry],
+    entries: impl IntoIterator<Item = &'a NodeEntry>,
 ) -> Vec<Arc<Bundle>> {
     if held.is_empty() {
         return Vec::new();
     }
     let wanted: std::collections::BTreeSet<&str> = entries
-        .iter()
+        .into_iter()
         .flat_map(|e| e.federates_with.iter().map(|td| td.as_str()))
         .collect();
     wanted
@@ -618,13 +618,12 @@ impl Cache {
         if g.federated.is_empty() {
             return Vec::new();
         }
-        let entries: Vec<NodeEntry> = g
-            .entries
-            .iter()
-            .filter(|e| all_present(&e.selectors, selectors))
-            .cloned()
-            .collect();
-        federated_for(&g.federated, &entries)
+        federated_for(
+            &g.federated,
+            g.entries
+                .iter()
+                .filter(|e| all_present(&e.selectors, selectors)),
+        )
     }
 
     /// Marks entries a caller matched as wanted and wakes the sync loop to mint them (above

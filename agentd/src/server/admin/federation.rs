@@ -128,10 +128,20 @@ impl AdminApi {
             })
     }
 
+    /// A relationship as shown: with its held bundle (read here unless the caller has the
+    /// list already) and this server's fetch status.
     async fn federation_to_proto(
         &self,
         r: &FederationRelationship,
+        held: Option<&[FederatedBundle]>,
     ) -> Result<pb::Federation, AdminError> {
+        let bundle = match held {
+            Some(all) => all
+                .iter()
+                .find(|b| b.bundle.trust_domain == r.trust_domain)
+                .cloned(),
+            None => self.federated_bundle(&r.trust_domain).await?,
+        };
         let status = self.state.federation.status(&r.trust_domain);
         Ok(pb::Federation {
             trust_domain: r.trust_domain.as_str().to_string(),
@@ -144,11 +154,7 @@ impl AdminApi {
                 .unwrap_or_default(),
             created_at: r.created_at,
             updated_at: r.updated_at,
-            bundle: self
-                .federated_bundle(&r.trust_domain)
-                .await?
-                .as_ref()
-                .map(federated_bundle_to_proto),
+            bundle: bundle.as_ref().map(federated_bundle_to_proto),
             last_attempt_at: status.last_attempt_at,
             last_error: status.last_error.unwrap_or_default(),
             next_refresh_at: status.next_refresh_at,
@@ -245,6 +251,20 @@ fn parse_supplied_bundle(
     parse_bundle(td, format, data).map_err(|e| invalid(data_field, e))
 }
 
+/// `--trust-bundle` of `federation create|update`: none, or a bundle of `td` to start from.
+fn trust_bundle(td: &TrustDomain, data: &[u8], format: &str) -> Result<Option<Bundle>, AdminError> {
+    if data.is_empty() {
+        if !format.is_empty() {
+            return Err(invalid(
+                "trust_bundle",
+                "is required with trust_bundle_format",
+            ));
+        }
+        return Ok(None);
+    }
+    parse_supplied_bundle(td, "trust_bundle_format", format, "trust_bundle", data).map(Some)
+}
+
 fn federation_audit(record: AuditRecord, r: &FederationRelationship) -> AuditRecord {
     record
         .field("trust_domain", r.trust_domain.as_str())
@@ -274,20 +294,7 @@ pub(super) async fn create(
     let td = foreign_trust_domain("trust_domain", &req.trust_domain, own)?;
     let url = parse_url(&req.bundle_endpoint_url)?;
     let profile = parse_profile(&td, &req.bundle_endpoint_profile, &req.endpoint_spiffe_id)?;
-    let bootstrap = if req.trust_bundle.is_empty() {
-        if !req.trust_bundle_format.is_empty() {
-            return Err(invalid("trust_bundle", "is required with trust_bundle_format").into());
-        }
-        None
-    } else {
-        Some(parse_supplied_bundle(
-            &td,
-            "trust_bundle_format",
-            &req.trust_bundle_format,
-            "trust_bundle",
-            &req.trust_bundle,
-        )?)
-    };
+    let bootstrap = trust_bundle(&td, &req.trust_bundle, &req.trust_bundle_format)?;
     if api
         .state
         .store
@@ -344,7 +351,9 @@ pub(super) async fn create(
     );
     api.federation_changed(records).await?;
     tracing::info!(?uid, trust_domain = %td, url = %relationship.bundle_endpoint_url, "federation relationship created");
-    Ok(Response::new(api.federation_to_proto(&relationship).await?))
+    Ok(Response::new(
+        api.federation_to_proto(&relationship, None).await?,
+    ))
 }
 
 pub(super) async fn get(
@@ -354,22 +363,21 @@ pub(super) async fn get(
     let own = &api.state.config.trust_domain;
     let td = foreign_trust_domain("trust_domain", &request.get_ref().trust_domain, own)?;
     let r = api.federation(&td).await?;
-    Ok(Response::new(api.federation_to_proto(&r).await?))
+    Ok(Response::new(api.federation_to_proto(&r, None).await?))
 }
 
 pub(super) async fn list(
     api: &AdminApi,
     _request: Request<pb::ListFederationsRequest>,
 ) -> Result<Response<pb::ListFederationsResponse>, Status> {
-    let mut federations = Vec::new();
-    for r in api
-        .state
-        .store
-        .list_federations()
+    let store = api.state.store.as_ref();
+    let held = store
+        .list_federated_bundles()
         .await
-        .map_err(AdminError::from)?
-    {
-        federations.push(api.federation_to_proto(&r).await?);
+        .map_err(AdminError::from)?;
+    let mut federations = Vec::new();
+    for r in store.list_federations().await.map_err(AdminError::from)? {
+        federations.push(api.federation_to_proto(&r, Some(&held)).await?);
     }
     Ok(Response::new(pb::ListFederationsResponse { federations }))
 }
@@ -403,20 +411,7 @@ pub(super) async fn update(
         };
         r.profile = parse_profile(&td, profile, &id)?;
     }
-    let bootstrap = if req.trust_bundle.is_empty() {
-        if !req.trust_bundle_format.is_empty() {
-            return Err(invalid("trust_bundle", "is required with trust_bundle_format").into());
-        }
-        None
-    } else {
-        Some(parse_supplied_bundle(
-            &td,
-            "trust_bundle_format",
-            &req.trust_bundle_format,
-            "trust_bundle",
-            &req.trust_bundle,
-        )?)
-    };
+    let bootstrap = trust_bundle(&td, &req.trust_bundle, &req.trust_bundle_format)?;
     r.updated_at = api.now();
     let actor = Actor::admin(uid);
     let mut records = vec![federation_audit(
@@ -450,7 +445,7 @@ pub(super) async fn update(
     }
     api.federation_changed(records).await?;
     tracing::info!(?uid, trust_domain = %td, "federation relationship updated");
-    Ok(Response::new(api.federation_to_proto(&r).await?))
+    Ok(Response::new(api.federation_to_proto(&r, None).await?))
 }
 
 pub(super) async fn delete(
@@ -461,7 +456,7 @@ pub(super) async fn delete(
     let own = &api.state.config.trust_domain;
     let td = foreign_trust_domain("trust_domain", &request.get_ref().trust_domain, own)?;
     let r = api.federation(&td).await?;
-    let shown = api.federation_to_proto(&r).await?;
+    let shown = api.federation_to_proto(&r, None).await?;
     api.state
         .store
         .delete_federation(&td)
