@@ -22,9 +22,10 @@ if command -v rustup >/dev/null 2>&1; then
 fi
 
 # Third-party Workload API clients the interop tests drive (tests/tests/interop_clients.rs):
-# py-spiffe on grpcio in a venv, and Node's grpc-js, both under the target dir.
+# py-spiffe on grpcio in a venv (with the official MCP SDK and PyJWT for the OAuth tests,
+# tests/tests/oauth.rs), and Node's grpc-js, both under the target dir.
 INTEROP="${CARGO_TARGET_DIR:-$(cd "$(dirname "$0")/.." && pwd)/target}/interop"
-PY_PACKAGES=(spiffe==0.3.2 grpcio==1.85.3)
+PY_PACKAGES=(spiffe==0.3.2 grpcio==1.85.3 mcp==2.3.0 "PyJWT[crypto]==2.15.1")
 NODE_PACKAGES=(@grpc/grpc-js@1.14.7 @grpc/proto-loader@0.8.1)
 
 if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import venv, ensurepip' 2>/dev/null; then

@@ -84,6 +84,7 @@ impl JwtSigner {
         &self,
         trust_domain: &TrustDomain,
         params: &JwtSvidParams<'_>,
+        issuer: Option<&str>,
         now: SystemTime,
     ) -> Result<IssuedJwtSvid, CaError> {
         let JwtSvidParams {
@@ -136,27 +137,70 @@ impl JwtSigner {
             [one] => Value::String(one.clone()),
             many => json!(many),
         };
-        let header = json!({"alg": "ES256", "kid": self.kid, "typ": "JWT"});
         let jti = hex::encode(rand::random::<[u8; 16]>());
-        let mut claims = json!({
-            "sub": spiffe_id.to_string(),
-            "aud": aud,
-            "exp": exp,
-            "iat": iat,
-            "jti": jti,
-        });
-        if let Value::Object(m) = &mut claims {
-            m.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let mut claims = Map::new();
+        claims.insert("sub".into(), spiffe_id.to_string().into());
+        claims.insert("aud".into(), aud);
+        claims.insert("exp".into(), exp.into());
+        claims.insert("iat".into(), iat.into());
+        claims.insert("jti".into(), jti.clone().into());
+        // The JWT-SVID spec leaves `iss` optional; with the OAuth front door on it names
+        // the issuer, so OIDC libraries find the keys through discovery.
+        if let Some(iss) = issuer {
+            claims.insert("iss".into(), iss.into());
         }
+        claims.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let token = self.sign_compact("JWT", &claims)?;
+        Ok(IssuedJwtSvid {
+            token,
+            expires_at: from_unix_seconds(exp),
+            jti,
+            key_id: self.kid.clone(),
+        })
+    }
+
+    /// The JWS compact serialization of `claims` under the header `alg: ES256`, this key's
+    /// `kid`, and `typ`.
+    fn sign_compact(&self, typ: &str, claims: &Map<String, Value>) -> Result<String, CaError> {
+        let header = json!({"alg": "ES256", "kid": self.kid, "typ": typ});
         let mut token = URL_SAFE_NO_PAD.encode(header.to_string());
         token.push('.');
-        token.push_str(&URL_SAFE_NO_PAD.encode(claims.to_string()));
+        token.push_str(&URL_SAFE_NO_PAD.encode(Value::Object(claims.clone()).to_string()));
         let sig = self
             .key_pair
             .sign(&self.rng, token.as_bytes())
             .map_err(|_| sign_err("ES256 signing failed"))?;
         token.push('.');
         token.push_str(&URL_SAFE_NO_PAD.encode(sig.as_ref()));
+        Ok(token)
+    }
+
+    /// Signs an RFC 9068 access token: header `typ: at+jwt` (section 2.1), the claims as
+    /// given (the caller sets every one RFC 9068 section 2.2 requires), except `exp`, which
+    /// is capped at this key's expiry, and `jti`, which is made here. Returns the token,
+    /// its `jti` and its `exp`.
+    pub fn sign_access_token(
+        &self,
+        mut claims: Map<String, Value>,
+        exp: i64,
+        now: SystemTime,
+    ) -> Result<IssuedJwtSvid, CaError> {
+        let iat = unix_seconds(now);
+        let key_exp = unix_seconds(self.not_after);
+        if iat >= key_exp {
+            return Err(CaError::Expired {
+                not_after: self.not_after,
+            });
+        }
+        let exp = exp.min(key_exp);
+        if exp <= iat {
+            return Err(sign_err("the token would expire before it is issued"));
+        }
+        let jti = hex::encode(rand::random::<[u8; 16]>());
+        claims.insert("exp".into(), exp.into());
+        claims.insert("iat".into(), iat.into());
+        claims.insert("jti".into(), jti.clone().into());
+        let token = self.sign_compact("at+jwt", &claims)?;
         Ok(IssuedJwtSvid {
             token,
             expires_at: from_unix_seconds(exp),

@@ -145,6 +145,7 @@ impl CertificateAuthority {
             change: Mutex::new(()),
             changes: tokio::sync::watch::channel(0).0,
             peers: RwLock::default(),
+            jwt_issuer: std::sync::OnceLock::new(),
         })
     }
 }

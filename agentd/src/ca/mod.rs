@@ -261,6 +261,8 @@ pub struct CertificateAuthority {
     changes: tokio::sync::watch::Sender<u64>,
     /// What the other servers of a shared store publish, merged into [`Self::bundle`].
     peers: RwLock<Arc<PeerAuthorities>>,
+    /// The `iss` of JWT-SVIDs: the OAuth front door's issuer URL, when it is on.
+    jwt_issuer: std::sync::OnceLock<String>,
 }
 
 /// Authorities of the other servers of one trust domain (each keeps its own keys; the
@@ -426,7 +428,37 @@ impl CertificateAuthority {
         now: SystemTime,
     ) -> Result<IssuedJwtSvid, CaError> {
         let signer = self.snapshot().jwt_active.clone();
-        signer.sign(&self.trust_domain, params, now)
+        signer.sign(
+            &self.trust_domain,
+            params,
+            self.jwt_issuer.get().map(String::as_str),
+            now,
+        )
+    }
+
+    /// Makes every JWT-SVID signed from now on carry `iss` = `issuer` (the OAuth front
+    /// door's issuer URL). Set once, at start; a second call is refused.
+    pub fn set_jwt_issuer(&self, issuer: String) -> Result<(), CaError> {
+        self.jwt_issuer.set(issuer).map_err(|_| CaError::Sign {
+            reason: "the JWT issuer is already set".into(),
+        })
+    }
+
+    /// The `iss` JWT-SVIDs carry, if any.
+    pub fn jwt_issuer(&self) -> Option<&str> {
+        self.jwt_issuer.get().map(String::as_str)
+    }
+
+    /// Signs an RFC 9068 access token (`typ: at+jwt`) with the active JWT key: `claims`
+    /// as given plus `exp` (capped at the key's expiry), `iat` and `jti`.
+    pub fn sign_access_token(
+        &self,
+        claims: serde_json::Map<String, serde_json::Value>,
+        exp: i64,
+        now: SystemTime,
+    ) -> Result<IssuedJwtSvid, CaError> {
+        let signer = self.snapshot().jwt_active.clone();
+        signer.sign_access_token(claims, exp, now)
     }
 }
 

@@ -587,6 +587,12 @@ impl SigningCa {
         let mut sans = Vec::with_capacity(1 + req.dns_names.len());
         sans.push(spiffe_uri_san(id.to_string())?);
         for name in req.dns_names {
+            // An IP literal is an iPAddress SAN (RFC 5280 4.2.1.6): clients match an IP
+            // host only against those (RFC 6125 section 1.7.2).
+            if let Ok(ip) = name.parse::<std::net::IpAddr>() {
+                sans.push(SanType::IpAddress(ip));
+                continue;
+            }
             if name.is_empty()
                 || name.len() > 253
                 || !name

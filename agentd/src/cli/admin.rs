@@ -42,6 +42,7 @@ pub fn entry_json(e: &pb::Entry) -> serde_json::Value {
         "owner_disabled": e.owner_disabled,
         "suspended": e.suspended,
         "federates_with": e.federates_with,
+        "resources": e.resources,
     })
 }
 
@@ -65,6 +66,9 @@ fn entry_text(e: &pb::Entry) -> String {
     }
     for td in &e.federates_with {
         s += &format!("FederatesWith : {td}\n");
+    }
+    for r in &e.resources {
+        s += &format!("Resource      : {r}\n");
     }
     if e.revoked_by != 0 {
         s += &format!("Revoked       : yes (revocation {})\n", e.revoked_by);
@@ -152,6 +156,7 @@ fn spec_from_args(a: EntryCreateArgs) -> pb::EntrySpec {
         scopes: a.options.scopes,
         owner: a.options.owner.unwrap_or_default(),
         federates_with: a.options.federates_with,
+        resources: a.options.resources,
     }
 }
 
@@ -489,6 +494,12 @@ pub async fn entry(cmd: EntryCommand, out: Output) -> anyhow::Result<()> {
                     Some(pb::StringList { values: vec![] })
                 } else {
                     list(args.options.federates_with)
+                },
+                // `--resource ""` clears the list.
+                resources: if args.options.resources == [String::new()] {
+                    Some(pb::StringList { values: vec![] })
+                } else {
+                    list(args.options.resources)
                 },
             };
             let mut c = admin_client(&admin.admin_socket).await?;

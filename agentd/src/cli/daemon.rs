@@ -154,6 +154,12 @@ pub async fn server_run(args: ServerRunArgs) -> anyhow::Result<()> {
             .get_or_insert_with(Default::default)
             .bind_address = Some(addr);
     }
+    if let Some(addr) = args.oauth_bind_address {
+        raw.oauth.get_or_insert_with(Default::default).bind_address = Some(addr);
+    }
+    if let Some(issuer) = args.oauth_issuer {
+        raw.oauth.get_or_insert_with(Default::default).issuer = Some(issuer);
+    }
     if let Some(url) = args.datastore {
         raw.datastore.get_or_insert_with(Default::default).url = Some(url);
     }

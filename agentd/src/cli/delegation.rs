@@ -29,6 +29,7 @@ pub fn grant_json(g: &pb::Grant) -> serde_json::Value {
         "parent_grant_id": if g.parent_grant_id.is_empty() { serde_json::Value::Null } else { json!(g.parent_grant_id) },
         "chain": g.chain.iter().map(|h| json!({"agent": h.agent, "grant_id": h.grant_id})).collect::<Vec<_>>(),
         "created_at": g.created_at,
+        "resources": g.resources,
     })
 }
 
@@ -48,6 +49,9 @@ fn grant_text(g: &pb::Grant) -> String {
     if !g.parent_grant_id.is_empty() {
         s += &format!("Parent grant    : {}\n", g.parent_grant_id);
     }
+    for r in &g.resources {
+        s += &format!("Resource        : {r}\n");
+    }
     let chain: Vec<String> = g.chain.iter().map(|h| h.agent.clone()).collect();
     s += &format!(
         "Chain           : {} -> {}\n",
@@ -66,6 +70,7 @@ pub async fn grant(cmd: GrantCommand, out: Output) -> anyhow::Result<()> {
             ttl,
             task,
             max_depth,
+            resources,
             admin,
         } => {
             let req = pb::CreateGrantRequest {
@@ -75,6 +80,7 @@ pub async fn grant(cmd: GrantCommand, out: Output) -> anyhow::Result<()> {
                 ttl_seconds: super::admin::ttl_secs(ttl),
                 task_id: task.unwrap_or_default(),
                 max_depth,
+                resources,
             };
             let g = admin_client(&admin.admin_socket)
                 .await?

@@ -156,6 +156,11 @@ pub enum GrantCommand {
         /// How many further agent-to-agent delegations are allowed [default: 0].
         #[arg(long)]
         max_depth: Option<u32>,
+        /// Narrows the OAuth resources (URL prefixes, each under one of the agent entry's
+        /// --resource) access tokens under this grant may be for; repeat for several;
+        /// none: the entry's.
+        #[arg(long = "resource", value_name = "URL_PREFIX")]
+        resources: Vec<String>,
         #[command(flatten)]
         admin: AdminSocketArg,
     },
@@ -281,6 +286,14 @@ pub struct ServerRunArgs {
     /// bundle endpoint; https_spiffe unless [federation.https_web] is configured).
     #[arg(long)]
     pub federation_bind_address: Option<String>,
+    /// Serve the OAuth front door on HOST:PORT: discovery, JWKS, token exchange for MCP and
+    /// other OAuth tool servers, introspection (docs/oauth.md).
+    #[arg(long)]
+    pub oauth_bind_address: Option<String>,
+    /// The front door's issuer URL, which JWT-SVIDs then carry as iss [default:
+    /// https://HOST:PORT of --oauth-bind-address].
+    #[arg(long, value_name = "URL")]
+    pub oauth_issuer: Option<String>,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -478,6 +491,11 @@ pub struct EntryOptions {
     /// relationship or a bundle set); repeat for several.
     #[arg(long = "federates-with", value_name = "TD")]
     pub federates_with: Vec<String>,
+    /// A URL prefix of the tool servers (RFC 8707 resources) the entry may get OAuth
+    /// access tokens for, e.g. https://tools.example/mcp; repeat for several; none: no
+    /// tokens. With update, "" clears the list.
+    #[arg(long = "resource", value_name = "URL_PREFIX")]
+    pub resources: Vec<String>,
 }
 
 /// The filters of `entry show` and `entry list`: an entry must match every one given.

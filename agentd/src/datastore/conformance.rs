@@ -35,6 +35,7 @@ fn id(s: &str) -> SpiffeId {
 
 fn spec(spiffe_id: &str, parent: &str, selector: &str, owner: Option<&str>) -> EntrySpec {
     EntrySpec {
+        resources: vec![],
         spiffe_id: id(spiffe_id),
         parent_id: id(parent),
         selectors: vec![selector.parse().unwrap()],
@@ -82,6 +83,7 @@ fn revocation(serial: &str) -> RevocationEvent {
 fn grant(agent: &str, expires_at: i64) -> Grant {
     let grant_id = GrantId::generate();
     Grant {
+        resources: vec![],
         id: grant_id.clone(),
         delegation: Delegation {
             principal: "user:alice@example.com".parse().unwrap(),

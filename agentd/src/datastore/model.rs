@@ -23,6 +23,9 @@ pub struct EntrySpec {
     /// Trust domains whose bundles the entry's workloads receive; sorted, no duplicates,
     /// never our own.
     pub federates_with: Vec<spiffe::TrustDomain>,
+    /// What the entry may get OAuth access tokens for (RFC 8707 resources under these
+    /// prefixes); sorted, no duplicates; none: no tokens.
+    pub resources: Vec<crate::model::oauth::ResourcePrefix>,
 }
 
 /// A stored registration entry.
@@ -106,6 +109,9 @@ pub struct Grant {
     /// Lets a revocation cascade find every child.
     pub parent_grant_id: Option<crate::delegation::GrantId>,
     pub created_at: i64,
+    /// Narrows the resources access tokens under this grant may be for (each must also be
+    /// allowed by the agent's entry); empty: the entry's.
+    pub resources: Vec<crate::model::oauth::ResourcePrefix>,
 }
 
 impl Grant {

@@ -61,6 +61,9 @@ pub(super) struct EntryRecord {
     /// Absent in records written before federation existed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(super) federates_with: Vec<String>,
+    /// Absent in records written before the OAuth front door existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(super) resources: Vec<String>,
 }
 
 impl EntryRecord {
@@ -84,6 +87,7 @@ impl EntryRecord {
                 .iter()
                 .map(|td| td.as_str().to_string())
                 .collect(),
+            resources: e.spec.resources.iter().map(ToString::to_string).collect(),
         }
     }
 
@@ -118,6 +122,8 @@ impl EntryRecord {
                     .map(spiffe::TrustDomain::new)
                     .collect::<std::result::Result<_, _>>()
                     .map_err(|e| corrupt(key, "federates_with", e))?,
+                resources: crate::model::oauth::parse_prefixes(&self.resources)
+                    .map_err(|e| corrupt(key, "resources", e))?,
             },
             revision: self.revision,
             created_at: self.created_at,
@@ -282,6 +288,9 @@ pub(super) struct GrantRecord {
     pub(super) task_id: Option<String>,
     pub(super) parent_grant_id: Option<String>,
     pub(super) created_at: i64,
+    /// Absent in records written before the OAuth front door existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(super) resources: Vec<String>,
 }
 
 impl GrantRecord {
@@ -304,6 +313,7 @@ impl GrantRecord {
             task_id: d.task_id.as_ref().map(ToString::to_string),
             parent_grant_id: g.parent_grant_id.as_ref().map(ToString::to_string),
             created_at: g.created_at,
+            resources: g.resources.iter().map(ToString::to_string).collect(),
         }
     }
 
@@ -344,6 +354,8 @@ impl GrantRecord {
                 .transpose()
                 .map_err(|e| corrupt(key, "parent_grant_id", e))?,
             created_at: self.created_at,
+            resources: crate::model::oauth::parse_prefixes(&self.resources)
+                .map_err(|e| corrupt(key, "resources", e))?,
         })
     }
 }

@@ -1288,6 +1288,7 @@ mod tests {
 
     fn spec(id: &str, sel: &str) -> EntrySpec {
         EntrySpec {
+            resources: vec![],
             spiffe_id: SpiffeId::new(id).unwrap(),
             parent_id: SpiffeId::new("spiffe://example.org/node/a").unwrap(),
             selectors: vec![sel.parse().unwrap()],
@@ -1864,6 +1865,7 @@ mod tests {
     fn grant_to(agent: &str, expires_at: i64) -> Grant {
         let id = GrantId::generate();
         Grant {
+            resources: vec![],
             id: id.clone(),
             delegation: Delegation {
                 principal: "user:alice@example.com".parse().unwrap(),
@@ -1940,6 +1942,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root_id = GrantId::generate();
         let grant = Grant {
+            resources: vec![],
             id: root_id.clone(),
             delegation: Delegation {
                 principal: "user:alice@example.com".parse().unwrap(),
@@ -1997,6 +2000,7 @@ mod tests {
     fn grant(expires_at: i64) -> Grant {
         let id = GrantId::generate();
         Grant {
+            resources: vec![],
             id: id.clone(),
             delegation: Delegation {
                 principal: "user:alice@example.com".parse().unwrap(),

@@ -4,4 +4,5 @@
 pub mod audit;
 pub mod federation;
 pub mod ids;
+pub mod oauth;
 pub mod revocation;

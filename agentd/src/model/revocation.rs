@@ -178,6 +178,8 @@ pub enum SvidKind {
     Jwt,
     /// A node agent's own X.509-SVID (id: serial).
     Node,
+    /// An OAuth access token (RFC 9068) the token endpoint issued (id: jti).
+    AccessToken,
 }
 
 impl SvidKind {
@@ -186,7 +188,14 @@ impl SvidKind {
             Self::X509 => "x509",
             Self::Jwt => "jwt",
             Self::Node => "node",
+            Self::AccessToken => "access_token",
         }
+    }
+
+    /// Whether the document is a JWT (revoked by `jti`, listed in `jwt_ids`), not a
+    /// certificate (revoked by serial, listed in CRLs).
+    pub fn is_jwt(self) -> bool {
+        matches!(self, Self::Jwt | Self::AccessToken)
     }
 
     pub fn parse(s: &str) -> Option<Self> {
@@ -194,6 +203,7 @@ impl SvidKind {
             "x509" => Some(Self::X509),
             "jwt" => Some(Self::Jwt),
             "node" => Some(Self::Node),
+            "access_token" => Some(Self::AccessToken),
             _ => None,
         }
     }

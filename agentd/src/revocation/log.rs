@@ -15,7 +15,7 @@ use tokio::sync::{watch, Mutex};
 
 use super::{
     check_reason, IssuedSvid, RevocationAction, RevocationError, RevocationEvent, RevocationHandle,
-    RevocationSet, RevokedSerial, SvidKind,
+    RevocationSet, RevokedSerial,
 };
 use crate::datastore::{DataStore, DataStoreError};
 
@@ -184,7 +184,7 @@ impl RevocationLog {
             expires_at: covered.iter().map(|s| s.expires_at).max().unwrap_or(now),
             serials: covered
                 .iter()
-                .filter(|s| s.kind != SvidKind::Jwt)
+                .filter(|s| !s.kind.is_jwt())
                 .map(|s| RevokedSerial {
                     serial: s.id.clone(),
                     authority_id: s.authority_id.clone(),
@@ -193,7 +193,7 @@ impl RevocationLog {
                 .collect(),
             jwt_ids: covered
                 .iter()
-                .filter(|s| s.kind == SvidKind::Jwt)
+                .filter(|s| s.kind.is_jwt())
                 .map(|s| s.id.clone())
                 .collect(),
             handle,
@@ -438,6 +438,7 @@ pub fn compactable(events: &[&RevocationEvent], set: &RevocationSet, now: i64) -
 mod tests {
     use super::*;
     use crate::datastore::SledStore;
+    use crate::revocation::SvidKind;
 
     fn issued(kind: SvidKind, id: &str, entry: &str, expires_at: i64) -> IssuedSvid {
         IssuedSvid {

@@ -57,6 +57,8 @@ pub struct RawServerConfig {
     pub datastore: Option<RawDatastore>,
     /// `[federation]`: this trust domain's bundle endpoint (docs/federation.md).
     pub federation: Option<RawFederation>,
+    /// `[oauth]`: the OAuth front door (docs/oauth.md).
+    pub oauth: Option<crate::server::oauth::config::RawOAuth>,
 }
 
 /// `[federation]`.
@@ -279,6 +281,8 @@ pub struct ServerConfig {
     pub datastore: Datastore,
     /// This trust domain's bundle endpoint; off when `None`.
     pub bundle_endpoint: Option<BundleEndpointConfig>,
+    /// The OAuth front door; off when `None`.
+    pub oauth: Option<crate::server::oauth::OAuthConfig>,
 }
 
 /// The node API's limits, validated (`[node_api]`).
@@ -483,6 +487,7 @@ impl TryFrom<RawServerConfig> for ServerConfig {
         }
         let node_api = node_api_limits(&mut errs, raw.node_api);
         let bundle_endpoint = bundle_endpoint(&mut errs, raw.federation);
+        let oauth = crate::server::oauth::config::oauth_config(&mut errs, raw.oauth);
         let datastore = match raw.datastore.and_then(|d| d.url) {
             None => Datastore::Sled,
             Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
@@ -531,6 +536,7 @@ impl TryFrom<RawServerConfig> for ServerConfig {
             node_api,
             datastore,
             bundle_endpoint,
+            oauth,
         })
     }
 }

@@ -122,6 +122,38 @@ pub async fn ceiling_of(
     })?))
 }
 
+/// A grant may narrow the resources of its agent, never widen them: each of its prefixes
+/// must lie under one of some entry of the agent's.
+async fn check_grant_resources(
+    store: &dyn DataStore,
+    agent: &SpiffeId,
+    resources: &[crate::model::oauth::ResourcePrefix],
+) -> Result<(), GrantError> {
+    if resources.is_empty() {
+        return Ok(());
+    }
+    let entries = store
+        .list_entries(&EntryFilter {
+            spiffe_id: Some(agent.clone()),
+            ..Default::default()
+        })
+        .await?;
+    for r in resources {
+        let as_url: crate::model::oauth::ResourceUrl =
+            r.as_str().parse().map_err(|e| invalid("resource", e))?;
+        if !entries
+            .iter()
+            .any(|e| e.spec.resources.iter().any(|p| p.allows(&as_url)))
+        {
+            return Err(invalid(
+                "resource",
+                format!("{r} is not under a resource of {agent}'s entry (entry --resource)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn parse_agent(
     state: &ServerState,
     field: &'static str,
@@ -161,9 +193,12 @@ pub async fn create_root_grant(
     let ttl = Ttl::from_proto_secs(req.ttl_seconds)
         .map_err(|e| invalid("ttl", e))?
         .map_or(default_ttl, |t| t.as_duration());
+    let resources =
+        crate::model::oauth::parse_prefixes(&req.resources).map_err(|e| invalid("resource", e))?;
     let ceiling = ceiling_of(state.store.as_ref(), &agent)
         .await?
         .ok_or_else(|| GrantError::NoEntry(agent.to_string()))?;
+    check_grant_resources(state.store.as_ref(), &agent, &resources).await?;
     let now = unix_seconds(state.clock.now());
     let id = GrantId::generate();
     let delegation = root_grant(
@@ -185,6 +220,7 @@ pub async fn create_root_grant(
         delegation,
         parent_grant_id: None,
         created_at: now,
+        resources,
     };
     state.store.create_grant(grant.clone()).await?;
     publish_grant(state, &grant).await;
@@ -555,6 +591,9 @@ pub async fn exchange_delegation_token(
         delegation,
         parent_grant_id: Some(parent.id),
         created_at: now,
+        // A child reaches no resource its parent does not: every grant of the chain is
+        // checked when a token is issued (server/oauth/issue.rs).
+        resources: vec![],
     };
     state.store.create_grant(grant.clone()).await?;
     publish_grant(state, &grant).await;
@@ -631,6 +670,7 @@ pub fn grant_to_admin_proto(g: &Grant) -> apb::Grant {
             })
             .collect(),
         created_at: g.created_at,
+        resources: g.resources.iter().map(ToString::to_string).collect(),
     }
 }
 
@@ -733,6 +773,7 @@ mod tests {
             .store
             .create_entry(
                 EntrySpec {
+                    resources: vec![],
                     spiffe_id: SpiffeId::new(id).unwrap(),
                     parent_id: SpiffeId::new("spiffe://example.org/node/a").unwrap(),
                     selectors: vec![format!("unix:uid:{}", id.len()).parse().unwrap()],
@@ -766,6 +807,7 @@ mod tests {
 
     fn grant_req(agent: &str, scopes: &[&str], ttl: i64, depth: u32) -> apb::CreateGrantRequest {
         apb::CreateGrantRequest {
+            resources: vec![],
             principal: "user:alice@example.com".into(),
             agent: agent.into(),
             scopes: scopes.iter().map(|s| s.to_string()).collect(),

@@ -11,6 +11,7 @@ pub mod issuance;
 pub mod join_token;
 pub mod membership;
 pub mod node_api;
+pub mod oauth;
 pub mod ownership;
 pub mod peers;
 pub mod rotation;
@@ -238,7 +239,7 @@ impl Server {
                 })?;
                 let tls: ServerConfigSource = match &ep.https_web {
                     Some((cert, key)) => Arc::new(std::sync::RwLock::new(
-                        federation::endpoint::https_web_config(cert, key)?,
+                        federation::endpoint::https_web_config("federation.https_web", cert, key)?,
                     )),
                     None => {
                         let source =
@@ -260,8 +261,63 @@ impl Server {
             }
         };
 
+        // The OAuth front door: bound before anything is served too; its issuer is known
+        // once bound (port 0), and every JWT-SVID signed from here on names it as `iss`.
+        let oauth_door = match &cfg.oauth {
+            None => None,
+            Some(o) => {
+                let bind_err = |source| ServerError::Bind {
+                    what: "OAuth front door",
+                    addr: o.bind_address.to_string(),
+                    source,
+                };
+                let listener = TcpListener::bind(o.bind_address).await.map_err(bind_err)?;
+                let bound = listener.local_addr().map_err(bind_err)?;
+                let issuer = o
+                    .issuer
+                    .clone()
+                    .unwrap_or_else(|| format!("https://{bound}"));
+                state.ca.set_jwt_issuer(issuer.clone())?;
+                let door = Arc::new(oauth::issue::FrontDoor {
+                    issuer,
+                    max_token_ttl: o.max_token_ttl,
+                });
+                let (tls, renew_at) = match &o.tls {
+                    Some((cert, key)) => (
+                        federation::endpoint::https_web_config("oauth.tls", cert, key)?,
+                        None,
+                    ),
+                    None => {
+                        let (cfg, at) = oauth::endpoint::own_ca_config(&state, &door.issuer)?;
+                        (cfg, Some(at))
+                    }
+                };
+                let source: ServerConfigSource = Arc::new(std::sync::RwLock::new(tls));
+                tracing::info!(address = %bound, issuer = %door.issuer, "OAuth front door listening");
+                Some((listener, door, source, renew_at))
+            }
+        };
+
         let stop = shutdown.child_token();
         let mut tasks: JoinSet<Result<(), ServerError>> = JoinSet::new();
+        if let Some((listener, door, source, renew_at)) = oauth_door {
+            if let Some(at) = renew_at {
+                tasks.spawn(oauth::endpoint::renew_own_certificate(
+                    state.clone(),
+                    door.clone(),
+                    source.clone(),
+                    at,
+                    stop.clone(),
+                ));
+            }
+            tasks.spawn(oauth::endpoint::serve(
+                state.clone(),
+                door,
+                listener,
+                source,
+                stop.clone(),
+            ));
+        }
         tasks.spawn(node_api::serve(
             state.clone(),
             listener,

@@ -117,7 +117,14 @@ fn claims_of(payload: &str) -> Result<Map<String, Value>, JwtError> {
         .map_err(|e| malformed(format!("payload is not a JSON object: {e}")))
 }
 
+/// The `kid` of a JWT-SVID header (`typ`, when present, `JWT` or `JOSE`).
 fn header_of(header: &str) -> Result<String, JwtError> {
+    header_with_typ(header, &["JWT", "JOSE"], false)
+}
+
+/// The `kid` of a header whose `alg` is ES256 and whose `typ` is one of `typs` (and
+/// present, when `typ_required`).
+fn header_with_typ(header: &str, typs: &[&str], typ_required: bool) -> Result<String, JwtError> {
     let bytes = b64(header, "header")?;
     let h: Header = serde_json::from_slice(&bytes).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => JwtError::Header {
@@ -138,15 +145,21 @@ fn header_of(header: &str) -> Result<String, JwtError> {
             })
         }
     }
-    if let Some(typ) = &h.typ {
-        match typ.as_str() {
-            Some("JWT" | "JOSE") => {}
+    match &h.typ {
+        Some(typ) => match typ.as_str() {
+            Some(t) if typs.iter().any(|x| x.eq_ignore_ascii_case(t)) => {}
             _ => {
                 return Err(JwtError::Header {
-                    reason: format!("typ {typ} is not \"JWT\" or \"JOSE\""),
+                    reason: format!("typ {typ} is not {}", typs.join(" or ")),
                 })
             }
+        },
+        None if typ_required => {
+            return Err(JwtError::Header {
+                reason: format!("typ is missing (must be {})", typs.join(" or ")),
+            })
         }
+        None => {}
     }
     match h.kid {
         Some(Value::String(kid)) if !kid.is_empty() => Ok(kid),
@@ -175,20 +188,7 @@ pub fn validate(
 ) -> Result<ValidatedJwtSvid, JwtError> {
     let parts = split(token)?;
     let kid = header_of(parts.header)?;
-    let authority = bundle
-        .jwt_authorities
-        .iter()
-        .find(|a| a.key_id == kid)
-        .ok_or_else(|| JwtError::UnknownKey { kid: kid.clone() })?;
-    let point =
-        p256_point_from_spki(&authority.public_key_spki_der).ok_or_else(|| JwtError::Header {
-            reason: format!("the bundle key {kid:?} is not an EC P-256 key"),
-        })?;
-    let signature = b64(parts.signature, "signature")?;
-    UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, point)
-        .verify(parts.signing_input.as_bytes(), &signature)
-        .map_err(|_| JwtError::BadSignature)?;
-
+    verify_signature(&parts, &kid, bundle)?;
     let claims = claims_of(parts.payload)?;
     let sub = claims
         .get("sub")
@@ -202,6 +202,64 @@ pub fn validate(
             format!("{sub} is not in trust domain {}", bundle.trust_domain),
         ));
     }
+    let exp = check_times(&claims, now)?;
+    let actual = audiences(&claims)?;
+    if !actual.iter().any(|a| a == audience) {
+        return Err(JwtError::Audience {
+            expected: audience.to_owned(),
+            actual,
+        });
+    }
+    Ok(ValidatedJwtSvid {
+        spiffe_id,
+        expires_at: exp,
+        claims,
+    })
+}
+
+/// Validates an RFC 9068 access token this trust domain issued (section 4): header
+/// `typ: at+jwt`, ES256 by a key of `bundle`, `iss` = `issuer`, `exp` in the future.
+/// Returns its claims; what they grant is the caller's to judge.
+pub fn validate_access_token(
+    token: &str,
+    issuer: &str,
+    bundle: &Bundle,
+    now: SystemTime,
+) -> Result<Map<String, Value>, JwtError> {
+    let parts = split(token)?;
+    let kid = header_with_typ(parts.header, &["at+jwt", "application/at+jwt"], true)?;
+    verify_signature(&parts, &kid, bundle)?;
+    let claims = claims_of(parts.payload)?;
+    match claims.get("iss").and_then(Value::as_str) {
+        Some(iss) if iss == issuer => {}
+        Some(other) => return Err(claim_err("iss", format!("{other:?} is not {issuer:?}"))),
+        None => return Err(claim_err("iss", "missing or not a string")),
+    }
+    check_times(&claims, now)?;
+    audiences(&claims)?;
+    Ok(claims)
+}
+
+fn verify_signature(parts: &Parts<'_>, kid: &str, bundle: &Bundle) -> Result<(), JwtError> {
+    let authority = bundle
+        .jwt_authorities
+        .iter()
+        .find(|a| a.key_id == kid)
+        .ok_or_else(|| JwtError::UnknownKey {
+            kid: kid.to_string(),
+        })?;
+    let point =
+        p256_point_from_spki(&authority.public_key_spki_der).ok_or_else(|| JwtError::Header {
+            reason: format!("the bundle key {kid:?} is not an EC P-256 key"),
+        })?;
+    let signature = b64(parts.signature, "signature")?;
+    UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, point)
+        .verify(parts.signing_input.as_bytes(), &signature)
+        .map_err(|_| JwtError::BadSignature)
+}
+
+/// `exp` (required, in the future) and `nbf` (if present, passed); returns `exp`.
+fn check_times(claims: &Map<String, Value>, now: SystemTime) -> Result<i64, JwtError> {
     let exp = match claims.get("exp") {
         None => return Err(claim_err("exp", "missing")),
         Some(v) => v
@@ -220,9 +278,14 @@ pub fn validate(
             return Err(claim_err("nbf", format!("not valid before {nbf}")));
         }
     }
-    let actual: Vec<String> = match claims.get("aud") {
-        None => return Err(claim_err("aud", "missing")),
-        Some(Value::String(a)) => vec![a.clone()],
+    Ok(exp)
+}
+
+/// `aud`: a string or a non-empty array of strings.
+fn audiences(claims: &Map<String, Value>) -> Result<Vec<String>, JwtError> {
+    match claims.get("aud") {
+        None => Err(claim_err("aud", "missing")),
+        Some(Value::String(a)) => Ok(vec![a.clone()]),
         Some(Value::Array(items)) if !items.is_empty() => items
             .iter()
             .map(|v| {
@@ -230,25 +293,12 @@ pub fn validate(
                     .map(str::to_owned)
                     .ok_or_else(|| claim_err("aud", format!("{v} is not a string")))
             })
-            .collect::<Result<_, _>>()?,
-        Some(other) => {
-            return Err(claim_err(
-                "aud",
-                format!("{other} is not a string or a non-empty array of strings"),
-            ))
-        }
-    };
-    if !actual.iter().any(|a| a == audience) {
-        return Err(JwtError::Audience {
-            expected: audience.to_owned(),
-            actual,
-        });
+            .collect(),
+        Some(other) => Err(claim_err(
+            "aud",
+            format!("{other} is not a string or a non-empty array of strings"),
+        )),
     }
-    Ok(ValidatedJwtSvid {
-        spiffe_id,
-        expires_at: exp,
-        claims,
-    })
 }
 
 /// Decodes the payload without verifying anything (for `svid inspect`).

@@ -41,6 +41,7 @@ fn entry_to_proto(e: &Entry) -> pb::Entry {
             .iter()
             .map(|td| td.as_str().to_string())
             .collect(),
+        resources: e.spec.resources.iter().map(ToString::to_string).collect(),
         ..Default::default()
     }
 }
@@ -80,6 +81,14 @@ fn entry_audit(record: AuditRecord, e: &Entry) -> AuditRecord {
                 .federates_with
                 .iter()
                 .map(|td| td.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .field(
+            "resources",
+            e.spec
+                .resources
+                .iter()
+                .map(ToString::to_string)
                 .collect::<Vec<_>>(),
         )
         .field("revision", e.revision)
@@ -391,6 +400,9 @@ pub(super) async fn update(
         spec.federates_with =
             super::federation::parse_federates_with(&v.values, &api.state.config.trust_domain)?;
         api.check_federates_with(&spec.federates_with).await?;
+    }
+    if let Some(v) = &req.resources {
+        spec.resources = super::parse::parse_resources(&v.values)?;
     }
     api.check_owner(&spec)?;
     api.refuse_node_id(&spec.spiffe_id).await?;

@@ -100,8 +100,16 @@ impl AdminApi {
                 &p.federates_with,
                 &cfg.trust_domain,
             )?,
+            resources: parse_resources(&p.resources)?,
         })
     }
+}
+
+/// An entry's `--resource` prefixes (RFC 8707 resource URLs).
+pub fn parse_resources(
+    raw: &[String],
+) -> Result<Vec<crate::model::oauth::ResourcePrefix>, AdminError> {
+    crate::model::oauth::parse_prefixes(raw).map_err(|e| invalid("resource", e))
 }
 
 pub fn parse_selectors(raw: &[String]) -> Result<Vec<Selector>, AdminError> {

@@ -111,11 +111,12 @@ fn answer<B>(state: &ServerState, req: &Request<B>, refresh_hint: Duration) -> R
 /// (PKCS#8, SEC1 or PKCS#1, any type rustls can sign with), readable by the server's user
 /// only.
 pub fn https_web_config(
+    what: &str,
     cert_file: &Path,
     key_file: &Path,
 ) -> Result<Arc<rustls::ServerConfig>, ServerError> {
     let err = |path: &Path, reason: String| ServerError::Config {
-        reason: format!("federation.https_web: {}: {reason}", path.display()),
+        reason: format!("{what}: {}: {reason}", path.display()),
     };
     let certs_pem = std::fs::read(cert_file).map_err(|e| err(cert_file, e.to_string()))?;
     let chain: Vec<rustls::pki_types::CertificateDer<'static>> =

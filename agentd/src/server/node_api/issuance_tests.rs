@@ -103,6 +103,7 @@ pub(super) async fn entry(state: &ServerState, id: &str, parent: &str, scopes: &
         .store
         .create_entry(
             EntrySpec {
+                resources: vec![],
                 spiffe_id: SpiffeId::new(id).unwrap(),
                 parent_id: SpiffeId::new(parent).unwrap(),
                 selectors: vec![format!("unix:uid:{}", id.len()).parse().unwrap()],
@@ -283,6 +284,7 @@ pub(super) async fn root_grant(
     crate::server::grants::create_root_grant(
         state,
         agentd_proto::admin::CreateGrantRequest {
+            resources: vec![],
             principal: "user:alice@example.com".into(),
             agent: agent.into(),
             scopes: scopes.iter().map(|s| s.to_string()).collect(),

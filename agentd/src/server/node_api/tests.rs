@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 fn spec(id: &str, parent: &str, selectors: &[&str]) -> EntrySpec {
     EntrySpec {
+        resources: vec![],
         spiffe_id: SpiffeId::new(id).unwrap(),
         parent_id: SpiffeId::new(parent).unwrap(),
         selectors: selectors.iter().map(|s| s.parse().unwrap()).collect(),

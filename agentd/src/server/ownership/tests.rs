@@ -10,6 +10,7 @@ const DAY: u64 = 24 * 3600;
 
 fn spec(id: &str, owner: Option<&str>) -> EntrySpec {
     EntrySpec {
+        resources: vec![],
         spiffe_id: SpiffeId::new(id).unwrap(),
         parent_id: SpiffeId::new("spiffe://example.org/node/a").unwrap(),
         selectors: vec!["unix:uid:1".parse().unwrap()],
