@@ -96,6 +96,16 @@ pub async fn start_server_on(
     node_api: Option<agentd::server::config::RawNodeApi>,
     datastore: Option<String>,
 ) -> anyhow::Result<(ServerGuard, AdminClient<Channel>)> {
+    start_server_full(dir, node_api, datastore, None).await
+}
+
+/// [`start_server_on`] with the OAuth front door configured as `oauth` says.
+pub async fn start_server_full(
+    dir: &Path,
+    node_api: Option<agentd::server::config::RawNodeApi>,
+    datastore: Option<String>,
+    oauth: Option<agentd::server::oauth::config::RawOAuth>,
+) -> anyhow::Result<(ServerGuard, AdminClient<Channel>)> {
     let admin_socket = dir.join("admin").join("admin.sock");
     let config = ServerConfig::try_from(RawServerConfig {
         trust_domain: Some(TRUST_DOMAIN.into()),
@@ -104,6 +114,7 @@ pub async fn start_server_on(
         admin_socket: Some(admin_socket.clone()),
         node_api,
         datastore: datastore.map(|url| agentd::server::config::RawDatastore { url: Some(url) }),
+        oauth,
         ..Default::default()
     })?;
     let stop = CancellationToken::new();

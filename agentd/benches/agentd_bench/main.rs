@@ -26,9 +26,13 @@
 //!   PostgreSQL database (`AGENTD_BENCH_POSTGRES`, default the local server
 //!   scripts/install-tools.sh starts; without one the bench fails saying so).
 //!
+//! - (h) The OAuth front door: token exchanges per second beside JWT-SVID mints per second,
+//!   both through a real server on one core, client included (`oauth`).
+//!
 //! One module per figure: `ca` (a), `node_api` (b), `fetch_latency` (c), `node_rss` (d),
 //! `revocation` (e), `scale` (f), `store` (g); `harness` starts the server and the node agents, `output`
-//! prints the table. `AGENTD_BENCH_ONLY=scale` runs (f) alone, `AGENTD_BENCH_ONLY=store` (g).
+//! prints the table. `AGENTD_BENCH_ONLY=scale` runs (f) alone, `AGENTD_BENCH_ONLY=store` (g),
+//! `AGENTD_BENCH_ONLY=oauth` (h).
 //!
 //! Temp dirs are removed and the child process is killed on every exit path (Drop guards).
 #![forbid(unsafe_code)]
@@ -38,6 +42,7 @@ mod fetch_latency;
 mod harness;
 mod node_api;
 mod node_rss;
+mod oauth;
 mod output;
 mod revocation;
 mod scale;
@@ -81,6 +86,12 @@ fn main() -> anyhow::Result<()> {
             dir.close().context("removing the temp dir")?;
             return Ok(());
         }
+        Ok("oauth") => {
+            drop(rt);
+            oauth::run(dir.path())?;
+            dir.close().context("removing the temp dir")?;
+            return Ok(());
+        }
         Ok("store") => {
             rt.block_on(store::run_alone(dir.path()))?;
             drop(rt);
@@ -91,6 +102,7 @@ fn main() -> anyhow::Result<()> {
     }
 
     let a = ca::run(dir.path())?;
+    oauth::run(dir.path())?;
     rt.block_on(run_online(dir.path(), &a))?;
     drop(rt);
     dir.close().context("removing the temp dir")?;

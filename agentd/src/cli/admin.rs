@@ -359,14 +359,14 @@ async fn bulk(
     });
     /// What is sent for one entry.
     enum Item {
-        Spec(pb::EntrySpec),
+        Spec(Box<pb::EntrySpec>),
         Id(String),
     }
     // (input index, path, label, item).
     let mut good: Vec<(usize, String, String, Item)> = Vec::new();
     for (i, (path, o)) in items.into_iter().enumerate() {
         let parsed = match kind {
-            Bulk::Create => super::bulk::spec(&path, &o).map(Item::Spec),
+            Bulk::Create => super::bulk::spec(&path, &o).map(|s| Item::Spec(Box::new(s))),
             Bulk::Delete => super::bulk::entry_id(&path, &o).map(Item::Id),
         };
         let label = match (&parsed, kind) {
@@ -391,7 +391,7 @@ async fn bulk(
                     entries: page
                         .iter()
                         .filter_map(|(.., item)| match item {
-                            Item::Spec(s) => Some(s.clone()),
+                            Item::Spec(s) => Some((**s).clone()),
                             Item::Id(_) => None,
                         })
                         .collect(),
