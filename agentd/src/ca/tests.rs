@@ -1002,3 +1002,121 @@ fn peer_authorities_join_the_bundle_and_bump_its_sequence() {
     assert_eq!(after.x509_authorities, before.x509_authorities);
     assert_eq!(after.sequence, before.sequence);
 }
+
+#[test]
+fn an_access_token_is_at_jwt_and_validates_as_one_only_for_its_issuer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, now) = new_ca(dir.path(), Duration::from_secs(3600));
+    let mut claims = serde_json::Map::new();
+    claims.insert("iss".into(), "https://agentd.example".into());
+    claims.insert("aud".into(), "https://tools.example/mcp".into());
+    claims.insert("sub".into(), "user:alice@example.com".into());
+    claims.insert("client_id".into(), "spiffe://example.org/agent/a".into());
+    let exp = unix_seconds(now) + 60;
+    let token = ca.sign_access_token(claims, exp, now).unwrap();
+    let header = crate::svid::jwt::decode_header_unverified(&token.token).unwrap();
+    assert_eq!(header["typ"], "at+jwt");
+    assert_eq!(header["kid"], token.key_id.as_str());
+    let bundle = ca.bundle();
+    let got = crate::svid::jwt::validate_access_token(
+        &token.token,
+        "https://agentd.example",
+        &bundle,
+        now,
+    )
+    .unwrap();
+    assert_eq!(got["jti"], token.jti.as_str());
+    assert_eq!(got["exp"], exp);
+    assert_eq!(got["iat"], unix_seconds(now));
+    let other = crate::svid::jwt::validate_access_token(
+        &token.token,
+        "https://other.example",
+        &bundle,
+        now,
+    );
+    assert!(other.unwrap_err().to_string().contains("iss"));
+    let later = now + Duration::from_secs(61);
+    assert!(matches!(
+        crate::svid::jwt::validate_access_token(
+            &token.token,
+            "https://agentd.example",
+            &bundle,
+            later
+        ),
+        Err(crate::svid::jwt::JwtError::Expired { .. })
+    ));
+    // A JWT-SVID is not an access token, and an access token is not a JWT-SVID.
+    let svid = ca
+        .sign_jwt_svid(
+            &JwtSvidParams {
+                spiffe_id: &id("spiffe://example.org/agent/a"),
+                audience: &["https://agentd.example".into()],
+                ttl: Duration::from_secs(60),
+                claims: None,
+            },
+            now,
+        )
+        .unwrap();
+    let e = crate::svid::jwt::validate_access_token(
+        &svid.token,
+        "https://agentd.example",
+        &bundle,
+        now,
+    );
+    assert!(e.unwrap_err().to_string().contains("typ"));
+    let e = crate::svid::jwt::validate(&token.token, "https://tools.example/mcp", &bundle, now);
+    assert!(e.unwrap_err().to_string().contains("typ"));
+    // Capped at the key's expiry, refused when already expired.
+    assert!(ca
+        .sign_access_token(serde_json::Map::new(), unix_seconds(now), now)
+        .is_err());
+}
+
+#[test]
+fn jwt_svids_carry_iss_once_an_issuer_is_set_and_ip_literals_are_ip_sans() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, now) = new_ca(dir.path(), Duration::from_secs(3600));
+    let params = JwtSvidParams {
+        spiffe_id: &id("spiffe://example.org/agent/a"),
+        audience: &["x".into()],
+        ttl: Duration::from_secs(60),
+        claims: None,
+    };
+    let before = ca.sign_jwt_svid(&params, now).unwrap();
+    assert!(!crate::svid::jwt::decode_unverified(&before.token)
+        .unwrap()
+        .contains_key("iss"));
+    ca.set_jwt_issuer("https://agentd.example".into()).unwrap();
+    assert!(ca.set_jwt_issuer("https://again.example".into()).is_err());
+    let after = ca.sign_jwt_svid(&params, now).unwrap();
+    assert_eq!(
+        crate::svid::jwt::decode_unverified(&after.token).unwrap()["iss"],
+        "https://agentd.example"
+    );
+    let key = PrivateKey::generate().unwrap();
+    let csr = key.csr_der().unwrap();
+    let svid = ca
+        .sign_x509_svid(
+            &X509SvidParams {
+                csr_der: &csr,
+                spiffe_id: &id("spiffe://example.org/agentd/server"),
+                ttl: Duration::from_secs(60),
+                dns_names: &["127.0.0.1".into(), "agentd.example".into()],
+                extensions: &[],
+            },
+            now,
+        )
+        .unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&svid.cert_chain[0]).unwrap();
+    let san = cert.subject_alternative_name().unwrap().unwrap();
+    assert!(san
+        .value
+        .general_names
+        .iter()
+        .any(|n| matches!(n, GeneralName::IPAddress(b) if *b == [127, 0, 0, 1])));
+    assert!(san
+        .value
+        .general_names
+        .iter()
+        .any(|n| matches!(n, GeneralName::DNSName("agentd.example"))));
+}

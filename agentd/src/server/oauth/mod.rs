@@ -150,3 +150,55 @@ pub fn jwks(bundle: &crate::bundle::Bundle) -> Value {
     }
     doc
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_carry_their_rfc_6749_code_and_status() {
+        let cases = [
+            (
+                OAuthError::InvalidRequest("x".into()),
+                "invalid_request",
+                400,
+            ),
+            (OAuthError::InvalidClient("x".into()), "invalid_client", 401),
+            (OAuthError::InvalidGrant("x".into()), "invalid_grant", 400),
+            (
+                OAuthError::UnsupportedGrantType("x".into()),
+                "unsupported_grant_type",
+                400,
+            ),
+            (OAuthError::InvalidScope("x".into()), "invalid_scope", 400),
+            (OAuthError::InvalidTarget("x".into()), "invalid_target", 400),
+            (
+                OAuthError::Unavailable("x".into()),
+                "temporarily_unavailable",
+                503,
+            ),
+        ];
+        for (e, code, status) in cases {
+            assert_eq!(
+                e.to_json(),
+                json!({"error": code, "error_description": "x"})
+            );
+            assert_eq!(e.status(), status, "{code}");
+        }
+    }
+
+    #[test]
+    fn metadata_names_every_endpoint_under_the_issuer() {
+        let m = metadata("https://a.example", &[], false);
+        assert_eq!(m["token_endpoint"], "https://a.example/oauth2/token");
+        assert_eq!(m["jwks_uri"], "https://a.example/oauth2/jwks");
+        assert_eq!(
+            m["introspection_endpoint"],
+            "https://a.example/oauth2/introspect"
+        );
+        assert!(m.get("id_token_signing_alg_values_supported").is_none());
+        let o = metadata("https://a.example", &[], true);
+        assert_eq!(o["id_token_signing_alg_values_supported"], json!(["ES256"]));
+        assert_eq!(o["subject_types_supported"], json!(["public"]));
+    }
+}
