@@ -171,6 +171,7 @@ pub fn spec(path: &str, o: &Map<String, Value>) -> Result<pb::EntrySpec, String>
                 "dns_names" => spec.dns_names = strings(path, k, v)?,
                 "scopes" => spec.scopes = strings(path, k, v)?,
                 "federates_with" => spec.federates_with = strings(path, k, v)?,
+                "resources" => spec.resources = strings(path, k, v)?,
                 "hint" | "owner" => {
                     let s = match v {
                         Value::Null => String::new(),
