@@ -93,6 +93,29 @@ pub struct BundleEndpointConfig {
     pub https_web: Option<(PathBuf, PathBuf)>,
 }
 
+/// A `cert_file` + `key_file` section (`[federation.https_web]`, `[oauth.tls]`): both or
+/// neither, each missing one named by its path.
+pub(crate) fn cert_and_key(
+    errs: &mut Errors,
+    section: &str,
+    raw: Option<RawHttpsWeb>,
+) -> Option<(PathBuf, PathBuf)> {
+    match raw.map(|w| (w.cert_file, w.key_file))? {
+        (Some(c), Some(k)) => Some((c, k)),
+        (c, k) => {
+            for (missing, field) in [(c.is_none(), "cert_file"), (k.is_none(), "key_file")] {
+                if missing {
+                    errs.push(
+                        &format!("{section}.{field}"),
+                        format!("is required with [{section}]"),
+                    );
+                }
+            }
+            None
+        }
+    }
+}
+
 /// The published refresh hint's bounds: a peer polls at most this often, and at least.
 const MIN_PUBLISHED_HINT: Duration = Duration::from_secs(10);
 const MAX_PUBLISHED_HINT: Duration = Duration::from_secs(3600);
@@ -113,24 +136,7 @@ fn bundle_endpoint(errs: &mut Errors, raw: Option<RawFederation>) -> Option<Bund
             None => crate::bundle::DEFAULT_REFRESH_HINT,
         },
     };
-    let https_web = raw.https_web.and_then(|w| match (w.cert_file, w.key_file) {
-        (Some(c), Some(k)) => Some((c, k)),
-        (c, k) => {
-            if c.is_none() {
-                errs.push(
-                    &format!("{P}.https_web.cert_file"),
-                    "is required with [federation.https_web]",
-                );
-            }
-            if k.is_none() {
-                errs.push(
-                    &format!("{P}.https_web.key_file"),
-                    "is required with [federation.https_web]",
-                );
-            }
-            None
-        }
-    });
+    let https_web = cert_and_key(errs, "federation.https_web", raw.https_web);
     let Some(addr) = raw.bind_address else {
         if https_web.is_some() || raw.refresh_hint.is_some() {
             errs.push(

@@ -7,6 +7,7 @@ pub mod config;
 pub mod crl;
 pub mod federation;
 pub mod grants;
+pub mod https;
 pub mod issuance;
 pub mod join_token;
 pub mod membership;

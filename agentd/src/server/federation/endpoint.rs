@@ -8,22 +8,16 @@
 //! accept path (handshakes off the accept loop, per-source connection limits), reads headers
 //! under a timeout and closes a connection after a bounded lifetime.
 
-use std::convert::Infallible;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::body::Incoming;
 use hyper::{header, Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::server::{ServerError, ServerState};
 use crate::tls::ServerConfigSource;
-
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
 /// Serves the bundle on `listener` until `stop`.
 pub async fn serve(
@@ -33,42 +27,11 @@ pub async fn serve(
     refresh_hint: Duration,
     stop: CancellationToken,
 ) -> Result<(), ServerError> {
-    use tokio_stream::StreamExt as _;
-    let mut incoming = crate::tls::incoming(
-        listener,
-        tls,
-        crate::tls::ConnectionLimits::default(),
-        stop.clone(),
-    );
-    let mut conns = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            next = incoming.next() => match next {
-                Some(Ok(conn)) => {
-                    let state = state.clone();
-                    conns.spawn(async move {
-                        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                            let state = state.clone();
-                            async move { Ok::<_, Infallible>(answer(&state, &req, refresh_hint)) }
-                        });
-                        let mut builder = hyper::server::conn::http1::Builder::new();
-                        builder.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
-                        let served = builder.serve_connection(TokioIo::new(conn), svc);
-                        match tokio::time::timeout(CONNECTION_LIFETIME, served).await {
-                            Ok(Ok(())) | Err(_) => {}
-                            Ok(Err(e)) => tracing::debug!(error = %e, "bundle endpoint connection error"),
-                        }
-                    });
-                }
-                Some(Err(e)) => tracing::debug!(error = %e, "bundle endpoint accept failed"),
-                None => break,
-            },
-        }
-    }
-    conns.abort_all();
-    Ok(())
+    crate::server::https::serve("bundle endpoint", listener, tls, stop, move |req| {
+        let resp = answer(&state, &req, refresh_hint);
+        async move { resp }
+    })
+    .await
 }
 
 /// The trust domain's bundle document as the endpoint serves it: authorities in a fixed

@@ -81,21 +81,7 @@ pub fn oauth_config(errs: &mut Errors, raw: Option<RawOAuth>) -> Option<OAuthCon
             None => DEFAULT_MAX_TOKEN_TTL,
         },
     };
-    let tls = raw.tls.and_then(|w| match (w.cert_file, w.key_file) {
-        (Some(c), Some(k)) => Some((c, k)),
-        (c, k) => {
-            if c.is_none() {
-                errs.push(
-                    &format!("{P}.tls.cert_file"),
-                    "is required with [oauth.tls]",
-                );
-            }
-            if k.is_none() {
-                errs.push(&format!("{P}.tls.key_file"), "is required with [oauth.tls]");
-            }
-            None
-        }
-    });
+    let tls = super::super::config::cert_and_key(errs, "oauth.tls", raw.tls);
     let Some(addr) = raw.bind_address else {
         errs.push(
             &format!("{P}.bind_address"),

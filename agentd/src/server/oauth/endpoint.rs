@@ -4,14 +4,12 @@
 //! headers under a timeout, bounds every body and closes a connection after a bounded
 //! lifetime. Bad input gets an RFC 6749 error, never a 500.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use hyper::{header, Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -22,9 +20,6 @@ use super::OAuthError;
 use crate::server::{ServerError, ServerState};
 use crate::tls::ServerConfigSource;
 
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
-
 /// Serves the front door on `listener` until `stop`.
 pub async fn serve(
     state: Arc<ServerState>,
@@ -33,44 +28,12 @@ pub async fn serve(
     tls: ServerConfigSource,
     stop: CancellationToken,
 ) -> Result<(), ServerError> {
-    use tokio_stream::StreamExt as _;
-    let mut incoming = crate::tls::incoming(
-        listener,
-        tls,
-        crate::tls::ConnectionLimits::default(),
-        stop.clone(),
-    );
-    let mut conns = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            next = incoming.next() => match next {
-                Some(Ok(conn)) => {
-                    let state = state.clone();
-                    let door = door.clone();
-                    conns.spawn(async move {
-                        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                            let state = state.clone();
-                            let door = door.clone();
-                            async move { Ok::<_, Infallible>(answer(&state, &door, req).await) }
-                        });
-                        let mut builder = hyper::server::conn::http1::Builder::new();
-                        builder.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
-                        let served = builder.serve_connection(TokioIo::new(conn), svc);
-                        match tokio::time::timeout(CONNECTION_LIFETIME, served).await {
-                            Ok(Ok(())) | Err(_) => {}
-                            Ok(Err(e)) => tracing::debug!(error = %e, "OAuth front door connection error"),
-                        }
-                    });
-                }
-                Some(Err(e)) => tracing::debug!(error = %e, "OAuth front door accept failed"),
-                None => break,
-            },
-        }
-    }
-    conns.abort_all();
-    Ok(())
+    crate::server::https::serve("OAuth front door", listener, tls, stop, move |req| {
+        let state = state.clone();
+        let door = door.clone();
+        async move { answer(&state, &door, req).await }
+    })
+    .await
 }
 
 fn json_response(status: u16, body: &Value) -> Response<String> {
