@@ -126,18 +126,29 @@ fn jwt_svid(
     spiffe_id: Option<&str>,
     grant: Option<&str>,
 ) -> anyhow::Result<String> {
+    jwt_svid_for(node, &[audience], spiffe_id, grant)
+}
+
+/// A JWT-SVID from `node` naming every one of `audiences`.
+fn jwt_svid_for(
+    node: &Node,
+    audiences: &[&str],
+    spiffe_id: Option<&str>,
+    grant: Option<&str>,
+) -> anyhow::Result<String> {
     let sock = node.socket_arg();
     let mut args = vec![
         "api",
         "fetch",
         "jwt",
-        "--audience",
-        audience,
         "--socket-path",
         &sock,
         "--output",
         "json",
     ];
+    for a in audiences {
+        args.extend(["--audience", a]);
+    }
     if let Some(id) = spiffe_id {
         args.extend(["--spiffe-id", id]);
     }
@@ -153,6 +164,14 @@ fn jwt_svid(
         .as_str()
         .map(str::to_string)
         .with_context(|| format!("no JWT-SVID in {v}"))
+}
+
+/// A JWT's claims, read without verifying it (the servers under test verify).
+fn jwt_claims(token: &str) -> anyhow::Result<Value> {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1).context("not a JWT")?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload)?;
+    Ok(serde_json::from_slice(&bytes)?)
 }
 
 /// The example MCP tool server, stopped on drop.
@@ -383,6 +402,43 @@ fn an_agent_exchanges_its_jwt_svid_and_calls_only_the_mcp_tools_in_its_scope() -
         "invalid_grant",
         "does not name this issuer",
     );
+    // A JWT-SVID naming the issuer and another relying party: that party holds it too, and
+    // must not be able to exchange it.
+    let shared = jwt_svid_for(
+        &node,
+        &[&issuer, "spiffe://example.org/some/tool"],
+        Some(PLANNER),
+        None,
+    )?;
+    assert_refused(
+        &client.exchange(&issuer, &shared, &resource, "")?,
+        "invalid_grant",
+        "for this issuer alone",
+    );
+    // `audience` is taken when it names the resource, refused when it names another; a
+    // token asked for as a JWT is answered as one.
+    let token_url = format!("{issuer}/oauth2/token");
+    let with_audience = |audience: &str| {
+        client.post(
+            &token_url,
+            &[
+                ("grant_type", EXCHANGE),
+                ("subject_token", &svid),
+                ("subject_token_type", JWT_TYPE),
+                ("requested_token_type", JWT_TYPE),
+                ("resource", &resource),
+                ("audience", audience),
+            ],
+        )
+    };
+    let same = with_audience(&resource)?;
+    assert_eq!(same["status"], 200, "{same}");
+    assert_eq!(same["body"]["issued_token_type"], JWT_TYPE, "{same}");
+    assert_refused(
+        &with_audience("https://elsewhere.example/mcp")?,
+        "invalid_target",
+        "differs from resource",
+    );
     server.register_own_uid(
         &node.spiffe_id,
         "spiffe://example.org/agent/brief",
@@ -422,7 +478,6 @@ fn an_agent_exchanges_its_jwt_svid_and_calls_only_the_mcp_tools_in_its_scope() -
     );
 
     // Bad bodies: RFC 6749 errors, never a 500.
-    let token_url = format!("{issuer}/oauth2/token");
     assert_refused(
         &client.post(&token_url, &[("grant_type", EXCHANGE)])?,
         "invalid_request",
@@ -524,6 +579,54 @@ fn an_agent_exchanges_its_jwt_svid_and_calls_only_the_mcp_tools_in_its_scope() -
     ])?;
     let jti = active["body"]["jti"].as_str().unwrap_or_default();
     assert!(audit.contains(jti) && audit.contains(&resource), "{audit}");
+
+    // Revoking a JWT-SVID by its jti covers the access tokens made from it, and only those.
+    let second = jwt_svid(&node, &token_url, Some(PLANNER), None)?;
+    let second_jti = jwt_claims(&second)?["jti"]
+        .as_str()
+        .map(str::to_string)
+        .context("a JWT-SVID without a jti")?;
+    let from_second = client.exchange(&issuer, &second, &resource, "calendar:read")?;
+    let from_second = from_second["body"]["access_token"]
+        .as_str()
+        .map(str::to_string)
+        .with_context(|| format!("no access token in {from_second}"))?;
+    assert_eq!(
+        client.introspect(&issuer, &from_second, &caller)?["body"]["active"],
+        true
+    );
+    server.cli_ok(&[
+        "revoke",
+        "svid",
+        "--serial",
+        &second_jti,
+        "--reason",
+        "leak",
+    ])?;
+    let revoked_at = Instant::now();
+    let inactive = within(Duration::from_secs(1), || {
+        client
+            .introspect(&issuer, &from_second, &caller)
+            .map(|v| v["body"]["active"] == false)
+            .unwrap_or(false)
+    });
+    assert!(
+        inactive,
+        "a token from JWT-SVID {second_jti} still active {:?} after revoke svid",
+        revoked_at.elapsed()
+    );
+    assert_eq!(
+        client.introspect(&issuer, &access, &caller)?["body"]["active"],
+        true,
+        "revoking one JWT-SVID reached a token made from another"
+    );
+    // The revocation lists the token's jti for relying parties that watch instead.
+    let from_second_jti = jwt_claims(&from_second)?["jti"].clone();
+    let listed = server.cli_ok(&["revoke", "list", "--output", "json"])?;
+    assert!(
+        listed.contains(from_second_jti.as_str().unwrap_or("?")),
+        "{from_second_jti} not in {listed}"
+    );
 
     // Revoking the entry: the next exchange is refused and introspection says inactive
     // within a second of the revoke command's return.

@@ -19,7 +19,8 @@ use super::{
 use crate::delegation::{Delegation, GrantId, Hop, ScopeSet};
 use crate::model::audit::AuditRecord;
 use crate::model::revocation::{
-    IssuedSvid, RevocationAction, RevocationEvent, RevocationHandle, RevokedSerial, SvidKind,
+    DerivedFrom, IssuedSvid, RevocationAction, RevocationEvent, RevocationHandle, RevokedSerial,
+    SvidKind,
 };
 use crate::ttl::Ttl;
 
@@ -290,6 +291,7 @@ fn issued(kind: SvidKind, serial: &str) -> IssuedSvid {
         task_id: None,
         authority_id: "ca1".into(),
         expires_at: 1_000,
+        derived_from: None,
     }
 }
 
@@ -304,13 +306,20 @@ pub(crate) async fn issued_svids_are_found_by_every_handle_and_pruned(store: Sto
     let mut jwt = issued(SvidKind::Jwt, "0a0a");
     jwt.entry_id = Some(entry.to_string());
     jwt.authority_id = "kid".into();
+    // An access token exchanged for that JWT-SVID, signed by a newer key.
+    let mut token = issued(SvidKind::AccessToken, "0b0b");
+    token.authority_id = "kid2".into();
+    token.derived_from = Some(DerivedFrom {
+        jti: "0a0a".into(),
+        key_id: "kid".into(),
+    });
     let mut node_svid = issued(SvidKind::Node, "7");
     node_svid.node_id = Some(node_id.clone());
     let mut old = issued(SvidKind::X509, "99");
     old.expires_at = 50;
     old.entry_id = Some(entry.to_string());
     store
-        .record_issued(&[delegated, jwt, node_svid, old])
+        .record_issued(&[delegated, jwt, token.clone(), node_svid, old])
         .await
         .unwrap();
     // Sorted lists, not sets: an SVID listed twice must show.
@@ -321,8 +330,14 @@ pub(crate) async fn issued_svids_are_found_by_every_handle_and_pruned(store: Sto
     };
     assert_eq!(
         store.list_issued(100).await.unwrap().len(),
-        3,
+        4,
         "the expired one is not live"
+    );
+    let listed = store.list_issued(100).await.unwrap();
+    assert_eq!(
+        listed.iter().find(|s| s.id == "0b0b"),
+        Some(&token),
+        "an access token's record keeps what it was derived from"
     );
     let covered = |handles: Vec<RevocationHandle>| {
         let store = store.clone();
@@ -351,7 +366,22 @@ pub(crate) async fn issued_svids_are_found_by_every_handle_and_pruned(store: Sto
     );
     assert_eq!(
         covered(vec![RevocationHandle::Authority("kid".into())]).await,
-        set(&["0a0a"])
+        set(&["0a0a", "0b0b"]),
+        "a JWT-SVID's key covers the tokens made from it"
+    );
+    assert_eq!(
+        covered(vec![RevocationHandle::Authority("kid2".into())]).await,
+        set(&["0b0b"])
+    );
+    assert_eq!(
+        covered(vec![RevocationHandle::Svid("a0a".into())]).await,
+        set(&["0a0a", "0b0b"]),
+        "a JWT-SVID's jti covers the tokens made from it"
+    );
+    assert_eq!(
+        covered(vec![RevocationHandle::Svid("b0b".into())]).await,
+        set(&["0b0b"]),
+        "a token's own jti covers the token alone"
     );
     assert_eq!(
         covered(vec![
@@ -364,7 +394,7 @@ pub(crate) async fn issued_svids_are_found_by_every_handle_and_pruned(store: Sto
     );
     assert_eq!(store.prune_issued(100).await.unwrap(), 1);
     assert_eq!(store.prune_issued(100).await.unwrap(), 0);
-    assert_eq!(store.prune_issued(1_000).await.unwrap(), 3);
+    assert_eq!(store.prune_issued(1_000).await.unwrap(), 4);
     assert!(store.list_issued(0).await.unwrap().is_empty());
 }
 

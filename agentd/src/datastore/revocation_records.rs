@@ -6,7 +6,8 @@ use spiffe::SpiffeId;
 
 use super::{DataStoreError, Result};
 use crate::model::revocation::{
-    IssuedSvid, RevocationAction, RevocationEvent, RevocationHandle, RevokedSerial, SvidKind,
+    DerivedFrom, IssuedSvid, RevocationAction, RevocationEvent, RevocationHandle, RevokedSerial,
+    SvidKind,
 };
 
 fn corrupt(key: &[u8], field: &str, reason: impl std::fmt::Display) -> DataStoreError {
@@ -34,6 +35,11 @@ pub struct IssuedRecord {
     task_id: Option<String>,
     authority_id: String,
     expires_at: i64,
+    /// An access token's JWT-SVID: its jti and signing key (absent on every other record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    derived_from_jti: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    derived_from_key_id: Option<String>,
 }
 
 impl IssuedRecord {
@@ -48,6 +54,8 @@ impl IssuedRecord {
             task_id: s.task_id.clone(),
             authority_id: s.authority_id.clone(),
             expires_at: s.expires_at,
+            derived_from_jti: s.derived_from.as_ref().map(|d| d.jti.clone()),
+            derived_from_key_id: s.derived_from.as_ref().map(|d| d.key_id.clone()),
         }
     }
 
@@ -70,6 +78,17 @@ impl IssuedRecord {
             task_id: self.task_id,
             authority_id: self.authority_id,
             expires_at: self.expires_at,
+            derived_from: match (self.derived_from_jti, self.derived_from_key_id) {
+                (None, None) => None,
+                (Some(jti), Some(key_id)) => Some(DerivedFrom { jti, key_id }),
+                _ => {
+                    return Err(corrupt(
+                        key,
+                        "derived_from",
+                        "a jti without its key id, or a key id without its jti",
+                    ))
+                }
+            },
         })
     }
 }
@@ -194,6 +213,10 @@ pub fn issued_index_keys(svid: &IssuedSvid, record_key: &[u8]) -> Vec<Vec<u8>> {
         prefix(SERIAL, svid.id.trim_start_matches('0')),
         prefix(AUTHORITY, &svid.authority_id),
     ];
+    if let Some(d) = &svid.derived_from {
+        handles.push(prefix(SERIAL, d.jti.trim_start_matches('0')));
+        handles.push(prefix(AUTHORITY, &d.key_id));
+    }
     if let Some(entry) = &svid.entry_id {
         handles.push(prefix(ENTRY, entry));
     }

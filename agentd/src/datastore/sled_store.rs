@@ -1387,6 +1387,7 @@ mod tests {
             task_id: None,
             authority_id: "ca1".into(),
             expires_at,
+            derived_from: None,
         }
     }
 

@@ -153,12 +153,21 @@ impl RevocationHandle {
     pub fn covers(&self, svid: &IssuedSvid) -> bool {
         match self {
             // A jti is hex too, but keeps its leading zeros.
-            Self::Svid(serial) => svid.id.trim_start_matches('0') == serial,
+            Self::Svid(serial) => {
+                svid.id.trim_start_matches('0') == serial
+                    || svid
+                        .derived_from
+                        .as_ref()
+                        .is_some_and(|d| d.jti.trim_start_matches('0') == serial)
+            }
             Self::Entry(id) => svid.entry_id.as_deref() == Some(id.as_str()),
             Self::Node(node) => svid.node_id.as_ref() == Some(node),
             Self::Grant(g) => svid.grant_chain.iter().any(|x| x == g),
             Self::Task(t) => svid.task_id.as_deref() == Some(t.as_str()),
-            Self::Authority(a) => svid.authority_id == *a,
+            Self::Authority(a) => {
+                svid.authority_id == *a
+                    || svid.derived_from.as_ref().is_some_and(|d| d.key_id == *a)
+            }
         }
     }
 }
@@ -226,6 +235,17 @@ pub struct IssuedSvid {
     /// X.509: the signing CA's authority id; JWT: the key id.
     pub authority_id: String,
     pub expires_at: i64,
+    /// For an access token: the JWT-SVID it was exchanged for, so that revoking that
+    /// JWT-SVID (by jti) or its signing key covers the token too.
+    pub derived_from: Option<DerivedFrom>,
+}
+
+/// The JWT-SVID an access token was made from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DerivedFrom {
+    pub jti: String,
+    /// The key id that signed it.
+    pub key_id: String,
 }
 
 /// An X.509-SVID a revocation covers, with what a CRL needs.

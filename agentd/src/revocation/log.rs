@@ -451,6 +451,7 @@ mod tests {
             task_id: None,
             authority_id: "aa".into(),
             expires_at,
+            derived_from: None,
         }
     }
 

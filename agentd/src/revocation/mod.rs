@@ -313,6 +313,7 @@ mod tests {
             task_id: Some("t".into()),
             authority_id: "aa".into(),
             expires_at: 10,
+            derived_from: None,
         };
         for (kind, id) in [
             ("svid", "abc"),

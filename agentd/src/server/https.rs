@@ -19,11 +19,13 @@ use crate::tls::ServerConfigSource;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
-/// Serves `answer` on `listener` until `stop`; `what` names the listener in logs.
+/// Serves `answer` on `listener` until `stop`; `what` names the listener in logs. `limits`
+/// are the node API's (`[node_api]`), so that one setting bounds every public listener.
 pub async fn serve<F, Fut>(
     what: &'static str,
     listener: TcpListener,
     tls: ServerConfigSource,
+    limits: crate::tls::ConnectionLimits,
     stop: CancellationToken,
     answer: F,
 ) -> Result<(), ServerError>
@@ -32,12 +34,7 @@ where
     Fut: Future<Output = Response<String>> + Send + 'static,
 {
     use tokio_stream::StreamExt as _;
-    let mut incoming = crate::tls::incoming(
-        listener,
-        tls,
-        crate::tls::ConnectionLimits::default(),
-        stop.clone(),
-    );
+    let mut incoming = crate::tls::incoming(listener, tls, limits, stop.clone());
     let mut conns = tokio::task::JoinSet::new();
     loop {
         tokio::select! {

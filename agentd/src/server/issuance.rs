@@ -37,6 +37,7 @@ pub fn node_svid_record(svid: &IssuedX509Svid) -> IssuedSvid {
         task_id: None,
         authority_id: svid.authority_id.clone(),
         expires_at: unix_seconds(svid.not_after),
+        derived_from: None,
     }
 }
 
@@ -58,6 +59,7 @@ pub fn x509_svid_record(
         task_id,
         authority_id: svid.authority_id.clone(),
         expires_at: unix_seconds(svid.not_after),
+        derived_from: None,
     }
 }
 
@@ -79,6 +81,7 @@ pub fn jwt_svid_record(
         task_id,
         authority_id: jwt.key_id.clone(),
         expires_at: unix_seconds(jwt.expires_at),
+        derived_from: None,
     }
 }
 

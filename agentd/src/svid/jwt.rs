@@ -282,7 +282,8 @@ fn check_times(claims: &Map<String, Value>, now: SystemTime) -> Result<i64, JwtE
 }
 
 /// `aud`: a string or a non-empty array of strings.
-fn audiences(claims: &Map<String, Value>) -> Result<Vec<String>, JwtError> {
+/// The `aud` claim as a list (RFC 7519 section 4.1.3: a string or an array of strings).
+pub fn audiences(claims: &Map<String, Value>) -> Result<Vec<String>, JwtError> {
     match claims.get("aud") {
         None => Err(claim_err("aud", "missing")),
         Some(Value::String(a)) => Ok(vec![a.clone()]),

@@ -27,7 +27,8 @@ pub async fn serve(
     refresh_hint: Duration,
     stop: CancellationToken,
 ) -> Result<(), ServerError> {
-    crate::server::https::serve("bundle endpoint", listener, tls, stop, move |req| {
+    let limits = state.config.node_api.connections;
+    crate::server::https::serve("bundle endpoint", listener, tls, limits, stop, move |req| {
         let resp = answer(&state, &req, refresh_hint);
         async move { resp }
     })

@@ -60,6 +60,15 @@ pub fn check_issuer(raw: &str) -> Result<String, String> {
     if raw.ends_with('/') {
         return Err(format!("{raw:?} must not end with '/'"));
     }
+    // The endpoints and the well-known documents are served at the root; an issuer with a
+    // path would need them under `/.well-known/oauth-authorization-server/PATH` (RFC 8414
+    // section 3.1), which a reverse proxy in front would have to map. Refused rather than
+    // published wrong.
+    if url.path() != "/" {
+        return Err(format!(
+            "{raw:?} must have no path: the front door serves its endpoints and metadata at the root of its host"
+        ));
+    }
     Ok(raw.to_string())
 }
 
@@ -116,13 +125,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn issuers_are_https_urls_without_query_fragment_or_trailing_slash() {
+    fn issuers_are_https_origins_without_path_query_fragment_or_trailing_slash() {
         assert!(check_issuer("https://agentd.example").is_ok());
-        assert!(check_issuer("https://127.0.0.1:8443/td").is_ok());
+        assert!(check_issuer("https://127.0.0.1:8443").is_ok());
         for (bad, why) in [
             ("http://agentd.example", "https"),
             ("https://agentd.example/", "'/'"),
             ("https://agentd.example?x=1", "query"),
+            ("https://127.0.0.1:8443/td", "no path"),
             ("https://agentd.example#f", "fragment"),
             ("agentd.example", "not a URL"),
         ] {

@@ -28,11 +28,19 @@ pub async fn serve(
     tls: ServerConfigSource,
     stop: CancellationToken,
 ) -> Result<(), ServerError> {
-    crate::server::https::serve("OAuth front door", listener, tls, stop, move |req| {
-        let state = state.clone();
-        let door = door.clone();
-        async move { answer(&state, &door, req).await }
-    })
+    let limits = state.config.node_api.connections;
+    crate::server::https::serve(
+        "OAuth front door",
+        listener,
+        tls,
+        limits,
+        stop,
+        move |req| {
+            let state = state.clone();
+            let door = door.clone();
+            async move { answer(&state, &door, req).await }
+        },
+    )
     .await
 }
 

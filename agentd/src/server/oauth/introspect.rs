@@ -28,7 +28,7 @@ pub async fn introspect(
     };
     verify_svid(state, assertion, &audiences, "client_assertion")
         .await
-        .map_err(|e| OAuthError::InvalidClient(e.description().to_string()))?;
+        .map_err(OAuthError::into_client_error)?;
     let token = form.required("token")?;
     let inactive = json!({"active": false});
     let now_t = state.clock.now();

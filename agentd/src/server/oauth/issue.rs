@@ -25,7 +25,7 @@ use crate::clock::unix_seconds;
 use crate::datastore::{Entry, EntryId, EntryIssuance, Grant};
 use crate::delegation::{claims as dclaims, Delegation, ScopeSet};
 use crate::model::oauth::ResourceUrl;
-use crate::revocation::{IssuedSvid, RevocationHandle, SvidKind};
+use crate::revocation::{DerivedFrom, IssuedSvid, RevocationHandle, SvidKind};
 use crate::server::ServerState;
 use crate::svid::jwt::JwtError;
 
@@ -107,6 +107,19 @@ pub async fn verify_svid(
         (None, Some(e)) => return Err(grant_err(what, e)),
         (None, None) => return Err(grant_err(what, "no audience to check")),
     };
+    // One audience only: every relying party a JWT-SVID names holds it, and could exchange
+    // it here for tokens of the agent's.
+    let named = crate::svid::jwt::audiences(&v.claims).map_err(|e| grant_err(what, e))?;
+    if named.len() > 1 {
+        return Err(grant_err(
+            what,
+            format!(
+                "its aud names {} relying parties; a JWT-SVID exchanged here must be for this issuer alone (fetch one with --audience {})",
+                named.len(),
+                audiences.first().map(String::as_str).unwrap_or_default()
+            ),
+        ));
+    }
     if v.claims.contains_key(dclaims::OFFER) {
         return Err(grant_err(
             what,
@@ -230,6 +243,12 @@ pub fn standing_over(state: &ServerState, record: &IssuedSvid) -> Option<(Revoca
         handles.push(RevocationHandle::Task(t.clone()));
     }
     handles.push(RevocationHandle::Authority(record.authority_id.clone()));
+    if let Some(d) = &record.derived_from {
+        if let Ok(h) = RevocationHandle::parse("svid", &d.jti) {
+            handles.push(h);
+        }
+        handles.push(RevocationHandle::Authority(d.key_id.clone()));
+    }
     handles
         .into_iter()
         .find_map(|h| state.revocations.standing(&h).map(|s| (h, s)))
@@ -259,6 +278,7 @@ pub async fn token(
             )))
         }
     };
+    let mut issued_token_type = super::TOKEN_TYPE_ACCESS_TOKEN;
     let (subject_param, subject) = match grant_type {
         GrantType::TokenExchange => {
             let t = form.required("subject_token")?;
@@ -278,7 +298,9 @@ pub async fn token(
                 ));
             }
             match form.optional("requested_token_type")? {
-                None | Some(super::TOKEN_TYPE_ACCESS_TOKEN) | Some(super::TOKEN_TYPE_JWT) => {}
+                None | Some(super::TOKEN_TYPE_ACCESS_TOKEN) => {}
+                // The access token is a JWT: asked for as one, it is answered as one.
+                Some(super::TOKEN_TYPE_JWT) => issued_token_type = super::TOKEN_TYPE_JWT,
                 Some(other) => {
                     return Err(OAuthError::InvalidRequest(format!(
                         "requested_token_type {:?} is not issued; only {}",
@@ -291,11 +313,6 @@ pub async fn token(
         }
         GrantType::JwtBearer => ("assertion", form.required("assertion")?),
     };
-    if form.optional("audience")?.is_some() {
-        return Err(OAuthError::InvalidTarget(
-            "audience is not accepted: name the tool server's URL in resource (RFC 8707)".into(),
-        ));
-    }
     let resource = match form.all("resource") {
         [] => {
             return Err(OAuthError::InvalidTarget(
@@ -312,6 +329,16 @@ pub async fn token(
             ))
         }
     };
+    // RFC 8693 section 2.1 lets `audience` name the target too; it is taken when it says
+    // what `resource` says, since the token's `aud` is the resource (RFC 8707).
+    if let Some(aud) = form.optional("audience")? {
+        if aud != resource.as_str() {
+            return Err(OAuthError::InvalidTarget(format!(
+                "audience {:?} differs from resource {resource}: a token is for one tool server, named by resource (RFC 8707)",
+                aud.chars().take(200).collect::<String>()
+            )));
+        }
+    }
     let requested = match form.optional("scope")? {
         None => None,
         Some(s) => Some(
@@ -365,8 +392,14 @@ pub async fn token(
 
     // The scopes: within the entry's ceiling, the grant's, and the JWT-SVID's own.
     let ceiling = crate::server::grants::entry_scopes(entry);
-    let held: Vec<&ScopeSet> = match &subject.delegation {
-        Some((d, _)) => vec![&ceiling, &d.scopes, &subject.scopes],
+    // For a delegated identity, the stored grant's terms, not the JWT-SVID's copy of them.
+    let granted = subject
+        .delegation
+        .as_ref()
+        .and_then(|(_, grants)| grants.last())
+        .map(|g| &g.delegation);
+    let held: Vec<&ScopeSet> = match granted {
+        Some(g) => vec![&ceiling, &g.scopes, &subject.scopes],
         None => vec![&ceiling, &subject.scopes],
     };
     let scopes = match requested {
@@ -395,19 +428,19 @@ pub async fn token(
     let now = unix_seconds(now_t);
     let max = i64::try_from(door.max_token_ttl.as_secs()).unwrap_or(i64::MAX);
     let mut exp = now.saturating_add(max).min(subject.expires_at);
-    if let Some((d, _)) = &subject.delegation {
-        exp = exp.min(d.expires_at);
+    if let Some(g) = granted {
+        exp = exp.min(g.expires_at);
     }
     let agent = entry.spec.spiffe_id.to_string();
     let mut claims = Map::new();
     claims.insert("iss".into(), door.issuer.clone().into());
     claims.insert("aud".into(), resource.as_str().into());
     claims.insert("client_id".into(), agent.clone().into());
-    match &subject.delegation {
+    match granted {
         None => {
             claims.insert("sub".into(), agent.clone().into());
         }
-        Some((d, _)) => {
+        Some(d) => {
             claims.insert("sub".into(), d.principal.to_string().into());
             // RFC 8693 section 4.1: the current actor outermost, earlier ones nested.
             let mut act: Option<Value> = None;
@@ -443,19 +476,18 @@ pub async fn token(
         task_id: subject.record.task_id.clone(),
         authority_id: token.key_id.clone(),
         expires_at: unix_seconds(token.expires_at),
+        derived_from: Some(DerivedFrom {
+            jti: subject.jti.clone(),
+            key_id: subject.record.authority_id.clone(),
+        }),
     };
     crate::server::issuance::record_issued(state.store.as_ref(), std::slice::from_ref(&record))
         .await?;
     drop(issuing);
     let expires_at = unix_seconds(token.expires_at);
-    let principal = subject
-        .delegation
-        .as_ref()
-        .map(|(d, _)| d.principal.to_string());
-    let chain: Vec<String> = subject
-        .delegation
-        .as_ref()
-        .map(|(d, _)| d.chain.iter().map(|h| h.agent.to_string()).collect())
+    let principal = granted.map(|d| d.principal.to_string());
+    let chain: Vec<String> = granted
+        .map(|d| d.chain.iter().map(|h| h.agent.to_string()).collect())
         .unwrap_or_default();
     state
         .audit
@@ -515,7 +547,7 @@ pub async fn token(
         resp["scope"] = json!(scopes.to_space_separated());
     }
     if matches!(grant_type, GrantType::TokenExchange) {
-        resp["issued_token_type"] = json!(super::TOKEN_TYPE_ACCESS_TOKEN);
+        resp["issued_token_type"] = json!(issued_token_type);
     }
     Ok(resp)
 }
@@ -533,7 +565,7 @@ async fn authenticate_client(
     };
     let client = verify_svid(state, client, audiences, "client_assertion")
         .await
-        .map_err(|e| OAuthError::InvalidClient(e.description().to_string()))?;
+        .map_err(OAuthError::into_client_error)?;
     if client.entry.spec.spiffe_id != subject.entry.spec.spiffe_id {
         return Err(OAuthError::InvalidClient(format!(
             "client_assertion is {}'s, the subject is {}: an agent exchanges its own JWT-SVIDs",

@@ -100,6 +100,15 @@ impl OAuthError {
         }
     }
 
+    /// This refusal as a failed client authentication (RFC 6749 section 5.2), except an
+    /// unreachable store, which stays a 503: the client may be fine.
+    pub fn into_client_error(self) -> Self {
+        match self {
+            Self::Unavailable(_) | Self::InvalidClient(_) => self,
+            other => Self::InvalidClient(other.description().to_string()),
+        }
+    }
+
     pub fn to_json(&self) -> Value {
         json!({"error": self.code(), "error_description": self.description()})
     }
@@ -185,6 +194,18 @@ mod tests {
             );
             assert_eq!(e.status(), status, "{code}");
         }
+    }
+
+    #[test]
+    fn a_bad_client_assertion_is_401_but_an_unreachable_store_stays_503() {
+        let bad = OAuthError::InvalidGrant("expired".into()).into_client_error();
+        assert_eq!((bad.code(), bad.status()), ("invalid_client", 401));
+        assert_eq!(bad.description(), "expired");
+        let down = OAuthError::Unavailable("down".into()).into_client_error();
+        assert_eq!(
+            (down.code(), down.status()),
+            ("temporarily_unavailable", 503)
+        );
     }
 
     #[test]
