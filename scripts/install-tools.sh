@@ -26,7 +26,9 @@ fi
 # tests/tests/oauth.rs), and Node's grpc-js, both under the target dir.
 INTEROP="${CARGO_TARGET_DIR:-$(cd "$(dirname "$0")/.." && pwd)/target}/interop"
 PY_PACKAGES=(spiffe==0.3.2 grpcio==1.85.3 mcp==2.3.0 "PyJWT[crypto]==2.15.1")
-NODE_PACKAGES=(@grpc/grpc-js@1.14.7 @grpc/proto-loader@0.8.1)
+# playwright-core drives Debian's chromium in the console's browser tests
+# (tests/tests/console.rs); it downloads no browser of its own.
+NODE_PACKAGES=(@grpc/grpc-js@1.14.7 @grpc/proto-loader@0.8.1 playwright-core@1.64.1)
 
 if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
     if command -v apt-get >/dev/null 2>&1; then
@@ -63,6 +65,19 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "${NODE_PACKAGES[*]}" ]; then
     mkdir -p "$INTEROP/node"
     (cd "$INTEROP/node" && npm install --silent --no-audit --no-fund --no-save "${NODE_PACKAGES[@]}" >&2)
     echo "${NODE_PACKAGES[*]}" > "$stamp"
+fi
+
+# Debian's chromium, headless, for the console's browser tests.
+if ! command -v chromium >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1; then
+        echo "installing chromium" >&2
+        SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+        $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive \
+            apt-get install -y -qq chromium >/dev/null
+    else
+        echo "chromium is required for the console's browser tests; please install it" >&2
+        exit 1
+    fi
 fi
 
 # A running PostgreSQL for the PostgreSQL datastore's tests (agentd/src/datastore/pg_store.rs):

@@ -146,7 +146,8 @@ impl AuditKey {
     }
 }
 
-fn constant_time_eq(a: &str, b: &str) -> bool {
+/// Compares secrets without an early exit on the first differing byte.
+pub(crate) fn constant_time_eq(a: &str, b: &str) -> bool {
     a.len() == b.len()
         && a.bytes()
             .zip(b.bytes())

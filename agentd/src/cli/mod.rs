@@ -10,6 +10,7 @@ mod admin;
 mod audit;
 mod bulk;
 pub mod connect;
+mod console;
 mod daemon;
 mod delegation;
 mod federation;
@@ -93,6 +94,9 @@ pub enum Command {
     /// Reads and verifies SVIDs (X.509 PEM files or JWT-SVIDs).
     #[command(subcommand)]
     Svid(SvidCommand),
+    /// A local web console over the admin API: inventory, delegation graph, audit timeline and
+    /// the kill switch. Prints the URL to open, with a one-time login token, on its first line.
+    Console(console::ConsoleArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -941,6 +945,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Owner(cmd) => audit::owner(cmd, out).await,
         Command::Inventory { stale, admin } => audit::inventory(stale, &admin, out).await,
         Command::Authority(cmd) => admin::authority(cmd, out).await,
+        Command::Console(args) => console::run(args).await,
     }
 }
 

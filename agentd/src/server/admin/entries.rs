@@ -253,6 +253,17 @@ pub(super) async fn get(
     .map_err(AdminError::from)?;
     let mut out = status_to_proto(&status);
     out.revoked_by = revoked_by;
+    let now = unix_seconds(api.state.clock.now());
+    out.live = status
+        .activity
+        .live_at(now)
+        .map(|s| pb::LiveDocument {
+            kind: s.kind.clone(),
+            id: s.serial.clone(),
+            node: s.node.clone(),
+            expires_at: s.expires_at,
+        })
+        .collect();
     Ok(Response::new(out))
 }
 
