@@ -73,11 +73,12 @@ fn browser_driver() -> anyhow::Result<Command> {
     Ok(cmd)
 }
 
-/// Where the screenshots go: kept after the test, as its artifacts (docs/console.md).
-fn screenshot_dir() -> anyhow::Result<PathBuf> {
+/// Where the screenshots go (`target/NAME`): kept after the test, as its artifacts
+/// (docs/console.md).
+fn screenshot_dir(name: &str) -> anyhow::Result<PathBuf> {
     let dir = interop_dir()
         .parent()
-        .map(|t| t.join("console-screenshots"))
+        .map(|t| t.join(name))
         .context("no target dir")?;
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
@@ -113,9 +114,21 @@ fn unix_ms() -> u128 {
 
 #[test]
 fn a_security_engineer_sees_the_agents_and_their_delegations_and_kills_one() -> anyhow::Result<()> {
+    security_engineer_session(&[], "console-screenshots")
+}
+
+/// The same session against a server on the PostgreSQL datastore: the console uses only the
+/// admin API, so nothing changes.
+#[test]
+fn the_console_works_the_same_on_postgresql() -> anyhow::Result<()> {
+    let db = agentd_e2e::pg::Database::create()?;
+    security_engineer_session(&["--datastore", &db.url], "console-screenshots-postgres")
+}
+
+fn security_engineer_session(server_args: &[&str], shots: &str) -> anyhow::Result<()> {
     let driver = browser_driver()?;
     let env = Env::new();
-    let server = Server::start(&env)?;
+    let server = Server::start_with(&env, server_args)?;
     let n1 = Node::start(&env, &server, "n1")?;
     let n2 = Node::start(&env, &server, "n2")?;
     server.register_own_uid(
@@ -215,7 +228,7 @@ fn a_security_engineer_sees_the_agents_and_their_delegations_and_kills_one() -> 
     assert!(why.contains("--insecure-bind-any"), "{why}");
 
     let console = Console::start(&server, &["--bind-address", "127.0.0.1:0"])?;
-    let shots = screenshot_dir()?;
+    let shots = screenshot_dir(shots)?;
     let mut cmd = driver;
     cmd.arg(repo_path("tests/interop/node/console_browser.js"))
         .args(["--url", &console.url])
