@@ -228,6 +228,24 @@ fn security_engineer_session(server_args: &[&str], shots: &str) -> anyhow::Resul
     assert!(why.contains("--insecure-bind-any"), "{why}");
 
     let console = Console::start(&server, &["--bind-address", "127.0.0.1:0"])?;
+    // DNS rebinding: another site's name, resolved to 127.0.0.1, is refused before anything.
+    let addr = console
+        .url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let mut conn = std::net::TcpStream::connect(&addr)?;
+    let port = addr.rsplit(':').next().unwrap_or_default();
+    std::io::Write::write_all(
+        &mut conn,
+        format!("GET / HTTP/1.1\r\nHost: rebound.example:{port}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )?;
+    let mut status_line = String::new();
+    BufReader::new(conn).read_line(&mut status_line)?;
+    assert!(status_line.contains(" 421 "), "{status_line}");
     let shots = screenshot_dir(shots)?;
     let mut cmd = driver;
     cmd.arg(repo_path("tests/interop/node/console_browser.js"))
@@ -276,9 +294,33 @@ fn security_engineer_session(server_args: &[&str], shots: &str) -> anyhow::Resul
         "{seen}"
     );
     assert_eq!(seen["rows_visible_after_find"], 1, "{seen}");
+    assert_eq!(
+        seen["rows_owner_team_scheduling"],
+        serde_json::json!([SCHED]),
+        "{seen}"
+    );
+    assert_eq!(
+        seen["rows_status_orphaned"],
+        serde_json::json!([]),
+        "{seen}"
+    );
+    let counts = seen["counts"].as_str().unwrap_or_default();
+    assert!(
+        counts.contains("2 agents") && counts.contains("2 live grants"),
+        "{counts}"
+    );
 
     // The agent page shows its grant's principal and scopes.
     assert_eq!(seen["agent_title"], SCHED);
+    // Its live documents: the X.509-SVIDs (plain and delegated) the watch below holds.
+    let live = seen["agent_live"].as_str().unwrap_or_default();
+    assert!(
+        live.trim_start_matches("Live SVIDs and tokens (")
+            .trim_end_matches(')')
+            .parse::<u32>()
+            .is_ok_and(|n| n >= 2),
+        "{live}"
+    );
     let grants = seen["agent_grants"].as_array().context("grants")?;
     assert_eq!(grants.len(), 1, "{seen}");
     assert_eq!(grants[0]["principal"], ALICE);
@@ -320,18 +362,24 @@ fn security_engineer_session(server_args: &[&str], shots: &str) -> anyhow::Resul
     // The audit timeline: newest first, verified.
     let verify = seen["audit_verify"].as_str().unwrap_or_default();
     assert!(verify.contains("intact"), "{verify}");
-    assert!(seen["audit_rows"].as_u64().unwrap_or(0) > 3, "{seen}");
-    let head: Value =
-        serde_json::from_str(&server.cli_ok(&["audit", "verify", "--output", "json"])?)?;
+    // Newest first: the first row is the head `audit verify` names, and each row older.
+    let seqs: Vec<u64> = seen["audit_seqs"]
+        .as_array()
+        .context("audit seqs")?
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect();
+    assert!(seqs.len() > 3, "{seen}");
+    assert_eq!(Some(seqs[0]), seen["audit_head"].as_u64(), "{seen}");
     assert!(
-        seen["audit_first_seq"].as_u64() <= head["head_seq"].as_u64()
-            && seen["audit_first_seq"].as_u64() > Some(3),
-        "the newest record comes first: {seen} / {head}"
+        seqs.windows(2).all(|w| w[0] > w[1]),
+        "not newest first: {seqs:?}"
     );
 
     // Forged POSTs without the CSRF token are refused.
     assert_eq!(seen["forged_status"], 403, "{seen}");
     assert_eq!(seen["forged_same_origin_status"], 403, "{seen}");
+    assert_eq!(seen["forged_with_token_status"], 403, "{seen}");
 
     // The kill switch: the confirmation names what stops, the result what it covered.
     let confirm = seen["confirm_text"].as_str().unwrap_or_default();
@@ -340,6 +388,30 @@ fn security_engineer_session(server_args: &[&str], shots: &str) -> anyhow::Resul
         "{confirm}"
     );
     assert!(seen["covered"].as_u64().unwrap_or(0) >= 1, "{seen}");
+    let result = seen["result_text"].as_str().unwrap_or_default();
+    assert!(
+        result.contains(&format!("Revoked entry {sched_entry}")) && result.contains(REASON),
+        "{result}"
+    );
+    assert!(
+        seen["result_url"]
+            .as_str()
+            .is_some_and(|u| u.contains("/revoked?sequence=")),
+        "{seen}"
+    );
+    assert_eq!(
+        seen["rows_status_revoked"],
+        serde_json::json!([SCHED]),
+        "{seen}"
+    );
+    assert!(
+        seen["audit_after_actions"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty()
+                && a.iter()
+                    .all(|x| x.as_str().is_some_and(|s| s.starts_with("revocation.")))),
+        "{seen}"
+    );
     let (ended_at, watched) = watch_ended
         .join()
         .map_err(|_| anyhow::anyhow!("the watch thread panicked"))?;
@@ -368,6 +440,11 @@ fn security_engineer_session(server_args: &[&str], shots: &str) -> anyhow::Resul
         "json",
     ])?;
     let records: Value = serde_json::from_str(&records)?;
+    assert_eq!(
+        records.as_array().map(Vec::len),
+        Some(1),
+        "one revocation: not the forgeries', not a reload's: {records}"
+    );
     let rec = records
         .as_array()
         .and_then(|r| r.iter().find(|r| r.to_string().contains(REASON)))

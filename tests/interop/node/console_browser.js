@@ -66,6 +66,13 @@ async function main() {
     await page.fill("input[data-filter]", a.agent);
     seen.rows_visible_after_find = await page.locator("#agents tbody tr:not(.hidden)").count();
     await page.fill("input[data-filter]", "");
+    // The owner and status filters (server-side).
+    const rowIds = () => page.$$eval("#agents tbody tr", (rows) => rows.map((r) => r.cells[0].innerText));
+    await page.goto(origin + "/?owner=team-scheduling");
+    seen.rows_owner_team_scheduling = await rowIds();
+    await page.goto(origin + "/?status=orphaned");
+    seen.rows_status_orphaned = await rowIds();
+    await page.goto(origin + "/");
 
     // The agent page of the delegated agent: its grant's principal and scopes.
     await Promise.all([page.waitForNavigation(), page.click(`#agents a:text-is("${a.agent}")`)]);
@@ -97,7 +104,8 @@ async function main() {
     await page.goto(origin + "/audit");
     seen.audit_verify = await page.locator("p.verify").innerText();
     seen.audit_rows = await page.locator("table.audit tbody tr").count();
-    seen.audit_first_seq = Number(await page.locator("table.audit tbody tr td").first().innerText());
+    seen.audit_seqs = await page.$$eval("table.audit tbody tr", (rows) => rows.map((r) => Number(r.cells[0].innerText)));
+    seen.audit_head = Number((seen.audit_verify.match(/head #(\d+)/) || [])[1]);
     await shot(page, "audit");
 
     // A forged cross-site POST: the cookie rides along (as a lax browser would send it), the
@@ -117,6 +125,15 @@ async function main() {
     await Promise.all([page.waitForNavigation(), page.click(`#agents a:text-is("${a.victim}")`)]);
     await Promise.all([page.waitForNavigation(), page.click("a.kill:text-is(\"Revoke this agent's entry\")")]);
     seen.confirm_text = await page.locator("section.confirm").innerText();
+    // A cross-site POST that somehow has the CSRF token: the Origin check refuses it alone.
+    const csrf = await page.inputValue("input[name=csrf]");
+    const victimId = await page.inputValue("input[name=id]");
+    seen.forged_with_token_status = (
+      await page.request.post(origin + "/revoke", {
+        form: { csrf, kind: "entry", id: victimId, reason: "forged" },
+        headers: { Origin: "http://evil.example" },
+      })
+    ).status();
     await shot(page, "confirm");
     await page.fill("textarea[name=reason]", a.reason);
     seen.revoke_clicked_ms = Date.now();
@@ -126,11 +143,18 @@ async function main() {
       throw new Error(`the revocation did not succeed: ${await page.locator("main").innerText()}`);
     }
     seen.result_text = await page.locator("section.done").innerText();
+    seen.result_url = page.url();
+    // Post/redirect/get: reloading the result page does not revoke again.
+    await page.reload();
+    seen.result_after_reload = await page.locator("p.result").innerText();
     seen.covered = Number(await page.locator("b.covered").innerText());
     await shot(page, "revoked");
 
     await page.goto(origin + "/audit?action=revocation.*");
     seen.audit_after = await page.locator("table.audit tbody").innerText();
+    seen.audit_after_actions = await page.$$eval("table.audit tbody tr", (rows) => rows.map((r) => r.cells[2].innerText));
+    await page.goto(origin + "/?status=revoked");
+    seen.rows_status_revoked = await rowIds();
     await context.close();
   } finally {
     await browser.close();

@@ -38,6 +38,10 @@ const COOKIE: &str = "agentd_console";
 /// The largest form a page posts (a revocation: kind, id, reason, token).
 const MAX_FORM: usize = 16 * 1024;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
+/// Connections served at once; more wait in the kernel's queue.
+const MAX_CONNECTIONS: usize = 64;
 
 /// What every page is sent with: nothing from elsewhere, no inline script or style, no
 /// framing.
@@ -67,10 +71,18 @@ struct Session {
     csrf: Zeroizing<String>,
 }
 
-/// The login token (until used) and the sessions it opened.
+/// The login token (until used) and the sessions it opened, keyed by the SHA-256 of the
+/// session id (so that the map holds no secret, and a lookup compares digests).
 struct Auth {
     login_token: Option<Zeroizing<String>>,
-    sessions: HashMap<String, Session>,
+    sessions: HashMap<[u8; 32], Session>,
+}
+
+fn session_key(sid: &str) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, sid.as_bytes());
+    let mut key = [0u8; 32];
+    key.copy_from_slice(d.as_ref());
+    key
 }
 
 /// Everything a request handler needs.
@@ -156,13 +168,18 @@ pub async fn run(args: ConsoleArgs) -> anyhow::Result<()> {
 
 async fn serve(listener: tokio::net::TcpListener, console: Arc<Console>) -> anyhow::Result<()> {
     let mut conns = tokio::task::JoinSet::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     loop {
         tokio::select! {
             _ = &mut ctrl_c => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = listener.accept() => {
+            Ok(slot) = slots.clone().acquire_owned() => {
+                let accepted = tokio::select! {
+                    _ = &mut ctrl_c => break,
+                    a = listener.accept() => a,
+                };
                 let (stream, _) = match accepted {
                     Ok(a) => a,
                     Err(e) => {
@@ -172,13 +189,16 @@ async fn serve(listener: tokio::net::TcpListener, console: Arc<Console>) -> anyh
                 };
                 let console = console.clone();
                 conns.spawn(async move {
+                    let _slot = slot;
                     let svc = hyper::service::service_fn(move |req| {
                         let console = console.clone();
                         async move { Ok::<_, Infallible>(handle(&console, req).await) }
                     });
                     let mut builder = hyper::server::conn::http1::Builder::new();
                     builder.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
-                    if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+                    let served = builder.serve_connection(TokioIo::new(stream), svc);
+                    // A bounded life, so that idle keep-alive connections give their slot back.
+                    if let Ok(Err(e)) = tokio::time::timeout(CONNECTION_LIFETIME, served).await {
                         tracing::debug!(error = %e, "console connection error");
                     }
                 });
@@ -218,7 +238,7 @@ fn refusal(status: StatusCode, why: &str) -> Response<String> {
     html(status, pages::refusal(status, why))
 }
 
-fn redirect(to: &str, cookie: Option<String>) -> Response<String> {
+fn redirect(to: &str, cookie: Option<&str>) -> Response<String> {
     let mut r = respond(
         StatusCode::SEE_OTHER,
         "text/plain; charset=utf-8",
@@ -227,7 +247,7 @@ fn redirect(to: &str, cookie: Option<String>) -> Response<String> {
     if let Ok(v) = header::HeaderValue::from_str(to) {
         r.headers_mut().insert(header::LOCATION, v);
     }
-    if let Some(c) = cookie.and_then(|c| header::HeaderValue::from_str(&c).ok()) {
+    if let Some(c) = cookie.and_then(|c| header::HeaderValue::from_str(c).ok()) {
         r.headers_mut().insert(header::SET_COOKIE, c);
     }
     r
@@ -245,7 +265,7 @@ fn query_params(req: &Request<Incoming>) -> HashMap<String, String> {
         .unwrap_or_default()
 }
 
-fn cookie_session(req: &Request<Incoming>) -> Option<String> {
+fn cookie_session(req: &Request<Incoming>) -> Option<Zeroizing<String>> {
     req.headers()
         .get_all(header::COOKIE)
         .iter()
@@ -253,7 +273,7 @@ fn cookie_session(req: &Request<Incoming>) -> Option<String> {
         .flat_map(|v| v.split(';'))
         .filter_map(|kv| kv.trim().split_once('='))
         .find(|(k, _)| *k == COOKIE)
-        .map(|(_, v)| v.to_string())
+        .map(|(_, v)| Zeroizing::new(v.to_string()))
 }
 
 /// The session's CSRF token, when the request carries a live session cookie.
@@ -261,13 +281,12 @@ fn session_csrf(console: &Console, req: &Request<Incoming>) -> Option<Zeroizing<
     let sid = cookie_session(req)?;
     let auth = console.auth.lock().ok()?;
     auth.sessions
-        .iter()
-        .find(|(k, _)| crate::audit::key::constant_time_eq(k, &sid))
-        .map(|(_, s)| s.csrf.clone())
+        .get(&session_key(&sid))
+        .map(|s| s.csrf.clone())
 }
 
 /// Spends the login token, when `offered` is it: a new session's cookie.
-fn log_in(console: &Console, offered: &str) -> Option<String> {
+fn log_in(console: &Console, offered: &str) -> Option<Zeroizing<String>> {
     let mut auth = console.auth.lock().ok()?;
     let valid = auth
         .login_token
@@ -279,15 +298,15 @@ fn log_in(console: &Console, offered: &str) -> Option<String> {
     auth.login_token = None;
     let sid = random_token();
     auth.sessions.insert(
-        sid.to_string(),
+        session_key(&sid),
         Session {
             csrf: random_token(),
         },
     );
-    Some(format!(
+    Some(Zeroizing::new(format!(
         "{COOKIE}={}; HttpOnly; SameSite=Strict; Path=/",
         sid.as_str()
-    ))
+    )))
 }
 
 async fn handle(console: &Console, req: Request<Incoming>) -> Response<String> {
@@ -319,10 +338,12 @@ async fn handle(console: &Console, req: Request<Incoming>) -> Response<String> {
         }
         _ => {}
     }
-    let query = query_params(&req);
-    if let Some(offered) = query.get("token") {
-        return match log_in(console, offered) {
-            Some(cookie) => redirect(&path, Some(cookie)),
+    let mut query = query_params(&req);
+    if let Some(offered) = query.remove("token").map(Zeroizing::new) {
+        return match log_in(console, &offered) {
+            // Always to the inventory: the path is the requester's, and `//host/` would be
+            // a redirect to another site.
+            Some(cookie) => redirect("/", Some(&cookie)),
             None => refusal(
                 StatusCode::UNAUTHORIZED,
                 "this login token is not valid (it works once; restart agentd console for a new one)",
@@ -344,6 +365,7 @@ async fn handle(console: &Console, req: Request<Incoming>) -> Response<String> {
         (&Method::GET | &Method::HEAD, "/revoke") => {
             pages::confirm_revoke(&mut admin, &query, &csrf).await
         }
+        (&Method::GET | &Method::HEAD, "/revoked") => pages::revoked(&mut admin, &query).await,
         (&Method::GET | &Method::HEAD, p) if p.starts_with("/agent/") => {
             pages::agent(&mut admin, &p["/agent/".len()..]).await
         }
@@ -353,9 +375,13 @@ async fn handle(console: &Console, req: Request<Incoming>) -> Response<String> {
                 Ok(f) => f,
                 Err(r) => return r,
             };
-            pages::revoke(&mut admin, &form).await
+            // Post/redirect/get: reloading the result does not revoke again.
+            return match pages::revoke(&mut admin, &form).await {
+                Ok(sequence) => redirect(&format!("/revoked?sequence={sequence}"), None),
+                Err(e) => html(e.status(), pages::refusal(e.status(), &e.to_string())),
+            };
         }
-        (_, "/" | "/graph" | "/audit" | "/revoke") => {
+        (_, "/" | "/graph" | "/audit" | "/revoke" | "/revoked") => {
             return refusal(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
         }
         _ => return refusal(StatusCode::NOT_FOUND, "no such page"),
@@ -395,14 +421,18 @@ async fn checked_form(
             "cross-site request refused (its Origin is not this console)",
         ));
     }
-    let body = http_body_util::Limited::new(req.into_body(), MAX_FORM)
-        .collect()
-        .await
-        .map_err(|_| refusal(StatusCode::PAYLOAD_TOO_LARGE, "form too large"))?
-        .to_bytes();
-    let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
-    let offered = form.get("csrf").map(String::as_str).unwrap_or_default();
-    if offered.is_empty() || !crate::audit::key::constant_time_eq(offered, csrf) {
+    let body = tokio::time::timeout(
+        BODY_TIMEOUT,
+        http_body_util::Limited::new(req.into_body(), MAX_FORM).collect(),
+    )
+    .await
+    .map_err(|_| refusal(StatusCode::REQUEST_TIMEOUT, "the form was not sent in time"))?
+    .map_err(|_| refusal(StatusCode::PAYLOAD_TOO_LARGE, "form too large"))?
+    .to_bytes();
+    let mut form: HashMap<String, String> =
+        url::form_urlencoded::parse(&body).into_owned().collect();
+    let offered = Zeroizing::new(form.remove("csrf").unwrap_or_default());
+    if offered.is_empty() || !crate::audit::key::constant_time_eq(&offered, csrf) {
         return Err(refusal(
             StatusCode::FORBIDDEN,
             "missing or wrong CSRF token: state-changing requests come from the console's own pages",

@@ -21,6 +21,8 @@ const MAX_ENTRIES: usize = 20_000;
 const MAX_ROWS: usize = 2_000;
 /// Audit records per page.
 const AUDIT_PAGE: usize = 50;
+/// Pages back the timeline goes (10,000 records); older ones: `agentd audit show --since`.
+const MAX_AUDIT_PAGES: usize = 200;
 /// The inventory's stale window, as `agentd inventory` counts it.
 const STALE_SECONDS: i64 = 30 * 24 * 3600;
 /// The revocation handles the kill switch offers.
@@ -84,7 +86,9 @@ pub fn refusal(status: StatusCode, why: &str) -> String {
     )
 }
 
-/// What the inventory calls an entry's state, most serious first.
+/// What the inventory calls an entry's state, most serious first (stale as the server's
+/// `is_stale` counts it). An entry whose node is revoked counts as revoked too: nothing of
+/// it is served there; [`inventory`] sets `revoked_by` for those.
 pub fn entry_status(e: &pb::Entry, now: i64) -> &'static str {
     let seen = if e.last_fetched > 0 {
         e.last_fetched
@@ -97,7 +101,7 @@ pub fn entry_status(e: &pb::Entry, now: i64) -> &'static str {
         "suspended"
     } else if e.owner.is_empty() || e.owner_disabled {
         "orphaned"
-    } else if now - seen > STALE_SECONDS {
+    } else if now.saturating_sub(seen) >= STALE_SECONDS {
         "stale"
     } else {
         "live"
@@ -178,6 +182,24 @@ pub async fn inventory(
         },
     )
     .await?;
+    let revoked_nodes: HashMap<String, u64> = standing_revocations(admin)
+        .await?
+        .into_iter()
+        .filter_map(|ev| {
+            ev.handle
+                .filter(|h| h.kind == "node")
+                .map(|h| (h.id, ev.sequence))
+        })
+        .collect();
+    let entries: Vec<pb::Entry> = entries
+        .into_iter()
+        .map(|mut e| {
+            if e.revoked_by == 0 {
+                e.revoked_by = revoked_nodes.get(&e.parent_id).copied().unwrap_or(0);
+            }
+            e
+        })
+        .collect();
     let now = now();
     let mut by_status: HashMap<&str, usize> = HashMap::new();
     let mut owners: Vec<&str> = entries
@@ -227,7 +249,7 @@ pub async fn inventory(
             input type="search" placeholder="find in table" data-filter="agents";
         }
         @if truncated { p.note { "Only the first " (entries.len()) " entries are listed." } }
-        p.note { (rows.len()) " of " (entries.len()) " agents shown" }
+        p.note { (rows.len()) " of " (entries.len()) " agents shown. The counts above are the server's: an agent may be both stale and orphaned there, while its row shows its most serious state." }
         table #agents {
             thead { tr {
                 th { "Agent" } th { "Owner" } th { "Scopes" } th { "Node" }
@@ -271,6 +293,28 @@ fn chain_text(g: &pb::Grant) -> String {
     parts.join(" → ")
 }
 
+/// The server's inventory row for one node (what it serves, counted as `agentd inventory`
+/// does, node sets included).
+async fn node_inventory(
+    admin: &mut Admin,
+    node: &str,
+) -> Result<Option<pb::NodeInventory>, PageError> {
+    let mut req = pb::GetInventoryRequest {
+        page_size: 5_000,
+        ..Default::default()
+    };
+    loop {
+        let page = admin.get_inventory(req.clone()).await?.into_inner();
+        if let Some(row) = page.by_node.into_iter().find(|n| n.spiffe_id == node) {
+            return Ok(Some(row));
+        }
+        if page.next_page_token.is_empty() {
+            return Ok(None);
+        }
+        req.page_token = page.next_page_token;
+    }
+}
+
 async fn standing_revocations(admin: &mut Admin) -> Result<Vec<rpb::RevocationEvent>, PageError> {
     let mut out = Vec::new();
     let mut req = pb::ListRevocationsRequest::default();
@@ -290,7 +334,7 @@ async fn newest_audit(
     mut filter: pb::ListAuditRecordsRequest,
     keep: usize,
 ) -> Result<(Vec<pb::AuditRecord>, usize), PageError> {
-    let mut ring = VecDeque::with_capacity(keep + 1);
+    let mut ring = VecDeque::with_capacity(keep.min(AUDIT_PAGE) + 1);
     let mut total = 0usize;
     filter.page_size = 5_000;
     loop {
@@ -367,6 +411,24 @@ pub async fn agent(admin: &mut Admin, entry_id: &str) -> Result<String, PageErro
         AUDIT_PAGE,
     )
     .await?;
+    // Offered only when the parent is an attested node (not the server, not a node set).
+    let parent_is_node = match admin
+        .get_node(pb::GetNodeRequest {
+            spiffe_id: e.parent_id.clone(),
+        })
+        .await
+    {
+        Ok(_) => true,
+        Err(s)
+            if matches!(
+                s.code(),
+                tonic::Code::NotFound | tonic::Code::InvalidArgument
+            ) =>
+        {
+            false
+        }
+        Err(s) => return Err(s.into()),
+    };
     let now = now();
     let status = entry_status(&e, now);
     let body = html! {
@@ -391,8 +453,7 @@ pub async fn agent(admin: &mut Admin, entry_id: &str) -> Result<String, PageErro
             h2 { "Kill switch" }
             p { "Each asks for confirmation and a reason first." }
             (kill_link("entry", &e.id, "Revoke this agent's entry"))
-            " "
-            (kill_link("node", &e.parent_id, "Revoke its node"))
+            @if parent_is_node { " " (kill_link("node", &e.parent_id, "Revoke its node")) }
         }
         h2 { "Live SVIDs and tokens (" (e.live.len()) ")" }
         @if e.live.is_empty() { p.none { "None live." } } @else {
@@ -459,8 +520,13 @@ pub async fn audit(
         Some(p) => p
             .parse()
             .ok()
-            .filter(|p: &usize| *p < 100_000)
-            .ok_or_else(|| bad("page", format!("{p:?} is not a page number")))?,
+            .filter(|p: &usize| *p < MAX_AUDIT_PAGES)
+            .ok_or_else(|| {
+                bad(
+                    "page",
+                    format!("{p:?} is not a page number below {MAX_AUDIT_PAGES}"),
+                )
+            })?,
     };
     let verify = admin
         .verify_audit_log(pb::VerifyAuditLogRequest {})
@@ -477,7 +543,7 @@ pub async fn audit(
     )
     .await?;
     let shown: Vec<pb::AuditRecord> = records.into_iter().skip(page * AUDIT_PAGE).collect();
-    let more = total > (page + 1) * AUDIT_PAGE;
+    let more = total > (page + 1) * AUDIT_PAGE && page + 1 < MAX_AUDIT_PAGES;
     let link = |p: usize| {
         format!(
             "/audit?action={}&spiffe_id={}&page={p}",
@@ -533,7 +599,14 @@ async fn impact(admin: &mut Admin, kind: &str, id: &str) -> Result<Markup, PageE
             }
         }
         "node" => {
-            let (served, _) = all_entries(
+            let node = admin
+                .get_node(pb::GetNodeRequest {
+                    spiffe_id: id.to_string(),
+                })
+                .await?
+                .into_inner();
+            let row = node_inventory(admin, id).await?;
+            let (direct, _) = all_entries(
                 admin,
                 pb::ListEntriesRequest {
                     parent_id: id.to_string(),
@@ -542,9 +615,11 @@ async fn impact(admin: &mut Admin, kind: &str, id: &str) -> Result<Markup, PageE
             )
             .await?;
             html! {
-                p { "Node " code { (id) } " is cut off: its own SVID and every SVID issued through it are revoked, and the "
-                    (served.len()) " agents it serves lose their identities on it:" }
-                ul { @for e in served.iter().take(100) { li.mono { (e.spiffe_id) } } }
+                p { "Node " code { (node.spiffe_id) } " is cut off: its own SVID and every SVID issued through it ("
+                    (row.as_ref().map_or(0, |r| r.live_svids)) " live) are revoked, and the "
+                    (row.as_ref().map_or(direct.len() as u64, |r| r.entries))
+                    " agents it serves (directly, or through node sets it belongs to) lose their identities on it. Registered directly under it:" }
+                ul { @for e in direct.iter().take(100) { li.mono { (e.spiffe_id) } } }
             }
         }
         "grant" => {
@@ -605,10 +680,8 @@ pub async fn confirm_revoke(
     Ok(layout("Confirm revocation", "", body))
 }
 
-pub async fn revoke(
-    admin: &mut Admin,
-    form: &HashMap<String, String>,
-) -> Result<String, PageError> {
+/// Revokes what the confirmed form names; the revocation's sequence number.
+pub async fn revoke(admin: &mut Admin, form: &HashMap<String, String>) -> Result<u64, PageError> {
     let kind = kill_kind(form.get("kind").map(String::as_str).unwrap_or_default())?;
     let id = form.get("id").cloned().unwrap_or_default();
     if id.is_empty() {
@@ -625,19 +698,57 @@ pub async fn revoke(
         .revoke(pb::RevokeRequest {
             handle: Some(rpb::RevocationHandle {
                 kind: kind.to_string(),
-                id: id.clone(),
+                id,
             }),
             reason,
         })
         .await?
         .into_inner();
+    Ok(ev.sequence)
+}
+
+/// The result of a revocation: what it covered.
+pub async fn revoked(
+    admin: &mut Admin,
+    query: &HashMap<String, String>,
+) -> Result<String, PageError> {
+    let raw = query
+        .get("sequence")
+        .map(String::as_str)
+        .unwrap_or_default();
+    let sequence: u64 = raw
+        .parse()
+        .map_err(|_| bad("sequence", format!("{raw:?} is not a revocation number")))?;
+    let mut req = pb::ListRevocationsRequest {
+        all: true,
+        ..Default::default()
+    };
+    let ev = loop {
+        let page = admin.list_revocations(req.clone()).await?.into_inner();
+        if let Some(ev) = page.events.into_iter().find(|e| e.sequence == sequence) {
+            break ev;
+        }
+        if page.next_page_token.is_empty() {
+            return Err(bad("sequence", format!("no revocation #{sequence}")));
+        }
+        req.page_token = page.next_page_token;
+    };
+    let (kind, id) = ev
+        .handle
+        .as_ref()
+        .map(|h| (h.kind.clone(), h.id.clone()))
+        .unwrap_or_default();
     let x509 = ev.serials.len() as u64 + ev.serials_omitted;
     let jwts = ev.jwt_ids.len() as u64 + ev.jwt_ids_omitted;
     let body = html! {
         section.done {
-            p.result { "Revoked " (kind) " " code { (id) } " — revocation #" (ev.sequence) "." }
-            p { "It covered " b.covered { (x509 + jwts) } " SVIDs and tokens: " (x509) " X.509-SVIDs and " (jwts) " JWT-SVIDs and access tokens. Node agents have been told; relying parties watching revocations see it now." }
-            p { "Reason: " (ev.reason) }
+            @if ev.lifts > 0 {
+                p.result { "Revocation #" (ev.sequence) " lifted revocation #" (ev.lifts) "." }
+            } @else {
+                p.result { "Revoked " (kind) " " code { (id) } " — revocation #" (ev.sequence) "." }
+                p { "It covered " b.covered { (x509 + jwts) } " SVIDs and tokens: " (x509) " X.509-SVIDs and " (jwts) " JWT-SVIDs and access tokens. Node agents have been told; relying parties watching revocations see it now." }
+            }
+            p { "Reason: " (ev.reason) " · at " (rfc3339(ev.at)) }
             p { a href={"/audit?action=revocation.*"} { "See it in the audit timeline" } " · " a href="/" { "Back to the inventory" } }
         }
     };
