@@ -78,7 +78,20 @@ impl Drop for ServerGuard {
 }
 
 pub async fn start_server(dir: &Path) -> anyhow::Result<(ServerGuard, AdminClient<Channel>)> {
-    start_server_with(dir, None).await
+    start_server_with(dir, Some(fleet_limits(crate::revocation::FEED_SUBSCRIBERS))).await
+}
+
+/// Node API limits for `nodes` simulated node agents that all connect from 127.0.0.1: each
+/// holds its stream, with room for attestation connections closing meanwhile, and their
+/// attestations are not rate-limited as one source's would be.
+pub fn fleet_limits(nodes: usize) -> agentd::server::config::RawNodeApi {
+    agentd::server::config::RawNodeApi {
+        max_connections: Some(2 * nodes + 100),
+        max_connections_per_source: Some(2 * nodes + 100),
+        max_handshakes_per_source: Some(64),
+        attest_requests_per_source_per_minute: Some(1_000_000),
+        ..Default::default()
+    }
 }
 
 /// [`start_server`] with other node API limits (the scale figures connect thousands of
@@ -320,6 +333,7 @@ pub struct Latency {
     pub throughput: f64,
     pub p50: f64,
     pub p99: f64,
+    pub p999: f64,
     pub max: f64,
 }
 

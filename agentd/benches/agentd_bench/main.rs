@@ -92,6 +92,13 @@ fn main() -> anyhow::Result<()> {
             dir.close().context("removing the temp dir")?;
             return Ok(());
         }
+        Ok("node") => {
+            // (c), (d) and (e) alone: the node agent's figures, against one server.
+            rt.block_on(run_node_figures(dir.path()))?;
+            drop(rt);
+            dir.close().context("removing the temp dir")?;
+            return Ok(());
+        }
         Ok("store") => {
             rt.block_on(store::run_alone(dir.path()))?;
             drop(rt);
@@ -106,6 +113,26 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(run_online(dir.path(), &a))?;
     drop(rt);
     dir.close().context("removing the temp dir")?;
+    Ok(())
+}
+
+/// (c) to (e) only, against one in-process server (`AGENTD_BENCH_ONLY=node`).
+async fn run_node_figures(dir: &Path) -> anyhow::Result<()> {
+    let (server, mut admin) = harness::start_server(dir).await?;
+    let (address, bundle) = harness::address_and_bundle(&mut admin).await?;
+    let bundle_file = dir.join("bundle.pem");
+    std::fs::write(&bundle_file, &bundle.pem)?;
+    let selector = format!("unix:uid:{}", agentd::net::own_uid());
+    let env = NodeEnv {
+        dir,
+        address: &address,
+        bundle_file: &bundle_file,
+    };
+    fetch_latency::run(&env, &mut admin, &selector).await?;
+    node_rss::run(&env, &mut admin, &selector).await?;
+    revocation::run(&env, &mut admin, &address, &bundle.x509_authorities).await?;
+    server.shutdown().await?;
+    output::print_notes();
     Ok(())
 }
 

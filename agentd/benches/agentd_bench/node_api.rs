@@ -33,11 +33,13 @@ pub async fn run(
         "",
         None,
     );
+    // Target (docs/PERFORMANCE.md): the node API keeps 0.7 of the CA's rate with every
+    // audit record durable before the SVID is returned.
     row(
         "(b) ratio node API / CA mint (a)",
         format!("{:.2}", mint / a.mint),
-        "",
-        None,
+        ">= 0.70",
+        Some(mint / a.mint >= 0.70),
     );
     Ok(mint)
 }

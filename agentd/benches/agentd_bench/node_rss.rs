@@ -19,7 +19,7 @@ const NODE_ENTRIES: usize = 100;
 const RSS_NODE: &str = "bench-rss";
 
 // Target (docs/PERFORMANCE.md).
-const TARGET_RSS_MB: f64 = 30.0;
+const TARGET_RSS_MB: f64 = 15.0;
 
 /// Measures (d) on a fresh node agent and prints its rows.
 pub async fn run(

@@ -1,5 +1,5 @@
 //! (e) revocation latency: from the admin `Revoke` call to the workload's stream update,
-//! with one node agent, then with 200 simulated node agents on the revocation feed.
+//! with one node agent, then with 1,000 simulated node agents on the revocation feed.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -22,10 +22,11 @@ use crate::TRUST_DOMAIN;
 const REVOCATION_NODE: &str = "bench-revocation";
 /// Revocations timed in (e), and the simulated node agents of its loaded run.
 const REVOCATIONS: usize = 100;
-const FEED_SUBSCRIBERS: usize = 200;
+pub const FEED_SUBSCRIBERS: usize = 1_000;
 
-// Target (docs/PERFORMANCE.md).
-const TARGET_REVOCATION_P99_MS: f64 = 250.0;
+// Target (docs/PERFORMANCE.md): from the start of the revoke call, durable commit included,
+// to the workload's stream update, with 1,000 node agents subscribed.
+const TARGET_REVOCATION_P99_MS: f64 = 50.0;
 
 /// Revoke -> stream update latency, and from the call's start (commit included) p50, p99.
 pub type RevocationFigures = (Latency, f64, f64);
@@ -38,7 +39,7 @@ pub async fn run(
     address: &str,
     roots: &[Vec<u8>],
 ) -> anyhow::Result<RevocationFigures> {
-    // Revocation latency, alone and with 200 more feed subscribers.
+    // Revocation latency, alone and with 1,000 more feed subscribers.
     let (mut node, socket) = env.start_node(admin, REVOCATION_NODE).await?;
     let parent = format!("spiffe://{TRUST_DOMAIN}/node/{REVOCATION_NODE}");
     let alone = bench_revocation(&mut node, &socket, admin, &parent, "bench/revoke-a").await?;
@@ -47,27 +48,28 @@ pub async fn run(
     let delivered = load.stop().await?;
     node.check_alive()?;
     drop(node);
-    for (label, (l, whole50, whole99)) in
-        [("1 node agent", &alone), ("+200 feed subscribers", &loaded)]
-    {
+    for (label, (l, whole50, whole99)) in [
+        ("1 node agent", &alone),
+        ("+1000 feed subscribers", &loaded),
+    ] {
         row(
             &format!("(e) revoke -> stream update, {label}: p50"),
             format!("{:.1} ms", l.p50),
             "",
             None,
         );
-        let target = format!("<= {TARGET_REVOCATION_P99_MS:.0} ms");
-        let (target, met) = if label.starts_with('+') {
-            (target.as_str(), Some(l.p99 <= TARGET_REVOCATION_P99_MS))
-        } else {
-            ("", None)
-        };
         row(
             &format!("(e) revoke -> stream update, {label}: p99"),
             format!("{:.1} ms", l.p99),
-            target,
-            met,
+            "",
+            None,
         );
+        let target = format!("<= {TARGET_REVOCATION_P99_MS:.0} ms");
+        let (target, met) = if label.starts_with('+') {
+            (target.as_str(), Some(*whole99 <= TARGET_REVOCATION_P99_MS))
+        } else {
+            ("", None)
+        };
         row(
             &format!("(e) revoke call start -> update (commit incl.), {label}: p50"),
             format!("{whole50:.1} ms"),
@@ -77,12 +79,12 @@ pub async fn run(
         row(
             &format!("(e) revoke call start -> update (commit incl.), {label}: p99"),
             format!("{whole99:.1} ms"),
-            "",
-            None,
+            target,
+            met,
         );
     }
     row(
-        "(e) events delivered to the 200 simulated node agents",
+        "(e) events delivered to the 1000 simulated node agents",
         delivered.to_string(),
         &format!("= {}", FEED_SUBSCRIBERS * REVOCATIONS),
         Some(delivered == (FEED_SUBSCRIBERS * REVOCATIONS) as u64),
@@ -170,6 +172,7 @@ pub async fn bench_revocation(
             throughput: samples.len() as f64 / elapsed.as_secs_f64(),
             p50: percentile(&samples, 0.50),
             p99: percentile(&samples, 0.99),
+            p999: percentile(&samples, 0.999),
             max: samples.last().copied().unwrap_or(0.0),
         },
         // From the `Revoke` call (durable commit included) to the stream update.

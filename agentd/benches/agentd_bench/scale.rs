@@ -249,14 +249,7 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
     let uid = agentd::net::own_uid();
     let dir = dir.join("scale");
     std::fs::create_dir_all(&dir)?;
-    let limits = || agentd::server::config::RawNodeApi {
-        // Each node's stream, and room for the attestation connections closing meanwhile.
-        max_connections: Some(2 * nodes + 100),
-        max_connections_per_source: Some(2 * nodes + 100),
-        max_handshakes_per_source: Some(64),
-        attest_requests_per_source_per_minute: Some(1_000_000),
-        ..Default::default()
-    };
+    let limits = || crate::harness::fleet_limits(nodes);
     let (server, mut admin) = crate::harness::start_server_with(&dir, Some(limits())).await?;
     let (address, bundle) = crate::harness::address_and_bundle(&mut admin).await?;
     let roots = bundle.x509_authorities;

@@ -921,6 +921,17 @@ pub enum AuthorityCommand {
 }
 
 /// Runs a parsed command line.
+impl Cli {
+    /// The blocking-pool cap of the process's runtime, when the command wants one: the node
+    /// agent attests each Workload API call on the blocking pool, which tokio would grow to
+    /// one thread per concurrent call (hundreds, each with its stack); capped, calls beyond
+    /// the cap wait for a thread instead.
+    pub fn max_blocking_threads(&self) -> Option<usize> {
+        matches!(self.command, Command::Node(NodeCommand::Run(_)))
+            .then_some(crate::node::MAX_BLOCKING_THREADS)
+    }
+}
+
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let out = cli.output;
     match cli.command {

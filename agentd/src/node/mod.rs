@@ -28,6 +28,12 @@ use cache::Cache;
 use client::ServerLink;
 use identity::NodeIdentity;
 
+/// Threads of the node agent's blocking pool, where Workload API calls are attested (reads of
+/// /proc, and the hash of a binary the first time it is seen). Enough for a burst of
+/// first-time hashes to leave room for the rest; tokio's default (512) lets a burst of
+/// concurrent calls grow the process by a thread and its stack each.
+pub const MAX_BLOCKING_THREADS: usize = 16;
+
 /// A configured node agent, not yet running.
 #[derive(Debug)]
 pub struct NodeAgent {
