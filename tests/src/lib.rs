@@ -685,6 +685,55 @@ impl Node {
         }
         Ok(())
     }
+
+    /// `agentd api ARGS --output json` against this node agent, parsed.
+    pub fn api_json(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let sock = self.socket_arg();
+        let mut all = vec!["api"];
+        all.extend_from_slice(args);
+        all.extend(["--socket-path", &sock, "--output", "json"]);
+        let out = agentd(&all);
+        if !out.status.success() {
+            bail!("api {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Waits (up to 20 s) until this node agent serves a JWT-SVID through grant `id` (the
+    /// grant reached it).
+    pub fn wait_for_grant(&self, id: &str) -> anyhow::Result<()> {
+        let held = wait_until(Duration::from_secs(20), || {
+            self.api_json(&["fetch", "jwt", "--audience", "probe", "--grant", id])
+                .is_ok()
+        });
+        if !held {
+            bail!("node agent {} never held grant {id}", self.spiffe_id);
+        }
+        Ok(())
+    }
+
+    /// Delegates `scope` of `grant` (held here) to `to_agent` on node agent `to`, through
+    /// both node agents' delegation service (`api delegate`, then `api exchange`); waits
+    /// until `to` holds the child grant and returns its id.
+    pub fn delegate_to(
+        &self,
+        to: &Node,
+        to_agent: &str,
+        scope: &str,
+        grant: &str,
+    ) -> anyhow::Result<String> {
+        let offer = self.api_json(&[
+            "delegate", "--to", to_agent, "--scope", scope, "--grant", grant,
+        ])?;
+        let token = offer["token"].as_str().context("no token in the offer")?;
+        let x = to.api_json(&["exchange", "--token", token])?;
+        let child = x["grant_id"]
+            .as_str()
+            .context("no grant_id in the exchange")?
+            .to_string();
+        to.wait_for_grant(&child)?;
+        Ok(child)
+    }
 }
 
 /// The metrics endpoint a daemon started with `--metrics-address HOST:0` bound: read from the

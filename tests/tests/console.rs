@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use agentd_e2e::{interop_dir, repo_path, run_json_client, wait_until, Env, Node, Server};
+use agentd_e2e::{interop_dir, repo_path, run_json_client, Env, Node, Server};
 use anyhow::{bail, Context};
 use serde_json::Value;
 
@@ -84,27 +84,6 @@ fn screenshot_dir(name: &str) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-fn api(node: &Node, args: &[&str]) -> anyhow::Result<Value> {
-    let sock = node.socket_arg();
-    let mut all = vec!["api"];
-    all.extend_from_slice(args);
-    all.extend(["--socket-path", &sock, "--output", "json"]);
-    let out = agentd_e2e::agentd(&all);
-    if !out.status.success() {
-        bail!("api {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(serde_json::from_slice(&out.stdout)?)
-}
-
-/// Whether `node` serves a JWT-SVID through grant `id` (its grants reached it).
-fn holds_grant(node: &Node, id: &str) -> bool {
-    api(
-        node,
-        &["fetch", "jwt", "--audience", "probe", "--grant", id],
-    )
-    .is_ok()
-}
-
 fn unix_ms() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -162,35 +141,8 @@ fn security_engineer_session(server_args: &[&str], shots: &str) -> anyhow::Resul
         "1",
     ])?)?;
     let root = g["id"].as_str().unwrap_or_default().to_string();
-    assert!(
-        wait_until(Duration::from_secs(20), || holds_grant(&n1, &root)),
-        "the orchestrator never held grant {root}"
-    );
-    let offer = api(
-        &n1,
-        &[
-            "delegate",
-            "--to",
-            SCHED,
-            "--scope",
-            "calendar:read",
-            "--grant",
-            &root,
-        ],
-    )?;
-    let x = api(
-        &n2,
-        &[
-            "exchange",
-            "--token",
-            offer["token"].as_str().unwrap_or_default(),
-        ],
-    )?;
-    let child = x["grant_id"].as_str().unwrap_or_default().to_string();
-    assert!(
-        wait_until(Duration::from_secs(20), || holds_grant(&n2, &child)),
-        "the scheduler never held grant {child}"
-    );
+    n1.wait_for_grant(&root)?;
+    n1.delegate_to(&n2, SCHED, "calendar:read", &root)?;
 
     // A workload of the scheduler holds its X.509-SVID stream open across the kill.
     let mut watch = Command::new(agentd_e2e::agentd_bin())

@@ -729,51 +729,8 @@ fn a_delegated_identity_gets_a_token_naming_the_principal_and_the_agent_chain() 
     assert_eq!(g["resources"], json!([resource]));
 
     // alice -> orchestrator -> scheduler, through the node agents' delegation service.
-    let api = |node: &Node, args: &[&str]| -> anyhow::Result<Value> {
-        let sock = node.socket_arg();
-        let mut all = vec!["api"];
-        all.extend_from_slice(args);
-        all.extend(["--socket-path", &sock, "--output", "json"]);
-        let out = agentd_e2e::agentd(&all);
-        if !out.status.success() {
-            bail!("api {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(serde_json::from_slice(&out.stdout)?)
-    };
-    let wait_grant = |node: &Node, id: &str| {
-        wait_until(Duration::from_secs(20), || {
-            jwt_svid(node, &issuer, None, Some(id)).is_ok()
-        })
-    };
-    assert!(
-        wait_grant(&n1, &root),
-        "the orchestrator never held grant {root}"
-    );
-    let d = api(
-        &n1,
-        &[
-            "delegate",
-            "--to",
-            SCHED,
-            "--scope",
-            "calendar:read",
-            "--grant",
-            &root,
-        ],
-    )?;
-    let x = api(
-        &n2,
-        &[
-            "exchange",
-            "--token",
-            d["token"].as_str().unwrap_or_default(),
-        ],
-    )?;
-    let child = x["grant_id"].as_str().unwrap_or_default().to_string();
-    assert!(
-        wait_grant(&n2, &child),
-        "the scheduler never held grant {child}"
-    );
+    n1.wait_for_grant(&root)?;
+    let child = n1.delegate_to(&n2, SCHED, "calendar:read", &root)?;
     let delegated = jwt_svid(&n2, &issuer, None, Some(&child))?;
 
     // The MCP tool sees alice as the subject, the scheduler acting for the orchestrator.

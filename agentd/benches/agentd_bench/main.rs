@@ -120,43 +120,38 @@ fn main() -> anyhow::Result<()> {
 async fn run_node_figures(dir: &Path) -> anyhow::Result<()> {
     let (server, mut admin) = harness::start_server(dir).await?;
     let (address, bundle) = harness::address_and_bundle(&mut admin).await?;
+    node_figures(dir, &mut admin, &address, &bundle).await?;
+    server.shutdown().await?;
+    output::print_notes();
+    Ok(())
+}
+
+/// (c), (d) and (e) against the server at `address`; (e)'s one-node-agent figures, for (g).
+async fn node_figures(
+    dir: &Path,
+    admin: &mut agentd_proto::admin::admin_client::AdminClient<tonic::transport::Channel>,
+    address: &str,
+    bundle: &agentd_proto::admin::Bundle,
+) -> anyhow::Result<revocation::RevocationFigures> {
     let bundle_file = dir.join("bundle.pem");
     std::fs::write(&bundle_file, &bundle.pem)?;
     let selector = format!("unix:uid:{}", agentd::net::own_uid());
     let env = NodeEnv {
         dir,
-        address: &address,
+        address,
         bundle_file: &bundle_file,
     };
-    fetch_latency::run(&env, &mut admin, &selector).await?;
-    node_rss::run(&env, &mut admin, &selector).await?;
-    revocation::run(&env, &mut admin, &address, &bundle.x509_authorities).await?;
-    server.shutdown().await?;
-    output::print_notes();
-    Ok(())
+    fetch_latency::run(&env, admin, &selector).await?;
+    node_rss::run(&env, admin, &selector).await?;
+    revocation::run(&env, admin, address, &bundle.x509_authorities).await
 }
 
 /// (b) to (e), against one in-process server.
 async fn run_online(dir: &Path, a: &ca::CaFigures) -> anyhow::Result<()> {
     let (server, mut admin) = harness::start_server(dir).await?;
     let (address, bundle) = harness::address_and_bundle(&mut admin).await?;
-
     let sled_mint = node_api::run(&mut admin, &address, &bundle.x509_authorities, a).await?;
-
-    let bundle_file = dir.join("bundle.pem");
-    std::fs::write(&bundle_file, &bundle.pem)?;
-    let uid = agentd::net::own_uid();
-    let selector = format!("unix:uid:{uid}");
-    let env = NodeEnv {
-        dir,
-        address: &address,
-        bundle_file: &bundle_file,
-    };
-
-    fetch_latency::run(&env, &mut admin, &selector).await?;
-    node_rss::run(&env, &mut admin, &selector).await?;
-    let sled_revocation =
-        revocation::run(&env, &mut admin, &address, &bundle.x509_authorities).await?;
+    let sled_revocation = node_figures(dir, &mut admin, &address, &bundle).await?;
     server.shutdown().await?;
 
     store::run(dir, sled_mint, &sled_revocation).await?;
