@@ -19,6 +19,14 @@
 //!   is never used and cannot drift from the client's. END_STREAM and the priority fields
 //!   survive; padding does not (it is optional).
 //!
+//! Only when needed: the first header block of a connection decides. When every
+//! `:authority` in it is one the server accepts (or there is none), that block and everything
+//! after it pass through untouched, with no decoding at all: the server's HPACK table then
+//! follows the client's as usual. grpc-go, grpc-js and tonic clients send one authority for
+//! every call of a channel, so they never pay for the rewrite (it was a fifth of the node
+//! agent's CPU per call). A client that sent an acceptable authority first and an unacceptable
+//! one later gets the server's RST_STREAM for that call, as it would without this module.
+//!
 //! Nothing else changes: every other header (`workload.spiffe.io` included) reaches the
 //! handlers as the client sent it, the peer credentials are read from the socket before it is
 //! wrapped, and the server's own frame and header-list limits still apply after ours. The
@@ -149,6 +157,9 @@ enum ReadState {
     Passthrough { remaining: usize },
     /// Waiting for the whole payload of a HEADERS or CONTINUATION frame.
     HeaderPayload(FrameHeader),
+    /// The first header block needed no rewrite: everything after it is the server's to read
+    /// as it is.
+    Transparent,
     /// A framing error ended the connection.
     Failed(FramingError),
 }
@@ -173,6 +184,9 @@ pub struct AuthorityRewrite<S> {
     /// Processed, not yet handed to the server.
     output: BytesMut,
     decoder: loona_hpack::Decoder<'static>,
+    /// Set once the first header block was decoded: whether it (and so the connection)
+    /// needed the rewrite.
+    rewriting: Option<bool>,
     eof: bool,
 }
 
@@ -196,6 +210,7 @@ impl<S> AuthorityRewrite<S> {
             input: BytesMut::new(),
             output: BytesMut::new(),
             decoder,
+            rewriting: None,
             eof: false,
         }
     }
@@ -210,6 +225,14 @@ impl<S> AuthorityRewrite<S> {
     fn process(&mut self) -> Result<bool, FramingError> {
         match self.state {
             ReadState::Failed(ref e) => Err(e.clone()),
+            ReadState::Transparent => {
+                if self.input.is_empty() {
+                    return Ok(false);
+                }
+                let rest = self.input.split();
+                self.output.put(rest);
+                Ok(true)
+            }
             ReadState::Preface { matched } => {
                 let n = (PREFACE.len() - matched).min(self.input.len());
                 if self.input[..n] != PREFACE[matched..matched + n] {
@@ -296,7 +319,11 @@ impl<S> AuthorityRewrite<S> {
                 }
                 let payload = self.input.split_to(header.len);
                 self.header_frame(header, &payload)?;
-                self.state = ReadState::FrameHeader;
+                self.state = if self.rewriting == Some(false) {
+                    ReadState::Transparent
+                } else {
+                    ReadState::FrameHeader
+                };
                 Ok(true)
             }
         }
@@ -354,11 +381,14 @@ impl<S> AuthorityRewrite<S> {
     }
 
     /// Decodes a complete header block, replaces `:authority`, and writes it out again as
-    /// HEADERS (+ CONTINUATION when it no longer fits one frame).
+    /// HEADERS (+ CONTINUATION when it no longer fits one frame). The first block of the
+    /// connection is written out as the client encoded it instead when its `:authority` is
+    /// acceptable, and the connection goes transparent (see the module docs).
     fn rewrite_block(&mut self, block: OpenBlock) -> Result<(), FramingError> {
         let stream = block.stream;
         let mut encoded = Vec::with_capacity(block.fragment.len() + 64);
         let mut list_size = 0usize;
+        let mut acceptable = true;
         self.decoder
             .decode_with_cb(&block.fragment, |name, value| {
                 list_size = list_size.saturating_add(name.len() + value.len() + 32);
@@ -366,6 +396,9 @@ impl<S> AuthorityRewrite<S> {
                     return;
                 }
                 let value: &[u8] = if &name[..] == b":authority" {
+                    // What the server checks before it answers RST_STREAM(PROTOCOL_ERROR).
+                    acceptable &=
+                        tonic::codegen::http::uri::Authority::try_from(&value[..]).is_ok();
                     LOCAL_AUTHORITY
                 } else {
                     &value
@@ -379,12 +412,20 @@ impl<S> AuthorityRewrite<S> {
                 max: MAX_HEADER_LIST,
             });
         }
+        let rewriting = *self.rewriting.get_or_insert(!acceptable);
+        let out = if rewriting {
+            &encoded
+        } else {
+            // The client's own encoding: the server's decoder table must see every entry
+            // the client's encoder added, from this block on.
+            &block.fragment
+        };
         write_header_frames(
             &mut self.output,
             stream,
             block.end_stream,
             block.priority,
-            &encoded,
+            out,
         );
         Ok(())
     }
@@ -471,6 +512,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityRewrite<S> {
                 let n = this.output.len().min(buf.remaining());
                 buf.put_slice(&this.output.split_to(n));
                 return Poll::Ready(Ok(()));
+            }
+            // Once transparent, the client's bytes go straight into the server's buffer.
+            if matches!(this.state, ReadState::Transparent) && this.input.is_empty() {
+                return Pin::new(&mut this.inner).poll_read(cx, buf);
             }
             // The body of a frame we pass through goes straight into the server's buffer.
             if let ReadState::Passthrough { remaining } = this.state {

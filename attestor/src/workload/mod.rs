@@ -68,6 +68,11 @@ pub enum AttestError {
     /// A /proc file does not parse.
     #[error("{path} is malformed")]
     Malformed { path: String },
+    /// Attesting this caller needs slow work (hashing a binary not seen before) and the
+    /// snapshot was taken where that must not happen
+    /// ([`WorkloadAttestors::attest_connection_without_blocking`]): attest again where it may.
+    #[error("process {pid}: its binary must be hashed first, which is slow work")]
+    WouldBlock { pid: i32 },
     /// The effective uid or gid differs from the peer credentials of the connection.
     #[error(
         "process {pid} now runs as uid {uid} gid {gid}, not as uid {peer_uid} gid {peer_gid} \
@@ -165,7 +170,9 @@ pub trait WorkloadAttestor: Send + Sync + std::fmt::Debug {
     /// [`WorkloadAttestors::attest`]. When several attestors run on one call, use
     /// [`WorkloadAttestors`] instead, so that /proc is read once for all of them.
     fn attest(&self, peer: &PeerCredentials) -> Result<Vec<Selector>, AttestError> {
-        attest_checked(peer, None, &REAL_PROC, |p| self.attest_process(peer, p))
+        attest_checked(peer, None, &REAL_PROC, true, |p| {
+            self.attest_process(peer, p)
+        })
     }
 }
 
@@ -177,12 +184,20 @@ fn attest_checked<T>(
     peer: &PeerCredentials,
     connection: Option<&ConnectionFacts>,
     source: &Arc<dyn ProcSource>,
+    may_block: bool,
     attest: impl FnOnce(Option<&ProcessSnapshot>) -> Result<T, AttestError>,
 ) -> Result<T, AttestError> {
     // No pid (or 0: the caller is in a pid namespace we cannot see into): only the peer
     // credentials are known, and only selectors from them are given.
     let snapshot = match peer.pid {
-        Some(pid) if pid > 0 => Some(ProcessSnapshot::take_from(source.clone(), pid)?),
+        Some(pid) if pid > 0 => {
+            let snapshot = ProcessSnapshot::take_from(source.clone(), pid)?;
+            Some(if may_block {
+                snapshot
+            } else {
+                snapshot.without_blocking()
+            })
+        }
         _ => None,
     };
     if let Some(process) = &snapshot {
@@ -326,7 +341,7 @@ impl WorkloadAttestors {
 
     /// Selectors for the caller from every enabled attestor, or an error and none at all.
     pub fn attest(&self, peer: &PeerCredentials) -> Result<Vec<Selector>, AttestError> {
-        attest_checked(peer, None, &self.source, |process| {
+        attest_checked(peer, None, &self.source, true, |process| {
             let mut selectors = Vec::new();
             for a in &self.attestors {
                 selectors.extend(a.attest_process(peer, process)?);
@@ -356,7 +371,7 @@ impl WorkloadAttestors {
         peer: &PeerCredentials,
         connection: &ConnectionFacts,
     ) -> Result<Vec<Selector>, AttestError> {
-        attest_checked(peer, Some(connection), &self.source, |process| {
+        attest_checked(peer, Some(connection), &self.source, true, |process| {
             let mut selectors = Vec::new();
             for a in &self.attestors {
                 selectors.extend(a.attest_process(peer, process)?);
@@ -372,7 +387,29 @@ impl WorkloadAttestors {
         peer: &PeerCredentials,
         connection: &ConnectionFacts,
     ) -> Result<Attestation, AttestError> {
-        attest_checked(peer, Some(connection), &self.source, |process| {
+        self.attest_connection_with(peer, connection, true)
+    }
+
+    /// As [`Self::attest_connection_explained`], but fit to run on an async runtime: a few
+    /// small /proc and /etc reads, and [`AttestError::WouldBlock`] instead of hashing a
+    /// binary whose hash is not cached yet (attest again with
+    /// [`Self::attest_connection_explained`] on a thread that may block; the hash is cached
+    /// from then on).
+    pub fn attest_connection_without_blocking(
+        &self,
+        peer: &PeerCredentials,
+        connection: &ConnectionFacts,
+    ) -> Result<Attestation, AttestError> {
+        self.attest_connection_with(peer, connection, false)
+    }
+
+    fn attest_connection_with(
+        &self,
+        peer: &PeerCredentials,
+        connection: &ConnectionFacts,
+        may_block: bool,
+    ) -> Result<Attestation, AttestError> {
+        attest_checked(peer, Some(connection), &self.source, may_block, |process| {
             let mut all = Attestation::default();
             for a in &self.attestors {
                 let one = a.attest_process_explained(peer, process)?;

@@ -9,14 +9,25 @@
 //! or the process is gone or a zombie, the whole attestation fails with
 //! [`AttestError::ProcessGone`] and no selector from it is used. A stopped process (state
 //! `T`) is refused with [`AttestError::Stopped`] at either read.
+//!
+//! From the real /proc, a snapshot opens the process's directory once ([`ProcDir`]) and reads
+//! every file relative to it (`openat(2)`): the path to the process is resolved once per call
+//! rather than once per file, and a directory fd stays bound to the process it was opened
+//! for: once that process is reaped, its files fail with ESRCH, even if the pid is reused.
+//! The start-time check stays all the same. None of these files takes the process's memory
+//! lock (unlike `cmdline` or `environ`), so reading them does not wait on the process.
 
 use std::cell::OnceCell;
 use std::fmt;
 use std::fs::File;
 use std::io;
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use rustix::fd::OwnedFd;
+use rustix::fs::{AtFlags, Mode, OFlags};
 
 use super::AttestError;
 
@@ -42,6 +53,16 @@ impl FileVersion {
             ctime: (m.ctime(), m.ctime_nsec()),
         }
     }
+
+    fn of_stat(st: &rustix::fs::Stat) -> Self {
+        Self {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            size: u64::try_from(st.st_size).unwrap_or(0),
+            mtime: (st.st_mtime, i64::try_from(st.st_mtime_nsec).unwrap_or(0)),
+            ctime: (st.st_ctime, i64::try_from(st.st_ctime_nsec).unwrap_or(0)),
+        }
+    }
 }
 
 /// Where process facts come from: the real /proc, or a fake in tests.
@@ -55,6 +76,11 @@ pub trait ProcSource: Send + Sync + fmt::Debug {
     fn exe_version(&self, pid: i32) -> io::Result<FileVersion>;
     /// The binary itself, opened through `/proc/<pid>/exe`.
     fn open_exe(&self, pid: i32) -> io::Result<File>;
+    /// The process's directory, for a snapshot to read every fact through it; `None` (the
+    /// default, for sources that are not a procfs) has each fact read by the methods above.
+    fn open_dir(&self, _pid: i32) -> Option<io::Result<ProcDir>> {
+        None
+    }
 }
 
 /// The real /proc (or another procfs mount).
@@ -104,6 +130,84 @@ impl ProcSource for ProcFs {
 
     fn open_exe(&self, pid: i32) -> io::Result<File> {
         File::open(self.path(pid, "exe"))
+    }
+
+    fn open_dir(&self, pid: i32) -> Option<io::Result<ProcDir>> {
+        Some(ProcDir::open(&self.root.join(pid.to_string())))
+    }
+}
+
+/// One process's directory in a procfs, open: its files are read relative to it.
+#[derive(Debug)]
+pub struct ProcDir {
+    dir: OwnedFd,
+}
+
+impl ProcDir {
+    /// Opens `/proc/<pid>` (ENOENT when there is no such process).
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let dir = rustix::fs::open(
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(Self { dir })
+    }
+
+    /// The text of one file (`stat`, `status`, `cgroup`), at most [`MAX_PROC_FILE`] bytes.
+    pub fn read(&self, name: &str) -> io::Result<String> {
+        let fd = rustix::fs::openat(
+            &self.dir,
+            name,
+            OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        // One read gives these files whole; the second sees the end.
+        let mut buf = vec![0u8; 4096];
+        let mut len = 0;
+        loop {
+            if len == buf.len() {
+                if buf.len() as u64 >= MAX_PROC_FILE {
+                    return Err(io::Error::other(format!(
+                        "{name} is longer than {MAX_PROC_FILE} bytes"
+                    )));
+                }
+                buf.resize(buf.len() * 2, 0);
+            }
+            match rustix::io::read(&fd, &mut buf[len..]) {
+                Ok(0) => break,
+                Ok(n) => len += n,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        buf.truncate(len);
+        String::from_utf8(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+
+    /// Where `exe` points.
+    pub fn exe_path(&self) -> io::Result<PathBuf> {
+        let target = rustix::fs::readlinkat(&self.dir, "exe", Vec::new())?;
+        Ok(PathBuf::from(std::ffi::OsString::from_vec(
+            target.into_bytes(),
+        )))
+    }
+
+    /// The version of the file `exe` points to.
+    pub fn exe_version(&self) -> io::Result<FileVersion> {
+        let st = rustix::fs::statat(&self.dir, "exe", AtFlags::empty())?;
+        Ok(FileVersion::of_stat(&st))
+    }
+
+    /// The binary, opened through `exe`.
+    pub fn open_exe(&self) -> io::Result<File> {
+        let fd = rustix::fs::openat(
+            &self.dir,
+            "exe",
+            OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(File::from(fd))
     }
 }
 
@@ -187,6 +291,11 @@ type Fact<T> = OnceCell<Result<T, String>>;
 pub struct ProcessSnapshot {
     pid: i32,
     source: Arc<dyn ProcSource>,
+    /// The process's directory, when the source is a procfs.
+    dir: Option<ProcDir>,
+    /// Whether an attestor may do slow work (hash a binary) on this call; see
+    /// [`AttestError::WouldBlock`].
+    may_block: bool,
     start_time: u64,
     status: Fact<Status>,
     cgroup: Fact<String>,
@@ -203,10 +312,16 @@ impl fmt::Debug for ProcessSnapshot {
     }
 }
 
-fn read_stat(source: &dyn ProcSource, pid: i32) -> Result<Stat, AttestError> {
-    let text = source
-        .read(pid, "stat")
-        .map_err(|e| gone_or(pid, "stat", e))?;
+fn read_stat(
+    source: &dyn ProcSource,
+    dir: Option<&ProcDir>,
+    pid: i32,
+) -> Result<Stat, AttestError> {
+    let text = match dir {
+        Some(dir) => dir.read("stat"),
+        None => source.read(pid, "stat"),
+    }
+    .map_err(|e| gone_or(pid, "stat", e))?;
     let stat = parse_stat(&text).ok_or_else(|| AttestError::Malformed {
         path: format!("/proc/{pid}/stat"),
     })?;
@@ -246,10 +361,16 @@ impl ProcessSnapshot {
         if pid <= 0 {
             return Err(AttestError::ProcessGone { pid });
         }
-        let start_time = read_stat(source.as_ref(), pid)?.start_time;
+        let dir = match source.open_dir(pid) {
+            Some(opened) => Some(opened.map_err(|e| gone_or(pid, "", e))?),
+            None => None,
+        };
+        let start_time = read_stat(source.as_ref(), dir.as_ref(), pid)?.start_time;
         Ok(Self {
             pid,
             source,
+            dir,
+            may_block: true,
             start_time,
             status: OnceCell::new(),
             cgroup: OnceCell::new(),
@@ -260,6 +381,19 @@ impl ProcessSnapshot {
 
     pub fn pid(&self) -> i32 {
         self.pid
+    }
+
+    /// Marks the snapshot as taken where slow work must not be done (an async runtime):
+    /// an attestor that would have to hash a binary answers [`AttestError::WouldBlock`].
+    pub fn without_blocking(mut self) -> Self {
+        self.may_block = false;
+        self
+    }
+
+    /// False when attestors must not do slow work on this call (see
+    /// [`Self::without_blocking`]).
+    pub fn may_block(&self) -> bool {
+        self.may_block
     }
 
     /// Start time (clock ticks after boot) read when the snapshot was taken.
@@ -281,43 +415,53 @@ impl ProcessSnapshot {
     /// /proc/<pid>/status, parsed.
     pub fn status(&self) -> Result<&Status, &str> {
         self.fact(&self.status, "status", || {
-            self.source
-                .read(self.pid, "status")
-                .map(|t| parse_status(&t))
+            self.read("status").map(|t| parse_status(&t))
         })
     }
 
     /// /proc/<pid>/cgroup, as text.
     pub fn cgroup(&self) -> Result<&str, &str> {
-        self.fact(&self.cgroup, "cgroup", || {
-            self.source.read(self.pid, "cgroup")
-        })
-        .map(String::as_str)
+        self.fact(&self.cgroup, "cgroup", || self.read("cgroup"))
+            .map(String::as_str)
     }
 
     /// Where /proc/<pid>/exe points.
     pub fn exe_path(&self) -> Result<&Path, &str> {
-        self.fact(&self.exe_path, "exe", || self.source.exe_path(self.pid))
-            .map(PathBuf::as_path)
+        self.fact(&self.exe_path, "exe", || match &self.dir {
+            Some(dir) => dir.exe_path(),
+            None => self.source.exe_path(self.pid),
+        })
+        .map(PathBuf::as_path)
     }
 
     /// The version of the binary the process runs.
     pub fn exe_version(&self) -> Result<FileVersion, &str> {
-        self.fact(&self.exe_version, "exe", || {
-            self.source.exe_version(self.pid)
+        self.fact(&self.exe_version, "exe", || match &self.dir {
+            Some(dir) => dir.exe_version(),
+            None => self.source.exe_version(self.pid),
         })
         .copied()
     }
 
     /// The binary the process runs, opened through /proc/<pid>/exe.
     pub fn open_exe(&self) -> io::Result<File> {
-        self.source.open_exe(self.pid)
+        match &self.dir {
+            Some(dir) => dir.open_exe(),
+            None => self.source.open_exe(self.pid),
+        }
+    }
+
+    fn read(&self, name: &str) -> io::Result<String> {
+        match &self.dir {
+            Some(dir) => dir.read(name),
+            None => self.source.read(self.pid, name),
+        }
     }
 
     /// Reads the start time again: `Ok` when the process is still the one the snapshot
     /// started with, so every fact read in between is its own.
     pub fn verify(&self) -> Result<(), AttestError> {
-        let now = read_stat(self.source.as_ref(), self.pid)?;
+        let now = read_stat(self.source.as_ref(), self.dir.as_ref(), self.pid)?;
         if now.start_time != self.start_time {
             return Err(AttestError::ProcessGone { pid: self.pid });
         }

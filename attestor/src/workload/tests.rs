@@ -361,6 +361,41 @@ fn binary_hash_is_cached_by_file_version_and_redone_when_it_changes() {
     assert_eq!(fake.exe_opens.load(Ordering::SeqCst), 2);
 }
 
+/// Attestation fit for an async runtime does no slow work: a binary whose hash is not cached
+/// is `WouldBlock` (nothing opened), and once a blocking attestation cached it, the same
+/// call answers with the hash and opens nothing.
+#[test]
+fn attesting_without_blocking_never_hashes_a_binary() {
+    let f = fixture();
+    let fake = Arc::new(FakeProc::new(vec![Ok(stat_line(100, 'S'))], f.exe.clone()));
+    let attestors = f.all(fake.clone());
+    let facts = ConnectionFacts::default();
+    let err = attestors
+        .attest_connection_without_blocking(&PEER, &facts)
+        .unwrap_err();
+    assert!(
+        matches!(err, AttestError::WouldBlock { pid: 4242 }),
+        "{err}"
+    );
+    assert_eq!(fake.exe_opens.load(Ordering::SeqCst), 0);
+    let blocking = attestors
+        .attest_connection_explained(&PEER, &facts)
+        .unwrap();
+    assert_eq!(fake.exe_opens.load(Ordering::SeqCst), 1);
+    let quick = attestors
+        .attest_connection_without_blocking(&PEER, &facts)
+        .unwrap();
+    assert_eq!(quick, blocking);
+    assert!(strings(&quick.selectors).contains(&format!("unix:sha256:{HELLO_SHA256}")));
+    assert_eq!(fake.exe_opens.load(Ordering::SeqCst), 1);
+    // With hashing off there is nothing slow to do.
+    let off = WorkloadAttestors::new(vec![Box::new(f.unix().with_max_binary_size(0))])
+        .with_proc_source(fake.clone());
+    assert!(off
+        .attest_connection_without_blocking(&PEER, &facts)
+        .is_ok());
+}
+
 #[test]
 fn binaries_over_the_size_limit_get_no_hash() {
     let f = fixture();
@@ -555,6 +590,43 @@ fn an_exited_and_reaped_child_is_process_gone() {
     // The compatible single-attestor path too.
     let err = UnixAttestor::default().attest(&peer).unwrap_err();
     assert!(matches!(err, AttestError::ProcessGone { .. }), "{err}");
+}
+
+/// A process's directory, once open, stays bound to that process: what it reads is what
+/// the path-based reads give while the process lives, and once it is reaped every read
+/// through it fails (ESRCH), so a pid reused later can never be read through it.
+#[test]
+fn a_process_directory_reads_its_own_process_only() {
+    let mut child = sleeper(None);
+    let pid = child.0.id() as i32;
+    let procfs = ProcFs::default();
+    let dir = procfs.open_dir(pid).unwrap().unwrap();
+    for name in ["stat", "cgroup"] {
+        assert_eq!(
+            dir.read(name).unwrap(),
+            procfs.read(pid, name).unwrap(),
+            "{name}"
+        );
+    }
+    assert_eq!(
+        parse_status(&dir.read("status").unwrap()).uids,
+        parse_status(&procfs.read(pid, "status").unwrap()).uids
+    );
+    assert_eq!(dir.exe_path().unwrap(), procfs.exe_path(pid).unwrap());
+    assert_eq!(dir.exe_version().unwrap(), procfs.exe_version(pid).unwrap());
+    let mut opened = Vec::new();
+    std::io::Read::read_to_end(&mut dir.open_exe().unwrap(), &mut opened).unwrap();
+    assert_eq!(
+        opened,
+        std::fs::read(procfs.exe_path(pid).unwrap()).unwrap()
+    );
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+    let err = dir.read("stat").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(3), "ESRCH, got {err}");
+    assert!(dir.exe_version().is_err());
+    let err = procfs.open_dir(pid).unwrap().unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
 }
 
 /// Polls (bounded) until `f` holds; panics naming `what` otherwise.

@@ -66,17 +66,17 @@ impl UnixAttestor {
 
     /// The SHA-256 (hex) of the binary `process` runs, from the cache when that version of
     /// the file was hashed before; or why there is none, as a note for the caller.
-    fn binary_sha256(&self, process: &ProcessSnapshot) -> Result<Arc<str>, String> {
+    fn binary_sha256(&self, process: &ProcessSnapshot) -> Result<Arc<str>, NoHash> {
         if self.max_binary_size == 0 {
-            return Err(
+            return Err(NoHash::Note(
                 "no unix:sha256 selector: binary hashing is off (max_binary_size = 0)".into(),
-            );
+            ));
         }
         let version = match process.exe_version() {
             Ok(v) => v,
             Err(e) => {
                 tracing::debug!(pid = process.pid(), reason = e, "no unix:sha256 selector");
-                return Err(format!("no unix:sha256 selector: {e}"));
+                return Err(NoHash::Note(format!("no unix:sha256 selector: {e}")));
             }
         };
         let too_large = |size: u64| {
@@ -87,7 +87,12 @@ impl UnixAttestor {
             )
         };
         if let Some(hit) = self.lock_hashes().get(&version) {
-            return hit.clone().ok_or_else(|| too_large(version.size));
+            return hit
+                .clone()
+                .ok_or_else(|| NoHash::Note(too_large(version.size)));
+        }
+        if !process.may_block() {
+            return Err(NoHash::WouldBlock);
         }
         let hash = if version.size > self.max_binary_size {
             tracing::warn!(
@@ -103,7 +108,7 @@ impl UnixAttestor {
                 Err(reason) => {
                     // Not cached: the file may be readable next time.
                     tracing::warn!(pid = process.pid(), %reason, "no unix:sha256 selector");
-                    return Err(format!("no unix:sha256 selector: {reason}"));
+                    return Err(NoHash::Note(format!("no unix:sha256 selector: {reason}")));
                 }
             }
         };
@@ -112,12 +117,20 @@ impl UnixAttestor {
             hashes.clear();
         }
         hashes.insert(version, hash.clone());
-        hash.ok_or_else(|| too_large(version.size))
+        hash.ok_or_else(|| NoHash::Note(too_large(version.size)))
     }
 
     fn lock_hashes(&self) -> std::sync::MutexGuard<'_, HashMap<FileVersion, Option<Arc<str>>>> {
         self.hashes.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Why there is no `unix:sha256` selector.
+enum NoHash {
+    /// For the caller to read (`agentd api selectors`).
+    Note(String),
+    /// The hash is not cached and the snapshot may not do the slow work of hashing.
+    WouldBlock,
 }
 
 /// Hashes the binary through /proc/<pid>/exe, making sure that what was read is the
@@ -254,7 +267,10 @@ impl WorkloadAttestor for UnixAttestor {
             push(format!("user:{user}"));
         }
         push(format!("gid:{}", peer.gid));
-        if let Some(group) = self.group.name_for_id(peer.gid) {
+        // Looked up once per call: each lookup checks the file's version.
+        let groups = self.group.names();
+        let group_name = |gid: u32| groups.as_ref().and_then(|g| g.get(&gid));
+        if let Some(group) = group_name(peer.gid) {
             push(format!("group:{group}"));
         }
         let Some(process) = process else {
@@ -269,7 +285,7 @@ impl WorkloadAttestor for UnixAttestor {
                     push(format!("supplementary_gid:{gid}"));
                 }
                 for gid in &status.groups {
-                    if let Some(group) = self.group.name_for_id(*gid) {
+                    if let Some(group) = group_name(*gid) {
                         push(format!("supplementary_group:{group}"));
                     }
                 }
@@ -295,7 +311,8 @@ impl WorkloadAttestor for UnixAttestor {
         }
         match self.binary_sha256(process) {
             Ok(hash) => push(format!("sha256:{hash}")),
-            Err(note) => notes.push(note),
+            Err(NoHash::Note(note)) => notes.push(note),
+            Err(NoHash::WouldBlock) => return Err(AttestError::WouldBlock { pid: process.pid() }),
         }
         Ok(Attestation {
             selectors: out,

@@ -250,32 +250,68 @@ async fn every_authority_a_client_sends_becomes_localhost_and_nothing_else_chang
 }
 
 /// RFC 7541 Appendix C.4: three requests with Huffman coding, where the second and third
-/// reference the first's `:authority` in the client's dynamic table.
+/// reference the first's `:authority` in the client's dynamic table. A C-core call comes
+/// first (literals without indexing: the table stays empty), so the connection is rewritten.
 #[tokio::test]
 async fn the_clients_dynamic_table_and_huffman_strings_are_followed_across_blocks() {
     let c41 = hex::decode("828684418cf1e3c2e5f23a6ba0ab90f4ff").unwrap();
     let c42 = hex::decode("828684be5886a8eb10649cbf").unwrap();
     let c43 = hex::decode("828785bf408825a849e95ba97d7f8925a849e95bb8e8b4bf").unwrap();
     let input = Client::new()
-        .headers(1, END_STREAM, &c41)
-        .headers(3, END_STREAM, &c42)
-        .headers(5, END_STREAM, &c43)
+        .headers(1, END_STREAM, &request(Some("%2Ftmp%2Fagent.sock")))
+        .headers(3, END_STREAM, &c41)
+        .headers(5, END_STREAM, &c42)
+        .headers(7, END_STREAM, &c43)
         .0;
     for step in [usize::MAX, 1, 7] {
         let seen = server_reads(&rewrite_in_steps(&input, step).await.unwrap());
-        assert_eq!(seen.len(), 3);
+        assert_eq!(seen.len(), 4);
         for s in &seen {
             assert_eq!(authority_of(s), Some("localhost"), "step {step}");
         }
-        let Seen::Headers { fields, .. } = &seen[1] else {
+        let Seen::Headers { fields, .. } = &seen[2] else {
             unreachable!()
         };
         assert!(fields.contains(&("cache-control".into(), "no-cache".into())));
-        let Seen::Headers { fields, .. } = &seen[2] else {
+        let Seen::Headers { fields, .. } = &seen[3] else {
             unreachable!()
         };
         assert!(fields.contains(&("custom-key".into(), "custom-value".into())));
         assert!(fields.contains(&(":path".into(), "/index.html".into())));
+    }
+}
+
+/// A connection whose first call names an authority the server accepts is passed through
+/// untouched from then on, Huffman strings and the dynamic table included: the same C.4
+/// requests reach the server byte for byte, and the server's own decoder reads them.
+#[tokio::test]
+async fn a_connection_whose_first_authority_is_acceptable_passes_through_untouched() {
+    let c41 = hex::decode("828684418cf1e3c2e5f23a6ba0ab90f4ff").unwrap();
+    let c42 = hex::decode("828684be5886a8eb10649cbf").unwrap();
+    let c43 = hex::decode("828785bf408825a849e95ba97d7f8925a849e95bb8e8b4bf").unwrap();
+    let input = Client::new()
+        .frame(0x4, 0, 0, &[]) // SETTINGS
+        .headers(1, END_STREAM, &c41)
+        .headers(3, END_STREAM, &c42)
+        .frame(0x0, END_STREAM, 3, b"\0\0\0\0\x00")
+        .headers(5, END_STREAM, &c43)
+        // Not rewritten any more: the server refuses this call, as it would without us.
+        .headers(7, END_STREAM, &request(Some("/tmp/agent.sock")))
+        .0;
+    for step in [usize::MAX, 1, 7] {
+        let out = rewrite_in_steps(&input, step).await.unwrap();
+        assert_eq!(out, input, "step {step}");
+        let seen = server_reads(&out);
+        assert_eq!(authority_of(&seen[1]), Some("www.example.com"));
+        assert_eq!(authority_of(&seen[5]), Some("/tmp/agent.sock"));
+    }
+    // `localhost`, as grpc-go, grpc-js and tonic send it; and no authority at all.
+    for first in [request(Some("localhost")), request(None)] {
+        let input = Client::new()
+            .headers(1, 0, &first)
+            .headers(3, 0, &request(Some("%2Fs")))
+            .0;
+        assert_eq!(rewrite(&input).await.unwrap(), input);
     }
 }
 

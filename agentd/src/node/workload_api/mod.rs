@@ -231,8 +231,9 @@ impl WorkloadApi {
     }
 
     /// Selectors for the caller, from its peer credentials and a /proc snapshot checked
-    /// against the connection's accept time. Attestation reads files (and may hash a binary
-    /// the first time it is seen), so it runs on the blocking pool, never on the runtime.
+    /// against the connection's accept time. Attestation is a few small /proc and /etc
+    /// reads, done in place; only hashing a binary seen for the first time goes to the
+    /// blocking pool (a hop there cost more than the reads themselves).
     async fn attest<T>(&self, req: &Request<T>) -> Result<Vec<Selector>, Status> {
         Ok(self.attest_explained(req).await?.selectors)
     }
@@ -250,12 +251,20 @@ impl WorkloadApi {
         let peer = info
             .peer
             .ok_or_else(|| Status::internal("no peer credentials on the connection"))?;
-        let attestors = self.attestors.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            attestors.attest_connection_explained(&peer, &info.connection)
-        })
-        .await
-        .map_err(|e| Status::internal(format!("attestation task: {e}")))?;
+        let result = match self
+            .attestors
+            .attest_connection_without_blocking(&peer, &info.connection)
+        {
+            Err(agentd_attestor::workload::AttestError::WouldBlock { .. }) => {
+                let attestors = self.attestors.clone();
+                tokio::task::spawn_blocking(move || {
+                    attestors.attest_connection_explained(&peer, &info.connection)
+                })
+                .await
+                .map_err(|e| Status::internal(format!("attestation task: {e}")))?
+            }
+            done => done,
+        };
         match result {
             Ok(a) => {
                 tracing::debug!(pid = ?peer.pid, uid = peer.uid, selectors = ?a.selectors.iter().map(ToString::to_string).collect::<Vec<_>>(), "workload attested");
