@@ -16,7 +16,7 @@ use crate::{CLIENTS, TRUST_DOMAIN};
 
 /// FetchX509SVID calls per client in (c): warm-up, then timed samples.
 const WARMUP_CALLS: usize = 5;
-const SAMPLES_PER_CLIENT: usize = 200;
+const SAMPLES_PER_CLIENT: usize = 500;
 /// Samples of the single-client baseline in (c).
 const SAMPLES_ONE_CLIENT: usize = 500;
 const LATENCY_NODE: &str = "bench-latency";

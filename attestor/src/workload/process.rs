@@ -141,6 +141,40 @@ impl ProcSource for ProcFs {
 #[derive(Debug)]
 pub struct ProcDir {
     dir: OwnedFd,
+    /// `stat`, kept open after its first read: the snapshot reads it again at the end, and
+    /// a procfs file read again from offset 0 is generated afresh.
+    stat: std::cell::OnceCell<OwnedFd>,
+}
+
+/// The whole text of an open procfs file, read from offset 0 (so from a fresh generation of
+/// it), at most [`MAX_PROC_FILE`] bytes.
+fn read_whole(fd: &OwnedFd, name: &str) -> io::Result<String> {
+    let mut buf = vec![0u8; 4096];
+    let mut len = 0;
+    loop {
+        // These files are generated whole by the first read (seq_file `single_open`), so a
+        // read that fills less than it was given has reached the end: no second read just
+        // to see 0.
+        if len > 0 && len < buf.len() {
+            break;
+        }
+        if len == buf.len() {
+            if buf.len() as u64 >= MAX_PROC_FILE {
+                return Err(io::Error::other(format!(
+                    "{name} is longer than {MAX_PROC_FILE} bytes"
+                )));
+            }
+            buf.resize(buf.len() * 2, 0);
+        }
+        match rustix::io::pread(fd, &mut buf[len..], len as u64) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    buf.truncate(len);
+    String::from_utf8(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 impl ProcDir {
@@ -151,38 +185,31 @@ impl ProcDir {
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         )?;
-        Ok(Self { dir })
+        Ok(Self {
+            dir,
+            stat: std::cell::OnceCell::new(),
+        })
     }
 
-    /// The text of one file (`stat`, `status`, `cgroup`), at most [`MAX_PROC_FILE`] bytes.
+    /// The text of one file (`stat`, `status`, `cgroup`), at most [`MAX_PROC_FILE`] bytes,
+    /// as it is now.
     pub fn read(&self, name: &str) -> io::Result<String> {
+        if name == "stat" {
+            if let Some(fd) = self.stat.get() {
+                return read_whole(fd, name);
+            }
+        }
         let fd = rustix::fs::openat(
             &self.dir,
             name,
             OFlags::RDONLY | OFlags::CLOEXEC,
             Mode::empty(),
         )?;
-        // One read gives these files whole; the second sees the end.
-        let mut buf = vec![0u8; 4096];
-        let mut len = 0;
-        loop {
-            if len == buf.len() {
-                if buf.len() as u64 >= MAX_PROC_FILE {
-                    return Err(io::Error::other(format!(
-                        "{name} is longer than {MAX_PROC_FILE} bytes"
-                    )));
-                }
-                buf.resize(buf.len() * 2, 0);
-            }
-            match rustix::io::read(&fd, &mut buf[len..]) {
-                Ok(0) => break,
-                Ok(n) => len += n,
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => return Err(e.into()),
-            }
+        let text = read_whole(&fd, name)?;
+        if name == "stat" {
+            let _ = self.stat.set(fd);
         }
-        buf.truncate(len);
-        String::from_utf8(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+        Ok(text)
     }
 
     /// Where `exe` points.

@@ -620,6 +620,15 @@ fn a_process_directory_reads_its_own_process_only() {
         opened,
         std::fs::read(procfs.exe_path(pid).unwrap()).unwrap()
     );
+    // `stat` is read again through the fd kept from its first read: afresh, not from then.
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    wait_for("the child to stop", || proc_state(pid) == Some('T'));
+    let again = super::process::parse_stat(&dir.read("stat").unwrap()).unwrap();
+    assert_eq!(again.state, 'T');
     child.0.kill().unwrap();
     child.0.wait().unwrap();
     let err = dir.read("stat").unwrap_err();

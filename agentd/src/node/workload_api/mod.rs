@@ -35,7 +35,6 @@ use agentd_proto::workload::spiffe_workload_api_server::{
 };
 use futures::Stream;
 use tokio::net::UnixListener;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
@@ -317,26 +316,26 @@ impl WorkloadApi {
     }
 }
 
-/// One span per Workload API call: the method and the calling process (pid, uid).
+/// One span per Workload API call: the method and the calling process (pid, uid). Made
+/// with every field at once: each later `record` would format the span's fields again, on
+/// a path taken at machine speed.
 fn rpc_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
-    let span = tracing::info_span!(
-        "rpc",
-        api = "workload",
-        rpc = crate::telemetry::rpc::rpc_name(req.uri().path()),
-        pid = tracing::field::Empty,
-        uid = tracing::field::Empty,
-    );
-    if let Some(peer) = req
+    let rpc = crate::telemetry::rpc::rpc_name(req.uri().path());
+    let peer = req
         .extensions()
         .get::<WorkloadConnInfo>()
-        .and_then(|i| i.peer.as_ref())
-    {
-        span.record("uid", peer.uid);
-        if let Some(pid) = peer.pid {
-            span.record("pid", pid);
+        .and_then(|i| i.peer.as_ref());
+    match peer {
+        Some(PeerCredentials {
+            pid: Some(pid),
+            uid,
+            ..
+        }) => tracing::info_span!("rpc", api = "workload", rpc, pid, uid),
+        Some(PeerCredentials { uid, .. }) => {
+            tracing::info_span!("rpc", api = "workload", rpc, uid)
         }
+        None => tracing::info_span!("rpc", api = "workload", rpc),
     }
-    span
 }
 
 /// Spec 5.2: the security header must be present with the value `true`.
@@ -430,87 +429,131 @@ fn x509_fingerprint(view: &WorkloadView) -> X509Fingerprint {
     )
 }
 
-/// Runs a stream: sends `first`, then a new snapshot from `next` whenever the cache changes
-/// and the snapshot differs (`next` gives `None` when there is nothing to send yet); stops
-/// when the client hangs up or `next` says to end.
-fn spawn_stream<T, K, F>(
-    cache: Arc<Cache>,
-    first: T,
-    first_key: K,
-    mut next: F,
-) -> ResponseStream<T>
+/// A watch stream: `first`, then a new snapshot from `next` whenever the cache changes and
+/// the snapshot differs (`next` gives `None` when there is nothing to send yet); it ends
+/// when `next` says to end. It runs inside the HTTP/2 stream's own task, so a call costs no
+/// task or channel of its own, the first message goes out with the response headers, and a
+/// client that hangs up drops it.
+fn watch_stream<T, K, F>(cache: Arc<Cache>, first: T, first_key: K, next: F) -> ResponseStream<T>
 where
     T: Send + 'static,
     K: PartialEq + Send + 'static,
     F: FnMut() -> Result<Option<(T, K)>, Status> + Send + 'static,
 {
-    let (tx, rx) = mpsc::channel::<Result<T, Status>>(4);
-    let mut rx_changes = cache.subscribe();
-    rx_changes.mark_unchanged();
-    tokio::spawn(async move {
-        if tx.send(Ok(first)).await.is_err() {
-            return;
+    let mut changes = cache.subscribe();
+    changes.mark_unchanged();
+    let watch = Watch {
+        changes,
+        last: first_key,
+        next,
+        ending: None,
+        ended: false,
+    };
+    let rest = futures::stream::unfold(watch, |mut watch| async move {
+        let item = watch.next_item().await?;
+        Some((item, watch))
+    });
+    Box::pin(futures::StreamExt::chain(
+        futures::stream::once(std::future::ready(Ok(first))),
+        rest,
+    ))
+}
+
+/// The state of a [`watch_stream`] stream after its first message.
+struct Watch<K, F> {
+    changes: tokio::sync::watch::Receiver<u64>,
+    last: K,
+    next: F,
+    /// The error to end with, after the message just sent.
+    ending: Option<Status>,
+    ended: bool,
+}
+
+impl<T, K, F> Watch<K, F>
+where
+    K: PartialEq,
+    F: FnMut() -> Result<Option<(T, K)>, Status>,
+{
+    /// The next message to send, or `None` when the stream is over.
+    async fn next_item(&mut self) -> Option<Result<T, Status>> {
+        if self.ended {
+            return None;
         }
-        let mut last = first_key;
+        if let Some(status) = self.ending.take() {
+            self.ended = true;
+            return Some(Err(status));
+        }
         loop {
-            tokio::select! {
-                _ = tx.closed() => return,
-                changed = rx_changes.changed() => if changed.is_err() { return },
+            if self.changes.changed().await.is_err() {
+                return None;
             }
-            match next() {
+            match (self.next)() {
                 Ok(None) => {}
                 Ok(Some((msg, key))) => {
-                    if key != last {
-                        last = key;
-                        if tx.send(Ok(msg)).await.is_err() {
-                            return;
-                        }
+                    if key != self.last {
+                        self.last = key;
+                        return Some(Ok(msg));
                     }
                 }
-                Err(mut status) => {
-                    // The sync can drop a revoked entry a moment before the revocation feed
-                    // says why; give the feed a moment, so the stream ends naming the
-                    // revocation rather than with a bare "no identity issued".
-                    if status.code() == tonic::Code::PermissionDenied
-                        && status.message() == NO_IDENTITY
-                    {
-                        let deadline = tokio::time::Instant::now() + REVOCATION_GRACE;
-                        while status.message() == NO_IDENTITY {
-                            tokio::select! {
-                                _ = tx.closed() => return,
-                                _ = tokio::time::sleep_until(deadline) => break,
-                                changed = rx_changes.changed() => if changed.is_err() { break },
-                            }
-                            match next() {
-                                Err(later) => status = later,
-                                // The identity is back (or being minted): carry on.
-                                Ok(Some((msg, key))) => {
-                                    if key != last {
-                                        last = key;
-                                        if tx.send(Ok(msg)).await.is_err() {
-                                            return;
-                                        }
-                                    }
-                                    break;
-                                }
-                                Ok(None) => break,
-                            }
-                        }
-                        if status.message() != NO_IDENTITY
-                            || tokio::time::Instant::now() >= deadline
-                        {
-                            let _ = tx.send(Err(status)).await;
-                            return;
-                        }
-                        continue;
+                Err(status) => match self.revocation_grace(status).await {
+                    Grace::Send(msg, ending) => {
+                        self.ending = ending;
+                        return Some(Ok(msg));
                     }
-                    let _ = tx.send(Err(status)).await;
-                    return;
-                }
+                    Grace::Carry => {}
+                    Grace::End(status) => {
+                        self.ended = true;
+                        return Some(Err(status));
+                    }
+                },
             }
         }
-    });
-    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+    }
+
+    /// The sync can drop a revoked entry a moment before the revocation feed says why: a
+    /// bare "no identity issued" waits up to [`REVOCATION_GRACE`] for the feed, so the stream
+    /// ends naming the revocation, or carries on if the identity comes back.
+    async fn revocation_grace(&mut self, mut status: Status) -> Grace<T> {
+        if status.code() != tonic::Code::PermissionDenied || status.message() != NO_IDENTITY {
+            return Grace::End(status);
+        }
+        let deadline = tokio::time::Instant::now() + REVOCATION_GRACE;
+        let mut back = None;
+        while status.message() == NO_IDENTITY {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => break,
+                changed = self.changes.changed() => if changed.is_err() { break },
+            }
+            match (self.next)() {
+                Err(later) => status = later,
+                // The identity is back (or being minted): carry on.
+                Ok(Some((msg, key))) => {
+                    if key != self.last {
+                        self.last = key;
+                        back = Some(msg);
+                    }
+                    break;
+                }
+                Ok(None) => break,
+            }
+        }
+        let ends = status.message() != NO_IDENTITY || tokio::time::Instant::now() >= deadline;
+        match (back, ends) {
+            (Some(msg), ends) => Grace::Send(msg, ends.then_some(status)),
+            (None, true) => Grace::End(status),
+            (None, false) => Grace::Carry,
+        }
+    }
+}
+
+/// What the revocation grace decided.
+enum Grace<T> {
+    /// Send this message, then end with the error if there is one.
+    Send(T, Option<Status>),
+    /// Nothing to send: wait for the next change.
+    Carry,
+    /// End the stream with this error.
+    End(Status),
 }
 
 #[tonic::async_trait]
@@ -535,7 +578,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let clock = self.clock.clone();
         let api = self.clone();
         let mut served: Vec<String> = view.svids.iter().map(|s| s.entry_id.clone()).collect();
-        let stream = spawn_stream(self.cache.clone(), first, key, move || {
+        let stream = watch_stream(self.cache.clone(), first, key, move || {
             api.ready()?;
             let view = cache.view_for(&selectors, clock.now());
             match x509_response(&view) {
@@ -591,7 +634,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         };
         let (first, key) = make(&self.cache)?;
         let cache = self.cache.clone();
-        Ok(Response::new(spawn_stream(
+        Ok(Response::new(watch_stream(
             self.cache.clone(),
             first,
             key,
@@ -717,7 +760,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         };
         let (first, key) = make(&self.cache)?;
         let cache = self.cache.clone();
-        Ok(Response::new(spawn_stream(
+        Ok(Response::new(watch_stream(
             self.cache.clone(),
             first,
             key,
