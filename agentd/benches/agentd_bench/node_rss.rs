@@ -18,8 +18,11 @@ use crate::{CLIENTS, TRUST_DOMAIN};
 const NODE_ENTRIES: usize = 100;
 const RSS_NODE: &str = "bench-rss";
 
-// Target (docs/PERFORMANCE.md).
+// Targets (docs/PERFORMANCE.md).
 const TARGET_RSS_MB: f64 = 15.0;
+const TARGET_RSS_1000_STREAMS_MB: f64 = 20.0;
+/// Streams held open for the second figure, over `CLIENTS` connections.
+const MANY_STREAMS: usize = 1_000;
 
 /// Measures (d) on a fresh node agent and prints its rows.
 pub async fn run(
@@ -34,7 +37,7 @@ pub async fn run(
     let (mut node, socket) = env.start_node(admin, RSS_NODE).await?;
     let parent = format!("spiffe://{TRUST_DOMAIN}/node/{RSS_NODE}");
     let distinct = is_root();
-    let (serving, idle, label) = if distinct {
+    let (serving, idle, label, many) = if distinct {
         let ready = Instant::now() + Duration::from_secs(20);
         while !socket.exists() && Instant::now() < ready {
             node.check_alive()?;
@@ -43,13 +46,18 @@ pub async fn run(
         tokio::time::sleep(Duration::from_millis(500)).await;
         let idle = proc_status(&mut node)?;
         let serving = node_rss_distinct_workloads(&mut node, &socket, admin, &parent).await?;
-        (serving, idle, "100 workload processes, 1 SVID each")
+        // And this process, with an identity of its own, for the many streams.
+        create_entries(admin, &parent, "bench/rss/streams", 0..1, selector).await?;
+        wait_for_svids(&mut node, &socket, 1).await?;
+        let many = node_rss_many_streams(&mut node, &socket, MANY_STREAMS).await?;
+        (serving, idle, "100 workload processes, 1 SVID each", many)
     } else {
         create_entries(admin, &parent, "bench/rss", 0..NODE_ENTRIES, selector).await?;
         wait_for_svids(&mut node, &socket, NODE_ENTRIES).await?;
         let idle = proc_status(&mut node)?;
         let (serving, _) = node_rss(&mut node, &socket).await?;
-        (serving, idle, "1 process, 100 streams x 100 SVIDs")
+        let many = node_rss_many_streams(&mut node, &socket, MANY_STREAMS).await?;
+        (serving, idle, "1 process, 100 streams x 100 SVIDs", many)
     };
     drop(node);
     row(
@@ -69,6 +77,12 @@ pub async fn run(
         serving.threads.to_string(),
         "",
         None,
+    );
+    row(
+        &format!("(d) node agent VmRSS with {MANY_STREAMS} FetchX509SVID streams open ({CLIENTS} connections)"),
+        format!("{:.1} MB", many.rss_mb),
+        &format!("<= {TARGET_RSS_1000_STREAMS_MB:.0} MB"),
+        Some(many.rss_mb <= TARGET_RSS_1000_STREAMS_MB),
     );
     row(
         "(d) node agent VmRSS before the workloads connect",
@@ -199,6 +213,46 @@ async fn node_rss_distinct_workloads(
     tokio::time::sleep(Duration::from_secs(1)).await;
     let status = proc_status(node)?;
     drop(workloads);
+    Ok(status)
+}
+
+/// Opens `streams` FetchX509SVID streams from this process over `CLIENTS` connections (as
+/// many agent runtimes would hold them, with fewer file descriptors in this process), keeps
+/// them all open with their first message read, and reads the node agent's RSS.
+async fn node_rss_many_streams(
+    node: &mut ChildGuard,
+    socket: &Path,
+    streams: usize,
+) -> anyhow::Result<ProcStatus> {
+    let per_connection = streams.div_ceil(CLIENTS);
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..CLIENTS {
+        let socket = socket.to_path_buf();
+        let n = per_connection.min(streams.saturating_sub(c * per_connection));
+        tasks.spawn(async move {
+            let mut client = workload_client(&socket).await?;
+            let mut open = Vec::with_capacity(n);
+            for _ in 0..n {
+                let (_, stream) = fetch_x509(&mut client).await?;
+                open.push(stream);
+            }
+            Ok::<_, anyhow::Error>((client, open))
+        });
+    }
+    let mut held = Vec::with_capacity(CLIENTS);
+    let mut total = 0;
+    while let Some(r) = tasks.join_next().await {
+        let (client, open) = r??;
+        total += open.len();
+        held.push((client, open));
+    }
+    if total != streams {
+        bail!("{total} streams open, expected {streams}");
+    }
+    // Let allocations settle after the burst.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let status = proc_status(node)?;
+    drop(held);
     Ok(status)
 }
 

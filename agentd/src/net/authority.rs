@@ -513,8 +513,15 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityRewrite<S> {
                 buf.put_slice(&this.output.split_to(n));
                 return Poll::Ready(Ok(()));
             }
-            // Once transparent, the client's bytes go straight into the server's buffer.
+            // Once transparent, the client's bytes go straight into the server's buffer, and
+            // ours are given back: a connection may stay open for days.
             if matches!(this.state, ReadState::Transparent) && this.input.is_empty() {
+                if this.input.capacity() > 0 || this.output.capacity() > 0 {
+                    this.input = BytesMut::new();
+                    this.output = BytesMut::new();
+                    // The client's dynamic table is the server's to follow from now on.
+                    this.decoder = loona_hpack::Decoder::new();
+                }
                 return Pin::new(&mut this.inner).poll_read(cx, buf);
             }
             // The body of a frame we pass through goes straight into the server's buffer.

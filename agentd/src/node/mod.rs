@@ -34,6 +34,24 @@ use identity::NodeIdentity;
 /// concurrent calls grow the process by a thread and its stack each.
 pub const MAX_BLOCKING_THREADS: usize = 16;
 
+/// Raises the soft limit on open files to the hard limit: every workload holds a connection
+/// (a file descriptor) for as long as it runs, and the usual soft limit of 1,024 would turn
+/// the 1,000th agent runtime away with EMFILE. Go raises it for SPIRE's agent the same way.
+fn raise_open_file_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => tracing::debug!(open_files = ?limit.maximum, "raised the open file limit"),
+            Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
+        }
+    }
+}
+
 /// A configured node agent, not yet running.
 #[derive(Debug)]
 pub struct NodeAgent {
@@ -48,6 +66,7 @@ impl NodeAgent {
 
     /// Runs until `shutdown` is cancelled or a component fails.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), NodeError> {
+        raise_open_file_limit();
         let cfg = self.config;
         let metrics = Arc::new(NodeMetrics::new());
         let readiness = Readiness::new(&[conditions::ATTESTED, conditions::SYNCED]);
@@ -245,4 +264,38 @@ fn load_trust_bundle(
             err("no CA certificate carries a SPIFFE ID (spiffe://<trust domain>): set trust_domain in the node config".into())
         })?;
     Ok((roots, td))
+}
+
+#[cfg(test)]
+mod tests {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+
+    #[test]
+    fn the_open_file_limit_is_raised_to_the_hard_limit() {
+        let before = getrlimit(Resource::Nofile);
+        let Some(max) = before.maximum else {
+            // Unlimited hard limit: lower the soft one all the same.
+            setrlimit(
+                Resource::Nofile,
+                Rlimit {
+                    current: Some(256),
+                    maximum: None,
+                },
+            )
+            .unwrap();
+            super::raise_open_file_limit();
+            assert_eq!(getrlimit(Resource::Nofile).current, None);
+            return;
+        };
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(max.min(256)),
+                maximum: Some(max),
+            },
+        )
+        .unwrap();
+        super::raise_open_file_limit();
+        assert_eq!(getrlimit(Resource::Nofile).current, Some(max));
+    }
 }

@@ -320,3 +320,70 @@ async fn new_jwt_audiences_are_limited_per_workload() {
     assert_eq!(ok.svids[0].svid, "tok");
     drop(c);
 }
+
+/// Every line a Workload API call logs carries the span's fields: the method, and the pid
+/// and uid of the calling process (docs/operations.md, "Logs").
+#[test]
+fn the_rpc_span_names_the_method_and_the_calling_process() {
+    #[derive(Clone, Default)]
+    struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let lines = Lines::default();
+    let writer = lines.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let request = |peer: Option<PeerCredentials>| {
+        let mut req = tonic::codegen::http::Request::builder()
+            .uri("/SpiffeWorkloadAPI/FetchX509SVID")
+            .body(())
+            .unwrap();
+        req.extensions_mut().insert(WorkloadConnInfo {
+            peer,
+            connection: Default::default(),
+        });
+        req
+    };
+    tracing::subscriber::with_default(subscriber, || {
+        for peer in [
+            Some(PeerCredentials {
+                pid: Some(4242),
+                uid: 1001,
+                gid: 1002,
+            }),
+            Some(PeerCredentials {
+                pid: None,
+                uid: 1003,
+                gid: 1004,
+            }),
+            None,
+        ] {
+            rpc_span(&request(peer)).in_scope(|| tracing::warn!("inside the call"));
+        }
+    });
+    let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+    let got: Vec<&str> = text.lines().collect();
+    assert_eq!(got.len(), 3, "{text}");
+    let rpc = "rpc=\"/SpiffeWorkloadAPI/FetchX509SVID\"";
+    assert!(
+        got[0].contains(&format!("rpc{{api=\"workload\" {rpc} pid=4242 uid=1001}}")),
+        "{text}"
+    );
+    assert!(
+        got[1].contains(&format!("rpc{{api=\"workload\" {rpc} uid=1003}}")),
+        "{text}"
+    );
+    assert!(
+        got[2].contains(&format!("rpc{{api=\"workload\" {rpc}}}")),
+        "{text}"
+    );
+}
