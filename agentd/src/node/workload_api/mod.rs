@@ -122,7 +122,14 @@ pub struct WorkloadApi {
     metrics: Arc<NodeMetrics>,
     /// JWT-SVID mints (cache misses) per entry.
     jwt_mints: Arc<limit::MintLimiter>,
+    /// Attestations that hash a binary, at most [`HASHES_AT_ONCE`] at a time.
+    hashing: Arc<tokio::sync::Semaphore>,
 }
+
+/// Attestations that may hash a binary at once. When a hundred agent runtimes of one new
+/// binary connect together, one or two hash it and the rest find it cached, rather than a
+/// blocking thread (and its allocator arena) each hashing the same file.
+const HASHES_AT_ONCE: usize = 2;
 
 impl WorkloadApi {
     pub fn new(
@@ -140,6 +147,7 @@ impl WorkloadApi {
             revocations,
             metrics: Arc::new(NodeMetrics::new()),
             jwt_mints: Arc::new(limit::MintLimiter::default()),
+            hashing: Arc::new(tokio::sync::Semaphore::new(HASHES_AT_ONCE)),
         }
     }
 
@@ -255,12 +263,26 @@ impl WorkloadApi {
             .attest_connection_without_blocking(&peer, &info.connection)
         {
             Err(agentd_attestor::workload::AttestError::WouldBlock { .. }) => {
-                let attestors = self.attestors.clone();
-                tokio::task::spawn_blocking(move || {
-                    attestors.attest_connection_explained(&peer, &info.connection)
-                })
-                .await
-                .map_err(|e| Status::internal(format!("attestation task: {e}")))?
+                let _turn = self
+                    .hashing
+                    .acquire()
+                    .await
+                    .map_err(|e| Status::internal(format!("attestation: {e}")))?;
+                // Whoever held the turn before may have hashed this very binary.
+                match self
+                    .attestors
+                    .attest_connection_without_blocking(&peer, &info.connection)
+                {
+                    Err(agentd_attestor::workload::AttestError::WouldBlock { .. }) => {
+                        let attestors = self.attestors.clone();
+                        tokio::task::spawn_blocking(move || {
+                            attestors.attest_connection_explained(&peer, &info.connection)
+                        })
+                        .await
+                        .map_err(|e| Status::internal(format!("attestation task: {e}")))?
+                    }
+                    done => done,
+                }
             }
             done => done,
         };

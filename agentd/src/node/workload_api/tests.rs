@@ -28,6 +28,8 @@ struct Shifted {
     real: ProcFs,
     start_time: AtomicU64,
     ino_shift: AtomicU64,
+    /// Times a binary was opened (to be hashed).
+    exe_opens: AtomicU64,
 }
 
 impl ProcSource for Shifted {
@@ -58,6 +60,7 @@ impl ProcSource for Shifted {
     }
 
     fn open_exe(&self, pid: i32) -> io::Result<std::fs::File> {
+        self.exe_opens.fetch_add(1, Ordering::SeqCst);
         self.real.open_exe(pid)
     }
 }
@@ -99,6 +102,19 @@ impl Harness {
     /// A Workload API whose cache serves this process (by uid) one SVID; `synced` and
     /// `caught_up` set the two readiness conditions.
     async fn start(synced: bool, caught_up: bool, limit: Option<limit::MintLimiter>) -> Self {
+        let proc_ = Arc::new(Shifted::default());
+        let attestors = WorkloadAttestors::default().with_proc_source(proc_.clone() as _);
+        Self::start_with(synced, caught_up, limit, proc_, attestors).await
+    }
+
+    /// As [`Self::start`], with these attestors reading `proc_`.
+    async fn start_with(
+        synced: bool,
+        caught_up: bool,
+        limit: Option<limit::MintLimiter>,
+        proc_: Arc<Shifted>,
+        attestors: WorkloadAttestors,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("api.sock");
         let cache = Arc::new(Cache::new());
@@ -155,8 +171,7 @@ impl Harness {
                 bundle: bundle(),
             },
         ));
-        let proc_ = Arc::new(Shifted::default());
-        let attestors = Arc::new(WorkloadAttestors::default().with_proc_source(proc_.clone() as _));
+        let attestors = Arc::new(attestors);
         let mut api = WorkloadApi::new(
             cache.clone(),
             link,
@@ -385,5 +400,32 @@ fn the_rpc_span_names_the_method_and_the_calling_process() {
     assert!(
         got[2].contains(&format!("rpc{{api=\"workload\" {rpc}}}")),
         "{text}"
+    );
+}
+
+/// Twenty first calls at once from one binary not seen before: it is hashed by at most
+/// `HASHES_AT_ONCE` of them, and every caller gets its `unix:sha256` selector.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_calls_from_a_new_binary_hash_it_once_or_twice() {
+    let proc_ = Arc::new(Shifted::default());
+    let attestors = WorkloadAttestors::new(vec![Box::new(
+        agentd_attestor::workload::UnixAttestor::default().with_max_binary_size(u64::MAX),
+    )])
+    .with_proc_source(proc_.clone() as _);
+    let h = Harness::start_with(true, true, None, proc_, attestors).await;
+    let results = futures::future::join_all((0..20).map(|_| h.selectors())).await;
+    for r in results {
+        let got = r.unwrap();
+        assert!(
+            got.selectors
+                .iter()
+                .any(|s| s.r#type == "unix" && s.value.starts_with("sha256:")),
+            "{got:?}"
+        );
+    }
+    let opens = h.proc_.exe_opens.load(Ordering::SeqCst);
+    assert!(
+        (1..=HASHES_AT_ONCE as u64).contains(&opens),
+        "the binary was opened {opens} times"
     );
 }
