@@ -32,7 +32,8 @@
 //! One module per figure: `ca` (a), `node_api` (b), `fetch_latency` (c), `node_rss` (d),
 //! `revocation` (e), `scale` (f), `store` (g); `harness` starts the server and the node agents, `output`
 //! prints the table. `AGENTD_BENCH_ONLY=scale` runs (f) alone, `AGENTD_BENCH_ONLY=store` (g),
-//! `AGENTD_BENCH_ONLY=oauth` (h).
+//! `AGENTD_BENCH_ONLY=oauth` (h),
+//! `AGENTD_BENCH_ONLY=mint` (a) and (b).
 //!
 //! Temp dirs are removed and the child process is killed on every exit path (Drop guards).
 #![forbid(unsafe_code)]
@@ -95,6 +96,19 @@ fn main() -> anyhow::Result<()> {
         Ok("node") => {
             // (c), (d) and (e) alone: the node agent's figures, against one server.
             rt.block_on(run_node_figures(dir.path()))?;
+            drop(rt);
+            dir.close().context("removing the temp dir")?;
+            return Ok(());
+        }
+        Ok("mint") => {
+            // (a) and (b) alone: the CA's mint rate and the node API's beside it.
+            let a = ca::run(dir.path())?;
+            rt.block_on(async {
+                let (server, mut admin) = harness::start_server(dir.path()).await?;
+                let (address, bundle) = harness::address_and_bundle(&mut admin).await?;
+                node_api::run(&mut admin, &address, &bundle.x509_authorities, &a).await?;
+                server.shutdown().await
+            })?;
             drop(rt);
             dir.close().context("removing the temp dir")?;
             return Ok(());

@@ -40,7 +40,8 @@ pub const MAX_BLOCKING_THREADS: usize = 16;
 fn raise_open_file_limit() {
     use rustix::process::{getrlimit, setrlimit, Resource};
     let limit = getrlimit(Resource::Nofile);
-    if limit.current < limit.maximum {
+    // `None` is unlimited: compare for inequality, since `None` orders below every `Some`.
+    if limit.current != limit.maximum {
         let raised = rustix::process::Rlimit {
             current: limit.maximum,
             maximum: limit.maximum,
@@ -278,7 +279,7 @@ mod tests {
             setrlimit(
                 Resource::Nofile,
                 Rlimit {
-                    current: Some(256),
+                    current: Some(4095),
                     maximum: None,
                 },
             )
@@ -290,7 +291,7 @@ mod tests {
         setrlimit(
             Resource::Nofile,
             Rlimit {
-                current: Some(max.min(256)),
+                current: Some(max.min(4096).saturating_sub(1)),
                 maximum: Some(max),
             },
         )

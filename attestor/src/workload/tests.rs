@@ -394,6 +394,20 @@ fn attesting_without_blocking_never_hashes_a_binary() {
     assert!(off
         .attest_connection_without_blocking(&PEER, &facts)
         .is_ok());
+    // Nor for a binary over the size limit: its stat says so, and nothing is opened.
+    let too_large = WorkloadAttestors::new(vec![Box::new(f.unix().with_max_binary_size(4))])
+        .with_proc_source(fake.clone());
+    let got = too_large
+        .attest_connection_without_blocking(&PEER, &facts)
+        .unwrap();
+    assert!(
+        got.notes
+            .iter()
+            .any(|n| n.contains("more than max_binary_size")),
+        "{:?}",
+        got.notes
+    );
+    assert_eq!(fake.exe_opens.load(Ordering::SeqCst), 1);
 }
 
 #[test]

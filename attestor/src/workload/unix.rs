@@ -91,7 +91,9 @@ impl UnixAttestor {
                 .clone()
                 .ok_or_else(|| NoHash::Note(too_large(version.size)));
         }
-        if !process.may_block() {
+        // Too large is known from the stat alone: decided (and cached) in place, without a
+        // hop to the blocking pool.
+        if version.size <= self.max_binary_size && !process.may_block() {
             return Err(NoHash::WouldBlock);
         }
         let hash = if version.size > self.max_binary_size {

@@ -263,9 +263,12 @@ impl WorkloadApi {
             .attest_connection_without_blocking(&peer, &info.connection)
         {
             Err(agentd_attestor::workload::AttestError::WouldBlock { .. }) => {
-                let _turn = self
+                // Owned, and moved into the blocking task below: a client that resets its
+                // stream drops this future, but the hash it started runs on and keeps its turn.
+                let turn = self
                     .hashing
-                    .acquire()
+                    .clone()
+                    .acquire_owned()
                     .await
                     .map_err(|e| Status::internal(format!("attestation: {e}")))?;
                 // Whoever held the turn before may have hashed this very binary.
@@ -276,6 +279,7 @@ impl WorkloadApi {
                     Err(agentd_attestor::workload::AttestError::WouldBlock { .. }) => {
                         let attestors = self.attestors.clone();
                         tokio::task::spawn_blocking(move || {
+                            let _turn = turn;
                             attestors.attest_connection_explained(&peer, &info.connection)
                         })
                         .await
