@@ -33,6 +33,8 @@ use std::sync::Arc;
 
 use tokio::sync::Mutex;
 
+use crate::model::revocation::IssuedSvid;
+
 pub use crate::model::audit::*;
 pub use export::Exporter;
 pub use key::AuditKey;
@@ -75,8 +77,25 @@ pub struct Audit {
     /// The id of the server writing (`server` field of each record), so that a log shared
     /// by several servers says which one did what; `None` in tests.
     server: Option<String>,
-    /// Held across the append and the export, so the export file is in sequence order.
+    /// The writer's turn: held across the store write and the export, so the export file
+    /// is in sequence order.
     export: Mutex<Option<Exporter>>,
+    /// Writes waiting for the writer's turn (see [`Audit::append`]).
+    queue: std::sync::Mutex<Vec<QueuedWrite>>,
+}
+
+fn lost() -> AuditError {
+    AuditError::Store(DataStoreError::Backend {
+        reason: "the audit write of this record was abandoned by the caller writing it".into(),
+    })
+}
+
+/// One caller's write, waiting for the writer's turn.
+#[derive(Debug)]
+struct QueuedWrite {
+    svids: Vec<IssuedSvid>,
+    records: Vec<AuditRecord>,
+    done: tokio::sync::oneshot::Sender<Result<Vec<SealedAuditRecord>, AuditError>>,
 }
 
 impl Audit {
@@ -182,6 +201,7 @@ impl Audit {
             key,
             server: None,
             export: Mutex::new(export),
+            queue: Default::default(),
         }
     }
 
@@ -200,7 +220,30 @@ impl Audit {
         &self,
         records: Vec<AuditRecord>,
     ) -> Result<Vec<SealedAuditRecord>, AuditError> {
-        if records.is_empty() {
+        self.append(&[], records).await
+    }
+
+    /// A mint's one durable write: the issuance records of `svids` and their audit
+    /// `records`, together (`DataStore::append_issuance`). Nothing is handed out before
+    /// this returns.
+    pub async fn record_issuance(
+        &self,
+        svids: &[IssuedSvid],
+        records: Vec<AuditRecord>,
+    ) -> Result<Vec<SealedAuditRecord>, AuditError> {
+        self.append(svids, records).await
+    }
+
+    /// Group commit: the caller queues its write, then takes the writer's turn; whoever
+    /// has the turn writes every write queued by then in one store write (one transaction,
+    /// one flush), so concurrent mints share a flush instead of queueing for one each.
+    /// Each caller gets its own records back, or the write's error.
+    async fn append(
+        &self,
+        svids: &[IssuedSvid],
+        records: Vec<AuditRecord>,
+    ) -> Result<Vec<SealedAuditRecord>, AuditError> {
+        if records.is_empty() && svids.is_empty() {
             return Ok(Vec::new());
         }
         let records = match &self.server {
@@ -215,20 +258,71 @@ impl Audit {
                 .collect(),
             None => records,
         };
+        let (done, mut outcome) = tokio::sync::oneshot::channel();
+        self.lock_queue().push(QueuedWrite {
+            svids: svids.to_vec(),
+            records,
+            done,
+        });
         let mut export = self.export.lock().await;
-        let sealed = self
-            .store
-            .append_audit(records, unix_seconds(self.clock.now()), &self.key)
-            .await?;
-        if let Some(exporter) = export.as_mut() {
-            // The store holds the record; a failed export is an operator problem to fix, not a
-            // reason to undo the action. What a failed write kept from the file is written
-            // with the next record that gets through (or at the next start).
-            if let Err(e) = exporter.append(self.store.as_ref(), &sealed).await {
-                tracing::error!(error = %e, "audit export failed");
+        match outcome.try_recv() {
+            // The writer before wrote this one with its own.
+            Ok(result) => return result,
+            // That writer was dropped mid-write (its caller gave up): what it held may or
+            // may not be durable, so none of it is handed out.
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed) => return Err(lost()),
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
+        }
+        let queued = std::mem::take(&mut *self.lock_queue());
+        let mut all_svids = Vec::new();
+        let mut all_records = Vec::new();
+        for q in &queued {
+            all_svids.extend_from_slice(&q.svids);
+        }
+        let mut counts = Vec::with_capacity(queued.len());
+        let mut waiting = Vec::with_capacity(queued.len());
+        for q in queued {
+            counts.push(q.records.len());
+            all_records.extend(q.records);
+            waiting.push(q.done);
+        }
+        let time = unix_seconds(self.clock.now());
+        let written = if all_svids.is_empty() {
+            self.store.append_audit(all_records, time, &self.key).await
+        } else {
+            self.store
+                .append_issuance(&all_svids, all_records, time, &self.key)
+                .await
+        };
+        match written {
+            Ok(sealed) => {
+                if let Some(exporter) = export.as_mut() {
+                    // The store holds the record; a failed export is an operator problem to
+                    // fix, not a reason to undo the action. What a failed write kept from the
+                    // file is written with the next record that gets through (or at the
+                    // next start).
+                    if let Err(e) = exporter.append(self.store.as_ref(), &sealed).await {
+                        tracing::error!(error = %e, "audit export failed");
+                    }
+                }
+                let mut rest = sealed.into_iter();
+                for (done, n) in waiting.into_iter().zip(counts) {
+                    // A caller that gave up meanwhile has dropped its receiver.
+                    let _ = done.send(Ok(rest.by_ref().take(n).collect()));
+                }
+            }
+            Err(e) => {
+                for done in waiting {
+                    let _ = done.send(Err(AuditError::Store(e.clone())));
+                }
             }
         }
-        Ok(sealed)
+        drop(export);
+        outcome.try_recv().unwrap_or_else(|_| Err(lost()))
+    }
+
+    fn lock_queue(&self) -> std::sync::MutexGuard<'_, Vec<QueuedWrite>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Records an event whose outcome must not depend on the audit store (a refusal that

@@ -695,3 +695,107 @@ async fn the_export_gets_back_what_a_crash_kept_from_it() {
         "{err}"
     );
 }
+
+fn minted(serial: &str) -> IssuedSvid {
+    IssuedSvid {
+        kind: crate::model::revocation::SvidKind::X509,
+        id: serial.into(),
+        spiffe_id: "spiffe://example.org/agent/a".into(),
+        entry_id: None,
+        node_id: None,
+        grant_chain: vec![],
+        task_id: None,
+        authority_id: "ca".into(),
+        expires_at: 1_800_000_000,
+        derived_from: None,
+    }
+}
+
+/// Mints that wait for the writer's turn together are written together: one flush for
+/// all of them, each caller getting back its own records, in its order, on one chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_issuance_writes_share_one_flush() {
+    const CALLERS: usize = 12;
+    let dir = tempfile::tempdir().unwrap();
+    let sled = Arc::new(SledStore::open(&dir.path().join("db")).unwrap());
+    let store: Arc<dyn DataStore> = sled.clone();
+    let audit = Arc::new(Audit::new(store.clone(), clock(), None).unwrap());
+    // Another writer has the turn while every caller queues its write.
+    let turn = audit.export.lock().await;
+    let callers: Vec<_> = (0..CALLERS)
+        .map(|c| {
+            let audit = audit.clone();
+            tokio::spawn(async move {
+                let records = (0..1 + c % 3)
+                    .map(|k| {
+                        AuditRecord::new("x509svid.issue", "spiffe://example.org/node/a")
+                            .field("caller", c)
+                            .field("k", k)
+                    })
+                    .collect();
+                let sealed = audit
+                    .record_issuance(&[minted(&format!("{c:02}"))], records)
+                    .await
+                    .unwrap();
+                (c, sealed)
+            })
+        })
+        .collect();
+    while audit.lock_queue().len() < CALLERS {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let flushes_before = sled.flushes.load(std::sync::atomic::Ordering::SeqCst);
+    drop(turn);
+    let mut seqs = Vec::new();
+    for caller in callers {
+        let (c, sealed) = caller.await.unwrap();
+        assert_eq!(sealed.len(), 1 + c % 3, "caller {c}");
+        for (k, s) in sealed.iter().enumerate() {
+            assert_eq!(s.fields["caller"], serde_json::json!(c));
+            assert_eq!(s.fields["k"], serde_json::json!(k));
+            seqs.push(s.seq);
+        }
+    }
+    assert_eq!(
+        sled.flushes.load(std::sync::atomic::Ordering::SeqCst) - flushes_before,
+        1,
+        "one flush for the group"
+    );
+    seqs.sort_unstable();
+    let total: usize = (0..CALLERS).map(|c| 1 + c % 3).sum();
+    assert_eq!(seqs, (1..=total as u64).collect::<Vec<_>>());
+    assert_eq!(store.list_issued(0).await.unwrap().len(), CALLERS);
+    assert!(audit.verify().await.unwrap().is_intact());
+}
+
+/// A group write that fails fails for every caller in it: none hands out an SVID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_group_write_fails_every_caller_in_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let sled = Arc::new(SledStore::open(&dir.path().join("db")).unwrap());
+    let audit = Arc::new(Audit::new(sled.clone(), clock(), None).unwrap());
+    let turn = audit.export.lock().await;
+    let callers: Vec<_> = (0..3)
+        .map(|c| {
+            let audit = audit.clone();
+            tokio::spawn(async move {
+                audit
+                    .record_issuance(
+                        &[minted(&format!("{c:02}"))],
+                        vec![AuditRecord::new("x509svid.issue", "n")],
+                    )
+                    .await
+            })
+        })
+        .collect();
+    while audit.lock_queue().len() < 3 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    sled.fail_flushes
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    drop(turn);
+    for caller in callers {
+        let err = caller.await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("flush failed"), "{err}");
+    }
+}

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use spiffe::SpiffeId;
 
 use super::{
-    AttestedNode, DataStore, DataStoreError, DelegationOffer, EntryFilter, EntryId, EntryIssuance,
-    EntrySpec, Grant, JoinToken,
+    AttestedNode, DataStore, DataStoreError, DelegationOffer, EntryFilter, EntryId, EntrySpec,
+    Grant, JoinToken,
 };
 use crate::delegation::{Delegation, GrantId, Hop, ScopeSet};
 use crate::model::audit::AuditRecord;
@@ -619,26 +619,66 @@ pub(crate) async fn owners_and_entry_activity(store: Store) {
         )
         .await
         .unwrap();
-    let issuance = |serial: &str, expires_at| EntryIssuance {
-        entry_id: e.id.clone(),
-        kind: "x509",
-        serial: serial.into(),
-        node: "spiffe://example.org/node/1".into(),
+    let key = crate::audit::key::AuditKey::generate();
+    let minted = |serial: &str, expires_at| IssuedSvid {
+        entry_id: Some(e.id.to_string()),
+        node_id: Some(SpiffeId::new("spiffe://example.org/node/1").unwrap()),
         expires_at,
+        ..issued(SvidKind::X509, serial)
     };
-    store
-        .note_issued(vec![issuance("01", 100), issuance("02", 1_000)], 50)
+    // One write: the issuance records and their audit records, durable together.
+    let sealed = store
+        .append_issuance(
+            &[minted("01", 100), minted("02", 1_000)],
+            vec![
+                AuditRecord::new("x509svid.issue", "node").field("serial", "01"),
+                AuditRecord::new("x509svid.issue", "node").field("serial", "02"),
+            ],
+            50,
+            &key,
+        )
         .await
         .unwrap();
+    assert_eq!(sealed.len(), 2);
+    assert_eq!(
+        store.audit_head().await.unwrap().unwrap().seq,
+        sealed[1].seq
+    );
+    assert_eq!(
+        store
+            .list_issued_covered(&[RevocationHandle::Entry(e.id.clone())], 60)
+            .await
+            .unwrap()
+            .len(),
+        2,
+        "what an entry revocation lists"
+    );
     store.note_fetched(vec![e.id.clone()], 60).await.unwrap();
     let activity = store.entry_activity().await.unwrap();
     let a = &activity[&e.id];
     assert_eq!((a.last_issued, a.last_fetched), (Some(50), Some(60)));
     assert_eq!(
-        a.live_at(200).count(),
-        1,
+        a.live_at(200)
+            .map(|l| l.serial.as_str())
+            .collect::<Vec<_>>(),
+        ["02"],
         "the SVID that expired at 100 is not live"
     );
+    assert_eq!(a.live[1].node, "spiffe://example.org/node/1");
+    assert_eq!(a.live[1].kind, "x509");
+    // Records of a later mint move last_issued; pruning every record keeps it.
+    store
+        .append_issuance(&[minted("03", 1_500)], vec![], 70, &key)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.entry_activity().await.unwrap()[&e.id].last_issued,
+        Some(70)
+    );
+    assert_eq!(store.prune_issued(2_000).await.unwrap(), 3);
+    let a = &store.entry_activity().await.unwrap()[&e.id];
+    assert_eq!((a.last_issued, a.last_fetched), (Some(70), Some(60)));
+    assert_eq!(a.live.len(), 0);
 
     assert_eq!(store.get_owner("alice@example.com").await.unwrap(), None);
     let off = store

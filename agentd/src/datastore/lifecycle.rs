@@ -1,17 +1,24 @@
 //! What the server keeps about an entry's use and its owner: when it was last issued and
 //! fetched, which of its SVIDs are still live, and which owners are disabled.
+//!
+//! When an entry was last issued and which of its SVIDs are live derive from the issuance
+//! records (the one write a mint makes, beside its audit records); the activity record
+//! keeps `last_fetched`, and the `last_issued` of records pruned since.
 
-/// An SVID the server issued, as the inventory counts it.
+use std::collections::HashMap;
+
+use super::EntryId;
+
+/// Most live SVIDs listed per entry; the oldest go first.
+pub const MAX_LIVE_PER_ENTRY: usize = 256;
+
+/// What one issuance record says of its entry's activity.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EntryIssuance {
-    pub entry_id: super::EntryId,
-    /// `x509` or `jwt`.
-    pub kind: &'static str,
-    /// Serial (X.509), empty for a JWT-SVID.
-    pub serial: String,
-    /// The node it was issued to.
-    pub node: String,
-    pub expires_at: i64,
+pub struct IssuedForEntry {
+    pub entry_id: String,
+    /// Absent on records written before issuance records carried it.
+    pub issued_at: Option<i64>,
+    pub live: LiveSvid,
 }
 
 /// An SVID that has not expired yet.
@@ -41,6 +48,49 @@ impl EntryActivity {
     pub fn live_at(&self, now: i64) -> impl Iterator<Item = &LiveSvid> {
         self.live.iter().filter(move |s| s.expires_at > now)
     }
+
+    /// Moves `last_issued` forward to `at` (never back).
+    pub fn issued_at(&mut self, at: i64) {
+        self.last_issued = Some(self.last_issued.map_or(at, |t| t.max(at)));
+    }
+}
+
+/// Every entry's activity: `stored` (the activity records) with what the issuance records
+/// say, for the entries `exists` (records outlive a deleted entry until they expire, its
+/// activity does not). The live set of each entry lists each SVID once, at most
+/// [`MAX_LIVE_PER_ENTRY`] of them, the latest to expire last.
+pub fn with_issued(
+    mut stored: HashMap<EntryId, EntryActivity>,
+    issued: Vec<IssuedForEntry>,
+    exists: impl Fn(&str) -> bool,
+) -> HashMap<EntryId, EntryActivity> {
+    for record in issued {
+        let Ok(id) = record.entry_id.parse::<EntryId>() else {
+            continue;
+        };
+        if !stored.contains_key(&id) && !exists(record.entry_id.as_str()) {
+            continue;
+        }
+        let activity = stored.entry(id).or_default();
+        if let Some(at) = record.issued_at {
+            activity.issued_at(at);
+        }
+        activity.live.push(record.live);
+    }
+    for activity in stored.values_mut() {
+        // Activity records written before kept their own live set: one listing per SVID.
+        activity.live.sort_by(|a, b| {
+            (a.expires_at, &a.kind, &a.serial).cmp(&(b.expires_at, &b.kind, &b.serial))
+        });
+        activity
+            .live
+            .dedup_by(|a, b| a.kind == b.kind && a.serial == b.serial);
+        if activity.live.len() > MAX_LIVE_PER_ENTRY {
+            let extra = activity.live.len() - MAX_LIVE_PER_ENTRY;
+            activity.live.drain(..extra);
+        }
+    }
+    stored
 }
 
 /// An owner's state. Owners that were never disabled have no record.

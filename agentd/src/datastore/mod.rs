@@ -20,7 +20,7 @@ pub use model::{DelegationOffer, Grant, ServerAuthorities};
 pub use pg_store::PgStore;
 pub use sled_store::SledStore;
 
-pub use lifecycle::{EntryActivity, EntryIssuance, LiveSvid, OwnerState};
+pub use lifecycle::{EntryActivity, IssuedForEntry, LiveSvid, OwnerState};
 
 use std::collections::HashMap;
 
@@ -34,7 +34,8 @@ use crate::model::federation::{FederatedBundle, FederationRelationship};
 
 use crate::model::revocation::{IssuedSvid, RevocationEvent, RevocationHandle};
 
-#[derive(Debug, thiserror::Error)]
+/// Clone: one failed group write of audit records is every waiting caller's error.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum DataStoreError {
     #[error("entry {id} not found")]
     EntryNotFound { id: String },
@@ -154,6 +155,19 @@ pub trait DataStore: Send + Sync + Debug + 'static {
         time: i64,
         signer: &dyn ChainSigner,
     ) -> Result<Vec<SealedAuditRecord>>;
+    /// A mint's one write: the issuance records of `svids` (issued at `time`: what
+    /// revocation handles resolve to, and what their entries' live sets and `last_issued`
+    /// derive from) and `records` sealed onto the audit chain as [`Self::append_audit`]
+    /// does, durable together when this returns. Issuance records go first, so a failure
+    /// leaves at most records of SVIDs never handed out, never an audit record without
+    /// its issuance record.
+    async fn append_issuance(
+        &self,
+        svids: &[IssuedSvid],
+        records: Vec<AuditRecord>,
+        time: i64,
+        signer: &dyn ChainSigner,
+    ) -> Result<Vec<SealedAuditRecord>>;
     /// Up to `limit` records with a sequence number above `after_seq`, in order, unparsed.
     async fn audit_records(&self, after_seq: u64, limit: usize) -> Result<Vec<StoredAuditRecord>>;
     /// The checkpointed head; `None` before the first record.
@@ -164,14 +178,10 @@ pub trait DataStore: Send + Sync + Debug + 'static {
     async fn claim_audit_key_id(&self, key_id: &str) -> Result<String>;
 
     // Entry activity and owners (ownership and lifecycle).
-    /// Sets `last_issued` and adds the SVIDs to the live set of their entries. Activity is
-    /// statistics on the minting path: like `record_issued`, it is not flushed before it
-    /// returns (the backend makes it durable within a second); the audit log is the durable
-    /// record of each issuance.
-    async fn note_issued(&self, issued: Vec<EntryIssuance>, now: i64) -> Result<()>;
     /// Sets `last_fetched` of the entries (not flushed either).
     async fn note_fetched(&self, entries: Vec<EntryId>, now: i64) -> Result<()>;
-    /// Activity of every entry that has any.
+    /// Activity of every entry that has any: the activity records with what the issuance
+    /// records of each existing entry say (`lifecycle::with_issued`).
     async fn entry_activity(&self) -> Result<HashMap<EntryId, EntryActivity>>;
     async fn set_owner_disabled(&self, owner: &str, disabled: bool, now: i64)
         -> Result<OwnerState>;

@@ -35,7 +35,7 @@ use super::revocation_records::{
 };
 use super::{
     AttestedNode, DataStore, DataStoreError, DelegationOffer, Entry, EntryActivity, EntryFilter,
-    EntryId, EntryIssuance, EntrySpec, Grant, JoinToken, OwnerState, Result, ServerAuthorities,
+    EntryId, EntrySpec, Grant, JoinToken, OwnerState, Result, ServerAuthorities,
 };
 use crate::delegation::GrantId;
 use crate::model::audit::{
@@ -505,6 +505,100 @@ impl PgStore {
         .map_err(pg)?;
         tx.commit().await.map_err(pg)
     }
+}
+
+/// The issuance records of `svids` (with `issued_at` for workload mints) and their handle
+/// index rows, in `tx`.
+async fn insert_issued(
+    tx: &deadpool_postgres::Transaction<'_>,
+    svids: &[IssuedSvid],
+    issued_at: Option<i64>,
+) -> Result<()> {
+    if svids.is_empty() {
+        return Ok(());
+    }
+    // Two statements for the batch; one row per key (the last record of a key given
+    // twice), since one statement may not update a row twice.
+    let mut rows = std::collections::BTreeMap::new();
+    let mut handles = Vec::new();
+    let mut handle_keys = Vec::new();
+    for svid in svids {
+        let key = issued_key(svid.kind, &svid.id);
+        let key_text = text(key.clone())?;
+        let record = match issued_at {
+            Some(at) => IssuedRecord::issued_at(svid, at),
+            None => IssuedRecord::from_issued(svid),
+        };
+        let record = text(encode(&record)?)?;
+        for index_key in issued_index_keys(svid, &key) {
+            handles.push(index_key[..index_key.len() - key.len()].to_vec());
+            handle_keys.push(key_text.clone());
+        }
+        rows.insert(key_text, (svid.expires_at, record));
+    }
+    let mut keys = Vec::with_capacity(rows.len());
+    let mut expiries = Vec::with_capacity(rows.len());
+    let mut records = Vec::with_capacity(rows.len());
+    for (key, (expires_at, record)) in rows {
+        keys.push(key);
+        expiries.push(expires_at);
+        records.push(record);
+    }
+    tx.execute(
+        "INSERT INTO issued (key, expires_at, record)
+             SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[])
+             ON CONFLICT (key) DO UPDATE SET expires_at = EXCLUDED.expires_at,
+             record = EXCLUDED.record",
+        &[&keys, &expiries, &records],
+    )
+    .await
+    .map_err(pg)?;
+    tx.execute(
+        "INSERT INTO issued_by_handle (handle, key)
+             SELECT * FROM unnest($1::bytea[], $2::text[]) ON CONFLICT DO NOTHING",
+        &[&handles, &handle_keys],
+    )
+    .await
+    .map_err(pg)?;
+    Ok(())
+}
+
+/// Seals `records` after the audit head and stores them with the new head, in `tx`.
+async fn seal_audit(
+    tx: &deadpool_postgres::Transaction<'_>,
+    records: &[AuditRecord],
+    time: i64,
+    signer: &dyn ChainSigner,
+) -> Result<Vec<SealedAuditRecord>> {
+    // The head row's lock orders appends from every server: one chain.
+    let row = tx
+        .query_one(
+            "SELECT record FROM log_heads WHERE name = 'audit' FOR UPDATE",
+            &[],
+        )
+        .await
+        .map_err(pg)?;
+    let head: Option<AuditHead> = match row.get::<_, Option<String>>(0) {
+        None => None,
+        Some(r) => Some(decode(b"audit head", r.as_bytes())?),
+    };
+    let (sealed, head) = crate::model::audit::seal_after(head.as_ref(), records, time, signer);
+    // One statement for the batch.
+    let seqs: Vec<i64> = sealed.iter().map(|s| int(s.seq)).collect();
+    let bodies = sealed.iter().map(encode).collect::<Result<Vec<_>>>()?;
+    tx.execute(
+        "INSERT INTO audit (seq, body) SELECT * FROM unnest($1::bigint[], $2::bytea[])",
+        &[&seqs, &bodies],
+    )
+    .await
+    .map_err(pg)?;
+    tx.execute(
+        "UPDATE log_heads SET sequence = $1, record = $2 WHERE name = 'audit'",
+        &[&int(head.seq), &text(encode(&head)?)?],
+    )
+    .await
+    .map_err(pg)?;
+    Ok(sealed)
 }
 
 fn decode_entry(id: &str, record: &str) -> Result<Entry> {
@@ -1052,47 +1146,9 @@ impl DataStore for PgStore {
         if svids.is_empty() {
             return Ok(());
         }
-        // Two statements for the batch; one row per key (the last record of a key given
-        // twice), since one statement may not update a row twice.
-        let mut rows = std::collections::BTreeMap::new();
-        let mut handles = Vec::new();
-        let mut handle_keys = Vec::new();
-        for svid in svids {
-            let key = issued_key(svid.kind, &svid.id);
-            let key_text = text(key.clone())?;
-            let record = text(encode(&IssuedRecord::from_issued(svid))?)?;
-            for index_key in issued_index_keys(svid, &key) {
-                handles.push(index_key[..index_key.len() - key.len()].to_vec());
-                handle_keys.push(key_text.clone());
-            }
-            rows.insert(key_text, (svid.expires_at, record));
-        }
-        let mut keys = Vec::with_capacity(rows.len());
-        let mut expiries = Vec::with_capacity(rows.len());
-        let mut records = Vec::with_capacity(rows.len());
-        for (key, (expires_at, record)) in rows {
-            keys.push(key);
-            expiries.push(expires_at);
-            records.push(record);
-        }
         let mut conn = self.client().await?;
         let tx = conn.transaction().await.map_err(pg)?;
-        tx.execute(
-            "INSERT INTO issued (key, expires_at, record)
-             SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[])
-             ON CONFLICT (key) DO UPDATE SET expires_at = EXCLUDED.expires_at,
-             record = EXCLUDED.record",
-            &[&keys, &expiries, &records],
-        )
-        .await
-        .map_err(pg)?;
-        tx.execute(
-            "INSERT INTO issued_by_handle (handle, key)
-             SELECT * FROM unnest($1::bytea[], $2::text[]) ON CONFLICT DO NOTHING",
-            &[&handles, &handle_keys],
-        )
-        .await
-        .map_err(pg)?;
+        insert_issued(&tx, svids, None).await?;
         tx.commit().await.map_err(pg)
     }
 
@@ -1145,6 +1201,43 @@ impl DataStore for PgStore {
     }
 
     async fn prune_issued(&self, now: i64) -> Result<usize> {
+        // What `last_issued` derived from the records that go stays in the activity
+        // records, written first: a crash in between keeps both, never neither.
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT key, record FROM issued WHERE expires_at <= $1",
+                &[&now],
+            )
+            .await
+            .map_err(pg)?;
+        let mut last_issued = std::collections::BTreeMap::<String, i64>::new();
+        for row in &rows {
+            let key: &str = row.get(0);
+            let record: &str = row.get(1);
+            // An unreadable record still goes; it leaves nothing behind.
+            let Ok(record) = decode::<IssuedRecord>(key.as_bytes(), record.as_bytes()) else {
+                continue;
+            };
+            if let Some((entry, at)) = record
+                .activity()
+                .and_then(|a| Some((a.entry_id, a.issued_at?)))
+            {
+                let t = last_issued.entry(entry).or_insert(at);
+                *t = (*t).max(at);
+            }
+        }
+        if !last_issued.is_empty() {
+            let updates = last_issued
+                .into_iter()
+                .map(|(id, at)| {
+                    let update: ActivityUpdate = Box::new(move |r| r.note_issued_at(at));
+                    (id, update)
+                })
+                .collect();
+            self.note_activity(updates).await?;
+        }
         // The index rows go with their records (ON DELETE CASCADE).
         let n = self
             .client()
@@ -1270,34 +1363,25 @@ impl DataStore for PgStore {
     ) -> Result<Vec<SealedAuditRecord>> {
         let mut conn = self.client().await?;
         let tx = conn.transaction().await.map_err(pg)?;
-        // The head row's lock orders appends from every server: one chain.
-        let row = tx
-            .query_one(
-                "SELECT record FROM log_heads WHERE name = 'audit' FOR UPDATE",
-                &[],
-            )
-            .await
-            .map_err(pg)?;
-        let head: Option<AuditHead> = match row.get::<_, Option<String>>(0) {
-            None => None,
-            Some(r) => Some(decode(b"audit head", r.as_bytes())?),
-        };
-        let (sealed, head) = crate::model::audit::seal_after(head.as_ref(), &records, time, signer);
-        // One statement for the batch.
-        let seqs: Vec<i64> = sealed.iter().map(|s| int(s.seq)).collect();
-        let bodies = sealed.iter().map(encode).collect::<Result<Vec<_>>>()?;
-        tx.execute(
-            "INSERT INTO audit (seq, body) SELECT * FROM unnest($1::bigint[], $2::bytea[])",
-            &[&seqs, &bodies],
-        )
-        .await
-        .map_err(pg)?;
-        tx.execute(
-            "UPDATE log_heads SET sequence = $1, record = $2 WHERE name = 'audit'",
-            &[&int(head.seq), &text(encode(&head)?)?],
-        )
-        .await
-        .map_err(pg)?;
+        let sealed = seal_audit(&tx, &records, time, signer).await?;
+        tx.commit().await.map_err(pg)?;
+        Ok(sealed)
+    }
+
+    async fn append_issuance(
+        &self,
+        svids: &[IssuedSvid],
+        records: Vec<AuditRecord>,
+        time: i64,
+        signer: &dyn ChainSigner,
+    ) -> Result<Vec<SealedAuditRecord>> {
+        // One transaction, so one commit (one WAL flush) for the mint. The issuance rows
+        // lock nothing another mint waits for; the audit head is locked last, and held
+        // only until the commit.
+        let mut conn = self.client().await?;
+        let tx = conn.transaction().await.map_err(pg)?;
+        insert_issued(&tx, svids, Some(time)).await?;
+        let sealed = seal_audit(&tx, &records, time, signer).await?;
         tx.commit().await.map_err(pg)?;
         Ok(sealed)
     }
@@ -1362,22 +1446,6 @@ impl DataStore for PgStore {
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
-    async fn note_issued(&self, issued: Vec<EntryIssuance>, now: i64) -> Result<()> {
-        let mut by_entry: std::collections::BTreeMap<String, Vec<EntryIssuance>> =
-            Default::default();
-        for s in issued {
-            by_entry.entry(s.entry_id.to_string()).or_default().push(s);
-        }
-        let updates = by_entry
-            .into_iter()
-            .map(|(id, svids)| {
-                let update: ActivityUpdate = Box::new(move |r| r.note_issued(svids, now));
-                (id, update)
-            })
-            .collect();
-        self.note_activity(updates).await
-    }
-
     async fn note_fetched(&self, entries: Vec<EntryId>, now: i64) -> Result<()> {
         let updates = entries
             .into_iter()
@@ -1390,13 +1458,30 @@ impl DataStore for PgStore {
     }
 
     async fn entry_activity(&self) -> Result<std::collections::HashMap<EntryId, EntryActivity>> {
-        let rows = self
-            .client()
-            .await?
+        let client = self.client().await?;
+        let rows = client
             .query("SELECT entry_id, record FROM entry_activity", &[])
             .await
             .map_err(pg)?;
-        rows.iter()
+        // The issuance records of entries that exist (records outlive a deleted entry).
+        let issued = client
+            .query(
+                "SELECT i.key, i.record FROM issued i
+                 JOIN entries e ON e.id = i.record::jsonb->>'entry_id'",
+                &[],
+            )
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(|r| {
+                let key: &str = r.get(0);
+                let record: &str = r.get(1);
+                Ok(decode::<IssuedRecord>(key.as_bytes(), record.as_bytes())?.activity())
+            })
+            .filter_map(Result::transpose)
+            .collect::<Result<Vec<_>>>()?;
+        let stored = rows
+            .iter()
             .map(|r| {
                 let id: &str = r.get(0);
                 let record: &str = r.get(1);
@@ -1408,7 +1493,8 @@ impl DataStore for PgStore {
                     decode::<ActivityRecord>(id.as_bytes(), record.as_bytes())?.into_activity(),
                 ))
             })
-            .collect()
+            .collect::<Result<_>>()?;
+        Ok(super::lifecycle::with_issued(stored, issued, |_| true))
     }
 
     async fn set_owner_disabled(

@@ -192,7 +192,9 @@ pub(super) struct JoinTokenRecord {
 pub(super) struct ActivityRecord {
     pub(super) last_issued: Option<i64>,
     pub(super) last_fetched: Option<i64>,
-    #[serde(default)]
+    /// The live set records written before kept here; new ones derive it from the
+    /// issuance records, and keep it empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(super) live: Vec<LiveSvidRecord>,
 }
 
@@ -204,25 +206,10 @@ pub(super) struct LiveSvidRecord {
     pub(super) expires_at: i64,
 }
 
-/// Most live SVIDs remembered per entry; the oldest go first.
-pub(super) const MAX_LIVE_PER_ENTRY: usize = 256;
-
 impl ActivityRecord {
-    /// Notes SVIDs issued at `now`: `last_issued`, and the live set (expired ones dropped,
-    /// at most [`MAX_LIVE_PER_ENTRY`], the oldest going first).
-    pub(super) fn note_issued(&mut self, svids: Vec<super::EntryIssuance>, now: i64) {
-        self.last_issued = Some(now);
-        self.live.retain(|l| l.expires_at > now);
-        self.live.extend(svids.into_iter().map(|s| LiveSvidRecord {
-            kind: s.kind.to_string(),
-            serial: s.serial,
-            node: s.node,
-            expires_at: s.expires_at,
-        }));
-        if self.live.len() > MAX_LIVE_PER_ENTRY {
-            let extra = self.live.len() - MAX_LIVE_PER_ENTRY;
-            self.live.drain(..extra);
-        }
+    /// Moves `last_issued` forward to `at`: what a pruned issuance record leaves behind.
+    pub(super) fn note_issued_at(&mut self, at: i64) {
+        self.last_issued = Some(self.last_issued.map_or(at, |t| t.max(at)));
     }
 
     /// Notes a fetch at `now` (never moving `last_fetched` back).
@@ -230,20 +217,13 @@ impl ActivityRecord {
         self.last_fetched = Some(self.last_fetched.map_or(now, |t| t.max(now)));
     }
 
+    /// The stored part of `a`: its live set derives from the issuance records (copied on
+    /// their own), so it is not kept here.
     pub(super) fn from_activity(a: &EntryActivity) -> Self {
         Self {
             last_issued: a.last_issued,
             last_fetched: a.last_fetched,
-            live: a
-                .live
-                .iter()
-                .map(|l| LiveSvidRecord {
-                    kind: l.kind.clone(),
-                    serial: l.serial.clone(),
-                    node: l.node.clone(),
-                    expires_at: l.expires_at,
-                })
-                .collect(),
+            live: Vec::new(),
         }
     }
 

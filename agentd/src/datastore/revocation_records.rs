@@ -40,6 +40,11 @@ pub struct IssuedRecord {
     derived_from_jti: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     derived_from_key_id: Option<String>,
+    /// When a workload SVID or token was issued (Unix seconds): its entry's live set and
+    /// `last_issued` derive from these records, so a mint writes nothing else about them.
+    /// Absent on node SVIDs and on records written before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    issued_at: Option<i64>,
 }
 
 impl IssuedRecord {
@@ -56,7 +61,32 @@ impl IssuedRecord {
             expires_at: s.expires_at,
             derived_from_jti: s.derived_from.as_ref().map(|d| d.jti.clone()),
             derived_from_key_id: s.derived_from.as_ref().map(|d| d.key_id.clone()),
+            issued_at: None,
         }
+    }
+
+    /// The record of `s`, issued at `issued_at`.
+    pub fn issued_at(s: &IssuedSvid, issued_at: i64) -> Self {
+        Self {
+            issued_at: Some(issued_at),
+            ..Self::from_issued(s)
+        }
+    }
+
+    /// What this record says of its entry's activity: the entry, when it was issued and the
+    /// live SVID it is; `None` for a record of no entry (a node SVID).
+    pub fn activity(&self) -> Option<super::lifecycle::IssuedForEntry> {
+        let entry_id = self.entry_id.as_ref()?;
+        Some(super::lifecycle::IssuedForEntry {
+            entry_id: entry_id.clone(),
+            issued_at: self.issued_at,
+            live: super::lifecycle::LiveSvid {
+                kind: self.kind.clone(),
+                serial: self.id.clone(),
+                node: self.node_id.clone().unwrap_or_default(),
+                expires_at: self.expires_at,
+            },
+        })
     }
 
     pub fn expires_at(&self) -> i64 {

@@ -27,7 +27,7 @@ use super::{
     Result,
 };
 use super::{DelegationOffer, Grant, ServerAuthorities};
-use super::{EntryActivity, EntryIssuance, OwnerState};
+use super::{EntryActivity, OwnerState};
 use crate::delegation::GrantId;
 use crate::model::audit::{
     AuditHead, AuditRecord, ChainSigner, SealedAuditRecord, StoredAuditRecord,
@@ -132,6 +132,9 @@ pub struct SledStore {
     /// Tests: make every flush fail (after its transaction committed), as a full disk would.
     #[cfg(test)]
     pub(crate) fail_flushes: std::sync::atomic::AtomicBool,
+    /// Tests: flushes so far (how many durable writes a group of mints took).
+    #[cfg(test)]
+    pub(crate) flushes: std::sync::atomic::AtomicUsize,
     seen_tokens: std::sync::Arc<super::seen_tokens::SledSeenTokens>,
 }
 
@@ -194,6 +197,8 @@ impl SledStore {
             activity_writes: Mutex::new(()),
             #[cfg(test)]
             fail_flushes: Default::default(),
+            #[cfg(test)]
+            flushes: Default::default(),
         };
         store.ensure_entry_indexes()?;
         store.ensure_grant_index()?;
@@ -340,10 +345,66 @@ impl SledStore {
             .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
+    /// Issuance records of `svids` (with `issued_at` for workload mints), not flushed.
+    fn write_issued(&self, svids: &[IssuedSvid], issued_at: Option<i64>) -> Result<()> {
+        let mut records = sled::Batch::default();
+        let mut index = sled::Batch::default();
+        for svid in svids {
+            let key = issued_key(svid.kind, &svid.id);
+            for index_key in issued_index_keys(svid, &key) {
+                index.insert(index_key, &[]);
+            }
+            let record = match issued_at {
+                Some(at) => IssuedRecord::issued_at(svid, at),
+                None => IssuedRecord::from_issued(svid),
+            };
+            records.insert(key, encode(&record)?);
+        }
+        // The index first: a crash between the two leaves keys naming no record, which
+        // lookups skip, never a record no handle finds.
+        self.issued_by_handle.apply_batch(index).map_err(backend)?;
+        self.issued.apply_batch(records).map_err(backend)
+    }
+
+    /// Seals `records` after the audit head and stores them with the new head in one
+    /// transaction, not flushed; the caller holds `audit_writes`.
+    fn seal_audit(
+        &self,
+        records: &[AuditRecord],
+        time: i64,
+        signer: &dyn ChainSigner,
+    ) -> Result<Vec<SealedAuditRecord>> {
+        use sled::transaction::{ConflictableTransactionError, TransactionError};
+        use sled::Transactional as _;
+        (&self.audit, &self.audit_meta)
+            .transaction(|(log, meta)| {
+                let abort = ConflictableTransactionError::Abort;
+                let head: Option<AuditHead> = match meta.get(AUDIT_HEAD_KEY)? {
+                    None => None,
+                    Some(v) => Some(decode(AUDIT_HEAD_KEY, &v).map_err(abort)?),
+                };
+                let (sealed, head) =
+                    crate::model::audit::seal_after(head.as_ref(), records, time, signer);
+                for s in &sealed {
+                    log.insert(audit_key(s.seq).to_vec(), encode(s).map_err(abort)?)?;
+                }
+                meta.insert(AUDIT_HEAD_KEY, encode(&head).map_err(abort)?)?;
+                Ok(sealed)
+            })
+            .map_err(|e| match e {
+                TransactionError::Abort(e) => e,
+                TransactionError::Storage(e) => backend(e),
+            })
+    }
+
     async fn flush(&self) -> Result<()> {
         #[cfg(test)]
-        if self.fail_flushes.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(backend("flush failed (injected by a test)"));
+        {
+            self.flushes
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if self.fail_flushes.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(backend("flush failed (injected by a test)"));
+            }
         }
         self.db.flush_async().await.map_err(backend)?;
         Ok(())
@@ -690,19 +751,7 @@ impl DataStore for SledStore {
     }
 
     async fn record_issued(&self, svids: &[IssuedSvid]) -> Result<()> {
-        let mut records = sled::Batch::default();
-        let mut index = sled::Batch::default();
-        for svid in svids {
-            let key = issued_key(svid.kind, &svid.id);
-            for index_key in issued_index_keys(svid, &key) {
-                index.insert(index_key, &[]);
-            }
-            records.insert(key, encode(&IssuedRecord::from_issued(svid))?);
-        }
-        // The index first: a crash between the two leaves keys naming no record, which
-        // lookups skip, never a record no handle finds.
-        self.issued_by_handle.apply_batch(index).map_err(backend)?;
-        self.issued.apply_batch(records).map_err(backend)
+        self.write_issued(svids, None)
     }
 
     async fn list_issued(&self, now: i64) -> Result<Vec<IssuedSvid>> {
@@ -759,6 +808,9 @@ impl DataStore for SledStore {
             if record.expires_at() > now {
                 return Ok(None);
             }
+            let issued = record
+                .activity()
+                .and_then(|a| Some((a.entry_id, a.issued_at?)));
             // A record whose other fields do not parse still goes; its index keys, if it
             // had any, are dropped at the next open.
             let index_keys = match record.into_issued(k) {
@@ -768,13 +820,36 @@ impl DataStore for SledStore {
                     Vec::new()
                 }
             };
-            Ok(Some((k.to_vec(), index_keys)))
+            Ok(Some((k.to_vec(), index_keys, issued)))
         })
         .await?;
+        // What `last_issued` derived from these records stays in the activity record.
+        let mut last_issued = std::collections::BTreeMap::<&str, i64>::new();
+        for (_, _, issued) in &expired {
+            if let Some((entry, at)) = issued {
+                let t = last_issued.entry(entry.as_str()).or_insert(*at);
+                *t = (*t).max(*at);
+            }
+        }
+        if !last_issued.is_empty() {
+            let _guard = self.activity_writes.lock().await;
+            let mut batch = sled::Batch::default();
+            for (id, at) in last_issued {
+                if !self.entries.contains_key(id).map_err(backend)? {
+                    continue;
+                }
+                let mut rec = self.activity_record(id)?;
+                rec.note_issued_at(at);
+                batch.insert(id.as_bytes(), encode(&rec)?);
+            }
+            self.entry_activity.apply_batch(batch).map_err(backend)?;
+            // Before the records go: a crash in between keeps both, never neither.
+            self.flush().await?;
+        }
         // Records first, then their index keys (see ISSUED_BY_HANDLE).
         let mut records = sled::Batch::default();
         let mut index = sled::Batch::default();
-        for (k, index_keys) in &expired {
+        for (k, index_keys, _) in &expired {
             records.remove(k.as_slice());
             for key in index_keys {
                 index.remove(key.as_slice());
@@ -872,28 +947,28 @@ impl DataStore for SledStore {
         time: i64,
         signer: &dyn ChainSigner,
     ) -> Result<Vec<SealedAuditRecord>> {
-        use sled::transaction::{ConflictableTransactionError, TransactionError};
-        use sled::Transactional as _;
-        let _guard = self.audit_writes.lock().await;
-        let sealed = (&self.audit, &self.audit_meta)
-            .transaction(|(log, meta)| {
-                let abort = ConflictableTransactionError::Abort;
-                let head: Option<AuditHead> = match meta.get(AUDIT_HEAD_KEY)? {
-                    None => None,
-                    Some(v) => Some(decode(AUDIT_HEAD_KEY, &v).map_err(abort)?),
-                };
-                let (sealed, head) =
-                    crate::model::audit::seal_after(head.as_ref(), &records, time, signer);
-                for s in &sealed {
-                    log.insert(audit_key(s.seq).to_vec(), encode(s).map_err(abort)?)?;
-                }
-                meta.insert(AUDIT_HEAD_KEY, encode(&head).map_err(abort)?)?;
-                Ok(sealed)
-            })
-            .map_err(|e| match e {
-                TransactionError::Abort(e) => e,
-                TransactionError::Storage(e) => backend(e),
-            })?;
+        let sealed = {
+            let _guard = self.audit_writes.lock().await;
+            self.seal_audit(&records, time, signer)?
+        };
+        self.flush().await?;
+        Ok(sealed)
+    }
+
+    async fn append_issuance(
+        &self,
+        svids: &[IssuedSvid],
+        records: Vec<AuditRecord>,
+        time: i64,
+        signer: &dyn ChainSigner,
+    ) -> Result<Vec<SealedAuditRecord>> {
+        self.write_issued(svids, Some(time))?;
+        let sealed = {
+            let _guard = self.audit_writes.lock().await;
+            self.seal_audit(&records, time, signer)?
+        };
+        // One flush makes both durable (sled's log is one for every tree); concurrent
+        // mints that sealed meanwhile share it.
         self.flush().await?;
         Ok(sealed)
     }
@@ -942,30 +1017,6 @@ impl DataStore for SledStore {
         self.seen_tokens.list().map_err(backend)
     }
 
-    async fn note_issued(&self, issued: Vec<EntryIssuance>, now: i64) -> Result<()> {
-        if issued.is_empty() {
-            return Ok(());
-        }
-        let _guard = self.activity_writes.lock().await;
-        let mut by_entry: std::collections::BTreeMap<String, Vec<EntryIssuance>> =
-            Default::default();
-        for s in issued {
-            by_entry.entry(s.entry_id.to_string()).or_default().push(s);
-        }
-        let mut batch = sled::Batch::default();
-        for (id, svids) in by_entry {
-            // An entry deleted meanwhile keeps no activity.
-            if !self.entries.contains_key(&id).map_err(backend)? {
-                continue;
-            }
-            let mut rec = self.activity_record(&id)?;
-            rec.note_issued(svids, now);
-            batch.insert(id.as_bytes(), encode(&rec)?);
-        }
-        // Statistics, on the minting and sync paths: not flushed here (see the trait).
-        self.entry_activity.apply_batch(batch).map_err(backend)
-    }
-
     async fn note_fetched(&self, entries: Vec<EntryId>, now: i64) -> Result<()> {
         if entries.is_empty() {
             return Ok(());
@@ -993,7 +1044,16 @@ impl DataStore for SledStore {
             Ok(Some((id, decode::<ActivityRecord>(k, v)?.into_activity())))
         })
         .await?;
-        Ok(pairs.into_iter().collect())
+        let issued = scan_tree(&self.issued, |k, v| {
+            Ok(decode::<IssuedRecord>(k, v)?.activity())
+        })
+        .await?;
+        let entries = self.entries.clone();
+        Ok(super::lifecycle::with_issued(
+            pairs.into_iter().collect(),
+            issued,
+            |id| entries.contains_key(id).unwrap_or(false),
+        ))
     }
 
     async fn set_owner_disabled(

@@ -1,12 +1,14 @@
 //! Issuance bookkeeping shared by every mint path: the record each issued SVID leaves (what
 //! revocation handles resolve to), its audit record, and the entry activity statistics.
-//! Signing itself is the CA's; the order is sign, then [`record_issued`], then audit, then
-//! [`note_issued`]: nothing is handed out that is not on record first.
+//! Signing itself is the CA's; then a workload mint's issuance records and audit records go
+//! in one durable write (`Audit::record_issuance`), which the entry's activity (its live
+//! SVIDs, `last_issued`) derives from: nothing is handed out that is not on record first.
+//! Node SVIDs and delegation tokens are recorded with [`record_issued`].
 
 use crate::audit::{Actor, AuditRecord};
 use crate::ca::IssuedX509Svid;
 use crate::clock::unix_seconds;
-use crate::datastore::{AttestedNode, DataStore, DataStoreError, Entry, EntryIssuance, Grant};
+use crate::datastore::{AttestedNode, DataStore, DataStoreError, Entry, Grant};
 use crate::revocation::{IssuedSvid, SvidKind};
 
 /// The grant ids of every hop (root first) and the task of a delegated SVID; empty for a
@@ -95,13 +97,6 @@ pub async fn record_issued(
         return Ok(());
     }
     store.record_issued(svids).await
-}
-
-/// Records `last_issued` and the live SVIDs; a failure costs only the statistics.
-pub async fn note_issued(store: &dyn DataStore, issued: Vec<EntryIssuance>, now: i64) {
-    if let Err(e) = store.note_issued(issued, now).await {
-        tracing::warn!(error = %e, "recording entry issuance failed");
-    }
 }
 
 /// The fields every issuance record carries.

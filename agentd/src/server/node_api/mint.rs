@@ -11,7 +11,7 @@ use super::{NodeApi, NodeApiError};
 use crate::audit::{Actor, AuditRecord};
 use crate::ca::{IssuedX509Svid, JwtSvidParams, X509SvidParams};
 use crate::clock::unix_seconds;
-use crate::datastore::{AttestedNode, Entry, EntryId, EntryIssuance};
+use crate::datastore::{AttestedNode, Entry, EntryId};
 use crate::revocation::RevocationHandle;
 use crate::server::issuance;
 use crate::telemetry::SvidKind as MintedKind;
@@ -192,7 +192,6 @@ impl NodeApi {
         }
         let mut results = Vec::with_capacity(params.len());
         let mut records = Vec::new();
-        let mut issued = Vec::new();
         let mut revocable = Vec::new();
         for p in params {
             let result: Result<pb::mint_result::Result, NodeApiError> = async {
@@ -219,13 +218,6 @@ impl NodeApi {
                         .field("grant_chain", &grant_chain)
                         .field("task", &task_id),
                 );
-                issued.push(EntryIssuance {
-                    entry_id: entry.id.clone(),
-                    kind: "x509",
-                    serial: svid.serial.clone(),
-                    node: node.spiffe_id.to_string(),
-                    expires_at,
-                });
                 revocable.push(issuance::x509_svid_record(
                     &svid, &entry, &node, grant_chain, task_id,
                 ));
@@ -238,23 +230,15 @@ impl NodeApi {
                 ),
             });
         }
-        // Every SVID handed out is on record first (audit, and what revocation resolves):
-        // if a record cannot be written, none is handed out (the node agent asks again).
-        issuance::record_issued(self.state.store.as_ref(), &revocable)
+        // Every SVID handed out is on record first, in one durable write with its audit
+        // record (what revocation handles resolve to, and what entry activity derives from):
+        // if it cannot be written, none is handed out (the node agent asks again).
+        self.state
+            .audit
+            .record_issuance(&revocable, records)
             .await
             .map_err(NodeApiError::from)?;
         drop(issuing);
-        self.state
-            .audit
-            .record_all(records)
-            .await
-            .map_err(NodeApiError::from)?;
-        issuance::note_issued(
-            self.state.store.as_ref(),
-            issued,
-            unix_seconds(self.state.clock.now()),
-        )
-        .await;
         Ok(Response::new(pb::MintX509SvidsResponse { results }))
     }
 
@@ -303,50 +287,34 @@ impl NodeApi {
             (jwt, Some(grant))
         };
         let (grant_chain, task_id) = issuance::grant_lineage(grant.as_ref());
-        issuance::record_issued(
-            self.state.store.as_ref(),
-            &[issuance::jwt_svid_record(
-                &jwt,
-                &entry,
-                &node,
-                grant_chain.clone(),
-                task_id.clone(),
-            )],
-        )
-        .await
-        .map_err(NodeApiError::from)?;
-        drop(issuing);
         self.state
             .metrics
             .svid_minted(MintedKind::Jwt, started.elapsed());
         tracing::debug!(spiffe_id = %entry.spec.spiffe_id, entry = %entry.id, "JWT-SVID issued");
         let expires_at = unix_seconds(jwt.expires_at);
         // The token's id, not the token: the log must not hold a usable credential.
-        let jti = jwt.jti.clone();
         self.state
             .audit
-            .record(
-                issuance::audit_record("jwtsvid.issue", &node, &entry, expires_at)
-                    .field("jti", &jti)
-                    .field("audience", &req.audience)
-                    .field("ttl", entry.spec.jwt_svid_ttl.as_secs())
-                    .field("grant_chain", &grant_chain)
-                    .field("task", &task_id),
+            .record_issuance(
+                &[issuance::jwt_svid_record(
+                    &jwt,
+                    &entry,
+                    &node,
+                    grant_chain.clone(),
+                    task_id.clone(),
+                )],
+                vec![
+                    issuance::audit_record("jwtsvid.issue", &node, &entry, expires_at)
+                        .field("jti", &jwt.jti)
+                        .field("audience", &req.audience)
+                        .field("ttl", entry.spec.jwt_svid_ttl.as_secs())
+                        .field("grant_chain", &grant_chain)
+                        .field("task", &task_id),
+                ],
             )
             .await
             .map_err(NodeApiError::from)?;
-        issuance::note_issued(
-            self.state.store.as_ref(),
-            vec![EntryIssuance {
-                entry_id: entry.id.clone(),
-                kind: "jwt",
-                serial: jti,
-                node: node.spiffe_id.to_string(),
-                expires_at,
-            }],
-            unix_seconds(self.state.clock.now()),
-        )
-        .await;
+        drop(issuing);
         Ok(Response::new(pb::MintJwtSvidResponse {
             token: jwt.token,
             expires_at: unix_seconds(jwt.expires_at),

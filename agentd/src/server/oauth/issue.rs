@@ -22,7 +22,7 @@ use super::form::Form;
 use super::OAuthError;
 use crate::audit::{Actor, AuditRecord};
 use crate::clock::unix_seconds;
-use crate::datastore::{Entry, EntryId, EntryIssuance, Grant};
+use crate::datastore::{Entry, EntryId, Grant};
 use crate::delegation::{claims as dclaims, Delegation, ScopeSet};
 use crate::model::oauth::ResourceUrl;
 use crate::revocation::{DerivedFrom, IssuedSvid, RevocationHandle, SvidKind};
@@ -481,18 +481,18 @@ pub async fn token(
             key_id: subject.record.authority_id.clone(),
         }),
     };
-    crate::server::issuance::record_issued(state.store.as_ref(), std::slice::from_ref(&record))
-        .await?;
-    drop(issuing);
     let expires_at = unix_seconds(token.expires_at);
     let principal = granted.map(|d| d.principal.to_string());
     let chain: Vec<String> = granted
         .map(|d| d.chain.iter().map(|h| h.agent.to_string()).collect())
         .unwrap_or_default();
+    // The token's issuance record and its audit record, in one durable write, before it
+    // is handed out.
     state
         .audit
-        .record(
-            AuditRecord::new(
+        .record_issuance(
+            std::slice::from_ref(&record),
+            vec![AuditRecord::new(
                 "oauth.token.issue",
                 Actor::Spiffe(entry.spec.spiffe_id.clone()),
             )
@@ -514,30 +514,15 @@ pub async fn token(
             .field("chain", &chain)
             .field("grant_chain", &record.grant_chain)
             .field("task", &record.task_id)
-            .field("expires_at", expires_at),
+            .field("expires_at", expires_at)],
         )
         .await
         .map_err(|e| {
             OAuthError::Unavailable(format!(
-                "the audit record could not be written ({e}); the token is not handed out"
+                "the issuance and audit records could not be written ({e}); the token is not handed out"
             ))
         })?;
-    crate::server::issuance::note_issued(
-        state.store.as_ref(),
-        vec![EntryIssuance {
-            entry_id: entry.id.clone(),
-            kind: "access_token",
-            serial: token.jti.clone(),
-            node: record
-                .node_id
-                .as_ref()
-                .map(ToString::to_string)
-                .unwrap_or_default(),
-            expires_at,
-        }],
-        now,
-    )
-    .await;
+    drop(issuing);
     let mut resp = json!({
         "access_token": token.token,
         "token_type": "Bearer",

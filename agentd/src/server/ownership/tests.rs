@@ -3,7 +3,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use super::*;
 use crate::clock::{unix_seconds, Clock, ManualClock};
-use crate::datastore::{EntryIssuance, EntrySpec, SledStore};
+use crate::datastore::{EntrySpec, SledStore};
 use crate::ttl::Ttl;
 
 const DAY: u64 = 24 * 3600;
@@ -157,15 +157,25 @@ async fn inventory_counts_by_owner_and_node() {
         })
         .await
         .unwrap();
-    let svid = |serial: &str, expires_at| EntryIssuance {
-        entry_id: a.id.clone(),
-        kind: "x509",
-        serial: serial.into(),
-        node: "spiffe://example.org/node/a".into(),
+    let svid = |serial: &str, expires_at| crate::model::revocation::IssuedSvid {
+        kind: crate::model::revocation::SvidKind::X509,
+        id: serial.into(),
+        spiffe_id: a.spec.spiffe_id.to_string(),
+        entry_id: Some(a.id.to_string()),
+        node_id: Some(SpiffeId::new("spiffe://example.org/node/a").unwrap()),
+        grant_chain: vec![],
+        task_id: None,
+        authority_id: "ca".into(),
         expires_at,
+        derived_from: None,
     };
     store
-        .note_issued(vec![svid("01", 100), svid("02", 1000)], 50)
+        .append_issuance(
+            &[svid("01", 100), svid("02", 1000)],
+            vec![],
+            50,
+            &crate::audit::key::AuditKey::generate(),
+        )
         .await
         .unwrap();
     store
