@@ -70,7 +70,7 @@ async fn measure(
     std::fs::create_dir_all(dir)?;
     let (server, mut admin) = start_server_on(dir, None, datastore).await?;
     let (address, bundle) = crate::harness::address_and_bundle(&mut admin).await?;
-    let mint = bench_node_api(&mut admin, &address, &bundle.x509_authorities).await?;
+    let mint = bench_node_api(&mut admin, &address, &bundle.x509_authorities, 1).await?;
     let bundle_file = dir.join("bundle.pem");
     std::fs::write(&bundle_file, &bundle.pem)?;
     let env = NodeEnv {
