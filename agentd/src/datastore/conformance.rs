@@ -121,6 +121,14 @@ pub(crate) async fn entries_round_trip_with_revisions_and_duplicates(store: Stor
         .unwrap();
     assert_eq!((a.revision, a.created_at), (1, 10));
     assert_eq!(store.get_entry(&a.id).await.unwrap().as_ref(), Some(&a));
+    // A batch read: the entries that exist, each once, by id.
+    let missing: EntryId = "00000000000000000000000000000000".parse().unwrap();
+    let batch = store
+        .get_entries(&[a.id.clone(), missing, a.id.clone()])
+        .await
+        .unwrap();
+    assert_eq!(batch.len(), 1);
+    assert_eq!(batch.get(&a.id), Some(&a));
     // The same SPIFFE ID, parent and selectors: a duplicate, however the rest differs.
     let mut same = a.spec.clone();
     same.hint = "other".into();

@@ -943,6 +943,28 @@ impl DataStore for PgStore {
         }
     }
 
+    async fn get_entries(
+        &self,
+        ids: &[EntryId],
+    ) -> Result<std::collections::HashMap<EntryId, Entry>> {
+        let wanted: Vec<&str> = ids.iter().map(EntryId::as_str).collect();
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT id, record FROM entries WHERE id = ANY($1)",
+                &[&wanted],
+            )
+            .await
+            .map_err(pg)?;
+        rows.iter()
+            .map(|row| {
+                let entry = decode_entry(row.get(0), row.get(1))?;
+                Ok((entry.id.clone(), entry))
+            })
+            .collect()
+    }
+
     async fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<Entry>> {
         let client = self.client().await?;
         let parent = filter.parent_id.as_ref().map(ToString::to_string);

@@ -17,6 +17,13 @@ use crate::server::issuance;
 use crate::telemetry::SvidKind as MintedKind;
 use crate::tls::PeerIdentity;
 
+fn parse_entry_id(raw: &str) -> Result<EntryId, NodeApiError> {
+    raw.parse().map_err(|e| NodeApiError::InvalidField {
+        field: "entry_id",
+        reason: format!("{e}"),
+    })
+}
+
 pub fn svid_to_proto(s: &IssuedX509Svid) -> pb::X509Svid {
     pb::X509Svid {
         spiffe_id: s.spiffe_id.to_string(),
@@ -32,12 +39,20 @@ impl NodeApi {
         node: &AttestedNode,
         raw_id: &str,
     ) -> Result<Entry, NodeApiError> {
-        let id: EntryId = raw_id.parse().map_err(|e| NodeApiError::InvalidField {
-            field: "entry_id",
-            reason: format!("{e}"),
-        })?;
+        let id = parse_entry_id(raw_id)?;
+        let entry = self.state.store.get_entry(&id).await?;
+        self.served_entry(node, id, entry).await
+    }
+
+    /// `entry` (the record of `id`, if any) when `node` serves it and it is not revoked.
+    async fn served_entry(
+        &self,
+        node: &AttestedNode,
+        id: EntryId,
+        entry: Option<Entry>,
+    ) -> Result<Entry, NodeApiError> {
         let server_id = crate::tls::server_spiffe_id(&self.state.config.trust_domain);
-        let entry = match self.state.store.get_entry(&id).await? {
+        let entry = match entry {
             Some(e)
                 if crate::server::membership::node_serves(
                     self.state.store.as_ref(),
@@ -190,12 +205,25 @@ impl NodeApi {
             }
             .into());
         }
+        // Every entry of the batch in one read (one query on PostgreSQL, not one per CSR).
+        let wanted: Vec<EntryId> = params
+            .iter()
+            .filter_map(|p| p.entry_id.parse().ok())
+            .collect();
+        let entries = self
+            .state
+            .store
+            .get_entries(&wanted)
+            .await
+            .map_err(NodeApiError::from)?;
         let mut results = Vec::with_capacity(params.len());
         let mut records = Vec::new();
         let mut revocable = Vec::new();
         for p in params {
             let result: Result<pb::mint_result::Result, NodeApiError> = async {
-                let entry = self.entry_for_node(&node, &p.entry_id).await?;
+                let id = parse_entry_id(&p.entry_id)?;
+                let record = entries.get(&id).cloned();
+                let entry = self.served_entry(&node, id, record).await?;
                 self.check_not_suspended(&node, &entry, "x509svid").await?;
                 let started = std::time::Instant::now();
                 let (svid, grant) = if p.grant_id.is_empty() {
