@@ -73,21 +73,81 @@ pub enum AuditError {
 pub struct Audit {
     store: Arc<dyn DataStore>,
     clock: Arc<dyn Clock>,
-    key: AuditKey,
+    key: Arc<AuditKey>,
     /// The id of the server writing (`server` field of each record), so that a log shared
     /// by several servers says which one did what; `None` in tests.
     server: Option<String>,
     /// The writer's turn: held across the store write and the export, so the export file
     /// is in sequence order.
-    export: Mutex<Option<Exporter>>,
+    export: Arc<Mutex<Option<Exporter>>>,
     /// Writes waiting for the writer's turn (see [`Audit::append`]).
     queue: std::sync::Mutex<Vec<QueuedWrite>>,
 }
 
 fn lost() -> AuditError {
     AuditError::Store(DataStoreError::Backend {
-        reason: "the audit write of this record was abandoned by the caller writing it".into(),
+        reason: "the audit writer stopped before it answered".into(),
     })
+}
+
+/// What the holder of the writer's turn needs to write a group of queued writes.
+struct GroupWrite {
+    store: Arc<dyn DataStore>,
+    clock: Arc<dyn Clock>,
+    key: Arc<AuditKey>,
+}
+
+impl GroupWrite {
+    /// Writes `queued` in one store write (one transaction, one flush), exports what was
+    /// sealed, and answers each caller with its own records, in its order.
+    async fn run(
+        self,
+        mut export: tokio::sync::OwnedMutexGuard<Option<Exporter>>,
+        queued: Vec<QueuedWrite>,
+    ) {
+        if queued.is_empty() {
+            return;
+        }
+        let mut all_svids = Vec::new();
+        let mut all_records = Vec::new();
+        let mut answers = Vec::with_capacity(queued.len());
+        for q in queued {
+            all_svids.extend(q.svids);
+            answers.push((q.done, q.records.len()));
+            all_records.extend(q.records);
+        }
+        let time = unix_seconds(self.clock.now());
+        let written = if all_svids.is_empty() {
+            self.store.append_audit(all_records, time, &*self.key).await
+        } else {
+            self.store
+                .append_issuance(&all_svids, all_records, time, &*self.key)
+                .await
+        };
+        match written {
+            Ok(sealed) => {
+                if let Some(exporter) = export.as_mut() {
+                    // The store holds the record; a failed export is an operator problem to
+                    // fix, not a reason to undo the action. What a failed write kept from the
+                    // file is written with the next record that gets through (or at the
+                    // next start).
+                    if let Err(e) = exporter.append(self.store.as_ref(), &sealed).await {
+                        tracing::error!(error = %e, "audit export failed");
+                    }
+                }
+                let mut rest = sealed.into_iter();
+                for (done, n) in answers {
+                    // A caller that gave up meanwhile has dropped its receiver.
+                    let _ = done.send(Ok(rest.by_ref().take(n).collect()));
+                }
+            }
+            Err(e) => {
+                for (done, _) in answers {
+                    let _ = done.send(Err(AuditError::Store(e.clone())));
+                }
+            }
+        }
+    }
 }
 
 /// One caller's write, waiting for the writer's turn.
@@ -198,9 +258,9 @@ impl Audit {
         Self {
             store,
             clock,
-            key,
+            key: Arc::new(key),
             server: None,
-            export: Mutex::new(export),
+            export: Arc::new(Mutex::new(export)),
             queue: Default::default(),
         }
     }
@@ -264,61 +324,32 @@ impl Audit {
             records,
             done,
         });
-        let mut export = self.export.lock().await;
-        match outcome.try_recv() {
+        let turn = tokio::select! {
             // The writer before wrote this one with its own.
+            result = &mut outcome => return result.unwrap_or_else(|_| Err(lost())),
+            turn = self.export.clone().lock_owned() => turn,
+        };
+        match outcome.try_recv() {
             Ok(result) => return result,
-            // That writer was dropped mid-write (its caller gave up): what it held may or
-            // may not be durable, so none of it is handed out.
             Err(tokio::sync::oneshot::error::TryRecvError::Closed) => return Err(lost()),
             Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
         }
-        let queued = std::mem::take(&mut *self.lock_queue());
-        let mut all_svids = Vec::new();
-        let mut all_records = Vec::new();
-        for q in &queued {
-            all_svids.extend_from_slice(&q.svids);
-        }
-        let mut counts = Vec::with_capacity(queued.len());
-        let mut waiting = Vec::with_capacity(queued.len());
-        for q in queued {
-            counts.push(q.records.len());
-            all_records.extend(q.records);
-            waiting.push(q.done);
-        }
-        let time = unix_seconds(self.clock.now());
-        let written = if all_svids.is_empty() {
-            self.store.append_audit(all_records, time, &self.key).await
-        } else {
-            self.store
-                .append_issuance(&all_svids, all_records, time, &self.key)
-                .await
+        // A caller that gave up while queued is not written: its mint hands nothing out,
+        // and a revocation it no longer holds off could not have covered it.
+        let queued: Vec<QueuedWrite> = std::mem::take(&mut *self.lock_queue())
+            .into_iter()
+            .filter(|q| !q.done.is_closed())
+            .collect();
+        // The group's write runs in its own task, holding the turn: a caller that gives up
+        // meanwhile (its client went away) cancels neither the write nor the others' answers.
+        let group = GroupWrite {
+            store: self.store.clone(),
+            clock: self.clock.clone(),
+            key: self.key.clone(),
         };
-        match written {
-            Ok(sealed) => {
-                if let Some(exporter) = export.as_mut() {
-                    // The store holds the record; a failed export is an operator problem to
-                    // fix, not a reason to undo the action. What a failed write kept from the
-                    // file is written with the next record that gets through (or at the
-                    // next start).
-                    if let Err(e) = exporter.append(self.store.as_ref(), &sealed).await {
-                        tracing::error!(error = %e, "audit export failed");
-                    }
-                }
-                let mut rest = sealed.into_iter();
-                for (done, n) in waiting.into_iter().zip(counts) {
-                    // A caller that gave up meanwhile has dropped its receiver.
-                    let _ = done.send(Ok(rest.by_ref().take(n).collect()));
-                }
-            }
-            Err(e) => {
-                for done in waiting {
-                    let _ = done.send(Err(AuditError::Store(e.clone())));
-                }
-            }
-        }
-        drop(export);
-        outcome.try_recv().unwrap_or_else(|_| Err(lost()))
+        // A panic in the write drops every sender: each caller then gets `lost()`.
+        let _ = tokio::spawn(group.run(turn, queued)).await;
+        outcome.await.unwrap_or_else(|_| Err(lost()))
     }
 
     fn lock_queue(&self) -> std::sync::MutexGuard<'_, Vec<QueuedWrite>> {
@@ -407,7 +438,7 @@ impl Audit {
                 break;
             }
         }
-        Ok(verify_records(&all, head.as_ref(), &self.key))
+        Ok(verify_records(&all, head.as_ref(), &*self.key))
     }
 }
 

@@ -793,9 +793,60 @@ async fn a_failed_group_write_fails_every_caller_in_it() {
     }
     sled.fail_flushes
         .store(true, std::sync::atomic::Ordering::SeqCst);
+    let flushes_before = sled.flushes.load(std::sync::atomic::Ordering::SeqCst);
     drop(turn);
     for caller in callers {
         let err = caller.await.unwrap().unwrap_err();
         assert!(err.to_string().contains("flush failed"), "{err}");
     }
+    assert_eq!(
+        sled.flushes.load(std::sync::atomic::Ordering::SeqCst) - flushes_before,
+        1,
+        "one write for the group, and its error for each caller"
+    );
+}
+
+/// A caller that gives up while its write waits (its client went away) is not written:
+/// its mint hands nothing out; the others in the group are written and answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_gives_up_while_queued_is_not_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let sled = Arc::new(SledStore::open(&dir.path().join("db")).unwrap());
+    let store: Arc<dyn DataStore> = sled.clone();
+    let audit = Arc::new(Audit::new(store.clone(), clock(), None).unwrap());
+    let turn = audit.export.lock().await;
+    let callers: Vec<_> = (0..3)
+        .map(|c| {
+            let audit = audit.clone();
+            tokio::spawn(async move {
+                audit
+                    .record_issuance(
+                        &[minted(&format!("{c:02}"))],
+                        vec![AuditRecord::new("x509svid.issue", "n").field("caller", c)],
+                    )
+                    .await
+            })
+        })
+        .collect();
+    while audit.lock_queue().len() < 3 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let mut callers = callers.into_iter();
+    let gave_up = callers.next().unwrap();
+    gave_up.abort();
+    assert!(gave_up.await.unwrap_err().is_cancelled());
+    drop(turn);
+    for caller in callers {
+        assert_eq!(caller.await.unwrap().unwrap().len(), 1);
+    }
+    let mut issued: Vec<String> = store
+        .list_issued(0)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    issued.sort();
+    assert_eq!(issued, ["01", "02"]);
+    assert_eq!(store.audit_head().await.unwrap().unwrap().seq, 2);
 }

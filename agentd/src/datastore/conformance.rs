@@ -13,8 +13,8 @@ use std::sync::Arc;
 use spiffe::SpiffeId;
 
 use super::{
-    AttestedNode, DataStore, DataStoreError, DelegationOffer, EntryFilter, EntryId, EntrySpec,
-    Grant, JoinToken,
+    AttestedNode, DataStore, DataStoreError, DelegationOffer, EntryActivity, EntryFilter, EntryId,
+    EntrySpec, Grant, JoinToken,
 };
 use crate::delegation::{Delegation, GrantId, Hop, ScopeSet};
 use crate::model::audit::AuditRecord;
@@ -674,6 +674,17 @@ pub(crate) async fn owners_and_entry_activity(store: Store) {
     );
     assert_eq!(a.live[1].node, "spiffe://example.org/node/1");
     assert_eq!(a.live[1].kind, "x509");
+    // A delegation offer's token is on record (revocable) but is not an SVID of the entry's.
+    store
+        .record_issued(&[IssuedSvid {
+            entry_id: Some(e.id.to_string()),
+            ..issued(SvidKind::Jwt, "offer-token")
+        }])
+        .await
+        .unwrap();
+    // One entry's activity, through its handle index, is what the listing says.
+    assert_eq!(&store.entry_activity_of(&e.id).await.unwrap(), a);
+    assert_eq!(store.entry_activity().await.unwrap()[&e.id].live.len(), 2);
     // Records of a later mint move last_issued; pruning every record keeps it.
     store
         .append_issuance(&[minted("03", 1_500)], vec![], 70, &key)
@@ -683,7 +694,11 @@ pub(crate) async fn owners_and_entry_activity(store: Store) {
         store.entry_activity().await.unwrap()[&e.id].last_issued,
         Some(70)
     );
-    assert_eq!(store.prune_issued(2_000).await.unwrap(), 3);
+    assert_eq!(
+        store.prune_issued(2_000).await.unwrap(),
+        4,
+        "three SVIDs and the offer token"
+    );
     let a = &store.entry_activity().await.unwrap()[&e.id];
     assert_eq!((a.last_issued, a.last_fetched), (Some(70), Some(60)));
     assert_eq!(a.live.len(), 0);
@@ -705,9 +720,18 @@ pub(crate) async fn owners_and_entry_activity(store: Store) {
         .await
         .unwrap();
     assert!(!on.disabled);
-    // A deleted entry's activity goes with it.
+    // A deleted entry's activity goes with it, though its issuance records stay until
+    // they expire.
+    store
+        .append_issuance(&[minted("04", 5_000)], vec![], 90, &key)
+        .await
+        .unwrap();
     store.delete_entry(&e.id).await.unwrap();
     assert!(!store.entry_activity().await.unwrap().contains_key(&e.id));
+    assert_eq!(
+        store.entry_activity_of(&e.id).await.unwrap(),
+        EntryActivity::default()
+    );
 }
 
 /// Each server's authorities: published under its id, replaced (not added to) by its next

@@ -16,8 +16,7 @@ pub const MAX_LIVE_PER_ENTRY: usize = 256;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IssuedForEntry {
     pub entry_id: String,
-    /// Absent on records written before issuance records carried it.
-    pub issued_at: Option<i64>,
+    pub issued_at: i64,
     pub live: LiveSvid,
 }
 
@@ -72,9 +71,7 @@ pub fn with_issued(
             continue;
         }
         let activity = stored.entry(id).or_default();
-        if let Some(at) = record.issued_at {
-            activity.issued_at(at);
-        }
+        activity.issued_at(record.issued_at);
         activity.live.push(record.live);
     }
     for activity in stored.values_mut() {

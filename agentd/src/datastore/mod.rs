@@ -194,6 +194,11 @@ pub trait DataStore: Send + Sync + Debug + 'static {
     /// Activity of every entry that has any: the activity records with what the issuance
     /// records of each existing entry say (`lifecycle::with_issued`).
     async fn entry_activity(&self) -> Result<HashMap<EntryId, EntryActivity>>;
+    /// One entry's activity, as [`Self::entry_activity`] has it (the default reads every
+    /// entry's; the stores read the entry's issuance records through its handle index).
+    async fn entry_activity_of(&self, id: &EntryId) -> Result<EntryActivity> {
+        Ok(self.entry_activity().await?.remove(id).unwrap_or_default())
+    }
     async fn set_owner_disabled(&self, owner: &str, disabled: bool, now: i64)
         -> Result<OwnerState>;
     async fn get_owner(&self, owner: &str) -> Result<Option<OwnerState>>;

@@ -1242,10 +1242,7 @@ impl DataStore for PgStore {
             let Ok(record) = decode::<IssuedRecord>(key.as_bytes(), record.as_bytes()) else {
                 continue;
             };
-            if let Some((entry, at)) = record
-                .activity()
-                .and_then(|a| Some((a.entry_id, a.issued_at?)))
-            {
+            if let Some((entry, at)) = record.activity().map(|a| (a.entry_id, a.issued_at)) {
                 let t = last_issued.entry(entry).or_insert(at);
                 *t = (*t).max(at);
             }
@@ -1481,11 +1478,9 @@ impl DataStore for PgStore {
 
     async fn entry_activity(&self) -> Result<std::collections::HashMap<EntryId, EntryActivity>> {
         let client = self.client().await?;
-        let rows = client
-            .query("SELECT entry_id, record FROM entry_activity", &[])
-            .await
-            .map_err(pg)?;
-        // The issuance records of entries that exist (records outlive a deleted entry).
+        // The issuance records of entries that exist (records outlive a deleted entry),
+        // first: a prune moves `last_issued` into the activity record before it deletes,
+        // so one of the two reads sees it.
         let issued = client
             .query(
                 "SELECT i.key, i.record FROM issued i
@@ -1502,6 +1497,10 @@ impl DataStore for PgStore {
             })
             .filter_map(Result::transpose)
             .collect::<Result<Vec<_>>>()?;
+        let rows = client
+            .query("SELECT entry_id, record FROM entry_activity", &[])
+            .await
+            .map_err(pg)?;
         let stored = rows
             .iter()
             .map(|r| {
@@ -1517,6 +1516,53 @@ impl DataStore for PgStore {
             })
             .collect::<Result<_>>()?;
         Ok(super::lifecycle::with_issued(stored, issued, |_| true))
+    }
+
+    async fn entry_activity_of(&self, id: &EntryId) -> Result<EntryActivity> {
+        let client = self.client().await?;
+        // Through the entry's handle index, not a scan of every record.
+        let handle = handle_prefix(&RevocationHandle::Entry(id.clone()));
+        let issued = client
+            .query(
+                "SELECT i.key, i.record FROM issued_by_handle h JOIN issued i ON i.key = h.key
+                 WHERE h.handle = $1",
+                &[&handle],
+            )
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(|r| {
+                let key: &str = r.get(0);
+                let record: &str = r.get(1);
+                Ok(decode::<IssuedRecord>(key.as_bytes(), record.as_bytes())?.activity())
+            })
+            .filter_map(Result::transpose)
+            .collect::<Result<Vec<_>>>()?;
+        let row = client
+            .query_opt(
+                "SELECT e.id, a.record FROM entries e
+                 LEFT JOIN entry_activity a ON a.entry_id = e.id WHERE e.id = $1",
+                &[&id.as_str()],
+            )
+            .await
+            .map_err(pg)?;
+        // A deleted entry keeps no activity.
+        let Some(row) = row else {
+            return Ok(EntryActivity::default());
+        };
+        let stored = match row.get::<_, Option<&str>>(1) {
+            Some(r) => {
+                decode::<ActivityRecord>(id.as_str().as_bytes(), r.as_bytes())?.into_activity()
+            }
+            None => EntryActivity::default(),
+        };
+        Ok(super::lifecycle::with_issued(
+            std::collections::HashMap::from([(id.clone(), stored)]),
+            issued,
+            |_| true,
+        )
+        .remove(id)
+        .unwrap_or_default())
     }
 
     async fn set_owner_disabled(

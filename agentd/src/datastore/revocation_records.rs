@@ -74,12 +74,14 @@ impl IssuedRecord {
     }
 
     /// What this record says of its entry's activity: the entry, when it was issued and the
-    /// live SVID it is; `None` for a record of no entry (a node SVID).
+    /// live SVID it is; `None` for a record of no entry (a node SVID), and for one without
+    /// `issued_at`: a delegation offer's token, or a record from before (whose entry's
+    /// activity record still lists it).
     pub fn activity(&self) -> Option<super::lifecycle::IssuedForEntry> {
         let entry_id = self.entry_id.as_ref()?;
         Some(super::lifecycle::IssuedForEntry {
             entry_id: entry_id.clone(),
-            issued_at: self.issued_at,
+            issued_at: self.issued_at?,
             live: super::lifecycle::LiveSvid {
                 kind: self.kind.clone(),
                 serial: self.id.clone(),

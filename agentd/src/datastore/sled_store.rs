@@ -808,9 +808,7 @@ impl DataStore for SledStore {
             if record.expires_at() > now {
                 return Ok(None);
             }
-            let issued = record
-                .activity()
-                .and_then(|a| Some((a.entry_id, a.issued_at?)));
+            let issued = record.activity().map(|a| (a.entry_id, a.issued_at));
             // A record whose other fields do not parse still goes; its index keys, if it
             // had any, are dropped at the next open.
             let index_keys = match record.into_issued(k) {
@@ -1036,6 +1034,12 @@ impl DataStore for SledStore {
     }
 
     async fn entry_activity(&self) -> Result<std::collections::HashMap<EntryId, EntryActivity>> {
+        // Issuance records first: a prune moves `last_issued` into the activity record
+        // before it deletes, so one of the two reads sees it.
+        let issued = scan_tree(&self.issued, |k, v| {
+            Ok(decode::<IssuedRecord>(k, v)?.activity())
+        })
+        .await?;
         let pairs = scan_tree(&self.entry_activity, |k, v| {
             let id: EntryId = std::str::from_utf8(k)
                 .map_err(|e| corrupt(k, "key", e))?
@@ -1044,16 +1048,41 @@ impl DataStore for SledStore {
             Ok(Some((id, decode::<ActivityRecord>(k, v)?.into_activity())))
         })
         .await?;
-        let issued = scan_tree(&self.issued, |k, v| {
-            Ok(decode::<IssuedRecord>(k, v)?.activity())
-        })
-        .await?;
         let entries = self.entries.clone();
         Ok(super::lifecycle::with_issued(
             pairs.into_iter().collect(),
             issued,
             |id| entries.contains_key(id).unwrap_or(false),
         ))
+    }
+
+    async fn entry_activity_of(&self, id: &EntryId) -> Result<EntryActivity> {
+        // Through the entry's handle index, not a scan of every record.
+        let prefix = handle_prefix(&RevocationHandle::Entry(id.clone()));
+        let mut issued = Vec::new();
+        for kv in self.issued_by_handle.scan_prefix(&prefix) {
+            let (index_key, _) = kv.map_err(backend)?;
+            let Some(key) = index_key.strip_prefix(prefix.as_slice()) else {
+                continue;
+            };
+            let Some(v) = self.issued.get(key).map_err(backend)? else {
+                continue; // a key a crash left behind
+            };
+            issued.extend(decode::<IssuedRecord>(key, &v)?.activity());
+        }
+        let stored = match self.entry_activity.get(id.as_str()).map_err(backend)? {
+            Some(v) => decode::<ActivityRecord>(id.as_str().as_bytes(), &v)?.into_activity(),
+            None => EntryActivity::default(),
+        };
+        let exists = self.entries.contains_key(id.as_str()).map_err(backend)?;
+        Ok(super::lifecycle::with_issued(
+            std::collections::HashMap::from([(id.clone(), stored)]),
+            issued,
+            |_| exists,
+        )
+        .remove(id)
+        .filter(|_| exists)
+        .unwrap_or_default())
     }
 
     async fn set_owner_disabled(

@@ -101,11 +101,7 @@ pub async fn entry_status(
         Some(o) => store.get_owner(o).await?.is_some_and(|s| s.disabled),
         None => false,
     };
-    let activity = store
-        .entry_activity()
-        .await?
-        .remove(&entry.id)
-        .unwrap_or_default();
+    let activity = store.entry_activity_of(&entry.id).await?;
     Ok(EntryStatus {
         suspended: owner_disabled && suspend_disabled_owners,
         owner_disabled,
