@@ -438,7 +438,7 @@ impl Audit {
                 break;
             }
         }
-        Ok(verify_records(&all, head.as_ref(), &*self.key))
+        Ok(verify_records(&all, head.as_ref(), &self.key))
     }
 }
 
