@@ -40,7 +40,7 @@ fuzz:
 ci: lint test
 
 build:
-	$(CARGO) build -p agentd --bin agentd
+	$(CARGO) build -p agentd --bin agentd --bin agentd-node
 
 ## What the tests need besides Rust: openssl (for `openssl verify`), rustfmt and clippy.
 tools:

@@ -13,22 +13,32 @@ pub mod pg;
 
 /// The `agentd` binary, built once per test run if it is missing or stale.
 pub fn agentd_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
+    built_bin_dir().join("agentd")
+}
+
+/// The `agentd-node` binary (the node agent alone), built with `agentd`.
+pub fn agentd_node_bin() -> PathBuf {
+    built_bin_dir().join("agentd-node")
+}
+
+/// Where cargo put both binaries, after building them once per test run.
+fn built_bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let target = std::env::var_os("CARGO_TARGET_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| root.join("target"));
-        // Always ask cargo: it is a no-op when the binary is up to date.
+        // Always ask cargo: it is a no-op when the binaries are up to date.
         let status = cargo_command()
             .args(["build", "-q", "-p", "agentd", "--bin", "agentd"])
+            .args(["--bin", "agentd-node"])
             .current_dir(&root)
             .status()
-            .expect("running cargo build for the agentd binary");
+            .expect("running cargo build for the agentd binaries");
         assert!(status.success(), "building agentd failed");
-        target.join("debug").join("agentd")
+        target.join("debug")
     })
-    .clone()
 }
 
 /// `cargo` (the one running the tests, if any) for a nested build, without the per-package
@@ -67,11 +77,15 @@ pub struct Daemon {
 
 impl Daemon {
     fn spawn(args: &[String], log: PathBuf) -> anyhow::Result<Self> {
+        Self::spawn_program(&agentd_bin(), args, log)
+    }
+
+    fn spawn_program(program: &Path, args: &[String], log: PathBuf) -> anyhow::Result<Self> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)?;
-        let child = Command::new(agentd_bin())
+        let child = Command::new(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
@@ -438,9 +452,41 @@ pub fn spawn_node_with(
     token: Option<&str>,
     extra: &[&str],
 ) -> anyhow::Result<Daemon> {
-    let mut args: Vec<String> = vec![
-        "node".into(),
-        "run".into(),
+    spawn_node_program(
+        NodeProgram::Agentd,
+        server_address,
+        bundle,
+        data_dir,
+        socket,
+        token,
+        extra,
+    )
+}
+
+/// The program a node agent runs as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeProgram {
+    /// `agentd node run`.
+    Agentd,
+    /// `agentd-node run`, the node-only build.
+    AgentdNode,
+}
+
+/// [`spawn_node_with`], run as `program`.
+pub fn spawn_node_program(
+    program: NodeProgram,
+    server_address: &str,
+    bundle: &Path,
+    data_dir: &Path,
+    socket: &Path,
+    token: Option<&str>,
+    extra: &[&str],
+) -> anyhow::Result<Daemon> {
+    let (bin, mut args): (PathBuf, Vec<String>) = match program {
+        NodeProgram::Agentd => (agentd_bin(), vec!["node".into(), "run".into()]),
+        NodeProgram::AgentdNode => (agentd_node_bin(), vec!["run".into()]),
+    };
+    args.extend([
         "--server-address".into(),
         server_address.into(),
         "--trust-bundle".into(),
@@ -451,7 +497,7 @@ pub fn spawn_node_with(
         socket.display().to_string(),
         "--log-level".into(),
         "debug".into(),
-    ];
+    ]);
     // A short sync interval unless the test sets its own.
     if !extra.contains(&"--sync-interval") {
         args.extend(["--sync-interval".into(), "1s".into()]);
@@ -460,7 +506,7 @@ pub fn spawn_node_with(
         args.extend(["--join-token".into(), t.into()]);
     }
     args.extend(extra.iter().map(|s| s.to_string()));
-    Daemon::spawn(&args, data_dir.with_extension("log"))
+    Daemon::spawn_program(&bin, &args, data_dir.with_extension("log"))
 }
 
 /// The uid of this test process (from /proc, no libc).
@@ -552,13 +598,25 @@ impl Node {
         name: &str,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
+        Self::start_program(env, server, name, NodeProgram::Agentd, extra)
+    }
+
+    /// [`Node::start_with`], run as `program`.
+    pub fn start_program(
+        env: &Env,
+        server: &Server,
+        name: &str,
+        program: NodeProgram,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let spiffe_id = format!("spiffe://example.org/node/{name}");
         let token = server.join_token(&spiffe_id)?;
         let bundle = env.path().join(format!("{name}-bundle.pem"));
         server.write_bundle(&bundle)?;
         let data_dir = env.path().join(name);
         let socket = env.path().join(format!("{name}.sock"));
-        let daemon = spawn_node_with(
+        let daemon = spawn_node_program(
+            program,
             &server.address,
             &bundle,
             &data_dir,

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use agentd_e2e::{agentd, Daemon, Env, Node, Server};
+use agentd_e2e::{agentd, agentd_bin, agentd_node_bin, Daemon, Env, Node, Server};
 
 /// A runtime error: exit 1, nothing on stdout, one `error:` line naming `needle`.
 fn fails_naming(server: &Server, args: &[&str], needle: &str) {
@@ -877,6 +877,43 @@ fn api_selectors_says_why_there_is_no_sha256_selector() -> anyhow::Result<()> {
             .unwrap_or_default()
             .contains("max_binary_size"),
         "{v}"
+    );
+    Ok(())
+}
+
+/// `agentd-node` has the node agent's commands only, and the linker left the server out of
+/// it: its PostgreSQL schema, which `agentd` carries, is not in the node-only binary.
+#[test]
+fn the_node_only_build_has_node_commands_and_no_server_code() -> anyhow::Result<()> {
+    let out = std::process::Command::new(agentd_node_bin())
+        .args(["server", "run"])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "a usage error: {stderr}");
+    assert!(stderr.contains("'server'"), "names the command: {stderr}");
+
+    let help = std::process::Command::new(agentd_node_bin())
+        .arg("--help")
+        .output()?;
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("run") && help.contains("healthcheck"),
+        "{help}"
+    );
+
+    // A server-only string: the store's schema (datastore/pg_store.rs).
+    let marker: &[u8] = b"CREATE TABLE join_tokens";
+    let contains = |bin: &std::path::Path| -> anyhow::Result<bool> {
+        let bytes = std::fs::read(bin)?;
+        Ok(bytes.windows(marker.len()).any(|w| w == marker))
+    };
+    assert!(
+        contains(&agentd_bin())?,
+        "agentd carries the server's schema"
+    );
+    assert!(
+        !contains(&agentd_node_bin())?,
+        "agentd-node must not link the server's store"
     );
     Ok(())
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentd_e2e::{agentd, serial_of, x509_source, Env, Node, Server};
+use agentd_e2e::{agentd, agentd_node_bin, serial_of, x509_source, Env, Node, NodeProgram, Server};
 use spiffe::{SpiffeId, WorkloadApiClient, X509Source};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -32,6 +32,33 @@ async fn x509_source_gets_the_svid_and_sees_it_rotate() -> anyhow::Result<()> {
         "a rotation brings a new certificate"
     );
     source.shutdown().await;
+    Ok(())
+}
+
+/// The node-only build (`agentd-node run`) is a whole node agent: it attests to the server
+/// (the full build), serves the SVID to the `spiffe` crate's `X509Source`, and answers its own
+/// `healthcheck`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_only_build_serves_the_spiffe_crate() -> anyhow::Result<()> {
+    let env = Env::new();
+    let server = Server::start(&env)?;
+    let node = Node::start_program(&env, &server, "n1", NodeProgram::AgentdNode, &[])?;
+    let id = "spiffe://example.org/agent/on-a-node-build";
+    server.register_own_uid(&node.spiffe_id, id, &[])?;
+    node.wait_for_svid(id)?;
+
+    let source = x509_source(&node).await?;
+    assert_eq!(source.svid()?.spiffe_id().to_string(), id);
+    source.shutdown().await;
+
+    let health = std::process::Command::new(agentd_node_bin())
+        .args(["healthcheck", "--socket-path", &node.socket_arg()])
+        .output()?;
+    assert!(
+        health.status.success(),
+        "agentd-node healthcheck: {}",
+        String::from_utf8_lossy(&health.stderr)
+    );
     Ok(())
 }
 

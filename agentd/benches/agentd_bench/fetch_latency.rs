@@ -9,7 +9,8 @@ use anyhow::bail;
 use tonic::transport::Channel;
 
 use crate::harness::{
-    create_entries, fetch_x509, percentile, wait_for_svids, workload_client, Latency, NodeEnv,
+    create_entries, fetch_x509, percentile, wait_for_svids, workload_client, Latency, NodeBuild,
+    NodeEnv,
 };
 use crate::output::{per_sec, row};
 use crate::{CLIENTS, TRUST_DOMAIN};
@@ -35,8 +36,11 @@ pub async fn run(
     admin: &mut AdminClient<Channel>,
     selector: &str,
 ) -> anyhow::Result<()> {
-    // A node agent serving one entry that matches this process.
-    let (mut node, socket) = env.start_node(admin, LATENCY_NODE).await?;
+    // A node agent serving one entry that matches this process: the node-only build, which
+    // is what a node host runs (the full binary's code is the same, its text twice as big).
+    let (mut node, socket) = env
+        .start_node_build(admin, LATENCY_NODE, NodeBuild::NodeOnly)
+        .await?;
     let parent = format!("spiffe://{TRUST_DOMAIN}/node/{LATENCY_NODE}");
     create_entries(admin, &parent, "bench/latency", 0..1, selector).await?;
     wait_for_svids(&mut node, &socket, 1).await?;

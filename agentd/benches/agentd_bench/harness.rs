@@ -226,6 +226,15 @@ pub struct NodeEnv<'a> {
     pub bundle_file: &'a Path,
 }
 
+/// Which build of the node agent a bench starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeBuild {
+    /// `agentd node run`: the one binary with server, node agent and CLI.
+    Full,
+    /// `agentd-node run`: the node-only build a node host installs.
+    NodeOnly,
+}
+
 impl NodeEnv<'_> {
     /// Starts `agentd node run` (release binary) attesting as `spiffe://<td>/node/<name>`;
     /// returns it and its Workload API socket.
@@ -234,13 +243,35 @@ impl NodeEnv<'_> {
         admin: &mut AdminClient<Channel>,
         name: &str,
     ) -> anyhow::Result<(ChildGuard, PathBuf)> {
+        self.start_node_build(admin, name, NodeBuild::Full).await
+    }
+
+    /// [`Self::start_node`], with either build.
+    pub async fn start_node_build(
+        &self,
+        admin: &mut AdminClient<Channel>,
+        name: &str,
+        build: NodeBuild,
+    ) -> anyhow::Result<(ChildGuard, PathBuf)> {
         let token = join_token(admin, &format!("spiffe://{TRUST_DOMAIN}/node/{name}")).await?;
         let node_dir = self.dir.join(name);
         std::fs::create_dir_all(&node_dir)?;
         let log = node_dir.join("node.log");
         let socket = node_dir.join("api.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_agentd"))
-            .args(["node", "run", "--server-address", self.address])
+        let mut command = match build {
+            NodeBuild::Full => {
+                let mut c = Command::new(env!("CARGO_BIN_EXE_agentd"));
+                c.args(["node", "run"]);
+                c
+            }
+            NodeBuild::NodeOnly => {
+                let mut c = Command::new(env!("CARGO_BIN_EXE_agentd-node"));
+                c.arg("run");
+                c
+            }
+        };
+        let child = command
+            .args(["--server-address", self.address])
             .args(["--join-token", &token])
             .arg("--trust-bundle")
             .arg(self.bundle_file)
@@ -254,7 +285,7 @@ impl NodeEnv<'_> {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()
-            .context("starting `agentd node run`")?;
+            .with_context(|| format!("starting the node agent ({build:?})"))?;
         Ok((ChildGuard { child, log }, socket))
     }
 }

@@ -9,7 +9,7 @@ use anyhow::{anyhow, bail, Context};
 use tonic::transport::Channel;
 
 use crate::harness::{
-    create_entries, fetch_x509, wait_for_svids, workload_client, ChildGuard, NodeEnv,
+    create_entries, fetch_x509, wait_for_svids, workload_client, ChildGuard, NodeBuild, NodeEnv,
 };
 use crate::output::row;
 use crate::{CLIENTS, TRUST_DOMAIN};
@@ -24,20 +24,95 @@ const TARGET_RSS_1000_STREAMS_MB: f64 = 20.0;
 /// Streams held open for the second figure, over `CLIENTS` connections.
 const MANY_STREAMS: usize = 1_000;
 
-/// Measures (d) on a fresh node agent and prints its rows.
+/// Measures (d) on a fresh node agent of each build and prints their rows: the targets are
+/// the node-only build's (`agentd-node`, what a node host installs); the full `agentd`
+/// binary's figures are printed beside them.
 pub async fn run(
     env: &NodeEnv<'_>,
     admin: &mut AdminClient<Channel>,
     selector: &str,
 ) -> anyhow::Result<()> {
+    let node_only = measure(env, admin, selector, NodeBuild::NodeOnly).await?;
+    let full = measure(env, admin, selector, NodeBuild::Full).await?;
+    let label = if is_root() {
+        "100 workload processes, 1 SVID each"
+    } else {
+        "1 process, 100 streams x 100 SVIDs"
+    };
+    row(
+        &format!("(d) node agent VmRSS serving 100 workloads ({label}), agentd-node"),
+        format!("{:.1} MB", node_only.serving.rss_mb),
+        &format!("<= {TARGET_RSS_MB:.0} MB"),
+        Some(node_only.serving.rss_mb <= TARGET_RSS_MB),
+    );
+    row(
+        "(d) the same, the full agentd binary (agentd node run)",
+        format!("{:.1} MB", full.serving.rss_mb),
+        "",
+        None,
+    );
+    row(
+        "(d) agentd-node VmHWM (peak RSS) at that point",
+        format!("{:.1} MB", node_only.serving.hwm_mb),
+        "",
+        None,
+    );
+    row(
+        "(d) agentd-node threads at that point",
+        node_only.serving.threads.to_string(),
+        "",
+        None,
+    );
+    row(
+        &format!(
+            "(d) node agent VmRSS with {MANY_STREAMS} FetchX509SVID streams open ({CLIENTS} connections), agentd-node"
+        ),
+        format!("{:.1} MB", node_only.many.rss_mb),
+        &format!("<= {TARGET_RSS_1000_STREAMS_MB:.0} MB"),
+        Some(node_only.many.rss_mb <= TARGET_RSS_1000_STREAMS_MB),
+    );
+    row(
+        "(d) the same, the full agentd binary",
+        format!("{:.1} MB", full.many.rss_mb),
+        "",
+        None,
+    );
+    row(
+        "(d) VmRSS before the workloads connect: agentd-node / agentd",
+        format!("{:.1} / {:.1} MB", node_only.idle.rss_mb, full.idle.rss_mb),
+        "",
+        None,
+    );
+    Ok(())
+}
+
+/// One build's (d) figures.
+struct Measured {
+    idle: ProcStatus,
+    serving: ProcStatus,
+    many: ProcStatus,
+}
+
+/// Starts a node agent of `build`, reads its memory idle, serving 100 workloads and holding
+/// `MANY_STREAMS` streams, and stops it.
+async fn measure(
+    env: &NodeEnv<'_>,
+    admin: &mut AdminClient<Channel>,
+    selector: &str,
+    build: NodeBuild,
+) -> anyhow::Result<Measured> {
     // A fresh node agent serving 100 workloads. As root (as in CI), the workloads are
     // 100 real processes (`agentd api watch`), each under its own uid with its own entry, so
     // each holds one open stream with its own SVID, as 100 agent runtimes on a host would.
     // Otherwise, one process opens 100 streams that all match every entry (a worst case).
-    let (mut node, socket) = env.start_node(admin, RSS_NODE).await?;
-    let parent = format!("spiffe://{TRUST_DOMAIN}/node/{RSS_NODE}");
-    let distinct = is_root();
-    let (serving, idle, label, many) = if distinct {
+    let name = match build {
+        NodeBuild::Full => RSS_NODE.to_string(),
+        NodeBuild::NodeOnly => format!("{RSS_NODE}-node-only"),
+    };
+    let (mut node, socket) = env.start_node_build(admin, &name, build).await?;
+    let parent = format!("spiffe://{TRUST_DOMAIN}/node/{name}");
+    let prefix = format!("bench/{name}");
+    let measured = if is_root() {
         let ready = Instant::now() + Duration::from_secs(20);
         while !socket.exists() && Instant::now() < ready {
             node.check_alive()?;
@@ -45,52 +120,31 @@ pub async fn run(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
         let idle = proc_status(&mut node)?;
-        let serving = node_rss_distinct_workloads(&mut node, &socket, admin, &parent).await?;
+        let serving =
+            node_rss_distinct_workloads(&mut node, &socket, admin, &parent, &prefix).await?;
         // And this process, with an identity of its own, for the many streams.
-        create_entries(admin, &parent, "bench/rss/streams", 0..1, selector).await?;
+        create_entries(admin, &parent, &format!("{prefix}/streams"), 0..1, selector).await?;
         wait_for_svids(&mut node, &socket, 1).await?;
         let many = node_rss_many_streams(&mut node, &socket, MANY_STREAMS).await?;
-        (serving, idle, "100 workload processes, 1 SVID each", many)
+        Measured {
+            idle,
+            serving,
+            many,
+        }
     } else {
-        create_entries(admin, &parent, "bench/rss", 0..NODE_ENTRIES, selector).await?;
+        create_entries(admin, &parent, &prefix, 0..NODE_ENTRIES, selector).await?;
         wait_for_svids(&mut node, &socket, NODE_ENTRIES).await?;
         let idle = proc_status(&mut node)?;
         let (serving, _) = node_rss(&mut node, &socket).await?;
         let many = node_rss_many_streams(&mut node, &socket, MANY_STREAMS).await?;
-        (serving, idle, "1 process, 100 streams x 100 SVIDs", many)
+        Measured {
+            idle,
+            serving,
+            many,
+        }
     };
     drop(node);
-    row(
-        &format!("(d) node agent VmRSS serving 100 workloads ({label})"),
-        format!("{:.1} MB", serving.rss_mb),
-        &format!("<= {TARGET_RSS_MB:.0} MB"),
-        Some(serving.rss_mb <= TARGET_RSS_MB),
-    );
-    row(
-        "(d) node agent VmHWM (peak RSS) at that point",
-        format!("{:.1} MB", serving.hwm_mb),
-        "",
-        None,
-    );
-    row(
-        "(d) node agent threads at that point",
-        serving.threads.to_string(),
-        "",
-        None,
-    );
-    row(
-        &format!("(d) node agent VmRSS with {MANY_STREAMS} FetchX509SVID streams open ({CLIENTS} connections)"),
-        format!("{:.1} MB", many.rss_mb),
-        &format!("<= {TARGET_RSS_1000_STREAMS_MB:.0} MB"),
-        Some(many.rss_mb <= TARGET_RSS_1000_STREAMS_MB),
-    );
-    row(
-        "(d) node agent VmRSS before the workloads connect",
-        format!("{:.1} MB", idle.rss_mb),
-        "",
-        None,
-    );
-    Ok(())
+    Ok(measured)
 }
 
 #[derive(Debug)]
@@ -144,6 +198,7 @@ async fn node_rss_distinct_workloads(
     socket: &Path,
     admin: &mut AdminClient<Channel>,
     parent: &str,
+    prefix: &str,
 ) -> anyhow::Result<ProcStatus> {
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::CommandExt;
@@ -161,7 +216,7 @@ async fn node_rss_distinct_workloads(
         create_entries(
             admin,
             parent,
-            &format!("bench/rss/{i}"),
+            &format!("{prefix}/{i}"),
             0..1,
             &format!("unix:uid:{uid}"),
         )

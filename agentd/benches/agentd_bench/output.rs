@@ -47,7 +47,7 @@ pub fn per_sec(rate: f64, unit: &str) -> String {
 pub fn print_notes() {
     println!();
     println!("MB = 10^6 bytes. (b) has one batch in flight. (c) and (d) each run a fresh");
-    println!("`agentd node run` process on the same machine as the clients and the in-process");
+    println!("node agent process (`agentd-node run`; (d) also `agentd node run`) on the same machine as the clients and the in-process");
     println!(
         "server; (c) clients are closed-loop (each sends its next call when the last returns)."
     );

@@ -932,6 +932,106 @@ impl Cli {
     }
 }
 
+/// The command line of `agentd-node`, the node-only build of the same program: `run` is
+/// `agentd node run` and `healthcheck` is `agentd healthcheck`, with the same flags. It is
+/// what a node host installs (as SPIRE ships `spire-agent` apart from `spire-server`): the
+/// linker keeps only the code these two commands reach, so the server, its stores, the CA
+/// and the console are not in it. That is about half the text the node agent maps, which is
+/// most of its resident memory (docs/PERFORMANCE.md, (d)), and none of the server's code on
+/// the hosts whose workloads it serves.
+#[derive(Debug, Parser)]
+#[command(
+    name = "agentd-node",
+    version,
+    about = "The agentd node agent alone: serves the SPIFFE Workload API on this host"
+)]
+pub struct NodeCli {
+    /// Output format for commands that print data.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: NodeCliCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCliCommand {
+    /// Runs the node agent (the same as `agentd node run`).
+    Run(NodeRunArgs),
+    /// Checks that a node agent (socket) or the server (admin socket) is up and ready (the
+    /// same as `agentd healthcheck`).
+    Healthcheck(HealthcheckArgs),
+}
+
+impl NodeCli {
+    /// The blocking-pool cap of the process's runtime (see [`Cli::max_blocking_threads`]).
+    pub fn max_blocking_threads(&self) -> Option<usize> {
+        matches!(self.command, NodeCliCommand::Run(_)).then_some(crate::node::MAX_BLOCKING_THREADS)
+    }
+}
+
+/// Runs a parsed `agentd-node` command line.
+pub async fn run_node_cli(cli: NodeCli) -> anyhow::Result<()> {
+    match cli.command {
+        NodeCliCommand::Run(args) => daemon::node_run(args).await,
+        NodeCliCommand::Healthcheck(args) => healthcheck(&args, cli.output).await,
+    }
+}
+
+/// What both binaries' `main` do: parse the command line (clap prints `--help`, `--version`
+/// and usage errors itself), build the runtime (with `max_blocking` threads at most on its
+/// blocking pool, when given), run the command, and print its error as one line.
+pub fn main_of<P, F, Fut>(
+    max_blocking: impl FnOnce(&P) -> Option<usize>,
+    run: F,
+) -> std::process::ExitCode
+where
+    P: Parser,
+    F: FnOnce(P) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    use std::process::ExitCode;
+    let cli = match P::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version (stdout, exit 0), or a usage error: clap's whole message,
+            // which names the argument, lists the valid values and suggests close matches
+            // (stderr, exit 2).
+            let _ = e.print();
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+        }
+    };
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(n) = max_blocking(&cli) {
+        runtime.max_blocking_threads(n);
+    }
+    let runtime = match runtime.build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One clear line on stderr.
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `healthcheck`, in either binary.
+async fn healthcheck(args: &HealthcheckArgs, out: Output) -> anyhow::Result<()> {
+    match (&args.admin_socket, &args.metrics_address) {
+        (Some(p), _) => admin::healthcheck(p, out).await,
+        (None, Some(a)) => http_healthcheck(a, out).await,
+        (None, None) => workload::healthcheck(&args.socket_path, out).await,
+    }
+}
+
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let out = cli.output;
     match cli.command {
@@ -945,11 +1045,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Federation(cmd) => federation::federation(cmd, out).await,
         Command::Revoke(cmd) => revoke::revoke(cmd, out).await,
         Command::Api(cmd) => workload::api(cmd, out).await,
-        Command::Healthcheck(args) => match (&args.admin_socket, &args.metrics_address) {
-            (Some(p), _) => admin::healthcheck(p, out).await,
-            (None, Some(a)) => http_healthcheck(a, out).await,
-            (None, None) => workload::healthcheck(&args.socket_path, out).await,
-        },
+        Command::Healthcheck(args) => healthcheck(&args, out).await,
         Command::Grant(cmd) => delegation::grant(cmd, out).await,
         Command::Svid(cmd) => delegation::svid(cmd, out),
         Command::Audit(cmd) => audit::audit(cmd, out).await,
