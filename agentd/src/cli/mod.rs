@@ -953,6 +953,8 @@ pub struct NodeCli {
     pub command: NodeCliCommand,
 }
 
+// Parsed once per process; boxing the big variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum NodeCliCommand {
     /// Runs the node agent (the same as `agentd node run`).
